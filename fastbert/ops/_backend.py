@@ -1,0 +1,114 @@
+"""Which implementation runs an op: "torch" (plain PyTorch, the reference, runs
+anywhere), "triton" (kernels/, GPU or the Triton interpreter) or "cuda"
+(csrc/, built into fastbert._C).
+
+The choice is made once per call from the tensor's device, never inside the
+model: `use_backend("triton")` scopes it, `set_backend` sets the process
+default, and "auto" picks the fastest backend that can run on the device.
+"""
+from __future__ import annotations
+
+import contextlib
+import contextvars
+import functools
+import importlib.util
+import os
+
+import torch
+
+BACKENDS = ("torch", "triton", "cuda")
+_CHOICES = BACKENDS + ("auto",)
+
+_scoped: contextvars.ContextVar[str | None] = contextvars.ContextVar("fastbert_backend", default=None)
+_default = "auto"
+
+
+def interpreter_on() -> bool:
+    """True when Triton kernels run on the CPU through TRITON_INTERPRET=1."""
+    return os.environ.get("TRITON_INTERPRET", "0") == "1"
+
+
+@functools.lru_cache(maxsize=None)
+def triton_importable() -> bool:
+    return importlib.util.find_spec("triton") is not None
+
+
+@functools.lru_cache(maxsize=None)
+def cuda_extension():
+    """The compiled fastbert._C module, or None (the reason is reported once)."""
+    try:
+        from fastbert import _C  # type: ignore[attr-defined]
+    except ImportError as err:  # not built on this machine: Triton/PyTorch serve instead
+        import warnings
+
+        warnings.warn(f"fastbert: CUDA extension fastbert._C not available ({err}); "
+                      "the 'cuda' backend is off, 'triton' and 'torch' remain.", stacklevel=2)
+        return None
+    return _C
+
+
+def available_backends(device: torch.device | str = "cuda") -> list[str]:
+    """Backends that can run an op on tensors of `device`."""
+    device = torch.device(device)
+    found = ["torch"]
+    if triton_importable() and (device.type == "cuda" or interpreter_on()):
+        found.append("triton")
+    if device.type == "cuda" and torch.cuda.is_available() and cuda_extension() is not None:
+        found.append("cuda")
+    return found
+
+
+def _check_name(name: str) -> str:
+    if name not in _CHOICES:
+        raise ValueError(f"backend must be one of {_CHOICES}, got {name!r}")
+    return name
+
+
+def set_backend(name: str) -> None:
+    """Set the process-wide default backend ("auto" restores the automatic choice)."""
+    global _default
+    _default = _check_name(name)
+
+
+def get_backend() -> str:
+    """The backend requested right now (may be "auto")."""
+    return _scoped.get() or _default
+
+
+@contextlib.contextmanager
+def use_backend(name: str):
+    """Run the ops called inside the block on backend `name`."""
+    token = _scoped.set(_check_name(name))
+    try:
+        yield name
+    finally:
+        _scoped.reset(token)
+
+
+# Fastest first: "auto" takes the first of these that can run on the device.
+_PREFERENCE = ("cuda", "triton", "torch")
+
+
+def resolve(device: torch.device) -> str:
+    """The concrete backend for an op whose inputs live on `device`."""
+    requested = get_backend()
+    usable = available_backends(device)
+    if requested == "auto":
+        if device.type != "cuda":
+            return "torch"  # the interpreter is for testing kernels, never a default
+        return next(name for name in _PREFERENCE if name in usable)
+    if requested not in usable:
+        why = {
+            "triton": "needs a CUDA tensor (or TRITON_INTERPRET=1 for CPU tensors) and the triton package",
+            "cuda": "needs a CUDA tensor and the compiled extension fastbert._C",
+        }[requested]
+        raise RuntimeError(f"fastbert backend {requested!r} cannot run on a {device.type} tensor: it {why}")
+    return requested
+
+
+def describe_default(device: torch.device | str = "cuda") -> str:
+    """One line saying which backend "auto" picks on `device` and why."""
+    device = torch.device(device)
+    usable = available_backends(device)
+    chosen = "torch" if device.type != "cuda" else next(n for n in _PREFERENCE if n in usable)
+    return f"fastbert: ops on {device.type} run on backend {chosen!r} (usable: {', '.join(usable)})"

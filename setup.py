@@ -1,0 +1,71 @@
+"""fastbert: fused GPU kernels for fine-tuning BERT.
+
+The pure-Python package (model, ops with their PyTorch reference, Triton
+kernels) installs anywhere. The CUDA extension fastbert._C is compiled from
+csrc/ only where nvcc is found (or FASTBERT_CUDA=1), and never with
+FASTBERT_CUDA=0; without it the "cuda" backend is simply off.
+"""
+import os
+import shutil
+import sys
+from pathlib import Path
+
+from setuptools import setup
+
+HERE = Path(__file__).parent.resolve()
+
+
+def _cuda_extension():
+    want = os.environ.get("FASTBERT_CUDA", "")
+    sources = sorted(str(p.relative_to(HERE)) for p in (HERE / "csrc").glob("*.cu")) + \
+        sorted(str(p.relative_to(HERE)) for p in (HERE / "csrc").glob("*.cpp"))
+    if want == "0":
+        return None
+    if not sources:
+        if want == "1":
+            sys.exit("FASTBERT_CUDA=1 but csrc/ holds no sources to build")
+        return None
+    if shutil.which("nvcc") is None:
+        if want == "1":
+            sys.exit("FASTBERT_CUDA=1 but nvcc is not on PATH")
+        print("fastbert: nvcc not found, building without the CUDA extension", file=sys.stderr)
+        return None
+    sys.path.insert(0, str(HERE / "csrc"))
+    from build_ext import cuda_extension  # noqa: E402  (csrc/build_ext.py, added with the CUDA kernels)
+
+    return cuda_extension(sources)
+
+
+ext = _cuda_extension()
+extra = {}
+if ext is not None:
+    ext_modules, cmdclass = ext
+    extra = {"ext_modules": ext_modules, "cmdclass": cmdclass}
+
+setup(
+    name="fastbert",
+    version="0.1.0",
+    description="Fused GPU kernels (Triton and CUDA C++) for fine-tuning BERT",
+    long_description=(HERE / "README.md").read_text() if (HERE / "README.md").exists() else "",
+    long_description_content_type="text/markdown",
+    python_requires=">=3.10",
+    packages=["fastbert", "fastbert.ops", "fastbert.data", "fastbert.kernels"],
+    # kernels/ is a top-level folder of the repo but installs inside fastbert,
+    # so `fastbert` stays the only import name.
+    package_dir={"fastbert": "fastbert", "fastbert.kernels": "kernels"},
+    package_data={"fastbert": ["data/*.tsv", "data/*.md"]},
+    install_requires=[
+        "torch>=2.11",
+        "numpy",
+        "safetensors",
+        "tokenizers>=0.15",
+        "tqdm",
+    ],
+    extras_require={
+        "triton": ["triton>=3.6"],
+        "test": ["pytest", "pytest-benchmark", "hypothesis", "transformers>=4.48", "scipy", "scikit-learn"],
+        "bench": ["pytest-benchmark", "matplotlib", "transformers>=4.48"],
+    },
+    entry_points={"console_scripts": ["fastbert=fastbert.cli:main"]},
+    **extra,
+)
