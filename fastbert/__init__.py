@@ -1,0 +1,19 @@
+"""fastbert: fused GPU kernels (Triton and CUDA C++) for fine-tuning BERT.
+
+    import fastbert
+    model = fastbert.BertModel.from_pretrained("default")     # embedded all-MiniLM-L6-v2
+    tokenizer = fastbert.Tokenizer.from_pretrained("default")
+    out = model(**tokenizer(["a sentence", "another one"]))
+
+Every fusable step runs through fastbert.ops, whose backend ("torch",
+"triton", "cuda") is chosen per call from the device, or by
+fastbert.ops.use_backend(...).
+"""
+from . import ops
+from .config import BertConfig
+from .defaults import default_model_path
+from .model import BertModel, BertOutput
+from .tokenizer import Tokenizer
+
+__version__ = "0.1.0"
+__all__ = ["BertConfig", "BertModel", "BertOutput", "Tokenizer", "default_model_path", "ops"]

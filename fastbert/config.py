@@ -1,0 +1,87 @@
+"""BertConfig: the hyper-parameters of a BERT encoder, read from and written to
+Hugging Face's config.json so checkpoints move between fastbert and transformers."""
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+from pathlib import Path
+
+
+@dataclasses.dataclass
+class BertConfig:
+    vocab_size: int = 30522
+    hidden_size: int = 768
+    num_hidden_layers: int = 12
+    num_attention_heads: int = 12
+    intermediate_size: int = 3072
+    hidden_act: str = "gelu"
+    hidden_dropout_prob: float = 0.1
+    attention_probs_dropout_prob: float = 0.1
+    max_position_embeddings: int = 512
+    type_vocab_size: int = 2
+    layer_norm_eps: float = 1e-12
+    initializer_range: float = 0.02
+    pad_token_id: int = 0
+    # Keys of config.json that fastbert does not use (architectures, id2label, ...):
+    # kept so that save_pretrained writes back what it read.
+    extra: dict = dataclasses.field(default_factory=dict, repr=False)
+
+    SUPPORTED_ACTS = ("gelu", "gelu_new", "gelu_pytorch_tanh")
+
+    def __post_init__(self):
+        if self.hidden_size % self.num_attention_heads:
+            raise ValueError(f"BertConfig: hidden_size ({self.hidden_size}) must be a multiple of "
+                             f"num_attention_heads ({self.num_attention_heads})")
+        if self.hidden_act not in self.SUPPORTED_ACTS:
+            raise ValueError(f"BertConfig: hidden_act must be one of {self.SUPPORTED_ACTS}, got {self.hidden_act!r}")
+        position_type = self.extra.get("position_embedding_type", "absolute")
+        if position_type != "absolute":
+            raise ValueError(f"BertConfig: only absolute position embeddings are supported, got {position_type!r}")
+        for name in ("vocab_size", "hidden_size", "num_hidden_layers", "num_attention_heads",
+                     "intermediate_size", "max_position_embeddings", "type_vocab_size"):
+            value = getattr(self, name)
+            if not isinstance(value, int) or value < 1:
+                raise ValueError(f"BertConfig: {name} must be a positive integer, got {value!r}")
+
+    @property
+    def head_dim(self) -> int:
+        return self.hidden_size // self.num_attention_heads
+
+    @property
+    def gelu_approximate(self) -> str:
+        return "none" if self.hidden_act == "gelu" else "tanh"
+
+    @classmethod
+    def from_dict(cls, values: dict) -> "BertConfig":
+        known = {f.name for f in dataclasses.fields(cls)} - {"extra"}
+        return cls(**{k: v for k, v in values.items() if k in known},
+                   extra={k: v for k, v in values.items() if k not in known})
+
+    @classmethod
+    def from_json(cls, path: str | os.PathLike) -> "BertConfig":
+        path = Path(path)
+        try:
+            values = json.loads(path.read_text())
+        except FileNotFoundError:
+            raise FileNotFoundError(f"BertConfig: no config.json at {path}") from None
+        except json.JSONDecodeError as err:
+            raise ValueError(f"BertConfig: {path} is not valid JSON: {err}") from None
+        if not isinstance(values, dict):
+            raise ValueError(f"BertConfig: {path} must hold a JSON object, got {type(values).__name__}")
+        model_type = values.get("model_type", "bert")
+        if model_type != "bert":
+            raise ValueError(f"BertConfig: {path} describes model_type {model_type!r}, expected 'bert'")
+        return cls.from_dict(values)
+
+    def to_dict(self) -> dict:
+        values = dict(self.extra)
+        values.update({f.name: getattr(self, f.name) for f in dataclasses.fields(self) if f.name != "extra"})
+        values["model_type"] = "bert"
+        values.setdefault("architectures", ["BertModel"])
+        return values
+
+    def to_json(self, path: str | os.PathLike) -> None:
+        from .checkpoint import atomic_write_text
+
+        atomic_write_text(Path(path), json.dumps(self.to_dict(), indent=2, sort_keys=True) + "\n")

@@ -1,0 +1,202 @@
+"""A lean BERT encoder whose fusable steps all go through fastbert.ops.
+
+Read top to bottom: embeddings -> self-attention -> feed-forward -> layer ->
+encoder (BertModel) with its pooler. Post-LN, exactly the arithmetic of
+transformers' BertModel, so its checkpoints load here and ours load there
+(the key map lives in checkpoint.py). Which kernels run is decided in
+fastbert.ops, never here.
+"""
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import os
+from pathlib import Path
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from . import checkpoint, ops
+from .config import BertConfig
+
+
+class BertEmbeddings(nn.Module):
+    def __init__(self, config: BertConfig):
+        super().__init__()
+        self.word = nn.Embedding(config.vocab_size, config.hidden_size, padding_idx=config.pad_token_id)
+        self.position = nn.Embedding(config.max_position_embeddings, config.hidden_size)
+        self.token_type = nn.Embedding(config.type_vocab_size, config.hidden_size)
+        self.norm = nn.LayerNorm(config.hidden_size, eps=config.layer_norm_eps)
+        self.dropout_p = config.hidden_dropout_prob
+
+    def forward(self, input_ids, token_type_ids):                  # (B, S) each
+        seqlen = input_ids.shape[1]
+        positions = self.position.weight[:seqlen]                   # (S, hidden), broadcast over B
+        tokens = self.word(input_ids) + self.token_type(token_type_ids)
+        hidden = ops.add_layernorm(positions.expand_as(tokens), tokens, self.norm.weight, self.norm.bias, self.norm.eps)
+        return F.dropout(hidden, self.dropout_p, self.training)      # (B, S, hidden)
+
+
+class BertSelfAttention(nn.Module):
+    """Multi-head self-attention plus its output projection; the residual and
+    LayerNorm that follow belong to the layer."""
+
+    def __init__(self, config: BertConfig):
+        super().__init__()
+        self.heads, self.head_dim = config.num_attention_heads, config.head_dim
+        self.query = nn.Linear(config.hidden_size, config.hidden_size)
+        self.key = nn.Linear(config.hidden_size, config.hidden_size)
+        self.value = nn.Linear(config.hidden_size, config.hidden_size)
+        self.out = nn.Linear(config.hidden_size, config.hidden_size)
+        self.dropout_p = config.attention_probs_dropout_prob
+
+    def forward(self, hidden, mask):                                 # (B, S, hidden), (B, S) bool or None
+        batch, seqlen, width = hidden.shape
+        split = (batch, seqlen, self.heads, self.head_dim)
+        q, k, v = self.query(hidden).view(split), self.key(hidden).view(split), self.value(hidden).view(split)
+        context = ops.attention(q, k, v, mask, dropout_p=self.dropout_p if self.training else 0.0)
+        return self.out(context.reshape(batch, seqlen, width))      # (B, S, hidden)
+
+
+class BertFeedForward(nn.Module):
+    """dense -> GELU -> dense. The first dense runs without its bias, which
+    bias_gelu adds in the same pass as the activation."""
+
+    def __init__(self, config: BertConfig):
+        super().__init__()
+        self.inner = nn.Linear(config.hidden_size, config.intermediate_size)
+        self.outer = nn.Linear(config.intermediate_size, config.hidden_size)
+        self.approximate = config.gelu_approximate
+
+    def forward(self, hidden):                                       # (B, S, hidden)
+        inner = ops.bias_gelu(F.linear(hidden, self.inner.weight), self.inner.bias, self.approximate)
+        return self.outer(inner)                                     # (B, S, hidden)
+
+
+class BertLayer(nn.Module):
+    def __init__(self, config: BertConfig):
+        super().__init__()
+        self.attention = BertSelfAttention(config)
+        self.attention_norm = nn.LayerNorm(config.hidden_size, eps=config.layer_norm_eps)
+        self.ffn = BertFeedForward(config)
+        self.ffn_norm = nn.LayerNorm(config.hidden_size, eps=config.layer_norm_eps)
+        self.dropout_p = config.hidden_dropout_prob
+
+    def forward(self, hidden, mask):
+        p = self.dropout_p if self.training else 0.0
+        # Post-LN: hidden = LayerNorm(dropout(sublayer(hidden)) + hidden), twice.
+        hidden = ops.add_layernorm(self.attention(hidden, mask), hidden,
+                                   self.attention_norm.weight, self.attention_norm.bias, self.attention_norm.eps, p)
+        hidden = ops.add_layernorm(self.ffn(hidden), hidden,
+                                   self.ffn_norm.weight, self.ffn_norm.bias, self.ffn_norm.eps, p)
+        return hidden
+
+
+@dataclasses.dataclass
+class BertOutput:
+    last_hidden_state: torch.Tensor                                  # (B, S, hidden)
+    pooler_output: torch.Tensor                                      # (B, hidden)
+
+
+class BertModel(nn.Module):
+    """The BERT encoder: embeddings, `num_hidden_layers` post-LN layers and the
+    pooler (dense + tanh on the [CLS] vector)."""
+
+    def __init__(self, config: BertConfig, backend: str | None = None):
+        super().__init__()
+        self.config = config
+        self.backend = backend  # None: whatever fastbert.ops is set to (default "auto")
+        self.embeddings = BertEmbeddings(config)
+        self.layers = nn.ModuleList(BertLayer(config) for _ in range(config.num_hidden_layers))
+        self.pooler = nn.Linear(config.hidden_size, config.hidden_size)
+        self.apply(self._init_weights)
+
+    def _init_weights(self, module):
+        # BERT's initialisation, so a model built from a config trains like one from transformers.
+        std = self.config.initializer_range
+        if isinstance(module, (nn.Linear, nn.Embedding)):
+            nn.init.normal_(module.weight, mean=0.0, std=std)
+        if isinstance(module, nn.Linear) and module.bias is not None:
+            nn.init.zeros_(module.bias)
+        if isinstance(module, nn.Embedding) and module.padding_idx is not None:
+            with torch.no_grad():
+                module.weight[module.padding_idx].zero_()
+        if isinstance(module, nn.LayerNorm):
+            nn.init.ones_(module.weight)
+            nn.init.zeros_(module.bias)
+
+    def forward(self, input_ids, attention_mask=None, token_type_ids=None) -> BertOutput:
+        """input_ids, attention_mask (1/True = real token), token_type_ids: (batch, seqlen)."""
+        input_ids, mask, token_type_ids = self._checked_inputs(input_ids, attention_mask, token_type_ids)
+        scope = ops.use_backend(self.backend) if self.backend else contextlib.nullcontext()
+        with scope:
+            hidden = self.embeddings(input_ids, token_type_ids)
+            for layer in self.layers:
+                hidden = layer(hidden, mask)
+            pooled = torch.tanh(self.pooler(hidden[:, 0]))
+        return BertOutput(last_hidden_state=hidden, pooler_output=pooled)
+
+    def _checked_inputs(self, input_ids, attention_mask, token_type_ids):
+        device = self.embeddings.word.weight.device
+        if not isinstance(input_ids, torch.Tensor):
+            raise TypeError(f"input_ids must be a torch.Tensor, got {type(input_ids).__name__}")
+        if input_ids.dtype not in (torch.int64, torch.int32):
+            raise TypeError(f"input_ids must be int64 or int32 token ids, got {input_ids.dtype}")
+        if input_ids.dim() != 2:
+            raise ValueError(f"input_ids must be (batch, seqlen), got shape {tuple(input_ids.shape)}")
+        if input_ids.device != device:
+            raise ValueError(f"input_ids is on {input_ids.device} but the model is on {device}")
+        batch, seqlen = input_ids.shape
+        if seqlen < 1 or batch < 1:
+            raise ValueError(f"input_ids must hold at least one token per row, got shape {tuple(input_ids.shape)}")
+        if seqlen > self.config.max_position_embeddings:
+            raise ValueError(f"input_ids has {seqlen} tokens per row, more than the model's "
+                             f"max_position_embeddings = {self.config.max_position_embeddings}")
+        mask = None
+        if attention_mask is not None:
+            if not isinstance(attention_mask, torch.Tensor) or attention_mask.shape != input_ids.shape:
+                got = tuple(attention_mask.shape) if isinstance(attention_mask, torch.Tensor) else type(attention_mask).__name__
+                raise ValueError(f"attention_mask must be (batch, seqlen) = {tuple(input_ids.shape)}, got {got}")
+            if attention_mask.device != device:
+                raise ValueError(f"attention_mask is on {attention_mask.device} but the model is on {device}")
+            if attention_mask.is_floating_point():
+                raise TypeError(f"attention_mask must be bool or integer 0/1, got {attention_mask.dtype}")
+            mask = attention_mask.bool()
+        if token_type_ids is None:
+            token_type_ids = torch.zeros_like(input_ids)
+        elif not isinstance(token_type_ids, torch.Tensor) or token_type_ids.shape != input_ids.shape:
+            got = tuple(token_type_ids.shape) if isinstance(token_type_ids, torch.Tensor) else type(token_type_ids).__name__
+            raise ValueError(f"token_type_ids must be (batch, seqlen) = {tuple(input_ids.shape)}, got {got}")
+        elif token_type_ids.device != device:
+            raise ValueError(f"token_type_ids is on {token_type_ids.device} but the model is on {device}")
+        if not torch.compiler.is_compiling():
+            # Out-of-range ids would index past the embedding tables: a device-side assert
+            # on the GPU, garbage elsewhere. The check costs one small reduction.
+            low, high = int(input_ids.min()), int(input_ids.max())
+            if low < 0 or high >= self.config.vocab_size:
+                raise ValueError(f"input_ids must lie in [0, vocab_size={self.config.vocab_size}), got values in [{low}, {high}]")
+            low, high = int(token_type_ids.min()), int(token_type_ids.max())
+            if low < 0 or high >= self.config.type_vocab_size:
+                raise ValueError(f"token_type_ids must lie in [0, type_vocab_size={self.config.type_vocab_size}), "
+                                 f"got values in [{low}, {high}]")
+        return input_ids, mask, token_type_ids
+
+    # -- checkpoints ---------------------------------------------------------------
+
+    @classmethod
+    def from_pretrained(cls, name_or_path: str | os.PathLike = "default", backend: str | None = None,
+                        dtype: torch.dtype | None = None, device: str | torch.device | None = None) -> "BertModel":
+        """Load an HF-layout folder (config.json + model.safetensors or pytorch_model.bin);
+        "default" is the embedded all-MiniLM-L6-v2."""
+        folder = checkpoint.resolve_model_path(name_or_path)
+        model = cls(BertConfig.from_json(folder / "config.json"), backend=backend)
+        checkpoint.load_encoder(model, checkpoint.read_state_dict(folder), source=folder)
+        return model.to(device=device, dtype=dtype)
+
+    def save_pretrained(self, folder: str | os.PathLike) -> None:
+        """Write config.json and model.safetensors with transformers' key names, each atomically."""
+        folder = Path(folder)
+        folder.mkdir(parents=True, exist_ok=True)
+        self.config.to_json(folder / "config.json")
+        checkpoint.save_state_dict(checkpoint.encoder_to_hf(self), folder / "model.safetensors")

@@ -1,0 +1,149 @@
+"""WordPiece tokenization through the `tokenizers` library.
+
+Wraps a checkpoint's tokenizer.json (or vocab.txt) and adds what fine-tuning
+needs: pairs packed `[CLS] a [SEP] b [SEP]` with token_type_ids, truncation
+(longest-first or only-second), padding, offsets back into the text, and
+overflowing windows with a stride for long SQuAD passages.
+"""
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+
+import torch
+from tokenizers import Tokenizer as _HFTokenizer
+from tokenizers import processors
+
+TRUNCATION = {"longest_first": "longest_first", "only_second": "only_second", "only_first": "only_first"}
+
+
+class Tokenizer:
+    def __init__(self, backend: _HFTokenizer, model_max_length: int = 512):
+        # The checkpoint's own truncation/padding defaults (MiniLM pads every text
+        # to 128) would override the per-call choices: start from none.
+        backend.no_truncation()
+        backend.no_padding()
+        self._tok = backend
+        self.model_max_length = model_max_length
+        self.pad_token_id = self.token_id("[PAD]")
+        self.cls_token_id = self.token_id("[CLS]")
+        self.sep_token_id = self.token_id("[SEP]")
+
+    @classmethod
+    def from_pretrained(cls, name_or_path: str | os.PathLike = "default") -> "Tokenizer":
+        from .checkpoint import resolve_model_path
+
+        folder = resolve_model_path(name_or_path)
+        config = {}
+        if (folder / "tokenizer_config.json").exists():
+            config = json.loads((folder / "tokenizer_config.json").read_text())
+        max_length = int(config.get("model_max_length", 512))
+        if max_length > 100_000:  # transformers' "no limit" sentinel
+            max_length = 512
+        if (folder / "tokenizer.json").exists():
+            backend = _HFTokenizer.from_file(str(folder / "tokenizer.json"))
+        elif (folder / "vocab.txt").exists():
+            from tokenizers.implementations import BertWordPieceTokenizer
+
+            backend = BertWordPieceTokenizer(str(folder / "vocab.txt"),
+                                             lowercase=bool(config.get("do_lower_case", True)))._tokenizer
+            cls_id, sep_id = backend.token_to_id("[CLS]"), backend.token_to_id("[SEP]")
+            backend.post_processor = processors.BertProcessing(("[SEP]", sep_id), ("[CLS]", cls_id))
+        else:
+            raise FileNotFoundError(f"no tokenizer.json or vocab.txt in {folder}")
+        return cls(backend, max_length)
+
+    def token_id(self, token: str) -> int:
+        found = self._tok.token_to_id(token)
+        if found is None:
+            raise ValueError(f"the vocabulary has no {token!r} token")
+        return found
+
+    @property
+    def vocab_size(self) -> int:
+        return self._tok.get_vocab_size()
+
+    def save(self, folder: str | os.PathLike) -> None:
+        from .checkpoint import atomic_write_text
+
+        folder = Path(folder)
+        atomic_write_text(folder / "tokenizer.json", self._tok.to_str())
+        atomic_write_text(folder / "tokenizer_config.json",
+                          json.dumps({"tokenizer_class": "BertTokenizer", "model_max_length": self.model_max_length}) + "\n")
+
+    def tokenize(self, text: str) -> list[str]:
+        return self._tok.encode(text, add_special_tokens=False).tokens
+
+    def decode(self, ids) -> str:
+        return self._tok.decode(list(ids))
+
+    def __call__(self, texts, pairs=None, *, max_length: int | None = None, truncation: str | bool = "longest_first",
+                 padding: str | bool = "longest", stride: int = 0, return_overflowing: bool = False,
+                 return_offsets: bool = False, return_tensors: bool = True):
+        """Encode a batch of texts (or text pairs).
+
+        Returns a dict with input_ids, token_type_ids, attention_mask: (batch, seqlen)
+        int64 tensors (lists if return_tensors=False); with return_offsets,
+        `offsets` (batch, seqlen, 2) character spans and `sequence_ids` (None for
+        special tokens and padding); with return_overflowing, every window of every
+        input and `sample_index` naming the input each window came from.
+        """
+        single = isinstance(texts, str)
+        texts = [texts] if single else list(texts)
+        if pairs is not None:
+            pairs = [pairs] if isinstance(pairs, str) else list(pairs)
+            if len(pairs) != len(texts):
+                raise ValueError(f"pairs must have one entry per text: {len(texts)} texts, {len(pairs)} pairs")
+        for name, batch in (("texts", texts), ("pairs", pairs or [])):
+            for i, t in enumerate(batch):
+                if not isinstance(t, str):
+                    raise TypeError(f"{name}[{i}] must be a str, got {type(t).__name__}")
+        max_length = self.model_max_length if max_length is None else int(max_length)
+        if max_length < 3 + (pairs is not None):
+            raise ValueError(f"max_length must leave room for the special tokens, got {max_length}")
+        if truncation:
+            strategy = "longest_first" if truncation is True else truncation
+            if strategy not in TRUNCATION:
+                raise ValueError(f"truncation must be one of {sorted(TRUNCATION)} or False, got {truncation!r}")
+            self._tok.enable_truncation(max_length, stride=stride, strategy=TRUNCATION[strategy])
+        else:
+            self._tok.no_truncation()
+        if padding not in (False, "longest", "max_length", True):
+            raise ValueError(f"padding must be 'longest', 'max_length' or False, got {padding!r}")
+        self._tok.no_padding()
+        try:
+            inputs = list(zip(texts, pairs)) if pairs is not None else texts
+            encodings = self._tok.encode_batch(inputs)
+        finally:
+            self._tok.no_truncation()
+        windows, sample_index = [], []
+        for i, enc in enumerate(encodings):
+            for window in [enc] + (list(enc.overflowing) if return_overflowing else []):
+                windows.append(window)
+                sample_index.append(i)
+        if not truncation and max(len(w.ids) for w in windows) > max_length:
+            raise ValueError(f"an input has {max(len(w.ids) for w in windows)} tokens, more than max_length={max_length}; "
+                             "enable truncation")
+        width = max(len(w.ids) for w in windows)
+        if padding == "max_length":
+            width = max_length
+        out = {"input_ids": [], "token_type_ids": [], "attention_mask": []}
+        if return_offsets:
+            out["offsets"], out["sequence_ids"] = [], []
+        for w in windows:
+            pad = (width - len(w.ids)) if padding else 0
+            out["input_ids"].append(list(w.ids) + [self.pad_token_id] * pad)
+            out["token_type_ids"].append(list(w.type_ids) + [0] * pad)
+            out["attention_mask"].append([1] * len(w.ids) + [0] * pad)
+            if return_offsets:
+                out["offsets"].append([tuple(o) for o in w.offsets] + [(0, 0)] * pad)
+                out["sequence_ids"].append(list(w.sequence_ids) + [None] * pad)
+        if return_overflowing:
+            out["sample_index"] = sample_index
+        if return_tensors and padding:
+            for key in ("input_ids", "token_type_ids", "attention_mask"):
+                out[key] = torch.tensor(out[key], dtype=torch.long)
+            if return_offsets:
+                out["offsets"] = torch.tensor(out["offsets"], dtype=torch.long)
+        return out

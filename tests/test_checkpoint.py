@@ -1,0 +1,133 @@
+"""Checkpoints move both ways between fastbert and transformers; broken ones fail clearly."""
+import json
+
+import pytest
+import torch
+import transformers
+from safetensors.torch import load_file, save_file
+
+import fastbert
+from fastbert import checkpoint
+
+CONFIG = dict(vocab_size=120, hidden_size=32, num_hidden_layers=2, num_attention_heads=4,
+              intermediate_size=64, max_position_embeddings=24)
+
+
+def test_key_map_covers_every_parameter_both_ways():
+    model = fastbert.BertModel(fastbert.BertConfig(**CONFIG))
+    hf = transformers.BertModel(transformers.BertConfig(**CONFIG))
+    ours = {k: v.shape for k, v in model.state_dict().items()}
+    theirs = {k: v.shape for k, v in hf.state_dict().items() if not k.endswith("_ids")}
+    assert {checkpoint.to_hf_key(k): s for k, s in ours.items()} == theirs
+    assert {checkpoint.from_hf_key(k): s for k, s in theirs.items()} == ours
+
+
+def _inputs():
+    torch.manual_seed(4)
+    ids = torch.randint(1, 120, (2, 9))
+    mask = torch.ones_like(ids)
+    mask[1, 5:] = 0
+    return ids, mask
+
+
+def test_fastbert_save_transformers_load(tmp_path):
+    torch.manual_seed(0)
+    model = fastbert.BertModel(fastbert.BertConfig(**CONFIG)).eval()
+    model.save_pretrained(tmp_path)
+    hf = transformers.BertModel.from_pretrained(str(tmp_path), attn_implementation="eager").eval()
+    ids, mask = _inputs()
+    with torch.no_grad():
+        a, b = model(ids, mask), hf(input_ids=ids, attention_mask=mask)
+    assert (a.last_hidden_state - b.last_hidden_state)[mask.bool()].abs().max() <= 1e-5
+    assert (a.pooler_output - b.pooler_output).abs().max() <= 1e-5
+    assert not list(tmp_path.glob("*.tmp")), "temporary files left behind"
+
+
+@pytest.mark.parametrize("safe_serialization", [True, False])
+@pytest.mark.parametrize("with_prefix", [False, True])
+def test_transformers_save_fastbert_load(tmp_path, safe_serialization, with_prefix):
+    torch.manual_seed(0)
+    config = transformers.BertConfig(**CONFIG)
+    hf = (transformers.BertForSequenceClassification(config) if with_prefix else transformers.BertModel(config)).eval()
+    hf.save_pretrained(str(tmp_path), safe_serialization=safe_serialization)
+    if not safe_serialization:  # transformers 5 may still write safetensors: force the .bin path
+        for f in tmp_path.glob("*.safetensors"):
+            torch.save(load_file(str(f)), tmp_path / "pytorch_model.bin")
+            f.unlink()
+    model = fastbert.BertModel.from_pretrained(tmp_path).eval()
+    encoder = hf.bert if with_prefix else hf
+    ids, mask = _inputs()
+    with torch.no_grad():
+        a, b = model(ids, mask), encoder(input_ids=ids, attention_mask=mask)
+    assert (a.last_hidden_state - b.last_hidden_state)[mask.bool()].abs().max() <= 1e-5
+
+
+def _saved(tmp_path):
+    model = fastbert.BertModel(fastbert.BertConfig(**CONFIG))
+    model.save_pretrained(tmp_path)
+    return tmp_path / "model.safetensors"
+
+
+def test_missing_tensor_is_named(tmp_path):
+    path = _saved(tmp_path)
+    state = load_file(str(path))
+    del state["encoder.layer.1.output.dense.weight"]
+    save_file(state, str(path))
+    with pytest.raises(ValueError, match=r"missing: encoder\.layer\.1\.output\.dense\.weight"):
+        fastbert.BertModel.from_pretrained(tmp_path)
+
+
+def test_misshaped_tensor_is_named(tmp_path):
+    path = _saved(tmp_path)
+    state = load_file(str(path))
+    state["pooler.dense.bias"] = torch.zeros(31)
+    save_file(state, str(path))
+    with pytest.raises(ValueError, match=r"mis-shaped: pooler\.dense\.bias: checkpoint \(31,\), model \(32,\)"):
+        fastbert.BertModel.from_pretrained(tmp_path)
+
+
+def test_unexpected_tensor_is_named(tmp_path):
+    path = _saved(tmp_path)
+    state = load_file(str(path))
+    state["encoder.layer.2.output.dense.weight"] = torch.zeros(32, 64)
+    save_file(state, str(path))
+    with pytest.raises(ValueError, match=r"unexpected: encoder\.layer\.2\.output\.dense\.weight"):
+        fastbert.BertModel.from_pretrained(tmp_path)
+
+
+def test_corrupt_safetensors(tmp_path):
+    path = _saved(tmp_path)
+    path.write_bytes(path.read_bytes()[:1000])
+    with pytest.raises(ValueError, match="not a readable safetensors file"):
+        fastbert.BertModel.from_pretrained(tmp_path)
+
+
+def test_pickle_with_code_is_refused(tmp_path):
+    fastbert.BertConfig(**CONFIG).to_json(tmp_path / "config.json")
+    torch.save({"weights": torch.zeros(2), "payload": print}, tmp_path / "pytorch_model.bin")
+    with pytest.raises(ValueError, match="weights_only=True"):
+        fastbert.BertModel.from_pretrained(tmp_path)
+
+
+def test_missing_folder_and_bad_config(tmp_path):
+    with pytest.raises(FileNotFoundError, match="is not a folder"):
+        fastbert.BertModel.from_pretrained(tmp_path / "nope")
+    (tmp_path / "config.json").write_text("{not json")
+    with pytest.raises(ValueError, match="not valid JSON"):
+        fastbert.BertModel.from_pretrained(tmp_path)
+    (tmp_path / "config.json").write_text(json.dumps({"model_type": "gpt2"}))
+    with pytest.raises(ValueError, match="model_type 'gpt2'"):
+        fastbert.BertModel.from_pretrained(tmp_path)
+
+
+def test_config_round_trip_keeps_unknown_keys(tmp_path):
+    config = fastbert.BertConfig.from_dict({**CONFIG, "id2label": {"0": "neg", "1": "pos"}})
+    config.to_json(tmp_path / "config.json")
+    again = fastbert.BertConfig.from_json(tmp_path / "config.json")
+    assert again.to_dict() == config.to_dict() and again.extra["id2label"] == {"0": "neg", "1": "pos"}
+
+
+def test_default_model_is_embedded():
+    folder = fastbert.default_model_path()
+    assert (folder / "model.safetensors").exists() and (folder / "tokenizer.json").exists()
+    assert fastbert.BertModel.from_pretrained("default").config.hidden_size == 384
