@@ -150,7 +150,7 @@ def load_encoder(model, hf_state: dict[str, torch.Tensor], source="checkpoint") 
         ours = from_hf_key(bare)
         if ours is not None and ours in own:
             found[ours] = (key, tensor)
-        elif IGNORED.search(bare):
+        elif IGNORED.search(bare) or (bare.startswith("pooler.") and model.pooler is None):
             continue
         elif key.startswith(HEAD_PREFIXES):
             not_encoder.append(key)  # a task head's weights: the caller's business

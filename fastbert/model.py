@@ -96,20 +96,21 @@ class BertLayer(nn.Module):
 @dataclasses.dataclass
 class BertOutput:
     last_hidden_state: torch.Tensor                                  # (B, S, hidden)
-    pooler_output: torch.Tensor                                      # (B, hidden)
+    pooler_output: torch.Tensor | None                               # (B, hidden); None without a pooler
 
 
 class BertModel(nn.Module):
     """The BERT encoder: embeddings, `num_hidden_layers` post-LN layers and the
     pooler (dense + tanh on the [CLS] vector)."""
 
-    def __init__(self, config: BertConfig, backend: str | None = None):
+    def __init__(self, config: BertConfig, backend: str | None = None, add_pooling_layer: bool = True):
         super().__init__()
         self.config = config
         self.backend = backend  # None: whatever fastbert.ops is set to (default "auto")
         self.embeddings = BertEmbeddings(config)
         self.layers = nn.ModuleList(BertLayer(config) for _ in range(config.num_hidden_layers))
-        self.pooler = nn.Linear(config.hidden_size, config.hidden_size)
+        # Tagging and QA heads read every token, not [CLS]: like transformers they drop the pooler.
+        self.pooler = nn.Linear(config.hidden_size, config.hidden_size) if add_pooling_layer else None
         self.apply(self._init_weights)
 
     def _init_weights(self, module):
@@ -134,7 +135,7 @@ class BertModel(nn.Module):
             hidden = self.embeddings(input_ids, token_type_ids)
             for layer in self.layers:
                 hidden = layer(hidden, mask)
-            pooled = torch.tanh(self.pooler(hidden[:, 0]))
+            pooled = torch.tanh(self.pooler(hidden[:, 0])) if self.pooler is not None else None
         return BertOutput(last_hidden_state=hidden, pooler_output=pooled)
 
     def _checked_inputs(self, input_ids, attention_mask, token_type_ids):

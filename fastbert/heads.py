@@ -1,0 +1,176 @@
+"""Task heads: the small dense layers that turn the encoder into each application.
+
+    BertForSequenceClassification  [CLS] (pooled) -> dropout -> dense; cross-entropy,
+                                   or mean squared error when num_labels == 1 (STS-B)
+    BertForTokenClassification     every token -> dropout -> the same dense; labels -100 ignored
+    BertForQuestionAnswering       every token -> dense to (start, end); loss = mean of the two
+                                   cross-entropies; spans predicted by fastbert.ops.span_score
+
+State-dict names equal transformers' classes of the same names (bert.*,
+classifier.*, qa_outputs.*), so checkpoints move both ways.
+"""
+from __future__ import annotations
+
+import dataclasses
+import os
+from pathlib import Path
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from . import checkpoint
+from .config import BertConfig
+from .model import BertModel
+
+IGNORE_INDEX = -100
+
+
+@dataclasses.dataclass
+class TaskOutput:
+    loss: torch.Tensor | None
+    logits: torch.Tensor                     # (B, num_labels) | (B, S, num_labels) | (B, S, 2)
+
+
+class _TaskModel(nn.Module):
+    """Shared plumbing: an encoder named `bert`, a head, HF-compatible save/load."""
+
+    head_name = "classifier"
+    uses_pooler = True
+    architecture = ""
+
+    def __init__(self, config: BertConfig, num_outputs: int, backend: str | None = None):
+        super().__init__()
+        self.config = config
+        self.bert = BertModel(config, backend=backend, add_pooling_layer=self.uses_pooler)
+        self.dropout_p = config.extra.get("classifier_dropout") or config.hidden_dropout_prob
+        setattr(self, self.head_name, nn.Linear(config.hidden_size, num_outputs))
+        nn.init.normal_(self.head.weight, std=config.initializer_range)
+        nn.init.zeros_(self.head.bias)
+
+    @property
+    def head(self) -> nn.Linear:
+        return getattr(self, self.head_name)
+
+    @classmethod
+    def from_pretrained(cls, name_or_path="default", num_labels: int | None = None, backend: str | None = None,
+                        labels: list[str] | None = None, **config_overrides):
+        """Load a BertModel or task checkpoint; the head is loaded when the checkpoint has
+        one of the right shape, and initialised as BERT does otherwise."""
+        folder = checkpoint.resolve_model_path(name_or_path)
+        config = BertConfig.from_json(folder / "config.json")
+        for key, value in config_overrides.items():
+            setattr(config, key, value)
+        model = cls._build(config, num_labels, labels, backend)
+        state = checkpoint.read_state_dict(folder)
+        head_keys = checkpoint.load_encoder(model.bert, state, source=folder)
+        head_state = {k.split(".", 1)[1]: state[k] for k in head_keys if k.startswith(model.head_name + ".")}
+        own = model.head.state_dict()
+        if head_state and all(k in head_state and head_state[k].shape == v.shape for k, v in own.items()):
+            model.head.load_state_dict({k: head_state[k] for k in own})
+        return model
+
+    @classmethod
+    def _build(cls, config, num_labels, labels, backend):
+        return cls(config, backend=backend)
+
+    def save_pretrained(self, folder: str | os.PathLike) -> None:
+        folder = Path(folder)
+        folder.mkdir(parents=True, exist_ok=True)
+        self.config.extra["architectures"] = [self.architecture]
+        self.config.to_json(folder / "config.json")
+        state = checkpoint.encoder_to_hf(self.bert, prefix="bert.")
+        state.update({f"{self.head_name}.{k}": v for k, v in self.head.state_dict().items()})
+        checkpoint.save_state_dict(state, folder / "model.safetensors")
+
+    def _dropout(self, x):
+        return F.dropout(x, self.dropout_p, self.training)
+
+
+class BertForSequenceClassification(_TaskModel):
+    architecture = "BertForSequenceClassification"
+
+    def __init__(self, config: BertConfig, num_labels: int = 2, backend: str | None = None):
+        if num_labels < 1:
+            raise ValueError(f"num_labels must be >= 1 (1 means regression), got {num_labels}")
+        self.num_labels = num_labels
+        super().__init__(config, num_labels, backend)
+
+    @classmethod
+    def _build(cls, config, num_labels, labels, backend):
+        num_labels = _resolve_labels(config, num_labels, labels)
+        return cls(config, num_labels=num_labels, backend=backend)
+
+    def forward(self, input_ids, attention_mask=None, token_type_ids=None, labels=None) -> TaskOutput:
+        pooled = self.bert(input_ids, attention_mask, token_type_ids).pooler_output      # (B, hidden)
+        logits = self.classifier(self._dropout(pooled))                                 # (B, num_labels)
+        loss = None
+        if labels is not None:
+            if self.num_labels == 1:
+                loss = F.mse_loss(logits.squeeze(-1).float(), labels.float())
+            else:
+                loss = F.cross_entropy(logits.float(), labels)
+        return TaskOutput(loss, logits)
+
+
+class BertForTokenClassification(_TaskModel):
+    architecture = "BertForTokenClassification"
+    uses_pooler = False
+
+    def __init__(self, config: BertConfig, num_labels: int = 2, backend: str | None = None):
+        if num_labels < 2:
+            raise ValueError(f"num_labels must be >= 2 for tagging, got {num_labels}")
+        self.num_labels = num_labels
+        super().__init__(config, num_labels, backend)
+
+    @classmethod
+    def _build(cls, config, num_labels, labels, backend):
+        return cls(config, num_labels=_resolve_labels(config, num_labels, labels), backend=backend)
+
+    def forward(self, input_ids, attention_mask=None, token_type_ids=None, labels=None) -> TaskOutput:
+        hidden = self.bert(input_ids, attention_mask, token_type_ids).last_hidden_state  # (B, S, hidden)
+        logits = self.classifier(self._dropout(hidden))                                 # (B, S, num_labels)
+        loss = None
+        if labels is not None:
+            loss = F.cross_entropy(logits.flatten(0, 1).float(), labels.flatten(), ignore_index=IGNORE_INDEX)
+        return TaskOutput(loss, logits)
+
+
+class BertForQuestionAnswering(_TaskModel):
+    architecture = "BertForQuestionAnswering"
+    head_name = "qa_outputs"
+    uses_pooler = False
+
+    def __init__(self, config: BertConfig, backend: str | None = None):
+        super().__init__(config, 2, backend)
+
+    def forward(self, input_ids, attention_mask=None, token_type_ids=None,
+                start_positions=None, end_positions=None) -> TaskOutput:
+        hidden = self.bert(input_ids, attention_mask, token_type_ids).last_hidden_state  # (B, S, hidden)
+        logits = self.qa_outputs(hidden)                                                # (B, S, 2)
+        loss = None
+        if start_positions is not None and end_positions is not None:
+            start_logits, end_logits = logits.float().unbind(-1)                        # (B, S) each
+            # Positions outside the window (shouldn't happen; the data layer points them at [CLS]) are ignored.
+            ignored = start_logits.shape[1]
+            loss = (F.cross_entropy(start_logits, start_positions.clamp(0, ignored), ignore_index=ignored)
+                    + F.cross_entropy(end_logits, end_positions.clamp(0, ignored), ignore_index=ignored)) / 2
+        return TaskOutput(loss, logits)
+
+
+def _resolve_labels(config: BertConfig, num_labels, labels):
+    """num_labels from the argument, the label names, or the checkpoint's id2label; recorded in the config."""
+    if labels is not None:
+        if num_labels is not None and num_labels != len(labels):
+            raise ValueError(f"num_labels={num_labels} but {len(labels)} label names were given")
+        num_labels = len(labels)
+    saved = config.extra.get("id2label")
+    if num_labels is None:
+        num_labels = len(saved) if saved else 2
+    if labels is not None:
+        config.extra["id2label"] = {str(i): name for i, name in enumerate(labels)}
+        config.extra["label2id"] = {name: i for i, name in enumerate(labels)}
+    elif not saved or len(saved) != num_labels:
+        config.extra["id2label"] = {str(i): f"LABEL_{i}" for i in range(num_labels)}
+        config.extra["label2id"] = {f"LABEL_{i}": i for i in range(num_labels)}
+    return num_labels

@@ -1,0 +1,79 @@
+"""Task heads against transformers' classes of the same names: logits, losses and checkpoints both ways."""
+import pytest
+import torch
+import transformers
+
+import fastbert
+from fastbert import heads
+
+CONFIG = dict(vocab_size=120, hidden_size=32, num_hidden_layers=2, num_attention_heads=4,
+              intermediate_size=64, max_position_embeddings=24)
+
+
+def _batch():
+    torch.manual_seed(5)
+    ids = torch.randint(1, 120, (3, 11))
+    mask = torch.ones_like(ids)
+    mask[1, 6:] = 0
+    mask[2, 9:] = 0
+    types = torch.zeros_like(ids)
+    types[:, 5:] = 1
+    return {"input_ids": ids, "attention_mask": mask, "token_type_ids": types}
+
+
+CASES = [
+    (lambda c: heads.BertForSequenceClassification(c, num_labels=3), transformers.BertForSequenceClassification,
+     dict(num_labels=3), lambda: {"labels": torch.tensor([0, 2, 1])}),
+    (lambda c: heads.BertForSequenceClassification(c, num_labels=1), transformers.BertForSequenceClassification,
+     dict(num_labels=1), lambda: {"labels": torch.tensor([0.5, 4.2, 3.0])}),
+    (lambda c: heads.BertForTokenClassification(c, num_labels=5), transformers.BertForTokenClassification,
+     dict(num_labels=5), lambda: {"labels": torch.randint(0, 5, (3, 11)).masked_fill(torch.rand(3, 11) < 0.3, -100)}),
+    (lambda c: heads.BertForQuestionAnswering(c), transformers.BertForQuestionAnswering,
+     dict(), lambda: {"start_positions": torch.tensor([1, 3, 0]), "end_positions": torch.tensor([2, 5, 0])}),
+]
+
+
+@pytest.mark.parametrize("make_ours, hf_class, hf_kwargs, make_targets", CASES)
+def test_head_matches_transformers_both_ways(tmp_path, make_ours, hf_class, hf_kwargs, make_targets):
+    torch.manual_seed(0)
+    ours = make_ours(fastbert.BertConfig(**CONFIG)).eval()
+    ours.save_pretrained(tmp_path / "ours")
+    theirs = hf_class.from_pretrained(str(tmp_path / "ours"), attn_implementation="eager", **hf_kwargs).eval()
+    batch, targets = _batch(), make_targets()
+    with torch.no_grad():
+        a = ours(**batch, **targets)
+        b = theirs(**batch, **targets)
+    logits_b = torch.stack([b.start_logits, b.end_logits], -1) if hasattr(b, "start_logits") else b.logits
+    real = batch["attention_mask"].bool()
+    diff = (a.logits - logits_b).abs()
+    assert (diff[real] if diff.dim() > 2 else diff).max() <= 1e-5
+    assert abs(a.loss.item() - b.loss.item()) <= 1e-5
+
+    theirs.save_pretrained(str(tmp_path / "theirs"))
+    again = type(ours).from_pretrained(tmp_path / "theirs").eval()
+    with torch.no_grad():
+        assert torch.allclose(again(**batch).logits, a.logits, atol=1e-6)
+
+
+def test_new_head_is_initialised_like_bert():
+    torch.manual_seed(0)
+    model = heads.BertForSequenceClassification.from_pretrained("default", num_labels=4)
+    assert model.classifier.weight.shape == (4, 384)
+    assert abs(model.classifier.weight.std().item() - 0.02) < 0.005 and model.classifier.bias.abs().max() == 0
+    assert model.config.extra["id2label"]["3"] == "LABEL_3"
+
+
+def test_labels_recorded_and_reloaded(tmp_path):
+    model = heads.BertForSequenceClassification(fastbert.BertConfig(**CONFIG), num_labels=2)
+    heads._resolve_labels(model.config, None, ["negative", "positive"])
+    model.save_pretrained(tmp_path)
+    again = heads.BertForSequenceClassification.from_pretrained(tmp_path)
+    assert again.num_labels == 2 and again.config.extra["id2label"] == {"0": "negative", "1": "positive"}
+    assert torch.equal(again.classifier.weight, model.classifier.weight)
+
+
+def test_bad_head_arguments():
+    with pytest.raises(ValueError, match="num_labels must be >= 1"):
+        heads.BertForSequenceClassification(fastbert.BertConfig(**CONFIG), num_labels=0)
+    with pytest.raises(ValueError, match="num_labels=3 but 2 label names"):
+        heads.BertForSequenceClassification.from_pretrained("default", num_labels=3, labels=["a", "b"])
