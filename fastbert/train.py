@@ -1,0 +1,250 @@
+"""Fine-tuning: AdamW (no decay on biases and LayerNorm), linear warm-up and
+decay, gradient clipping and accumulation, autocast on the GPU (float32 on the
+CPU), evaluation each epoch, atomic checkpoints and an exact resume.
+
+Exact resume: the batch order of epoch e is a permutation drawn from
+seed + e, and a checkpoint stores weights, optimizer, scheduler, step, the
+position inside the epoch and the RNG state that dropout draws from, so an
+interrupted CPU run that resumes ends with the same weights as one that never
+stopped (tests/test_train.py).
+"""
+from __future__ import annotations
+
+import dataclasses
+import io
+import json
+import math
+import os
+import shutil
+import time
+from pathlib import Path
+from typing import Callable, Sequence
+
+import torch
+
+from .checkpoint import atomic_write_bytes, atomic_write_text
+
+
+@dataclasses.dataclass
+class TrainConfig:
+    out: Path
+    epochs: int = 3
+    max_steps: int | None = None         # optimizer steps; overrides epochs when set
+    batch_size: int = 32
+    lr: float = 5e-5
+    weight_decay: float = 0.01
+    warmup_ratio: float = 0.1
+    max_grad_norm: float = 1.0
+    grad_accum: int = 1
+    seed: int = 42
+    precision: str = "auto"              # auto | fp32 | bf16 | fp16
+    bucket_by_length: bool = False
+    save_every: int | None = None        # optimizer steps between checkpoints (None: each epoch)
+    progress: bool = True
+
+    def __post_init__(self):
+        self.out = Path(self.out)
+        for name in ("epochs", "batch_size", "grad_accum"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
+        if self.max_steps is not None and self.max_steps < 1:
+            raise ValueError(f"max_steps must be >= 1, got {self.max_steps}")
+        if self.precision not in ("auto", "fp32", "bf16", "fp16"):
+            raise ValueError(f"precision must be auto, fp32, bf16 or fp16, got {self.precision!r}")
+        if not self.lr > 0:
+            raise ValueError(f"lr must be > 0, got {self.lr}")
+
+
+def parameter_groups(model: torch.nn.Module, weight_decay: float):
+    """Weight decay on matrices only: biases and LayerNorm parameters are exempt, as in BERT."""
+    decay, exempt = [], []
+    for name, param in model.named_parameters():
+        if not param.requires_grad:
+            continue
+        (exempt if name.endswith("bias") or "norm" in name.lower() else decay).append(param)
+    return [{"params": decay, "weight_decay": weight_decay}, {"params": exempt, "weight_decay": 0.0}]
+
+
+def linear_warmup_decay(optimizer, warmup_steps: int, total_steps: int):
+    def factor(step):
+        if step < warmup_steps:
+            return (step + 1) / (warmup_steps + 1)
+        return max(0.0, (total_steps - step) / max(1, total_steps - warmup_steps))
+    return torch.optim.lr_scheduler.LambdaLR(optimizer, factor)
+
+
+def epoch_batches(num_examples: int, batch_size: int, seed: int, epoch: int,
+                  lengths: Sequence[int] | None = None) -> list[list[int]]:
+    """Example indices of each batch of one epoch, a pure function of (seed, epoch).
+
+    With lengths, batches are formed from examples of similar length (sorted inside
+    chunks of 50 batches) so padding is small, and the batch order is shuffled.
+    """
+    generator = torch.Generator().manual_seed(seed * 1000003 + epoch)
+    order = torch.randperm(num_examples, generator=generator).tolist()
+    if lengths is not None:
+        chunk = batch_size * 50
+        order = [i for start in range(0, len(order), chunk)
+                 for i in sorted(order[start:start + chunk], key=lambda j: lengths[j])]
+    batches = [order[i:i + batch_size] for i in range(0, len(order), batch_size)]
+    if lengths is not None:
+        batches = [batches[i] for i in torch.randperm(len(batches), generator=generator).tolist()]
+    return batches
+
+
+def _autocast_dtype(precision: str, device: torch.device):
+    if device.type != "cuda" or precision == "fp32":
+        return None
+    if precision == "fp16":
+        return torch.float16
+    if precision == "bf16" or torch.cuda.is_bf16_supported():
+        return torch.bfloat16
+    return torch.float16
+
+
+class Trainer:
+    """Trains `model` on `features` (a list of examples) batched by `collate`.
+
+    evaluate(model) -> dict of metrics, called after each epoch. `save_model(model, folder)`
+    writes the model in HF layout (default: model.save_pretrained).
+    """
+
+    def __init__(self, model, features: Sequence, collate: Callable, config: TrainConfig,
+                 evaluate: Callable | None = None, lengths: Sequence[int] | None = None):
+        if len(features) == 0:
+            raise ValueError("no training examples")
+        self.model, self.features, self.collate, self.cfg = model, features, collate, config
+        self.evaluate_fn, self.lengths = evaluate, (lengths if config.bucket_by_length else None)
+        self.device = next(model.parameters()).device
+        self.batches_per_epoch = math.ceil(len(features) / config.batch_size)
+        steps_per_epoch = math.ceil(self.batches_per_epoch / config.grad_accum)
+        self.total_steps = config.max_steps or steps_per_epoch * config.epochs
+        self.epochs = math.ceil(self.total_steps / steps_per_epoch)
+        self.optimizer = torch.optim.AdamW(parameter_groups(model, config.weight_decay), lr=config.lr)
+        self.scheduler = linear_warmup_decay(self.optimizer, int(config.warmup_ratio * self.total_steps), self.total_steps)
+        self.autocast = _autocast_dtype(config.precision, self.device)
+        self.scaler = torch.amp.GradScaler("cuda") if self.autocast == torch.float16 else None
+        self.step, self.epoch, self.batch_in_epoch = 0, 0, 0
+        self.history: list[dict] = []
+
+    # -- checkpoints -----------------------------------------------------------
+
+    def save_checkpoint(self) -> Path:
+        """Write checkpoint-<step>/ (model in HF layout + trainer_state.pt), then point
+        `latest` at it atomically; a crash mid-write leaves the previous one intact."""
+        self.cfg.out.mkdir(parents=True, exist_ok=True)
+        folder = self.cfg.out / f"checkpoint-{self.step}"
+        staging = self.cfg.out / f".staging-checkpoint-{self.step}"
+        shutil.rmtree(staging, ignore_errors=True)
+        self.model.save_pretrained(staging)
+        state = {
+            "optimizer": self.optimizer.state_dict(), "scheduler": self.scheduler.state_dict(),
+            "step": self.step, "epoch": self.epoch, "batch_in_epoch": self.batch_in_epoch,
+            "cpu_rng": torch.get_rng_state(), "history": json.dumps(self.history),
+            "cuda_rng": torch.cuda.get_rng_state() if self.device.type == "cuda" else torch.empty(0, dtype=torch.uint8),
+            "scaler": self.scaler.state_dict() if self.scaler else {},
+        }
+        buffer = io.BytesIO()
+        torch.save(state, buffer)
+        atomic_write_bytes(staging / "trainer_state.pt", buffer.getvalue())
+        shutil.rmtree(folder, ignore_errors=True)
+        os.replace(staging, folder)
+        previous = self._latest()
+        atomic_write_text(self.cfg.out / "latest", folder.name + "\n")
+        if previous is not None and previous != folder:
+            shutil.rmtree(previous, ignore_errors=True)
+        return folder
+
+    def _latest(self) -> Path | None:
+        pointer = self.cfg.out / "latest"
+        if not pointer.exists():
+            return None
+        return self.cfg.out / pointer.read_text().strip()
+
+    def resume(self) -> bool:
+        """Load the latest checkpoint under cfg.out, if there is one."""
+        folder = self._latest()
+        if folder is None:
+            return False
+        if not (folder / "trainer_state.pt").exists():
+            raise FileNotFoundError(f"checkpoint {folder} has no trainer_state.pt")
+        loaded = type(self.model).from_pretrained(folder)
+        self.model.load_state_dict(loaded.state_dict())
+        state = torch.load(folder / "trainer_state.pt", map_location="cpu", weights_only=True)
+        self.optimizer.load_state_dict(state["optimizer"])
+        self.scheduler.load_state_dict(state["scheduler"])
+        self.step, self.epoch, self.batch_in_epoch = state["step"], state["epoch"], state["batch_in_epoch"]
+        self.history = json.loads(state["history"])
+        torch.set_rng_state(state["cpu_rng"])
+        if self.device.type == "cuda" and state["cuda_rng"].numel():
+            torch.cuda.set_rng_state(state["cuda_rng"])
+        if self.scaler and state["scaler"]:
+            self.scaler.load_state_dict(state["scaler"])
+        return True
+
+    # -- the loop ----------------------------------------------------------------
+
+    def _forward_backward(self, batch, scale: float) -> tuple[float, int]:
+        batch = {k: v.to(self.device, non_blocking=True) for k, v in batch.items()}
+        with torch.autocast(self.device.type, dtype=self.autocast, enabled=self.autocast is not None):
+            loss = self.model(**batch).loss
+        if not torch.isfinite(loss):
+            raise FloatingPointError(f"loss became {loss.item()} at step {self.step}: lower --lr or use fp32")
+        (self.scaler.scale(loss * scale) if self.scaler else loss * scale).backward()
+        return loss.item(), int(batch["attention_mask"].sum())
+
+    def _optimizer_step(self):
+        if self.scaler:
+            self.scaler.unscale_(self.optimizer)
+        torch.nn.utils.clip_grad_norm_(self.model.parameters(), self.cfg.max_grad_norm)
+        if self.scaler:
+            self.scaler.step(self.optimizer)
+            self.scaler.update()
+        else:
+            self.optimizer.step()
+        self.scheduler.step()
+        self.optimizer.zero_grad(set_to_none=True)
+        self.step += 1
+
+    def train(self, stop_after_step: int | None = None) -> dict:
+        """Run to the end (or to `stop_after_step`, to simulate an interruption); returns the summary."""
+        from tqdm.auto import tqdm
+
+        self.model.train()
+        if self.step == 0 and self.epoch == 0 and self.batch_in_epoch == 0:
+            torch.manual_seed(self.cfg.seed)  # dropout draws; a resumed run restores the saved state instead
+        started, tokens_seen = time.perf_counter(), 0
+        bar = tqdm(total=self.total_steps, initial=self.step, disable=not self.cfg.progress, unit="step", dynamic_ncols=True)
+        while self.step < self.total_steps and self.epoch < self.epochs:
+            batches = epoch_batches(len(self.features), self.cfg.batch_size, self.cfg.seed, self.epoch, self.lengths)
+            running = []
+            while self.batch_in_epoch < len(batches) and self.step < self.total_steps:
+                group = batches[self.batch_in_epoch:self.batch_in_epoch + self.cfg.grad_accum]
+                for indices in group:
+                    loss, tokens = self._forward_backward(self.collate([self.features[i] for i in indices]), 1 / len(group))
+                    running.append(loss)
+                    tokens_seen += tokens
+                self._optimizer_step()
+                self.batch_in_epoch += len(group)
+                elapsed = time.perf_counter() - started
+                bar.update(1)
+                bar.set_postfix(loss=f"{sum(running[-20:]) / len(running[-20:]):.4f}", tok_s=f"{tokens_seen / elapsed:,.0f}")
+                if self.cfg.save_every and self.step % self.cfg.save_every == 0:
+                    self.save_checkpoint()
+                if stop_after_step is not None and self.step >= stop_after_step:
+                    bar.close()
+                    return {"stopped_at_step": self.step}
+            record = {"epoch": self.epoch + 1, "step": self.step,
+                      "train_loss": sum(running) / max(1, len(running))}
+            if self.evaluate_fn is not None:
+                record.update(self.evaluate_fn(self.model))
+                self.model.train()
+            self.history.append(record)
+            bar.write(json.dumps(record))
+            self.epoch, self.batch_in_epoch = self.epoch + 1, 0
+            if self.cfg.save_every is None:
+                self.save_checkpoint()
+        bar.close()
+        elapsed = time.perf_counter() - started
+        return {"steps": self.step, "epochs": self.history, "wall_time_s": elapsed,
+                "tokens_per_s": tokens_seen / elapsed if elapsed else 0.0}

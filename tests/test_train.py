@@ -1,0 +1,99 @@
+"""The training loop: schedule, decay groups, reproducibility and an exact resume."""
+import pytest
+import torch
+
+import fastbert
+from fastbert import heads, train
+
+CONFIG = dict(vocab_size=64, hidden_size=32, num_hidden_layers=2, num_attention_heads=4,
+              intermediate_size=64, max_position_embeddings=32)
+
+
+def _features(n=40):
+    generator = torch.Generator().manual_seed(0)
+    out = []
+    for _ in range(n):
+        length = int(torch.randint(3, 20, (1,), generator=generator))
+        ids = torch.randint(1, 64, (length,), generator=generator)
+        out.append({"input_ids": ids, "label": int(ids.sum() % 2)})
+    return out
+
+
+def _collate(examples):
+    width = max(len(e["input_ids"]) for e in examples)
+    ids = torch.zeros(len(examples), width, dtype=torch.long)
+    mask = torch.zeros_like(ids)
+    for row, e in enumerate(examples):
+        ids[row, :len(e["input_ids"])] = e["input_ids"]
+        mask[row, :len(e["input_ids"])] = 1
+    return {"input_ids": ids, "attention_mask": mask, "labels": torch.tensor([e["label"] for e in examples])}
+
+
+def _trainer(out, **overrides):
+    torch.manual_seed(0)
+    model = heads.BertForSequenceClassification(fastbert.BertConfig(**CONFIG), num_labels=2)
+    cfg = train.TrainConfig(out=out, epochs=2, batch_size=8, lr=1e-3, save_every=3, progress=False, **overrides)
+    features = _features()
+    return train.Trainer(model, features, _collate, cfg, lengths=[len(f["input_ids"]) for f in features])
+
+
+def test_interrupted_and_resumed_run_ends_with_identical_weights(tmp_path):
+    whole = _trainer(tmp_path / "whole")
+    whole.train()
+    first = _trainer(tmp_path / "resumed")
+    assert first.train(stop_after_step=6) == {"stopped_at_step": 6}   # checkpoint at step 6 was written
+    second = _trainer(tmp_path / "resumed")
+    torch.manual_seed(1234)  # a fresh process would start from another RNG state: resume must restore it
+    assert second.resume() and second.step == 6
+    second.train()
+    assert second.step == whole.step == 10
+    for (name, a), b in zip(whole.model.state_dict().items(), second.model.state_dict().values()):
+        assert torch.equal(a, b), name
+
+
+def test_same_seed_same_run(tmp_path):
+    a, b = _trainer(tmp_path / "a"), _trainer(tmp_path / "b")
+    a.train(), b.train()
+    assert all(torch.equal(x, y) for x, y in zip(a.model.parameters(), b.model.parameters()))
+
+
+def test_loss_goes_down_and_checkpoint_is_loadable(tmp_path):
+    t = _trainer(tmp_path, bucket_by_length=True)
+    t.cfg.epochs = 6
+    t.__init__(t.model, t.features, t.collate, t.cfg, lengths=[len(f["input_ids"]) for f in t.features])
+    summary = t.train()
+    losses = [e["train_loss"] for e in summary["epochs"]]
+    assert losses[-1] < losses[0]
+    latest = tmp_path / (tmp_path / "latest").read_text().strip()
+    again = heads.BertForSequenceClassification.from_pretrained(latest)
+    assert all(torch.equal(x, y) for x, y in zip(again.state_dict().values(), t.model.state_dict().values()))
+    assert len(list(tmp_path.glob("checkpoint-*"))) == 1  # older checkpoints are removed
+
+
+def test_decay_groups_and_schedule():
+    model = heads.BertForSequenceClassification(fastbert.BertConfig(**CONFIG), num_labels=2)
+    decay, exempt = train.parameter_groups(model, 0.01)
+    names = {id(p): n for n, p in model.named_parameters()}
+    assert all(not names[id(p)].endswith("bias") and "norm" not in names[id(p)] for p in decay["params"])
+    assert any("norm" in names[id(p)] for p in exempt["params"])
+    opt = torch.optim.SGD([torch.zeros(1, requires_grad=True)], lr=1.0)
+    sched = train.linear_warmup_decay(opt, warmup_steps=2, total_steps=10)
+    lrs = []
+    for _ in range(10):
+        lrs.append(opt.param_groups[0]["lr"])
+        opt.step(), sched.step()
+    assert lrs[0] < lrs[1] < lrs[2] == 1.0 and lrs[-1] < lrs[3] and lrs[-1] > 0
+
+
+def test_epoch_batches_are_a_permutation_and_deterministic():
+    batches = train.epoch_batches(103, 10, seed=3, epoch=1, lengths=list(range(103)))
+    flat = sorted(i for b in batches for i in b)
+    assert flat == list(range(103)) and batches == train.epoch_batches(103, 10, seed=3, epoch=1, lengths=list(range(103)))
+    assert batches != train.epoch_batches(103, 10, seed=3, epoch=2, lengths=list(range(103)))
+
+
+def test_bad_config(tmp_path):
+    with pytest.raises(ValueError, match="batch_size must be >= 1"):
+        train.TrainConfig(out=tmp_path, batch_size=0)
+    with pytest.raises(ValueError, match="precision must be"):
+        train.TrainConfig(out=tmp_path, precision="fp8")
