@@ -1,0 +1,173 @@
+"""SQuAD v1.1: the JSON reader, windowed features for training, and answer extraction.
+
+    examples = read_squad("train-from-dev-v1.1.json")
+    feats = build_squad_features(examples, tokenizer, max_length=384, stride=128)
+    # model -> start_logits, end_logits: (num_features, seqlen)
+    answers = predict_answers(examples, feats, start_logits, end_logits)   # {id: text}
+    squad_scores(answers, {e.id: e.answers for e in examples})              # fastbert.metrics
+
+Each question is packed with its passage as `[CLS] question [SEP] passage [SEP]`.
+A passage longer than the room left is cut into overlapping windows (only the
+passage is truncated); `stride` is the number of passage tokens consecutive
+windows share (the `tokenizers` meaning, as in transformers' run_qa). Training
+uses the first answer: its character span maps to the first and last token
+covering it; a window that does not hold the whole answer points both
+positions at 0, the [CLS] token.
+"""
+from __future__ import annotations
+
+import json
+import os
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Sequence
+
+from . import DataFormatError
+
+
+@dataclass
+class SquadExample:
+    id: str
+    title: str
+    question: str
+    context: str
+    answers: list[str]          # every gold answer text (scoring takes the max over them)
+    answer_starts: list[int]    # character offset of each answer in context
+
+
+def read_squad(path: str | os.PathLike, max_examples: int | None = None) -> list[SquadExample]:
+    """Read the official SQuAD v1.1 JSON layout (data -> paragraphs -> qas -> answers).
+
+    Raises DataFormatError naming the file and question id when a field is missing
+    or an answer's text is not at its answer_start in the context.
+    """
+    path = Path(path)
+    with open(path, encoding="utf-8") as f:
+        root = json.load(f)
+    if not isinstance(root, dict) or not isinstance(root.get("data"), list):
+        raise DataFormatError(f"{path}: expected a JSON object with a 'data' list (SQuAD v1.1 layout)")
+    out: list[SquadExample] = []
+    for article in root["data"]:
+        title = article.get("title", "")
+        for paragraph in article.get("paragraphs", []):
+            context = paragraph.get("context")
+            if not isinstance(context, str):
+                raise DataFormatError(f"{path}: article {title!r} has a paragraph without a 'context' string")
+            for qa in paragraph.get("qas", []):
+                qid = qa.get("id", "?")
+                try:
+                    texts = [a["text"] for a in qa["answers"]]
+                    starts = [int(a["answer_start"]) for a in qa["answers"]]
+                    question = qa["question"]
+                except (KeyError, TypeError, ValueError) as e:
+                    raise DataFormatError(f"{path}: question id {qid}: missing or bad field {e}") from None
+                for text, start in zip(texts, starts):
+                    if context[start:start + len(text)] != text:
+                        raise DataFormatError(f"{path}: question id {qid}: answer {text!r} is not at "
+                                              f"answer_start={start} of its context")
+                out.append(SquadExample(qid, title, question, context, texts, starts))
+                if max_examples is not None and len(out) >= max_examples:
+                    return out
+    return out
+
+
+def _truncate_questions(tokenizer, questions: list[str], max_tokens: int) -> list[str]:
+    """Cut each question after its first max_tokens WordPiece tokens (at a character offset)."""
+    out = []
+    for q, enc in zip(questions, tokenizer._tok.encode_batch(questions, add_special_tokens=False)):
+        out.append(q if len(enc.ids) <= max_tokens else q[:enc.offsets[max_tokens - 1][1]])
+    return out
+
+
+def build_squad_features(examples: Sequence[SquadExample], tokenizer, max_length: int = 384, stride: int = 128,
+                         max_question_tokens: int = 64, chunk: int = 1024) -> list[dict]:
+    """Tokenize examples into windows; one dict per window (feature):
+
+    input_ids, token_type_ids: lists of int, unpadded (collate() pads);
+    start_positions, end_positions: token index of the first answer's first and
+        last token in this window, 0 and 0 ([CLS]) when the window does not hold it;
+    example_index: position of the window's example in `examples`;
+    offsets: (start, end) character span in the context of every token ((0, 0)
+        for question and special tokens);
+    context_mask: True for passage tokens (the only valid answer positions).
+
+    Questions longer than max_question_tokens are cut (the original BERT recipe
+    uses 64) so that question + specials leave more than `stride` passage tokens.
+    """
+    if stride < 0:
+        raise ValueError(f"stride must be >= 0, got {stride}")
+    if max_question_tokens < 1:
+        raise ValueError(f"max_question_tokens must be >= 1, got {max_question_tokens}")
+    room = max_length - 3 - max_question_tokens  # passage tokens per window in the worst case
+    if room <= stride:
+        raise ValueError(f"max_length={max_length} leaves {room} passage tokens after a {max_question_tokens}-token "
+                         f"question and 3 special tokens; the windows need more than stride={stride}")
+    feats: list[dict] = []
+    for begin in range(0, len(examples), chunk):
+        batch = examples[begin:begin + chunk]
+        questions = _truncate_questions(tokenizer, [e.question for e in batch], max_question_tokens)
+        enc = tokenizer(questions, [e.context for e in batch], max_length=max_length, truncation="only_second",
+                        padding=False, stride=stride, return_overflowing=True, return_offsets=True,
+                        return_tensors=False)
+        for w, sample in enumerate(enc["sample_index"]):
+            ex = batch[sample]
+            seq_ids = enc["sequence_ids"][w]
+            offsets = [tuple(o) if s == 1 else (0, 0) for o, s in zip(enc["offsets"][w], seq_ids)]
+            context_mask = [s == 1 for s in seq_ids]
+            start_tok, end_tok = 0, 0
+            if ex.answers:
+                char_start = ex.answer_starts[0]
+                char_end = char_start + len(ex.answers[0])
+                start_tok, end_tok = _answer_tokens(offsets, context_mask, char_start, char_end)
+            feats.append({"input_ids": enc["input_ids"][w], "token_type_ids": enc["token_type_ids"][w],
+                          "start_positions": start_tok, "end_positions": end_tok,
+                          "example_index": begin + sample, "offsets": offsets, "context_mask": context_mask})
+    return feats
+
+
+def _answer_tokens(offsets, context_mask, char_start: int, char_end: int) -> tuple[int, int]:
+    """First and last passage token overlapping [char_start, char_end), or (0, 0) if the window misses part of it."""
+    ctx = [i for i, m in enumerate(context_mask) if m]
+    if not ctx or offsets[ctx[0]][0] > char_start or offsets[ctx[-1]][1] < char_end:
+        return 0, 0
+    start = next(i for i in ctx if offsets[i][1] > char_start)
+    end = next(i for i in reversed(ctx) if offsets[i][0] < char_end)
+    return (start, end) if start <= end else (0, 0)
+
+
+def predict_answers(examples: Sequence[SquadExample], features: Sequence[dict], start_logits, end_logits,
+                    n_best: int = 20, max_answer_tokens: int = 30) -> dict[str, str]:
+    """Best answer text per example id from per-feature start/end logits.
+
+    start_logits, end_logits: (num_features, seqlen) tensors or arrays, padded
+    positions allowed (they are masked with the features' context_mask). For each
+    example, over all its windows, the span (s, e) with s <= e < s + max_answer_tokens,
+    both inside the passage, maximising start_logits[s] + end_logits[e] among the
+    n_best starts and ends of each window wins; its text is the context between the
+    offsets.
+    """
+    import numpy as np
+
+    start_logits = np.asarray(start_logits.detach().float().cpu() if hasattr(start_logits, "detach") else start_logits)
+    end_logits = np.asarray(end_logits.detach().float().cpu() if hasattr(end_logits, "detach") else end_logits)
+    if start_logits.shape[0] != len(features) or end_logits.shape[0] != len(features):
+        raise ValueError(f"expected logits with one row per feature ({len(features)}), "
+                         f"got {start_logits.shape} and {end_logits.shape}")
+    best: dict[int, tuple[float, str]] = {}
+    for f, feat in enumerate(features):
+        n = len(feat["input_ids"])
+        mask = np.asarray(feat["context_mask"], dtype=bool)
+        s_log = np.where(mask, start_logits[f, :n], -np.inf)
+        e_log = np.where(mask, end_logits[f, :n], -np.inf)
+        starts = [i for i in np.argsort(-s_log)[:n_best] if mask[i]]
+        ends = [i for i in np.argsort(-e_log)[:n_best] if mask[i]]
+        ex = examples[feat["example_index"]]
+        for s in starts:
+            for e in ends:
+                if e < s or e - s + 1 > max_answer_tokens:
+                    continue
+                score = float(s_log[s] + e_log[e])
+                if feat["example_index"] not in best or score > best[feat["example_index"]][0]:
+                    text = ex.context[feat["offsets"][s][0]:feat["offsets"][e][1]]
+                    best[feat["example_index"]] = (score, text)
+    return {ex.id: best[i][1] if i in best else "" for i, ex in enumerate(examples)}

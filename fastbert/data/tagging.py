@@ -1,0 +1,176 @@
+"""Token tagging data: CoNLL-U and CoNLL-2003 readers, and word -> WordPiece labels.
+
+    sents = read_conllu("en_ewt-ud-train.conllu", tag="upos")
+    feats = encode_tagging(sents, tokenizer, UPOS_TAGS, max_length=128)
+
+A word becomes one or more WordPiece tokens; only the first carries the word's
+tag id. The other pieces, [CLS], [SEP] and (after collate) padding carry -100,
+which cross-entropy and token_accuracy ignore. Words cut off by max_length lose
+their labels.
+"""
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Sequence
+
+from . import DataFormatError
+
+IGNORE_INDEX = -100
+
+# The 17 universal part-of-speech tags of UD v2, in the order of the UD docs.
+UPOS_TAGS = ("ADJ", "ADP", "ADV", "AUX", "CCONJ", "DET", "INTJ", "NOUN", "NUM", "PART", "PRON", "PROPN",
+             "PUNCT", "SCONJ", "SYM", "VERB", "X")
+
+_CONLLU_TAG_COLUMN = {"upos": 3, "xpos": 4}  # 0-based: ID FORM LEMMA UPOS XPOS FEATS HEAD DEPREL DEPS MISC
+
+
+@dataclass
+class TaggedSentence:
+    words: list[str]
+    tags: list[str]
+    line: int  # 1-based line of the sentence's first token, for messages
+
+
+def read_conllu(path: str | os.PathLike, tag: str = "upos", max_sentences: int | None = None) -> list[TaggedSentence]:
+    """Read a CoNLL-U file: one sentence per blank-line-separated block.
+
+    tag: "upos" (column 4) or "xpos" (column 5). Comment lines (`#`), multiword
+    token ranges (`1-2`) and empty nodes (`8.1`) are skipped, so the words are
+    the syntactic words the tags belong to.
+    """
+    if tag not in _CONLLU_TAG_COLUMN:
+        raise ValueError(f"tag must be 'upos' or 'xpos', got {tag!r}")
+    col = _CONLLU_TAG_COLUMN[tag]
+    path = Path(path)
+    sents: list[TaggedSentence] = []
+    words, tags, first = [], [], 0
+    with open(path, encoding="utf-8-sig") as f:
+        for line_no, line in enumerate(f, 1):
+            line = line.rstrip("\r\n")
+            if not line.strip():
+                if words:
+                    sents.append(TaggedSentence(words, tags, first))
+                    if max_sentences is not None and len(sents) >= max_sentences:
+                        return sents
+                words, tags = [], []
+                continue
+            if line.startswith("#"):
+                continue
+            fields = line.split("\t")
+            if len(fields) != 10:
+                raise DataFormatError(f"{path}:{line_no}: a CoNLL-U token line has 10 tab-separated fields, "
+                                      f"got {len(fields)}")
+            ident = fields[0]
+            if "-" in ident or "." in ident:
+                lo, _, hi = ident.replace(".", "-").partition("-")
+                if not (lo.isdigit() and hi.isdigit()):
+                    raise DataFormatError(f"{path}:{line_no}: bad token id {ident!r}")
+                continue  # multiword token range or empty node
+            if not ident.isdigit():
+                raise DataFormatError(f"{path}:{line_no}: bad token id {ident!r}")
+            if not words:
+                first = line_no
+            words.append(fields[1])
+            tags.append(fields[col])
+    if words:
+        sents.append(TaggedSentence(words, tags, first))
+    return sents[:max_sentences] if max_sentences is not None else sents
+
+
+def read_conll2003(path: str | os.PathLike, tag_col: int = -1,
+                   max_sentences: int | None = None) -> list[TaggedSentence]:
+    """Read a CoNLL-2003-style file: `word col1 col2 ... tag` per line (whitespace-separated).
+
+    tag_col: the column of the tag (0 is the word; -1, the default, the last:
+    NER in CoNLL-2003; 1 is POS, 2 chunk). Blank lines end sentences and
+    `-DOCSTART-` lines are skipped. Every token line must have the same number of
+    columns as the first one.
+    """
+    path = Path(path)
+    if tag_col == 0:
+        raise ValueError("tag_col=0 is the word column")
+    sents: list[TaggedSentence] = []
+    words, tags, first, width = [], [], 0, None
+    with open(path, encoding="utf-8-sig") as f:
+        for line_no, line in enumerate(f, 1):
+            fields = line.split()
+            if not fields or fields[0] == "-DOCSTART-":
+                if words:
+                    sents.append(TaggedSentence(words, tags, first))
+                    if max_sentences is not None and len(sents) >= max_sentences:
+                        return sents
+                words, tags = [], []
+                continue
+            if width is None:
+                width = len(fields)
+                if not -width <= tag_col < width:
+                    raise DataFormatError(f"{path}:{line_no}: tag_col={tag_col} but the line has {width} columns")
+            if len(fields) != width:
+                raise DataFormatError(f"{path}:{line_no}: expected {width} whitespace-separated columns, "
+                                      f"got {len(fields)}")
+            if not words:
+                first = line_no
+            words.append(fields[0])
+            tags.append(fields[tag_col])
+    if words:
+        sents.append(TaggedSentence(words, tags, first))
+    return sents[:max_sentences] if max_sentences is not None else sents
+
+
+def tag_names(sentences: Sequence[TaggedSentence]) -> list[str]:
+    """The sorted distinct tags of some sentences: a label list when no fixed one exists."""
+    return sorted({t for s in sentences for t in s.tags})
+
+
+def encode_words(tokenizer, word_lists: Sequence[Sequence[str]], max_length: int = 128) -> list[dict]:
+    """WordPiece-encode pre-split words (like transformers' is_split_into_words=True).
+
+    tokenizer: a fastbert.Tokenizer. Returns one dict per sentence with lists
+    `input_ids`, `token_type_ids` and `word_ids` (the word each token came from,
+    None for [CLS]/[SEP]), truncated to max_length tokens.
+    """
+    if max_length < 3:
+        raise ValueError(f"max_length must leave room for [CLS] and [SEP], got {max_length}")
+    word_lists = [list(words) for words in word_lists]
+    for i, words in enumerate(word_lists):
+        for j, w in enumerate(words):
+            if not isinstance(w, str):
+                raise TypeError(f"word_lists[{i}][{j}] must be a str, got {type(w).__name__}")
+    tok = tokenizer._tok  # the tokenizers.Tokenizer: fastbert.Tokenizer has no pre-split entry point
+    tok.enable_truncation(max_length, strategy="longest_first")
+    try:
+        encodings = tok.encode_batch(word_lists, is_pretokenized=True)
+    finally:
+        tok.no_truncation()
+    return [{"input_ids": list(e.ids), "token_type_ids": list(e.type_ids), "word_ids": list(e.word_ids)}
+            for e in encodings]
+
+
+def first_subword_labels(word_ids: Sequence[int | None], word_labels: Sequence[int]) -> list[int]:
+    """Label of each token: its word's label on the word's first piece, IGNORE_INDEX elsewhere."""
+    out, previous = [], None
+    for w in word_ids:
+        out.append(IGNORE_INDEX if w is None or w == previous else word_labels[w])
+        previous = w
+    return out
+
+
+def encode_tagging(sentences: Sequence[TaggedSentence], tokenizer, labels: Sequence[str],
+                   max_length: int = 128) -> list[dict]:
+    """Features for token classification: `input_ids`, `token_type_ids`, `labels`
+    (one per token: the tag id on each word's first piece, -100 elsewhere) and `word_ids`.
+
+    labels: the tag list (tag id = position), e.g. UPOS_TAGS or tag_names(train).
+    """
+    ids = {t: i for i, t in enumerate(labels)}
+    feats = encode_words(tokenizer, [s.words for s in sentences], max_length)
+    for sent, feat in zip(sentences, feats):
+        try:
+            tag_ids = [ids[t] for t in sent.tags]
+        except KeyError as e:
+            raise ValueError(f"the sentence at line {sent.line} has tag {e.args[0]!r}, "
+                             f"not in labels {list(labels)}") from None
+        feat["labels"] = first_subword_labels(feat["word_ids"], tag_ids)
+    return feats

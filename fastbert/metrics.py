@@ -1,0 +1,210 @@
+"""Evaluation metrics for the four applications, in plain numpy.
+
+Classification and regression (GLUE): accuracy, f1_score (binary or macro),
+matthews_corrcoef, pearson, spearman, and glue_metrics(task, ...) picking a
+task's official ones. Tagging: token_accuracy, ignoring label -100. SQuAD v1.1:
+normalize_answer, squad_exact_match, squad_f1 and squad_scores, following the
+official evaluate-v1.1.py (percent, max over the gold answers).
+
+Predictions may be class ids or logits (one more trailing dimension, argmax
+taken); inputs may be lists, numpy arrays or torch tensors. Values match
+sklearn/scipy (tests/test_metrics.py), which are not needed at run time.
+"""
+from __future__ import annotations
+
+import collections
+import re
+import string
+from typing import Mapping, Sequence
+
+import numpy as np
+
+IGNORE_INDEX = -100
+
+
+def _array(x, name: str) -> np.ndarray:
+    if hasattr(x, "detach"):  # torch tensor, without importing torch here
+        x = x.detach().cpu()
+        x = x.float() if x.is_floating_point() else x
+        x = x.numpy()
+    out = np.asarray(x)
+    if out.dtype == object:
+        raise TypeError(f"{name} must be numeric, got an array of objects")
+    return out
+
+
+def _class_ids(preds, labels) -> tuple[np.ndarray, np.ndarray]:
+    preds, labels = _array(preds, "preds"), _array(labels, "labels")
+    if preds.ndim == labels.ndim + 1:  # logits
+        preds = preds.argmax(-1)
+    if preds.shape != labels.shape:
+        raise ValueError(f"preds and labels must have the same shape (or preds one more logits dimension), "
+                         f"got {preds.shape} and {labels.shape}")
+    if preds.size == 0:
+        raise ValueError("no predictions to score")
+    return preds.reshape(-1), labels.reshape(-1)
+
+
+def accuracy(preds, labels) -> float:
+    """Fraction of predictions equal to the label, in [0, 1]."""
+    preds, labels = _class_ids(preds, labels)
+    return float((preds == labels).mean())
+
+
+def _f1(preds: np.ndarray, labels: np.ndarray, positive) -> float:
+    tp = np.sum((preds == positive) & (labels == positive))
+    fp = np.sum((preds == positive) & (labels != positive))
+    fn = np.sum((preds != positive) & (labels == positive))
+    return 0.0 if tp == 0 else float(2 * tp / (2 * tp + fp + fn))
+
+
+def f1_score(preds, labels, average: str = "binary", pos_label=1) -> float:
+    """F1 in [0, 1]: of class pos_label ("binary"), or the unweighted mean over the
+    classes seen in labels or preds ("macro"). A class never predicted nor present
+    scores 0 precision/recall, like sklearn's zero_division=0.
+    """
+    preds, labels = _class_ids(preds, labels)
+    if average == "binary":
+        return _f1(preds, labels, pos_label)
+    if average == "macro":
+        return float(np.mean([_f1(preds, labels, c) for c in np.union1d(preds, labels)]))
+    raise ValueError(f"average must be 'binary' or 'macro', got {average!r}")
+
+
+def matthews_corrcoef(preds, labels) -> float:
+    """Matthews correlation (multiclass form of Gorodkin 2004, as sklearn), in [-1, 1];
+    0 when either side holds a single class."""
+    preds, labels = _class_ids(preds, labels)
+    classes, codes = np.unique(np.concatenate([labels, preds]), return_inverse=True)
+    t, p = codes[:len(labels)], codes[len(labels):]
+    k = len(classes)
+    confusion = np.bincount(t * k + p, minlength=k * k).reshape(k, k).astype(np.float64)
+    t_sum, p_sum = confusion.sum(1), confusion.sum(0)
+    n, correct = confusion.sum(), np.trace(confusion)
+    cov_tp = correct * n - t_sum @ p_sum
+    cov_pp = n * n - p_sum @ p_sum
+    cov_tt = n * n - t_sum @ t_sum
+    if cov_pp * cov_tt == 0:
+        return 0.0
+    return float(cov_tp / np.sqrt(cov_tt * cov_pp))
+
+
+def _floats(x, y) -> tuple[np.ndarray, np.ndarray]:
+    x, y = _array(x, "x").astype(np.float64).reshape(-1), _array(y, "y").astype(np.float64).reshape(-1)
+    if x.shape != y.shape:
+        raise ValueError(f"x and y must have the same number of values, got {x.size} and {y.size}")
+    if x.size < 2:
+        raise ValueError(f"a correlation needs at least 2 values, got {x.size}")
+    return x, y
+
+
+def _pearson(x: np.ndarray, y: np.ndarray) -> float:
+    dx, dy = x - x.mean(), y - y.mean()
+    denom = np.sqrt((dx @ dx) * (dy @ dy))
+    if denom == 0:
+        return float("nan")  # a constant input has no correlation (scipy also gives nan)
+    return float(np.clip((dx @ dy) / denom, -1.0, 1.0))
+
+
+def pearson(x, y) -> float:
+    """Pearson correlation of two sequences of numbers; nan if either is constant."""
+    return _pearson(*_floats(x, y))
+
+
+def _rank(x: np.ndarray) -> np.ndarray:
+    """Ranks 1..n, ties sharing their average rank (scipy.stats.rankdata 'average')."""
+    order = np.argsort(x, kind="mergesort")
+    sorted_x = x[order]
+    starts = np.flatnonzero(np.r_[True, sorted_x[1:] != sorted_x[:-1]])
+    ends = np.r_[starts[1:], len(x)]
+    ranks = np.empty(len(x), dtype=np.float64)
+    ranks[order] = np.repeat((starts + ends + 1) / 2.0, ends - starts)
+    return ranks
+
+
+def spearman(x, y) -> float:
+    """Spearman rank correlation (Pearson of average ranks); nan if either is constant."""
+    x, y = _floats(x, y)
+    return _pearson(_rank(x), _rank(y))
+
+
+def token_accuracy(preds, labels, ignore_index: int = IGNORE_INDEX) -> float:
+    """Accuracy over the positions whose label is not ignore_index (padding, special
+    tokens and non-first sub-words in tagging)."""
+    preds, labels = _class_ids(preds, labels)
+    keep = labels != ignore_index
+    if not keep.any():
+        raise ValueError(f"every label is ignore_index={ignore_index}: nothing to score")
+    return float((preds[keep] == labels[keep]).mean())
+
+
+GLUE_METRICS = {
+    "sst2": ("accuracy",), "rte": ("accuracy",), "mrpc": ("accuracy", "f1"),
+    "cola": ("matthews",), "stsb": ("pearson", "spearman"),
+}
+
+
+def glue_metrics(task: str, preds, labels) -> dict[str, float]:
+    """The task's official GLUE metrics: {"accuracy": ..., "f1": ..., ...} (fractions, not percent)."""
+    if task not in GLUE_METRICS:
+        raise ValueError(f"task must be one of {sorted(GLUE_METRICS)}, got {task!r}")
+    fns = {"accuracy": accuracy, "f1": f1_score, "matthews": matthews_corrcoef, "pearson": pearson,
+           "spearman": spearman}
+    if task == "stsb":
+        preds = _array(preds, "preds").reshape(-1)  # (batch, 1) regression outputs are fine
+    return {name: fns[name](preds, labels) for name in GLUE_METRICS[task]}
+
+
+# --- SQuAD v1.1: the official evaluate-v1.1.py logic -----------------------------------------
+
+_PUNCTUATION = set(string.punctuation)
+_ARTICLES = re.compile(r"\b(a|an|the)\b")
+
+
+def normalize_answer(s: str) -> str:
+    """Lower case, drop punctuation, drop the articles a/an/the, collapse whitespace."""
+    s = "".join(ch for ch in s.lower() if ch not in _PUNCTUATION)
+    return " ".join(_ARTICLES.sub(" ", s).split())
+
+
+def _exact(prediction: str, truth: str) -> float:
+    return float(normalize_answer(prediction) == normalize_answer(truth))
+
+
+def _token_f1(prediction: str, truth: str) -> float:
+    pred_tokens, truth_tokens = normalize_answer(prediction).split(), normalize_answer(truth).split()
+    same = sum((collections.Counter(pred_tokens) & collections.Counter(truth_tokens)).values())
+    if same == 0:
+        return 0.0
+    precision, recall = same / len(pred_tokens), same / len(truth_tokens)
+    return 2 * precision * recall / (precision + recall)
+
+
+def _gold_list(ground_truths) -> list[str]:
+    golds = [ground_truths] if isinstance(ground_truths, str) else list(ground_truths)
+    if not golds:
+        raise ValueError("need at least one gold answer")
+    return golds
+
+
+def squad_exact_match(prediction: str, ground_truths: str | Sequence[str]) -> float:
+    """1.0 if the normalised prediction equals any normalised gold answer, else 0.0."""
+    return max(_exact(prediction, g) for g in _gold_list(ground_truths))
+
+
+def squad_f1(prediction: str, ground_truths: str | Sequence[str]) -> float:
+    """Best bag-of-tokens F1 (in [0, 1]) of the normalised prediction against the gold answers."""
+    return max(_token_f1(prediction, g) for g in _gold_list(ground_truths))
+
+
+def squad_scores(predictions: Mapping[str, str], references: Mapping[str, Sequence[str]]) -> dict[str, float]:
+    """{"exact_match", "f1"} in percent over every question of references (id -> gold
+    answers); a question without a prediction scores 0, as in the official script."""
+    if not references:
+        raise ValueError("references is empty")
+    em = f1 = 0.0
+    for qid, golds in references.items():
+        if qid in predictions:
+            em += squad_exact_match(predictions[qid], golds)
+            f1 += squad_f1(predictions[qid], golds)
+    return {"exact_match": 100.0 * em / len(references), "f1": 100.0 * f1 / len(references)}

@@ -1,0 +1,443 @@
+"""fastbert.data: readers on the real shared datasets (small slices) and on tiny
+malformed files, tagging labels against transformers' word_ids(), SQuAD answer
+mapping, collation and bucketing."""
+import random
+from pathlib import Path
+
+import pytest
+import torch
+import transformers
+
+import fastbert
+from fastbert.data import (UPOS_TAGS, DataFormatError, LengthBucketSampler, TaggedSentence, build_squad_features,
+                           collate, encode_glue, encode_tagging, encode_words, make_loader, predict_answers,
+                           read_conll2003, read_conllu, read_glue, read_squad, sample_path, tag_names)
+from fastbert.data.squad import SquadExample
+from fastbert.metrics import squad_scores
+
+DATA = Path(__file__).resolve().parents[1].parent / "shared" / "data"
+
+
+def shared(rel: str) -> Path:
+    path = DATA / rel
+    if not path.exists():
+        pytest.skip(f"needs the shared datasets at {DATA}")
+    return path
+
+
+@pytest.fixture(scope="module")
+def tok():
+    return fastbert.Tokenizer.from_pretrained("default")
+
+
+@pytest.fixture(scope="module")
+def hf_tok():
+    return transformers.BertTokenizerFast.from_pretrained(str(fastbert.default_model_path()))
+
+
+def write(tmp_path, name, text):
+    path = tmp_path / name
+    path.write_text(text, encoding="utf-8")
+    return path
+
+
+# --- GLUE TSV ---------------------------------------------------------------------------------
+
+def test_sst2_preset_slice():
+    data = read_glue(shared("sst2/train.tsv"), "sst2", max_rows=200)
+    assert len(data) == 200 and data.pairs is None
+    assert data.label_names == ["0", "1"] and data.num_labels == 2 and not data.is_regression
+    assert data.texts[0] == "hide new secretions from the parental units "  # the space before the tab stays
+    assert data.labels[:3] == [0, 0, 1]
+    assert data.lines[:2] == [2, 3]
+
+
+def test_rte_quotes_counts_and_discovered_labels():
+    # RTE sentences hold unmatched quote characters: default csv quoting would merge rows.
+    train = read_glue(shared("rte/train.tsv"), "rte")
+    assert len(train) == 2490 and any('"' in t for t in train.texts + train.pairs)
+    assert train.labels.count(0) == 1249 and train.labels.count(1) == 1241  # entailment / not_entailment
+    dev = read_glue(shared("rte/dev.tsv"), text_cols=("sentence1", "sentence2"), label_col="label")
+    assert dev.label_names == ["entailment", "not_entailment"]  # discovered, sorted
+    assert (dev.labels.count(0), dev.labels.count(1)) == (146, 131)
+    assert dev.texts[0].startswith("Dana Reeve") and dev.pairs[0].startswith("Christopher Reeve")
+
+
+def test_stsb_regression_by_name_and_index():
+    by_name = read_glue(shared("stsb/train.tsv"), "stsb")
+    assert len(by_name) == 5749 and by_name.is_regression and by_name.num_labels == 1
+    assert by_name.labels[:2] == [5.0, 3.8] and all(0.0 <= x <= 5.0 for x in by_name.labels)
+    assert (by_name.texts[0], by_name.pairs[0]) == ("A plane is taking off.", "An air plane is taking off.")
+    by_index = read_glue(shared("stsb/train.tsv"), text_cols=(7, 8), label_col=9, regression=True, max_rows=50)
+    assert by_index.texts == by_name.texts[:50] and by_index.labels == by_name.labels[:50]
+
+
+def test_cola_and_mrpc_presets(tmp_path):
+    cola = write(tmp_path, "cola.tsv", 'gj04\t1\t\tOur friends won\'t buy this analysis, let alone the next one.\n'
+                                       'gj04\t0\t*\tThe "more you eat, the fatter you get.\n')
+    data = read_glue(cola, "cola")
+    assert data.labels == [1, 0] and data.texts[1] == 'The "more you eat, the fatter you get.'
+    mrpc = write(tmp_path, "mrpc.tsv", "Quality\t#1 ID\t#2 ID\t#1 String\t#2 String\n"
+                                       "1\t702876\t702977\tAmrozi accused his brother.\tHe accused \"the witness.\n")
+    data = read_glue(mrpc, "mrpc")
+    assert (data.texts, data.pairs, data.labels) == (["Amrozi accused his brother."], ['He accused "the witness.'], [1])
+
+
+def test_label_discovery_numeric_order_and_unlabeled(tmp_path):
+    path = write(tmp_path, "x.tsv", "text\tgold\na\t10\nb\t2\nc\t2\n\n")
+    data = read_glue(path, text_cols=("text",), label_col="gold")
+    assert data.label_names == ["2", "10"] and data.labels == [1, 0, 0]
+    fixed = read_glue(path, text_cols=(0,), label_col=1, labels=[10, 2, 7])
+    assert fixed.labels == [0, 1, 1] and fixed.num_labels == 3
+    unlabeled = read_glue(path, text_cols=("text",), label_col=None)
+    assert unlabeled.labels is None and unlabeled.texts == ["a", "b", "c"]
+
+
+def test_byte_order_mark(tmp_path):
+    tsv = tmp_path / "bom.tsv"
+    tsv.write_text("sentence\tlabel\nfine \t1\n", encoding="utf-8-sig")
+    assert read_glue(tsv, "sst2").labels == [1]
+    conllu = tmp_path / "bom.conllu"
+    conllu.write_text("# text = a\n1\ta\ta\tDET\tDT\t_\t0\troot\t_\t_\n", encoding="utf-8-sig")
+    assert read_conllu(conllu)[0].words == ["a"]
+
+
+@pytest.mark.parametrize("body, kwargs, match", [
+    ("sentence\tlabel\ngood\t1\nbad\t0\textra\n", {"task": "sst2"}, r"bad\.tsv:3: expected 2 .*got 3"),
+    ("sentence\tlabel\ngood\t1\nbad\tneutral\n", {"task": "sst2"}, r"bad\.tsv:3: label 'neutral' is not one of"),
+    ("s1\ts2\tscore\na\tb\t1.5\na\tb\thigh\n", {"text_cols": ("s1", "s2"), "label_col": "score",
+                                                "regression": True}, r"bad\.tsv:3: label 'high' is not a number"),
+    ("a\t1\nb\n", {"text_cols": (0,), "label_col": 1, "header": False}, r"bad\.tsv:2: expected 2"),
+])
+def test_glue_malformed_rows_name_file_and_line(tmp_path, body, kwargs, match):
+    path = write(tmp_path, "bad.tsv", body)
+    with pytest.raises(DataFormatError, match=match):
+        read_glue(path, **kwargs)
+
+
+def test_glue_bad_arguments(tmp_path):
+    path = write(tmp_path, "x.tsv", "a\t1\n")
+    with pytest.raises(ValueError, match="without a header"):
+        read_glue(path, text_cols=("sentence",), label_col=1, header=False)
+    with pytest.raises(ValueError, match="not a column"):
+        read_glue(path, text_cols=("sentence",), label_col="a")
+    with pytest.raises(ValueError, match="task must be one of"):
+        read_glue(path, "mnli")
+    with pytest.raises(ValueError, match="one or two"):
+        read_glue(path, text_cols=(0, 0, 0), label_col=1, header=False)
+    with pytest.raises(ValueError, match="out of range"):
+        read_glue(path, text_cols=(5,), label_col=1, header=False)
+
+
+def test_encode_glue_pairs(tok):
+    data = read_glue(shared("rte/dev.tsv"), "rte", max_rows=40)
+    feats = encode_glue(data, tok, max_length=64, chunk=16)
+    ref = tok(data.texts, data.pairs, max_length=64, padding=False, return_tensors=False)
+    assert [f["input_ids"] for f in feats] == ref["input_ids"]
+    assert [f["token_type_ids"] for f in feats] == ref["token_type_ids"]
+    assert [f["labels"] for f in feats] == data.labels
+    assert max(len(f["input_ids"]) for f in feats) == 64  # some RTE pairs are longer: truncated
+
+
+# --- shipped SST-2 sample ---------------------------------------------------------------------
+
+def test_sst2_sample_files():
+    train = read_glue(sample_path("sst2_sample.tsv"), "sst2")
+    dev = read_glue(sample_path("sst2_sample_dev.tsv"), "sst2")
+    assert (len(train), len(dev)) == (4000, 500)
+    assert not set(train.texts) & set(dev.texts)
+    size = sample_path("sst2_sample.tsv").stat().st_size + sample_path("sst2_sample_dev.tsv").stat().st_size
+    assert size < 300_000
+    source = DATA / "sst2" / "train.tsv"
+    if source.exists():  # redraw as fastbert/data/README.md says and compare bytes
+        lines = source.read_text(encoding="utf-8").split("\n")
+        header, rows = lines[0], [line for line in lines[1:] if line]
+        idx = list(range(len(rows)))
+        random.Random(0).shuffle(idx)
+        for name, part in (("sst2_sample.tsv", idx[:4000]), ("sst2_sample_dev.tsv", idx[4000:4500])):
+            expected = "\n".join([header] + [rows[i] for i in part]) + "\n"
+            assert sample_path(name).read_text(encoding="utf-8") == expected, name
+
+
+# --- CoNLL-U / CoNLL-2003 ---------------------------------------------------------------------
+
+def test_conllu_dev_counts_and_first_sentence():
+    sents = read_conllu(shared("ud_ewt/en_ewt-ud-dev.conllu"))
+    assert len(sents) == 2001 and sum(len(s.words) for s in sents) == 25147  # SOURCES.md
+    assert sents[0].words == ["From", "the", "AP", "comes", "this", "story", ":"]
+    assert sents[0].tags == ["ADP", "DET", "PROPN", "VERB", "DET", "NOUN", "PUNCT"]
+    assert sents[0].line == 5
+    assert set(tag_names(sents)) == set(UPOS_TAGS)
+    xpos = read_conllu(shared("ud_ewt/en_ewt-ud-dev.conllu"), tag="xpos", max_sentences=1)
+    assert xpos[0].tags == ["IN", "DT", "NNP", "VBZ", "DT", "NN", ":"]
+    # "didn't" is the range 29-30 over "did" + "n't": the range line is skipped
+    assert any(s.words[28:30] == ["did", "n't"] for s in sents)
+    assert not any("didn't" in s.words for s in sents)
+
+
+def test_conllu_train_counts():
+    sents = read_conllu(shared("ud_ewt/en_ewt-ud-train.conllu"), tag="xpos")
+    assert len(sents) == 12544 and sum(len(s.words) for s in sents) == 204577  # SOURCES.md: empty nodes skipped
+    assert len(tag_names(sents)) == 49
+
+
+CONLLU = """# sent_id = 1
+# text = Today's test
+1-2\tToday's\t_\t_\t_\t_\t_\t_\t_\t_
+1\tToday\ttoday\tNOUN\tNN\t_\t0\troot\t_\t_
+2\t's\t's\tPART\tPOS\t_\t1\tcase\t_\t_
+2.1\tgone\tgo\tVERB\tVBN\t_\t_\t_\t1:dep\t_
+3\ttest\ttest\tNOUN\tNN\t_\t1\tdep\t_\t_
+
+1\tLast\tlast\tADJ\tJJ\t_\t0\troot\t_\t_"""
+
+
+def test_conllu_synthetic_ranges_empty_nodes_no_final_blank(tmp_path):
+    sents = read_conllu(write(tmp_path, "s.conllu", CONLLU))
+    assert [s.words for s in sents] == [["Today", "'s", "test"], ["Last"]]
+    assert [s.tags for s in sents] == [["NOUN", "PART", "NOUN"], ["ADJ"]]
+    assert [s.line for s in sents] == [4, 9]
+
+
+@pytest.mark.parametrize("bad, match", [
+    ("1\tword\tword\tNOUN\n", r"bad\.conllu:3: a CoNLL-U token line has 10"),
+    ("x\tword\tword\tNOUN\tNN\t_\t0\troot\t_\t_\n", r"bad\.conllu:3: bad token id 'x'"),
+    ("1-b\tword\t_\t_\t_\t_\t_\t_\t_\t_\n", r"bad\.conllu:3: bad token id '1-b'"),
+])
+def test_conllu_malformed(tmp_path, bad, match):
+    path = write(tmp_path, "bad.conllu", "# c\n1\tok\tok\tADJ\tJJ\t_\t0\troot\t_\t_\n" + bad)
+    with pytest.raises(DataFormatError, match=match):
+        read_conllu(path)
+    with pytest.raises(ValueError, match="upos"):
+        read_conllu(path, tag="lemma")
+
+
+CONLL2003 = """-DOCSTART- -X- -X- O
+
+EU NNP B-NP B-ORG
+rejects VBZ B-VP O
+German JJ B-NP B-MISC
+
+Peter NNP B-NP B-PER
+-DOCSTART- -X- -X- O
+
+Blackburn NNP B-NP B-PER
+"""
+
+
+def test_conll2003(tmp_path):
+    path = write(tmp_path, "ner.txt", CONLL2003)
+    sents = read_conll2003(path)
+    assert [s.words for s in sents] == [["EU", "rejects", "German"], ["Peter"], ["Blackburn"]]
+    assert [s.tags for s in sents] == [["B-ORG", "O", "B-MISC"], ["B-PER"], ["B-PER"]]
+    assert [s.line for s in sents] == [3, 7, 10]
+    assert read_conll2003(path, tag_col=1)[0].tags == ["NNP", "VBZ", "JJ"]
+    assert len(read_conll2003(path, max_sentences=2)) == 2
+    with pytest.raises(DataFormatError, match=r"ner\.txt:3: tag_col=7"):
+        read_conll2003(path, tag_col=7)
+    bad = write(tmp_path, "bad.txt", "EU NNP B-NP B-ORG\nrejects VBZ O\n")
+    with pytest.raises(DataFormatError, match=r"bad\.txt:2: expected 4 .*got 3"):
+        read_conll2003(bad)
+
+
+# --- tagging encoder --------------------------------------------------------------------------
+
+def test_tagging_first_subword_matches_transformers(tok, hf_tok):
+    sents = read_conllu(shared("ud_ewt/en_ewt-ud-dev.conllu"), max_sentences=300)
+    feats = encode_tagging(sents, tok, UPOS_TAGS, max_length=32)  # 32: some sentences get cut
+    ids = {t: i for i, t in enumerate(UPOS_TAGS)}
+    truncated = 0
+    for sent, feat in zip(sents, feats):
+        ref = hf_tok(sent.words, is_split_into_words=True, truncation=True, max_length=32)
+        assert feat["input_ids"] == ref["input_ids"]
+        assert feat["word_ids"] == ref.word_ids()
+        expected, seen = [], set()
+        for w in ref.word_ids():
+            expected.append(-100 if w is None or w in seen else ids[sent.tags[w]])
+            seen.add(w)
+        assert feat["labels"] == expected
+        labelled = sum(x != -100 for x in feat["labels"])
+        truncated += labelled < len(sent.words)
+        assert labelled == len({w for w in feat["word_ids"] if w is not None})
+    assert truncated > 0
+    assert any(len(feat["input_ids"]) > len(sent.words) + 2 for sent, feat in zip(sents, feats))  # real sub-words
+
+
+def test_encode_words_and_unknown_tag(tok):
+    out = encode_words(tok, [["Unbelievably", "fine"], []], max_length=16)
+    assert out[0]["word_ids"][0] is None and out[0]["word_ids"][-1] is None
+    assert out[0]["word_ids"].count(0) > 1 and out[1]["input_ids"] == [tok.cls_token_id, tok.sep_token_id]
+    with pytest.raises(ValueError, match="line 7 has tag 'ZZZ'"):
+        encode_tagging([TaggedSentence(["a"], ["ZZZ"], 7)], tok, UPOS_TAGS)
+    with pytest.raises(TypeError, match=r"word_lists\[0\]\[1\]"):
+        encode_words(tok, [["a", 3]])
+
+
+# --- SQuAD ------------------------------------------------------------------------------------
+
+@pytest.fixture(scope="module")
+def squad():
+    return read_squad(shared("squad/train-from-dev-v1.1.json"))
+
+
+def test_read_squad_counts(squad):
+    assert len(squad) == 5665 and sum(len(e.answers) for e in squad) == 18471  # SOURCES.md
+    assert len({e.title for e in squad}) == 24 and len({e.id for e in squad}) == 5665
+    first = squad[0]
+    assert first.id == "56be4db0acb8001400a502ec" and first.title == "Super_Bowl_50"
+    assert first.answers[0] == "Denver Broncos" and first.answer_starts[0] == 177
+    assert first.context[177:177 + 14] == "Denver Broncos"
+
+
+def test_read_squad_malformed(tmp_path):
+    bad = write(tmp_path, "bad.json", '{"version": "1.1", "data": [{"title": "T", "paragraphs": [{"context": '
+                                      '"abc def", "qas": [{"id": "q7", "question": "?", "answers": '
+                                      '[{"text": "def", "answer_start": 1}]}]}]}]}')
+    with pytest.raises(DataFormatError, match=r"bad\.json: question id q7: answer 'def' is not at answer_start=1"):
+        read_squad(bad)
+    with pytest.raises(DataFormatError, match=r"bad2\.json: expected a JSON object"):
+        read_squad(write(tmp_path, "bad2.json", "[]"))
+
+
+def _window_examples(squad, n=240):
+    # the longest contexts (several windows each) and the first n plain ones
+    longest = sorted(range(len(squad)), key=lambda i: -len(squad[i].context))[:60]
+    return [squad[i] for i in sorted(set(longest) | set(range(n)))]
+
+
+def test_squad_features_answer_mapping(tok, squad):
+    examples = _window_examples(squad)
+    feats = build_squad_features(examples, tok, max_length=256, stride=128)
+    assert len(feats) > len(examples)  # long passages give several windows
+    positive, exact = set(), 0
+    for f in feats:
+        ex = examples[f["example_index"]]
+        n = len(f["input_ids"])
+        assert n <= 256 and len(f["offsets"]) == n and len(f["context_mask"]) == n
+        ctx = [i for i, m in enumerate(f["context_mask"]) if m]
+        assert ctx == list(range(ctx[0], n - 1))  # passage tokens run up to the final [SEP]
+        assert all(f["token_type_ids"][i] == 1 for i in ctx)
+        char_start = ex.answer_starts[0]
+        char_end = char_start + len(ex.answers[0])
+        inside = f["offsets"][ctx[0]][0] <= char_start and char_end <= f["offsets"][ctx[-1]][1]
+        s, e = f["start_positions"], f["end_positions"]
+        if not inside:
+            assert (s, e) == (0, 0)
+            continue
+        assert 0 < s <= e and f["context_mask"][s] and f["context_mask"][e]
+        span = ex.context[f["offsets"][s][0]:f["offsets"][e][1]]
+        assert ex.answers[0] in span
+        # the span is the tightest: dropping its first or last token loses part of the answer
+        assert f["offsets"][s][1] > char_start and f["offsets"][e][0] < char_end
+        exact += span == ex.answers[0]
+        positive.add(f["example_index"])
+    assert positive == set(range(len(examples)))  # every answer lies whole in some window
+    # an answer_start may point inside a longer word ('8' in '18'; SOURCES.md): the span is then wider
+    assert exact >= 0.97 * sum(f["start_positions"] > 0 for f in feats)
+
+
+def test_squad_windows_share_stride_tokens(tok, squad):
+    examples = sorted(squad, key=lambda e: -len(e.context))[:10]
+    feats = build_squad_features(examples, tok, max_length=192, stride=48)
+    by_example = {}
+    for f in feats:
+        by_example.setdefault(f["example_index"], []).append(f)
+    assert all(len(v) >= 3 for v in by_example.values())
+    for windows in by_example.values():
+        for a, b in zip(windows, windows[1:]):
+            ctx_a = [t for t, m in zip(a["input_ids"], a["context_mask"]) if m]
+            ctx_b = [t for t, m in zip(b["input_ids"], b["context_mask"]) if m]
+            assert ctx_a[-48:] == ctx_b[:48]
+
+
+def test_squad_long_question_and_bad_sizes(tok):
+    ex = SquadExample("q", "t", " ".join(["why"] * 300), "the answer is here " * 60, ["here"], [14])
+    feats = build_squad_features([ex], tok, max_length=128, stride=32, max_question_tokens=64)
+    assert all(sum(t == 0 for t in f["token_type_ids"]) == 64 + 2 for f in feats)  # [CLS] 64 question [SEP]
+    assert feats[0]["start_positions"] > 0
+    with pytest.raises(ValueError, match="stride=128"):
+        build_squad_features([ex], tok, max_length=192, stride=128)
+
+
+def test_predict_answers_from_gold_positions(tok, squad):
+    examples = _window_examples(squad, n=100)
+    feats = build_squad_features(examples, tok, max_length=256, stride=128)
+    width = max(len(f["input_ids"]) for f in feats)
+    start = torch.randn(len(feats), width)
+    end = torch.randn(len(feats), width)
+    expected = {}
+    for i, f in enumerate(feats):
+        if f["start_positions"] > 0:
+            start[i, f["start_positions"]] = 50.0
+            end[i, f["end_positions"]] = 50.0
+            ex = examples[f["example_index"]]
+            expected[ex.id] = ex.context[f["offsets"][f["start_positions"]][0]:f["offsets"][f["end_positions"]][1]]
+    start[:, 0] = end[:, 0] = 100.0  # [CLS] is never a passage answer
+    got = predict_answers(examples, feats, start, end)
+    assert got == expected
+    scores = squad_scores(got, {e.id: e.answers for e in examples})
+    # below 100 only where answer_start points inside a longer word ('8' in '18', 'gold' in 'golden')
+    assert scores["exact_match"] > 95 and scores["f1"] > 95
+    with pytest.raises(ValueError, match="one row per feature"):
+        predict_answers(examples, feats, start[:-1], end)
+
+
+# --- collation and bucketing ------------------------------------------------------------------
+
+def test_collate_classification_regression_tagging_qa():
+    feats = [{"input_ids": [101, 7, 8, 102], "token_type_ids": [0, 0, 0, 0], "labels": 1},
+             {"input_ids": [101, 9, 102], "token_type_ids": [0, 0, 0], "labels": 0}]
+    b = collate(feats)
+    assert b["input_ids"].tolist() == [[101, 7, 8, 102], [101, 9, 102, 0]]
+    assert b["attention_mask"].tolist() == [[1, 1, 1, 1], [1, 1, 1, 0]]
+    assert b["labels"].dtype == torch.long and b["labels"].tolist() == [1, 0]
+    assert all(v.dtype == torch.long for k, v in b.items())
+    reg = collate([dict(feats[0], labels=4.5), dict(feats[1], labels=2.0)], pad_to_multiple_of=8)
+    assert reg["labels"].dtype == torch.float32 and reg["input_ids"].shape == (2, 8)
+    tag = collate([dict(feats[0], labels=[-100, 3, -100, -100]), dict(feats[1], labels=[-100, 5, -100])],
+                  pad_token_id=0)
+    assert tag["labels"].tolist() == [[-100, 3, -100, -100], [-100, 5, -100, -100]]
+    qa = collate([{"input_ids": [1, 2, 3], "token_type_ids": [0, 1, 1], "start_positions": 1, "end_positions": 2,
+                   "example_index": 4, "offsets": [(0, 0)] * 3}])
+    assert qa["start_positions"].tolist() == [1] and qa["example_index"].tolist() == [4] and "offsets" not in qa
+    assert qa["token_type_ids"].tolist() == [[0, 1, 1]]
+    with pytest.raises(ValueError, match="feature 1 has 2 labels for 3 tokens"):
+        collate([dict(feats[0], labels=[0, 0, 0, 0]), dict(feats[1], labels=[0, 0])])
+    with pytest.raises(ValueError, match="at least one"):
+        collate([])
+
+
+def test_bucket_sampler_deterministic_complete_and_tighter():
+    rng = random.Random(1)
+    lengths = [rng.randint(3, 120) for _ in range(1003)]
+    sampler = LengthBucketSampler(lengths, batch_size=16, shuffle=True, bucket=True, chunk_batches=5, seed=3)
+    first = sampler.batches()
+    assert first == LengthBucketSampler(lengths, 16, True, True, 5, seed=3).batches()
+    assert sorted(i for b in first for i in b) == list(range(1003)) and len(first) == len(sampler) == 63
+    sampler.set_epoch(1)
+    assert sampler.batches() != first
+    plain = LengthBucketSampler(lengths, 16, shuffle=True, bucket=False, seed=3).batches()
+
+    def padded(batches):
+        return sum(len(b) * max(lengths[i] for i in b) for b in batches)
+
+    assert padded(first) < 0.75 * padded(plain)
+    for b in first:  # each batch is cut from one sorted chunk
+        assert [lengths[i] for i in b] == sorted((lengths[i] for i in b), reverse=True)
+    dropped = LengthBucketSampler(lengths, 16, True, True, 5, seed=3, drop_last=True)
+    assert len(dropped) == 62 and all(len(b) == 16 for b in dropped)
+    ordered = LengthBucketSampler(lengths, 16, shuffle=False, bucket=False).batches()
+    assert [i for b in ordered for i in b] == list(range(1003))
+
+
+def test_make_loader_end_to_end(tok):
+    data = read_glue(sample_path("sst2_sample_dev.tsv"), "sst2")
+    feats = encode_glue(data, tok, max_length=64)
+    loader = make_loader(feats, batch_size=32, shuffle=False)
+    rows = [row for batch in loader for row in batch["labels"].tolist()]
+    assert rows == data.labels
+    loader = make_loader(feats, batch_size=32, shuffle=True, bucket=True, seed=0, chunk_batches=4)
+    batches = list(loader)
+    assert sum(len(b["labels"]) for b in batches) == 500
+    for b in batches:
+        assert b["input_ids"].shape[1] == b["attention_mask"].sum(1).max()  # padded to the batch's longest

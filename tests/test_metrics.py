@@ -1,0 +1,177 @@
+"""fastbert.metrics against sklearn/scipy, hand-computed cases, and the official SQuAD v1.1 scorer."""
+import collections
+import re
+import string
+
+import numpy as np
+import pytest
+import scipy.stats
+import sklearn.metrics
+import torch
+
+from fastbert import metrics
+from fastbert.metrics import (accuracy, f1_score, glue_metrics, matthews_corrcoef, normalize_answer, pearson,
+                              spearman, squad_exact_match, squad_f1, squad_scores, token_accuracy)
+
+
+def _cases(seed=0):
+    rng = np.random.default_rng(seed)
+    for n, k in [(2, 2), (7, 2), (100, 2), (257, 3), (1000, 5)]:
+        labels = rng.integers(0, k, n)
+        noisy = np.where(rng.random(n) < 0.3, rng.integers(0, k, n), labels)
+        yield noisy, labels
+
+
+@pytest.mark.parametrize("case", list(_cases()), ids=lambda c: f"n{len(c[0])}k{c[1].max() + 1}")
+def test_classification_vs_sklearn(case):
+    preds, labels = case
+    assert accuracy(preds, labels) == pytest.approx(sklearn.metrics.accuracy_score(labels, preds), abs=1e-12)
+    assert matthews_corrcoef(preds, labels) == pytest.approx(sklearn.metrics.matthews_corrcoef(labels, preds),
+                                                             abs=1e-12)
+    assert f1_score(preds, labels, average="macro") == pytest.approx(
+        sklearn.metrics.f1_score(labels, preds, average="macro", zero_division=0), abs=1e-12)
+    if labels.max() <= 1 and preds.max() <= 1:
+        assert f1_score(preds, labels) == pytest.approx(
+            sklearn.metrics.f1_score(labels, preds, zero_division=0), abs=1e-12)
+
+
+def test_classification_by_hand():
+    # tp=3 fp=1 fn=2 tn=2
+    preds = [1, 1, 1, 1, 0, 0, 0, 0]
+    labels = [1, 1, 1, 0, 1, 1, 0, 0]
+    assert accuracy(preds, labels) == 5 / 8
+    assert f1_score(preds, labels) == pytest.approx(6 / 9)
+    assert f1_score(preds, labels, pos_label=0) == pytest.approx(4 / 7)  # tp=2 fp=2 fn=1
+    assert f1_score(preds, labels, average="macro") == pytest.approx((6 / 9 + 4 / 7) / 2)
+    assert matthews_corrcoef(preds, labels) == pytest.approx((3 * 2 - 1 * 2) / np.sqrt(4 * 5 * 3 * 4))
+    assert matthews_corrcoef([1, 0, 1], [1, 0, 1]) == 1.0
+    assert matthews_corrcoef([1, 1, 1], [1, 0, 1]) == 0.0  # one predicted class: defined as 0 (sklearn)
+    assert f1_score([0, 0], [0, 0]) == 0.0  # no positive anywhere
+
+
+def test_logits_and_tensors():
+    logits = torch.tensor([[2.0, 1.0], [0.0, 3.0], [1.0, 0.5]])
+    labels = torch.tensor([0, 1, 1])
+    assert accuracy(logits, labels) == pytest.approx(2 / 3)
+    assert accuracy(logits.half(), labels.numpy()) == pytest.approx(2 / 3)
+    with pytest.raises(ValueError, match="same shape"):
+        accuracy([1, 0], [1, 0, 1])
+    with pytest.raises(ValueError, match="average"):
+        f1_score([1], [1], average="micro")
+    with pytest.raises(ValueError, match="no predictions"):
+        accuracy([], [])
+
+
+def test_correlations_vs_scipy():
+    rng = np.random.default_rng(1)
+    x = rng.normal(size=500)
+    y = 0.6 * x + rng.normal(size=500)
+    assert pearson(x, y) == pytest.approx(scipy.stats.pearsonr(x, y)[0], abs=1e-12)
+    assert spearman(x, y) == pytest.approx(scipy.stats.spearmanr(x, y)[0], abs=1e-12)
+    # STS-B-like scores with many ties, and float32 tensors of shape (n, 1)
+    gold = rng.integers(0, 26, 300) / 5.0
+    pred = torch.tensor(gold + rng.normal(scale=1.0, size=300), dtype=torch.float32)[:, None]
+    p32 = pred.numpy().ravel().astype(np.float64)
+    assert pearson(pred, gold) == pytest.approx(scipy.stats.pearsonr(p32, gold)[0], abs=1e-12)
+    assert spearman(pred, gold) == pytest.approx(scipy.stats.spearmanr(p32, gold)[0], abs=1e-12)
+    ties = [1, 2, 2, 3, 3, 3]
+    assert spearman(ties, [1, 3, 2, 5, 4, 6]) == pytest.approx(scipy.stats.spearmanr(ties, [1, 3, 2, 5, 4, 6])[0])
+    assert pearson([1, 2, 3], [2, 4, 6]) == pytest.approx(1.0)
+    assert spearman([1, 2, 3], [30, 20, 10]) == pytest.approx(-1.0)
+    assert np.isnan(pearson([1, 1, 1], [1, 2, 3]))
+    with pytest.raises(ValueError, match="at least 2"):
+        pearson([1], [1])
+
+
+def test_token_accuracy_ignores_minus_100():
+    labels = torch.tensor([[-100, 3, -100, 1, -100], [-100, 2, 2, -100, -100]])
+    preds = torch.tensor([[7, 3, 7, 0, 7], [7, 2, 1, 7, 7]])
+    assert token_accuracy(preds, labels) == 2 / 4
+    logits = torch.nn.functional.one_hot(preds, 8).float()
+    assert token_accuracy(logits, labels) == 2 / 4
+    with pytest.raises(ValueError, match="nothing to score"):
+        token_accuracy([1, 2], [-100, -100])
+
+
+def test_glue_metrics():
+    assert glue_metrics("sst2", [1, 0, 1], [1, 1, 1]) == {"accuracy": pytest.approx(2 / 3)}
+    assert set(glue_metrics("mrpc", [1, 0], [1, 0])) == {"accuracy", "f1"}
+    assert set(glue_metrics("cola", [1, 0], [1, 0])) == {"matthews"}
+    out = glue_metrics("stsb", torch.tensor([[0.1], [0.5], [0.2]]), [1.0, 4.0, 2.5])
+    assert out["pearson"] > 0.9 and out["spearman"] == pytest.approx(1.0)
+    with pytest.raises(ValueError, match="task must be one of"):
+        glue_metrics("mnli", [0], [0])
+
+
+# --- SQuAD: the official evaluate-v1.1.py functions, copied as the reference ----------------------
+
+def _official_normalize(s):
+    def remove_articles(text):
+        return re.sub(r"\b(a|an|the)\b", " ", text)
+
+    def white_space_fix(text):
+        return " ".join(text.split())
+
+    def remove_punc(text):
+        exclude = set(string.punctuation)
+        return "".join(ch for ch in text if ch not in exclude)
+
+    return white_space_fix(remove_articles(remove_punc(s.lower())))
+
+
+def _official_f1(prediction, ground_truth):
+    prediction_tokens = _official_normalize(prediction).split()
+    ground_truth_tokens = _official_normalize(ground_truth).split()
+    common = collections.Counter(prediction_tokens) & collections.Counter(ground_truth_tokens)
+    num_same = sum(common.values())
+    if num_same == 0:
+        return 0
+    precision = 1.0 * num_same / len(prediction_tokens)
+    recall = 1.0 * num_same / len(ground_truth_tokens)
+    return (2 * precision * recall) / (precision + recall)
+
+
+STRINGS = ["The Cat!", "cat", "a  Denver   Broncos.", "Denver Broncos", "the 1973 oil crisis", "An apple a day",
+           "anthem", "thelonious", "Tesla's coil", "teslas coil", "(Santa Clara, California)", "", "  ", "The",
+           "Warsaw—Poland", "50–50", "U.S.A.", "usa", "the the the", "Them and their anthem"]
+
+
+def test_normalize_answer_known_cases():
+    assert normalize_answer("The Cat!") == "cat"
+    assert squad_exact_match("The Cat!", "cat") == 1.0
+    assert normalize_answer("  An   apple,  a day. ") == "apple day"
+    assert normalize_answer("anthem thelonious") == "anthem thelonious"  # articles only as whole words
+    assert normalize_answer("U.S.A.") == "usa"
+    for s in STRINGS:
+        assert normalize_answer(s) == _official_normalize(s), s
+
+
+def test_squad_em_f1_by_hand_and_vs_official():
+    assert squad_exact_match("Denver Broncos", ["Broncos", "the Denver Broncos"]) == 1.0
+    assert squad_exact_match("Denver", ["Denver Broncos"]) == 0.0
+    # "the big cat" -> [big, cat]: vs "cat" p=1/2 r=1 f1=2/3; vs "big dog" p=r=1/2; max 2/3
+    assert squad_f1("the big cat", ["cat", "big dog"]) == pytest.approx(2 / 3)
+    assert squad_f1("", ["cat"]) == 0.0 and squad_f1("the", ["a"]) == 0.0  # v1.1: nothing in common scores 0
+    for p in STRINGS:
+        for g in STRINGS[:8]:
+            assert squad_f1(p, g) == pytest.approx(_official_f1(p, g))
+            assert squad_exact_match(p, [g]) == float(_official_normalize(p) == _official_normalize(g))
+
+
+def test_squad_scores_percent_and_missing():
+    refs = {"a": ["Denver Broncos"], "b": ["cat", "the cat"], "c": ["Santa Clara"], "d": ["x"]}
+    preds = {"a": "the Denver Broncos!", "b": "a black cat", "c": "Clara"}  # d unanswered: 0
+    out = squad_scores(preds, refs)
+    assert out["exact_match"] == pytest.approx(100 * 1 / 4)
+    # a: 1, b: [black, cat] vs [cat] -> 2/3, c: [clara] vs [santa, clara] -> 2/3, d: 0
+    assert out["f1"] == pytest.approx(100 * (1 + 2 / 3 + 2 / 3) / 4)
+    with pytest.raises(ValueError, match="empty"):
+        squad_scores({}, {})
+    with pytest.raises(ValueError, match="at least one gold"):
+        squad_f1("x", [])
+
+
+def test_module_exports():
+    for name in ("accuracy", "f1_score", "matthews_corrcoef", "pearson", "spearman", "token_accuracy",
+                 "normalize_answer", "squad_exact_match", "squad_f1", "squad_scores", "glue_metrics"):
+        assert callable(getattr(metrics, name))
