@@ -17,7 +17,7 @@ $(VENV)/.installed: setup.py
 venv: $(VENV)/.installed
 
 demo: venv
-	$(VENV)/bin/fastbert encode
+	$(VENV)/bin/fastbert demo
 
 test: venv
 	$(PY) -m pytest tests -q -p no:cacheprovider

@@ -22,6 +22,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Sequence
 
+import torch
+
 from . import DataFormatError
 
 
@@ -136,38 +138,37 @@ def _answer_tokens(offsets, context_mask, char_start: int, char_end: int) -> tup
 
 
 def predict_answers(examples: Sequence[SquadExample], features: Sequence[dict], start_logits, end_logits,
-                    n_best: int = 20, max_answer_tokens: int = 30) -> dict[str, str]:
+                    n_best: int = 20, max_answer_tokens: int = 30, return_n_best: bool = False):
     """Best answer text per example id from per-feature start/end logits.
 
-    start_logits, end_logits: (num_features, seqlen) tensors or arrays, padded
-    positions allowed (they are masked with the features' context_mask). For each
-    example, over all its windows, the span (s, e) with s <= e < s + max_answer_tokens,
-    both inside the passage, maximising start_logits[s] + end_logits[e] among the
-    n_best starts and ends of each window wins; its text is the context between the
-    offsets.
+    start_logits, end_logits: (num_features, seqlen) tensors (rows may be longer than
+    their feature; the extra positions are ignored). Each window's exact top spans
+    come from fastbert.ops.span_score: both ends inside the passage (context_mask),
+    s <= e < s + max_answer_tokens, score start_logits[s] + end_logits[e]; the
+    windows of one passage are merged by score. With return_n_best, each id maps to
+    its n_best (text, score) candidates, best first.
     """
-    import numpy as np
+    from ..ops import span_score
 
-    start_logits = np.asarray(start_logits.detach().float().cpu() if hasattr(start_logits, "detach") else start_logits)
-    end_logits = np.asarray(end_logits.detach().float().cpu() if hasattr(end_logits, "detach") else end_logits)
-    if start_logits.shape[0] != len(features) or end_logits.shape[0] != len(features):
+    start_logits, end_logits = torch.as_tensor(start_logits).float().cpu(), torch.as_tensor(end_logits).float().cpu()
+    if start_logits.shape[0] != len(features) or end_logits.shape != start_logits.shape:
         raise ValueError(f"expected logits with one row per feature ({len(features)}), "
-                         f"got {start_logits.shape} and {end_logits.shape}")
-    best: dict[int, tuple[float, str]] = {}
+                         f"got {tuple(start_logits.shape)} and {tuple(end_logits.shape)}")
+    allowed = torch.zeros(start_logits.shape, dtype=torch.bool)
     for f, feat in enumerate(features):
-        n = len(feat["input_ids"])
-        mask = np.asarray(feat["context_mask"], dtype=bool)
-        s_log = np.where(mask, start_logits[f, :n], -np.inf)
-        e_log = np.where(mask, end_logits[f, :n], -np.inf)
-        starts = [i for i in np.argsort(-s_log)[:n_best] if mask[i]]
-        ends = [i for i in np.argsort(-e_log)[:n_best] if mask[i]]
-        ex = examples[feat["example_index"]]
-        for s in starts:
-            for e in ends:
-                if e < s or e - s + 1 > max_answer_tokens:
-                    continue
-                score = float(s_log[s] + e_log[e])
-                if feat["example_index"] not in best or score > best[feat["example_index"]][0]:
-                    text = ex.context[feat["offsets"][s][0]:feat["offsets"][e][1]]
-                    best[feat["example_index"]] = (score, text)
-    return {ex.id: best[i][1] if i in best else "" for i, ex in enumerate(examples)}
+        allowed[f, :len(feat["context_mask"])] = torch.tensor(feat["context_mask"], dtype=torch.bool)
+    topk = max(1, min(n_best, 32))
+    starts, ends, scores = span_score(start_logits, end_logits, allowed, max_answer_len=max_answer_tokens, topk=topk)
+    candidates: dict[int, list[tuple[float, str]]] = {}
+    for f, feat in enumerate(features):
+        context = examples[feat["example_index"]].context
+        for s, e, score in zip(starts[f].tolist(), ends[f].tolist(), scores[f].tolist()):
+            if s < 0:  # fewer allowed spans than topk
+                break
+            text = context[feat["offsets"][s][0]:feat["offsets"][e][1]]
+            candidates.setdefault(feat["example_index"], []).append((score, text))
+    result = {}
+    for i, ex in enumerate(examples):
+        ranked = sorted(candidates.get(i, []), key=lambda c: -c[0])[:n_best]
+        result[ex.id] = [(text, score) for score, text in ranked] if return_n_best else (ranked[0][1] if ranked else "")
+    return result

@@ -15,8 +15,9 @@ from ._backend import available_backends, describe_default, get_backend, set_bac
 from .attention import attention
 from .gelu import bias_gelu
 from .layernorm import add_layernorm, layernorm_gelu
+from .span import span_score
 
 __all__ = [
-    "attention", "bias_gelu", "add_layernorm", "layernorm_gelu",
+    "attention", "bias_gelu", "add_layernorm", "layernorm_gelu", "span_score",
     "use_backend", "set_backend", "get_backend", "available_backends", "describe_default",
 ]

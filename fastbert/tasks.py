@@ -1,0 +1,160 @@
+"""Task presets: for each application, how to read its data, which head to put
+on the encoder and how to score it.
+
+    kind         head                                   metric
+    single/pair  BertForSequenceClassification          accuracy / F1 / Matthews
+    regression   BertForSequenceClassification(1)       Pearson, Spearman
+    tagging      BertForTokenClassification             token accuracy (first sub-words)
+    qa           BertForQuestionAnswering               SQuAD exact match and F1
+"""
+from __future__ import annotations
+
+import dataclasses
+from typing import Sequence
+
+import torch
+
+from . import data, heads, metrics
+
+PRESETS = {
+    "sst2": "single", "cola": "single", "mrpc": "pair", "rte": "pair", "stsb": "regression",
+    "pos": "tagging", "squad": "qa",
+}
+KINDS = ("single", "pair", "regression", "tagging", "qa")
+
+
+@dataclasses.dataclass
+class TaskSpec:
+    """What a saved model needs to be used again: stored in its config.json as `fastbert_task`."""
+    name: str
+    kind: str
+    labels: list[str] | None = None
+    max_seq_len: int = 128
+    doc_stride: int = 128
+    max_answer_len: int = 30
+    text_cols: list | None = None
+    label_col: str | int | None = None
+
+    def __post_init__(self):
+        if self.kind not in KINDS:
+            raise ValueError(f"task kind must be one of {KINDS}, got {self.kind!r}")
+
+    @classmethod
+    def preset(cls, name: str, **overrides) -> "TaskSpec":
+        if name not in PRESETS:
+            raise ValueError(f"--task must be one of {sorted(PRESETS)}, got {name!r} (or use --task-type)")
+        labels = {"pos": list(data.UPOS_TAGS)}.get(name)
+        if name in data.TASKS and data.TASKS[name].labels is not None:
+            labels = list(data.TASKS[name].labels)
+        spec = cls(name=name, kind=PRESETS[name], labels=labels)
+        return dataclasses.replace(spec, **{k: v for k, v in overrides.items() if v is not None})
+
+
+@dataclasses.dataclass
+class TaskData:
+    features: list[dict]
+    examples: Sequence = ()      # SQuAD examples (for answer text), tagged sentences, or GLUE rows
+
+    @property
+    def lengths(self) -> list[int]:
+        return [len(f["input_ids"]) for f in self.features]
+
+
+def read(spec: TaskSpec, path, tokenizer, max_examples: int | None = None, labels_from=None) -> TaskData:
+    """Read and encode one data file for the task."""
+    if spec.kind in ("single", "pair", "regression"):
+        preset = spec.name if spec.name in data.TASKS else None
+        kwargs = {}
+        if spec.text_cols:
+            kwargs["text_cols"] = spec.text_cols
+        if spec.label_col is not None:
+            kwargs["label_col"] = spec.label_col
+        if preset is None:
+            kwargs["regression"] = spec.kind == "regression"
+            if spec.labels:
+                kwargs["labels"] = spec.labels
+        rows = data.read_glue(path, preset, max_rows=max_examples, **kwargs)
+        if spec.labels is None and not rows.is_regression:
+            spec.labels = list(rows.label_names)
+        return TaskData(data.encode_glue(rows, tokenizer, spec.max_seq_len), rows)
+    if spec.kind == "tagging":
+        sentences = data.read_conllu(path, max_sentences=max_examples) if str(path).endswith(".conllu") \
+            else data.read_conll2003(path, max_sentences=max_examples)
+        if spec.labels is None:
+            spec.labels = data.tag_names(sentences)
+        return TaskData(data.encode_tagging(sentences, tokenizer, spec.labels, spec.max_seq_len), sentences)
+    examples = data.read_squad(path, max_examples=max_examples)
+    return TaskData(data.build_squad_features(examples, tokenizer, spec.max_seq_len, spec.doc_stride), examples)
+
+
+def build_model(spec: TaskSpec, model_path, backend=None):
+    if spec.kind == "qa":
+        model = heads.BertForQuestionAnswering.from_pretrained(model_path, backend=backend)
+    elif spec.kind == "tagging":
+        model = heads.BertForTokenClassification.from_pretrained(model_path, labels=spec.labels, backend=backend)
+    elif spec.kind == "regression":
+        model = heads.BertForSequenceClassification.from_pretrained(model_path, num_labels=1, backend=backend)
+    else:
+        model = heads.BertForSequenceClassification.from_pretrained(model_path, labels=spec.labels, backend=backend)
+    model.config.extra["fastbert_task"] = dataclasses.asdict(spec)
+    return model
+
+
+def load_finetuned(model_dir, backend=None):
+    """A model saved by `fastbert finetune`, with its TaskSpec."""
+    from .checkpoint import resolve_model_path
+    from .config import BertConfig
+
+    folder = resolve_model_path(model_dir)
+    saved = BertConfig.from_json(folder / "config.json").extra.get("fastbert_task")
+    if not saved:
+        raise ValueError(f"{folder} was not saved by `fastbert finetune` (its config.json has no fastbert_task)")
+    spec = TaskSpec(**saved)
+    return build_model(spec, folder, backend), spec
+
+
+@torch.no_grad()
+def predict_logits(model, features: Sequence[dict], batch_size: int = 64) -> list[torch.Tensor]:
+    """Logits of each feature (unpadded for per-token tasks), in order."""
+    model.eval()
+    device = next(model.parameters()).device
+    out = []
+    order = sorted(range(len(features)), key=lambda i: len(features[i]["input_ids"]))  # little padding
+    results = [None] * len(features)
+    for start in range(0, len(order), batch_size):
+        idx = order[start:start + batch_size]
+        batch = data.collate([features[i] for i in idx])
+        inputs = {k: batch[k].to(device) for k in ("input_ids", "attention_mask", "token_type_ids")}
+        logits = model(**inputs).logits.float().cpu()
+        for row, i in enumerate(idx):
+            n = len(features[i]["input_ids"])
+            results[i] = logits[row, :n] if logits.dim() == 3 else logits[row]
+    out.extend(results)
+    return out
+
+
+def evaluate(model, spec: TaskSpec, dev: TaskData, batch_size: int = 64) -> dict[str, float]:
+    logits = predict_logits(model, dev.features, batch_size)
+    if spec.kind in ("single", "pair", "regression"):
+        preds = torch.stack(logits)
+        labels = [f["labels"] for f in dev.features]
+        if spec.kind == "regression":
+            p = preds.squeeze(-1).numpy()
+            return {"pearson": metrics.pearson(p, labels), "spearman": metrics.spearman(p, labels)}
+        p = preds.argmax(-1).numpy()
+        scores = {"accuracy": metrics.accuracy(p, labels)}
+        if len(spec.labels or []) == 2:
+            scores["f1"] = metrics.f1_score(p, labels)
+            scores["matthews"] = metrics.matthews_corrcoef(p, labels)
+        return scores
+    if spec.kind == "tagging":
+        preds = torch.cat([l.argmax(-1) for l in logits]).numpy()
+        labels = [x for f in dev.features for x in f["labels"]]
+        return {"token_accuracy": metrics.token_accuracy(preds, labels)}
+    width = max(l.shape[0] for l in logits)
+    start = torch.zeros(len(logits), width)
+    end = torch.zeros(len(logits), width)
+    for i, l in enumerate(logits):                                   # l: (seqlen_i, 2)
+        start[i, :l.shape[0]], end[i, :l.shape[0]] = l[:, 0], l[:, 1]
+    answers = data.predict_answers(dev.examples, dev.features, start, end, max_answer_tokens=spec.max_answer_len)
+    return metrics.squad_scores(answers, {e.id: e.answers for e in dev.examples})
