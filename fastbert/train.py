@@ -11,6 +11,7 @@ stopped (tests/test_train.py).
 from __future__ import annotations
 
 import dataclasses
+import inspect
 import io
 import json
 import math
@@ -126,6 +127,8 @@ class Trainer:
         self.scaler = torch.amp.GradScaler("cuda") if self.autocast == torch.float16 else None
         self.step, self.epoch, self.batch_in_epoch = 0, 0, 0
         self.history: list[dict] = []
+        # collate() may carry bookkeeping (example_index) that the model does not take.
+        self._model_inputs = set(inspect.signature(model.forward).parameters)
 
     # -- checkpoints -----------------------------------------------------------
 
@@ -185,7 +188,7 @@ class Trainer:
     # -- the loop ----------------------------------------------------------------
 
     def _forward_backward(self, batch, scale: float) -> tuple[float, int]:
-        batch = {k: v.to(self.device, non_blocking=True) for k, v in batch.items()}
+        batch = {k: v.to(self.device, non_blocking=True) for k, v in batch.items() if k in self._model_inputs}
         with torch.autocast(self.device.type, dtype=self.autocast, enabled=self.autocast is not None):
             loss = self.model(**batch).loss
         if not torch.isfinite(loss):
