@@ -1,19 +1,42 @@
-"""Bidirectional multi-head attention with a key padding mask.
+"""Bidirectional multi-head attention with a key padding mask, and its packed
+(variable-length) form.
 
     out[b, i, h] = sum_j softmax_j(scale * q[b,i,h] . k[b,j,h] + mask_bias[b,j]) * v[b,j,h]
 
 q, k, v are (batch, seqlen, heads, head_dim); mask is (batch, seqlen) bool with
 True for real tokens. Padded *query* rows are computed like any other row (as
 transformers does); a row whose keys are all masked returns zeros.
+
+attention_varlen takes packed tokens (total_tokens, heads, head_dim) and
+cu_seqlens int32 (batch + 1,), the cumulative sequence offsets: sequence b is
+tokens cu_seqlens[b] .. cu_seqlens[b+1] - 1 and attends to itself only.
+
+Backends: "torch" (the reference semantics through SDPA), "triton"
+(kernels/attention.py: flash attention, forward and backward, dropout
+regenerated from a seed), "cuda" (not written yet).
 """
 from __future__ import annotations
 
 import math
+from types import SimpleNamespace
+from typing import Optional
 
 import torch
 import torch.nn.functional as F
+from torch import Tensor
 
-from ._backend import resolve
+from ._backend import interpreter_on, resolve, triton_importable
+
+try:  # the Triton kernels; without triton the "triton" backend is off and the rest still imports
+    from fastbert.kernels import attention as _kernels
+except ImportError:  # pragma: no cover - triton missing
+    _kernels = None
+
+# Head dims the Triton kernels take (multiples of 16 up to 128).
+TRITON_HEAD_DIMS = _kernels.SUPPORTED_HEAD_DIMS if _kernels is not None else ()
+_TRITON_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
+
+
 
 
 def attention_ref(q, k, v, mask=None, dropout_p=0.0, softmax_scale=None, dropout_mask=None):
@@ -37,6 +60,23 @@ def attention_ref(q, k, v, mask=None, dropout_p=0.0, softmax_scale=None, dropout
     return torch.einsum("bhij,bjhd->bihd", probs, v)                 # (B, S, H, D)
 
 
+def attention_varlen_ref(q, k, v, cu_seqlens, dropout_p=0.0, softmax_scale=None, dropout_mask=None):
+    """Reference for packed sequences: attention_ref on each sequence in turn.
+
+    q, k, v: (total_tokens, heads, head_dim); cu_seqlens: (batch + 1,) int.
+    dropout_mask: optional (batch, heads, max_seqlen, max_seqlen) bool, indexed by
+    positions within each sequence (what `attention_dropout_mask` returns).
+    """
+    bounds = cu_seqlens.tolist()
+    outs = []
+    for b in range(len(bounds) - 1):
+        s, e = bounds[b], bounds[b + 1]
+        keep = None if dropout_mask is None else dropout_mask[b:b + 1, :, :e - s, :e - s]
+        outs.append(attention_ref(q[None, s:e], k[None, s:e], v[None, s:e], None, dropout_p,
+                                  softmax_scale, keep)[0])           # (len_b, H, D)
+    return torch.cat(outs, dim=0) if outs else q.new_zeros(q.shape)
+
+
 def _attention_torch(q, k, v, mask, dropout_p, softmax_scale):
     """The "torch" backend: SDPA (fast on CPU too) with the reference's semantics."""
     scale = softmax_scale if softmax_scale is not None else 1.0 / math.sqrt(q.shape[-1])
@@ -54,19 +94,37 @@ def _attention_torch(q, k, v, mask, dropout_p, softmax_scale):
     return out
 
 
-def _check(q, k, v, mask):
+def _attention_varlen_torch(q, k, v, cu_seqlens, dropout_p, softmax_scale):
+    """The "torch" backend for packed sequences: SDPA on each sequence."""
+    bounds = cu_seqlens.tolist()
+    outs = [_attention_torch(q[None, s:e], k[None, s:e], v[None, s:e], None, dropout_p, softmax_scale)[0]
+            for s, e in zip(bounds[:-1], bounds[1:])]                # each (len_b, H, D)
+    return torch.cat(outs, dim=0) if outs else q.new_zeros(q.shape)
+
+
+# ---------------------------------------------------------------------------
+# Validation
+# ---------------------------------------------------------------------------
+
+def _check_qkv(q, k, v, ndim, layout, op):
     for name, t in (("q", q), ("k", k), ("v", v)):
         if not isinstance(t, torch.Tensor):
-            raise TypeError(f"attention: {name} must be a torch.Tensor, got {type(t).__name__}")
-        if t.dim() != 4:
-            raise ValueError(f"attention: {name} must be (batch, seqlen, heads, head_dim), got shape {tuple(t.shape)}")
+            raise TypeError(f"{op}: {name} must be a torch.Tensor, got {type(t).__name__}")
+        if t.dim() != ndim:
+            raise ValueError(f"{op}: {name} must be {layout}, got shape {tuple(t.shape)}")
     if not (q.shape == k.shape == v.shape):
-        raise ValueError(f"attention: q, k, v must share one shape, got {tuple(q.shape)}, {tuple(k.shape)}, {tuple(v.shape)}")
+        raise ValueError(f"{op}: q, k, v must share one shape, got {tuple(q.shape)}, {tuple(k.shape)}, {tuple(v.shape)}")
     if not (q.dtype == k.dtype == v.dtype):
-        raise TypeError(f"attention: q, k, v must share one dtype, got {q.dtype}, {k.dtype}, {v.dtype}")
+        raise TypeError(f"{op}: q, k, v must share one dtype, got {q.dtype}, {k.dtype}, {v.dtype}")
     if not (q.device == k.device == v.device):
-        raise ValueError(f"attention: q, k, v must be on one device, got {q.device}, {k.device}, {v.device}")
+        raise ValueError(f"{op}: q, k, v must be on one device, got {q.device}, {k.device}, {v.device}")
+
+
+def _check(q, k, v, mask):
+    _check_qkv(q, k, v, 4, "(batch, seqlen, heads, head_dim)", "attention")
     if mask is not None:
+        if not isinstance(mask, torch.Tensor):
+            raise TypeError(f"attention: mask must be a torch.Tensor or None, got {type(mask).__name__}")
         if mask.dtype != torch.bool:
             raise TypeError(f"attention: mask must be torch.bool (True = real token), got {mask.dtype}")
         if mask.shape != q.shape[:2]:
@@ -75,15 +133,174 @@ def _check(q, k, v, mask):
             raise ValueError(f"attention: mask is on {mask.device} but q is on {q.device}")
 
 
-def attention(q, k, v, mask=None, dropout_p=0.0, softmax_scale=None):
+def _check_dropout(dropout_p, op):
+    if not 0.0 <= dropout_p < 1.0:
+        raise ValueError(f"{op}: dropout_p must be in [0, 1), got {dropout_p}")
+
+
+def _check_varlen(q, k, v, cu_seqlens, max_seqlen):
+    _check_qkv(q, k, v, 3, "(total_tokens, heads, head_dim)", "attention_varlen")
+    if not isinstance(cu_seqlens, torch.Tensor):
+        raise TypeError(f"attention_varlen: cu_seqlens must be a torch.Tensor, got {type(cu_seqlens).__name__}")
+    if cu_seqlens.dtype != torch.int32:
+        raise TypeError(f"attention_varlen: cu_seqlens must be torch.int32, got {cu_seqlens.dtype}")
+    if cu_seqlens.dim() != 1 or cu_seqlens.shape[0] < 2:
+        raise ValueError(f"attention_varlen: cu_seqlens must be (batch + 1,) with batch >= 1, "
+                         f"got shape {tuple(cu_seqlens.shape)}")
+    if cu_seqlens.device != q.device:
+        raise ValueError(f"attention_varlen: cu_seqlens is on {cu_seqlens.device} but q is on {q.device}")
+    if isinstance(max_seqlen, bool) or not isinstance(max_seqlen, (int, torch.SymInt)) or max_seqlen < 0:
+        raise ValueError(f"attention_varlen: max_seqlen must be an int >= 0, got {max_seqlen!r}")
+    if cu_seqlens.device.type == "cpu" and not torch.compiler.is_compiling():
+        # Checking the values costs a device sync on a GPU, so only CPU offsets are checked;
+        # on a GPU a max_seqlen below the longest sequence leaves rows unwritten.
+        lens = cu_seqlens[1:] - cu_seqlens[:-1]
+        if int(cu_seqlens[0]) != 0 or int(cu_seqlens[-1]) != q.shape[0] or bool((lens < 0).any()):
+            raise ValueError(f"attention_varlen: cu_seqlens must rise from 0 to total_tokens = {q.shape[0]}, "
+                             f"got {cu_seqlens.tolist()}")
+        if int(lens.max()) > max_seqlen:
+            raise ValueError(f"attention_varlen: max_seqlen = {max_seqlen} is below the longest sequence "
+                             f"({int(lens.max())})")
+
+
+def _check_triton(q, k, v, op):
+    """What the Triton kernels need beyond the common checks."""
+    if q.dtype not in _TRITON_DTYPES:
+        raise TypeError(f"{op}: the Triton backend takes float16, bfloat16 or float32, got {q.dtype}")
+    if q.dtype == torch.bfloat16 and interpreter_on():
+        raise TypeError(f"{op}: bfloat16 is not supported by the Triton interpreter (TRITON_INTERPRET=1); "
+                        "use float16/float32 on the CPU or run on a GPU")
+    if q.shape[-1] not in TRITON_HEAD_DIMS:
+        raise ValueError(f"{op}: head_dim = {q.shape[-1]} is not supported by the Triton backend; "
+                         f"supported head_dim values: {TRITON_HEAD_DIMS}")
+    for name, t in (("q", q), ("k", k), ("v", v)):
+        if t.shape[-1] > 1 and t.stride(-1) != 1:
+            raise ValueError(f"{op}: {name} must have a contiguous last dimension (stride 1) on the Triton "
+                             f"backend, got strides {tuple(t.stride())}")
+
+
+# ---------------------------------------------------------------------------
+# Custom ops (torch.compile traces through these) and the autograd Function
+# ---------------------------------------------------------------------------
+
+_LAUNCHERS = {}
+if _kernels is not None:
+    # Eager Triton: the Function calls the launchers directly (a custom-op dispatch
+    # costs 10-30 us per call, and BERT-base calls attention 24 times a step).
+    _LAUNCHERS["triton"] = _kernels
+
+if _kernels is not None and triton_importable() and hasattr(torch.library, "triton_op"):
+    @torch.library.triton_op("fastbert::attention_fwd", mutates_args=())
+    def _attention_fwd_op(q: Tensor, k: Tensor, v: Tensor, mask: Optional[Tensor],
+                          cu_seqlens: Optional[Tensor], max_seqlen: int, dropout_p: float,
+                          softmax_scale: float, seed: Optional[Tensor]) -> tuple[Tensor, Tensor]:
+        """(out, lse): out like q; lse fp32 (B, H, S), or (H, T) with cu_seqlens."""
+        return _kernels.attention_fwd(q, k, v, mask, cu_seqlens, max_seqlen, dropout_p, softmax_scale,
+                                      0 if seed is None else seed, wrap=torch.library.wrap_triton)
+
+    @torch.library.triton_op("fastbert::attention_bwd", mutates_args=())
+    def _attention_bwd_op(do: Tensor, q: Tensor, k: Tensor, v: Tensor, out: Tensor, lse: Tensor,
+                          mask: Optional[Tensor], cu_seqlens: Optional[Tensor], max_seqlen: int,
+                          dropout_p: float, softmax_scale: float,
+                          seed: Optional[Tensor]) -> tuple[Tensor, Tensor, Tensor]:
+        """(dq, dk, dv) like q, k, v."""
+        return _kernels.attention_bwd(do, q, k, v, out, lse, mask, cu_seqlens, max_seqlen, dropout_p,
+                                      softmax_scale, 0 if seed is None else seed,
+                                      wrap=torch.library.wrap_triton)
+
+    # Same signatures as the launchers, through the registered ops (used while compiling).
+    _LAUNCHERS["triton_op"] = SimpleNamespace(
+        attention_fwd=lambda q, k, v, mask, cu, max_seqlen, dropout_p, scale, seed:
+            torch.ops.fastbert.attention_fwd(q, k, v, mask, cu, max_seqlen, dropout_p, scale, seed),
+        attention_bwd=lambda do, q, k, v, out, lse, mask, cu, max_seqlen, dropout_p, scale, seed:
+            torch.ops.fastbert.attention_bwd(do, q, k, v, out, lse, mask, cu, max_seqlen, dropout_p, scale, seed),
+    )
+
+
+class AttentionFunction(torch.autograd.Function):
+    """Attention with autograd, shared by every backend.
+
+    `launchers` names an entry of _LAUNCHERS: a namespace with
+    attention_fwd(q, k, v, mask, cu_seqlens, max_seqlen, dropout_p, scale, seed) -> (out, lse) and
+    attention_bwd(do, q, k, v, out, lse, mask, cu_seqlens, max_seqlen, dropout_p, scale, seed) -> (dq, dk, dv).
+    seed: an int, or (compiled graphs) an int64 tensor of one element on q's device.
+    """
+
+    @staticmethod
+    def forward(ctx, q, k, v, mask, cu_seqlens, max_seqlen, dropout_p, softmax_scale, seed, launchers):
+        ops = _LAUNCHERS[launchers]
+        out, lse = ops.attention_fwd(q, k, v, mask, cu_seqlens, max_seqlen, dropout_p, softmax_scale, seed)
+        seed_t = seed if isinstance(seed, torch.Tensor) else None
+        ctx.save_for_backward(q, k, v, out, lse, mask, cu_seqlens, seed_t)
+        ctx.seed = None if seed_t is not None else seed
+        ctx.args = (max_seqlen, dropout_p, softmax_scale, launchers)
+        return out
+
+    @staticmethod
+    def backward(ctx, dout):
+        q, k, v, out, lse, mask, cu_seqlens, seed_t = ctx.saved_tensors
+        max_seqlen, dropout_p, softmax_scale, launchers = ctx.args
+        seed = seed_t if seed_t is not None else ctx.seed
+        if dout.stride(-1) != 1:
+            dout = dout.contiguous()
+        dq, dk, dv = _LAUNCHERS[launchers].attention_bwd(dout, q, k, v, out, lse, mask, cu_seqlens,
+                                                         max_seqlen, dropout_p, softmax_scale, seed)
+        return dq, dk, dv, None, None, None, None, None, None, None
+
+
+def _attention_triton(q, k, v, mask, cu_seqlens, max_seqlen, dropout_p, softmax_scale, seed):
+    scale = float(softmax_scale) if softmax_scale is not None else 1.0 / math.sqrt(q.shape[-1])
+    if torch.compiler.is_compiling():
+        # A Python int seed would need .item() (a graph break): the kernels read it from a tensor.
+        seed_t = None
+        if dropout_p > 0.0:
+            seed_t = (torch.randint(0, 2**31 - 1, (1,), device=q.device) if seed is None
+                      else torch.full((1,), int(seed), dtype=torch.int64, device=q.device))
+        return AttentionFunction.apply(q, k, v, mask, cu_seqlens, max_seqlen, dropout_p, scale, seed_t,
+                                       "triton_op")
+    if dropout_p > 0.0 and seed is None:
+        seed = int(torch.randint(0, 2**31 - 1, (1,)))  # torch.manual_seed reproduces a run
+    return AttentionFunction.apply(q, k, v, mask, cu_seqlens, max_seqlen, dropout_p, scale,
+                                   0 if seed is None else int(seed), "triton")
+
+
+# ---------------------------------------------------------------------------
+# Public functions
+# ---------------------------------------------------------------------------
+
+def attention(q, k, v, mask=None, dropout_p=0.0, softmax_scale=None, *, seed=None):
     """Multi-head attention. q, k, v: (batch, seqlen, heads, head_dim); mask: (batch, seqlen) bool.
 
-    Returns (batch, seqlen, heads, head_dim) in q's dtype.
+    Returns (batch, seqlen, heads, head_dim) in q's dtype. softmax_scale defaults
+    to 1/sqrt(head_dim). seed (Triton backend): the dropout seed; None draws one
+    from torch's default generator, so torch.manual_seed reproduces a run.
     """
     _check(q, k, v, mask)
-    if not 0.0 <= dropout_p < 1.0:
-        raise ValueError(f"attention: dropout_p must be in [0, 1), got {dropout_p}")
+    _check_dropout(dropout_p, "attention")
     backend = resolve(q.device)
     if backend == "torch":
         return _attention_torch(q, k, v, mask, dropout_p, softmax_scale)
-    raise NotImplementedError(f"attention: backend {backend!r} is not wired yet")
+    if backend == "cuda":
+        raise NotImplementedError("attention: the 'cuda' backend has no attention kernel yet; use 'triton' or 'torch'")
+    _check_triton(q, k, v, "attention")
+    return _attention_triton(q, k, v, mask, None, q.shape[1], dropout_p, softmax_scale, seed)
+
+
+def attention_varlen(q, k, v, cu_seqlens, max_seqlen, dropout_p=0.0, softmax_scale=None, *, seed=None):
+    """Attention over packed sequences. q, k, v: (total_tokens, heads, head_dim);
+    cu_seqlens: int32 (batch + 1,) offsets; max_seqlen: int >= the longest sequence.
+
+    Returns (total_tokens, heads, head_dim) in q's dtype. Same dropout, scale and
+    seed rules as `attention`; with one seed, the dropout mask equals the one
+    `attention` uses for the same sequences padded to a batch.
+    """
+    _check_varlen(q, k, v, cu_seqlens, max_seqlen)
+    _check_dropout(dropout_p, "attention_varlen")
+    backend = resolve(q.device)
+    if backend == "torch":
+        return _attention_varlen_torch(q, k, v, cu_seqlens, dropout_p, softmax_scale)
+    if backend == "cuda":
+        raise NotImplementedError("attention_varlen: the 'cuda' backend has no attention kernel yet; "
+                                  "use 'triton' or 'torch'")
+    _check_triton(q, k, v, "attention_varlen")
+    return _attention_triton(q, k, v, None, cu_seqlens.contiguous(), max_seqlen, dropout_p, softmax_scale, seed)

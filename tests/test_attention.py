@@ -1,0 +1,440 @@
+"""Flash attention (Triton): forward, dq/dk/dv, varlen, dropout, bad inputs.
+
+Every kernel result is compared with the float64 reference `attention_ref`
+under the rule max|ours - ref64| <= 2 * max|baseline - ref64| + floor, where
+the baseline is the same reference run in the test dtype. Launcher outputs are
+poisoned (NaN) before the kernels run, so an unwritten element fails.
+"""
+import math
+
+import pytest
+import torch
+
+from conftest import DEVICE, FLOOR, KERNEL_DTYPES, ON_GPU, assert_close_to_ref, poison
+
+from fastbert.kernels.attention import attention_bwd, attention_dropout_mask, attention_fwd
+from fastbert.ops import use_backend
+from fastbert.ops.attention import attention, attention_ref, attention_varlen, attention_varlen_ref
+
+# ---------------------------------------------------------------------------
+# Helpers
+# ---------------------------------------------------------------------------
+
+
+def _qkv(shape, dtype, gen):
+    """Fresh normal q, k, v in `dtype` (drawn in float64; no exact zeros)."""
+    return [torch.randn(shape, dtype=torch.float64, generator=gen).to(device=DEVICE, dtype=dtype)
+            for _ in range(3)]
+
+
+def _mask(kind, B, S, gen):
+    """(B, S) bool key mask: None, mixed prefix lengths, or an arbitrary pattern with one empty row."""
+    if kind is None:
+        return None
+    if kind == "lengths":
+        lens = torch.randint(1, S + 1, (B,), generator=gen)
+        lens[0] = S
+        mask = torch.arange(S)[None, :] < lens[:, None]
+    else:  # "random": holes anywhere, and the last sequence fully padded
+        mask = torch.rand(B, S, generator=gen) > 0.4
+        mask[:, 0] = True
+        mask[-1] = False
+    return mask.to(DEVICE)
+
+
+def _ref_with_grads(q, k, v, do, mask, dropout_p, scale, keep, dtype):
+    """(out, dq, dk, dv) of attention_ref computed in `dtype` (float64 for the reference)."""
+    leaves = [t.detach().to(dtype).requires_grad_() for t in (q, k, v)]
+    out = attention_ref(*leaves, mask=mask, dropout_p=dropout_p, softmax_scale=scale, dropout_mask=keep)
+    grads = torch.autograd.grad(out, leaves, do.to(dtype))
+    return (out.detach(), *grads)
+
+
+def _triton_poisoned(q, k, v, do, mask, dropout_p, scale, seed):
+    """(out, lse, dq, dk, dv) from the launchers, every output NaN-filled before the kernels write it."""
+    B, S, H, _ = q.shape
+    out = poison(torch.empty_like(q))
+    lse = poison(torch.empty((B, H, S), dtype=torch.float32, device=q.device))
+    attention_fwd(q, k, v, mask, None, None, dropout_p, scale, seed, out=out, lse=lse)
+    dq, dk, dv = (poison(torch.empty_like(t)) for t in (q, k, v))
+    attention_bwd(do, q, k, v, out, lse, mask, None, None, dropout_p, scale, seed, dq=dq, dk=dk, dv=dv)
+    return out, lse, dq, dk, dv
+
+
+def _check_all(q, k, v, mask, dropout_p=0.0, scale=None, seed=0):
+    """Kernels vs the float64 reference (same dropout mask), forward and every gradient."""
+    dtype = q.dtype
+    gen = torch.Generator().manual_seed(1234)
+    do = torch.randn(q.shape, dtype=torch.float64, generator=gen).to(device=q.device, dtype=dtype)
+    keep = None
+    if dropout_p > 0.0:
+        B, S, H, _ = q.shape
+        keep = attention_dropout_mask(B, H, S, dropout_p, seed, q.device)
+    out, lse, dq, dk, dv = _triton_poisoned(q, k, v, do, mask, dropout_p, scale, seed)
+    ref = _ref_with_grads(q, k, v, do, mask, dropout_p, scale, keep, torch.float64)
+    base = _ref_with_grads(q, k, v, do, mask, dropout_p, scale, keep, dtype)
+    for name, ours, r, b in zip(("out", "dq", "dk", "dv"), (out, dq, dk, dv), ref, base):
+        assert_close_to_ref(ours, r, b, name)
+    # logsumexp against torch's, on rows with at least one real key (others store +inf)
+    s = math.sqrt(q.shape[-1]) if scale is None else 1.0 / scale
+    scores = torch.einsum("bihd,bjhd->bhij", q.double(), k.double()) / s
+    if mask is not None:
+        scores = scores.masked_fill(~mask[:, None, None, :], float("-inf"))
+    lse_ref = torch.logsumexp(scores, dim=-1)                    # (B, H, S)
+    finite = torch.isfinite(lse_ref)
+    torch.testing.assert_close(lse.double()[finite], lse_ref[finite], rtol=0, atol=1e-4 * lse_ref.abs().max().item() + 1e-5)
+    assert torch.all(lse[~finite] == float("inf"))
+    return out, dq, dk, dv
+
+
+# ---------------------------------------------------------------------------
+# Forward and backward vs the float64 reference
+# ---------------------------------------------------------------------------
+
+CASES = [
+    # (batch, seqlen, heads, head_dim, dtype, mask kind)
+    (1, 1, 1, 32, torch.float32, None),          # seqlen 1
+    (2, 7, 2, 64, torch.float16, "lengths"),     # shorter than one block
+    (2, 129, 2, 64, torch.float32, "random"),    # one past a block edge, holes, an empty row
+    (3, 129, 2, 64, torch.float16, "lengths"),   # mixed lengths
+    (1, 512, 1, 64, torch.float16, None),        # BERT's longest, every block full
+    (2, 96, 2, 32, torch.float16, "random"),     # block-aligned with a mask
+    (2, 33, 2, 128, torch.float32, "random"),    # largest head dim
+    (2, 40, 2, 128, torch.float16, None),
+    (2, 37, 3, 48, torch.float32, "lengths"),    # head dim padded to 64
+    (1, 50, 2, 80, torch.float16, "random"),     # head dim padded to 128
+    (2, 64, 2, 16, torch.float32, None),         # smallest head dim
+]
+
+
+@pytest.mark.parametrize("B,S,H,D,dtype,mask_kind", CASES,
+                         ids=[f"{c[0]}x{c[1]}x{c[2]}x{c[3]}-{str(c[4])[6:]}-{c[5]}" for c in CASES])
+def test_forward_backward(B, S, H, D, dtype, mask_kind):
+    gen = torch.Generator().manual_seed(B * 1000 + S * 10 + D)
+    q, k, v = _qkv((B, S, H, D), dtype, gen)
+    mask = _mask(mask_kind, B, S, gen)
+    _check_all(q, k, v, mask)
+
+
+def test_custom_scale_and_strided_inputs():
+    """softmax_scale is honoured; q, k, v as views of one fused (B, S, H, 3, D) projection (no copy)."""
+    gen = torch.Generator().manual_seed(7)
+    qkv = torch.randn((2, 45, 2, 3, 32), dtype=torch.float64, generator=gen).to(device=DEVICE, dtype=torch.float32)
+    q, k, v = qkv.unbind(dim=3)                          # each (B, S, H, D), strides of the fused tensor
+    assert not q.is_contiguous()
+    _check_all(q, k, v, _mask("lengths", 2, 45, gen), scale=0.3)
+
+
+def test_fully_masked_rows_are_zero():
+    """A sequence whose keys are all masked: zero output, zero gradients, no NaN, lse = +inf."""
+    gen = torch.Generator().manual_seed(3)
+    q, k, v = _qkv((2, 21, 2, 32), torch.float32, gen)
+    mask = torch.ones(2, 21, dtype=torch.bool, device=DEVICE)
+    mask[1] = False
+    do = torch.randn(q.shape, generator=gen).to(DEVICE)
+    out, lse, dq, dk, dv = _triton_poisoned(q, k, v, do, mask, 0.0, None, 0)
+    for name, t in (("out", out), ("dq", dq), ("dk", dk), ("dv", dv)):
+        assert not torch.isnan(t).any(), name
+        assert torch.all(t[1] == 0), name
+    assert torch.all(lse[1] == float("inf"))
+    # the public path (autograd Function) agrees
+    leaves = [t.clone().requires_grad_() for t in (q, k, v)]
+    with use_backend("triton"):
+        out2 = attention(*leaves, mask=mask)
+    out2.backward(do)
+    assert torch.equal(out2.detach(), out)
+    for ours, leaf in zip((dq, dk, dv), leaves):
+        assert torch.equal(leaf.grad, ours)
+
+
+def test_public_function_matches_launchers():
+    """attention() on the Triton backend runs the same kernels through AttentionFunction."""
+    gen = torch.Generator().manual_seed(11)
+    q, k, v = _qkv((2, 30, 2, 64), torch.float16, gen)
+    mask = _mask("random", 2, 30, gen)
+    do = torch.randn(q.shape, generator=gen).to(device=DEVICE, dtype=q.dtype)
+    out, _, dq, dk, dv = _triton_poisoned(q, k, v, do, mask, 0.2, 0.11, 99)
+    leaves = [t.clone().requires_grad_() for t in (q, k, v)]
+    with use_backend("triton"):
+        out2 = attention(*leaves, mask=mask, dropout_p=0.2, softmax_scale=0.11, seed=99)
+    out2.backward(do)
+    assert torch.equal(out2.detach(), out)
+    for ours, leaf in zip((dq, dk, dv), leaves):
+        assert torch.equal(leaf.grad, ours)
+
+
+# ---------------------------------------------------------------------------
+# Varlen
+# ---------------------------------------------------------------------------
+
+def _pack(x, lens):
+    """(B, S, ...) -> (sum(lens), ...): the first lens[b] rows of each sequence."""
+    return torch.cat([x[b, :n] for b, n in enumerate(lens)], dim=0)
+
+
+@pytest.mark.parametrize("dtype,dropout_p", [(torch.float32, 0.0), (torch.float16, 0.25)])
+def test_varlen_matches_padded(dtype, dropout_p):
+    """attention_varlen on packed tokens == attention on the same sequences padded, forward and backward."""
+    gen = torch.Generator().manual_seed(5)
+    lens = [5, 0, 40, 17, 1]
+    B, S, H, D = len(lens), max(lens), 2, 32
+    q, k, v = _qkv((B, S, H, D), dtype, gen)
+    mask = (torch.arange(S)[None, :] < torch.tensor(lens)[:, None]).to(DEVICE)
+    do = torch.randn((B, S, H, D), generator=gen).to(device=DEVICE, dtype=dtype)
+    do = do * mask[:, :, None, None]                      # padded query rows carry no gradient
+    cu = torch.tensor([0] + list(torch.tensor(lens).cumsum(0)), dtype=torch.int32, device=DEVICE)
+
+    padded = [t.clone().requires_grad_() for t in (q, k, v)]
+    packed = [_pack(t, lens).requires_grad_() for t in (q, k, v)]
+    with use_backend("triton"):
+        out_p = attention(*padded, mask=mask, dropout_p=dropout_p, seed=21)
+        out_v = attention_varlen(*packed, cu, S, dropout_p=dropout_p, seed=21)
+    out_p.backward(do)
+    out_v.backward(_pack(do, lens))
+    # same kernels, same mask, same per-sequence arithmetic: equal up to summation order
+    tol = dict(rtol=0, atol=FLOOR[dtype])
+    torch.testing.assert_close(out_v, _pack(out_p, lens), **tol)
+    for tp, tv in zip(padded, packed):
+        torch.testing.assert_close(tv.grad, _pack(tp.grad, lens), **tol)
+
+    # and against the float64 varlen reference with the kernels' dropout mask
+    keep = attention_dropout_mask(B, H, S, dropout_p, 21, DEVICE) if dropout_p > 0 else None
+    leaves64 = [t.detach().double().requires_grad_() for t in packed]
+    leaves_lo = [t.detach().clone().requires_grad_() for t in packed]
+    ref = attention_varlen_ref(*leaves64, cu, dropout_p, None, keep)
+    base = attention_varlen_ref(*leaves_lo, cu, dropout_p, None, keep)
+    g_ref = torch.autograd.grad(ref, leaves64, _pack(do, lens).double())
+    g_base = torch.autograd.grad(base, leaves_lo, _pack(do, lens))
+    assert_close_to_ref(out_v.detach(), ref, base, "varlen out")
+    for name, leaf, r, b in zip(("dq", "dk", "dv"), packed, g_ref, g_base):
+        assert_close_to_ref(leaf.grad, r, b, f"varlen {name}")
+
+
+def test_varlen_poisoned_outputs():
+    """Every packed row and lse entry is written (NaN-filled buffers, odd lengths)."""
+    gen = torch.Generator().manual_seed(8)
+    lens = [3, 33, 18]
+    T, H, D = sum(lens), 2, 64
+    q, k, v = _qkv((T, H, D), torch.float32, gen)
+    cu = torch.tensor([0, 3, 36, 54], dtype=torch.int32, device=DEVICE)
+    out, lse = poison(torch.empty_like(q)), poison(torch.empty((H, T), dtype=torch.float32, device=DEVICE))
+    attention_fwd(q, k, v, None, cu, max(lens), 0.0, None, 0, out=out, lse=lse)
+    do = torch.randn(q.shape, generator=gen).to(DEVICE)
+    dq, dk, dv = (poison(torch.empty_like(t)) for t in (q, k, v))
+    attention_bwd(do, q, k, v, out, lse, None, cu, max(lens), 0.0, None, 0, dq=dq, dk=dk, dv=dv)
+    leaves64 = [t.double().requires_grad_() for t in (q, k, v)]
+    leaves_lo = [t.clone().requires_grad_() for t in (q, k, v)]
+    ref, base = attention_varlen_ref(*leaves64, cu), attention_varlen_ref(*leaves_lo, cu)
+    assert_close_to_ref(out, ref, base, "out")
+    assert not torch.isnan(lse).any()
+    for name, ours, r, b in zip(("dq", "dk", "dv"), (dq, dk, dv),
+                                torch.autograd.grad(ref, leaves64, do.double()),
+                                torch.autograd.grad(base, leaves_lo, do)):
+        assert_close_to_ref(ours, r, b, name)
+
+
+# ---------------------------------------------------------------------------
+# Dropout
+# ---------------------------------------------------------------------------
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
+def test_dropout_matches_reference_with_same_mask(dtype):
+    gen = torch.Generator().manual_seed(17)
+    q, k, v = _qkv((2, 70, 2, 64), dtype, gen)
+    _check_all(q, k, v, _mask("random", 2, 70, gen), dropout_p=0.3, seed=1234567)
+
+
+def test_dropout_reproducible():
+    gen = torch.Generator().manual_seed(19)
+    q, k, v = _qkv((1, 40, 2, 32), torch.float32, gen)
+    with use_backend("triton"):
+        a = attention(q, k, v, dropout_p=0.5, seed=5)
+        b = attention(q, k, v, dropout_p=0.5, seed=5)
+        c = attention(q, k, v, dropout_p=0.5, seed=6)
+        torch.manual_seed(0)
+        d = attention(q, k, v, dropout_p=0.5)           # seed drawn from torch's generator
+        torch.manual_seed(0)
+        e = attention(q, k, v, dropout_p=0.5)
+    assert torch.equal(a, b)
+    assert not torch.equal(a, c)
+    assert torch.equal(d, e)
+
+
+@pytest.mark.parametrize("p", [0.1, 0.5])
+def test_dropout_kept_fraction(p):
+    """Kept fraction within 5 sigma of 1 - p overall and for each of the four words of a Philox call."""
+    B, H, S = 2, 3, 128
+    keep = attention_dropout_mask(B, H, S, p, 2024, DEVICE).cpu()
+    for part in [keep] + [keep[..., r::4] for r in range(4)]:
+        n = part.numel()
+        sigma = math.sqrt(n * p * (1 - p))
+        assert abs(part.sum().item() - n * (1 - p)) < 5 * sigma, (part.float().mean().item(), 1 - p)
+    # different (batch, head) draw different masks
+    assert not torch.equal(keep[0, 0], keep[0, 1]) and not torch.equal(keep[0, 0], keep[1, 0])
+
+
+# ---------------------------------------------------------------------------
+# Bad input
+# ---------------------------------------------------------------------------
+
+def _t(*shape, dtype=torch.float32):
+    return torch.randn(*shape, device=DEVICE).to(dtype)
+
+
+def test_bad_inputs():
+    q = _t(2, 8, 2, 32)
+    with use_backend("triton"):
+        with pytest.raises(ValueError, match="head_dim = 40 is not supported by the Triton backend.*32, 48"):
+            attention(_t(2, 8, 2, 40), _t(2, 8, 2, 40), _t(2, 8, 2, 40))
+        with pytest.raises(ValueError, match="q must have a contiguous last dimension"):
+            qt = _t(2, 8, 2, 32).transpose(2, 3).contiguous().transpose(2, 3)
+            attention(qt, q, q)
+        with pytest.raises(TypeError, match="takes float16, bfloat16 or float32, got torch.float64"):
+            attention(q.double(), q.double(), q.double())
+        with pytest.raises(ValueError, match="must share one shape"):
+            attention(q, _t(2, 9, 2, 32), q)
+        with pytest.raises(TypeError, match="must share one dtype"):
+            attention(q, q.half(), q)
+        with pytest.raises(TypeError, match="mask must be torch.bool"):
+            attention(q, q, q, mask=torch.ones(2, 8, device=DEVICE))
+        with pytest.raises(ValueError, match=r"mask must be \(batch, seqlen\)"):
+            attention(q, q, q, mask=torch.ones(2, 9, dtype=torch.bool, device=DEVICE))
+        with pytest.raises(ValueError, match="dropout_p must be in"):
+            attention(q, q, q, dropout_p=1.0)
+        with pytest.raises(ValueError, match=r"must be \(batch, seqlen, heads, head_dim\)"):
+            attention(_t(8, 2, 32), _t(8, 2, 32), _t(8, 2, 32))
+        if not ON_GPU:
+            with pytest.raises(TypeError, match="bfloat16 is not supported by the Triton interpreter"):
+                qb = q.bfloat16()
+                attention(qb, qb, qb)
+
+
+def test_bad_varlen_inputs():
+    p = _t(10, 2, 32)
+    cu = torch.tensor([0, 4, 10], dtype=torch.int32, device=DEVICE)
+    with use_backend("triton"):
+        with pytest.raises(TypeError, match="cu_seqlens must be torch.int32, got torch.int64"):
+            attention_varlen(p, p, p, cu.long(), 6)
+        with pytest.raises(ValueError, match=r"cu_seqlens must be \(batch \+ 1,\)"):
+            attention_varlen(p, p, p, cu[None], 6)
+        with pytest.raises(ValueError, match=r"cu_seqlens must be \(batch \+ 1,\)"):
+            attention_varlen(p, p, p, cu[:1], 6)
+        with pytest.raises(ValueError, match=r"must be \(total_tokens, heads, head_dim\)"):
+            attention_varlen(p[None], p[None], p[None], cu, 6)
+        with pytest.raises(ValueError, match="max_seqlen must be an int"):
+            attention_varlen(p, p, p, cu, 6.0)
+        if DEVICE.type == "cpu":  # offsets are only checked where that costs no device sync
+            with pytest.raises(ValueError, match="max_seqlen = 5 is below the longest sequence"):
+                attention_varlen(p, p, p, cu, 5)
+            with pytest.raises(ValueError, match="cu_seqlens must rise from 0 to total_tokens = 10"):
+                attention_varlen(p, p, p, torch.tensor([0, 4, 9], dtype=torch.int32), 6)
+        with pytest.raises(ValueError, match="head_dim = 24 is not supported"):
+            attention_varlen(_t(10, 2, 24), _t(10, 2, 24), _t(10, 2, 24), cu, 6)
+
+
+def test_cpu_tensor_on_triton_without_interpreter(monkeypatch):
+    monkeypatch.setenv("TRITON_INTERPRET", "0")
+    q = torch.randn(1, 4, 1, 32)
+    with use_backend("triton"), pytest.raises(RuntimeError, match="cannot run on a cpu tensor"):
+        attention(q, q, q)
+
+
+def test_torch_backend_varlen_matches_reference():
+    gen = torch.Generator().manual_seed(23)
+    q, k, v = _qkv((12, 2, 16), torch.float64, gen)
+    cu = torch.tensor([0, 5, 12], dtype=torch.int32, device=DEVICE)
+    with use_backend("torch"):
+        out = attention_varlen(q, k, v, cu, 7)
+    torch.testing.assert_close(out, attention_varlen_ref(q, k, v, cu))
+
+
+@pytest.mark.skipif(ON_GPU, reason="the GPU compile test covers this with inductor")
+def test_compile_traces_without_graph_break_cpu():
+    """fullgraph=True through the registered ops (Dynamo's eager backend: the interpreter cannot be captured)."""
+    gen = torch.Generator().manual_seed(29)
+    q, k, v = _qkv((2, 20, 2, 32), torch.float32, gen)
+    mask = _mask("lengths", 2, 20, gen)
+
+    def f(q, k, v, mask):
+        return attention(q, k, v, mask, dropout_p=0.0)
+
+    torch._dynamo.reset()
+    with use_backend("triton"):
+        compiled = torch.compile(f, fullgraph=True, backend="eager")
+        leaves = [t.clone().requires_grad_() for t in (q, k, v)]
+        out = compiled(*leaves, mask)
+        out.sum().backward()
+        ref = [t.clone().requires_grad_() for t in (q, k, v)]
+        out_ref = f(*ref, mask)
+        out_ref.sum().backward()
+    torch.testing.assert_close(out, out_ref, rtol=0, atol=1e-6)
+    for a, b in zip(leaves, ref):
+        torch.testing.assert_close(a.grad, b.grad, rtol=0, atol=1e-6)
+
+
+# ---------------------------------------------------------------------------
+# GPU: real sizes, bf16, torch.compile
+# ---------------------------------------------------------------------------
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+@pytest.mark.parametrize("dropout_p", [0.0, 0.1])
+def test_gpu_bert_size(dtype, dropout_p):
+    gen = torch.Generator().manual_seed(31)
+    q, k, v = _qkv((8, 512, 12, 64), dtype, gen)
+    _check_all(q, k, v, _mask("lengths", 8, 512, gen), dropout_p=dropout_p, seed=77)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("D", [32, 128, 80])
+@pytest.mark.parametrize("dtype", KERNEL_DTYPES)
+def test_gpu_head_dims(D, dtype):
+    gen = torch.Generator().manual_seed(37)
+    q, k, v = _qkv((4, 384, 4, D), dtype, gen)
+    _check_all(q, k, v, _mask("random", 4, 384, gen), dropout_p=0.1, seed=3)
+
+
+@pytest.mark.gpu
+def test_gpu_varlen_bf16():
+    gen = torch.Generator().manual_seed(41)
+    lens = [128, 77, 512, 3, 300]
+    T, H, D = sum(lens), 12, 64
+    q, k, v = _qkv((T, H, D), torch.bfloat16, gen)
+    cu = torch.tensor([0] + list(torch.tensor(lens).cumsum(0)), dtype=torch.int32, device=DEVICE)
+    leaves = [t.clone().requires_grad_() for t in (q, k, v)]
+    with use_backend("triton"):
+        out = attention_varlen(*leaves, cu, max(lens))
+    do = torch.randn(q.shape, generator=gen).to(device=DEVICE, dtype=q.dtype)
+    out.backward(do)
+    leaves64 = [t.double().requires_grad_() for t in (q, k, v)]
+    leaves_lo = [t.clone().requires_grad_() for t in (q, k, v)]
+    ref, base = attention_varlen_ref(*leaves64, cu), attention_varlen_ref(*leaves_lo, cu)
+    assert_close_to_ref(out.detach(), ref, base, "out")
+    for name, leaf, r, b in zip(("dq", "dk", "dv"), leaves, torch.autograd.grad(ref, leaves64, do.double()),
+                                torch.autograd.grad(base, leaves_lo, do)):
+        assert_close_to_ref(leaf.grad, r, b, name)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("dropout_p", [0.0, 0.1])
+def test_gpu_compile_fullgraph(dropout_p):
+    gen = torch.Generator().manual_seed(43)
+    q, k, v = _qkv((2, 128, 4, 64), torch.float16, gen)
+    mask = _mask("lengths", 2, 128, gen)
+
+    def f(q, k, v, mask):
+        return attention(q, k, v, mask, dropout_p=dropout_p, seed=9 if dropout_p else None) * 2.0
+
+    torch._dynamo.reset()
+    with use_backend("triton"):
+        compiled = torch.compile(f, fullgraph=True)
+        leaves = [t.clone().requires_grad_() for t in (q, k, v)]
+        out = compiled(*leaves, mask)
+        out.float().sum().backward()
+        ref = [t.clone().requires_grad_() for t in (q, k, v)]
+        out_ref = f(*ref, mask)
+        out_ref.float().sum().backward()
+    # the same kernels with the same seed: equal up to fusion of the * 2
+    torch.testing.assert_close(out, out_ref, rtol=1e-3, atol=1e-3)
+    for a, b in zip(leaves, ref):
+        torch.testing.assert_close(a.grad, b.grad, rtol=1e-3, atol=1e-3)
