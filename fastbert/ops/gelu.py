@@ -3,31 +3,121 @@ without its bias and this op adds it, so the bias add costs no extra pass.
 
 x: (..., features); bias: (features,). approximate: "none" (erf, what BERT
 uses) or "tanh".
+
+Backends: "torch" runs the reference; "triton" runs kernels/gelu.py through
+BiasGeluFunction (shared by every backend: it receives the backend's launchers
+bias_gelu_fwd/bias_gelu_bwd). Eager mode calls the launchers directly; under
+torch.compile the Function calls them as the custom ops fastbert::bias_gelu_fwd/_bwd
+registered with torch.library.triton_op, so fullgraph=True traces through.
 """
 from __future__ import annotations
 
 import torch
 import torch.nn.functional as F
 
-from ._backend import resolve
+from ._backend import interpreter_on, resolve
+
+try:
+    from fastbert.kernels import gelu as _triton_gelu
+except ImportError:  # triton is not installed: the "triton" backend is off, the rest works
+    _triton_gelu = None
 
 
 def bias_gelu_ref(x, bias, approximate="none"):
     return F.gelu(x + bias, approximate=approximate)
 
 
+# ----------------------------------------------------------------------------- autograd Function
+
+class BiasGeluFunction(torch.autograd.Function):
+    """bias_gelu on a kernel backend: saves the input x and bias (the activation is recomputed)."""
+
+    @staticmethod
+    def forward(ctx, x, bias, approximate, backend):
+        y = _launchers(backend).bias_gelu_fwd(x, bias, approximate)
+        ctx.save_for_backward(x, bias)
+        ctx.approximate, ctx.backend = approximate, backend
+        return y
+
+    @staticmethod
+    def backward(ctx, dy):
+        x, bias = ctx.saved_tensors
+        dx, dbias = _launchers(ctx.backend).bias_gelu_bwd(dy, x, bias, ctx.approximate)
+        return dx, dbias, None, None
+
+
+# ----------------------------------------------------------------------------- custom ops (torch.compile)
+# triton_op traces its body with fake tensors: the launchers allocate from shapes only and
+# launch through wrap_triton, so the fake (meta) behaviour is the launcher itself.
+
+if _triton_gelu is not None:
+    from torch import Tensor
+    from torch.library import triton_op, wrap_triton
+
+    @triton_op("fastbert::bias_gelu_fwd", mutates_args=())
+    def _bias_gelu_fwd_op(x: Tensor, bias: Tensor, approximate: str) -> Tensor:
+        return _triton_gelu.bias_gelu_fwd(x, bias, approximate, wrap=wrap_triton)
+
+    @triton_op("fastbert::bias_gelu_bwd", mutates_args=())
+    def _bias_gelu_bwd_op(dy: Tensor, x: Tensor, bias: Tensor, approximate: str) -> tuple[Tensor, Tensor]:
+        return _triton_gelu.bias_gelu_bwd(dy, x, bias, approximate, wrap=wrap_triton)
+
+
+class _TritonCustomOps:
+    """The Triton launchers as registered custom ops: what the Function calls when compiling."""
+
+    @staticmethod
+    def bias_gelu_fwd(*args):
+        return torch.ops.fastbert.bias_gelu_fwd(*args)
+
+    @staticmethod
+    def bias_gelu_bwd(*args):
+        return torch.ops.fastbert.bias_gelu_bwd(*args)
+
+
+def _launchers(backend):
+    """The launcher namespace of `backend` (custom-op dispatch only while compiling)."""
+    if backend == "triton":
+        return _TritonCustomOps if torch.compiler.is_compiling() else _triton_gelu
+    raise NotImplementedError(f"bias_gelu: no launchers for backend {backend!r}")
+
+
+
+
+# ----------------------------------------------------------------------------- public function
+
 def bias_gelu(x, bias, approximate="none"):
-    """GELU(x + bias). Returns x's shape and dtype."""
+    """GELU(x + bias). Returns x's shape and dtype.
+
+    x: (..., features); bias: (features,), x's dtype or float32 (mixed precision; the
+    sum is then formed in float32). The triton backend takes float32/float16/bfloat16 x
+    of any width, computes in fp32 and needs a contiguous last dimension (other layouts
+    are copied with .contiguous()).
+    """
     for name, t in (("x", x), ("bias", bias)):
         if not isinstance(t, torch.Tensor):
             raise TypeError(f"bias_gelu: {name} must be a torch.Tensor, got {type(t).__name__}")
+    if x.dim() == 0:
+        raise ValueError("bias_gelu: x must have at least one dimension (features last), got a scalar")
     if bias.shape != (x.shape[-1],):
         raise ValueError(f"bias_gelu: bias must be ({x.shape[-1]},) to match x's last dimension, got {tuple(bias.shape)}")
     if bias.device != x.device:
         raise ValueError(f"bias_gelu: bias is on {bias.device} but x is on {x.device}")
+    if not x.is_floating_point():
+        raise TypeError(f"bias_gelu: x must be a floating-point tensor, got {x.dtype}")
+    if bias.dtype not in (x.dtype, torch.float32):
+        raise TypeError(f"bias_gelu: bias must have x's dtype {x.dtype} or float32 (mixed precision), got {bias.dtype}")
     if approximate not in ("none", "tanh"):
         raise ValueError(f"bias_gelu: approximate must be 'none' or 'tanh', got {approximate!r}")
     backend = resolve(x.device)
     if backend == "torch":
-        return bias_gelu_ref(x, bias, approximate)
-    raise NotImplementedError(f"bias_gelu: backend {backend!r} is not wired yet")
+        return bias_gelu_ref(x, bias, approximate).to(x.dtype)
+    if backend == "cuda":
+        raise NotImplementedError("bias_gelu: the 'cuda' backend is not implemented yet")
+    if x.dtype not in (torch.float32, torch.float16, torch.bfloat16):
+        raise TypeError(f"bias_gelu: the triton backend takes float32, float16 or bfloat16 x, got {x.dtype}")
+    if x.dtype == torch.bfloat16 and interpreter_on():
+        # The Triton interpreter computes bf16 wrongly without an error (FIELD-NOTES.md).
+        raise TypeError("bias_gelu: bfloat16 is not supported by the Triton interpreter (TRITON_INTERPRET=1); "
+                        "use float32/float16 or a GPU")
+    return BiasGeluFunction.apply(x, bias, approximate, backend)

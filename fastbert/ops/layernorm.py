@@ -4,13 +4,37 @@
     layernorm_gelu(x)           = GELU(LayerNorm(x))                   (prediction-head transform)
 
 x, residual: (..., hidden); weight, bias: (hidden,). GELU is the exact erf form.
+
+Backends: "torch" runs the references below; "triton" runs kernels/layernorm.py through
+the autograd Functions here (one per op, shared by every backend: each receives its
+backend's launchers `<op>_fwd`/`<op>_bwd`). In eager mode the Functions call the Triton
+launchers directly; under torch.compile they call the same launchers registered as
+custom ops (fastbert::add_layernorm_fwd, ...) with torch.library.triton_op, so the
+compiler traces through the kernels with fullgraph=True.
 """
 from __future__ import annotations
+
+from typing import Optional
 
 import torch
 import torch.nn.functional as F
 
-from ._backend import resolve
+from ._backend import interpreter_on, resolve
+
+try:
+    from fastbert.kernels import layernorm as _triton_layernorm
+except ImportError:  # triton is not installed: the "triton" backend is off, the rest works
+    _triton_layernorm = None
+
+MAX_HIDDEN = 4096  # the Triton kernels hold a whole row in registers
+
+
+def _layer_norm(h, weight, bias, eps):
+    """F.layer_norm that also takes float32 weight/bias with lower-precision h (mixed
+    precision; CUDA's kernel refuses the mix): it then normalises in float32, returns h's dtype."""
+    if weight.dtype == h.dtype:
+        return F.layer_norm(h, weight.shape, weight, bias, eps)
+    return F.layer_norm(h.to(weight.dtype), weight.shape, weight, bias, eps).to(h.dtype)
 
 
 def add_layernorm_ref(x, residual, weight, bias, eps, dropout_p=0.0, dropout_mask=None):
@@ -19,11 +43,11 @@ def add_layernorm_ref(x, residual, weight, bias, eps, dropout_p=0.0, dropout_mas
         x = x * dropout_mask / (1.0 - dropout_p)
     elif dropout_p > 0.0:
         x = F.dropout(x, dropout_p)
-    return F.layer_norm(x + residual, weight.shape, weight, bias, eps)
+    return _layer_norm(x + residual, weight, bias, eps)
 
 
 def layernorm_gelu_ref(x, weight, bias, eps):
-    return F.gelu(F.layer_norm(x, weight.shape, weight, bias, eps))
+    return F.gelu(_layer_norm(x, weight, bias, eps))
 
 
 def _check_rows(op, x, weight, bias, residual=None):
@@ -44,23 +68,173 @@ def _check_rows(op, x, weight, bias, residual=None):
             raise ValueError(f"{op}: residual must have x's shape {tuple(x.shape)}, got {tuple(residual.shape)}")
         if residual.dtype != x.dtype:
             raise TypeError(f"{op}: residual must have x's dtype {x.dtype}, got {residual.dtype}")
+    if weight.dtype != bias.dtype:
+        raise TypeError(f"{op}: weight and bias must share a dtype, got {weight.dtype} and {bias.dtype}")
+    if weight.dtype not in (x.dtype, torch.float32):
+        raise TypeError(f"{op}: weight must have x's dtype {x.dtype} or float32 (mixed precision), "
+                        f"got {weight.dtype}")
 
+
+def _check_kernel_rows(op, x):
+    """What the Triton kernels support beyond the op's definition."""
+    if x.dtype not in (torch.float32, torch.float16, torch.bfloat16):
+        raise TypeError(f"{op}: the triton backend takes float32, float16 or bfloat16 x, got {x.dtype}")
+    if x.dtype == torch.bfloat16 and interpreter_on():
+        # The Triton interpreter computes bf16 wrongly without an error (FIELD-NOTES.md).
+        raise TypeError(f"{op}: bfloat16 is not supported by the Triton interpreter (TRITON_INTERPRET=1); "
+                        "use float32/float16 or a GPU")
+    if not 1 <= x.shape[-1] <= MAX_HIDDEN:
+        raise ValueError(f"{op}: the triton backend takes hidden sizes 1..{MAX_HIDDEN} "
+                         f"(x's last dimension), got {x.shape[-1]}")
+
+
+def _draw_seed(device):
+    """A (1,) int64 Philox seed for a dropout kernel, drawn from `device`'s default generator.
+
+    torch.manual_seed reproduces it. It stays a tensor on the device (the kernel loads it)
+    rather than a Python int: an int would need .item() (a graph break under
+    torch.compile, and a sync on the GPU) and an int from the CPU would need a copy.
+    """
+    return torch.randint(0, 2**31 - 1, (1,), device=device, dtype=torch.int64)
+
+
+# ----------------------------------------------------------------------------- autograd Functions
+
+class AddLayerNormFunction(torch.autograd.Function):
+    """add_layernorm on a kernel backend: saves x, residual, weight, mean, rstd and the seed."""
+
+    @staticmethod
+    def forward(ctx, x, residual, weight, bias, eps, dropout_p, backend):
+        launchers = _launchers(backend)
+        seed = _draw_seed(x.device) if dropout_p > 0.0 else None
+        y, mean, rstd = launchers.add_layernorm_fwd(x, residual, weight, bias, eps, dropout_p, seed)
+        ctx.save_for_backward(x, residual, weight, mean, rstd, seed)
+        ctx.dropout_p, ctx.backend = dropout_p, backend
+        return y
+
+    @staticmethod
+    def backward(ctx, dy):
+        x, residual, weight, mean, rstd, seed = ctx.saved_tensors
+        dx, dresidual, dweight, dbias = _launchers(ctx.backend).add_layernorm_bwd(
+            dy, x, residual, weight, mean, rstd, ctx.dropout_p, seed)
+        if ctx.dropout_p == 0.0:
+            dx = dresidual  # without dropout dL/dx == dL/dresidual; the kernel wrote it once
+        return dx, dresidual, dweight, dbias, None, None, None
+
+
+class LayerNormGeluFunction(torch.autograd.Function):
+    """layernorm_gelu on a kernel backend: saves x, weight, bias, mean and rstd."""
+
+    @staticmethod
+    def forward(ctx, x, weight, bias, eps, backend):
+        y, mean, rstd = _launchers(backend).layernorm_gelu_fwd(x, weight, bias, eps)
+        ctx.save_for_backward(x, weight, bias, mean, rstd)
+        ctx.backend = backend
+        return y
+
+    @staticmethod
+    def backward(ctx, dy):
+        x, weight, bias, mean, rstd = ctx.saved_tensors
+        dx, dweight, dbias = _launchers(ctx.backend).layernorm_gelu_bwd(dy, x, weight, bias, mean, rstd)
+        return dx, dweight, dbias, None, None
+
+
+# ----------------------------------------------------------------------------- custom ops (torch.compile)
+# triton_op traces its body with fake tensors: the launchers allocate from shapes only and
+# launch through wrap_triton, so the fake (meta) behaviour is the launcher itself.
+
+if _triton_layernorm is not None:
+    from torch import Tensor
+    from torch.library import triton_op, wrap_triton
+
+    @triton_op("fastbert::add_layernorm_fwd", mutates_args=())
+    def _add_layernorm_fwd_op(x: Tensor, residual: Tensor, weight: Tensor, bias: Tensor, eps: float,
+                              dropout_p: float, seed: Optional[Tensor]) -> tuple[Tensor, Tensor, Tensor]:
+        return _triton_layernorm.add_layernorm_fwd(x, residual, weight, bias, eps, dropout_p, seed,
+                                                   wrap=wrap_triton)
+
+    @triton_op("fastbert::add_layernorm_bwd", mutates_args=())
+    def _add_layernorm_bwd_op(dy: Tensor, x: Tensor, residual: Tensor, weight: Tensor, mean: Tensor,
+                              rstd: Tensor, dropout_p: float,
+                              seed: Optional[Tensor]) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+        return _triton_layernorm.add_layernorm_bwd(dy, x, residual, weight, mean, rstd, dropout_p, seed,
+                                                   wrap=wrap_triton)
+
+    @triton_op("fastbert::layernorm_gelu_fwd", mutates_args=())
+    def _layernorm_gelu_fwd_op(x: Tensor, weight: Tensor, bias: Tensor,
+                               eps: float) -> tuple[Tensor, Tensor, Tensor]:
+        return _triton_layernorm.layernorm_gelu_fwd(x, weight, bias, eps, wrap=wrap_triton)
+
+    @triton_op("fastbert::layernorm_gelu_bwd", mutates_args=())
+    def _layernorm_gelu_bwd_op(dy: Tensor, x: Tensor, weight: Tensor, bias: Tensor, mean: Tensor,
+                               rstd: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+        return _triton_layernorm.layernorm_gelu_bwd(dy, x, weight, bias, mean, rstd, wrap=wrap_triton)
+
+
+class _TritonCustomOps:
+    """The Triton launchers as registered custom ops: what the Functions call when compiling."""
+
+    @staticmethod
+    def add_layernorm_fwd(*args):
+        return torch.ops.fastbert.add_layernorm_fwd(*args)
+
+    @staticmethod
+    def add_layernorm_bwd(*args):
+        return torch.ops.fastbert.add_layernorm_bwd(*args)
+
+    @staticmethod
+    def layernorm_gelu_fwd(*args):
+        return torch.ops.fastbert.layernorm_gelu_fwd(*args)
+
+    @staticmethod
+    def layernorm_gelu_bwd(*args):
+        return torch.ops.fastbert.layernorm_gelu_bwd(*args)
+
+
+def _launchers(backend):
+    """The launcher namespace of `backend` (custom-op dispatch only while compiling)."""
+    if backend == "triton":
+        return _TritonCustomOps if torch.compiler.is_compiling() else _triton_layernorm
+    raise NotImplementedError(f"layernorm: no launchers for backend {backend!r}")
+
+
+
+
+# ----------------------------------------------------------------------------- public functions
 
 def add_layernorm(x, residual, weight, bias, eps, dropout_p=0.0):
-    """LayerNorm(dropout(x) + residual) over the last dimension. Returns x's shape and dtype."""
+    """LayerNorm(dropout(x) + residual) over the last dimension. Returns x's shape and dtype.
+
+    x, residual: (..., hidden), same dtype; weight, bias: (hidden,), x's dtype or float32.
+    The triton backend takes float32/float16/bfloat16 and hidden <= 4096, computes in fp32,
+    needs a contiguous last dimension (other layouts are copied with .contiguous()), and
+    draws its dropout seed from the device's default generator (torch.manual_seed
+    reproduces it); the backward regenerates the dropout mask from that seed.
+    """
     _check_rows("add_layernorm", x, weight, bias, residual)
     if not 0.0 <= dropout_p < 1.0:
         raise ValueError(f"add_layernorm: dropout_p must be in [0, 1), got {dropout_p}")
     backend = resolve(x.device)
     if backend == "torch":
         return add_layernorm_ref(x, residual, weight, bias, eps, dropout_p)
-    raise NotImplementedError(f"add_layernorm: backend {backend!r} is not wired yet")
+    if backend == "cuda":
+        raise NotImplementedError("add_layernorm: the 'cuda' backend is not implemented yet")
+    _check_kernel_rows("add_layernorm", x)
+    return AddLayerNormFunction.apply(x, residual, weight, bias, float(eps), float(dropout_p), backend)
 
 
 def layernorm_gelu(x, weight, bias, eps):
-    """GELU(LayerNorm(x)) over the last dimension. Returns x's shape and dtype."""
+    """GELU(LayerNorm(x)) over the last dimension (erf GELU). Returns x's shape and dtype.
+
+    x: (..., hidden); weight, bias: (hidden,), x's dtype or float32. The triton backend
+    takes float32/float16/bfloat16 and hidden <= 4096, computes in fp32 and needs a
+    contiguous last dimension (other layouts are copied with .contiguous()).
+    """
     _check_rows("layernorm_gelu", x, weight, bias)
     backend = resolve(x.device)
     if backend == "torch":
         return layernorm_gelu_ref(x, weight, bias, eps)
-    raise NotImplementedError(f"layernorm_gelu: backend {backend!r} is not wired yet")
+    if backend == "cuda":
+        raise NotImplementedError("layernorm_gelu: the 'cuda' backend is not implemented yet")
+    _check_kernel_rows("layernorm_gelu", x)
+    return LayerNormGeluFunction.apply(x, weight, bias, float(eps), backend)

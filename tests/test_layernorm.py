@@ -1,0 +1,313 @@
+"""add_layernorm and layernorm_gelu: the Triton backend against a float64 reference.
+
+Rule (STYLE.md habit 9): max|ours - ref64| <= 2 * max|baseline - ref64| + floor(dtype),
+baseline = the same reference run in the test dtype. Forward and every gradient. Every
+tensor the launchers allocate starts as NaN, so an element a kernel fails to write fails.
+"""
+import pytest
+import torch
+
+from conftest import DEVICE, KERNEL_DTYPES, ON_GPU, assert_close_to_ref, poison
+
+import fastbert.kernels.layernorm as K
+from fastbert.ops import use_backend
+from fastbert.ops.layernorm import (
+    _draw_seed, add_layernorm, add_layernorm_ref, layernorm_gelu, layernorm_gelu_ref,
+)
+
+EPS = 1e-5
+
+# Hidden sizes 1, 7, 384, 768, 1000, 4096; row counts 1, odd, and more rows than one
+# interpreter tile (so tiles are partly padded and a backward program loops).
+SHAPES = [
+    (1, 1), (5, 1), (1, 7), (3, 7), (2, 3, 384), (37, 384), (1, 768), (3, 5, 768),
+    (13, 1000), (2, 4096),
+]
+
+
+@pytest.fixture(autouse=True)
+def poisoned_outputs(monkeypatch):
+    """Every output and partial-sum buffer the launchers allocate starts as NaN."""
+    real = K._empty
+
+    def empty(shape, dtype, device):
+        t = real(shape, dtype, device)
+        return poison(t) if t.is_floating_point() else t.fill_(7)  # 7: neither kept (1) nor dropped (0)
+
+    monkeypatch.setattr(K, "_empty", empty)
+
+
+def _inputs(shape, dtype, with_residual=True, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    n = shape[-1]
+
+    def rand(*s):
+        return torch.randn(*s, generator=g, dtype=torch.float64)
+
+    x, residual = rand(*shape), rand(*shape)
+    weight, bias = 1.0 + 0.5 * rand(n), 0.5 * rand(n)
+    dy = rand(*shape)
+    tensors = [x, residual, weight, bias] if with_residual else [x, weight, bias]
+    return [t.to(dtype).to(DEVICE) for t in tensors], dy.to(dtype).to(DEVICE)
+
+
+def _run(fn, tensors, dy, dtype=None):
+    """fn's output and the gradients of every input, with inputs cast to `dtype`."""
+    leaves = [(t if dtype is None else t.to(dtype)).detach().requires_grad_(True) for t in tensors]
+    out = fn(*leaves)
+    grads = torch.autograd.grad(out, leaves, dy.to(out.dtype))
+    return out.detach(), [g.detach() for g in grads]
+
+
+def _compare(fn_ours, fn_ref, tensors, dy, names):
+    with use_backend("triton"):
+        out, grads = _run(fn_ours, tensors, dy)
+    ref_out, ref_grads = _run(fn_ref, tensors, dy, torch.float64)
+    with use_backend("torch"):
+        base_out, base_grads = _run(fn_ref, tensors, dy)
+    assert out.shape == tensors[0].shape and out.dtype == tensors[0].dtype
+    assert_close_to_ref(out, ref_out, base_out, "y")
+    for name, ours, ref, base, t in zip(names, grads, ref_grads, base_grads, tensors):
+        assert ours.shape == t.shape and ours.dtype == t.dtype, name
+        assert_close_to_ref(ours, ref, base, name)
+
+
+# ----------------------------------------------------------------------------- add_layernorm
+
+@pytest.mark.parametrize("dtype", KERNEL_DTYPES)
+@pytest.mark.parametrize("shape", SHAPES)
+def test_add_layernorm_matches_reference(shape, dtype):
+    tensors, dy = _inputs(shape, dtype)
+    _compare(lambda x, r, w, b: add_layernorm(x, r, w, b, EPS),
+             lambda x, r, w, b: add_layernorm_ref(x, r, w, b, EPS),
+             tensors, dy, ["dx", "dresidual", "dweight", "dbias"])
+
+
+def test_add_layernorm_fp32_params_with_fp16_activations():
+    """Mixed precision: LayerNorm parameters stay fp32 while activations are fp16."""
+    (x, r, w, b), dy = _inputs((3, 5, 768), torch.float16)
+    w, b = w.float(), b.float()
+    _compare(lambda x, r, w, b: add_layernorm(x, r, w, b, EPS),
+             lambda x, r, w, b: add_layernorm_ref(x, r, w, b, EPS),
+             [x, r, w, b], dy, ["dx", "dresidual", "dweight", "dbias"])
+
+
+def test_add_layernorm_non_contiguous_and_empty():
+    (x, r, w, b), dy = _inputs((7, 384), torch.float32)
+    xt = x.t().contiguous().t()  # same values, column-major: the op copies it to rows
+    assert not xt.is_contiguous()
+    with use_backend("triton"):
+        assert torch.equal(add_layernorm(xt, r, w, b, EPS), add_layernorm(x, r, w, b, EPS))
+        (x0, r0, w0, b0), dy0 = _inputs((0, 384), torch.float32)
+        out, (dx, dr, dw, db) = _run(lambda x, r, w, b: add_layernorm(x, r, w, b, EPS), [x0, r0, w0, b0], dy0)
+    assert out.shape == (0, 384) and dx.shape == (0, 384)
+    assert torch.equal(dw, torch.zeros_like(dw)) and torch.equal(db, torch.zeros_like(db))
+
+
+# ----------------------------------------------------------------------------- dropout
+
+P = 0.1
+
+
+def test_dropout_same_seed_same_output():
+    (x, r, w, b), _ = _inputs((3, 5, 768), torch.float32)
+    with use_backend("triton"):
+        torch.manual_seed(1)
+        y1 = add_layernorm(x, r, w, b, EPS, dropout_p=P)
+        torch.manual_seed(1)
+        y2 = add_layernorm(x, r, w, b, EPS, dropout_p=P)
+        y3 = add_layernorm(x, r, w, b, EPS, dropout_p=P)
+        y0 = add_layernorm(x, r, w, b, EPS)
+    assert torch.equal(y1, y2)
+    assert not torch.equal(y2, y3)
+    assert not torch.equal(y1, y0)
+
+
+@pytest.mark.parametrize("p", [0.1, 0.5])
+def test_dropout_kept_fraction(p):
+    seed = torch.tensor([1234], dtype=torch.int64, device=DEVICE)
+    keep = K.add_layernorm_keep_mask((2, 32, 1000), p, seed)
+    assert keep.dtype == torch.int8 and keep.shape == (2, 32, 1000)
+    assert ((keep == 0) | (keep == 1)).all(), "keep-mask element not written"
+    n = keep.numel()
+    kept = keep.double().mean().item()
+    sigma = (p * (1 - p) / n) ** 0.5
+    assert abs(kept - (1 - p)) < 6 * sigma, f"kept {kept:.4f}, expected {1 - p} +- {6 * sigma:.4f}"
+    rows = keep.view(-1, 1000)
+    assert not torch.equal(rows[0], rows[1]), "rows share one mask: offsets ignore the row"
+    other = K.add_layernorm_keep_mask((2, 32, 1000), p, seed + 1)
+    assert not torch.equal(keep, other), "the seed does not change the mask"
+
+
+@pytest.mark.parametrize("n", [7, 16, 1000])
+def test_dropout_mask_packed_equals_per_element(n):
+    """The kernels draw 4 uniforms per Philox call and interleave them; the per-element path
+    computes each element's uniform from its own definition: the masks must be equal."""
+    seed = torch.tensor([99], dtype=torch.int64, device=DEVICE)
+    packed = K.add_layernorm_keep_mask((5, n), 0.5, seed, packed=True)
+    single = K.add_layernorm_keep_mask((5, n), 0.5, seed, packed=False)
+    assert torch.equal(packed, single)
+
+
+@pytest.mark.parametrize("dtype", KERNEL_DTYPES)
+@pytest.mark.parametrize("shape", [(3, 5, 768), (13, 1000), (2, 7)])
+def test_dropout_matches_reference_with_same_mask(shape, dtype):
+    tensors, dy = _inputs(shape, dtype, seed=3)
+
+    def ours(x, r, w, b):
+        torch.manual_seed(5)  # the Function's first draw is its seed
+        return add_layernorm(x, r, w, b, EPS, dropout_p=P)
+
+    torch.manual_seed(5)
+    keep = K.add_layernorm_keep_mask(shape, P, _draw_seed(DEVICE)).bool()
+    assert 0 < keep.sum() < keep.numel()
+    _compare(ours,
+             lambda x, r, w, b: add_layernorm_ref(x, r, w, b, EPS, P, dropout_mask=keep.to(x.dtype)),
+             tensors, dy, ["dx", "dresidual", "dweight", "dbias"])
+
+
+# ----------------------------------------------------------------------------- layernorm_gelu
+
+@pytest.mark.parametrize("dtype", KERNEL_DTYPES)
+@pytest.mark.parametrize("shape", SHAPES)
+def test_layernorm_gelu_matches_reference(shape, dtype):
+    tensors, dy = _inputs(shape, dtype, with_residual=False)
+    _compare(lambda x, w, b: layernorm_gelu(x, w, b, EPS),
+             lambda x, w, b: layernorm_gelu_ref(x, w, b, EPS),
+             tensors, dy, ["dx", "dweight", "dbias"])
+
+
+# ----------------------------------------------------------------------------- bad input
+
+def test_bad_inputs():
+    (x, r, w, b), _ = _inputs((3, 8), torch.float32)
+    with use_backend("triton"):
+        with pytest.raises(ValueError, match=r"weight must be \(8,\)"):
+            add_layernorm(x, r, w[:7], b, EPS)
+        with pytest.raises(ValueError, match=r"bias must be \(8,\)"):
+            layernorm_gelu(x, w, b[None], EPS)
+        with pytest.raises(ValueError, match="residual must have x's shape"):
+            add_layernorm(x, r[:2], w, b, EPS)
+        with pytest.raises(TypeError, match="residual must have x's dtype"):
+            add_layernorm(x, r.half(), w, b, EPS)
+        with pytest.raises(TypeError, match="weight must have x's dtype"):
+            layernorm_gelu(x, w.half(), b.half(), EPS)
+        with pytest.raises(TypeError, match="weight and bias must share a dtype"):
+            layernorm_gelu(x.half(), w.half(), b, EPS)
+        with pytest.raises(ValueError, match="weight is on meta"):
+            add_layernorm(x, r, w.to("meta"), b, EPS)
+        with pytest.raises(TypeError, match="x must be a floating-point"):
+            layernorm_gelu(x.long(), w, b, EPS)
+        with pytest.raises(ValueError, match=r"dropout_p must be in \[0, 1\)"):
+            add_layernorm(x, r, w, b, EPS, dropout_p=1.0)
+        wide = torch.randn(2, 4097, device=DEVICE)
+        wb = torch.randn(4097, device=DEVICE)
+        with pytest.raises(ValueError, match=r"hidden sizes 1\.\.4096.*got 4097"):
+            add_layernorm(wide, wide, wb, wb, EPS)
+        with pytest.raises(ValueError, match=r"hidden sizes 1\.\.4096.*got 4097"):
+            layernorm_gelu(wide, wb, wb, EPS)
+        with pytest.raises(TypeError, match="the triton backend takes float32, float16 or bfloat16"):
+            layernorm_gelu(x.double(), w.double(), b.double(), EPS)
+        if not ON_GPU:
+            with pytest.raises(TypeError, match="bfloat16 is not supported by the Triton interpreter"):
+                layernorm_gelu(x.bfloat16(), w.bfloat16(), b.bfloat16(), EPS)
+    with use_backend("torch"):  # the torch backend has no width limit
+        assert add_layernorm(wide, wide, wb, wb, EPS).shape == (2, 4097)
+
+
+# ----------------------------------------------------------------------------- GPU, real sizes
+
+GPU_DTYPES = [torch.float16, torch.bfloat16, torch.float32]
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("dtype", GPU_DTYPES)
+@pytest.mark.parametrize("hidden", [768, 1024, 3072, 4096])
+def test_add_layernorm_gpu_real_sizes(hidden, dtype):
+    tensors, dy = _inputs((32, 512, hidden), dtype)
+    _compare(lambda x, r, w, b: add_layernorm(x, r, w, b, 1e-12),
+             lambda x, r, w, b: add_layernorm_ref(x, r, w, b, 1e-12),
+             tensors, dy, ["dx", "dresidual", "dweight", "dbias"])
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("dtype", GPU_DTYPES)
+@pytest.mark.parametrize("hidden", [768, 1024, 3072, 4096])
+def test_add_layernorm_dropout_gpu_real_sizes(hidden, dtype):
+    shape = (32, 512, hidden)
+    tensors, dy = _inputs(shape, dtype, seed=3)
+
+    def ours(x, r, w, b):
+        torch.manual_seed(5)
+        return add_layernorm(x, r, w, b, 1e-12, dropout_p=P)
+
+    torch.manual_seed(5)
+    keep = K.add_layernorm_keep_mask(shape, P, _draw_seed(DEVICE)).bool()
+    kept = keep.float().mean().item()
+    assert abs(kept - (1 - P)) < 0.002
+    _compare(ours,
+             lambda x, r, w, b: add_layernorm_ref(x, r, w, b, 1e-12, P, dropout_mask=keep.to(x.dtype)),
+             tensors, dy, ["dx", "dresidual", "dweight", "dbias"])
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("dtype", GPU_DTYPES)
+@pytest.mark.parametrize("hidden", [768, 1024, 3072, 4096])
+def test_layernorm_gelu_gpu_real_sizes(hidden, dtype):
+    tensors, dy = _inputs((32, 512, hidden), dtype, with_residual=False)
+    _compare(lambda x, w, b: layernorm_gelu(x, w, b, 1e-12),
+             lambda x, w, b: layernorm_gelu_ref(x, w, b, 1e-12),
+             tensors, dy, ["dx", "dweight", "dbias"])
+
+
+# ----------------------------------------------------------------------------- compiled (not interpreted)
+
+_AOT_SCRIPT = r'''
+import sys
+import triton
+from triton.backends.compiler import GPUTarget
+from triton.compiler import ASTSource
+
+import fastbert.kernels.gelu as KG
+import fastbert.kernels.layernorm as KL
+
+H, F, I8, I64, I, R = "*fp16", "*fp32", "*i8", "*i64", "i32", "fp32"
+CASES = [  # (kernel, pointer/scalar types, constexprs, num_warps): the launchers' settings
+    (KL._add_layernorm_fwd_kernel, dict(X=H, R=H, W=F, B=F, Y=H, Mean=F, Rstd=F, Seed=I64, stride_xm=I, stride_rm=I,
+     stride_ym=I, M=I, N=I, eps=R, dropout_p=R, dropout_scale=R), dict(HAS_DROPOUT=True, BLOCK_M=1, BLOCK_N=1024), 4),
+    (KL._add_layernorm_bwd_kernel, dict(DY=H, X=H, R=H, W=F, Mean=F, Rstd=F, Seed=I64, DH=H, DX=H, DWPartial=F,
+     DBPartial=F, stride_dym=I, stride_xm=I, stride_rm=I, stride_dhm=I, stride_dxm=I, M=I, N=I, dropout_p=R,
+     dropout_scale=R), dict(HAS_DROPOUT=True, BLOCK_M=4, BLOCK_N=1024), 8),
+    (KL._add_layernorm_keep_kernel, dict(Keep=I8, Seed=I64, M=I, N=I, dropout_p=R),
+     dict(PACKED=True, BLOCK_M=1, BLOCK_N=4096), 8),
+    (KL._layernorm_gelu_fwd_kernel, dict(X=H, W=H, B=H, Y=H, Mean=F, Rstd=F, stride_xm=I, stride_ym=I, M=I, N=I,
+     eps=R), dict(BLOCK_M=1, BLOCK_N=4096), 8),
+    (KL._layernorm_gelu_bwd_kernel, dict(DY=H, X=H, W=H, B=H, Mean=F, Rstd=F, DX=H, DWPartial=F, DBPartial=F,
+     stride_dym=I, stride_xm=I, stride_dxm=I, M=I, N=I), dict(BLOCK_M=4, BLOCK_N=1024), 8),
+    (KG._bias_gelu_fwd_kernel, dict(X=H, Bias=H, Y=H, stride_xm=I, stride_ym=I, M=I, N=I),
+     dict(APPROX_TANH=True, BLOCK_M=16, BLOCK_N=256), 8),
+    (KG._bias_gelu_bwd_kernel, dict(DY=H, X=H, Bias=H, DX=H, DBiasPartial=F, stride_dym=I, stride_xm=I,
+     stride_dxm=I, M=I, N=I), dict(APPROX_TANH=False, BLOCK_M=16, BLOCK_N=256), 8),
+]
+for kernel, types, constexprs, num_warps in CASES:
+    signature = {name: types.get(name, "constexpr") for name in kernel.arg_names}
+    triton.compile(ASTSource(fn=kernel, signature=signature, constexprs=constexprs),
+                   target=GPUTarget("cuda", 90, 32), options={"num_warps": num_warps})
+print("compiled", len(CASES))
+'''
+
+
+@pytest.mark.skipif(ON_GPU, reason="on a GPU the other tests compile every kernel for real")
+def test_kernels_compile_for_hopper():
+    """The interpreter accepts code the compiler rejects (a plain global read in a kernel,
+    say): compile every kernel of this family for sm_90 ahead of time, without a GPU."""
+    import os
+    import subprocess
+    import sys
+
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    env.setdefault("TRITON_DEFAULT_FP_FUSION", "1")
+    done = subprocess.run([sys.executable, "-c", _AOT_SCRIPT], env=env, capture_output=True, text=True, timeout=300)
+    if done.returncode != 0 and ("ptxas" in done.stderr and "not found" in done.stderr.lower()):
+        pytest.skip("no ptxas for ahead-of-time compilation")
+    assert done.returncode == 0, done.stderr[-3000:]
