@@ -89,6 +89,9 @@ def use_backend(name: str):
 _PREFERENCE = ("cuda", "triton", "torch")
 
 
+# torch.compile cannot trace the ContextVar lookup (a graph break under fullgraph=True):
+# the choice is read once while tracing and the compiled graph keeps it.
+@torch.compiler.assume_constant_result
 def resolve(device: torch.device) -> str:
     """The concrete backend for an op whose inputs live on `device`."""
     requested = get_backend()
