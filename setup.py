@@ -63,7 +63,8 @@ setup(
     ],
     extras_require={
         "triton": ["triton>=3.6"],
-        "test": ["pytest", "pytest-benchmark", "hypothesis", "transformers>=4.48", "scipy", "scikit-learn"],
+        "test": ["pytest", "pytest-benchmark", "pytest-timeout", "hypothesis", "transformers>=4.48", "scipy", "scikit-learn",
+                 "matplotlib"],
         "bench": ["pytest-benchmark", "matplotlib", "transformers>=4.48"],
     },
     entry_points={"console_scripts": ["fastbert=fastbert.cli:main"]},

@@ -1,0 +1,141 @@
+"""LayerNorm-family benchmark: add_layernorm, layernorm_gelu and bias_gelu.
+
+Rows N = B * S = 32 * 512 = 16384 tokens; hidden 384 / 768 / 1024 (MiniLM,
+BERT-base, BERT-large) for the LayerNorm ops, intermediate 1536 / 3072 / 4096
+for bias_gelu. Weights and biases have x's dtype. eps = 1e-12 (BERT).
+
+Work (GB/s): the fewest bytes an implementation must move, e = element size,
+parameters (hidden or features long) counted once per read or write:
+    add_layernorm   fwd: read x, residual; write y                  3*N*H*e + 2*H*e
+                    bwd: read dy and the saved sum z = x + residual;
+                         write one gradient (dx == dresidual)       3*N*H*e + 3*H*e
+    layernorm_gelu  fwd: read x; write y                            2*N*H*e + 2*H*e
+                    bwd: read dy, x; write dx                       3*N*H*e + 4*H*e
+    bias_gelu       fwd: read x; write y                            2*N*F*e + F*e
+                    bwd: read dy, x; write dx                       3*N*F*e + 2*F*e
+fwd+bwd is the sum. The saved row statistics (8 bytes a row) are left out.
+
+Implementations: triton / cuda (fastbert.ops on that backend), eager (the
+*_ref functions, imported) and compile (torch.compile of the same reference).
+"""
+from __future__ import annotations
+
+import pytest
+import torch
+
+from benchmarks import harness
+from fastbert.ops import add_layernorm, available_backends, bias_gelu, layernorm_gelu, use_backend
+from fastbert.ops.gelu import bias_gelu_ref
+from fastbert.ops.layernorm import add_layernorm_ref, layernorm_gelu_ref
+
+ROWS = 32 * 512
+EPS = 1e-12
+HIDDEN = (384, 768, 1024)
+FEATURES = (1536, 3072, 4096)
+KEY = {"add_layernorm": 768, "layernorm_gelu": 768, "bias_gelu": 3072}
+QUICK = {"add_layernorm": (64, 64), "layernorm_gelu": (64, 64), "bias_gelu": (64, 128)}   # (rows, width)
+
+
+def bytes_moved(op: str, n: int, width: int, e: int, mode: str) -> float:
+    fwd, bwd = {
+        "add_layernorm": (3 * n * width * e + 2 * width * e, 3 * n * width * e + 3 * width * e),
+        "layernorm_gelu": (2 * n * width * e + 2 * width * e, 3 * n * width * e + 4 * width * e),
+        "bias_gelu": (2 * n * width * e + width * e, 3 * n * width * e + 2 * width * e),
+    }[op]
+    return {"fwd": fwd, "bwd": bwd, "fwd+bwd": fwd + bwd}[mode]
+
+
+# op -> (public function, reference, which inputs get gradients)
+def _add_layernorm(x, residual, weight, bias):
+    return add_layernorm(x, residual, weight, bias, EPS)
+
+
+def _add_layernorm_ref(x, residual, weight, bias):
+    return add_layernorm_ref(x, residual, weight, bias, EPS)
+
+
+def _layernorm_gelu(x, weight, bias):
+    return layernorm_gelu(x, weight, bias, EPS)
+
+
+def _layernorm_gelu_ref(x, weight, bias):
+    return layernorm_gelu_ref(x, weight, bias, EPS)
+
+
+OPS = {
+    "add_layernorm": (_add_layernorm, _add_layernorm_ref, (0, 1, 2, 3)),
+    "layernorm_gelu": (_layernorm_gelu, _layernorm_gelu_ref, (0, 1, 2)),
+    "bias_gelu": (bias_gelu, bias_gelu_ref, (0, 1)),
+}
+
+
+def make_inputs_fn(op, n, width, dtype, device, seed):
+    """make_inputs(k): set k, seeded. Never zeros; weights near 1 as a trained LayerNorm's are."""
+    def make_inputs(k):
+        g = torch.Generator(device=device).manual_seed(seed + k)
+
+        def randn(*shape, scale=1.0, shift=0.0):
+            return (torch.randn(*shape, device=device, generator=g) * scale + shift).to(dtype)
+        x = randn(n, width)
+        if op == "bias_gelu":
+            return x, randn(width, scale=0.1)
+        weight, bias = randn(width, scale=0.1, shift=1.0), randn(width, scale=0.1)
+        if op == "add_layernorm":
+            return x, randn(n, width), weight, bias
+        return x, weight, bias
+    return make_inputs
+
+
+def _on(backend, fn):
+    def run(*args):
+        with use_backend(backend):
+            return fn(*args)
+    return run
+
+
+def cases(profile: str, cfg: harness.Settings, compile_scope: str = "key") -> list[harness.Case]:
+    device = cfg.device
+    usable = available_backends(device)
+    quick = profile == "quick"
+    dtypes = [torch.bfloat16 if device.type == "cuda" else torch.float32] if quick else [torch.bfloat16, torch.float16]
+    out = []
+    for dtype in dtypes:
+        for op, (public, ref, grad_idx) in OPS.items():
+            widths = [QUICK[op][1]] if quick else (FEATURES if op == "bias_gelu" else HIDDEN)
+            n = QUICK[op][0] if quick else ROWS
+            for width in widths:
+                key = quick or width == KEY[op]
+                first_dtype = dtype == dtypes[0]
+                impls = {"triton": (_on("triton", public), "ok", "") if "triton" in usable else
+                         (None, "skipped", "triton backend not usable here (needs CUDA or TRITON_INTERPRET=1)")}
+                if "cuda" in usable:
+                    impls["cuda"] = (_on("cuda", public), "ok", "")
+                impls["eager"] = (ref, "ok", f"{ref.__name__.lstrip('_')} from fastbert.ops")
+                if compile_scope == "all" or (compile_scope == "key" and key and first_dtype):
+                    impls["compile"] = (harness.compiled(ref, cfg.compile_backend), "ok",
+                                        f"torch.compile({ref.__name__.lstrip('_')}, backend={cfg.compile_backend})")
+                label = f"N{n} {'F' if op == 'bias_gelu' else 'H'}{width}"
+                make_inputs = make_inputs_fn(op, n, width, dtype, device, seed=7 * width + len(op))
+                for mode in ("fwd", "fwd+bwd", "bwd"):
+                    tier = 1 if key and first_dtype and mode != "bwd" else 2 if first_dtype else 3
+                    for impl, (fn, status, note) in impls.items():
+                        out.append(harness.Case(
+                            op=op, impl=impl, label=label, shape={"N": n, "width": width},
+                            dtype=dtype, mode=mode, fn=fn, make_inputs=make_inputs,
+                            work=bytes_moved(op, n, width, torch.empty((), dtype=dtype).element_size(), mode),
+                            unit=harness.GBPS, grad_idx=grad_idx, tier=tier, status=status, note=note))
+    return out
+
+
+# ----------------------------------------------------------------------------- pytest-benchmark entry
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("mode", ["fwd", "fwd+bwd"])
+@pytest.mark.parametrize("impl", ["triton", "eager"])
+@pytest.mark.parametrize("op", list(OPS))
+def test_layernorm_family(benchmark, op, impl, mode):
+    found = [c for c in cases("budget", harness.Settings.make(torch.device("cuda")), compile_scope="none")
+             if c.op == op and c.impl == impl and c.mode == mode and c.dtype == torch.bfloat16 and c.tier == 1]
+    if not found:
+        pytest.skip(f"{impl} is not available here")
+    harness.pytest_benchmark(benchmark, found[0])

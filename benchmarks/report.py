@@ -1,0 +1,225 @@
+"""Turn a results JSON of `fastbert bench` into a markdown table and PNG plots, and
+refresh the performance table of the README from the latest results.
+
+    python -m benchmarks.report [RESULTS.json] [--out DIR] [--readme README.md] [--summary]
+
+RESULTS.json defaults to the newest benchmarks/results/<date>-<gpu>/kernels.json.
+--out DIR writes DIR/kernels.md (every row) and DIR/kernels.png (speed-up over
+eager and % of the measured ceiling, per op). --readme FILE replaces the text
+between the markers
+    <!-- fastbert-bench:start -->
+    <!-- fastbert-bench:end -->
+with the summary table (the key shapes). --summary prints that table.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import re
+import sys
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parents[1]
+RESULTS = REPO / "benchmarks" / "results"
+START, END = "<!-- fastbert-bench:start -->", "<!-- fastbert-bench:end -->"
+IMPL_ORDER = ["triton", "cuda", "eager", "compile", "sdpa_flash", "sdpa_efficient", "sdpa_cudnn", "sdpa_math",
+              "outer_sum", "python_nbest"]
+OP_ORDER = ["attention", "add_layernorm", "layernorm_gelu", "bias_gelu", "span_score"]
+MODE_ORDER = ["fwd", "bwd", "fwd+bwd"]
+
+
+def latest_results(root: Path = RESULTS) -> Path:
+    """The kernels.json in the newest results folder (folders are named <YYYY-MM-DD>-<gpu>)."""
+    found = sorted(root.glob("*/kernels.json"), key=lambda p: (p.parent.name, p.stat().st_mtime))
+    if not found:
+        raise FileNotFoundError(f"no results under {root} (expected {root}/<date>-<gpu>/kernels.json)")
+    return found[-1]
+
+
+def load(path: Path) -> dict:
+    return json.loads(Path(path).read_text())
+
+
+def _rank(value, order):
+    return order.index(value) if value in order else len(order)
+
+
+def _sorted_rows(rows):
+    return sorted(rows, key=lambda r: (_rank(r["op"], OP_ORDER), r["dtype"], r["dims"].get("S", 0),
+                                       r["shape"], _rank(r["mode"], MODE_ORDER), _rank(r["impl"], IMPL_ORDER)))
+
+
+def _num(x, fmt):
+    return "" if x is None else format(x, fmt)
+
+
+def _ms(r):
+    if r["status"] != "ok":
+        return r["status"]
+    return f"{r['ms']:.4g} [{r['ms_p20']:.4g}, {r['ms_p80']:.4g}]"
+
+
+def header(data: dict) -> str:
+    env, ceil, meta = data["env"], data.get("ceilings", {}), data.get("meta", {})
+    lines = [
+        f"GPU **{env.get('gpu')}** (driver {env.get('driver')}), torch {env.get('torch')}, "
+        f"triton {env.get('triton')}, CUDA {env.get('cuda')}, commit `{env.get('commit')}`, "
+        f"{meta.get('started_utc', '')}, profile `{meta.get('profile', '')}`.",
+    ]
+    if ceil:
+        lines.append(f"Measured ceilings: copy {ceil.get('copy_GBps', 0):.0f} GB/s (bytes read + written), "
+                     f"matmul {ceil.get('matmul_TFLOPs', 0):.1f} TFLOP/s ({ceil.get('matmul_shape', '')}).")
+    if data.get("skipped_for_time"):
+        lines.append(f"{len(data['skipped_for_time'])} case groups were skipped by the time limit.")
+    return "\n\n".join(lines)
+
+
+def markdown(data: dict) -> str:
+    """Every row, one table per op."""
+    out = ["# Kernel benchmarks", "", header(data), "",
+           "ms: median [p20, p80] of CUDA-event times per call; metric: GB/s (memory-bound ops) or TFLOP/s "
+           "(attention), from each op's bytes/FLOPs formula (benchmarks/bench_*.py); % ceil: of the measured "
+           "copy bandwidth or matmul rate; x eager: eager ms / ms, same run.", ""]
+    rows = _sorted_rows(data["rows"])
+    for op in sorted({r["op"] for r in rows}, key=lambda o: _rank(o, OP_ORDER)):
+        out += [f"## {op}", "",
+                "| impl | shape | dtype | mode | ms | metric | % ceil | x eager | peak MiB | note |",
+                "|---|---|---|---|---|---|---|---|---|---|"]
+        for r in (r for r in rows if r["op"] == op):
+            metric = f"{r['metric']:.4g} {r['unit']}" if r["metric"] is not None else ""
+            note = r["note"].replace("|", "/")[:140] if r["status"] != "ok" else ""
+            out.append(f"| {r['impl']} | {r['shape']} | {r['dtype']} | {r['mode']} | {_ms(r)} | {metric} | "
+                       f"{_num(r['pct_of_ceiling'], '.1f')} | {_num(r['speedup_vs_eager'], '.2f')} | "
+                       f"{_num(r['peak_mib'], '.0f')} | {note} |")
+        out.append("")
+    return "\n".join(out)
+
+
+def summary_markdown(data: dict) -> str:
+    """The key shapes (tier 1): one line per (op, shape, dtype, mode), one column per implementation,
+    each cell "ms (x eager)"; the last column is fastbert triton's % of the measured ceiling."""
+    rows = [r for r in data["rows"] if r.get("tier") == 1]
+    impls = sorted({r["impl"] for r in rows}, key=lambda i: _rank(i, IMPL_ORDER))
+    groups = {}
+    for r in _sorted_rows(rows):
+        groups.setdefault((r["op"], r["shape"], r["dtype"], r["mode"]), {})[r["impl"]] = r
+    out = [header(data), "",
+           "| op | shape | dtype | mode | " + " | ".join(impls) + " | triton % ceil |",
+           "|---|---|---|---|" + "---|" * len(impls) + "---|"]
+    for (op, shape, dtype, mode), by_impl in groups.items():
+        cells = []
+        for impl in impls:
+            r = by_impl.get(impl)
+            if r is None:
+                cells.append("")
+            elif r["status"] != "ok":
+                cells.append(r["status"])
+            else:
+                speed = f" ({r['speedup_vs_eager']:.3g}x)" if r["speedup_vs_eager"] is not None and impl != "eager" else ""
+                cells.append(f"{r['ms']:.3g} ms{speed}")
+        t = by_impl.get("triton")
+        pct = f"{t['pct_of_ceiling']:.0f}% of {'copy' if t['unit'] == 'GB/s' else 'matmul'}" \
+            if t and t.get("pct_of_ceiling") is not None else ""
+        out.append(f"| {op} | {shape} | {dtype} | {mode} | " + " | ".join(cells) + f" | {pct} |")
+    return "\n".join(out)
+
+
+def plot(data: dict, png: Path) -> Path | None:
+    """One figure, a column per op: speed-up over eager (log scale) above, % of ceiling below,
+    for the first dtype measured and the fwd+bwd mode (fwd for ops without a backward)."""
+    try:
+        import matplotlib
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        print("report: matplotlib is not installed; no plot", file=sys.stderr)
+        return None
+    rows = [r for r in data["rows"] if r["status"] == "ok"]
+    ops = sorted({r["op"] for r in rows}, key=lambda o: _rank(o, OP_ORDER))
+    if not ops:
+        return None
+    fig, axes = plt.subplots(2, len(ops), figsize=(max(6.0, 5.5 * len(ops)), 9), squeeze=False)
+    for col, op in enumerate(ops):
+        mine = [r for r in rows if r["op"] == op]
+        modes = {r["mode"] for r in mine}
+        mode = "fwd+bwd" if "fwd+bwd" in modes else "fwd"
+        dtype = next(r["dtype"] for r in _sorted_rows(data["rows"]) if r["op"] == op)
+        mine = [r for r in _sorted_rows(mine) if r["mode"] == mode and r["dtype"] == dtype]
+        shapes = list(dict.fromkeys(r["shape"] for r in mine))
+        impls = sorted({r["impl"] for r in mine}, key=lambda i: _rank(i, IMPL_ORDER))
+        width = 0.8 / max(len(impls), 1)
+        for row, (key, ylabel) in enumerate((("speedup_vs_eager", "speed-up over eager (x)"),
+                                             ("pct_of_ceiling", "% of measured ceiling"))):
+            ax = axes[row][col]
+            for i, impl in enumerate(impls):
+                by_shape = {r["shape"]: r.get(key) for r in mine if r["impl"] == impl}
+                xs = [s + (i - (len(impls) - 1) / 2) * width for s in range(len(shapes))]
+                ax.bar(xs, [by_shape.get(s) or 0.0 for s in shapes], width, label=impl)
+            ax.set_xticks(range(len(shapes)))
+            ax.set_xticklabels(shapes, rotation=60, ha="right", fontsize=7)
+            ax.set_ylabel(ylabel)
+            if key == "speedup_vs_eager":
+                ax.set_yscale("log")
+                ax.axhline(1.0, color="black", linewidth=0.8)
+                ax.set_title(f"{op} ({dtype}, {mode})")
+            ax.grid(axis="y", alpha=0.3)
+        axes[0][col].legend(fontsize=7)
+    env = data["env"]
+    fig.suptitle(f"fastbert kernels on {env.get('gpu')} (torch {env.get('torch')}, triton {env.get('triton')}, "
+                 f"commit {str(env.get('commit'))[:12]})")
+    fig.tight_layout()
+    png = Path(png)
+    png.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(png, dpi=90)
+    plt.close(fig)
+    return png
+
+
+def update_readme(readme: Path, data: dict, source: Path) -> None:
+    """Replace the block between the markers in `readme` with the summary table."""
+    text = Path(readme).read_text()
+    if START not in text or END not in text:
+        raise ValueError(f"{readme}: add the markers {START} and {END} where the table goes")
+    try:
+        shown = source.resolve().relative_to(REPO)
+    except ValueError:
+        shown = source
+    block = f"{START}\n{summary_markdown(data)}\n\nFull table: `{shown.with_suffix('.md')}`.\n{END}"
+    Path(readme).write_text(re.sub(re.escape(START) + ".*?" + re.escape(END), lambda m: block, text, flags=re.S))
+
+
+def write_all(data: dict, out_dir: Path, stem: str = "kernels") -> tuple[Path, Path | None]:
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    md = out_dir / f"{stem}.md"
+    md.write_text(markdown(data) + "\n")
+    return md, plot(data, out_dir / f"{stem}.png")
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m benchmarks.report", description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("results", nargs="?", type=Path, help="results JSON (default: the newest under benchmarks/results)")
+    parser.add_argument("--out", type=Path, help="write kernels.md and kernels.png here")
+    parser.add_argument("--readme", type=Path, help="replace the marked performance block of this README")
+    parser.add_argument("--summary", action="store_true", help="print the key-shape summary table")
+    args = parser.parse_args(argv)
+    try:
+        path = args.results or latest_results()
+        data = load(path)
+    except (FileNotFoundError, json.JSONDecodeError) as err:
+        print(f"report: error: {err}", file=sys.stderr)
+        return 2
+    if args.out:
+        md, png = write_all(data, args.out, stem=path.stem)
+        print(f"wrote {md}" + (f" and {png}" if png else ""))
+    if args.readme:
+        update_readme(args.readme, data, path)
+        print(f"updated {args.readme} from {path}")
+    if args.summary or not (args.out or args.readme):
+        print(summary_markdown(data))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

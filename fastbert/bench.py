@@ -1,0 +1,131 @@
+"""`fastbert bench`: time fastbert's kernels against eager PyTorch, torch.compile and SDPA.
+
+    fastbert bench [--suite kernels|all] [--quick | --budget] [--out DIR]
+                   [--ops attention,layernorm,span] [--compile none|key|all] [--time-limit SECONDS]
+
+Writes DIR/kernels.json (every row with GPU, driver, versions, commit and time),
+DIR/kernels.md (the full table) and DIR/kernels.png (plots); prints the key-shape
+summary last. DIR defaults to benchmarks/results/<date>-<gpu>/.
+
+  --quick       every benchmark once at tiny sizes, on CPU too (Triton through the
+                interpreter when TRITON_INTERPRET=1 is set before Python starts): a smoke test
+  --budget      fewer repetitions, for a GPU check of a few minutes (scripts/gpu_check.sh)
+  --compile     which cases get a torch.compile baseline: none, key (the key shapes, default), all
+  --time-limit  start no new case group after this many seconds (lowest-priority groups go first);
+                results are saved after every group, so a killed run keeps what it measured
+
+The harness and the benchmarks live in benchmarks/ of a source checkout (found next to
+this package, or at $FASTBERT_REPO). Also runnable as `python -m fastbert.bench`.
+"""
+from __future__ import annotations
+
+import argparse
+import datetime
+import importlib
+import os
+import re
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+SUITES = {"kernels": ("attention", "layernorm", "span")}
+SUITES["all"] = SUITES["kernels"]  # model-level benchmarks join "all" when they exist
+MODULES = {"attention": "benchmarks.bench_attention", "layernorm": "benchmarks.bench_layernorm",
+           "span": "benchmarks.bench_span"}
+
+
+def _checkout() -> Path:
+    """The source checkout holding benchmarks/, put on sys.path so `benchmarks` imports."""
+    candidates = [Path(os.environ["FASTBERT_REPO"])] if os.environ.get("FASTBERT_REPO") else []
+    candidates.append(Path(__file__).resolve().parents[1])
+    for repo in candidates:
+        if (repo / "benchmarks" / "harness.py").is_file():
+            if str(repo) not in sys.path:
+                sys.path.insert(0, str(repo))
+            return repo
+    raise RuntimeError("fastbert bench needs a source checkout: benchmarks/harness.py was not found in "
+                       f"{', '.join(map(str, candidates))} (set FASTBERT_REPO to the repository root)")
+
+
+def _default_out(repo: Path, env: dict) -> Path:
+    gpu = re.sub(r"[^a-z0-9]+", "-", str(env.get("gpu", "cpu")).lower()).strip("-")
+    return repo / "benchmarks" / "results" / f"{datetime.date.today().isoformat()}-{gpu}"
+
+
+def parse_args(argv):
+    parser = argparse.ArgumentParser(prog="fastbert bench", description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--suite", choices=sorted(SUITES), default="kernels")
+    speed = parser.add_mutually_exclusive_group()
+    speed.add_argument("--quick", action="store_true", help="tiny sizes, one pass; runs on CPU")
+    speed.add_argument("--budget", action="store_true", help="short repetitions for a timed GPU check")
+    parser.add_argument("--out", type=Path, default=None, help="output folder (default benchmarks/results/<date>-<gpu>)")
+    parser.add_argument("--ops", default=None, help="comma-separated subset of: " + ", ".join(MODULES))
+    parser.add_argument("--compile", dest="compile_scope", choices=["none", "key", "all"], default="key")
+    parser.add_argument("--time-limit", type=float, default=None, help="seconds; see above")
+    return parser.parse_args(argv)
+
+
+def main(argv=None) -> int:
+    args = parse_args(sys.argv[1:] if argv is None else argv)
+    started = time.monotonic()
+    try:
+        repo = _checkout()
+    except RuntimeError as err:
+        print(f"fastbert bench: error: {err}", file=sys.stderr)
+        return 2
+    from benchmarks import harness, report
+
+    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if device.type != "cuda" and not args.quick:
+        print("fastbert bench: error: no CUDA GPU here; timings on the CPU mean nothing. "
+              "Use --quick for the smoke test.", file=sys.stderr)
+        return 2
+    ops = list(SUITES[args.suite]) if args.ops is None else [o.strip() for o in args.ops.split(",") if o.strip()]
+    unknown = [o for o in ops if o not in MODULES]
+    if unknown:
+        print(f"fastbert bench: error: unknown --ops {unknown}; choose from {list(MODULES)}", file=sys.stderr)
+        return 2
+    profile = "quick" if args.quick else "budget" if args.budget else "full"
+    cfg = harness.Settings.make(device, quick=args.quick, budget=args.budget)
+    env = harness.environment(device)
+    out_dir = args.out or _default_out(repo, env)
+    results = harness.Results(out_dir / "kernels.json", env, cfg, meta={
+        "suite": args.suite, "ops": ops, "profile": profile, "compile_scope": args.compile_scope,
+        "time_limit_s": args.time_limit, "started_utc": harness.utc_now(), "argv": list(argv or sys.argv[1:]),
+        "fastbert_backends": __import__("fastbert").ops.available_backends(device),
+    })
+    print(f"fastbert bench: {profile} run of {', '.join(ops)} on {env['gpu']} "
+          f"(torch {env['torch']}, triton {env['triton']}, commit {env['commit']}) -> {out_dir}", flush=True)
+
+    results.ceilings = harness.measure_ceilings(cfg)
+    results.save()
+    c = results.ceilings
+    print(f"ceilings: copy {c['copy_GBps']:.1f} GB/s, matmul {c['matmul_TFLOPs']:.2f} TFLOP/s "
+          f"({c['matmul_shape']})", flush=True)
+
+    cases = []
+    for op in ops:
+        cases += importlib.import_module(MODULES[op]).cases(profile, cfg, args.compile_scope)
+    deadline = started + args.time_limit if args.time_limit else None
+    harness.run_cases(cases, cfg, results, deadline, log=lambda line: print(line, flush=True))
+    results.meta["finished_utc"] = harness.utc_now()
+    results.meta["wall_s"] = round(time.monotonic() - started, 1)
+    results.save()
+
+    data = report.load(results.path)
+    md, png = report.write_all(data, out_dir)
+    print(f"\nwrote {results.path}, {md}" + (f", {png}" if png else "") + f" in {results.meta['wall_s']} s")
+    if results.skipped_for_time:
+        print(f"time limit: {len(results.skipped_for_time)} case groups not run (listed in the JSON)")
+    print(report.summary_markdown(data))
+    broken = [r for r in results.rows if r["status"] == "error" and r["impl"] in ("triton", "cuda", "eager")]
+    for r in broken:
+        print(f"ERROR {r['op']} {r['impl']} {r['shape']} {r['dtype']} {r['mode']}: {r['note']}", file=sys.stderr)
+    return 1 if broken else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

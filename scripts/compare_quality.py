@@ -1,0 +1,143 @@
+"""Fine-tune the embedded MiniLM with fastbert and with transformers on the same
+data, seed, epochs, batch size, learning rate, schedule and max length, and
+compare the dev metrics (issue 4's quality bar).
+
+Both sides run through the same training loop (fastbert.train.Trainer) and the
+same evaluation (fastbert.tasks.evaluate); only the model differs: fastbert's
+heads against transformers' BertFor* classes loaded from the same checkpoint.
+
+    python scripts/compare_quality.py --tasks sst2 stsb pos squad --seeds 1 2 3 --out results.json
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import time
+from pathlib import Path
+
+import torch
+import transformers
+
+import fastbert
+from fastbert import data, heads, tasks, train
+
+DATA = Path(__file__).resolve().parents[1].parent / "shared" / "data"
+
+# Budgets of issue 4 (2-core CPU). eval_split: evaluate on rows [n_train, n_train + n_dev) of the same file.
+BUDGETS = {
+    "sst2": dict(file="sst2/train.tsv", n_train=8000, n_dev=1000, lr=8e-5, batch_size=32, max_seq_len=128, epochs=1),
+    "stsb": dict(file="stsb/train.tsv", n_train=2000, n_dev=500, lr=8e-5, batch_size=32, max_seq_len=128, epochs=3),
+    "pos": dict(file="ud_ewt/en_ewt-ud-train.conllu", dev_file="ud_ewt/en_ewt-ud-dev.conllu", n_train=2000,
+                n_dev=None, lr=8e-5, batch_size=32, max_seq_len=128, epochs=2),
+    "squad": dict(file="squad/train-from-dev-v1.1.json", n_train=None, n_dev=None, lr=8e-5, batch_size=32,
+                  max_seq_len=256, epochs=1, doc_stride=128),
+}
+
+
+class HFAdapter(torch.nn.Module):
+    """transformers' model behind fastbert's TaskOutput interface."""
+
+    def __init__(self, model):
+        super().__init__()
+        self.model = model
+
+    def forward(self, input_ids, attention_mask=None, token_type_ids=None, labels=None,
+                start_positions=None, end_positions=None):
+        kwargs = {k: v for k, v in dict(labels=labels, start_positions=start_positions,
+                                        end_positions=end_positions).items() if v is not None}
+        out = self.model(input_ids=input_ids, attention_mask=attention_mask, token_type_ids=token_type_ids, **kwargs)
+        logits = torch.stack([out.start_logits, out.end_logits], -1) if hasattr(out, "start_logits") else out.logits
+        return heads.TaskOutput(getattr(out, "loss", None), logits)
+
+    def save_pretrained(self, folder):
+        self.model.save_pretrained(str(folder))
+
+
+def split_data(task, spec, tokenizer, budget):
+    path = DATA / budget["file"]
+    if task == "squad":
+        examples = data.read_squad(path)
+        titles = sorted({e.title for e in examples})
+        held_out = set(titles[::6])  # every sixth article is the dev split: split by article
+        train_ex = [e for e in examples if e.title not in held_out]
+        dev_ex = [e for e in examples if e.title in held_out]
+        build = lambda ex: tasks.TaskData(data.build_squad_features(ex, tokenizer, spec.max_seq_len, spec.doc_stride), ex)
+        return build(train_ex), build(dev_ex)
+    if task == "pos":
+        return (tasks.read(spec, path, tokenizer, budget["n_train"]),
+                tasks.read(spec, DATA / budget["dev_file"], tokenizer))
+    whole = tasks.read(spec, path, tokenizer, budget["n_train"] + budget["n_dev"])
+    n = budget["n_train"]
+    return tasks.TaskData(whole.features[:n]), tasks.TaskData(whole.features[n:])
+
+
+def build(task, impl, spec):
+    if impl == "fastbert":
+        return tasks.build_model(spec, "default")
+    path = str(fastbert.default_model_path())
+    if spec.kind == "qa":
+        model = transformers.BertForQuestionAnswering.from_pretrained(path)
+    elif spec.kind == "tagging":
+        model = transformers.BertForTokenClassification.from_pretrained(path, num_labels=len(spec.labels))
+    else:
+        model = transformers.BertForSequenceClassification.from_pretrained(
+            path, num_labels=1 if spec.kind == "regression" else len(spec.labels))
+    return HFAdapter(model)
+
+
+def run(task, impl, seed, out_dir, budget, device):
+    spec = tasks.TaskSpec.preset(task, max_seq_len=budget["max_seq_len"], doc_stride=budget.get("doc_stride"))
+    tokenizer = fastbert.Tokenizer.from_pretrained("default")
+    train_data, dev_data = split_data(task, spec, tokenizer, budget)
+    torch.manual_seed(seed)  # the new head's initialisation
+    model = build(task, impl, spec).to(device)
+    cfg = train.TrainConfig(out=out_dir / f"{task}-{impl}-{seed}", epochs=budget["epochs"], batch_size=budget["batch_size"],
+                            lr=budget["lr"], seed=seed, bucket_by_length=False, progress=False, precision="fp32")
+    trainer = train.Trainer(model, train_data.features, data.collate, cfg,
+                            lambda m: tasks.evaluate(m, spec, dev_data), train_data.lengths)
+    started = time.perf_counter()
+    summary = trainer.train()
+    return {"task": task, "impl": impl, "seed": seed, "wall_time_s": time.perf_counter() - started,
+            "train_features": len(train_data.features), "dev_features": len(dev_data.features),
+            "metrics": summary["epochs"][-1], "tokens_per_s": summary["tokens_per_s"]}
+
+
+def main(argv=None):
+    parser = argparse.ArgumentParser(description=__doc__)
+    parser.add_argument("--tasks", nargs="+", default=["sst2", "stsb", "pos", "squad"], choices=sorted(BUDGETS))
+    parser.add_argument("--seeds", nargs="+", type=int, default=[1, 2, 3])
+    parser.add_argument("--impls", nargs="+", default=["fastbert", "transformers"])
+    parser.add_argument("--scale", type=float, default=1.0, help="fraction of each training budget (CI: small)")
+    parser.add_argument("--out", default="runs/quality.json")
+    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    args = parser.parse_args(argv)
+    out = Path(args.out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    results = json.loads(out.read_text()) if out.exists() else []
+    done = {(r["task"], r["impl"], r["seed"]) for r in results}
+    for task in args.tasks:
+        budget = dict(BUDGETS[task])
+        if budget.get("n_train") and args.scale != 1.0:
+            budget["n_train"] = max(64, int(budget["n_train"] * args.scale))
+        for seed in args.seeds:
+            for impl in args.impls:
+                if (task, impl, seed) in done:
+                    continue
+                record = run(task, impl, seed, out.parent / "quality-runs", budget, torch.device(args.device))
+                results.append(record)
+                out.write_text(json.dumps(results, indent=2))
+                print(json.dumps(record), flush=True)
+    for task in args.tasks:
+        for impl in args.impls:
+            rows = [r for r in results if r["task"] == task and r["impl"] == impl]
+            for key in rows[0]["metrics"] if rows else []:
+                if key in ("epoch", "step"):
+                    continue
+                values = [r["metrics"][key] for r in rows]
+                spread = statistics.stdev(values) if len(values) > 1 else 0.0
+                print(f"{task:6} {impl:12} {key:15} mean {statistics.mean(values):.4f}  sd {spread:.4f}  n={len(values)}")
+
+
+if __name__ == "__main__":
+    main()

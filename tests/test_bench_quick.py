@@ -1,0 +1,72 @@
+"""Smoke test of the kernel benchmark suite: `fastbert bench --quick` runs every
+benchmark once at tiny sizes (Triton through the interpreter on a CPU) and writes
+the results JSON, the markdown table and the plot. No timing is asserted."""
+import json
+
+import pytest
+import torch
+
+from fastbert.ops import available_backends
+
+OPS = {"attention", "add_layernorm", "layernorm_gelu", "bias_gelu", "span_score"}
+ROW_KEYS = {"op", "impl", "shape", "dtype", "mode", "status", "ms", "ms_p20", "ms_p80", "unit", "metric",
+            "pct_of_ceiling", "speedup_vs_eager", "peak_mib", "utc",
+            "gpu", "driver", "torch", "triton", "cuda", "commit"}
+
+
+@pytest.fixture(scope="module")
+def quick_run(tmp_path_factory):
+    from fastbert.bench import main
+
+    out = tmp_path_factory.mktemp("bench")
+    rc = main(["--suite", "kernels", "--quick", "--out", str(out)])
+    yield rc, out
+    torch._dynamo.reset()  # leave no compiled baselines behind for later tests
+
+
+def test_quick_run_writes_json_table_and_plot(quick_run):
+    rc, out = quick_run
+    assert rc == 0
+    data = json.loads((out / "kernels.json").read_text())
+    assert data["ceilings"]["copy_GBps"] > 0 and data["ceilings"]["matmul_TFLOPs"] > 0
+    rows = data["rows"]
+    assert {r["op"] for r in rows} == OPS
+    for r in rows:
+        assert ROW_KEYS <= r.keys(), f"row misses {ROW_KEYS - r.keys()}: {r}"
+        assert r["status"] in ("ok", "skipped", "unsupported", "error")
+    for op in OPS - {"span_score"}:
+        assert {r["mode"] for r in rows if r["op"] == op} == {"fwd", "bwd", "fwd+bwd"}, op
+    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    must_run = {"eager", "compile", "outer_sum", "python_nbest", "sdpa_math"}
+    if "triton" in available_backends(device):
+        must_run.add("triton")
+    broken = [(r["op"], r["impl"], r["mode"], r["note"]) for r in rows if r["impl"] in must_run and r["status"] != "ok"]
+    assert not broken, broken
+    for r in rows:
+        if r["status"] == "ok":
+            assert r["ms_p20"] <= r["ms"] <= r["ms_p80"] and r["metric"] > 0
+            assert r["speedup_vs_eager"] is not None
+    assert (out / "kernels.png").stat().st_size > 0
+    assert "## attention" in (out / "kernels.md").read_text()
+
+
+def test_report_rebuilds_table_and_readme_block(quick_run, tmp_path):
+    from benchmarks import report
+
+    _, out = quick_run
+    assert report.main([str(out / "kernels.json"), "--out", str(tmp_path)]) == 0
+    assert (tmp_path / "kernels.md").exists() and (tmp_path / "kernels.png").exists()
+    readme = tmp_path / "README.md"
+    readme.write_text(f"# x\n\nbefore\n{report.START}\nold table\n{report.END}\nafter\n")
+    report.update_readme(readme, report.load(out / "kernels.json"), out / "kernels.json")
+    text = readme.read_text()
+    assert "old table" not in text and "| attention |" in text
+    assert text.startswith("# x\n\nbefore\n") and text.endswith("after\n")
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="checks the refusal without a GPU")
+def test_full_run_refused_without_gpu(tmp_path, capsys):
+    from fastbert.bench import main
+
+    assert main(["--out", str(tmp_path)]) == 2
+    assert "--quick" in capsys.readouterr().err
