@@ -1,0 +1,75 @@
+"""BertModel on the "triton" backend against the "torch" backend (the reference):
+forward, every gradient, and a short fine-tuning run. Without a GPU the kernels
+run through the Triton interpreter, so sizes stay small."""
+import pytest
+import torch
+
+import fastbert
+from conftest import DEVICE, assert_close_to_ref
+from fastbert import heads
+
+pytest.importorskip("triton")
+
+
+def _batch(tokenizer):
+    texts = ["The cat sat on the mat.", "hello", "A longer sentence, with punctuation; and more words!"]
+    pairs = ["Another one.", "pair here ok", "short"]
+    return {k: v.to(DEVICE) for k, v in tokenizer(texts, pairs).items()}
+
+
+def _run(model, batch, backend, weight):
+    model.zero_grad()
+    with fastbert.ops.use_backend(backend):
+        out = model(**batch)
+    real = batch["attention_mask"][..., None].to(out.last_hidden_state.dtype)
+    ((out.last_hidden_state * weight.to(real.dtype) * real).sum() + out.pooler_output.sum()).backward()
+    grads = {n: p.grad.detach().clone() for n, p in model.named_parameters()}
+    return out.last_hidden_state.detach(), out.pooler_output.detach(), grads
+
+
+def test_minilm_triton_matches_torch_forward_and_backward():
+    tokenizer = fastbert.Tokenizer.from_pretrained("default")
+    model = fastbert.BertModel.from_pretrained("default").to(DEVICE).eval()
+    batch = _batch(tokenizer)
+    torch.manual_seed(0)
+    weight = torch.randn(*batch["input_ids"].shape, 384, device=DEVICE)
+    hidden, pooled, grads = _run(model, batch, "triton", weight)
+    base_hidden, base_pooled, base_grads = _run(model, batch, "torch", weight)
+    model64 = fastbert.BertModel.from_pretrained("default").to(DEVICE).double().eval()
+    ref_hidden, ref_pooled, ref_grads = _run(model64, batch, "torch", weight)
+    real = batch["attention_mask"].bool()
+    assert_close_to_ref(hidden[real], ref_hidden[real], base_hidden[real], "last_hidden_state")
+    assert_close_to_ref(pooled, ref_pooled, base_pooled, "pooler_output")
+    for name, g in grads.items():
+        if name.endswith("attention.key.bias"):
+            continue  # exactly zero in exact arithmetic: rounding noise on every side
+        # Gradients accumulate over every token: the floor scales with the gradient's size.
+        floor = 1e-5 * ref_grads[name].abs().max().item()
+        assert_close_to_ref(g, ref_grads[name], base_grads[name], name, floor=floor)
+
+
+def test_short_finetuning_agrees_step_by_step():
+    config = fastbert.BertConfig(vocab_size=100, hidden_size=64, num_hidden_layers=2, num_attention_heads=2,
+                                 intermediate_size=128, max_position_embeddings=32,
+                                 hidden_dropout_prob=0.0, attention_probs_dropout_prob=0.0)
+    torch.manual_seed(0)
+    ids = torch.randint(1, 100, (4, 19), device=DEVICE)
+    mask = torch.ones_like(ids)
+    mask[1, 11:] = 0
+    mask[3, 5:] = 0
+    labels = torch.tensor([0, 1, 1, 0], device=DEVICE)
+    losses = {}
+    for backend in ("torch", "triton"):
+        torch.manual_seed(1)
+        model = heads.BertForSequenceClassification(config, num_labels=2).to(DEVICE)
+        opt = torch.optim.AdamW(model.parameters(), lr=1e-3)
+        losses[backend] = []
+        with fastbert.ops.use_backend(backend):
+            for _ in range(5):
+                loss = model(ids, mask, labels=labels).loss
+                loss.backward()
+                opt.step()
+                opt.zero_grad()
+                losses[backend].append(loss.item())
+    for step, (a, b) in enumerate(zip(losses["torch"], losses["triton"])):
+        assert abs(a - b) <= 1e-4 * max(1.0, abs(a)), f"step {step}: torch {a} vs triton {b}"
