@@ -12,12 +12,12 @@ Inputs are validated once here, before dispatch; the backend ("torch",
 fastest one that runs on the inputs' device.
 """
 from ._backend import available_backends, describe_default, get_backend, set_backend, use_backend
-from .attention import attention
+from .attention import attention, attention_varlen
 from .gelu import bias_gelu
 from .layernorm import add_layernorm, layernorm_gelu
 from .span import span_score
 
 __all__ = [
-    "attention", "bias_gelu", "add_layernorm", "layernorm_gelu", "span_score",
+    "attention", "attention_varlen", "bias_gelu", "add_layernorm", "layernorm_gelu", "span_score",
     "use_backend", "set_backend", "get_backend", "available_backends", "describe_default",
 ]
