@@ -93,7 +93,7 @@ def run(task, impl, seed, out_dir, budget, device):
     torch.manual_seed(seed)  # the new head's initialisation
     model = build(task, impl, spec).to(device)
     cfg = train.TrainConfig(out=out_dir / f"{task}-{impl}-{seed}", epochs=budget["epochs"], batch_size=budget["batch_size"],
-                            lr=budget["lr"], seed=seed, bucket_by_length=False, progress=False, precision="fp32")
+                            lr=budget["lr"], seed=seed, bucket_by_length=True, progress=False, precision="fp32")
     trainer = train.Trainer(model, train_data.features, data.collate, cfg,
                             lambda m: tasks.evaluate(m, spec, dev_data), train_data.lengths)
     started = time.perf_counter()
