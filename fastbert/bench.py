@@ -1,11 +1,15 @@
 """`fastbert bench`: time fastbert's kernels against eager PyTorch, torch.compile and SDPA.
 
-    fastbert bench [--suite kernels|all] [--quick | --budget] [--out DIR]
+    fastbert bench [--suite kernels|e2e|all] [--quick | --budget] [--out DIR]
                    [--ops attention,layernorm,span] [--compile none|key|all] [--time-limit SECONDS]
+                   [--filter REGEX]
 
 Writes DIR/kernels.json (every row with GPU, driver, versions, commit and time),
 DIR/kernels.md (the full table) and DIR/kernels.png (plots); prints the key-shape
-summary last. DIR defaults to benchmarks/results/<date>-<gpu>/.
+summary last. DIR defaults to benchmarks/results/<date>-<gpu>/. The e2e suite
+(benchmarks/bench_e2e.py: a fine-tuning step and inference of BERT-base/large with
+a classification and a QA head, fastbert against transformers) writes DIR/e2e.json,
+DIR/e2e.md and DIR/e2e.png the same way; "all" runs kernels, then e2e.
 
   --quick       every benchmark once at tiny sizes, on CPU too (Triton through the
                 interpreter when TRITON_INTERPRET=1 is set before Python starts): a smoke test
@@ -13,6 +17,8 @@ summary last. DIR defaults to benchmarks/results/<date>-<gpu>/.
   --compile     which cases get a torch.compile baseline: none, key (the key shapes, default), all
   --time-limit  start no new case group after this many seconds (lowest-priority groups go first);
                 results are saved after every group, so a killed run keeps what it measured
+                (with --suite all the limit covers both suites: e2e gets what kernels left)
+  --filter      e2e only: run the cases whose "<model>-<head> <shape> <mode> <impl>" matches REGEX
 
 The harness and the benchmarks live in benchmarks/ of a source checkout (found next to
 this package, or at $FASTBERT_REPO). Also runnable as `python -m fastbert.bench`.
@@ -30,8 +36,8 @@ from pathlib import Path
 
 import torch
 
-SUITES = {"kernels": ("attention", "layernorm", "span")}
-SUITES["all"] = SUITES["kernels"]  # model-level benchmarks join "all" when they exist
+SUITES = {"kernels": ("attention", "layernorm", "span"), "e2e": ()}
+SUITES["all"] = SUITES["kernels"]  # and then the e2e suite (benchmarks/bench_e2e.py)
 MODULES = {"attention": "benchmarks.bench_attention", "layernorm": "benchmarks.bench_layernorm",
            "span": "benchmarks.bench_span"}
 
@@ -65,6 +71,7 @@ def parse_args(argv):
     parser.add_argument("--ops", default=None, help="comma-separated subset of: " + ", ".join(MODULES))
     parser.add_argument("--compile", dest="compile_scope", choices=["none", "key", "all"], default="key")
     parser.add_argument("--time-limit", type=float, default=None, help="seconds; see above")
+    parser.add_argument("--filter", default=None, help="e2e: regex over '<model>-<head> <shape> <mode> <impl>'")
     return parser.parse_args(argv)
 
 
@@ -76,13 +83,28 @@ def main(argv=None) -> int:
     except RuntimeError as err:
         print(f"fastbert bench: error: {err}", file=sys.stderr)
         return 2
-    from benchmarks import harness, report
+    from benchmarks import harness
 
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     if device.type != "cuda" and not args.quick:
         print("fastbert bench: error: no CUDA GPU here; timings on the CPU mean nothing. "
               "Use --quick for the smoke test.", file=sys.stderr)
         return 2
+    rc = 0
+    if args.suite != "e2e":
+        rc = _kernels(args, argv, repo, device, started)
+    if args.suite in ("e2e", "all"):
+        from benchmarks import bench_e2e
+
+        out_dir = args.out or _default_out(repo, harness.environment(device))
+        rc = max(rc, bench_e2e.run(args, device, out_dir, started, list(argv or sys.argv[1:]),
+                                   log=lambda line: print(line, flush=True)))
+    return rc
+
+
+def _kernels(args, argv, repo, device, started) -> int:
+    from benchmarks import harness, report
+
     ops = list(SUITES[args.suite]) if args.ops is None else [o.strip() for o in args.ops.split(",") if o.strip()]
     unknown = [o for o in ops if o not in MODULES]
     if unknown:
