@@ -8,13 +8,17 @@ Backends: "torch" runs the reference; "triton" runs kernels/gelu.py through
 BiasGeluFunction (shared by every backend: it receives the backend's launchers
 bias_gelu_fwd/bias_gelu_bwd). Eager mode calls the launchers directly; under
 torch.compile the Function calls them as the custom ops fastbert::bias_gelu_fwd/_bwd
-registered with torch.library.triton_op, so fullgraph=True traces through.
+registered with torch.library.triton_op, so fullgraph=True traces through. "cuda" runs
+csrc/gelu.cu (fastbert._C) through the same Function with the launchers of
+fastbert/ops/_cuda.py; under torch.compile they are the opaque custom ops
+fastbert::bias_gelu_{fwd,bwd}_cuda with fake (meta) functions.
 """
 from __future__ import annotations
 
 import torch
 import torch.nn.functional as F
 
+from . import _cuda
 from ._backend import interpreter_on, resolve
 
 try:
@@ -75,10 +79,48 @@ class _TritonCustomOps:
         return torch.ops.fastbert.bias_gelu_bwd(*args)
 
 
+# The CUDA launchers as custom ops: opaque to the compiler (fastbert._C takes raw
+# pointers), so each has a fake function that allocates its outputs from shapes alone.
+
+@torch.library.custom_op("fastbert::bias_gelu_fwd_cuda", mutates_args=())
+def _bias_gelu_fwd_cuda(x: torch.Tensor, bias: torch.Tensor, approximate: str) -> torch.Tensor:
+    return _cuda.bias_gelu_fwd(x, bias, approximate)
+
+
+@_bias_gelu_fwd_cuda.register_fake
+def _(x, bias, approximate):
+    return x.new_empty(x.shape)
+
+
+@torch.library.custom_op("fastbert::bias_gelu_bwd_cuda", mutates_args=())
+def _bias_gelu_bwd_cuda(dy: torch.Tensor, x: torch.Tensor, bias: torch.Tensor,
+                        approximate: str) -> tuple[torch.Tensor, torch.Tensor]:
+    return _cuda.bias_gelu_bwd(dy, x, bias, approximate)
+
+
+@_bias_gelu_bwd_cuda.register_fake
+def _(dy, x, bias, approximate):
+    return x.new_empty(x.shape), bias.new_empty(bias.shape)
+
+
+class _CudaCustomOps:
+    """The CUDA launchers as registered custom ops: what the Function calls when compiling."""
+
+    @staticmethod
+    def bias_gelu_fwd(*args):
+        return torch.ops.fastbert.bias_gelu_fwd_cuda(*args)
+
+    @staticmethod
+    def bias_gelu_bwd(*args):
+        return torch.ops.fastbert.bias_gelu_bwd_cuda(*args)
+
+
 def _launchers(backend):
     """The launcher namespace of `backend` (custom-op dispatch only while compiling)."""
     if backend == "triton":
         return _TritonCustomOps if torch.compiler.is_compiling() else _triton_gelu
+    if backend == "cuda":
+        return _CudaCustomOps if torch.compiler.is_compiling() else _cuda
     raise NotImplementedError(f"bias_gelu: no launchers for backend {backend!r}")
 
 
@@ -92,7 +134,7 @@ def bias_gelu(x, bias, approximate="none"):
     x: (..., features); bias: (features,), x's dtype or float32 (mixed precision; the
     sum is then formed in float32). The triton backend takes float32/float16/bfloat16 x
     of any width, computes in fp32 and needs a contiguous last dimension (other layouts
-    are copied with .contiguous()).
+    are copied with .contiguous()). The cuda backend takes the same (csrc/gelu.cu).
     """
     for name, t in (("x", x), ("bias", bias)):
         if not isinstance(t, torch.Tensor):
@@ -113,7 +155,9 @@ def bias_gelu(x, bias, approximate="none"):
     if backend == "torch":
         return bias_gelu_ref(x, bias, approximate).to(x.dtype)
     if backend == "cuda":
-        raise NotImplementedError("bias_gelu: the 'cuda' backend is not implemented yet")
+        if x.dtype not in _cuda.DTYPES:
+            raise TypeError(f"bias_gelu: the cuda backend takes float32, float16 or bfloat16 x, got {x.dtype}")
+        return BiasGeluFunction.apply(x, bias, approximate, backend)
     if x.dtype not in (torch.float32, torch.float16, torch.bfloat16):
         raise TypeError(f"bias_gelu: the triton backend takes float32, float16 or bfloat16 x, got {x.dtype}")
     if x.dtype == torch.bfloat16 and interpreter_on():

@@ -10,7 +10,10 @@ the autograd Functions here (one per op, shared by every backend: each receives 
 backend's launchers `<op>_fwd`/`<op>_bwd`). In eager mode the Functions call the Triton
 launchers directly; under torch.compile they call the same launchers registered as
 custom ops (fastbert::add_layernorm_fwd, ...) with torch.library.triton_op, so the
-compiler traces through the kernels with fullgraph=True.
+compiler traces through the kernels with fullgraph=True. "cuda" runs csrc/layernorm*.cu
+(fastbert._C) through the same Functions with the launchers of fastbert/ops/_cuda.py;
+under torch.compile they are the opaque custom ops fastbert::<op>_{fwd,bwd}_cuda with
+fake (meta) functions, so fullgraph=True still holds.
 """
 from __future__ import annotations
 
@@ -19,6 +22,7 @@ from typing import Optional
 import torch
 import torch.nn.functional as F
 
+from . import _cuda
 from ._backend import interpreter_on, resolve
 
 try:
@@ -191,11 +195,96 @@ class _TritonCustomOps:
         return torch.ops.fastbert.layernorm_gelu_bwd(*args)
 
 
+# The CUDA launchers as custom ops: opaque to the compiler (fastbert._C takes raw
+# pointers), so each has a fake function that allocates its outputs from shapes alone.
+
+@torch.library.custom_op("fastbert::add_layernorm_fwd_cuda", mutates_args=())
+def _add_layernorm_fwd_cuda(x: torch.Tensor, residual: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor,
+                            eps: float, dropout_p: float,
+                            seed: Optional[torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    return _cuda.add_layernorm_fwd(x, residual, weight, bias, eps, dropout_p, seed)
+
+
+@_add_layernorm_fwd_cuda.register_fake
+def _(x, residual, weight, bias, eps, dropout_p, seed):
+    m = x.numel() // x.shape[-1]
+    return x.new_empty(x.shape), x.new_empty((m,), dtype=torch.float32), x.new_empty((m,), dtype=torch.float32)
+
+
+@torch.library.custom_op("fastbert::add_layernorm_bwd_cuda", mutates_args=())
+def _add_layernorm_bwd_cuda(dy: torch.Tensor, x: torch.Tensor, residual: torch.Tensor, weight: torch.Tensor,
+                            mean: torch.Tensor, rstd: torch.Tensor, dropout_p: float,
+                            seed: Optional[torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor,
+                                                                   torch.Tensor]:
+    return _cuda.add_layernorm_bwd(dy, x, residual, weight, mean, rstd, dropout_p, seed)
+
+
+@_add_layernorm_bwd_cuda.register_fake
+def _(dy, x, residual, weight, mean, rstd, dropout_p, seed):
+    dx = x.new_empty(x.shape if dropout_p > 0.0 else (0,))
+    return dx, x.new_empty(x.shape), weight.new_empty(weight.shape), weight.new_empty(weight.shape)
+
+
+@torch.library.custom_op("fastbert::layernorm_gelu_fwd_cuda", mutates_args=())
+def _layernorm_gelu_fwd_cuda(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor,
+                             eps: float) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    return _cuda.layernorm_gelu_fwd(x, weight, bias, eps)
+
+
+@_layernorm_gelu_fwd_cuda.register_fake
+def _(x, weight, bias, eps):
+    m = x.numel() // x.shape[-1]
+    return x.new_empty(x.shape), x.new_empty((m,), dtype=torch.float32), x.new_empty((m,), dtype=torch.float32)
+
+
+@torch.library.custom_op("fastbert::layernorm_gelu_bwd_cuda", mutates_args=())
+def _layernorm_gelu_bwd_cuda(dy: torch.Tensor, x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor,
+                             mean: torch.Tensor, rstd: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor,
+                                                                              torch.Tensor]:
+    return _cuda.layernorm_gelu_bwd(dy, x, weight, bias, mean, rstd)
+
+
+@_layernorm_gelu_bwd_cuda.register_fake
+def _(dy, x, weight, bias, mean, rstd):
+    return x.new_empty(x.shape), weight.new_empty(weight.shape), weight.new_empty(weight.shape)
+
+
+class _CudaCustomOps:
+    """The CUDA launchers as registered custom ops: what the Functions call when compiling."""
+
+    @staticmethod
+    def add_layernorm_fwd(*args):
+        return torch.ops.fastbert.add_layernorm_fwd_cuda(*args)
+
+    @staticmethod
+    def add_layernorm_bwd(*args):
+        return torch.ops.fastbert.add_layernorm_bwd_cuda(*args)
+
+    @staticmethod
+    def layernorm_gelu_fwd(*args):
+        return torch.ops.fastbert.layernorm_gelu_fwd_cuda(*args)
+
+    @staticmethod
+    def layernorm_gelu_bwd(*args):
+        return torch.ops.fastbert.layernorm_gelu_bwd_cuda(*args)
+
+
 def _launchers(backend):
     """The launcher namespace of `backend` (custom-op dispatch only while compiling)."""
     if backend == "triton":
         return _TritonCustomOps if torch.compiler.is_compiling() else _triton_layernorm
+    if backend == "cuda":
+        return _CudaCustomOps if torch.compiler.is_compiling() else _cuda
     raise NotImplementedError(f"layernorm: no launchers for backend {backend!r}")
+
+
+def _check_cuda_rows(op, x):
+    """What the CUDA kernels support beyond the op's definition."""
+    if x.dtype not in _cuda.DTYPES:
+        raise TypeError(f"{op}: the cuda backend takes float32, float16 or bfloat16 x, got {x.dtype}")
+    if not 1 <= x.shape[-1] <= _cuda.LAYERNORM_MAX_HIDDEN:
+        raise ValueError(f"{op}: the cuda backend takes hidden sizes 1..{_cuda.LAYERNORM_MAX_HIDDEN} "
+                         f"(x's last dimension), got {x.shape[-1]}")
 
 
 
@@ -209,7 +298,8 @@ def add_layernorm(x, residual, weight, bias, eps, dropout_p=0.0):
     The triton backend takes float32/float16/bfloat16 and hidden <= 4096, computes in fp32,
     needs a contiguous last dimension (other layouts are copied with .contiguous()), and
     draws its dropout seed from the device's default generator (torch.manual_seed
-    reproduces it); the backward regenerates the dropout mask from that seed.
+    reproduces it); the backward regenerates the dropout mask from that seed. The cuda
+    backend takes the same dtypes and widths (csrc/layernorm*.cu).
     """
     _check_rows("add_layernorm", x, weight, bias, residual)
     if not 0.0 <= dropout_p < 1.0:
@@ -218,8 +308,9 @@ def add_layernorm(x, residual, weight, bias, eps, dropout_p=0.0):
     if backend == "torch":
         return add_layernorm_ref(x, residual, weight, bias, eps, dropout_p)
     if backend == "cuda":
-        raise NotImplementedError("add_layernorm: the 'cuda' backend is not implemented yet")
-    _check_kernel_rows("add_layernorm", x)
+        _check_cuda_rows("add_layernorm", x)
+    else:
+        _check_kernel_rows("add_layernorm", x)
     return AddLayerNormFunction.apply(x, residual, weight, bias, float(eps), float(dropout_p), backend)
 
 
@@ -228,13 +319,15 @@ def layernorm_gelu(x, weight, bias, eps):
 
     x: (..., hidden); weight, bias: (hidden,), x's dtype or float32. The triton backend
     takes float32/float16/bfloat16 and hidden <= 4096, computes in fp32 and needs a
-    contiguous last dimension (other layouts are copied with .contiguous()).
+    contiguous last dimension (other layouts are copied with .contiguous()). The cuda
+    backend takes the same dtypes and widths (csrc/layernorm*.cu).
     """
     _check_rows("layernorm_gelu", x, weight, bias)
     backend = resolve(x.device)
     if backend == "torch":
         return layernorm_gelu_ref(x, weight, bias, eps)
     if backend == "cuda":
-        raise NotImplementedError("layernorm_gelu: the 'cuda' backend is not implemented yet")
-    _check_kernel_rows("layernorm_gelu", x)
+        _check_cuda_rows("layernorm_gelu", x)
+    else:
+        _check_kernel_rows("layernorm_gelu", x)
     return LayerNormGeluFunction.apply(x, weight, bias, float(eps), backend)

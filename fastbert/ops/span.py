@@ -25,8 +25,8 @@ Decisions worth knowing:
   NaN spans tie among themselves and break ties by (start, end).
 - -0.0 and +0.0 tie (they compare equal); the score returned is +0.0.
 - Not differentiable: this is a prediction op; outputs carry no gradient.
-- Work O(batch * L * max_answer_len); the Triton kernel keeps O(topk) state per
-  row, the torch backend builds the (batch, L, max_answer_len) candidates.
+- Work O(batch * L * max_answer_len); the Triton and CUDA kernels keep O(topk)
+  state per row, the torch backend builds the (batch, L, max_answer_len) candidates.
 - topk 1..32 (SQuAD post-processing uses 20). Unlike transformers' run_qa
   (top-20 starts x top-20 ends), this is exact: it finds the true best spans.
 """
@@ -37,6 +37,7 @@ from typing import Optional
 import torch
 import torch.nn.functional as F
 
+from . import _cuda
 from ._backend import interpreter_on, resolve, triton_importable
 
 MAX_TOPK = 32
@@ -153,6 +154,32 @@ def _triton_span_score(start_logits, end_logits, mask, max_answer_len, topk):
     return span_score_fwd(start_logits, end_logits, mask, max_answer_len, topk)
 
 
+# The CUDA kernel (csrc/span.cuh) as a custom op: opaque to the compiler (fastbert._C
+# takes raw pointers), with a fake function that allocates the outputs from shapes.
+@torch.library.custom_op("fastbert::span_score_cuda", mutates_args=())
+def _span_score_cuda_op(
+    start_logits: torch.Tensor,
+    end_logits: torch.Tensor,
+    mask: Optional[torch.Tensor],
+    max_answer_len: int,
+    topk: int,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    return _cuda.span_score_fwd(start_logits, end_logits, mask, max_answer_len, topk)
+
+
+@_span_score_cuda_op.register_fake
+def _(start_logits, end_logits, mask, max_answer_len, topk):
+    B = start_logits.shape[0]
+    return (start_logits.new_empty((B, topk), dtype=torch.int64), start_logits.new_empty((B, topk), dtype=torch.int64),
+            start_logits.new_empty((B, topk), dtype=torch.float32))
+
+
+def _cuda_span_score(start_logits, end_logits, mask, max_answer_len, topk):
+    if torch.compiler.is_compiling():
+        return torch.ops.fastbert.span_score_cuda(start_logits, end_logits, mask, max_answer_len, topk)
+    return _cuda.span_score_fwd(start_logits, end_logits, mask, max_answer_len, topk)
+
+
 def span_score(start_logits, end_logits, mask=None, max_answer_len=30, topk=1):
     """The `topk` best spans (i <= j < i + max_answer_len, both ends allowed by `mask`) per row.
 
@@ -168,5 +195,4 @@ def span_score(start_logits, end_logits, mask=None, max_answer_len=30, topk=1):
         return span_score_ref(start_logits, end_logits, mask, max_answer_len, topk)
     if backend == "triton":
         return _triton_span_score(start_logits, end_logits, mask, max_answer_len, topk)
-    raise NotImplementedError("span_score: the 'cuda' backend has no span_score kernel yet "
-                              "(op fastbert::span_score); use the 'triton' or 'torch' backend")
+    return _cuda_span_score(start_logits, end_logits, mask, max_answer_len, topk)

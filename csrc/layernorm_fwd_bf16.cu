@@ -1,0 +1,9 @@
+// Explicit instantiations: the add_layernorm / layernorm_gelu fwd kernels for __nv_bfloat16
+// (one file per pass and dtype, so the build compiles them in parallel).
+#include "layernorm.cuh"
+
+namespace fastbert {
+namespace layernorm {
+FASTBERT_LAYERNORM_INSTANTIATE_FWD(__nv_bfloat16)
+}  // namespace layernorm
+}  // namespace fastbert

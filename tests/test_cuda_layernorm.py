@@ -1,0 +1,413 @@
+"""add_layernorm, layernorm_gelu and bias_gelu on the "cuda" backend (csrc/layernorm*.cu,
+csrc/gelu*.cu through fastbert._C and fastbert/ops/_cuda.py).
+
+Forward and every gradient against the float64 reference under the house rule
+max|ours - ref64| <= 2 * max|baseline - ref64| + floor(dtype), the baseline being the
+reference run in the test dtype (and, on the GPU, the Triton backend too). Every output
+the launchers allocate starts as NaN inside a NaN guard zone that must stay NaN, so an
+element a kernel fails to write, or writes past, fails. The shapes reach every launch
+configuration: 16-byte chunks with one warp per row, with a block per row (wide rows),
+and the scalar fallback (odd widths, or a row start off the 16-byte grid).
+
+The `mode` fixture runs each test twice: "gpu" (marked gpu: the compiled kernels) and
+"emu" (no GPU: the same kernels, launchers and bindings compiled with g++ against the
+CPU emulation in tests/test_cuda_build.py, on CPU tensors, bfloat16 included). Real
+BERT sizes, torch.compile and the Triton comparisons run on the GPU only.
+"""
+import pytest
+import torch
+
+from conftest import DEVICE, ON_GPU, assert_close_to_ref, poison
+from test_cuda_build import emulate
+
+import fastbert.ops._cuda as C
+from fastbert.ops import use_backend
+from fastbert.ops.gelu import bias_gelu, bias_gelu_ref
+from fastbert.ops.layernorm import (
+    _draw_seed, add_layernorm, add_layernorm_ref, layernorm_gelu, layernorm_gelu_ref,
+)
+
+EPS = 1e-5
+DTYPES = [torch.float32, torch.float16, torch.bfloat16]
+P = 0.1
+GUARD = 64  # poisoned elements after every output
+
+# Hidden sizes reaching every configuration of csrc/layernorm.cuh in each dtype (chunks of
+# 16 bytes: 4 fp32 / 8 fp16 columns): 64/256 (one warp, one chunk per thread), 384, 768, 1024,
+# 2048, 4096 (one warp up to 4 chunks per thread, then 128/256/512-thread blocks), 1, 7,
+# 1022, 4095 (scalar fallback, one warp or a whole block); rows: 1, odd, several per block.
+SHAPES = [
+    (5, 1), (3, 7), (6, 64), (3, 256), (37, 384), (3, 5, 768), (13, 1000), (9, 1022), (4, 1024), (3, 2048),
+    (2, 4096), (3, 4095),
+]
+
+
+@pytest.fixture(params=[pytest.param("gpu", marks=pytest.mark.gpu), pytest.param("emu", marks=pytest.mark.slow)])
+def device(request, monkeypatch):
+    """The device the test's tensors live on: the GPU, or the CPU under the emulation."""
+    if request.param == "gpu":
+        return DEVICE
+    if ON_GPU:
+        pytest.skip("the emulation runs where there is no GPU")
+    emulate(monkeypatch)
+    return torch.device("cpu")
+
+
+@pytest.fixture(autouse=True)
+def poisoned_outputs(monkeypatch):
+    """Every output and partial-sum buffer the CUDA launchers allocate starts as NaN (7 for
+    ints) and is followed by GUARD poisoned elements that must still be poisoned at the end."""
+    real = C._empty
+    buffers = []
+
+    def empty(shape, dtype, device):
+        n = 1
+        for size in shape:
+            n *= size
+        buf = real((n + GUARD,), dtype, device)
+        poison(buf) if buf.is_floating_point() else buf.fill_(7)
+        buffers.append((buf, n, tuple(shape)))
+        return buf[:n].view(shape)
+
+    monkeypatch.setattr(C, "_empty", empty)
+    yield
+    for buf, n, shape in buffers:
+        tail = buf[n:]
+        intact = torch.isnan(tail).all() if tail.is_floating_point() else (tail == 7).all()
+        assert intact, f"a kernel wrote past the end of an output of shape {shape} ({tail.dtype})"
+
+
+def _inputs(shape, dtype, device, with_residual=True, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    n = shape[-1]
+
+    def rand(*s):
+        return torch.randn(*s, generator=g, dtype=torch.float64)
+
+    x, residual = rand(*shape), rand(*shape)
+    weight, bias = 1.0 + 0.5 * rand(n), 0.5 * rand(n)
+    dy = rand(*shape)
+    tensors = [x, residual, weight, bias] if with_residual else [x, weight, bias]
+    return [t.to(dtype).to(device) for t in tensors], dy.to(dtype).to(device)
+
+
+def _run(fn, tensors, dy, dtype=None):
+    """fn's output and the gradients of every input, with inputs cast to `dtype`."""
+    leaves = [(t if dtype is None else t.to(dtype)).detach().requires_grad_(True) for t in tensors]
+    out = fn(*leaves)
+    grads = torch.autograd.grad(out, leaves, dy.to(out.dtype))
+    return out.detach(), [g.detach() for g in grads]
+
+
+def _compare(fn_ours, fn_ref, tensors, dy, names, triton=True):
+    """The cuda backend against float64, with the reference in the test dtype and (on the
+    GPU, where triton is installed) the Triton backend as the two baselines."""
+    with use_backend("cuda"):
+        out, grads = _run(fn_ours, tensors, dy)
+    ref_out, ref_grads = _run(fn_ref, tensors, dy, torch.float64)
+    with use_backend("torch"):
+        base_out, base_grads = _run(fn_ref, tensors, dy)
+    assert out.shape == tensors[0].shape and out.dtype == tensors[0].dtype
+    assert_close_to_ref(out, ref_out, base_out, "y")
+    for name, ours, ref, base, t in zip(names, grads, ref_grads, base_grads, tensors):
+        assert ours.shape == t.shape and ours.dtype == t.dtype, name
+        assert_close_to_ref(ours, ref, base, name)
+    if triton and tensors[0].is_cuda:
+        pytest.importorskip("triton")
+        with use_backend("triton"):
+            tri_out, tri_grads = _run(fn_ours, tensors, dy)
+        assert_close_to_ref(out, ref_out, tri_out, "y vs triton")
+        for name, ours, ref, tri in zip(names, grads, ref_grads, tri_grads):
+            assert_close_to_ref(ours, ref, tri, f"{name} vs triton")
+
+
+def _misaligned(t):
+    """The same values in a contiguous tensor whose start is 2 elements past a 16-byte boundary."""
+    buf = torch.empty(t.numel() + 2, dtype=t.dtype, device=t.device)
+    out = buf[2:].view(t.shape)
+    out.copy_(t)
+    assert out.is_contiguous() and out.data_ptr() % 16 != 0
+    return out
+
+
+# ----------------------------------------------------------------------------- add_layernorm
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("shape", SHAPES)
+def test_add_layernorm_matches_reference(device, shape, dtype):
+    tensors, dy = _inputs(shape, dtype, device)
+    _compare(lambda x, r, w, b: add_layernorm(x, r, w, b, EPS),
+             lambda x, r, w, b: add_layernorm_ref(x, r, w, b, EPS),
+             tensors, dy, ["dx", "dresidual", "dweight", "dbias"])
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+def test_add_layernorm_fp32_params_misaligned_and_empty(device, dtype):
+    """Mixed precision (fp32 weight/bias), a row start off the 16-byte grid (scalar path),
+    a non-contiguous x (copied) and no rows at all."""
+    (x, r, w, b), dy = _inputs((3, 5, 768), dtype, device)
+    w, b = w.float(), b.float()
+    names = ["dx", "dresidual", "dweight", "dbias"]
+    _compare(lambda x, r, w, b: add_layernorm(x, r, w, b, EPS),
+             lambda x, r, w, b: add_layernorm_ref(x, r, w, b, EPS), [x, r, w, b], dy, names)
+    _compare(lambda x, r, w, b: add_layernorm(x, r, w, b, EPS),
+             lambda x, r, w, b: add_layernorm_ref(x, r, w, b, EPS),
+             [_misaligned(x), _misaligned(r), w, b], _misaligned(dy), names)
+    with use_backend("cuda"):
+        x2, r2 = x.view(15, 768), r.view(15, 768)
+        xt = x2.t().contiguous().t()
+        assert not xt.is_contiguous()
+        assert torch.equal(add_layernorm(xt, r2, w, b, EPS), add_layernorm(x2, r2, w, b, EPS))
+        (x0, r0, w0, b0), dy0 = _inputs((0, 384), dtype, device)
+        out, (dx, dr, dw, db) = _run(lambda x, r, w, b: add_layernorm(x, r, w, b, EPS), [x0, r0, w0, b0], dy0)
+    assert out.shape == (0, 384) and dx.shape == (0, 384)
+    assert torch.equal(dw, torch.zeros_like(dw)) and torch.equal(db, torch.zeros_like(db))
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("hidden", [768, 1024, 3072, 4096])
+def test_add_layernorm_real_sizes(hidden, dtype):
+    """32 x 512 rows: the backward's blocks loop over many rows each."""
+    tensors, dy = _inputs((32, 512, hidden), dtype, DEVICE)
+    _compare(lambda x, r, w, b: add_layernorm(x, r, w, b, 1e-12),
+             lambda x, r, w, b: add_layernorm_ref(x, r, w, b, 1e-12),
+             tensors, dy, ["dx", "dresidual", "dweight", "dbias"])
+
+
+# ----------------------------------------------------------------------------- dropout
+
+def test_dropout_same_seed_same_output(device):
+    (x, r, w, b), _ = _inputs((3, 5, 768), torch.float16, device)
+    with use_backend("cuda"):
+        torch.manual_seed(1)
+        y1 = add_layernorm(x, r, w, b, EPS, dropout_p=P)
+        torch.manual_seed(1)
+        y2 = add_layernorm(x, r, w, b, EPS, dropout_p=P)
+        y3 = add_layernorm(x, r, w, b, EPS, dropout_p=P)
+        y0 = add_layernorm(x, r, w, b, EPS)
+    assert torch.equal(y1, y2)
+    assert not torch.equal(y2, y3)
+    assert not torch.equal(y1, y0)
+
+
+@pytest.mark.parametrize("p", [0.1, 0.5])
+def test_dropout_kept_fraction(device, p):
+    seed = torch.tensor([1234], dtype=torch.int64, device=device)
+    keep = C.add_layernorm_keep_mask((2, 32, 1000), p, seed)
+    assert keep.dtype == torch.int8 and keep.shape == (2, 32, 1000)
+    assert ((keep == 0) | (keep == 1)).all(), "keep-mask element not written"
+    n = keep.numel()
+    kept = keep.double().mean().item()
+    sigma = (p * (1 - p) / n) ** 0.5
+    assert abs(kept - (1 - p)) < 6 * sigma, f"kept {kept:.4f}, expected {1 - p} +- {6 * sigma:.4f}"
+    rows = keep.view(-1, 1000)
+    assert not torch.equal(rows[0], rows[1]), "rows share one mask: offsets ignore the row"
+    assert not torch.equal(keep, C.add_layernorm_keep_mask((2, 32, 1000), p, seed + 1)), "the seed is ignored"
+
+
+@pytest.mark.parametrize("n", [7, 16, 768, 1000])
+def test_dropout_mask_equals_triton_mask(device, n):
+    """Both backends draw Philox4x32-10 at the same (seed, row * ceil(N/4) + col/4) offsets,
+    so one seed gives one mask (not required by the design, but it is what csrc/ implements:
+    a difference means the CUDA Philox or its offsets are wrong). Without a GPU the Triton
+    side runs in the interpreter."""
+    K = pytest.importorskip("fastbert.kernels.layernorm")
+    seed = torch.tensor([99], dtype=torch.int64, device=device)
+    ours = C.add_layernorm_keep_mask((5, n), 0.3, seed)
+    assert torch.equal(ours, K.add_layernorm_keep_mask((5, n), 0.3, seed))
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("shape", [(3, 5, 768), (13, 1000), (2, 7), (9, 1022), (4, 4096)])
+def test_dropout_matches_reference_with_same_mask(device, shape, dtype):
+    """The kernels' mask is the keep-mask launcher's (same seed: the Function's first draw)."""
+    tensors, dy = _inputs(shape, dtype, device, seed=3)
+
+    def ours(x, r, w, b):
+        torch.manual_seed(5)
+        return add_layernorm(x, r, w, b, EPS, dropout_p=P)
+
+    torch.manual_seed(5)
+    keep = C.add_layernorm_keep_mask(shape, P, _draw_seed(device)).bool()
+    assert 0 < keep.sum() < keep.numel()
+    _compare(ours,
+             lambda x, r, w, b: add_layernorm_ref(x, r, w, b, EPS, P, dropout_mask=keep.to(x.dtype)),
+             tensors, dy, ["dx", "dresidual", "dweight", "dbias"], triton=False)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("hidden", [768, 1024, 4096])
+def test_dropout_real_sizes(hidden, dtype):
+    shape = (32, 512, hidden)
+    tensors, dy = _inputs(shape, dtype, DEVICE, seed=3)
+
+    def ours(x, r, w, b):
+        torch.manual_seed(5)
+        return add_layernorm(x, r, w, b, 1e-12, dropout_p=P)
+
+    torch.manual_seed(5)
+    keep = C.add_layernorm_keep_mask(shape, P, _draw_seed(DEVICE)).bool()
+    assert abs(keep.float().mean().item() - (1 - P)) < 0.002
+    _compare(ours,
+             lambda x, r, w, b: add_layernorm_ref(x, r, w, b, 1e-12, P, dropout_mask=keep.to(x.dtype)),
+             tensors, dy, ["dx", "dresidual", "dweight", "dbias"], triton=False)
+
+
+# ----------------------------------------------------------------------------- layernorm_gelu
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("shape", SHAPES)
+def test_layernorm_gelu_matches_reference(device, shape, dtype):
+    tensors, dy = _inputs(shape, dtype, device, with_residual=False)
+    _compare(lambda x, w, b: layernorm_gelu(x, w, b, EPS),
+             lambda x, w, b: layernorm_gelu_ref(x, w, b, EPS),
+             tensors, dy, ["dx", "dweight", "dbias"])
+
+
+def test_layernorm_gelu_fp32_params_and_misaligned(device):
+    (x, w, b), dy = _inputs((7, 1024), torch.bfloat16, device, with_residual=False)
+    _compare(lambda x, w, b: layernorm_gelu(x, w, b, EPS),
+             lambda x, w, b: layernorm_gelu_ref(x, w, b, EPS),
+             [_misaligned(x), w.float(), b.float()], _misaligned(dy), ["dx", "dweight", "dbias"])
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("hidden", [768, 1024, 3072, 4096])
+def test_layernorm_gelu_real_sizes(hidden, dtype):
+    tensors, dy = _inputs((32, 512, hidden), dtype, DEVICE, with_residual=False)
+    _compare(lambda x, w, b: layernorm_gelu(x, w, b, 1e-12),
+             lambda x, w, b: layernorm_gelu_ref(x, w, b, 1e-12),
+             tensors, dy, ["dx", "dweight", "dbias"])
+
+
+# ----------------------------------------------------------------------------- bias_gelu
+
+def _gelu_inputs(shape, dtype, device, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    x = 2.0 * torch.randn(*shape, generator=g, dtype=torch.float64)  # GELU's curved part and tails
+    bias = torch.randn(shape[-1], generator=g, dtype=torch.float64)
+    dy = torch.randn(*shape, generator=g, dtype=torch.float64)
+    return [x.to(dtype).to(device), bias.to(dtype).to(device)], dy.to(dtype).to(device)
+
+
+# Widths: 1 and 7 (single columns), 384/768 (narrow 16-byte blocks), 1000, 3072, 5000 (wide);
+# 103 x 16: many rows, so the backward's blocks loop and the block reduction has 8 row slices.
+GELU_SHAPES = [(1, 1), (3, 7), (2, 5, 384), (1, 768), (37, 768), (7, 1000), (3, 3072), (2, 5000), (103, 16)]
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("shape", GELU_SHAPES)
+def test_bias_gelu_matches_reference(device, shape, dtype):
+    tensors, dy = _gelu_inputs(shape, dtype, device)
+    _compare(lambda x, b: bias_gelu(x, b), lambda x, b: bias_gelu_ref(x, b), tensors, dy, ["dx", "dbias"])
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("shape", [(3, 7), (37, 768), (2, 5000), (103, 16)])
+def test_bias_gelu_tanh_matches_reference(device, shape, dtype):
+    tensors, dy = _gelu_inputs(shape, dtype, device, seed=1)
+    _compare(lambda x, b: bias_gelu(x, b, "tanh"), lambda x, b: bias_gelu_ref(x, b, "tanh"),
+             tensors, dy, ["dx", "dbias"])
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("approximate", ["none", "tanh"])
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("features", [768, 1024, 3072, 4096])
+def test_bias_gelu_real_sizes(features, dtype, approximate):
+    tensors, dy = _gelu_inputs((32, 512, features), dtype, DEVICE)
+    _compare(lambda x, b: bias_gelu(x, b, approximate), lambda x, b: bias_gelu_ref(x, b, approximate),
+             tensors, dy, ["dx", "dbias"])
+
+
+def test_bias_gelu_extreme_inputs_fp32_bias_and_layouts(device):
+    x = torch.tensor([[-100.0, -30.0, -8.0, -1e-4, 0.0, 1e-4, 8.0, 30.0, 100.0]], device=device)
+    bias = torch.zeros(9, device=device)
+    for approximate in ("none", "tanh"):
+        with use_backend("cuda"):
+            out, (dx, _) = _run(lambda x, b: bias_gelu(x, b, approximate), [x, bias], torch.ones_like(x))
+        ref, (ref_dx, _) = _run(lambda x, b: bias_gelu_ref(x, b, approximate), [x, bias], torch.ones_like(x))
+        torch.testing.assert_close(out, ref, atol=1e-6, rtol=1e-6)
+        torch.testing.assert_close(dx, ref_dx, atol=1e-6, rtol=1e-6)
+    (x, bias), dy = _gelu_inputs((5, 384), torch.float16, device)
+    # fp32 bias: the reference promotes to fp32; the op returns x's dtype (as the torch backend does).
+    _compare(lambda x, b: bias_gelu(x, b), lambda x, b: bias_gelu_ref(x, b).to(x.dtype), [x, bias.float()], dy,
+             ["dx", "dbias"])
+    _compare(lambda x, b: bias_gelu(x, b), lambda x, b: bias_gelu_ref(x, b), [_misaligned(x), bias], _misaligned(dy),
+             ["dx", "dbias"])
+    with use_backend("cuda"):
+        xt = x.t().contiguous().t()
+        assert torch.equal(bias_gelu(xt, bias), bias_gelu(x, bias))
+        assert bias_gelu(torch.randn(0, 384, device=device, dtype=torch.float16), bias).shape == (0, 384)
+        _, (dx0, db0) = _run(lambda x, b: bias_gelu(x, b), [torch.randn(0, 384, device=device), bias.float()],
+                             torch.zeros(0, 384, device=device))
+        assert torch.equal(db0, torch.zeros_like(db0))
+
+
+# ----------------------------------------------------------------------------- torch.compile
+
+@pytest.mark.gpu
+def test_torch_compile_fullgraph():
+    """The three ops traced by torch.compile(fullgraph=True) through their custom ops
+    (fastbert::*_cuda with fake functions)."""
+    (x, bias), dy = _gelu_inputs((4, 128, 768), torch.float16, DEVICE)
+    g = torch.Generator().manual_seed(1)
+    r, w1, b1, w2, b2 = (torch.randn(*s, generator=g).to(DEVICE) for s in [(4, 128, 768), (768,), (768,), (768,), (768,)])
+    r, w1, b1, w2, b2 = r.half(), 1 + 0.5 * w1.half(), b1.half(), 1 + 0.5 * w2.half(), b2.half()
+
+    def block(x, r, w1, b1, bias, w2, b2, p):
+        h = add_layernorm(x, r, w1, b1, 1e-12, dropout_p=p)
+        return layernorm_gelu(bias_gelu(h, bias), w2, b2, 1e-12)
+
+    def block_ref(x, r, w1, b1, bias, w2, b2):
+        return layernorm_gelu_ref(bias_gelu_ref(add_layernorm_ref(x, r, w1, b1, 1e-12), bias), w2, b2, 1e-12)
+
+    compiled = torch.compile(lambda *t: block(*t, 0.0), fullgraph=True)
+    compiled_drop = torch.compile(lambda *t: block(*t, 0.1), fullgraph=True)
+    tensors = [x, r, w1, b1, bias, w2, b2]
+    with use_backend("cuda"):
+        out, grads = _run(compiled, tensors, dy)
+        out_drop, grads_drop = _run(compiled_drop, tensors, dy)
+    ref_out, ref_grads = _run(block_ref, tensors, dy, torch.float64)
+    base_out, base_grads = _run(block_ref, tensors, dy)
+    assert_close_to_ref(out, ref_out, base_out, "compiled y")
+    for i, (ours, ref, base) in enumerate(zip(grads, ref_grads, base_grads)):
+        assert_close_to_ref(ours, ref, base, f"compiled grad {i}")
+    assert torch.isfinite(out_drop).all() and not torch.equal(out_drop, out)
+    assert all(torch.isfinite(gr).all() for gr in grads_drop)
+
+
+# ----------------------------------------------------------------------------- Python-side checks
+
+@pytest.mark.skipif(ON_GPU, reason="checks the refusal of CPU tensors")
+def test_cuda_path_refuses_cpu_tensors(monkeypatch):
+    """Forced onto the cuda backend, CPU tensors stop in Python with a clear error (the raw
+    pointers never reach fastbert._C, built or not)."""
+    import fastbert.ops.gelu as G
+    import fastbert.ops.layernorm as L
+
+    monkeypatch.setattr(L, "resolve", lambda device: "cuda")
+    monkeypatch.setattr(G, "resolve", lambda device: "cuda")
+    (x, r, w, b), _ = _inputs((3, 8), torch.float32, "cpu")
+    with pytest.raises(ValueError, match="add_layernorm: the cuda backend needs CUDA tensors, x is on cpu"):
+        add_layernorm(x, r, w, b, EPS)
+    with pytest.raises(ValueError, match="layernorm_gelu: the cuda backend needs CUDA tensors"):
+        layernorm_gelu(x, w, b, EPS)
+    with pytest.raises(ValueError, match="bias_gelu: the cuda backend needs CUDA tensors"):
+        bias_gelu(x, b)
+    with pytest.raises(TypeError, match="the cuda backend takes float32, float16 or bfloat16 x, got torch.float64"):
+        layernorm_gelu(x.double(), w.double(), b.double(), EPS)
+    with pytest.raises(ValueError, match=r"the cuda backend takes hidden sizes 1\.\.4096"):
+        wide = torch.zeros(2, 4097)
+        add_layernorm(wide, wide, wide[0], wide[0], EPS)
+
+
+def test_missing_extension_is_a_clear_error(monkeypatch):
+    import fastbert.ops._backend as B
+
+    monkeypatch.setattr(B, "cuda_extension", lambda: None)
+    with pytest.raises(RuntimeError, match="needs the compiled extension fastbert._C"):
+        C.ext()
