@@ -13,10 +13,13 @@ tokens cu_seqlens[b] .. cu_seqlens[b+1] - 1 and attends to itself only.
 
 Backends: "torch" (the reference semantics through SDPA), "triton"
 (kernels/attention.py: flash attention, forward and backward, dropout
-regenerated from a seed), "cuda" (not written yet).
+regenerated from a seed), "cuda" (csrc/attention*.cu through fastbert._C:
+float16/bfloat16, head_dim 32/64/128; the same dropout mask as "triton" for
+one seed).
 """
 from __future__ import annotations
 
+import contextlib
 import math
 from types import SimpleNamespace
 from typing import Optional
@@ -25,7 +28,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from ._backend import interpreter_on, resolve, triton_importable
+from . import _cuda
+from ._backend import available_backends, get_backend, interpreter_on, resolve, triton_importable
 
 try:  # the Triton kernels; without triton the "triton" backend is off and the rest still imports
     from fastbert.kernels import attention as _kernels
@@ -265,6 +269,272 @@ def _attention_triton(q, k, v, mask, cu_seqlens, max_seqlen, dropout_p, softmax_
 
 
 # ---------------------------------------------------------------------------
+# The "cuda" backend: launchers over fastbert._C (csrc/attention*.cu)
+# ---------------------------------------------------------------------------
+
+CUDA_HEAD_DIMS = (32, 64, 128)
+_CUDA_DTYPE_CODES = {d: code for d, code in _cuda.DTYPES.items() if d != torch.float32}  # fastbert.h DType
+
+
+def _check_cuda(q, k, v, op):
+    """What the CUDA kernels need beyond the common checks."""
+    if q.dtype == torch.float32:
+        raise NotImplementedError(f"{op}: the 'cuda' backend has float16 and bfloat16 kernels only, got float32 "
+                                  "inputs; use the 'triton' or 'torch' backend for float32 "
+                                  "(fastbert.ops.use_backend('triton'))")
+    if q.dtype not in _CUDA_DTYPE_CODES:
+        raise TypeError(f"{op}: the 'cuda' backend takes float16 or bfloat16, got {q.dtype}")
+    if q.shape[-1] not in CUDA_HEAD_DIMS:
+        raise ValueError(f"{op}: head_dim = {q.shape[-1]} is not supported by the 'cuda' backend; "
+                         f"supported head_dim values: {CUDA_HEAD_DIMS}")
+    for name, t in (("q", q), ("k", k), ("v", v)):
+        if t.shape[-1] > 1 and t.stride(-1) != 1:
+            raise ValueError(f"{op}: {name} must have a contiguous last dimension (stride 1) on the 'cuda' "
+                             f"backend, got strides {tuple(t.stride())}")
+
+
+def _cuda_supports(q, k, v):
+    """Can the CUDA kernels take these inputs (dtype, head dim, unit last stride)?"""
+    return (q.dtype in _CUDA_DTYPE_CODES and q.shape[-1] in CUDA_HEAD_DIMS
+            and all(t.shape[-1] <= 1 or t.stride(-1) == 1 for t in (q, k, v)))
+
+
+@torch.compiler.assume_constant_result
+def _cuda_fallback(device: torch.device) -> str:
+    """The backend for inputs the CUDA kernels cannot take: under "auto" the next usable one
+    (so float32 or an odd head dim keeps working on a GPU), "cuda" when it was asked for by
+    name (its checks then raise the clear error)."""
+    if get_backend() != "auto":
+        return "cuda"
+    return "triton" if "triton" in available_backends(device) else "torch"
+
+
+def _cuda_ext():
+    """fastbert._C (tests swap in the CPU emulation of tests/cuda_emu)."""
+    return _cuda.ext()
+
+
+def _cuda_strides(t, varlen):
+    """(stride_b, stride_s, stride_h) in elements; size-1 dims get 0 (never stepped)."""
+    if varlen:
+        dims = (None, 0, 1)
+    else:
+        dims = (0, 1, 2)
+    return tuple(0 if d is None or t.shape[d] == 1 else t.stride(d) for d in dims)
+
+
+def _cuda_ready(t):
+    """t, or a contiguous copy when its rows break the kernels' 16-byte alignment
+    (base pointer, batch/seq/head strides in multiples of 8 elements)."""
+    varlen = t.dim() == 3
+    if t.data_ptr() % 16 == 0 and all(s % 8 == 0 for s in _cuda_strides(t, varlen)):
+        return t
+    return t.clone(memory_format=torch.contiguous_format)
+
+
+def _cuda_operand(t, varlen, name, like=None):
+    """(data_ptr, stride_b, stride_s, stride_h) of a kernel operand, checked."""
+    if like is not None:
+        if t.shape != like.shape or t.dtype != like.dtype or t.device != like.device:
+            raise ValueError(f"attention (cuda): {name} must be {tuple(like.shape)} {like.dtype} on {like.device}, "
+                             f"got {tuple(t.shape)} {t.dtype} on {t.device}")
+    strides = _cuda_strides(t, varlen)
+    if t.stride(-1) != 1 or t.data_ptr() % 16 or any(s % 8 for s in strides):
+        raise ValueError(f"attention (cuda): {name} needs a unit last stride, a 16-byte aligned start and "
+                         f"batch/seq/head strides in multiples of 8 elements; got strides {tuple(t.stride())}")
+    return (t.data_ptr(), *strides)
+
+
+def _cuda_stats(t, shape, name, device):
+    """(data_ptr, stride_b, stride_h) of lse (or delta): fp32 (B, H, S) or (H, T), token stride 1."""
+    if t.shape != shape or t.dtype != torch.float32 or t.device != device or (t.numel() > 1 and t.stride(-1) != 1):
+        raise ValueError(f"attention (cuda): {name} must be float32 {tuple(shape)} on {device} with a unit last "
+                         f"stride, got {tuple(t.shape)} {t.dtype} on {t.device} strides {tuple(t.stride())}")
+    if len(shape) == 2:
+        return (t.data_ptr(), 0, t.stride(0))
+    return (t.data_ptr(), t.stride(0), t.stride(1))
+
+
+def _cuda_call_args(q, mask, cu_seqlens, max_seqlen, dropout_p, seed, ext):
+    """Sizes, mask, cu_seqlens, seed and stream arguments shared by the forward and backward."""
+    emulated = getattr(ext, "HOST_EMULATION", False)
+    if q.device.type != "cuda" and not emulated:
+        raise ValueError(f"attention (cuda): tensors must be on a CUDA device, got {q.device}")
+    varlen = cu_seqlens is not None
+    if varlen:
+        B, S, (_, H, D) = cu_seqlens.shape[0] - 1, int(max_seqlen), q.shape
+        if cu_seqlens.dtype != torch.int32 or cu_seqlens.device != q.device or not cu_seqlens.is_contiguous():
+            raise ValueError("attention (cuda): cu_seqlens must be a contiguous int32 tensor on q's device")
+        if mask is not None:
+            raise ValueError("attention (cuda): packed sequences (cu_seqlens) take no mask")
+    else:
+        B, S, H, D = q.shape
+    mask_arg = (0, 0, 0)
+    if mask is not None:
+        if mask.dtype != torch.bool or mask.shape != (B, S) or mask.device != q.device:
+            raise ValueError(f"attention (cuda): mask must be bool ({B}, {S}) on {q.device}")
+        m8 = mask.view(torch.uint8)                                   # same bytes, (B, S)
+        mask_arg = (m8.data_ptr(), m8.stride(0), m8.stride(1))
+    seed_val, seed_ptr, thresh = 0, 0, 0
+    if dropout_p > 0.0:
+        thresh = min(int(round(dropout_p * 2.0**31)), 2**31 - 1)   # as kernels/attention.py
+        if isinstance(seed, torch.Tensor):
+            if seed.dtype != torch.int64 or seed.device != q.device or seed.numel() < 1:
+                raise ValueError("attention (cuda): a tensor seed must be int64 with one element on q's device")
+            seed_ptr = seed.data_ptr()
+        else:
+            seed_val = int(seed)
+    stream = 0 if emulated else _cuda.stream(q.device)
+    return dict(mask=mask_arg, cu_seqlens=cu_seqlens.data_ptr() if varlen else 0, seed_ptr=seed_ptr,
+                batch=B, heads=H, seqlen=S, head_dim=D, dtype=_CUDA_DTYPE_CODES[q.dtype],
+                dropout_p=float(dropout_p), dropout_threshold=thresh, seed=seed_val, stream=stream)
+
+
+def _cuda_device(q):
+    """Launch on q's device (the emulation runs on the host)."""
+    return _cuda.on_device(q.device) if q.device.type == "cuda" else contextlib.nullcontext()
+
+
+def cuda_attention_fwd(q, k, v, mask=None, cu_seqlens=None, max_seqlen=None, dropout_p=0.0,
+                       softmax_scale=None, seed=0, out=None, lse=None):
+    """Forward launcher of the "cuda" backend (kernels/attention.py attention_fwd's signature).
+
+    q, k, v: (B, S, H, D) or packed (T, H, D) float16/bfloat16, unit last stride.
+    Returns (out, lse): out contiguous like q, lse fp32 (B, H, S) or (H, T).
+    out, lse: optional preallocated outputs (tests poison them).
+    """
+    ext = _cuda_ext()
+    if q.dtype not in _CUDA_DTYPE_CODES:
+        _check_cuda(q, k, v, "attention")
+    varlen = cu_seqlens is not None
+    args = _cuda_call_args(q, mask, cu_seqlens, max_seqlen, dropout_p, seed, ext)
+    B, S, H = args["batch"], args["seqlen"], args["heads"]
+    q, k, v = (_cuda_ready(t) for t in (q, k, v))
+    scale = softmax_scale if softmax_scale is not None else 1.0 / math.sqrt(q.shape[-1])
+    out = torch.empty(q.shape, dtype=q.dtype, device=q.device) if out is None else out
+    lse_shape = (H, q.shape[0]) if varlen else (B, H, S)
+    lse = torch.empty(lse_shape, dtype=torch.float32, device=q.device) if lse is None else lse
+    operands = dict(q=_cuda_operand(q, varlen, "q"), k=_cuda_operand(k, varlen, "k", q),
+                    v=_cuda_operand(v, varlen, "v", q), out=_cuda_operand(out, varlen, "out", q),
+                    lse=_cuda_stats(lse, lse_shape, "lse", q.device))
+    if q.numel():
+        with _cuda_device(q):
+            ext.attention_fwd(**operands, softmax_scale=float(scale), **args)
+    return out, lse
+
+
+def cuda_attention_bwd(do, q, k, v, out, lse, mask=None, cu_seqlens=None, max_seqlen=None, dropout_p=0.0,
+                       softmax_scale=None, seed=0, dq=None, dk=None, dv=None):
+    """Backward launcher of the "cuda" backend (kernels/attention.py attention_bwd's signature).
+
+    Returns (dq, dk, dv), contiguous, in q's layout. seed must be the forward's seed.
+    Deterministic: one kernel writes D = rowsum(do * out) and dq per query block, a
+    second writes dk and dv per key block; no atomics.
+    """
+    ext = _cuda_ext()
+    if q.dtype not in _CUDA_DTYPE_CODES:
+        _check_cuda(q, k, v, "attention")
+    varlen = cu_seqlens is not None
+    args = _cuda_call_args(q, mask, cu_seqlens, max_seqlen, dropout_p, seed, ext)
+    B, S, H = args["batch"], args["seqlen"], args["heads"]
+    do, q, k, v, out = (_cuda_ready(t) for t in (do, q, k, v, out))
+    scale = softmax_scale if softmax_scale is not None else 1.0 / math.sqrt(q.shape[-1])
+    dq = torch.empty(q.shape, dtype=q.dtype, device=q.device) if dq is None else dq
+    dk = torch.empty(k.shape, dtype=k.dtype, device=k.device) if dk is None else dk
+    dv = torch.empty(v.shape, dtype=v.dtype, device=v.device) if dv is None else dv
+    lse_shape = (H, q.shape[0]) if varlen else (B, H, S)
+    lse_arg = _cuda_stats(lse, lse_shape, "lse", q.device)
+    delta = torch.empty_strided(lse.shape, lse.stride(), dtype=torch.float32, device=q.device)
+    operands = dict(dout=_cuda_operand(do, varlen, "dout", q), q=_cuda_operand(q, varlen, "q"),
+                    k=_cuda_operand(k, varlen, "k", q), v=_cuda_operand(v, varlen, "v", q),
+                    out=_cuda_operand(out, varlen, "out", q), lse=lse_arg, delta=delta.data_ptr(),
+                    dq=_cuda_operand(dq, varlen, "dq", q), dk=_cuda_operand(dk, varlen, "dk", q),
+                    dv=_cuda_operand(dv, varlen, "dv", q))
+    if q.numel():
+        with _cuda_device(q):
+            ext.attention_bwd(**operands, softmax_scale=float(scale), **args)
+    return dq, dk, dv
+
+
+def cuda_attention_dropout_mask(batch, heads, seqlen, dropout_p, seed, device):
+    """The keep-mask (batch, heads, seqlen, seqlen) bool the CUDA kernels use (debug).
+
+    On a CPU device it is computed on the host by the same C++ Philox code, so
+    the stream can be compared with the Triton backend's without a GPU.
+    """
+    ext = _cuda_ext()
+    device = torch.device(device)
+    keep = torch.empty((batch, heads, seqlen, seqlen), dtype=torch.uint8, device=device)
+    thresh = min(int(round(dropout_p * 2.0**31)), 2**31 - 1)
+    if keep.numel():
+        if device.type == "cuda":
+            with _cuda.on_device(device):
+                ext.attention_dropout_mask(keep.data_ptr(), batch, heads, seqlen, int(seed), thresh,
+                                           _cuda.stream(device))
+        else:
+            ext.attention_dropout_mask_host(keep.data_ptr(), batch, heads, seqlen, int(seed), thresh)
+    return keep.bool()
+
+
+_LAUNCHERS["cuda"] = SimpleNamespace(attention_fwd=cuda_attention_fwd, attention_bwd=cuda_attention_bwd)
+
+if hasattr(torch.library, "custom_op"):
+    # The CUDA launchers as opaque custom ops, so torch.compile(fullgraph=True) keeps them in
+    # the graph; the fake functions give the output shapes. Autograd: the shared AttentionFunction.
+    @torch.library.custom_op("fastbert::attention_fwd_cuda", mutates_args=())
+    def _attention_fwd_cuda_op(q: Tensor, k: Tensor, v: Tensor, mask: Optional[Tensor],
+                               cu_seqlens: Optional[Tensor], max_seqlen: int, dropout_p: float,
+                               softmax_scale: float, seed: Optional[Tensor]) -> tuple[Tensor, Tensor]:
+        """(out, lse): out like q (contiguous); lse fp32 (B, H, S), or (H, T) with cu_seqlens."""
+        return cuda_attention_fwd(q, k, v, mask, cu_seqlens, max_seqlen, dropout_p, softmax_scale,
+                                  0 if seed is None else seed)
+
+    @_attention_fwd_cuda_op.register_fake
+    def _(q, k, v, mask, cu_seqlens, max_seqlen, dropout_p, softmax_scale, seed):
+        if cu_seqlens is not None:
+            lse_shape = (q.shape[1], q.shape[0])                     # (H, T)
+        else:
+            lse_shape = (q.shape[0], q.shape[2], q.shape[1])         # (B, H, S)
+        return q.new_empty(q.shape), q.new_empty(lse_shape, dtype=torch.float32)
+
+    @torch.library.custom_op("fastbert::attention_bwd_cuda", mutates_args=())
+    def _attention_bwd_cuda_op(do: Tensor, q: Tensor, k: Tensor, v: Tensor, out: Tensor, lse: Tensor,
+                               mask: Optional[Tensor], cu_seqlens: Optional[Tensor], max_seqlen: int,
+                               dropout_p: float, softmax_scale: float,
+                               seed: Optional[Tensor]) -> tuple[Tensor, Tensor, Tensor]:
+        """(dq, dk, dv) like q, k, v (contiguous)."""
+        return cuda_attention_bwd(do, q, k, v, out, lse, mask, cu_seqlens, max_seqlen, dropout_p, softmax_scale,
+                                  0 if seed is None else seed)
+
+    @_attention_bwd_cuda_op.register_fake
+    def _(do, q, k, v, out, lse, mask, cu_seqlens, max_seqlen, dropout_p, softmax_scale, seed):
+        return q.new_empty(q.shape), k.new_empty(k.shape), v.new_empty(v.shape)
+
+    _LAUNCHERS["cuda_op"] = SimpleNamespace(
+        attention_fwd=lambda q, k, v, mask, cu, max_seqlen, dropout_p, scale, seed:
+            torch.ops.fastbert.attention_fwd_cuda(q, k, v, mask, cu, max_seqlen, dropout_p, scale, seed),
+        attention_bwd=lambda do, q, k, v, out, lse, mask, cu, max_seqlen, dropout_p, scale, seed:
+            torch.ops.fastbert.attention_bwd_cuda(do, q, k, v, out, lse, mask, cu, max_seqlen, dropout_p, scale,
+                                                  seed),
+    )
+
+
+def _attention_cuda(q, k, v, mask, cu_seqlens, max_seqlen, dropout_p, softmax_scale, seed):
+    """The "cuda" backend through AttentionFunction (same seed rules as _attention_triton)."""
+    scale = float(softmax_scale) if softmax_scale is not None else 1.0 / math.sqrt(q.shape[-1])
+    if torch.compiler.is_compiling():
+        seed_t = None
+        if dropout_p > 0.0:
+            seed_t = (torch.randint(0, 2**31 - 1, (1,), device=q.device) if seed is None
+                      else torch.full((1,), int(seed), dtype=torch.int64, device=q.device))
+        return AttentionFunction.apply(q, k, v, mask, cu_seqlens, max_seqlen, dropout_p, scale, seed_t, "cuda_op")
+    if dropout_p > 0.0 and seed is None:
+        seed = int(torch.randint(0, 2**31 - 1, (1,)))  # torch.manual_seed reproduces a run
+    return AttentionFunction.apply(q, k, v, mask, cu_seqlens, max_seqlen, dropout_p, scale,
+                                   0 if seed is None else int(seed), "cuda")
+
+
+# ---------------------------------------------------------------------------
 # Public functions
 # ---------------------------------------------------------------------------
 
@@ -272,16 +542,19 @@ def attention(q, k, v, mask=None, dropout_p=0.0, softmax_scale=None, *, seed=Non
     """Multi-head attention. q, k, v: (batch, seqlen, heads, head_dim); mask: (batch, seqlen) bool.
 
     Returns (batch, seqlen, heads, head_dim) in q's dtype. softmax_scale defaults
-    to 1/sqrt(head_dim). seed (Triton backend): the dropout seed; None draws one
+    to 1/sqrt(head_dim). seed (triton and cuda backends): the dropout seed; None draws one
     from torch's default generator, so torch.manual_seed reproduces a run.
     """
     _check(q, k, v, mask)
     _check_dropout(dropout_p, "attention")
     backend = resolve(q.device)
+    if backend == "cuda" and not _cuda_supports(q, k, v):
+        backend = _cuda_fallback(q.device)
     if backend == "torch":
         return _attention_torch(q, k, v, mask, dropout_p, softmax_scale)
     if backend == "cuda":
-        raise NotImplementedError("attention: the 'cuda' backend has no attention kernel yet; use 'triton' or 'torch'")
+        _check_cuda(q, k, v, "attention")
+        return _attention_cuda(q, k, v, mask, None, q.shape[1], dropout_p, softmax_scale, seed)
     _check_triton(q, k, v, "attention")
     return _attention_triton(q, k, v, mask, None, q.shape[1], dropout_p, softmax_scale, seed)
 
@@ -297,10 +570,12 @@ def attention_varlen(q, k, v, cu_seqlens, max_seqlen, dropout_p=0.0, softmax_sca
     _check_varlen(q, k, v, cu_seqlens, max_seqlen)
     _check_dropout(dropout_p, "attention_varlen")
     backend = resolve(q.device)
+    if backend == "cuda" and not _cuda_supports(q, k, v):
+        backend = _cuda_fallback(q.device)
     if backend == "torch":
         return _attention_varlen_torch(q, k, v, cu_seqlens, dropout_p, softmax_scale)
     if backend == "cuda":
-        raise NotImplementedError("attention_varlen: the 'cuda' backend has no attention kernel yet; "
-                                  "use 'triton' or 'torch'")
+        _check_cuda(q, k, v, "attention_varlen")
+        return _attention_cuda(q, k, v, None, cu_seqlens.contiguous(), max_seqlen, dropout_p, softmax_scale, seed)
     _check_triton(q, k, v, "attention_varlen")
     return _attention_triton(q, k, v, None, cu_seqlens.contiguous(), max_seqlen, dropout_p, softmax_scale, seed)
