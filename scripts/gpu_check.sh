@@ -59,43 +59,9 @@ command -v nvcc >/dev/null && nvcc --version | tail -n 2
 
 # ---------------------------------------------------------------- install
 echo "== install ($(elapsed)s)"
-INSTALL="failed"
-install_pip() {  # install_pip SECONDS [VAR=value ...]
-    timeout -k 10 "$1" env "${@:2}" "$PY" -m pip install --no-build-isolation --no-deps -e . >>"$OUT/install.log" 2>&1
-}
-: >"$OUT/install.log"
-MODE="${GPU_CHECK_INSTALL:-pip}"   # pip, or shim to test the fallback
-if [ "$MODE" = pip ] && install_pip "${INSTALL_S:-150}" MAX_JOBS="${MAX_JOBS:-16}"; then
-    INSTALL="editable"
-elif [ "$MODE" = pip ] && [ "${FASTBERT_CUDA:-}" != "0" ] && echo "-- retry without the CUDA extension" >>"$OUT/install.log" \
-        && install_pip 120 FASTBERT_CUDA=0; then
-    INSTALL="editable, no CUDA extension (its build failed or timed out: see install.log)"
-else
-    # Fallback: no install. fastbert imports from the checkout (cwd / PYTHONPATH); setup.py maps
-    # kernels/ to fastbert.kernels, which a sitecustomize puts in sys.modules before anything imports.
-    SHIM=/tmp/fastbert_shim
-    mkdir -p "$SHIM"
-    cat >"$SHIM/sitecustomize.py" <<'EOF'
-"""gpu_check.sh fallback: alias fastbert.kernels to <repo>/kernels, as setup.py's package_dir does."""
-import importlib.util
-import os
-import sys
-
-_kernels = os.path.join(os.environ["FASTBERT_REPO"], "kernels")
-_spec = importlib.util.spec_from_file_location("fastbert.kernels", os.path.join(_kernels, "__init__.py"),
-                                               submodule_search_locations=[_kernels])
-_mod = importlib.util.module_from_spec(_spec)
-sys.modules["fastbert.kernels"] = _mod
-_spec.loader.exec_module(_mod)
-EOF
-    export FASTBERT_REPO="$REPO" PYTHONPATH="$SHIM:$REPO${PYTHONPATH:+:$PYTHONPATH}"
-    INSTALL="fallback: PYTHONPATH + fastbert.kernels alias (install mode $MODE; see install.log)"
-fi
-tail -n 3 "$OUT/install.log"
-echo "install: $INSTALL"
-"$PY" -c "import fastbert, fastbert.kernels.attention as a, fastbert.ops as o; \
-print('fastbert from', fastbert.__file__, '| kernels from', a.__file__); print(o.describe_default('cuda'))" \
-    || echo "IMPORT FAILED"
+# shellcheck source=scripts/device_install.sh
+source "$REPO/scripts/device_install.sh"
+device_install "${INSTALL_S:-150}" || echo "IMPORT FAILED"
 
 # ---------------------------------------------------------------- GPU tests
 echo "== pytest -m gpu tests ($(elapsed)s)"

@@ -48,38 +48,11 @@ if [ ! -f "$CARRY/model/model.safetensors" ] || [ ! -f "$CARRY/data/sst2/train.t
     return 2
 fi
 
-# ---------------------------------------------------------------- install (as scripts/gpu_check.sh)
+# ---------------------------------------------------------------- install
 echo "== install ($(elapsed)s)"
-: >"$OUT/install.log"
-INSTALL="failed"
-if timeout -k 10 "${INSTALL_S:-120}" env FASTBERT_CUDA="${FASTBERT_CUDA:-0}" MAX_JOBS="${MAX_JOBS:-16}" \
-        "$PY" -m pip install --no-build-isolation --no-deps -e . >>"$OUT/install.log" 2>&1; then
-    INSTALL="editable"
-else
-    # Fallback: no install. fastbert imports from the checkout; setup.py maps kernels/ to
-    # fastbert.kernels, which a sitecustomize puts in sys.modules before anything imports.
-    SHIM=/tmp/fastbert_shim
-    mkdir -p "$SHIM"
-    cat >"$SHIM/sitecustomize.py" <<'EOF'
-"""gpu_finetune.sh fallback: alias fastbert.kernels to <repo>/kernels, as setup.py's package_dir does."""
-import importlib.util
-import os
-import sys
-
-_kernels = os.path.join(os.environ["FASTBERT_REPO"], "kernels")
-_spec = importlib.util.spec_from_file_location("fastbert.kernels", os.path.join(_kernels, "__init__.py"),
-                                               submodule_search_locations=[_kernels])
-_mod = importlib.util.module_from_spec(_spec)
-sys.modules["fastbert.kernels"] = _mod
-_spec.loader.exec_module(_mod)
-EOF
-    export FASTBERT_REPO="$REPO" PYTHONPATH="$SHIM:$REPO${PYTHONPATH:+:$PYTHONPATH}"
-    INSTALL="fallback: PYTHONPATH + fastbert.kernels alias (see install.log)"
-fi
-tail -n 2 "$OUT/install.log"
-echo "install: $INSTALL"
-"$PY" -c "import fastbert, fastbert.ops as o; print('fastbert from', fastbert.__file__); print(o.describe_default('cuda'))" \
-    || { echo "IMPORT FAILED"; return 3; }
+# shellcheck source=scripts/device_install.sh
+source "$REPO/scripts/device_install.sh"
+device_install "${INSTALL_S:-120}" 0 || { echo "IMPORT FAILED"; return 3; }
 
 # ---------------------------------------------------------------- fine-tuning
 LEFT=$(( TOTAL - $(elapsed) - 30 ))
