@@ -64,7 +64,7 @@ setup(
     extras_require={
         "triton": ["triton>=3.6"],
         "test": ["pytest", "pytest-benchmark", "pytest-timeout", "hypothesis", "transformers>=4.48", "scipy", "scikit-learn",
-                 "matplotlib"],
+                 "matplotlib", "pybind11"],  # pybind11: the CPU emulation tests of csrc/ build against it
         "bench": ["pytest-benchmark", "matplotlib", "transformers>=4.48"],
     },
     entry_points={"console_scripts": ["fastbert=fastbert.cli:main"]},
