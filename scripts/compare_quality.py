@@ -67,9 +67,12 @@ def split_data(task, spec, tokenizer, budget):
     if task == "pos":
         return (tasks.read(spec, path, tokenizer, budget["n_train"]),
                 tasks.read(spec, DATA / budget["dev_file"], tokenizer))
-    whole = tasks.read(spec, path, tokenizer, budget["n_train"] + budget["n_dev"])
-    n = budget["n_train"]
-    return tasks.TaskData(whole.features[:n]), tasks.TaskData(whole.features[n:])
+    # GLUE files are ordered (STS-B by genre): a fixed shuffle of the whole file, then the first
+    # n_train rows train and the next n_dev rows are the "other" rows we evaluate on.
+    whole = tasks.read(spec, path, tokenizer).features
+    order = torch.randperm(len(whole), generator=torch.Generator().manual_seed(0)).tolist()
+    n, m = budget["n_train"], budget["n_dev"]
+    return tasks.TaskData([whole[i] for i in order[:n]]), tasks.TaskData([whole[i] for i in order[n:n + m]])
 
 
 def build(task, impl, spec):
