@@ -125,7 +125,8 @@ def _dropout_keep(seed, off_b, off_h, offs_m, start_n, dropout_thresh,
     c2 = zero + off_h.to(tl.uint32)
     c3 = zero + off_b.to(tl.uint32)
     r0, r1, r2, r3 = tl.philox(seed, c0, c1, c2, c3, PHILOX_ROUNDS)
-    # (M, N/4, 2, 2) with [.., x, y] = r_{2x+y}; row-major reshape puts r_{j % 4} at key j
+    # join appends a last axis: join(join(r0, r1), join(r2, r3)) is (M, N/4, 2, 2) with [.., x, y] = r_{x + 2y},
+    # so keys 4g .. 4g+3 take words r0, r2, r1, r3 (csrc/attention.cuh reproduces this order).
     r = tl.reshape(tl.join(tl.join(r0, r1), tl.join(r2, r3)), [BLOCK_M, BLOCK_N])
     return (r >> 1).to(tl.int32) >= dropout_thresh
 
