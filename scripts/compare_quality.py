@@ -60,7 +60,9 @@ def split_data(task, spec, tokenizer, budget):
         examples = data.read_squad(path)
         titles = sorted({e.title for e in examples})
         held_out = set(titles[::6])  # every sixth article is the dev split: split by article
-        train_ex = [e for e in examples if e.title not in held_out]
+        kept = [t for t in titles if t not in held_out]
+        kept = set(kept[:max(1, round(len(kept) * budget.get("article_fraction", 1.0)))])
+        train_ex = [e for e in examples if e.title in kept]
         dev_ex = [e for e in examples if e.title in held_out]
         build = lambda ex: tasks.TaskData(data.build_squad_features(ex, tokenizer, spec.max_seq_len, spec.doc_stride), ex)
         return build(train_ex), build(dev_ex)
@@ -102,6 +104,7 @@ def run(task, impl, seed, out_dir, budget, device):
     started = time.perf_counter()
     summary = trainer.train()
     return {"task": task, "impl": impl, "seed": seed, "wall_time_s": time.perf_counter() - started,
+            "scale": {k: budget[k] for k in ("n_train", "article_fraction") if budget.get(k)},
             "train_features": len(train_data.features), "dev_features": len(dev_data.features),
             "metrics": summary["epochs"][-1], "tokens_per_s": summary["tokens_per_s"]}
 
@@ -124,6 +127,8 @@ def main(argv=None):
         budget = dict(BUDGETS[task])
         if budget.get("n_train") and args.scale != 1.0:
             budget["n_train"] = max(64, int(budget["n_train"] * args.scale))
+        if task == "squad" and args.scale != 1.0:  # SQuAD scales by training articles
+            budget["article_fraction"] = args.scale
         for seed in args.seeds:
             for impl in args.impls:
                 if (task, impl, seed) in done:
