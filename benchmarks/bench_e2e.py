@@ -68,6 +68,7 @@ from typing import Callable, Optional, Sequence
 import torch
 
 from benchmarks import harness
+from benchmarks.report import bar_panel, save_figure
 
 HERE = Path(__file__).resolve().parent
 DATA = HERE / "data"
@@ -654,32 +655,14 @@ def plot(data: dict, png: Path) -> Optional[Path]:
         mine = [r for r in rows if r["mode"] == mode]
         cases_ = list(dict.fromkeys(f"{r['op']} {r['shape']}" for r in mine))
         impls = sorted({r["impl"] for r in mine}, key=lambda i: _rank(i, IMPL_ORDER))
-        width = 0.8 / max(len(impls), 1)
         for row, (key, ylabel) in enumerate((("speedup_vs_eager", "speed-up over transformers eager (x)"),
                                              ("mfu_pct", "MFU (% of measured bf16 matmul)"))):
-            ax = axes[row][col]
-            for i, impl in enumerate(impls):
-                values = {f"{r['op']} {r['shape']}": r.get(key) for r in mine if r["impl"] == impl}
-                xs = [c + (i - (len(impls) - 1) / 2) * width for c in range(len(cases_))]
-                ax.bar(xs, [values.get(c) or 0.0 for c in cases_], width, label=impl)
-            ax.set_xticks(range(len(cases_)))
-            ax.set_xticklabels(cases_, rotation=50, ha="right", fontsize=7)
-            ax.set_ylabel(ylabel)
-            if key == "speedup_vs_eager":
-                ax.set_yscale("log")
-                ax.axhline(1.0, color="black", linewidth=0.8)
-                ax.set_title(f"{mode} ({'fine-tuning step' if mode == 'train' else 'inference forward'})")
-            ax.grid(axis="y", alpha=0.3)
+            title = f"{mode} ({'fine-tuning step' if mode == 'train' else 'inference forward'})"
+            bar_panel(axes[row][col], cases_, impls,
+                      lambda impl: {f"{r['op']} {r['shape']}": r.get(key) for r in mine if r["impl"] == impl},
+                      ylabel, title=title if row == 0 else None, rotation=50)
         axes[0][col].legend(fontsize=7)
-    env = data["env"]
-    fig.suptitle(f"fastbert end to end on {env.get('gpu')} (torch {env.get('torch')}, triton {env.get('triton')}, "
-                 f"commit {str(env.get('commit'))[:12]})")
-    fig.tight_layout()
-    png = Path(png)
-    png.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(png, dpi=90)
-    plt.close(fig)
-    return png
+    return save_figure(fig, plt, data["env"], "end to end", png)
 
 
 def write_all(data: dict, out_dir: Path) -> tuple[Path, Optional[Path]]:

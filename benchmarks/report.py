@@ -147,25 +147,36 @@ def plot(data: dict, png: Path) -> Path | None:
         mine = [r for r in _sorted_rows(mine) if r["mode"] == mode and r["dtype"] == dtype]
         shapes = list(dict.fromkeys(r["shape"] for r in mine))
         impls = sorted({r["impl"] for r in mine}, key=lambda i: _rank(i, IMPL_ORDER))
-        width = 0.8 / max(len(impls), 1)
         for row, (key, ylabel) in enumerate((("speedup_vs_eager", "speed-up over eager (x)"),
                                              ("pct_of_ceiling", "% of measured ceiling"))):
-            ax = axes[row][col]
-            for i, impl in enumerate(impls):
-                by_shape = {r["shape"]: r.get(key) for r in mine if r["impl"] == impl}
-                xs = [s + (i - (len(impls) - 1) / 2) * width for s in range(len(shapes))]
-                ax.bar(xs, [by_shape.get(s) or 0.0 for s in shapes], width, label=impl)
-            ax.set_xticks(range(len(shapes)))
-            ax.set_xticklabels(shapes, rotation=60, ha="right", fontsize=7)
-            ax.set_ylabel(ylabel)
-            if key == "speedup_vs_eager":
-                ax.set_yscale("log")
-                ax.axhline(1.0, color="black", linewidth=0.8)
-                ax.set_title(f"{op} ({dtype}, {mode})")
-            ax.grid(axis="y", alpha=0.3)
+            bar_panel(axes[row][col], shapes, impls,
+                      lambda impl: {r["shape"]: r.get(key) for r in mine if r["impl"] == impl}, ylabel,
+                      title=f"{op} ({dtype}, {mode})" if row == 0 else None, rotation=60)
         axes[0][col].legend(fontsize=7)
-    env = data["env"]
-    fig.suptitle(f"fastbert kernels on {env.get('gpu')} (torch {env.get('torch')}, triton {env.get('triton')}, "
+    return save_figure(fig, plt, data["env"], "kernels", png)
+
+
+def bar_panel(ax, categories, impls, values_of, ylabel, title=None, rotation=60):
+    """Grouped bars, one group per category and one bar per implementation; with a title the
+    panel is a speed-up panel: log scale and a line at 1x."""
+    width = 0.8 / max(len(impls), 1)
+    for i, impl in enumerate(impls):
+        values = values_of(impl)
+        xs = [c + (i - (len(impls) - 1) / 2) * width for c in range(len(categories))]
+        ax.bar(xs, [values.get(c) or 0.0 for c in categories], width, label=impl)
+    ax.set_xticks(range(len(categories)))
+    ax.set_xticklabels(categories, rotation=rotation, ha="right", fontsize=7)
+    ax.set_ylabel(ylabel)
+    if title is not None:
+        ax.set_yscale("log")
+        ax.axhline(1.0, color="black", linewidth=0.8)
+        ax.set_title(title)
+    ax.grid(axis="y", alpha=0.3)
+
+
+def save_figure(fig, plt, env: dict, what: str, png) -> Path:
+    """Title the figure with the run's device, versions and commit, and write it."""
+    fig.suptitle(f"fastbert {what} on {env.get('gpu')} (torch {env.get('torch')}, triton {env.get('triton')}, "
                  f"commit {str(env.get('commit'))[:12]})")
     fig.tight_layout()
     png = Path(png)
