@@ -4,7 +4,8 @@ VENV ?= .venv
 PY := $(VENV)/bin/python
 PIP := $(PY) -m pip --disable-pip-version-check -q
 
-$(VENV)/.installed: setup.py
+# csrc/ sources are prerequisites too: an edit rebuilds fastbert._C (the installs already done are skipped).
+$(VENV)/.installed: setup.py pyproject.toml $(wildcard csrc/*.cu csrc/*.cuh csrc/*.h csrc/*.cpp csrc/*.py)
 	python3 -m venv $(VENV)
 	# The CPU wheel of torch lies on our machines' disk; elsewhere pip fetches it.
 	$(PIP) install torch==2.13.0

@@ -1,0 +1,192 @@
+"""Compile every Triton kernel of fastbert for a real GPU target, without a GPU.
+
+The interpreter (TRITON_INTERPRET=1, how the CPU tests run the kernels) accepts
+code the compiler rejects: a plain global read inside a kernel, a dtype mix the
+MLIR verifier refuses, a bf16 path the interpreter cannot even run. This script
+runs each launcher with the compiler's JIT entry point replaced by a recorder,
+so the launcher computes its real GPU configuration (block sizes, warps, stages,
+constexpr flags) and the recorder keeps (kernel, arguments, options) instead of
+launching. Each distinct signature is then compiled ahead of time for sm_80 and
+sm_90 with `triton.compile`, down to cubin (ptxas included).
+
+    python tests/triton_aot.py [--arch 90 80] [--quick]
+
+Must run without TRITON_INTERPRET (the kernels are then JITFunctions). Exits 1
+naming every kernel and signature that failed. tests/test_triton_compile.py runs it.
+"""
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+import time
+import traceback
+
+if os.environ.get("TRITON_INTERPRET") == "1":
+    sys.exit("tests/triton_aot.py: unset TRITON_INTERPRET (the kernels must be compiled, not interpreted)")
+
+# What a GPU launch gets by default (and silences Triton 3.9's warning about it).
+os.environ.setdefault("TRITON_DEFAULT_FP_FUSION", "1")
+
+import torch
+import triton
+from triton.backends.compiler import GPUTarget
+from triton.compiler import ASTSource
+from torch._subclasses.fake_tensor import FakeTensorMode
+from triton.runtime.jit import JITFunction
+
+import fastbert.kernels.attention as KA
+import fastbert.kernels.gelu as KG
+import fastbert.kernels.layernorm as KL
+import fastbert.kernels.span as KS
+
+POINTER_TYPES = {torch.float16: "*fp16", torch.bfloat16: "*bf16", torch.float32: "*fp32", torch.uint8: "*u8",
+                 torch.int8: "*i8", torch.bool: "*i1", torch.int32: "*i32", torch.int64: "*i64"}
+OPTIONS = ("num_warps", "num_stages", "num_ctas")
+
+
+class Recorder:
+    """Stands in for JITFunction.run: records each launch instead of running it."""
+
+    def __init__(self):
+        self.launches = []
+
+    def __call__(self, kernel, *args, grid=None, warmup=False, **kwargs):
+        options = {k: kwargs.pop(k) for k in OPTIONS if k in kwargs}
+        bound = dict(zip(kernel.arg_names, args))
+        bound.update(kwargs)
+        missing = [name for name in kernel.arg_names if name not in bound]
+        if missing:
+            raise TypeError(f"{kernel.__name__}: launch leaves {missing} unbound")
+        self.launches.append((kernel, bound, options))
+
+
+def _scalar_type(name, value):
+    if isinstance(value, bool):
+        return "i1"
+    if isinstance(value, int):
+        return "i32" if -2**31 <= value < 2**31 else "i64"
+    if isinstance(value, float):
+        return "fp32"
+    raise TypeError(f"argument {name}: cannot type {type(value).__name__} for compilation")
+
+
+def signature_of(kernel, bound):
+    """(signature, constexprs) in the form triton.compile's ASTSource takes."""
+    constexpr_names = {kernel.arg_names[i] for i in kernel.constexprs}
+    signature, constexprs = {}, {}
+    for name in kernel.arg_names:
+        value = bound[name]
+        if name in constexpr_names:
+            signature[name] = "constexpr"
+            constexprs[name] = value
+        elif isinstance(value, torch.Tensor):
+            signature[name] = POINTER_TYPES[value.dtype]
+        elif value is None:
+            signature[name] = "constexpr"
+            constexprs[name] = None
+        else:
+            signature[name] = _scalar_type(name, value)
+    return signature, constexprs
+
+
+def _t(shape, dtype):
+    return torch.zeros(shape, dtype=dtype, device="cuda")
+
+
+def launch_all(dtypes, quick=False):
+    """Call every launcher over the cases that select distinct kernel specialisations."""
+    head_dims = (32, 64) if quick else (16, 32, 48, 64, 96, 128)
+    KA.attention_dropout_mask(2, 2, 129, 0.1, 7, "cuda")  # the tests' mask regenerator
+    for dtype in dtypes:
+        for D in head_dims:
+            for S, masked, dropout, varlen in ((128, True, 0.0, False), (129, False, 0.1, False),
+                                               (77, False, 0.0, True), (1, True, 0.1, False)):
+                B, H = 2, 2
+                if varlen:
+                    q, k, v = (_t((2 * S, H, D), dtype) for _ in range(3))
+                    cu, mask, max_s = _t((3,), torch.int32), None, S
+                else:
+                    q, k, v = (_t((B, S, H, D), dtype) for _ in range(3))
+                    cu, mask, max_s = None, (_t((B, S), torch.bool) if masked else None), None
+                seed = _t((1,), torch.int64) if dropout and S == 1 else 7  # compiled graphs pass a tensor
+                out, lse = KA.attention_fwd(q, k, v, mask, cu, max_s, dropout, None, seed)
+                if lse is None or out is None:
+                    raise RuntimeError("attention_fwd returned no outputs")
+                KA.attention_bwd(torch.zeros_like(out), q, k, v, out, torch.zeros(
+                    (H, 2 * S) if varlen else (B, H, S), dtype=torch.float32), mask, cu, max_s, dropout, None, seed)
+        for N in ((384, 768) if quick else (384, 768, 1000, 4096)):
+            x, r = _t((64, N), dtype), _t((64, N), dtype)
+            w, b = _t((N,), torch.float32), _t((N,), torch.float32)
+            mean, rstd, seed = _t((64,), torch.float32), _t((64,), torch.float32), _t((1,), torch.int64)
+            for p in (0.0, 0.1):
+                KL.add_layernorm_fwd(x, r, w, b, 1e-12, p, seed if p else None)
+                KL.add_layernorm_bwd(x, x, r, w, mean, rstd, p, seed if p else None)
+            KL.layernorm_gelu_fwd(x, w.to(dtype), b.to(dtype), 1e-12)
+            KL.layernorm_gelu_bwd(x, x, w.to(dtype), b.to(dtype), mean, rstd)
+            KL.add_layernorm_keep_mask((64, N), 0.1, seed)
+            for approximate in ("none", "tanh"):
+                KG.bias_gelu_fwd(x, b.to(dtype), approximate)
+                KG.bias_gelu_bwd(x, x, b.to(dtype), approximate)
+        for L, max_len, topk in ((384, 30, 20), (17, 4, 1), (512, 64, 32)):
+            s, e = _t((4, L), dtype), _t((4, L), dtype)
+            KS.span_score_fwd(s, e, _t((4, L), torch.bool), max_len, topk)
+            KS.span_score_fwd(s, e, None, max_len, topk)
+
+
+def record(dtypes, quick=False):
+    recorder = Recorder()
+    original, sm_count = JITFunction.run, KG._sm_count
+    JITFunction.run = lambda self, *a, **kw: recorder(self, *a, **kw)
+    KG._sm_count = lambda index: 132  # an H100 SXM's; it only sizes the backward's grid
+    try:
+        # Fake CUDA tensors: the launchers pick their GPU tiles and nothing is allocated.
+        with FakeTensorMode():
+            launch_all(dtypes, quick)
+    finally:
+        JITFunction.run, KG._sm_count = original, sm_count
+    return recorder.launches
+
+
+def distinct(launches):
+    seen, unique = set(), []
+    for kernel, bound, options in launches:
+        signature, constexprs = signature_of(kernel, bound)
+        key = (kernel.__name__, tuple(signature.items()), tuple(sorted(constexprs.items(), key=str)),
+               tuple(sorted(options.items())))
+        if key not in seen:
+            seen.add(key)
+            unique.append((kernel, signature, constexprs, options))
+    return unique
+
+
+def main(argv=None):
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--arch", nargs="+", type=int, default=[90, 80])
+    parser.add_argument("--quick", action="store_true", help="fewer head dims and hidden sizes")
+    parser.add_argument("--dtypes", nargs="+", default=["float16", "bfloat16", "float32"])
+    args = parser.parse_args(argv)
+    dtypes = [getattr(torch, name) for name in args.dtypes]
+    started = time.perf_counter()
+    compiled = distinct(record(dtypes, args.quick))
+    kernels = sorted({k.__name__ for k, *_ in compiled})
+    print(f"triton {triton.__version__}: {len(compiled)} distinct launches of {len(kernels)} kernels: "
+          f"{', '.join(kernels)}", flush=True)
+    failures = []
+    for arch in args.arch:
+        for kernel, signature, constexprs, options in compiled:
+            try:
+                triton.compile(ASTSource(fn=kernel, signature=signature, constexprs=constexprs),
+                               target=GPUTarget("cuda", arch, 32), options=dict(options))
+            except Exception as error:  # report all, then fail
+                failures.append(f"sm_{arch} {kernel.__name__} {constexprs} {options}:\n"
+                                + "".join(traceback.format_exception_only(error))[-2000:])
+    print(f"compiled {len(compiled) * len(args.arch) - len(failures)} of {len(compiled) * len(args.arch)} "
+          f"for sm_{', sm_'.join(map(str, args.arch))} in {time.perf_counter() - started:.0f} s")
+    for failure in failures:
+        print("FAILED", failure, file=sys.stderr)
+    return 1 if failures else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
