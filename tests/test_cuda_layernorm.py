@@ -18,6 +18,7 @@ import pytest
 import torch
 
 from conftest import DEVICE, ON_GPU, assert_close_to_ref, poison
+from layernorm_cases import check_compiled_block, compare_to_reference, gelu_inputs, layernorm_inputs, run_with_grads
 from test_cuda_build import emulate
 
 import fastbert.ops._cuda as C
@@ -77,45 +78,14 @@ def poisoned_outputs(monkeypatch):
         assert intact, f"a kernel wrote past the end of an output of shape {shape} ({tail.dtype})"
 
 
-def _inputs(shape, dtype, device, with_residual=True, seed=0):
-    g = torch.Generator().manual_seed(seed)
-    n = shape[-1]
-
-    def rand(*s):
-        return torch.randn(*s, generator=g, dtype=torch.float64)
-
-    x, residual = rand(*shape), rand(*shape)
-    weight, bias = 1.0 + 0.5 * rand(n), 0.5 * rand(n)
-    dy = rand(*shape)
-    tensors = [x, residual, weight, bias] if with_residual else [x, weight, bias]
-    return [t.to(dtype).to(device) for t in tensors], dy.to(dtype).to(device)
-
-
-def _run(fn, tensors, dy, dtype=None):
-    """fn's output and the gradients of every input, with inputs cast to `dtype`."""
-    leaves = [(t if dtype is None else t.to(dtype)).detach().requires_grad_(True) for t in tensors]
-    out = fn(*leaves)
-    grads = torch.autograd.grad(out, leaves, dy.to(out.dtype))
-    return out.detach(), [g.detach() for g in grads]
-
-
 def _compare(fn_ours, fn_ref, tensors, dy, names, triton=True):
     """The cuda backend against float64, with the reference in the test dtype and (on the
     GPU, where triton is installed) the Triton backend as the two baselines."""
-    with use_backend("cuda"):
-        out, grads = _run(fn_ours, tensors, dy)
-    ref_out, ref_grads = _run(fn_ref, tensors, dy, torch.float64)
-    with use_backend("torch"):
-        base_out, base_grads = _run(fn_ref, tensors, dy)
-    assert out.shape == tensors[0].shape and out.dtype == tensors[0].dtype
-    assert_close_to_ref(out, ref_out, base_out, "y")
-    for name, ours, ref, base, t in zip(names, grads, ref_grads, base_grads, tensors):
-        assert ours.shape == t.shape and ours.dtype == t.dtype, name
-        assert_close_to_ref(ours, ref, base, name)
+    out, grads, ref_out, ref_grads = compare_to_reference("cuda", fn_ours, fn_ref, tensors, dy, names)
     if triton and tensors[0].is_cuda:
         pytest.importorskip("triton")
         with use_backend("triton"):
-            tri_out, tri_grads = _run(fn_ours, tensors, dy)
+            tri_out, tri_grads = run_with_grads(fn_ours, tensors, dy)
         assert_close_to_ref(out, ref_out, tri_out, "y vs triton")
         for name, ours, ref, tri in zip(names, grads, ref_grads, tri_grads):
             assert_close_to_ref(ours, ref, tri, f"{name} vs triton")
@@ -135,7 +105,7 @@ def _misaligned(t):
 @pytest.mark.parametrize("dtype", DTYPES)
 @pytest.mark.parametrize("shape", SHAPES)
 def test_add_layernorm_matches_reference(device, shape, dtype):
-    tensors, dy = _inputs(shape, dtype, device)
+    tensors, dy = layernorm_inputs(shape, dtype, device)
     _compare(lambda x, r, w, b: add_layernorm(x, r, w, b, EPS),
              lambda x, r, w, b: add_layernorm_ref(x, r, w, b, EPS),
              tensors, dy, ["dx", "dresidual", "dweight", "dbias"])
@@ -145,7 +115,7 @@ def test_add_layernorm_matches_reference(device, shape, dtype):
 def test_add_layernorm_fp32_params_misaligned_and_empty(device, dtype):
     """Mixed precision (fp32 weight/bias), a row start off the 16-byte grid (scalar path),
     a non-contiguous x (copied) and no rows at all."""
-    (x, r, w, b), dy = _inputs((3, 5, 768), dtype, device)
+    (x, r, w, b), dy = layernorm_inputs((3, 5, 768), dtype, device)
     w, b = w.float(), b.float()
     names = ["dx", "dresidual", "dweight", "dbias"]
     _compare(lambda x, r, w, b: add_layernorm(x, r, w, b, EPS),
@@ -158,8 +128,8 @@ def test_add_layernorm_fp32_params_misaligned_and_empty(device, dtype):
         xt = x2.t().contiguous().t()
         assert not xt.is_contiguous()
         assert torch.equal(add_layernorm(xt, r2, w, b, EPS), add_layernorm(x2, r2, w, b, EPS))
-        (x0, r0, w0, b0), dy0 = _inputs((0, 384), dtype, device)
-        out, (dx, dr, dw, db) = _run(lambda x, r, w, b: add_layernorm(x, r, w, b, EPS), [x0, r0, w0, b0], dy0)
+        (x0, r0, w0, b0), dy0 = layernorm_inputs((0, 384), dtype, device)
+        out, (dx, dr, dw, db) = run_with_grads(lambda x, r, w, b: add_layernorm(x, r, w, b, EPS), [x0, r0, w0, b0], dy0)
     assert out.shape == (0, 384) and dx.shape == (0, 384)
     assert torch.equal(dw, torch.zeros_like(dw)) and torch.equal(db, torch.zeros_like(db))
 
@@ -169,7 +139,7 @@ def test_add_layernorm_fp32_params_misaligned_and_empty(device, dtype):
 @pytest.mark.parametrize("hidden", [768, 1024, 3072, 4096])
 def test_add_layernorm_real_sizes(hidden, dtype):
     """32 x 512 rows: the backward's blocks loop over many rows each."""
-    tensors, dy = _inputs((32, 512, hidden), dtype, DEVICE)
+    tensors, dy = layernorm_inputs((32, 512, hidden), dtype, DEVICE)
     _compare(lambda x, r, w, b: add_layernorm(x, r, w, b, 1e-12),
              lambda x, r, w, b: add_layernorm_ref(x, r, w, b, 1e-12),
              tensors, dy, ["dx", "dresidual", "dweight", "dbias"])
@@ -178,7 +148,7 @@ def test_add_layernorm_real_sizes(hidden, dtype):
 # ----------------------------------------------------------------------------- dropout
 
 def test_dropout_same_seed_same_output(device):
-    (x, r, w, b), _ = _inputs((3, 5, 768), torch.float16, device)
+    (x, r, w, b), _ = layernorm_inputs((3, 5, 768), torch.float16, device)
     with use_backend("cuda"):
         torch.manual_seed(1)
         y1 = add_layernorm(x, r, w, b, EPS, dropout_p=P)
@@ -222,7 +192,7 @@ def test_dropout_mask_equals_triton_mask(device, n):
 @pytest.mark.parametrize("shape", [(3, 5, 768), (13, 1000), (2, 7), (9, 1022), (4, 4096)])
 def test_dropout_matches_reference_with_same_mask(device, shape, dtype):
     """The kernels' mask is the keep-mask launcher's (same seed: the Function's first draw)."""
-    tensors, dy = _inputs(shape, dtype, device, seed=3)
+    tensors, dy = layernorm_inputs(shape, dtype, device, seed=3)
 
     def ours(x, r, w, b):
         torch.manual_seed(5)
@@ -241,7 +211,7 @@ def test_dropout_matches_reference_with_same_mask(device, shape, dtype):
 @pytest.mark.parametrize("hidden", [768, 1024, 4096])
 def test_dropout_real_sizes(hidden, dtype):
     shape = (32, 512, hidden)
-    tensors, dy = _inputs(shape, dtype, DEVICE, seed=3)
+    tensors, dy = layernorm_inputs(shape, dtype, DEVICE, seed=3)
 
     def ours(x, r, w, b):
         torch.manual_seed(5)
@@ -260,14 +230,14 @@ def test_dropout_real_sizes(hidden, dtype):
 @pytest.mark.parametrize("dtype", DTYPES)
 @pytest.mark.parametrize("shape", SHAPES)
 def test_layernorm_gelu_matches_reference(device, shape, dtype):
-    tensors, dy = _inputs(shape, dtype, device, with_residual=False)
+    tensors, dy = layernorm_inputs(shape, dtype, device, with_residual=False)
     _compare(lambda x, w, b: layernorm_gelu(x, w, b, EPS),
              lambda x, w, b: layernorm_gelu_ref(x, w, b, EPS),
              tensors, dy, ["dx", "dweight", "dbias"])
 
 
 def test_layernorm_gelu_fp32_params_and_misaligned(device):
-    (x, w, b), dy = _inputs((7, 1024), torch.bfloat16, device, with_residual=False)
+    (x, w, b), dy = layernorm_inputs((7, 1024), torch.bfloat16, device, with_residual=False)
     _compare(lambda x, w, b: layernorm_gelu(x, w, b, EPS),
              lambda x, w, b: layernorm_gelu_ref(x, w, b, EPS),
              [_misaligned(x), w.float(), b.float()], _misaligned(dy), ["dx", "dweight", "dbias"])
@@ -277,21 +247,13 @@ def test_layernorm_gelu_fp32_params_and_misaligned(device):
 @pytest.mark.parametrize("dtype", DTYPES)
 @pytest.mark.parametrize("hidden", [768, 1024, 3072, 4096])
 def test_layernorm_gelu_real_sizes(hidden, dtype):
-    tensors, dy = _inputs((32, 512, hidden), dtype, DEVICE, with_residual=False)
+    tensors, dy = layernorm_inputs((32, 512, hidden), dtype, DEVICE, with_residual=False)
     _compare(lambda x, w, b: layernorm_gelu(x, w, b, 1e-12),
              lambda x, w, b: layernorm_gelu_ref(x, w, b, 1e-12),
              tensors, dy, ["dx", "dweight", "dbias"])
 
 
 # ----------------------------------------------------------------------------- bias_gelu
-
-def _gelu_inputs(shape, dtype, device, seed=0):
-    g = torch.Generator().manual_seed(seed)
-    x = 2.0 * torch.randn(*shape, generator=g, dtype=torch.float64)  # GELU's curved part and tails
-    bias = torch.randn(shape[-1], generator=g, dtype=torch.float64)
-    dy = torch.randn(*shape, generator=g, dtype=torch.float64)
-    return [x.to(dtype).to(device), bias.to(dtype).to(device)], dy.to(dtype).to(device)
-
 
 # Widths: 1 and 7 (single columns), 384/768 (narrow 16-byte blocks), 1000, 3072, 5000 (wide);
 # 103 x 16: many rows, so the backward's blocks loop and the block reduction has 8 row slices.
@@ -301,14 +263,14 @@ GELU_SHAPES = [(1, 1), (3, 7), (2, 5, 384), (1, 768), (37, 768), (7, 1000), (3, 
 @pytest.mark.parametrize("dtype", DTYPES)
 @pytest.mark.parametrize("shape", GELU_SHAPES)
 def test_bias_gelu_matches_reference(device, shape, dtype):
-    tensors, dy = _gelu_inputs(shape, dtype, device)
+    tensors, dy = gelu_inputs(shape, dtype, device)
     _compare(lambda x, b: bias_gelu(x, b), lambda x, b: bias_gelu_ref(x, b), tensors, dy, ["dx", "dbias"])
 
 
 @pytest.mark.parametrize("dtype", DTYPES)
 @pytest.mark.parametrize("shape", [(3, 7), (37, 768), (2, 5000), (103, 16)])
 def test_bias_gelu_tanh_matches_reference(device, shape, dtype):
-    tensors, dy = _gelu_inputs(shape, dtype, device, seed=1)
+    tensors, dy = gelu_inputs(shape, dtype, device, seed=1)
     _compare(lambda x, b: bias_gelu(x, b, "tanh"), lambda x, b: bias_gelu_ref(x, b, "tanh"),
              tensors, dy, ["dx", "dbias"])
 
@@ -318,7 +280,7 @@ def test_bias_gelu_tanh_matches_reference(device, shape, dtype):
 @pytest.mark.parametrize("dtype", DTYPES)
 @pytest.mark.parametrize("features", [768, 1024, 3072, 4096])
 def test_bias_gelu_real_sizes(features, dtype, approximate):
-    tensors, dy = _gelu_inputs((32, 512, features), dtype, DEVICE)
+    tensors, dy = gelu_inputs((32, 512, features), dtype, DEVICE)
     _compare(lambda x, b: bias_gelu(x, b, approximate), lambda x, b: bias_gelu_ref(x, b, approximate),
              tensors, dy, ["dx", "dbias"])
 
@@ -328,11 +290,11 @@ def test_bias_gelu_extreme_inputs_fp32_bias_and_layouts(device):
     bias = torch.zeros(9, device=device)
     for approximate in ("none", "tanh"):
         with use_backend("cuda"):
-            out, (dx, _) = _run(lambda x, b: bias_gelu(x, b, approximate), [x, bias], torch.ones_like(x))
-        ref, (ref_dx, _) = _run(lambda x, b: bias_gelu_ref(x, b, approximate), [x, bias], torch.ones_like(x))
+            out, (dx, _) = run_with_grads(lambda x, b: bias_gelu(x, b, approximate), [x, bias], torch.ones_like(x))
+        ref, (ref_dx, _) = run_with_grads(lambda x, b: bias_gelu_ref(x, b, approximate), [x, bias], torch.ones_like(x))
         torch.testing.assert_close(out, ref, atol=1e-6, rtol=1e-6)
         torch.testing.assert_close(dx, ref_dx, atol=1e-6, rtol=1e-6)
-    (x, bias), dy = _gelu_inputs((5, 384), torch.float16, device)
+    (x, bias), dy = gelu_inputs((5, 384), torch.float16, device)
     # fp32 bias: the reference promotes to fp32; the op returns x's dtype (as the torch backend does).
     _compare(lambda x, b: bias_gelu(x, b), lambda x, b: bias_gelu_ref(x, b).to(x.dtype), [x, bias.float()], dy,
              ["dx", "dbias"])
@@ -342,7 +304,7 @@ def test_bias_gelu_extreme_inputs_fp32_bias_and_layouts(device):
         xt = x.t().contiguous().t()
         assert torch.equal(bias_gelu(xt, bias), bias_gelu(x, bias))
         assert bias_gelu(torch.randn(0, 384, device=device, dtype=torch.float16), bias).shape == (0, 384)
-        _, (dx0, db0) = _run(lambda x, b: bias_gelu(x, b), [torch.randn(0, 384, device=device), bias.float()],
+        _, (dx0, db0) = run_with_grads(lambda x, b: bias_gelu(x, b), [torch.randn(0, 384, device=device), bias.float()],
                              torch.zeros(0, 384, device=device))
         assert torch.equal(db0, torch.zeros_like(db0))
 
@@ -353,31 +315,7 @@ def test_bias_gelu_extreme_inputs_fp32_bias_and_layouts(device):
 def test_torch_compile_fullgraph():
     """The three ops traced by torch.compile(fullgraph=True) through their custom ops
     (fastbert::*_cuda with fake functions)."""
-    (x, bias), dy = _gelu_inputs((4, 128, 768), torch.float16, DEVICE)
-    g = torch.Generator().manual_seed(1)
-    r, w1, b1, w2, b2 = (torch.randn(*s, generator=g).to(DEVICE) for s in [(4, 128, 768), (768,), (768,), (768,), (768,)])
-    r, w1, b1, w2, b2 = r.half(), 1 + 0.5 * w1.half(), b1.half(), 1 + 0.5 * w2.half(), b2.half()
-
-    def block(x, r, w1, b1, bias, w2, b2, p):
-        h = add_layernorm(x, r, w1, b1, 1e-12, dropout_p=p)
-        return layernorm_gelu(bias_gelu(h, bias), w2, b2, 1e-12)
-
-    def block_ref(x, r, w1, b1, bias, w2, b2):
-        return layernorm_gelu_ref(bias_gelu_ref(add_layernorm_ref(x, r, w1, b1, 1e-12), bias), w2, b2, 1e-12)
-
-    compiled = torch.compile(lambda *t: block(*t, 0.0), fullgraph=True)
-    compiled_drop = torch.compile(lambda *t: block(*t, 0.1), fullgraph=True)
-    tensors = [x, r, w1, b1, bias, w2, b2]
-    with use_backend("cuda"):
-        out, grads = _run(compiled, tensors, dy)
-        out_drop, grads_drop = _run(compiled_drop, tensors, dy)
-    ref_out, ref_grads = _run(block_ref, tensors, dy, torch.float64)
-    base_out, base_grads = _run(block_ref, tensors, dy)
-    assert_close_to_ref(out, ref_out, base_out, "compiled y")
-    for i, (ours, ref, base) in enumerate(zip(grads, ref_grads, base_grads)):
-        assert_close_to_ref(ours, ref, base, f"compiled grad {i}")
-    assert torch.isfinite(out_drop).all() and not torch.equal(out_drop, out)
-    assert all(torch.isfinite(gr).all() for gr in grads_drop)
+    check_compiled_block("cuda")
 
 
 # ----------------------------------------------------------------------------- Python-side checks
@@ -391,7 +329,7 @@ def test_cuda_path_refuses_cpu_tensors(monkeypatch):
 
     monkeypatch.setattr(L, "resolve", lambda device: "cuda")
     monkeypatch.setattr(G, "resolve", lambda device: "cuda")
-    (x, r, w, b), _ = _inputs((3, 8), torch.float32, "cpu")
+    (x, r, w, b), _ = layernorm_inputs((3, 8), torch.float32, "cpu")
     with pytest.raises(ValueError, match="add_layernorm: the cuda backend needs CUDA tensors, x is on cpu"):
         add_layernorm(x, r, w, b, EPS)
     with pytest.raises(ValueError, match="layernorm_gelu: the cuda backend needs CUDA tensors"):

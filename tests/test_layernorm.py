@@ -7,7 +7,8 @@ tensor the launchers allocate starts as NaN, so an element a kernel fails to wri
 import pytest
 import torch
 
-from conftest import DEVICE, KERNEL_DTYPES, ON_GPU, assert_close_to_ref, poison
+from conftest import DEVICE, KERNEL_DTYPES, ON_GPU, poison
+from layernorm_cases import compare_to_reference, layernorm_inputs, run_with_grads
 
 import fastbert.kernels.layernorm as K
 from fastbert.ops import use_backend
@@ -37,69 +38,34 @@ def poisoned_outputs(monkeypatch):
     monkeypatch.setattr(K, "_empty", empty)
 
 
-def _inputs(shape, dtype, with_residual=True, seed=0):
-    g = torch.Generator().manual_seed(seed)
-    n = shape[-1]
-
-    def rand(*s):
-        return torch.randn(*s, generator=g, dtype=torch.float64)
-
-    x, residual = rand(*shape), rand(*shape)
-    weight, bias = 1.0 + 0.5 * rand(n), 0.5 * rand(n)
-    dy = rand(*shape)
-    tensors = [x, residual, weight, bias] if with_residual else [x, weight, bias]
-    return [t.to(dtype).to(DEVICE) for t in tensors], dy.to(dtype).to(DEVICE)
-
-
-def _run(fn, tensors, dy, dtype=None):
-    """fn's output and the gradients of every input, with inputs cast to `dtype`."""
-    leaves = [(t if dtype is None else t.to(dtype)).detach().requires_grad_(True) for t in tensors]
-    out = fn(*leaves)
-    grads = torch.autograd.grad(out, leaves, dy.to(out.dtype))
-    return out.detach(), [g.detach() for g in grads]
-
-
-def _compare(fn_ours, fn_ref, tensors, dy, names):
-    with use_backend("triton"):
-        out, grads = _run(fn_ours, tensors, dy)
-    ref_out, ref_grads = _run(fn_ref, tensors, dy, torch.float64)
-    with use_backend("torch"):
-        base_out, base_grads = _run(fn_ref, tensors, dy)
-    assert out.shape == tensors[0].shape and out.dtype == tensors[0].dtype
-    assert_close_to_ref(out, ref_out, base_out, "y")
-    for name, ours, ref, base, t in zip(names, grads, ref_grads, base_grads, tensors):
-        assert ours.shape == t.shape and ours.dtype == t.dtype, name
-        assert_close_to_ref(ours, ref, base, name)
-
-
 # ----------------------------------------------------------------------------- add_layernorm
 
 @pytest.mark.parametrize("dtype", KERNEL_DTYPES)
 @pytest.mark.parametrize("shape", SHAPES)
 def test_add_layernorm_matches_reference(shape, dtype):
-    tensors, dy = _inputs(shape, dtype)
-    _compare(lambda x, r, w, b: add_layernorm(x, r, w, b, EPS),
+    tensors, dy = layernorm_inputs(shape, dtype)
+    compare_to_reference("triton", lambda x, r, w, b: add_layernorm(x, r, w, b, EPS),
              lambda x, r, w, b: add_layernorm_ref(x, r, w, b, EPS),
              tensors, dy, ["dx", "dresidual", "dweight", "dbias"])
 
 
 def test_add_layernorm_fp32_params_with_fp16_activations():
     """Mixed precision: LayerNorm parameters stay fp32 while activations are fp16."""
-    (x, r, w, b), dy = _inputs((3, 5, 768), torch.float16)
+    (x, r, w, b), dy = layernorm_inputs((3, 5, 768), torch.float16)
     w, b = w.float(), b.float()
-    _compare(lambda x, r, w, b: add_layernorm(x, r, w, b, EPS),
+    compare_to_reference("triton", lambda x, r, w, b: add_layernorm(x, r, w, b, EPS),
              lambda x, r, w, b: add_layernorm_ref(x, r, w, b, EPS),
              [x, r, w, b], dy, ["dx", "dresidual", "dweight", "dbias"])
 
 
 def test_add_layernorm_non_contiguous_and_empty():
-    (x, r, w, b), dy = _inputs((7, 384), torch.float32)
+    (x, r, w, b), dy = layernorm_inputs((7, 384), torch.float32)
     xt = x.t().contiguous().t()  # same values, column-major: the op copies it to rows
     assert not xt.is_contiguous()
     with use_backend("triton"):
         assert torch.equal(add_layernorm(xt, r, w, b, EPS), add_layernorm(x, r, w, b, EPS))
-        (x0, r0, w0, b0), dy0 = _inputs((0, 384), torch.float32)
-        out, (dx, dr, dw, db) = _run(lambda x, r, w, b: add_layernorm(x, r, w, b, EPS), [x0, r0, w0, b0], dy0)
+        (x0, r0, w0, b0), dy0 = layernorm_inputs((0, 384), torch.float32)
+        out, (dx, dr, dw, db) = run_with_grads(lambda x, r, w, b: add_layernorm(x, r, w, b, EPS), [x0, r0, w0, b0], dy0)
     assert out.shape == (0, 384) and dx.shape == (0, 384)
     assert torch.equal(dw, torch.zeros_like(dw)) and torch.equal(db, torch.zeros_like(db))
 
@@ -110,7 +76,7 @@ P = 0.1
 
 
 def test_dropout_same_seed_same_output():
-    (x, r, w, b), _ = _inputs((3, 5, 768), torch.float32)
+    (x, r, w, b), _ = layernorm_inputs((3, 5, 768), torch.float32)
     with use_backend("triton"):
         torch.manual_seed(1)
         y1 = add_layernorm(x, r, w, b, EPS, dropout_p=P)
@@ -152,7 +118,7 @@ def test_dropout_mask_packed_equals_per_element(n):
 @pytest.mark.parametrize("dtype", KERNEL_DTYPES)
 @pytest.mark.parametrize("shape", [(3, 5, 768), (13, 1000), (2, 7)])
 def test_dropout_matches_reference_with_same_mask(shape, dtype):
-    tensors, dy = _inputs(shape, dtype, seed=3)
+    tensors, dy = layernorm_inputs(shape, dtype, seed=3)
 
     def ours(x, r, w, b):
         torch.manual_seed(5)  # the Function's first draw is its seed
@@ -161,7 +127,7 @@ def test_dropout_matches_reference_with_same_mask(shape, dtype):
     torch.manual_seed(5)
     keep = K.add_layernorm_keep_mask(shape, P, _draw_seed(DEVICE)).bool()
     assert 0 < keep.sum() < keep.numel()
-    _compare(ours,
+    compare_to_reference("triton", ours,
              lambda x, r, w, b: add_layernorm_ref(x, r, w, b, EPS, P, dropout_mask=keep.to(x.dtype)),
              tensors, dy, ["dx", "dresidual", "dweight", "dbias"])
 
@@ -171,16 +137,16 @@ def test_dropout_matches_reference_with_same_mask(shape, dtype):
 @pytest.mark.parametrize("dtype", KERNEL_DTYPES)
 @pytest.mark.parametrize("shape", SHAPES)
 def test_layernorm_gelu_matches_reference(shape, dtype):
-    tensors, dy = _inputs(shape, dtype, with_residual=False)
-    _compare(lambda x, w, b: layernorm_gelu(x, w, b, EPS),
+    tensors, dy = layernorm_inputs(shape, dtype, with_residual=False)
+    compare_to_reference("triton", lambda x, w, b: layernorm_gelu(x, w, b, EPS),
              lambda x, w, b: layernorm_gelu_ref(x, w, b, EPS),
              tensors, dy, ["dx", "dweight", "dbias"])
 
 
 # ----------------------------------------------------------------------------- bad input
 
-def test_bad_inputs():
-    (x, r, w, b), _ = _inputs((3, 8), torch.float32)
+def test_badlayernorm_inputs():
+    (x, r, w, b), _ = layernorm_inputs((3, 8), torch.float32)
     with use_backend("triton"):
         with pytest.raises(ValueError, match=r"weight must be \(8,\)"):
             add_layernorm(x, r, w[:7], b, EPS)
@@ -224,8 +190,8 @@ GPU_DTYPES = [torch.float16, torch.bfloat16, torch.float32]
 @pytest.mark.parametrize("dtype", GPU_DTYPES)
 @pytest.mark.parametrize("hidden", [768, 1024, 3072, 4096])
 def test_add_layernorm_gpu_real_sizes(hidden, dtype):
-    tensors, dy = _inputs((32, 512, hidden), dtype)
-    _compare(lambda x, r, w, b: add_layernorm(x, r, w, b, 1e-12),
+    tensors, dy = layernorm_inputs((32, 512, hidden), dtype)
+    compare_to_reference("triton", lambda x, r, w, b: add_layernorm(x, r, w, b, 1e-12),
              lambda x, r, w, b: add_layernorm_ref(x, r, w, b, 1e-12),
              tensors, dy, ["dx", "dresidual", "dweight", "dbias"])
 
@@ -235,7 +201,7 @@ def test_add_layernorm_gpu_real_sizes(hidden, dtype):
 @pytest.mark.parametrize("hidden", [768, 1024, 3072, 4096])
 def test_add_layernorm_dropout_gpu_real_sizes(hidden, dtype):
     shape = (32, 512, hidden)
-    tensors, dy = _inputs(shape, dtype, seed=3)
+    tensors, dy = layernorm_inputs(shape, dtype, seed=3)
 
     def ours(x, r, w, b):
         torch.manual_seed(5)
@@ -245,7 +211,7 @@ def test_add_layernorm_dropout_gpu_real_sizes(hidden, dtype):
     keep = K.add_layernorm_keep_mask(shape, P, _draw_seed(DEVICE)).bool()
     kept = keep.float().mean().item()
     assert abs(kept - (1 - P)) < 0.002
-    _compare(ours,
+    compare_to_reference("triton", ours,
              lambda x, r, w, b: add_layernorm_ref(x, r, w, b, 1e-12, P, dropout_mask=keep.to(x.dtype)),
              tensors, dy, ["dx", "dresidual", "dweight", "dbias"])
 
@@ -254,7 +220,7 @@ def test_add_layernorm_dropout_gpu_real_sizes(hidden, dtype):
 @pytest.mark.parametrize("dtype", GPU_DTYPES)
 @pytest.mark.parametrize("hidden", [768, 1024, 3072, 4096])
 def test_layernorm_gelu_gpu_real_sizes(hidden, dtype):
-    tensors, dy = _inputs((32, 512, hidden), dtype, with_residual=False)
-    _compare(lambda x, w, b: layernorm_gelu(x, w, b, 1e-12),
+    tensors, dy = layernorm_inputs((32, 512, hidden), dtype, with_residual=False)
+    compare_to_reference("triton", lambda x, w, b: layernorm_gelu(x, w, b, 1e-12),
              lambda x, w, b: layernorm_gelu_ref(x, w, b, 1e-12),
              tensors, dy, ["dx", "dweight", "dbias"])

@@ -1,0 +1,93 @@
+"""Inputs and comparisons shared by the Triton and CUDA tests of the LayerNorm/GELU family
+(tests/test_layernorm.py, tests/test_gelu.py, tests/test_cuda_layernorm.py).
+
+Rule (STYLE.md habit 9): max|ours - ref64| <= 2 * max|baseline - ref64| + floor(dtype),
+baseline = the same reference run in the test dtype; forward and every gradient.
+"""
+import torch
+
+from conftest import DEVICE, assert_close_to_ref
+
+from fastbert.ops import use_backend
+from fastbert.ops.gelu import bias_gelu, bias_gelu_ref
+from fastbert.ops.layernorm import add_layernorm, add_layernorm_ref, layernorm_gelu, layernorm_gelu_ref
+
+
+def layernorm_inputs(shape, dtype, device=DEVICE, with_residual=True, seed=0):
+    """([x, residual, weight, bias] or [x, weight, bias], dy) in `dtype` on `device`."""
+    g = torch.Generator().manual_seed(seed)
+    n = shape[-1]
+
+    def rand(*s):
+        return torch.randn(*s, generator=g, dtype=torch.float64)
+
+    x, residual = rand(*shape), rand(*shape)
+    weight, bias = 1.0 + 0.5 * rand(n), 0.5 * rand(n)
+    dy = rand(*shape)
+    tensors = [x, residual, weight, bias] if with_residual else [x, weight, bias]
+    return [t.to(dtype).to(device) for t in tensors], dy.to(dtype).to(device)
+
+
+def gelu_inputs(shape, dtype, device=DEVICE, seed=0):
+    """([x, bias], dy): x spans GELU's curved part and both tails."""
+    g = torch.Generator().manual_seed(seed)
+    x = 2.0 * torch.randn(*shape, generator=g, dtype=torch.float64)
+    bias = torch.randn(shape[-1], generator=g, dtype=torch.float64)
+    dy = torch.randn(*shape, generator=g, dtype=torch.float64)
+    return [x.to(dtype).to(device), bias.to(dtype).to(device)], dy.to(dtype).to(device)
+
+
+def run_with_grads(fn, tensors, dy, dtype=None):
+    """fn's output and the gradients of every input, with inputs cast to `dtype`."""
+    leaves = [(t if dtype is None else t.to(dtype)).detach().requires_grad_(True) for t in tensors]
+    out = fn(*leaves)
+    grads = torch.autograd.grad(out, leaves, dy.to(out.dtype))
+    return out.detach(), [g.detach() for g in grads]
+
+
+def compare_to_reference(backend, fn_ours, fn_ref, tensors, dy, names):
+    """fn_ours on `backend` against fn_ref in float64, the baseline being fn_ref in the test
+    dtype on the "torch" backend. Returns (out, grads, ref_out, ref_grads) for further checks."""
+    with use_backend(backend):
+        out, grads = run_with_grads(fn_ours, tensors, dy)
+    ref_out, ref_grads = run_with_grads(fn_ref, tensors, dy, torch.float64)
+    with use_backend("torch"):
+        base_out, base_grads = run_with_grads(fn_ref, tensors, dy)
+    assert out.shape == tensors[0].shape and out.dtype == tensors[0].dtype
+    assert_close_to_ref(out, ref_out, base_out, "y")
+    for name, ours, ref, base, t in zip(names, grads, ref_grads, base_grads, tensors):
+        assert ours.shape == t.shape and ours.dtype == t.dtype, name
+        assert_close_to_ref(ours, ref, base, name)
+    return out, grads, ref_out, ref_grads
+
+
+def check_compiled_block(backend):
+    """add_layernorm -> bias_gelu -> layernorm_gelu traced by torch.compile(fullgraph=True)
+    through the backend's registered custom ops (fake functions give the shapes), against
+    float64, with and without dropout."""
+    (x, bias), dy = gelu_inputs((4, 128, 768), torch.float16, DEVICE)
+    g = torch.Generator().manual_seed(1)
+    r, w1, b1, w2, b2 = (torch.randn(*s, generator=g).to(DEVICE) for s in [(4, 128, 768), (768,), (768,), (768,), (768,)])
+    r, w1, b1, w2, b2 = r.half(), 1 + 0.5 * w1.half(), b1.half(), 1 + 0.5 * w2.half(), b2.half()
+
+    def block(x, r, w1, b1, bias, w2, b2, p):
+        h = add_layernorm(x, r, w1, b1, 1e-12, dropout_p=p)
+        return layernorm_gelu(bias_gelu(h, bias), w2, b2, 1e-12)
+
+    def block_ref(x, r, w1, b1, bias, w2, b2):
+        return layernorm_gelu_ref(bias_gelu_ref(add_layernorm_ref(x, r, w1, b1, 1e-12), bias), w2, b2, 1e-12)
+
+    # p is fixed per compiled function: a float argument could be traced as a symbol.
+    compiled = torch.compile(lambda *t: block(*t, 0.0), fullgraph=True)
+    compiled_drop = torch.compile(lambda *t: block(*t, 0.1), fullgraph=True)
+    tensors = [x, r, w1, b1, bias, w2, b2]
+    with use_backend(backend):
+        out, grads = run_with_grads(compiled, tensors, dy)
+        out_drop, grads_drop = run_with_grads(compiled_drop, tensors, dy)
+    ref_out, ref_grads = run_with_grads(block_ref, tensors, dy, torch.float64)
+    base_out, base_grads = run_with_grads(block_ref, tensors, dy)
+    assert_close_to_ref(out, ref_out, base_out, "compiled y")
+    for i, (ours, ref, base) in enumerate(zip(grads, ref_grads, base_grads)):
+        assert_close_to_ref(ours, ref, base, f"compiled grad {i}")
+    assert torch.isfinite(out_drop).all() and not torch.equal(out_drop, out)
+    assert all(torch.isfinite(gr).all() for gr in grads_drop)
