@@ -10,44 +10,16 @@ import math
 import pytest
 import torch
 
+from attention_cases import check_compiled_fullgraph, key_mask, pack, qkv, ref_with_grads
 from conftest import DEVICE, FLOOR, KERNEL_DTYPES, ON_GPU, assert_close_to_ref, poison
 
 from fastbert.kernels.attention import attention_bwd, attention_dropout_mask, attention_fwd
 from fastbert.ops import use_backend
-from fastbert.ops.attention import attention, attention_ref, attention_varlen, attention_varlen_ref
+from fastbert.ops.attention import attention, attention_varlen, attention_varlen_ref
 
 # ---------------------------------------------------------------------------
 # Helpers
 # ---------------------------------------------------------------------------
-
-
-def _qkv(shape, dtype, gen):
-    """Fresh normal q, k, v in `dtype` (drawn in float64; no exact zeros)."""
-    return [torch.randn(shape, dtype=torch.float64, generator=gen).to(device=DEVICE, dtype=dtype)
-            for _ in range(3)]
-
-
-def _mask(kind, B, S, gen):
-    """(B, S) bool key mask: None, mixed prefix lengths, or an arbitrary pattern with one empty row."""
-    if kind is None:
-        return None
-    if kind == "lengths":
-        lens = torch.randint(1, S + 1, (B,), generator=gen)
-        lens[0] = S
-        mask = torch.arange(S)[None, :] < lens[:, None]
-    else:  # "random": holes anywhere, and the last sequence fully padded
-        mask = torch.rand(B, S, generator=gen) > 0.4
-        mask[:, 0] = True
-        mask[-1] = False
-    return mask.to(DEVICE)
-
-
-def _ref_with_grads(q, k, v, do, mask, dropout_p, scale, keep, dtype):
-    """(out, dq, dk, dv) of attention_ref computed in `dtype` (float64 for the reference)."""
-    leaves = [t.detach().to(dtype).requires_grad_() for t in (q, k, v)]
-    out = attention_ref(*leaves, mask=mask, dropout_p=dropout_p, softmax_scale=scale, dropout_mask=keep)
-    grads = torch.autograd.grad(out, leaves, do.to(dtype))
-    return (out.detach(), *grads)
 
 
 def _triton_poisoned(q, k, v, do, mask, dropout_p, scale, seed):
@@ -71,8 +43,8 @@ def _check_all(q, k, v, mask, dropout_p=0.0, scale=None, seed=0):
         B, S, H, _ = q.shape
         keep = attention_dropout_mask(B, H, S, dropout_p, seed, q.device)
     out, lse, dq, dk, dv = _triton_poisoned(q, k, v, do, mask, dropout_p, scale, seed)
-    ref = _ref_with_grads(q, k, v, do, mask, dropout_p, scale, keep, torch.float64)
-    base = _ref_with_grads(q, k, v, do, mask, dropout_p, scale, keep, dtype)
+    ref = ref_with_grads(q, k, v, do, mask, dropout_p, scale, keep, torch.float64)
+    base = ref_with_grads(q, k, v, do, mask, dropout_p, scale, keep, dtype)
     for name, ours, r, b in zip(("out", "dq", "dk", "dv"), (out, dq, dk, dv), ref, base):
         assert_close_to_ref(ours, r, b, name)
     # logsumexp against torch's, on rows with at least one real key (others store +inf)
@@ -111,8 +83,8 @@ CASES = [
                          ids=[f"{c[0]}x{c[1]}x{c[2]}x{c[3]}-{str(c[4])[6:]}-{c[5]}" for c in CASES])
 def test_forward_backward(B, S, H, D, dtype, mask_kind):
     gen = torch.Generator().manual_seed(B * 1000 + S * 10 + D)
-    q, k, v = _qkv((B, S, H, D), dtype, gen)
-    mask = _mask(mask_kind, B, S, gen)
+    q, k, v = qkv((B, S, H, D), dtype, gen)
+    mask = key_mask(mask_kind, B, S, gen)
     _check_all(q, k, v, mask)
 
 
@@ -122,13 +94,13 @@ def test_custom_scale_and_strided_inputs():
     qkv = torch.randn((2, 45, 2, 3, 32), dtype=torch.float64, generator=gen).to(device=DEVICE, dtype=torch.float32)
     q, k, v = qkv.unbind(dim=3)                          # each (B, S, H, D), strides of the fused tensor
     assert not q.is_contiguous()
-    _check_all(q, k, v, _mask("lengths", 2, 45, gen), scale=0.3)
+    _check_all(q, k, v, key_mask("lengths", 2, 45, gen), scale=0.3)
 
 
 def test_fully_masked_rows_are_zero():
     """A sequence whose keys are all masked: zero output, zero gradients, no NaN, lse = +inf."""
     gen = torch.Generator().manual_seed(3)
-    q, k, v = _qkv((2, 21, 2, 32), torch.float32, gen)
+    q, k, v = qkv((2, 21, 2, 32), torch.float32, gen)
     mask = torch.ones(2, 21, dtype=torch.bool, device=DEVICE)
     mask[1] = False
     do = torch.randn(q.shape, generator=gen).to(DEVICE)
@@ -150,8 +122,8 @@ def test_fully_masked_rows_are_zero():
 def test_public_function_matches_launchers():
     """attention() on the Triton backend runs the same kernels through AttentionFunction."""
     gen = torch.Generator().manual_seed(11)
-    q, k, v = _qkv((2, 30, 2, 64), torch.float16, gen)
-    mask = _mask("random", 2, 30, gen)
+    q, k, v = qkv((2, 30, 2, 64), torch.float16, gen)
+    mask = key_mask("random", 2, 30, gen)
     do = torch.randn(q.shape, generator=gen).to(device=DEVICE, dtype=q.dtype)
     out, _, dq, dk, dv = _triton_poisoned(q, k, v, do, mask, 0.2, 0.11, 99)
     leaves = [t.clone().requires_grad_() for t in (q, k, v)]
@@ -167,35 +139,30 @@ def test_public_function_matches_launchers():
 # Varlen
 # ---------------------------------------------------------------------------
 
-def _pack(x, lens):
-    """(B, S, ...) -> (sum(lens), ...): the first lens[b] rows of each sequence."""
-    return torch.cat([x[b, :n] for b, n in enumerate(lens)], dim=0)
-
-
 @pytest.mark.parametrize("dtype,dropout_p", [(torch.float32, 0.0), (torch.float16, 0.25)])
 def test_varlen_matches_padded(dtype, dropout_p):
     """attention_varlen on packed tokens == attention on the same sequences padded, forward and backward."""
     gen = torch.Generator().manual_seed(5)
     lens = [5, 0, 40, 17, 1]
     B, S, H, D = len(lens), max(lens), 2, 32
-    q, k, v = _qkv((B, S, H, D), dtype, gen)
+    q, k, v = qkv((B, S, H, D), dtype, gen)
     mask = (torch.arange(S)[None, :] < torch.tensor(lens)[:, None]).to(DEVICE)
     do = torch.randn((B, S, H, D), generator=gen).to(device=DEVICE, dtype=dtype)
     do = do * mask[:, :, None, None]                      # padded query rows carry no gradient
     cu = torch.tensor([0] + list(torch.tensor(lens).cumsum(0)), dtype=torch.int32, device=DEVICE)
 
     padded = [t.clone().requires_grad_() for t in (q, k, v)]
-    packed = [_pack(t, lens).requires_grad_() for t in (q, k, v)]
+    packed = [pack(t, lens).requires_grad_() for t in (q, k, v)]
     with use_backend("triton"):
         out_p = attention(*padded, mask=mask, dropout_p=dropout_p, seed=21)
         out_v = attention_varlen(*packed, cu, S, dropout_p=dropout_p, seed=21)
     out_p.backward(do)
-    out_v.backward(_pack(do, lens))
+    out_v.backward(pack(do, lens))
     # same kernels, same mask, same per-sequence arithmetic: equal up to summation order
     tol = dict(rtol=0, atol=FLOOR[dtype])
-    torch.testing.assert_close(out_v, _pack(out_p, lens), **tol)
+    torch.testing.assert_close(out_v, pack(out_p, lens), **tol)
     for tp, tv in zip(padded, packed):
-        torch.testing.assert_close(tv.grad, _pack(tp.grad, lens), **tol)
+        torch.testing.assert_close(tv.grad, pack(tp.grad, lens), **tol)
 
     # and against the float64 varlen reference with the kernels' dropout mask
     keep = attention_dropout_mask(B, H, S, dropout_p, 21, DEVICE) if dropout_p > 0 else None
@@ -203,8 +170,8 @@ def test_varlen_matches_padded(dtype, dropout_p):
     leaves_lo = [t.detach().clone().requires_grad_() for t in packed]
     ref = attention_varlen_ref(*leaves64, cu, dropout_p, None, keep)
     base = attention_varlen_ref(*leaves_lo, cu, dropout_p, None, keep)
-    g_ref = torch.autograd.grad(ref, leaves64, _pack(do, lens).double())
-    g_base = torch.autograd.grad(base, leaves_lo, _pack(do, lens))
+    g_ref = torch.autograd.grad(ref, leaves64, pack(do, lens).double())
+    g_base = torch.autograd.grad(base, leaves_lo, pack(do, lens))
     assert_close_to_ref(out_v.detach(), ref, base, "varlen out")
     for name, leaf, r, b in zip(("dq", "dk", "dv"), packed, g_ref, g_base):
         assert_close_to_ref(leaf.grad, r, b, f"varlen {name}")
@@ -215,7 +182,7 @@ def test_varlen_poisoned_outputs():
     gen = torch.Generator().manual_seed(8)
     lens = [3, 33, 18]
     T, H, D = sum(lens), 2, 64
-    q, k, v = _qkv((T, H, D), torch.float32, gen)
+    q, k, v = qkv((T, H, D), torch.float32, gen)
     cu = torch.tensor([0, 3, 36, 54], dtype=torch.int32, device=DEVICE)
     out, lse = poison(torch.empty_like(q)), poison(torch.empty((H, T), dtype=torch.float32, device=DEVICE))
     attention_fwd(q, k, v, None, cu, max(lens), 0.0, None, 0, out=out, lse=lse)
@@ -240,13 +207,13 @@ def test_varlen_poisoned_outputs():
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
 def test_dropout_matches_reference_with_same_mask(dtype):
     gen = torch.Generator().manual_seed(17)
-    q, k, v = _qkv((2, 70, 2, 64), dtype, gen)
-    _check_all(q, k, v, _mask("random", 2, 70, gen), dropout_p=0.3, seed=1234567)
+    q, k, v = qkv((2, 70, 2, 64), dtype, gen)
+    _check_all(q, k, v, key_mask("random", 2, 70, gen), dropout_p=0.3, seed=1234567)
 
 
 def test_dropout_reproducible():
     gen = torch.Generator().manual_seed(19)
-    q, k, v = _qkv((1, 40, 2, 32), torch.float32, gen)
+    q, k, v = qkv((1, 40, 2, 32), torch.float32, gen)
     with use_backend("triton"):
         a = attention(q, k, v, dropout_p=0.5, seed=5)
         b = attention(q, k, v, dropout_p=0.5, seed=5)
@@ -341,7 +308,7 @@ def test_cpu_tensor_on_triton_without_interpreter(monkeypatch):
 
 def test_torch_backend_varlen_matches_reference():
     gen = torch.Generator().manual_seed(23)
-    q, k, v = _qkv((12, 2, 16), torch.float64, gen)
+    q, k, v = qkv((12, 2, 16), torch.float64, gen)
     cu = torch.tensor([0, 5, 12], dtype=torch.int32, device=DEVICE)
     with use_backend("torch"):
         out = attention_varlen(q, k, v, cu, 7)
@@ -352,8 +319,8 @@ def test_torch_backend_varlen_matches_reference():
 def test_compile_traces_without_graph_break_cpu():
     """fullgraph=True through the registered ops (Dynamo's eager backend: the interpreter cannot be captured)."""
     gen = torch.Generator().manual_seed(29)
-    q, k, v = _qkv((2, 20, 2, 32), torch.float32, gen)
-    mask = _mask("lengths", 2, 20, gen)
+    q, k, v = qkv((2, 20, 2, 32), torch.float32, gen)
+    mask = key_mask("lengths", 2, 20, gen)
 
     def f(q, k, v, mask):
         return attention(q, k, v, mask, dropout_p=0.0)
@@ -381,8 +348,8 @@ def test_compile_traces_without_graph_break_cpu():
 @pytest.mark.parametrize("dropout_p", [0.0, 0.1])
 def test_gpu_bert_size(dtype, dropout_p):
     gen = torch.Generator().manual_seed(31)
-    q, k, v = _qkv((8, 512, 12, 64), dtype, gen)
-    _check_all(q, k, v, _mask("lengths", 8, 512, gen), dropout_p=dropout_p, seed=77)
+    q, k, v = qkv((8, 512, 12, 64), dtype, gen)
+    _check_all(q, k, v, key_mask("lengths", 8, 512, gen), dropout_p=dropout_p, seed=77)
 
 
 @pytest.mark.gpu
@@ -390,8 +357,8 @@ def test_gpu_bert_size(dtype, dropout_p):
 @pytest.mark.parametrize("dtype", KERNEL_DTYPES)
 def test_gpu_head_dims(D, dtype):
     gen = torch.Generator().manual_seed(37)
-    q, k, v = _qkv((4, 384, 4, D), dtype, gen)
-    _check_all(q, k, v, _mask("random", 4, 384, gen), dropout_p=0.1, seed=3)
+    q, k, v = qkv((4, 384, 4, D), dtype, gen)
+    _check_all(q, k, v, key_mask("random", 4, 384, gen), dropout_p=0.1, seed=3)
 
 
 @pytest.mark.gpu
@@ -399,7 +366,7 @@ def test_gpu_varlen_bf16():
     gen = torch.Generator().manual_seed(41)
     lens = [128, 77, 512, 3, 300]
     T, H, D = sum(lens), 12, 64
-    q, k, v = _qkv((T, H, D), torch.bfloat16, gen)
+    q, k, v = qkv((T, H, D), torch.bfloat16, gen)
     cu = torch.tensor([0] + list(torch.tensor(lens).cumsum(0)), dtype=torch.int32, device=DEVICE)
     leaves = [t.clone().requires_grad_() for t in (q, k, v)]
     with use_backend("triton"):
@@ -418,23 +385,4 @@ def test_gpu_varlen_bf16():
 @pytest.mark.gpu
 @pytest.mark.parametrize("dropout_p", [0.0, 0.1])
 def test_gpu_compile_fullgraph(dropout_p):
-    gen = torch.Generator().manual_seed(43)
-    q, k, v = _qkv((2, 128, 4, 64), torch.float16, gen)
-    mask = _mask("lengths", 2, 128, gen)
-
-    def f(q, k, v, mask):
-        return attention(q, k, v, mask, dropout_p=dropout_p, seed=9 if dropout_p else None) * 2.0
-
-    torch._dynamo.reset()
-    with use_backend("triton"):
-        compiled = torch.compile(f, fullgraph=True)
-        leaves = [t.clone().requires_grad_() for t in (q, k, v)]
-        out = compiled(*leaves, mask)
-        out.float().sum().backward()
-        ref = [t.clone().requires_grad_() for t in (q, k, v)]
-        out_ref = f(*ref, mask)
-        out_ref.float().sum().backward()
-    # the same kernels with the same seed: equal up to fusion of the * 2
-    torch.testing.assert_close(out, out_ref, rtol=1e-3, atol=1e-3)
-    for a, b in zip(leaves, ref):
-        torch.testing.assert_close(a.grad, b.grad, rtol=1e-3, atol=1e-3)
+    check_compiled_fullgraph("triton", dropout_p)

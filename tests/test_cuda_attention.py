@@ -29,6 +29,7 @@ from pathlib import Path
 import pytest
 import torch
 
+from attention_cases import check_compiled_fullgraph, key_mask, pack, qkv, ref_with_grads
 from conftest import DEVICE, FLOOR, ON_GPU, assert_close_to_ref, poison
 
 from fastbert.ops import use_backend
@@ -50,26 +51,6 @@ def _compiled_extension():
 # ---------------------------------------------------------------------------
 # Helpers shared by the GPU and the emulated runs
 # ---------------------------------------------------------------------------
-
-def _qkv(shape, dtype, gen, device):
-    """Fresh normal q, k, v in `dtype` (drawn in float64; no exact zeros)."""
-    return [torch.randn(shape, dtype=torch.float64, generator=gen).to(device=device, dtype=dtype) for _ in range(3)]
-
-
-def _mask(kind, B, S, gen, device):
-    """(B, S) bool key mask: None, mixed prefix lengths, or holes anywhere with the last row fully padded."""
-    if kind is None:
-        return None
-    if kind == "lengths":
-        lens = torch.randint(1, S + 1, (B,), generator=gen)
-        lens[0] = S
-        mask = torch.arange(S)[None, :] < lens[:, None]
-    else:
-        mask = torch.rand(B, S, generator=gen) > 0.4
-        mask[:, 0] = True
-        mask[-1] = False
-    return mask.to(device)
-
 
 class Guarded:
     """NaN-filled buffers with NaN guard zones around them: an unwritten element
@@ -109,14 +90,6 @@ def _launch(q, k, v, do, mask, dropout_p, scale, seed, cu=None, max_seqlen=None)
     return out, lse, dq, dk, dv
 
 
-def _ref_with_grads(q, k, v, do, mask, dropout_p, scale, keep, dtype):
-    """(out, dq, dk, dv) of attention_ref computed in `dtype` (float64 for the reference)."""
-    leaves = [t.detach().to(dtype).requires_grad_() for t in (q, k, v)]
-    out = attention_ref(*leaves, mask=mask, dropout_p=dropout_p, softmax_scale=scale, dropout_mask=keep)
-    grads = torch.autograd.grad(out, leaves, do.to(dtype))
-    return (out.detach(), *grads)
-
-
 def _check_lse(lse, q, k, mask, scale):
     s = math.sqrt(q.shape[-1]) if scale is None else 1.0 / scale
     scores = torch.einsum("bihd,bjhd->bhij", q.double(), k.double()) / s
@@ -139,8 +112,8 @@ def _check_all(q, k, v, mask, dropout_p=0.0, scale=None, seed=0, triton=False):
     do = torch.randn(q.shape, dtype=torch.float64, generator=gen).to(device=q.device, dtype=dtype)
     keep = A.cuda_attention_dropout_mask(B, H, S, dropout_p, seed, q.device) if dropout_p > 0 else None
     out, lse, dq, dk, dv = _launch(q, k, v, do, mask, dropout_p, scale, seed)
-    ref = _ref_with_grads(q, k, v, do, mask, dropout_p, scale, keep, torch.float64)
-    base = _ref_with_grads(q, k, v, do, mask, dropout_p, scale, keep, dtype)
+    ref = ref_with_grads(q, k, v, do, mask, dropout_p, scale, keep, torch.float64)
+    base = ref_with_grads(q, k, v, do, mask, dropout_p, scale, keep, dtype)
     for name, ours, r, b in zip(("out", "dq", "dk", "dv"), (out, dq, dk, dv), ref, base):
         assert_close_to_ref(ours, r, b, name)
     _check_lse(lse, q, k, mask, scale)
@@ -153,27 +126,22 @@ def _check_all(q, k, v, mask, dropout_p=0.0, scale=None, seed=0, triton=False):
     return out, lse, dq, dk, dv
 
 
-def _pack(x, lens):
-    """(B, S, ...) -> (sum(lens), ...): the first lens[b] rows of each sequence."""
-    return torch.cat([x[b, :n] for b, n in enumerate(lens)], dim=0)
-
-
 def _varlen_vs_padded(dtype, dropout_p, device, lens=(5, 0, 40, 17, 1), D=32):
     """Packed launch == padded launch of the same sequences (same kernels, same mask), and
     both match the float64 varlen reference."""
     gen = torch.Generator().manual_seed(5)
     B, S, H = len(lens), max(lens), 2
-    q, k, v = _qkv((B, S, H, D), dtype, gen, device)
+    q, k, v = qkv((B, S, H, D), dtype, gen, device)
     mask = (torch.arange(S)[None, :] < torch.tensor(lens)[:, None]).to(device)
     do = torch.randn((B, S, H, D), generator=gen).to(device=device, dtype=dtype)
     do = do * mask[:, :, None, None]                      # padded query rows carry no gradient
     cu = torch.tensor([0] + list(torch.tensor(lens).cumsum(0)), dtype=torch.int32, device=device)
     pad = _launch(q, k, v, do, mask, dropout_p, None, 21)
-    packed = [_pack(t, lens) for t in (q, k, v, do)]
+    packed = [pack(t, lens) for t in (q, k, v, do)]
     var = _launch(*packed, None, dropout_p, None, 21, cu=cu, max_seqlen=S)
     tol = dict(rtol=0, atol=FLOOR[dtype])
     for name, i in (("out", 0), ("dq", 2), ("dk", 3), ("dv", 4)):
-        torch.testing.assert_close(var[i], _pack(pad[i], lens), **tol, msg=f"varlen {name} != padded")
+        torch.testing.assert_close(var[i], pack(pad[i], lens), **tol, msg=f"varlen {name} != padded")
     keep = A.cuda_attention_dropout_mask(B, H, S, dropout_p, 21, device) if dropout_p > 0 else None
     leaves64 = [t.detach().double().requires_grad_() for t in packed[:3]]
     leaves_lo = [t.detach().clone().requires_grad_() for t in packed[:3]]
@@ -190,7 +158,7 @@ def _varlen_vs_padded(dtype, dropout_p, device, lens=(5, 0, 40, 17, 1), D=32):
 def _fully_masked(device, dtype=torch.float16):
     """A sequence whose keys are all masked: zero output and gradients, lse = +inf."""
     gen = torch.Generator().manual_seed(3)
-    q, k, v = _qkv((2, 21, 2, 32), dtype, gen, device)
+    q, k, v = qkv((2, 21, 2, 32), dtype, gen, device)
     mask = torch.ones(2, 21, dtype=torch.bool, device=device)
     mask[1] = False
     do = torch.randn(q.shape, generator=gen).to(device=device, dtype=dtype)
@@ -354,8 +322,8 @@ def test_dropout_stream_matches_triton(emulator, monkeypatch):
 @pytest.mark.parametrize("B,S,H,D,dtype,mask_kind", EMU_CASES, ids=[_case_id(c) for c in EMU_CASES])
 def test_emulated_forward_backward(emu, B, S, H, D, dtype, mask_kind):
     gen = torch.Generator().manual_seed(B * 1000 + S * 10 + D)
-    q, k, v = _qkv((B, S, H, D), dtype, gen, "cpu")
-    _check_all(q, k, v, _mask(mask_kind, B, S, gen, "cpu"))
+    q, k, v = qkv((B, S, H, D), dtype, gen, "cpu")
+    _check_all(q, k, v, key_mask(mask_kind, B, S, gen, "cpu"))
 
 
 @pytest.mark.slow
@@ -366,7 +334,7 @@ def test_emulated_dropout_and_strided_inputs(emu):
     qkv = torch.randn((2, 70, 2, 3, 64), dtype=torch.float64, generator=gen).to(torch.float16)
     q, k, v = qkv.unbind(dim=3)
     assert not q.is_contiguous()
-    mask = _mask("random", 2, 70, gen, "cpu")
+    mask = key_mask("random", 2, 70, gen, "cpu")
     out, _, dq, dk, dv = _check_all(q, k, v, mask, dropout_p=0.3, scale=0.11, seed=1234567)
     seed_t = torch.tensor([1234567], dtype=torch.int64)
     do = torch.randn(q.shape, dtype=torch.float64, generator=torch.Generator().manual_seed(1234)).half()
@@ -381,7 +349,7 @@ def test_emulated_unaligned_input_is_copied(emu):
     gen = torch.Generator().manual_seed(4)
     base = torch.randn(1 * 20 * 2 * 32 + 3, dtype=torch.float64, generator=gen).half()
     q = base[3:].view(1, 20, 2, 32)                        # 6-byte offset: unaligned
-    _, k, v = _qkv((1, 20, 2, 32), torch.float16, gen, "cpu")
+    _, k, v = qkv((1, 20, 2, 32), torch.float16, gen, "cpu")
     _check_all(q, k, v, None)
 
 
@@ -400,8 +368,8 @@ def test_emulated_varlen_matches_padded(emu, dtype, dropout_p):
 def test_emulated_autograd_function(emu):
     """AttentionFunction with the cuda launchers: the public path's gradients equal the launchers'."""
     gen = torch.Generator().manual_seed(11)
-    q, k, v = _qkv((2, 30, 2, 64), torch.float16, gen, "cpu")
-    mask = _mask("random", 2, 30, gen, "cpu")
+    q, k, v = qkv((2, 30, 2, 64), torch.float16, gen, "cpu")
+    mask = key_mask("random", 2, 30, gen, "cpu")
     do = torch.randn(q.shape, generator=gen).half()
     out, _, dq, dk, dv = _launch(q, k, v, do, mask, 0.2, 0.11, 99)
     leaves = [t.clone().requires_grad_() for t in (q, k, v)]
@@ -428,8 +396,8 @@ def cuda_ext():
 @pytest.mark.parametrize("B,S,H,D,dtype,mask_kind", GPU_CASES, ids=[_case_id(c) for c in GPU_CASES])
 def test_gpu_forward_backward(cuda_ext, B, S, H, D, dtype, mask_kind):
     gen = torch.Generator().manual_seed(B * 1000 + S * 10 + D)
-    q, k, v = _qkv((B, S, H, D), dtype, gen, DEVICE)
-    _check_all(q, k, v, _mask(mask_kind, B, S, gen, DEVICE), triton=True)
+    q, k, v = qkv((B, S, H, D), dtype, gen, DEVICE)
+    _check_all(q, k, v, key_mask(mask_kind, B, S, gen, DEVICE), triton=True)
 
 
 @pytest.mark.gpu
@@ -437,8 +405,8 @@ def test_gpu_forward_backward(cuda_ext, B, S, H, D, dtype, mask_kind):
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
 def test_gpu_dropout_matches_reference_and_triton(cuda_ext, D, dtype):
     gen = torch.Generator().manual_seed(17)
-    q, k, v = _qkv((2, 200, 3, D), dtype, gen, DEVICE)
-    mask = _mask("random", 2, 200, gen, DEVICE)
+    q, k, v = qkv((2, 200, 3, D), dtype, gen, DEVICE)
+    mask = key_mask("random", 2, 200, gen, DEVICE)
     _check_all(q, k, v, mask, dropout_p=0.3, scale=0.1, seed=1234567, triton=True)
     from fastbert.kernels.attention import attention_dropout_mask
     assert torch.equal(A.cuda_attention_dropout_mask(2, 3, 200, 0.3, 1234567, DEVICE),
@@ -450,7 +418,7 @@ def test_gpu_strided_inputs_and_tensor_seed(cuda_ext):
     gen = torch.Generator().manual_seed(7)
     qkv = torch.randn((2, 145, 4, 3, 64), dtype=torch.float64, generator=gen).to(DEVICE, torch.bfloat16)
     q, k, v = qkv.unbind(dim=3)
-    mask = _mask("lengths", 2, 145, gen, DEVICE)
+    mask = key_mask("lengths", 2, 145, gen, DEVICE)
     out, _, dq, dk, dv = _check_all(q, k, v, mask, dropout_p=0.1, scale=0.3, seed=42, triton=True)
     do = torch.randn(q.shape, dtype=torch.float64, generator=torch.Generator().manual_seed(1234)).to(DEVICE, q.dtype)
     again = _launch(q, k, v, do, mask, 0.1, 0.3, torch.tensor([42], dtype=torch.int64, device=DEVICE))
@@ -473,7 +441,7 @@ def test_gpu_varlen_matches_padded(cuda_ext, dtype, dropout_p):
 @pytest.mark.gpu
 def test_gpu_dropout_reproducible_and_kept_fraction(cuda_ext):
     gen = torch.Generator().manual_seed(19)
-    q, k, v = _qkv((1, 40, 2, 32), torch.float16, gen, DEVICE)
+    q, k, v = qkv((1, 40, 2, 32), torch.float16, gen, DEVICE)
     with use_backend("cuda"):
         a = attention(q, k, v, dropout_p=0.5, seed=5)
         b = attention(q, k, v, dropout_p=0.5, seed=5)
@@ -495,8 +463,8 @@ def test_gpu_dropout_reproducible_and_kept_fraction(cuda_ext):
 def test_gpu_public_functions(cuda_ext):
     """attention() / attention_varlen() on the cuda backend: the same kernels through AttentionFunction."""
     gen = torch.Generator().manual_seed(11)
-    q, k, v = _qkv((2, 130, 2, 64), torch.float16, gen, DEVICE)
-    mask = _mask("random", 2, 130, gen, DEVICE)
+    q, k, v = qkv((2, 130, 2, 64), torch.float16, gen, DEVICE)
+    mask = key_mask("random", 2, 130, gen, DEVICE)
     do = torch.randn(q.shape, generator=gen).to(device=DEVICE, dtype=q.dtype)
     out, _, dq, dk, dv = _launch(q, k, v, do, mask, 0.2, 0.11, 99)
     leaves = [t.clone().requires_grad_() for t in (q, k, v)]
@@ -532,7 +500,7 @@ def test_gpu_bad_inputs(cuda_ext):
 def test_gpu_auto_backend_float32_uses_triton(cuda_ext):
     """The default backend prefers cuda, but float32 (no CUDA kernel) still runs, on Triton."""
     gen = torch.Generator().manual_seed(47)
-    q, k, v = _qkv((2, 50, 2, 64), torch.float32, gen, DEVICE)
+    q, k, v = qkv((2, 50, 2, 64), torch.float32, gen, DEVICE)
     out = attention(q, k, v)
     ref = attention_ref(q.double(), k.double(), v.double())
     assert_close_to_ref(out, ref, attention_ref(q, k, v), "auto float32")
@@ -541,22 +509,4 @@ def test_gpu_auto_backend_float32_uses_triton(cuda_ext):
 @pytest.mark.gpu
 @pytest.mark.parametrize("dropout_p", [0.0, 0.1])
 def test_gpu_compile_fullgraph(cuda_ext, dropout_p):
-    gen = torch.Generator().manual_seed(43)
-    q, k, v = _qkv((2, 128, 4, 64), torch.float16, gen, DEVICE)
-    mask = _mask("lengths", 2, 128, gen, DEVICE)
-
-    def f(q, k, v, mask):
-        return attention(q, k, v, mask, dropout_p=dropout_p, seed=9 if dropout_p else None) * 2.0
-
-    torch._dynamo.reset()
-    with use_backend("cuda"):
-        compiled = torch.compile(f, fullgraph=True)
-        leaves = [t.clone().requires_grad_() for t in (q, k, v)]
-        out = compiled(*leaves, mask)
-        out.float().sum().backward()
-        ref = [t.clone().requires_grad_() for t in (q, k, v)]
-        out_ref = f(*ref, mask)
-        out_ref.float().sum().backward()
-    torch.testing.assert_close(out, out_ref, rtol=1e-3, atol=1e-3)
-    for a, b in zip(leaves, ref):
-        torch.testing.assert_close(a.grad, b.grad, rtol=1e-3, atol=1e-3)
+    check_compiled_fullgraph("cuda", dropout_p)

@@ -1,0 +1,65 @@
+"""Inputs, references and checks shared by the Triton and CUDA attention tests
+(tests/test_attention.py, tests/test_cuda_attention.py)."""
+import torch
+
+from conftest import DEVICE
+
+from fastbert.ops import use_backend
+from fastbert.ops.attention import attention, attention_ref
+
+
+def qkv(shape, dtype, gen, device=DEVICE):
+    """Fresh normal q, k, v in `dtype` (drawn in float64; no exact zeros)."""
+    return [torch.randn(shape, dtype=torch.float64, generator=gen).to(device=device, dtype=dtype) for _ in range(3)]
+
+
+def key_mask(kind, B, S, gen, device=DEVICE):
+    """(B, S) bool key mask: None, mixed prefix lengths, or holes anywhere with the last row fully padded."""
+    if kind is None:
+        return None
+    if kind == "lengths":
+        lens = torch.randint(1, S + 1, (B,), generator=gen)
+        lens[0] = S
+        mask = torch.arange(S)[None, :] < lens[:, None]
+    else:
+        mask = torch.rand(B, S, generator=gen) > 0.4
+        mask[:, 0] = True
+        mask[-1] = False
+    return mask.to(device)
+
+
+def ref_with_grads(q, k, v, do, mask, dropout_p, scale, keep, dtype):
+    """(out, dq, dk, dv) of attention_ref computed in `dtype` (float64 for the reference)."""
+    leaves = [t.detach().to(dtype).requires_grad_() for t in (q, k, v)]
+    out = attention_ref(*leaves, mask=mask, dropout_p=dropout_p, softmax_scale=scale, dropout_mask=keep)
+    grads = torch.autograd.grad(out, leaves, do.to(dtype))
+    return (out.detach(), *grads)
+
+
+def pack(x, lens):
+    """(B, S, ...) -> (sum(lens), ...): the first lens[b] rows of each sequence."""
+    return torch.cat([x[b, :n] for b, n in enumerate(lens)], dim=0)
+
+
+def check_compiled_fullgraph(backend, dropout_p):
+    """attention() under torch.compile(fullgraph=True) on `backend` equals eager attention()
+    on the same backend: the same kernels with the same seed, up to fusion of the * 2."""
+    gen = torch.Generator().manual_seed(43)
+    q, k, v = qkv((2, 128, 4, 64), torch.float16, gen)
+    mask = key_mask("lengths", 2, 128, gen)
+
+    def f(q, k, v, mask):
+        return attention(q, k, v, mask, dropout_p=dropout_p, seed=9 if dropout_p else None) * 2.0
+
+    torch._dynamo.reset()
+    with use_backend(backend):
+        compiled = torch.compile(f, fullgraph=True)
+        leaves = [t.clone().requires_grad_() for t in (q, k, v)]
+        out = compiled(*leaves, mask)
+        out.float().sum().backward()
+        ref = [t.clone().requires_grad_() for t in (q, k, v)]
+        out_ref = f(*ref, mask)
+        out_ref.float().sum().backward()
+    torch.testing.assert_close(out, out_ref, rtol=1e-3, atol=1e-3)
+    for a, b in zip(leaves, ref):
+        torch.testing.assert_close(a.grad, b.grad, rtol=1e-3, atol=1e-3)
