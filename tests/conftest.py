@@ -53,6 +53,19 @@ def assert_close_to_ref(ours, ref64, baseline, name="output", floor=None):
                              f"ours={ours64[where].item():.6g} ref={ref64[where].item():.6g}")
 
 
+@pytest.fixture(params=[pytest.param("gpu", marks=pytest.mark.gpu), pytest.param("emu", marks=pytest.mark.slow)])
+def cuda_device(request, monkeypatch):
+    """For the csrc tests: the device their tensors live on, the GPU ("gpu"), or the CPU with
+    fastbert._C swapped for the same kernels compiled against the CPU emulation ("emu")."""
+    if request.param == "gpu":
+        return DEVICE
+    if ON_GPU:
+        pytest.skip("the emulation runs where there is no GPU")
+    from test_cuda_build import emulate
+    emulate(monkeypatch)
+    return torch.device("cpu")
+
+
 def pytest_configure(config):
     config.addinivalue_line("markers", "gpu: needs a CUDA GPU (run with `pytest -m gpu`)")
     config.addinivalue_line("markers", "slow: long-running; still part of the suite")

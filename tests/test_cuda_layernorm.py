@@ -19,7 +19,6 @@ import torch
 
 from conftest import DEVICE, ON_GPU, assert_close_to_ref, poison
 from layernorm_cases import check_compiled_block, compare_to_reference, gelu_inputs, layernorm_inputs, run_with_grads
-from test_cuda_build import emulate
 
 import fastbert.ops._cuda as C
 from fastbert.ops import use_backend
@@ -43,17 +42,6 @@ SHAPES = [
 ]
 
 
-@pytest.fixture(params=[pytest.param("gpu", marks=pytest.mark.gpu), pytest.param("emu", marks=pytest.mark.slow)])
-def device(request, monkeypatch):
-    """The device the test's tensors live on: the GPU, or the CPU under the emulation."""
-    if request.param == "gpu":
-        return DEVICE
-    if ON_GPU:
-        pytest.skip("the emulation runs where there is no GPU")
-    emulate(monkeypatch)
-    return torch.device("cpu")
-
-
 @pytest.fixture(autouse=True)
 def poisoned_outputs(monkeypatch):
     """Every output and partial-sum buffer the CUDA launchers allocate starts as NaN (7 for
@@ -61,11 +49,11 @@ def poisoned_outputs(monkeypatch):
     real = C._empty
     buffers = []
 
-    def empty(shape, dtype, device):
+    def empty(shape, dtype, cuda_device):
         n = 1
         for size in shape:
             n *= size
-        buf = real((n + GUARD,), dtype, device)
+        buf = real((n + GUARD,), dtype, cuda_device)
         poison(buf) if buf.is_floating_point() else buf.fill_(7)
         buffers.append((buf, n, tuple(shape)))
         return buf[:n].view(shape)
@@ -104,18 +92,18 @@ def _misaligned(t):
 
 @pytest.mark.parametrize("dtype", DTYPES)
 @pytest.mark.parametrize("shape", SHAPES)
-def test_add_layernorm_matches_reference(device, shape, dtype):
-    tensors, dy = layernorm_inputs(shape, dtype, device)
+def test_add_layernorm_matches_reference(cuda_device, shape, dtype):
+    tensors, dy = layernorm_inputs(shape, dtype, cuda_device)
     _compare(lambda x, r, w, b: add_layernorm(x, r, w, b, EPS),
              lambda x, r, w, b: add_layernorm_ref(x, r, w, b, EPS),
              tensors, dy, ["dx", "dresidual", "dweight", "dbias"])
 
 
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
-def test_add_layernorm_fp32_params_misaligned_and_empty(device, dtype):
+def test_add_layernorm_fp32_params_misaligned_and_empty(cuda_device, dtype):
     """Mixed precision (fp32 weight/bias), a row start off the 16-byte grid (scalar path),
     a non-contiguous x (copied) and no rows at all."""
-    (x, r, w, b), dy = layernorm_inputs((3, 5, 768), dtype, device)
+    (x, r, w, b), dy = layernorm_inputs((3, 5, 768), dtype, cuda_device)
     w, b = w.float(), b.float()
     names = ["dx", "dresidual", "dweight", "dbias"]
     _compare(lambda x, r, w, b: add_layernorm(x, r, w, b, EPS),
@@ -128,7 +116,7 @@ def test_add_layernorm_fp32_params_misaligned_and_empty(device, dtype):
         xt = x2.t().contiguous().t()
         assert not xt.is_contiguous()
         assert torch.equal(add_layernorm(xt, r2, w, b, EPS), add_layernorm(x2, r2, w, b, EPS))
-        (x0, r0, w0, b0), dy0 = layernorm_inputs((0, 384), dtype, device)
+        (x0, r0, w0, b0), dy0 = layernorm_inputs((0, 384), dtype, cuda_device)
         out, (dx, dr, dw, db) = run_with_grads(lambda x, r, w, b: add_layernorm(x, r, w, b, EPS), [x0, r0, w0, b0], dy0)
     assert out.shape == (0, 384) and dx.shape == (0, 384)
     assert torch.equal(dw, torch.zeros_like(dw)) and torch.equal(db, torch.zeros_like(db))
@@ -147,8 +135,8 @@ def test_add_layernorm_real_sizes(hidden, dtype):
 
 # ----------------------------------------------------------------------------- dropout
 
-def test_dropout_same_seed_same_output(device):
-    (x, r, w, b), _ = layernorm_inputs((3, 5, 768), torch.float16, device)
+def test_dropout_same_seed_same_output(cuda_device):
+    (x, r, w, b), _ = layernorm_inputs((3, 5, 768), torch.float16, cuda_device)
     with use_backend("cuda"):
         torch.manual_seed(1)
         y1 = add_layernorm(x, r, w, b, EPS, dropout_p=P)
@@ -162,8 +150,8 @@ def test_dropout_same_seed_same_output(device):
 
 
 @pytest.mark.parametrize("p", [0.1, 0.5])
-def test_dropout_kept_fraction(device, p):
-    seed = torch.tensor([1234], dtype=torch.int64, device=device)
+def test_dropout_kept_fraction(cuda_device, p):
+    seed = torch.tensor([1234], dtype=torch.int64, device=cuda_device)
     keep = C.add_layernorm_keep_mask((2, 32, 1000), p, seed)
     assert keep.dtype == torch.int8 and keep.shape == (2, 32, 1000)
     assert ((keep == 0) | (keep == 1)).all(), "keep-mask element not written"
@@ -177,29 +165,29 @@ def test_dropout_kept_fraction(device, p):
 
 
 @pytest.mark.parametrize("n", [7, 16, 768, 1000])
-def test_dropout_mask_equals_triton_mask(device, n):
+def test_dropout_mask_equals_triton_mask(cuda_device, n):
     """Both backends draw Philox4x32-10 at the same (seed, row * ceil(N/4) + col/4) offsets,
     so one seed gives one mask (not required by the design, but it is what csrc/ implements:
     a difference means the CUDA Philox or its offsets are wrong). Without a GPU the Triton
     side runs in the interpreter."""
     K = pytest.importorskip("fastbert.kernels.layernorm")
-    seed = torch.tensor([99], dtype=torch.int64, device=device)
+    seed = torch.tensor([99], dtype=torch.int64, device=cuda_device)
     ours = C.add_layernorm_keep_mask((5, n), 0.3, seed)
     assert torch.equal(ours, K.add_layernorm_keep_mask((5, n), 0.3, seed))
 
 
 @pytest.mark.parametrize("dtype", DTYPES)
 @pytest.mark.parametrize("shape", [(3, 5, 768), (13, 1000), (2, 7), (9, 1022), (4, 4096)])
-def test_dropout_matches_reference_with_same_mask(device, shape, dtype):
+def test_dropout_matches_reference_with_same_mask(cuda_device, shape, dtype):
     """The kernels' mask is the keep-mask launcher's (same seed: the Function's first draw)."""
-    tensors, dy = layernorm_inputs(shape, dtype, device, seed=3)
+    tensors, dy = layernorm_inputs(shape, dtype, cuda_device, seed=3)
 
     def ours(x, r, w, b):
         torch.manual_seed(5)
         return add_layernorm(x, r, w, b, EPS, dropout_p=P)
 
     torch.manual_seed(5)
-    keep = C.add_layernorm_keep_mask(shape, P, _draw_seed(device)).bool()
+    keep = C.add_layernorm_keep_mask(shape, P, _draw_seed(cuda_device)).bool()
     assert 0 < keep.sum() < keep.numel()
     _compare(ours,
              lambda x, r, w, b: add_layernorm_ref(x, r, w, b, EPS, P, dropout_mask=keep.to(x.dtype)),
@@ -229,15 +217,15 @@ def test_dropout_real_sizes(hidden, dtype):
 
 @pytest.mark.parametrize("dtype", DTYPES)
 @pytest.mark.parametrize("shape", SHAPES)
-def test_layernorm_gelu_matches_reference(device, shape, dtype):
-    tensors, dy = layernorm_inputs(shape, dtype, device, with_residual=False)
+def test_layernorm_gelu_matches_reference(cuda_device, shape, dtype):
+    tensors, dy = layernorm_inputs(shape, dtype, cuda_device, with_residual=False)
     _compare(lambda x, w, b: layernorm_gelu(x, w, b, EPS),
              lambda x, w, b: layernorm_gelu_ref(x, w, b, EPS),
              tensors, dy, ["dx", "dweight", "dbias"])
 
 
-def test_layernorm_gelu_fp32_params_and_misaligned(device):
-    (x, w, b), dy = layernorm_inputs((7, 1024), torch.bfloat16, device, with_residual=False)
+def test_layernorm_gelu_fp32_params_and_misaligned(cuda_device):
+    (x, w, b), dy = layernorm_inputs((7, 1024), torch.bfloat16, cuda_device, with_residual=False)
     _compare(lambda x, w, b: layernorm_gelu(x, w, b, EPS),
              lambda x, w, b: layernorm_gelu_ref(x, w, b, EPS),
              [_misaligned(x), w.float(), b.float()], _misaligned(dy), ["dx", "dweight", "dbias"])
@@ -262,15 +250,15 @@ GELU_SHAPES = [(1, 1), (3, 7), (2, 5, 384), (1, 768), (37, 768), (7, 1000), (3, 
 
 @pytest.mark.parametrize("dtype", DTYPES)
 @pytest.mark.parametrize("shape", GELU_SHAPES)
-def test_bias_gelu_matches_reference(device, shape, dtype):
-    tensors, dy = gelu_inputs(shape, dtype, device)
+def test_bias_gelu_matches_reference(cuda_device, shape, dtype):
+    tensors, dy = gelu_inputs(shape, dtype, cuda_device)
     _compare(lambda x, b: bias_gelu(x, b), lambda x, b: bias_gelu_ref(x, b), tensors, dy, ["dx", "dbias"])
 
 
 @pytest.mark.parametrize("dtype", DTYPES)
 @pytest.mark.parametrize("shape", [(3, 7), (37, 768), (2, 5000), (103, 16)])
-def test_bias_gelu_tanh_matches_reference(device, shape, dtype):
-    tensors, dy = gelu_inputs(shape, dtype, device, seed=1)
+def test_bias_gelu_tanh_matches_reference(cuda_device, shape, dtype):
+    tensors, dy = gelu_inputs(shape, dtype, cuda_device, seed=1)
     _compare(lambda x, b: bias_gelu(x, b, "tanh"), lambda x, b: bias_gelu_ref(x, b, "tanh"),
              tensors, dy, ["dx", "dbias"])
 
@@ -285,16 +273,16 @@ def test_bias_gelu_real_sizes(features, dtype, approximate):
              tensors, dy, ["dx", "dbias"])
 
 
-def test_bias_gelu_extreme_inputs_fp32_bias_and_layouts(device):
-    x = torch.tensor([[-100.0, -30.0, -8.0, -1e-4, 0.0, 1e-4, 8.0, 30.0, 100.0]], device=device)
-    bias = torch.zeros(9, device=device)
+def test_bias_gelu_extreme_inputs_fp32_bias_and_layouts(cuda_device):
+    x = torch.tensor([[-100.0, -30.0, -8.0, -1e-4, 0.0, 1e-4, 8.0, 30.0, 100.0]], device=cuda_device)
+    bias = torch.zeros(9, device=cuda_device)
     for approximate in ("none", "tanh"):
         with use_backend("cuda"):
             out, (dx, _) = run_with_grads(lambda x, b: bias_gelu(x, b, approximate), [x, bias], torch.ones_like(x))
         ref, (ref_dx, _) = run_with_grads(lambda x, b: bias_gelu_ref(x, b, approximate), [x, bias], torch.ones_like(x))
         torch.testing.assert_close(out, ref, atol=1e-6, rtol=1e-6)
         torch.testing.assert_close(dx, ref_dx, atol=1e-6, rtol=1e-6)
-    (x, bias), dy = gelu_inputs((5, 384), torch.float16, device)
+    (x, bias), dy = gelu_inputs((5, 384), torch.float16, cuda_device)
     # fp32 bias: the reference promotes to fp32; the op returns x's dtype (as the torch backend does).
     _compare(lambda x, b: bias_gelu(x, b), lambda x, b: bias_gelu_ref(x, b).to(x.dtype), [x, bias.float()], dy,
              ["dx", "dbias"])
@@ -303,9 +291,9 @@ def test_bias_gelu_extreme_inputs_fp32_bias_and_layouts(device):
     with use_backend("cuda"):
         xt = x.t().contiguous().t()
         assert torch.equal(bias_gelu(xt, bias), bias_gelu(x, bias))
-        assert bias_gelu(torch.randn(0, 384, device=device, dtype=torch.float16), bias).shape == (0, 384)
-        _, (dx0, db0) = run_with_grads(lambda x, b: bias_gelu(x, b), [torch.randn(0, 384, device=device), bias.float()],
-                             torch.zeros(0, 384, device=device))
+        assert bias_gelu(torch.randn(0, 384, device=cuda_device, dtype=torch.float16), bias).shape == (0, 384)
+        _, (dx0, db0) = run_with_grads(lambda x, b: bias_gelu(x, b), [torch.randn(0, 384, device=cuda_device), bias.float()],
+                             torch.zeros(0, 384, device=cuda_device))
         assert torch.equal(db0, torch.zeros_like(db0))
 
 
@@ -327,8 +315,8 @@ def test_cuda_path_refuses_cpu_tensors(monkeypatch):
     import fastbert.ops.gelu as G
     import fastbert.ops.layernorm as L
 
-    monkeypatch.setattr(L, "resolve", lambda device: "cuda")
-    monkeypatch.setattr(G, "resolve", lambda device: "cuda")
+    monkeypatch.setattr(L, "resolve", lambda cuda_device: "cuda")
+    monkeypatch.setattr(G, "resolve", lambda cuda_device: "cuda")
     (x, r, w, b), _ = layernorm_inputs((3, 8), torch.float32, "cpu")
     with pytest.raises(ValueError, match="add_layernorm: the cuda backend needs CUDA tensors, x is on cpu"):
         add_layernorm(x, r, w, b, EPS)

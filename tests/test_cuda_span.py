@@ -7,7 +7,7 @@ inside guard zones that must stay poisoned. Shapes reach both launch settings (o
 per row when rows are many, four warps merging their lists when rows are few) and every
 lane layout (short spans put several start positions in one warp row).
 
-The `device` fixture runs each test twice: "gpu" (marked gpu) and "emu" (no GPU: the
+The `cuda_device` fixture runs each test twice: "gpu" (marked gpu) and "emu" (no GPU: the
 kernel compiled with g++ against the CPU emulation of tests/test_cuda_build.py).
 """
 import math
@@ -17,8 +17,7 @@ import torch
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from conftest import DEVICE, ON_GPU, poison
-from test_cuda_build import emulate
+from conftest import ON_GPU, poison
 from test_span import assert_same, brute_force, make_inputs
 
 import fastbert.ops._cuda as C
@@ -26,17 +25,6 @@ from fastbert.ops import use_backend
 from fastbert.ops.span import span_score, span_score_ref
 
 GPU_DTYPES = [torch.float32, torch.float16, torch.bfloat16]
-
-
-@pytest.fixture(params=[pytest.param("gpu", marks=pytest.mark.gpu), pytest.param("emu", marks=pytest.mark.slow)])
-def device(request, monkeypatch):
-    """The device the test's tensors live on: the GPU, or the CPU under the emulation."""
-    if request.param == "gpu":
-        return DEVICE
-    if ON_GPU:
-        pytest.skip("the emulation runs where there is no GPU")
-    emulate(monkeypatch)
-    return torch.device("cpu")
 
 
 def run_cuda(s, e, mask, max_answer_len, topk):
@@ -67,8 +55,8 @@ cases = dict(
 
 @settings(max_examples=60, deadline=None, suppress_health_check=[HealthCheck.too_slow, HealthCheck.function_scoped_fixture])
 @given(**cases)
-def test_matches_brute_force(device, seed, B, L, max_answer_len, topk, values, mask_kind):
-    s, e, mask = (t if t is None else t.to(device) for t in make_inputs(seed, B, L, values, mask_kind))
+def test_matches_brute_force(cuda_device, seed, B, L, max_answer_len, topk, values, mask_kind):
+    s, e, mask = (t if t is None else t.to(cuda_device) for t in make_inputs(seed, B, L, values, mask_kind))
     assert_same(run_cuda(s, e, mask, max_answer_len, topk), brute_force(s, e, mask, max_answer_len, topk), "cuda")
 
 
@@ -77,9 +65,9 @@ def test_matches_brute_force(device, seed, B, L, max_answer_len, topk, values, m
     (1, 1, 1), (1, 30, 32), (9, 4, 32), (37, 5, 7), (53, 30, 20), (70, 1, 5), (64, 64, 32), (33, 17, 3),
 ])
 @pytest.mark.parametrize("B", [3, 5])
-def test_edge_sizes(device, B, dtype, L, max_answer_len, topk):
+def test_edge_sizes(cuda_device, B, dtype, L, max_answer_len, topk):
     """B = 3 rows: four warps per row in the emulation (2 SMs); 5: one warp per row."""
-    s, e, mask = (t.to(device) for t in make_inputs(L, B, L, "randn", "random", dtype))
+    s, e, mask = (t.to(cuda_device) for t in make_inputs(L, B, L, "randn", "random", dtype))
     expected = brute_force(s, e, mask, max_answer_len, topk)
     assert_same(run_cuda(s, e, mask, max_answer_len, topk), expected, f"cuda {dtype}")
     with use_backend("cuda"):
@@ -87,29 +75,29 @@ def test_edge_sizes(device, B, dtype, L, max_answer_len, topk):
 
 
 @pytest.mark.parametrize("values", ["randn", "ties"])
-def test_squad_size_row(device, values):
-    s, e, mask = (t.to(device) for t in make_inputs(7, 2, 384, values, "passage"))
+def test_squad_size_row(cuda_device, values):
+    s, e, mask = (t.to(cuda_device) for t in make_inputs(7, 2, 384, values, "passage"))
     mask[0, 10:300] = True
     assert_same(run_cuda(s, e, mask, 30, 20), brute_force(s, e, mask, 30, 20), "cuda")
 
 
-def test_strided_logits_from_qa_head(device):
+def test_strided_logits_from_qa_head(cuda_device):
     g = torch.Generator().manual_seed(3)
-    logits = torch.randn(3, 45, 2, generator=g).to(device)
+    logits = torch.randn(3, 45, 2, generator=g).to(cuda_device)
     s, e = logits.unbind(-1)
-    mask = (torch.rand(6, 45, generator=g) > 0.2).to(device)[::2]
+    mask = (torch.rand(6, 45, generator=g) > 0.2).to(cuda_device)[::2]
     assert s.stride() == (90, 2) and mask.stride() == (90, 1)
     assert_same(run_cuda(s, e, mask, 9, 11), brute_force(s, e, mask, 9, 11), "cuda strided")
 
 
-def test_nan_inf_and_signed_zero_agree_with_torch_backend(device):
+def test_nan_inf_and_signed_zero_agree_with_torch_backend(cuda_device):
     nan, inf = float("nan"), float("inf")
     s = torch.tensor([[0.0, -0.0, 1.0, nan, 2.0, -inf, inf, 0.5],
                       [-0.0, -0.0, 0.0, -0.0, 0.0, 0.0, -0.0, -0.0],
-                      [-inf, -inf, -inf, -inf, -inf, -inf, -inf, -inf]], device=device)
+                      [-inf, -inf, -inf, -inf, -inf, -inf, -inf, -inf]], device=cuda_device)
     e = torch.tensor([[-0.0, 0.0, nan, 1.0, -inf, 3.0, -inf, 0.5],
                       [-0.0, 0.0, -0.0, -0.0, 0.0, -0.0, 0.0, -0.0],
-                      [1.0, 2.0, 3.0, 4.0, 5.0, 6.0, 7.0, 8.0]], device=device)
+                      [1.0, 2.0, 3.0, 4.0, 5.0, 6.0, 7.0, 8.0]], device=cuda_device)
     with use_backend("torch"):
         ref = span_score(s, e, None, 4, 32)
     ours = run_cuda(s, e, None, 4, 32)
@@ -118,9 +106,9 @@ def test_nan_inf_and_signed_zero_agree_with_torch_backend(device):
     assert ours[2][1, :26].eq(0).all() and not torch.signbit(ours[2][1, :26]).any()
 
 
-def test_fewer_spans_than_topk_and_empty_rows(device):
-    s = torch.arange(6.0, device=device).repeat(2, 1)
-    mask = torch.zeros(2, 6, dtype=torch.bool, device=device)
+def test_fewer_spans_than_topk_and_empty_rows(cuda_device):
+    s = torch.arange(6.0, device=cuda_device).repeat(2, 1)
+    mask = torch.zeros(2, 6, dtype=torch.bool, device=cuda_device)
     mask[0, [1, 4]] = True
     expected = (torch.tensor([[4, 1, 1, -1, -1], [-1] * 5]), torch.tensor([[4, 4, 1, -1, -1], [-1] * 5]),
                 torch.tensor([[8.0, 5.0, 2.0, float("-inf"), float("-inf")], [float("-inf")] * 5]))
@@ -150,12 +138,12 @@ def test_squad_size_matches_torch_and_triton(batch, dtype, values):
 
 
 @pytest.mark.parametrize("B", [3, 4])
-def test_rising_scores_worst_case(device, B):
+def test_rising_scores_worst_case(cuda_device, B):
     """Scores rising with position: every tile inserts keys (the slowest path); B = 3: four
     warps per row in the emulation, whose lists then merge."""
-    L = 512 if device.type == "cuda" else 96  # the emulation pays per warp collective
-    s = torch.linspace(0, 1, L, device=device).repeat(B, 1)
-    e = torch.linspace(0, 2, L, device=device).repeat(B, 1)
+    L = 512 if cuda_device.type == "cuda" else 96  # the emulation pays per warp collective
+    s = torch.linspace(0, 1, L, device=cuda_device).repeat(B, 1)
+    e = torch.linspace(0, 2, L, device=cuda_device).repeat(B, 1)
     with use_backend("torch"):
         ref = tuple(t.cpu() for t in span_score(s, e, None, 64, 32))
     assert_same(run_cuda(s, e, None, 64, 32), ref, "cuda rising")
@@ -179,6 +167,6 @@ def test_torch_compile_fullgraph():
 def test_cuda_path_refuses_cpu_tensors(monkeypatch):
     import fastbert.ops.span as span_mod
 
-    monkeypatch.setattr(span_mod, "resolve", lambda device: "cuda")
+    monkeypatch.setattr(span_mod, "resolve", lambda cuda_device: "cuda")
     with pytest.raises(ValueError, match="span_score: the cuda backend needs CUDA tensors, start_logits is on cpu"):
         span_score(torch.zeros(1, 4), torch.zeros(1, 4))
