@@ -1,7 +1,16 @@
 #!/usr/bin/env bash
-# One call on a GPU machine: environment, install, the GPU tests, the kernel benchmarks.
+# One call on a GPU machine: environment, install, then the stages asked for.
 #
 #   OUT=/some/dir FASTBERT_COMMIT=<sha> bash scripts/gpu_check.sh
+#   GPU_CHECK_STAGES="sanitizer e2e" FASTBERT_COMMIT=<sha> bash scripts/gpu_check.sh   # a second call
+#
+# Stages (GPU_CHECK_STAGES, default "tests bench"; at most two per call, so that the files
+# come back: the device tool returns 8):
+#   tests      pytest -m gpu tests                       -> gpu_tests.log
+#   bench      fastbert bench --suite kernels --budget   -> bench.log, kernels.json/.md/.png
+#   sanitizer  compute-sanitizer memcheck and racecheck over the csrc GPU tests (csrc/README.md)
+#                                                        -> sanitizer.log
+#   e2e        fastbert bench --suite e2e --budget       -> e2e.log, e2e.json/.md/.png
 #
 # On the device machine $OUT is set by the tool; the checkout there has no .git,
 # so pass the commit in FASTBERT_COMMIT (it is recorded in every benchmark row).
@@ -18,9 +27,12 @@
 #                           (key shapes only by default: each costs seconds of compiling);
 #                           BENCH_ARGS adds arguments (e.g. "--ops attention").
 #
-# Files left in $OUT (flat, 7 at most: the device tool brings back 8):
-#   check.log (everything this script prints), install.log, gpu_tests.log, bench.log,
-#   kernels.json, kernels.md, kernels.png
+#   SANITIZER_S=240         the sanitizer stage (memcheck, then racecheck)
+#   E2E_MAX_S=300           the e2e benchmark, like BENCH_MAX_S (E2E_ARGS adds arguments,
+#                           e.g. "--filter 'base-cls'")
+#
+# Files left in $OUT (flat): check.log (everything this script prints), install.log, and
+# each stage's files above (default stages: 7).
 set -u -o pipefail
 export PYTHONUNBUFFERED=1
 
@@ -63,7 +75,16 @@ echo "== install ($(elapsed)s)"
 source "$REPO/scripts/device_install.sh"
 device_install "${INSTALL_S:-150}" || echo "IMPORT FAILED"
 
+RC=0
+stage() { [[ " ${GPU_CHECK_STAGES:-tests bench} " == *" $1 "* ]]; }
+left_for() {  # seconds for a stage: what is left of TOTAL (minus a margin), at most $1, at least 60
+    local left=$(( TOTAL - $(elapsed) - 20 ))
+    local s=$(( left > $1 ? $1 : left ))
+    echo $(( s < 60 ? 60 : s ))
+}
+
 # ---------------------------------------------------------------- GPU tests
+if stage tests; then
 echo "== pytest -m gpu tests ($(elapsed)s)"
 TIMEOUT_ARG=""
 "$PY" -c "import pytest_timeout" 2>/dev/null && TIMEOUT_ARG="--timeout=${GPU_TEST_TIMEOUT_S:-120}"
@@ -73,27 +94,62 @@ TESTS_RC=$?
 [ "$TESTS_RC" = 124 ] && echo "(pytest stopped by the ${GPU_TESTS_S:-200}s cap)" >>"$OUT/gpu_tests.log"
 tail -n 40 "$OUT/gpu_tests.log"
 echo "gpu tests rc=$TESTS_RC ($(elapsed)s)"
+[ "$TESTS_RC" = 0 ] || RC=1
+fi
 
 # ---------------------------------------------------------------- benchmarks
-LEFT=$(( TOTAL - $(elapsed) - 20 ))
-BENCH_S=$(( LEFT > ${BENCH_MAX_S:-300} ? ${BENCH_MAX_S:-300} : LEFT ))
-[ "$BENCH_S" -lt 60 ] && BENCH_S=60
-echo "== fastbert bench --suite kernels --budget, ${BENCH_S}s ($(elapsed)s)"
-timeout -k 10 "$BENCH_S" "$PY" -m fastbert.bench --suite kernels --budget --out "$OUT" \
-    --time-limit $(( BENCH_S - 45 )) --compile "${BENCH_COMPILE:-key}" ${BENCH_ARGS:-} >"$OUT/bench.log" 2>&1
-BENCH_RC=$?
-rm -f "$OUT"/*.tmp
-grep -E "^(fastbert bench|ceilings|time limit|ERROR)" "$OUT/bench.log"
-if [ -f "$OUT/kernels.json" ]; then
-    # Rebuild table and plot from the JSON (a run stopped by `timeout` wrote only the JSON).
-    [ -f "$OUT/kernels.md" ] && [ "$BENCH_RC" = 0 ] || "$PY" -m benchmarks.report "$OUT/kernels.json" --out "$OUT"
-    "$PY" -m benchmarks.report "$OUT/kernels.json" --summary
-else
-    tail -n 30 "$OUT/bench.log"
+bench_suite() {  # bench_suite kernels|e2e MAX_S LOG EXTRA_ARGS...
+    local suite="$1" max_s="$2" log="$3"
+    shift 3
+    local secs
+    secs=$(left_for "$max_s")
+    echo "== fastbert bench --suite $suite --budget, ${secs}s ($(elapsed)s)"
+    timeout -k 10 "$secs" "$PY" -m fastbert.bench --suite "$suite" --budget --out "$OUT" \
+        --time-limit $(( secs - 45 )) "$@" >"$OUT/$log" 2>&1
+    local rc=$?
+    rm -f "$OUT"/*.tmp
+    grep -E "^(fastbert bench|ceilings|time limit|ERROR)" "$OUT/$log"
+    if [ -f "$OUT/$suite.json" ]; then
+        # Rebuild table and plot from the JSON (a run stopped by `timeout` wrote only the JSON).
+        [ -f "$OUT/$suite.md" ] && [ "$rc" = 0 ] || "$PY" -m benchmarks.report "$OUT/$suite.json" --out "$OUT"
+        "$PY" -m benchmarks.report "$OUT/$suite.json" --summary
+    else
+        tail -n 30 "$OUT/$log"
+    fi
+    echo "bench $suite rc=$rc ($(elapsed)s)"
+    [ "$rc" = 0 ] || RC=1
+}
+# shellcheck disable=SC2086  # BENCH_ARGS / E2E_ARGS are word lists
+stage bench && bench_suite kernels "${BENCH_MAX_S:-300}" bench.log --compile "${BENCH_COMPILE:-key}" ${BENCH_ARGS:-}
+
+# ---------------------------------------------------------------- compute-sanitizer
+if stage sanitizer; then
+secs=$(left_for "${SANITIZER_S:-240}")
+echo "== compute-sanitizer memcheck + racecheck over the csrc GPU tests, ${secs}s ($(elapsed)s)"
+{
+    # Small shapes: every kernel and its edge cases (171 tests), attention first; a run cut by
+    # the cap (rc 124) still says in the log how far it got and what it found.
+    PYTORCH_NO_CUDA_MEMORY_CACHING=1 timeout -k 10 $(( secs * 6 / 10 )) compute-sanitizer --tool memcheck \
+        --error-exitcode 1 "$PY" -m pytest -m gpu -q -x -p no:cacheprovider tests/test_cuda_attention.py \
+        tests/test_cuda_span.py tests/test_cuda_layernorm.py \
+        -k "forward_backward or varlen or fully_masked or (matches_reference and not dropout) or edge_sizes"
+    echo "memcheck rc=$?"
+    timeout -k 10 $(( secs * 4 / 10 )) compute-sanitizer --tool racecheck --racecheck-report hazard \
+        --error-exitcode 1 "$PY" -m pytest -m gpu -q -x -p no:cacheprovider tests/test_cuda_attention.py \
+        tests/test_cuda_span.py -k "forward_backward and (2x7x2 or 2x129x2) or varlen or edge"
+    echo "racecheck rc=$?"
+} >"$OUT/sanitizer.log" 2>&1
+grep -E "ERROR SUMMARY|RACECHECK SUMMARY|rc=|passed|failed|error" "$OUT/sanitizer.log" | tail -n 20
+grep -q "memcheck rc=0" "$OUT/sanitizer.log" && grep -q "racecheck rc=0" "$OUT/sanitizer.log" || RC=1
 fi
-echo "== done in $(elapsed)s: install: $INSTALL; gpu tests rc=$TESTS_RC; bench rc=$BENCH_RC"
+
+# ---------------------------------------------------------------- end to end
+# shellcheck disable=SC2086
+stage e2e && bench_suite e2e "${E2E_MAX_S:-300}" e2e.log ${E2E_ARGS:-}
+
+echo "== done in $(elapsed)s: install: $INSTALL; stages: ${GPU_CHECK_STAGES:-tests bench}; rc=$RC"
 ls "$OUT"
-[ "$TESTS_RC" = 0 ] && [ "$BENCH_RC" = 0 ]
+return $RC
 }
 
 main 2>&1 | tee -a "$OUT/check.log"
