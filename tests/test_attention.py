@@ -15,7 +15,7 @@ from conftest import DEVICE, FLOOR, KERNEL_DTYPES, ON_GPU, assert_close_to_ref, 
 
 from fastbert.kernels.attention import attention_bwd, attention_dropout_mask, attention_fwd
 from fastbert.ops import use_backend
-from fastbert.ops.attention import attention, attention_varlen, attention_varlen_ref
+from fastbert.ops.attention import attention, attention_ref, attention_varlen, attention_varlen_ref
 
 # ---------------------------------------------------------------------------
 # Helpers
@@ -297,6 +297,28 @@ def test_bad_varlen_inputs():
                 attention_varlen(p, p, p, torch.tensor([0, 4, 9], dtype=torch.int32), 6)
         with pytest.raises(ValueError, match="head_dim = 24 is not supported"):
             attention_varlen(_t(10, 2, 24), _t(10, 2, 24), _t(10, 2, 24), cu, 6)
+
+
+@pytest.mark.skipif(ON_GPU, reason="the interpreter's refusal")
+@pytest.mark.parametrize("triton_version,numpy_version,refused", [
+    ("3.6.0", "2.4.1", True), ("3.6.0", "2.3.5", False), ("3.7.0", "2.4.1", False), ("3.9.0+git1", "2.4.6", False)])
+def test_interpreter_numpy_incompatibility_is_a_clear_error(monkeypatch, triton_version, numpy_version, refused):
+    """Triton 3.6's interpreter cannot run with numpy 2.4 (seen: every kernel with a runtime
+    loop bound fails deep inside the interpreter); that must be one clear error up front."""
+    from fastbert.ops import _backend
+
+    monkeypatch.setattr(_backend, "_installed_versions", lambda: (triton_version, numpy_version))
+    _backend.interpreter_problem.cache_clear()
+    try:
+        q = torch.randn(1, 4, 1, 32)
+        with use_backend("triton"):
+            if refused:
+                with pytest.raises(RuntimeError, match=r"Triton 3\.6\.0 interpreter .* numpy 2\.4\.1: install numpy<2\.4"):
+                    attention(q, q, q)
+            else:
+                torch.testing.assert_close(attention(q, q, q), attention_ref(q, q, q), rtol=1e-5, atol=1e-5)
+    finally:
+        _backend.interpreter_problem.cache_clear()
 
 
 def test_cpu_tensor_on_triton_without_interpreter(monkeypatch):

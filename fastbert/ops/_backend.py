@@ -47,6 +47,33 @@ def cuda_extension():
     return _C
 
 
+def _release(version: str) -> tuple[int, int]:
+    major, minor = (version.split("+")[0].split(".") + ["0"])[:2]
+    return int(major), int("".join(ch for ch in minor if ch.isdigit()) or 0)
+
+
+def _installed_versions() -> tuple[str, str]:
+    """(triton, numpy) versions, as installed."""
+    import importlib.metadata as md
+
+    return md.version("triton"), md.version("numpy")
+
+
+@functools.lru_cache(maxsize=None)
+def interpreter_problem() -> str | None:
+    """Why the Triton interpreter cannot run our kernels here, or None.
+
+    Triton 3.6's interpreter turns a scalar into an int with int(<1-element array>), which
+    numpy 2.4 refuses ("only 0-dimensional arrays can be converted"): every kernel whose
+    loop bound is a runtime length fails. Triton 3.7 squeezes the array first.
+    """
+    triton_version, numpy_version = _installed_versions()
+    if _release(triton_version) < (3, 7) and _release(numpy_version) >= (2, 4):
+        return (f"the Triton {triton_version} interpreter (TRITON_INTERPRET=1) cannot run with numpy "
+                f"{numpy_version}: install numpy<2.4 or triton>=3.7")
+    return None
+
+
 def available_backends(device: torch.device | str = "cuda") -> list[str]:
     """Backends that can run an op on tensors of `device`."""
     device = torch.device(device)
@@ -106,6 +133,8 @@ def resolve(device: torch.device) -> str:
             "cuda": "needs a CUDA tensor and the compiled extension fastbert._C",
         }[requested]
         raise RuntimeError(f"fastbert backend {requested!r} cannot run on a {device.type} tensor: it {why}")
+    if requested == "triton" and device.type != "cuda" and interpreter_problem():
+        raise RuntimeError(f"fastbert backend 'triton' on {device.type} tensors: {interpreter_problem()}")
     return requested
 
 
