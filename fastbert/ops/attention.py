@@ -252,7 +252,9 @@ class AttentionFunction(torch.autograd.Function):
         return dq, dk, dv, None, None, None, None, None, None, None
 
 
-def _attention_triton(q, k, v, mask, cu_seqlens, max_seqlen, dropout_p, softmax_scale, seed):
+def _attention_kernels(q, k, v, mask, cu_seqlens, max_seqlen, dropout_p, softmax_scale, seed, eager, compiled):
+    """AttentionFunction over the launchers named `eager` (a plain call) or, while torch.compile
+    traces, `compiled` (the registered custom ops)."""
     scale = float(softmax_scale) if softmax_scale is not None else 1.0 / math.sqrt(q.shape[-1])
     if torch.compiler.is_compiling():
         # A Python int seed would need .item() (a graph break): the kernels read it from a tensor.
@@ -260,12 +262,15 @@ def _attention_triton(q, k, v, mask, cu_seqlens, max_seqlen, dropout_p, softmax_
         if dropout_p > 0.0:
             seed_t = (torch.randint(0, 2**31 - 1, (1,), device=q.device) if seed is None
                       else torch.full((1,), int(seed), dtype=torch.int64, device=q.device))
-        return AttentionFunction.apply(q, k, v, mask, cu_seqlens, max_seqlen, dropout_p, scale, seed_t,
-                                       "triton_op")
+        return AttentionFunction.apply(q, k, v, mask, cu_seqlens, max_seqlen, dropout_p, scale, seed_t, compiled)
     if dropout_p > 0.0 and seed is None:
         seed = int(torch.randint(0, 2**31 - 1, (1,)))  # torch.manual_seed reproduces a run
     return AttentionFunction.apply(q, k, v, mask, cu_seqlens, max_seqlen, dropout_p, scale,
-                                   0 if seed is None else int(seed), "triton")
+                                   0 if seed is None else int(seed), eager)
+
+
+def _attention_triton(*args):
+    return _attention_kernels(*args, eager="triton", compiled="triton_op")
 
 
 # ---------------------------------------------------------------------------
@@ -519,19 +524,8 @@ if hasattr(torch.library, "custom_op"):
     )
 
 
-def _attention_cuda(q, k, v, mask, cu_seqlens, max_seqlen, dropout_p, softmax_scale, seed):
-    """The "cuda" backend through AttentionFunction (same seed rules as _attention_triton)."""
-    scale = float(softmax_scale) if softmax_scale is not None else 1.0 / math.sqrt(q.shape[-1])
-    if torch.compiler.is_compiling():
-        seed_t = None
-        if dropout_p > 0.0:
-            seed_t = (torch.randint(0, 2**31 - 1, (1,), device=q.device) if seed is None
-                      else torch.full((1,), int(seed), dtype=torch.int64, device=q.device))
-        return AttentionFunction.apply(q, k, v, mask, cu_seqlens, max_seqlen, dropout_p, scale, seed_t, "cuda_op")
-    if dropout_p > 0.0 and seed is None:
-        seed = int(torch.randint(0, 2**31 - 1, (1,)))  # torch.manual_seed reproduces a run
-    return AttentionFunction.apply(q, k, v, mask, cu_seqlens, max_seqlen, dropout_p, scale,
-                                   0 if seed is None else int(seed), "cuda")
+def _attention_cuda(*args):
+    return _attention_kernels(*args, eager="cuda", compiled="cuda_op")
 
 
 # ---------------------------------------------------------------------------
