@@ -5,6 +5,7 @@ import torch
 import transformers
 
 import fastbert
+from conftest import assert_close_to_ref
 from fastbert import checkpoint
 
 SENTENCES = ["The cat sat on the mat.", "hello", "A considerably longer sentence, with punctuation; and more words in it!"]
@@ -185,3 +186,43 @@ def test_config_rejects_nonsense():
         fastbert.BertConfig(hidden_size=100, num_attention_heads=3)
     with pytest.raises(ValueError, match="hidden_act"):
         fastbert.BertConfig(hidden_act="relu")
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_minilm_under_autocast_matches_transformers(minilm, dtype):
+    """Mixed precision, how the Trainer runs on a GPU: Linear outputs in bf16/fp16 while the
+    residual stream stays float32 (add_layernorm promotes, as transformers' `dense(h) + input`
+    does). Outputs and every gradient against the float32 model without autocast, allowed
+    twice the error transformers makes under the same autocast. (Found broken: a dtype error
+    in the first add_layernorm, so the GPU fine-tuning default, bf16 autocast, could not run.)"""
+    ours, theirs = minilm
+    batch = batch_of(SENTENCES, PAIRS)
+    real = batch["attention_mask"].bool()
+    torch.manual_seed(0)
+    weight = torch.randn(*batch["input_ids"].shape, ours.config.hidden_size)
+
+    def run(model, autocast):
+        model.zero_grad()
+        with torch.autocast("cpu", dtype=dtype, enabled=autocast):
+            out = model(**batch)
+        hidden, pooled = out.last_hidden_state, out.pooler_output
+        ((hidden.float() * weight)[real].sum() + pooled.float().sum()).backward()
+        grads = {name: p.grad.detach().clone() for name, p in model.named_parameters()}
+        return hidden.detach(), pooled.detach(), grads
+
+    hidden, pooled, grads = run(ours, True)
+    ref_hidden, ref_pooled, ref_grads = run(ours, False)
+    hf_hidden, hf_pooled, hf_grads = run(theirs, True)
+    assert hidden.dtype == hf_hidden.dtype == torch.float32  # the stream after each LayerNorm
+    assert_close_to_ref(hidden[real], ref_hidden[real], hf_hidden[real], "last_hidden_state")
+    assert_close_to_ref(pooled.float(), ref_pooled, hf_pooled.float(), "pooler_output")
+    # Gradients sum bf16/fp16-rounded terms over every token: where single roundings land
+    # differs between two correct implementations, so each gradient is held by its relative
+    # (Frobenius) error, the precision of the whole tensor, to twice transformers' + 1e-3.
+    for name, g in grads.items():
+        if name.endswith("attention.key.bias"):
+            continue  # exactly zero in exact arithmetic: rounding noise on every side
+        ref = ref_grads[name]
+        ours_err = ((g - ref).norm() / ref.norm()).item()
+        hf_err = ((hf_grads[checkpoint.to_hf_key(name)] - ref).norm() / ref.norm()).item()
+        assert ours_err <= 2 * hf_err + 1e-3, f"{name}: relative error {ours_err:.3e}, transformers {hf_err:.3e}"

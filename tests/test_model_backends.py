@@ -73,3 +73,39 @@ def test_short_finetuning_agrees_step_by_step():
                 losses[backend].append(loss.item())
     for step, (a, b) in enumerate(zip(losses["torch"], losses["triton"])):
         assert abs(a - b) <= 1e-4 * max(1.0, abs(a)), f"step {step}: torch {a} vs triton {b}"
+
+
+def test_triton_under_autocast_matches_torch():
+    """Mixed precision on the kernel backend (float16 autocast: the interpreter has no bf16;
+    on a GPU bfloat16, the Trainer's default): Linear outputs in half precision, the residual
+    stream float32. Against the float32 model without autocast, allowed twice the error of the
+    torch backend under the same autocast; gradients by relative (Frobenius) error."""
+    config = fastbert.BertConfig(vocab_size=100, hidden_size=64, num_hidden_layers=2, num_attention_heads=2,
+                                 intermediate_size=128, max_position_embeddings=32,
+                                 hidden_dropout_prob=0.0, attention_probs_dropout_prob=0.0)
+    torch.manual_seed(0)
+    model = heads.BertForSequenceClassification(config, num_labels=2).to(DEVICE)
+    ids = torch.randint(1, 100, (3, 21), device=DEVICE)
+    mask = torch.ones_like(ids)
+    mask[1, 13:] = 0
+    labels = torch.tensor([0, 1, 1], device=DEVICE)
+    dtype = torch.bfloat16 if DEVICE.type == "cuda" else torch.float16
+
+    def run(backend, autocast):
+        model.zero_grad()
+        with fastbert.ops.use_backend(backend), torch.autocast(DEVICE.type, dtype=dtype, enabled=autocast):
+            out = model(ids, mask, labels=labels)
+        out.loss.backward()
+        return out.logits.detach().float(), {n: p.grad.detach().clone() for n, p in model.named_parameters()}
+
+    logits, grads = run("triton", True)
+    base_logits, base_grads = run("torch", True)
+    ref_logits, ref_grads = run("torch", False)
+    assert_close_to_ref(logits, ref_logits, base_logits, "logits", floor=1e-3)
+    for name, g in grads.items():
+        if name.endswith("attention.key.bias"):
+            continue  # exactly zero in exact arithmetic
+        ref = ref_grads[name]
+        ours_err = ((g - ref).norm() / ref.norm()).item()
+        base_err = ((base_grads[name] - ref).norm() / ref.norm()).item()
+        assert ours_err <= 2 * base_err + 1e-3, f"{name}: relative error {ours_err:.3e}, torch backend {base_err:.3e}"

@@ -79,6 +79,16 @@ def _check_rows(op, x, weight, bias, residual=None):
                         f"got {weight.dtype}")
 
 
+def _autocast_promote(x, residual):
+    """(x, residual) in their common dtype when autocast mixed them, else unchanged."""
+    if (isinstance(x, torch.Tensor) and isinstance(residual, torch.Tensor) and x.dtype != residual.dtype
+            and x.is_floating_point() and residual.is_floating_point()
+            and torch.is_autocast_enabled(x.device.type)):
+        common = torch.promote_types(x.dtype, residual.dtype)
+        return x.to(common), residual.to(common)
+    return x, residual
+
+
 def _check_kernel_rows(op, x):
     """What the Triton kernels support beyond the op's definition."""
     if x.dtype not in (torch.float32, torch.float16, torch.bfloat16):
@@ -300,7 +310,13 @@ def add_layernorm(x, residual, weight, bias, eps, dropout_p=0.0):
     draws its dropout seed from the device's default generator (torch.manual_seed
     reproduces it); the backward regenerates the dropout mask from that seed. The cuda
     backend takes the same dtypes and widths (csrc/layernorm*.cu).
+
+    Under autocast x (a Linear's output: bf16/fp16) and residual (the float32 stream)
+    differ: both are promoted to the wider dtype first, as `x + residual` promotes in
+    transformers' BertSelfOutput, so the residual stream stays float32 as there.
+    Outside autocast a dtype mix is an error.
     """
+    x, residual = _autocast_promote(x, residual)
     _check_rows("add_layernorm", x, weight, bias, residual)
     if not 0.0 <= dropout_p < 1.0:
         raise ValueError(f"add_layernorm: dropout_p must be in [0, 1), got {dropout_p}")
