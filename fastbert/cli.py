@@ -95,7 +95,8 @@ def predict_texts(model, spec, tokenizer, texts, pairs=None, question=None, cont
         start, end = torch.zeros(len(logits), width), torch.zeros(len(logits), width)
         for i, l in enumerate(logits):
             start[i, :l.shape[0]], end[i, :l.shape[0]] = l[:, 0], l[:, 1]
-        return [data.predict_answers([example], features, start, end, max_answer_tokens=spec.max_answer_len)["q"]]
+        return [data.predict_answers([example], features, start, end, max_answer_tokens=spec.max_answer_len,
+                                     device=next(model.parameters()).device)["q"]]
     if spec.kind == "tagging":
         words = [t.split() for t in texts]
         features = data.encode_words(tokenizer, words, spec.max_seq_len)

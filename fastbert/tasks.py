@@ -156,5 +156,6 @@ def evaluate(model, spec: TaskSpec, dev: TaskData, batch_size: int = 64) -> dict
     end = torch.zeros(len(logits), width)
     for i, l in enumerate(logits):                                   # l: (seqlen_i, 2)
         start[i, :l.shape[0]], end[i, :l.shape[0]] = l[:, 0], l[:, 1]
-    answers = data.predict_answers(dev.examples, dev.features, start, end, max_answer_tokens=spec.max_answer_len)
+    answers = data.predict_answers(dev.examples, dev.features, start, end, max_answer_tokens=spec.max_answer_len,
+                                   device=next(model.parameters()).device)
     return metrics.squad_scores(answers, {e.id: e.answers for e in dev.examples})

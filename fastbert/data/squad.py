@@ -138,7 +138,7 @@ def _answer_tokens(offsets, context_mask, char_start: int, char_end: int) -> tup
 
 
 def predict_answers(examples: Sequence[SquadExample], features: Sequence[dict], start_logits, end_logits,
-                    n_best: int = 20, max_answer_tokens: int = 30, return_n_best: bool = False):
+                    n_best: int = 20, max_answer_tokens: int = 30, return_n_best: bool = False, device=None):
     """Best answer text per example id from per-feature start/end logits.
 
     start_logits, end_logits: (num_features, seqlen) tensors (rows may be longer than
@@ -146,11 +146,14 @@ def predict_answers(examples: Sequence[SquadExample], features: Sequence[dict], 
     come from fastbert.ops.span_score: both ends inside the passage (context_mask),
     s <= e < s + max_answer_tokens, score start_logits[s] + end_logits[e]; the
     windows of one passage are merged by score. With return_n_best, each id maps to
-    its n_best (text, score) candidates, best first.
+    its n_best (text, score) candidates, best first. device: where the span score runs
+    (default: the logits' device; tasks.evaluate passes the model's, so a GPU uses the kernel).
     """
     from ..ops import span_score
 
-    start_logits, end_logits = torch.as_tensor(start_logits).float().cpu(), torch.as_tensor(end_logits).float().cpu()
+    start_logits, end_logits = torch.as_tensor(start_logits), torch.as_tensor(end_logits)
+    device = torch.device(device) if device is not None else start_logits.device
+    start_logits, end_logits = start_logits.float().to(device), end_logits.float().to(device)
     if start_logits.shape[0] != len(features) or end_logits.shape != start_logits.shape:
         raise ValueError(f"expected logits with one row per feature ({len(features)}), "
                          f"got {tuple(start_logits.shape)} and {tuple(end_logits.shape)}")
@@ -158,7 +161,9 @@ def predict_answers(examples: Sequence[SquadExample], features: Sequence[dict], 
     for f, feat in enumerate(features):
         allowed[f, :len(feat["context_mask"])] = torch.tensor(feat["context_mask"], dtype=torch.bool)
     topk = max(1, min(n_best, 32))
-    starts, ends, scores = span_score(start_logits, end_logits, allowed, max_answer_len=max_answer_tokens, topk=topk)
+    starts, ends, scores = span_score(start_logits, end_logits, allowed.to(device),
+                                      max_answer_len=max_answer_tokens, topk=topk)
+    starts, ends, scores = starts.cpu(), ends.cpu(), scores.cpu()
     candidates: dict[int, list[tuple[float, str]]] = {}
     for f, feat in enumerate(features):
         context = examples[feat["example_index"]].context
