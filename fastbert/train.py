@@ -1,6 +1,6 @@
 """Fine-tuning: AdamW (no decay on biases and LayerNorm), linear warm-up and
 decay, gradient clipping and accumulation, autocast on the GPU (float32 on the
-CPU), evaluation each epoch, atomic checkpoints and an exact resume.
+CPU unless precision="bf16" asks for CPU autocast), evaluation each epoch, atomic checkpoints and an exact resume.
 
 Exact resume: the batch order of epoch e is a permutation drawn from
 seed + e, and a checkpoint stores weights, optimizer, scheduler, step, the
@@ -94,13 +94,19 @@ def epoch_batches(num_examples: int, batch_size: int, seed: int, epoch: int,
 
 
 def _autocast_dtype(precision: str, device: torch.device):
-    if device.type != "cuda" or precision == "fp32":
+    """auto: bf16 (else fp16) autocast on a GPU, float32 on the CPU. bf16 asked for by name
+    runs on the CPU too (CPU autocast; how the CPU tests exercise mixed precision); fp16 needs
+    a GPU, where a gradient scaler keeps small gradients from underflowing."""
+    if precision == "fp32" or (precision == "auto" and device.type != "cuda"):
         return None
-    if precision == "fp16":
-        return torch.float16
-    if precision == "bf16" or torch.cuda.is_bf16_supported():
+    if precision == "bf16":
         return torch.bfloat16
-    return torch.float16
+    if device.type != "cuda":
+        raise ValueError(f"precision fp16 needs a CUDA device (a gradient scaler), got {device}; "
+                         "use bf16 or fp32 on the CPU")
+    if precision == "fp16" or not torch.cuda.is_bf16_supported():
+        return torch.float16
+    return torch.bfloat16
 
 
 class Trainer:

@@ -70,6 +70,29 @@ def test_loss_goes_down_and_checkpoint_is_loadable(tmp_path):
     assert len(list(tmp_path.glob("checkpoint-*"))) == 1  # older checkpoints are removed
 
 
+def test_bf16_autocast_run_trains_with_float32_master_weights(tmp_path):
+    """Mixed precision as on a GPU (there bf16 is the default), through CPU autocast: the loop
+    runs, parameters and their optimizer state stay float32, the loss goes down."""
+    t = _trainer(tmp_path, precision="bf16")
+    assert t.autocast == torch.bfloat16
+    t.cfg.epochs = 6
+    t.__init__(t.model, t.features, t.collate, t.cfg, lengths=[len(f["input_ids"]) for f in t.features])
+    summary = t.train()
+    losses = [e["train_loss"] for e in summary["epochs"]]
+    assert all(l == l for l in losses) and losses[-1] < losses[0], losses
+    assert all(p.dtype == torch.float32 for p in t.model.parameters())
+    assert all(v.dtype == torch.float32 for st in t.optimizer.state.values() for k, v in st.items() if k != "step")
+
+
+def test_precision_choice():
+    cpu, gpu = torch.device("cpu"), torch.device("cuda")
+    assert train._autocast_dtype("auto", cpu) is None and train._autocast_dtype("fp32", gpu) is None
+    assert train._autocast_dtype("bf16", cpu) == torch.bfloat16
+    with pytest.raises(ValueError, match="fp16 needs a CUDA device"):
+        train._autocast_dtype("fp16", cpu)
+    assert train._autocast_dtype("fp16", gpu) == torch.float16
+
+
 def test_decay_groups_and_schedule():
     model = heads.BertForSequenceClassification(fastbert.BertConfig(**CONFIG), num_labels=2)
     decay, exempt = train.parameter_groups(model, 0.01)
