@@ -613,23 +613,12 @@ def summary_markdown(data: dict, with_header: bool = True) -> str:
 
     rows = _sorted(data["rows"])
     impls = sorted({r["impl"] for r in rows}, key=lambda i: _rank(i, IMPL_ORDER))
-    groups = {}
-    for r in rows:
-        groups.setdefault((r["op"], r["shape"], r["dtype"], r["mode"]), {})[r["impl"]] = r
+    groups = report.group_by_case(rows)
     out = ([report.header(data), ""] if with_header else []) + [
         "| model | shape | mode | " + " | ".join(impls) + " | best fastbert MFU |",
         "|---|---|---|" + "---|" * len(impls) + "---|"]
     for (op, shape, _dtype, mode), by_impl in groups.items():
-        cells = []
-        for impl in impls:
-            r = by_impl.get(impl)
-            if r is None:
-                cells.append("")
-            elif r["status"] != "ok":
-                cells.append(r["status"])
-            else:
-                x = f" ({r['speedup_vs_eager']:.2f}x)" if r["speedup_vs_eager"] is not None and impl != BASELINE else ""
-                cells.append(f"{r['ms']:.3g} ms{x}")
+        cells = report.timing_cells(by_impl, impls, baseline=BASELINE, speedup_format=".2f")
         fb = [r for i, r in by_impl.items() if i.startswith("fb_") and r["status"] == "ok" and r["mfu_pct"] is not None]
         best = min(fb, key=lambda r: r["ms"]) if fb else None
         mfu = f"{best['mfu_pct']:.1f}% ({best['impl']})" if best else ""

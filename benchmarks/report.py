@@ -59,6 +59,30 @@ def _ms(r):
     return f"{r['ms']:.4g} [{r['ms_p20']:.4g}, {r['ms_p80']:.4g}]"
 
 
+def group_by_case(rows) -> dict:
+    """{(op, shape, dtype, mode): {impl: row}}, in the rows' order."""
+    groups = {}
+    for r in rows:
+        groups.setdefault((r["op"], r["shape"], r["dtype"], r["mode"]), {})[r["impl"]] = r
+    return groups
+
+
+def timing_cells(by_impl, impls, baseline, speedup_format=".3g") -> list[str]:
+    """One table cell per impl: "ms (x baseline)", the row's status when it did not run, or ""."""
+    cells = []
+    for impl in impls:
+        r = by_impl.get(impl)
+        if r is None:
+            cells.append("")
+        elif r["status"] != "ok":
+            cells.append(r["status"])
+        else:
+            speed = (f" ({r['speedup_vs_eager']:{speedup_format}}x)"
+                     if r["speedup_vs_eager"] is not None and impl != baseline else "")
+            cells.append(f"{r['ms']:.3g} ms{speed}")
+    return cells
+
+
 def header(data: dict) -> str:
     env, ceil, meta = data["env"], data.get("ceilings", {}), data.get("meta", {})
     lines = [
@@ -100,23 +124,12 @@ def summary_markdown(data: dict) -> str:
     each cell "ms (x eager)"; the last column is fastbert triton's % of the measured ceiling."""
     rows = [r for r in data["rows"] if r.get("tier") == 1]
     impls = sorted({r["impl"] for r in rows}, key=lambda i: _rank(i, IMPL_ORDER))
-    groups = {}
-    for r in _sorted_rows(rows):
-        groups.setdefault((r["op"], r["shape"], r["dtype"], r["mode"]), {})[r["impl"]] = r
+    groups = group_by_case(_sorted_rows(rows))
     out = [header(data), "",
            "| op | shape | dtype | mode | " + " | ".join(impls) + " | triton % ceil |",
            "|---|---|---|---|" + "---|" * len(impls) + "---|"]
     for (op, shape, dtype, mode), by_impl in groups.items():
-        cells = []
-        for impl in impls:
-            r = by_impl.get(impl)
-            if r is None:
-                cells.append("")
-            elif r["status"] != "ok":
-                cells.append(r["status"])
-            else:
-                speed = f" ({r['speedup_vs_eager']:.3g}x)" if r["speedup_vs_eager"] is not None and impl != "eager" else ""
-                cells.append(f"{r['ms']:.3g} ms{speed}")
+        cells = timing_cells(by_impl, impls, baseline="eager")
         t = by_impl.get("triton")
         pct = f"{t['pct_of_ceiling']:.0f}% of {'copy' if t['unit'] == 'GB/s' else 'matmul'}" \
             if t and t.get("pct_of_ceiling") is not None else ""

@@ -70,3 +70,16 @@ def test_full_run_refused_without_gpu(tmp_path, capsys):
 
     assert main(["--out", str(tmp_path)]) == 2
     assert "--quick" in capsys.readouterr().err
+
+
+def test_table_cells():
+    from benchmarks import report
+    rows = [dict(op="ln", shape="s", dtype="f", mode="fwd", impl="eager", status="ok", ms=2.0, speedup_vs_eager=1.0),
+            dict(op="ln", shape="s", dtype="f", mode="fwd", impl="triton", status="ok", ms=0.5, speedup_vs_eager=4.0),
+            dict(op="ln", shape="s", dtype="f", mode="fwd", impl="cuda", status="unsupported", ms=None,
+                 speedup_vs_eager=None)]
+    (key, by_impl), = report.group_by_case(rows).items()
+    assert key == ("ln", "s", "f", "fwd")
+    assert report.timing_cells(by_impl, ["eager", "triton", "cuda", "compile"], baseline="eager") == \
+        ["2 ms", "0.5 ms (4x)", "unsupported", ""]
+    assert report.timing_cells(by_impl, ["triton"], "eager", speedup_format=".2f") == ["0.5 ms (4.00x)"]
