@@ -40,7 +40,9 @@ def sha256(path: Path) -> str:
 
 
 def ignored(path: Path) -> bool:
-    """True when git ignores `path` (or git is not there to ask)."""
+    """True when git ignores `path`, or it lies outside the checkout (or git is not there to ask)."""
+    if not path.resolve().is_relative_to(REPO.resolve()):
+        return True
     try:
         out = subprocess.run(["git", "check-ignore", "-q", str(path)], cwd=REPO, capture_output=True, timeout=20)
     except (OSError, subprocess.SubprocessError):
