@@ -34,8 +34,9 @@ __global__ void __launch_bounds__(256) _add_layernorm_keep_kernel(const DropoutM
   }
 }
 
-void check_fwd(const LayerNormFwdParams& p, const char* op, bool residual) {
-  const std::string name(op);
+// What the forward and backward parameters share.
+template <typename Params>
+void check_sizes_and_dtypes(const Params& p, const std::string& name, bool residual) {
   FASTBERT_CHECK_ARG(p.cols >= 1 && p.cols <= kLayerNormMaxCols,
                      name + ": cols (hidden size) must be in 1..4096, got " + std::to_string(p.cols));
   FASTBERT_CHECK_ARG(p.rows >= 0, name + ": rows must be >= 0");
@@ -43,6 +44,11 @@ void check_fwd(const LayerNormFwdParams& p, const char* op, bool residual) {
                      name + ": weight/bias must have x's dtype or float32");
   FASTBERT_CHECK_ARG(p.dropout_p >= 0.0f && p.dropout_p < 1.0f, name + ": dropout_p must be in [0, 1)");
   FASTBERT_CHECK_ARG(residual || p.dropout_p == 0.0f, name + ": has no dropout");
+}
+
+void check_fwd(const LayerNormFwdParams& p, const char* op, bool residual) {
+  const std::string name(op);
+  check_sizes_and_dtypes(p, name, residual);
   if (p.rows == 0) return;
   FASTBERT_CHECK_ARG(p.x && p.weight && p.bias && p.y && p.mean && p.rstd,
                      name + ": x, weight, bias, y, mean, rstd must not be null");
@@ -54,13 +60,7 @@ void check_fwd(const LayerNormFwdParams& p, const char* op, bool residual) {
 
 void check_bwd(const LayerNormBwdParams& p, const char* op, bool residual) {
   const std::string name(op);
-  FASTBERT_CHECK_ARG(p.cols >= 1 && p.cols <= kLayerNormMaxCols,
-                     name + ": cols (hidden size) must be in 1..4096, got " + std::to_string(p.cols));
-  FASTBERT_CHECK_ARG(p.rows >= 0, name + ": rows must be >= 0");
-  FASTBERT_CHECK_ARG(p.param_dtype == p.dtype || p.param_dtype == DType::kFloat32,
-                     name + ": weight/bias must have x's dtype or float32");
-  FASTBERT_CHECK_ARG(p.dropout_p >= 0.0f && p.dropout_p < 1.0f, name + ": dropout_p must be in [0, 1)");
-  FASTBERT_CHECK_ARG(residual || p.dropout_p == 0.0f, name + ": has no dropout");
+  check_sizes_and_dtypes(p, name, residual);
   FASTBERT_CHECK_ARG(p.dweight && p.dbias, name + ": dweight and dbias must not be null");
   if (p.rows == 0) return;
   FASTBERT_CHECK_ARG(p.dy && p.x && p.weight && p.mean && p.rstd && p.dh && p.partial,

@@ -91,12 +91,7 @@ def predict_texts(model, spec, tokenizer, texts, pairs=None, question=None, cont
         example = data.SquadExample(id="q", title="", question=question, context=context, answers=[], answer_starts=[])
         features = data.build_squad_features([example], tokenizer, spec.max_seq_len, spec.doc_stride)
         logits = tasks.predict_logits(model, features)
-        width = max(l.shape[0] for l in logits)
-        start, end = torch.zeros(len(logits), width), torch.zeros(len(logits), width)
-        for i, l in enumerate(logits):
-            start[i, :l.shape[0]], end[i, :l.shape[0]] = l[:, 0], l[:, 1]
-        return [data.predict_answers([example], features, start, end, max_answer_tokens=spec.max_answer_len,
-                                     device=next(model.parameters()).device)["q"]]
+        return [tasks.answers_from_logits(model, spec, [example], features, logits)["q"]]
     if spec.kind == "tagging":
         words = [t.split() for t in texts]
         features = data.encode_words(tokenizer, words, spec.max_seq_len)

@@ -151,11 +151,17 @@ def evaluate(model, spec: TaskSpec, dev: TaskData, batch_size: int = 64) -> dict
         preds = torch.cat([l.argmax(-1) for l in logits]).numpy()
         labels = [x for f in dev.features for x in f["labels"]]
         return {"token_accuracy": metrics.token_accuracy(preds, labels)}
+    answers = answers_from_logits(model, spec, dev.examples, dev.features, logits)
+    return metrics.squad_scores(answers, {e.id: e.answers for e in dev.examples})
+
+
+def answers_from_logits(model, spec: TaskSpec, examples, features, logits) -> dict[str, str]:
+    """QA: the best answer text per example id from predict_logits' per-feature (seqlen_i, 2)
+    logits; the span score runs on the model's device (the kernel on a GPU)."""
     width = max(l.shape[0] for l in logits)
     start = torch.zeros(len(logits), width)
     end = torch.zeros(len(logits), width)
     for i, l in enumerate(logits):                                   # l: (seqlen_i, 2)
         start[i, :l.shape[0]], end[i, :l.shape[0]] = l[:, 0], l[:, 1]
-    answers = data.predict_answers(dev.examples, dev.features, start, end, max_answer_tokens=spec.max_answer_len,
-                                   device=next(model.parameters()).device)
-    return metrics.squad_scores(answers, {e.id: e.answers for e in dev.examples})
+    return data.predict_answers(examples, features, start, end, max_answer_tokens=spec.max_answer_len,
+                                device=next(model.parameters()).device)

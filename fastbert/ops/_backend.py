@@ -133,8 +133,8 @@ def resolve(device: torch.device) -> str:
             "cuda": "needs a CUDA tensor and the compiled extension fastbert._C",
         }[requested]
         raise RuntimeError(f"fastbert backend {requested!r} cannot run on a {device.type} tensor: it {why}")
-    if requested == "triton" and device.type != "cuda" and interpreter_problem():
-        raise RuntimeError(f"fastbert backend 'triton' on {device.type} tensors: {interpreter_problem()}")
+    if requested == "triton" and device.type != "cuda" and (problem := interpreter_problem()):
+        raise RuntimeError(f"fastbert backend 'triton' on {device.type} tensors: {problem}")
     return requested
 
 
