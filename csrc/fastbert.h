@@ -20,6 +20,7 @@
 #include <cstdint>
 #include <stdexcept>
 #include <string>
+#include <type_traits>
 
 namespace fastbert {
 
@@ -82,11 +83,11 @@ inline int dtype_size(DType d) { return d == DType::kFloat32 ? 4 : 2; }
 // affine step) forward: y = LayerNorm(h) [* GELU], per row of `cols` features.
 struct LayerNormFwdParams {
   const void* x;          // (rows, cols) dtype
-  const void* residual;   // (rows, cols) dtype; add_layernorm only
+  const void* residual;   // (rows, cols) residual_dtype; add_layernorm only
   const void* weight;     // (cols,) param_dtype
   const void* bias;       // (cols,) param_dtype
   const int64_t* seed;    // (1,) int64 Philox seed on the device; read only when dropout_p > 0
-  void* y;                // out (rows, cols) dtype
+  void* y;                // out (rows, cols) residual_dtype
   float* mean;            // out (rows,) fp32
   float* rstd;            // out (rows,) fp32: 1 / sqrt(var + eps)
   int64_t rows;
@@ -97,24 +98,26 @@ struct LayerNormFwdParams {
   float eps;
   float dropout_p;        // add_layernorm only; 0 = no dropout
   float dropout_scale;    // 1 / (1 - dropout_p), computed in double on the host (as Triton's launcher)
-  DType dtype;            // x, residual, y
+  DType dtype;            // x
   DType param_dtype;      // weight, bias: dtype or float32
+  DType residual_dtype;   // residual and y: dtype, or (add_layernorm under autocast) float32 with half x
   cudaStream_t stream;
 };
 
 // Their backward. dw/db are summed per block into `partial` (2, max_partials, cols) fp32,
 // then reduced over blocks by a second kernel into dweight/dbias: no atomics.
 struct LayerNormBwdParams {
-  const void* dy;         // (rows, cols) dtype
+  const void* dy;         // (rows, cols) residual_dtype
   const void* x;          // (rows, cols) dtype: the forward's input
-  const void* residual;   // (rows, cols) dtype; add_layernorm only
+  const void* residual;   // (rows, cols) residual_dtype; add_layernorm only
   const void* weight;     // (cols,) param_dtype
   const void* bias;       // (cols,) param_dtype; layernorm_gelu only (z = xhat * w + b)
   const float* mean;      // (rows,) fp32 saved by the forward
   const float* rstd;      // (rows,) fp32
   const int64_t* seed;    // (1,) int64; read only when dropout_p > 0
-  void* dh;               // out (rows, cols) dtype: add_layernorm dresidual / layernorm_gelu dx
+  void* dh;               // out (rows, cols) residual_dtype: add_layernorm dresidual / layernorm_gelu dx
   void* dx;               // out (rows, cols) dtype: add_layernorm dx, written only when dropout_p > 0
+                          // or residual_dtype != dtype (otherwise dx == dh)
   float* partial;         // scratch (2, max_partials, cols) fp32
   void* dweight;          // out (cols,) param_dtype
   void* dbias;            // out (cols,) param_dtype
@@ -128,8 +131,9 @@ struct LayerNormBwdParams {
   int64_t max_partials;   // rows of `partial` per set (>= 1); blocks of the main kernel <= this
   float dropout_p;
   float dropout_scale;    // 1 / (1 - dropout_p), computed in double on the host
-  DType dtype;
+  DType dtype;            // x, dx
   DType param_dtype;
+  DType residual_dtype;   // dy, residual, dh: dtype, or float32 with half x (add_layernorm)
   cudaStream_t stream;
 };
 

@@ -8,9 +8,9 @@ namespace layernorm {
 
 // Defined in layernorm.cuh, instantiated in the per-dtype files (declared only here, so
 // this file does not compile the kernels a second time).
-template <typename T, bool GELU>
+template <typename T, typename R, bool GELU>
 void fwd_launch(const LayerNormFwdParams& p);
-template <typename T, bool GELU>
+template <typename T, typename R, bool GELU>
 void bwd_launch(const LayerNormBwdParams& p);
 
 // ----------------------------------------------------------------------------- dropout mask (tests)
@@ -44,6 +44,27 @@ void check_sizes_and_dtypes(const Params& p, const std::string& name, bool resid
                      name + ": weight/bias must have x's dtype or float32");
   FASTBERT_CHECK_ARG(p.dropout_p >= 0.0f && p.dropout_p < 1.0f, name + ": dropout_p must be in [0, 1)");
   FASTBERT_CHECK_ARG(residual || p.dropout_p == 0.0f, name + ": has no dropout");
+  FASTBERT_CHECK_ARG(p.residual_dtype == p.dtype ||
+                         (residual && p.residual_dtype == DType::kFloat32 && p.dtype != DType::kFloat32),
+                     name + (residual ? ": residual must have x's dtype, or float32 with float16/bfloat16 x"
+                                      : ": residual_dtype must equal dtype"));
+}
+
+// T = x's type; the residual (and y, dy, dh) is T or, for half x, float (autocast's mix).
+template <bool GELU, typename Params>
+void dispatch(const Params& p, const char* op) {
+  dispatch_dtype(p.dtype, op, [&](auto tag) {
+    using T = typename decltype(tag)::type;
+    if constexpr (!GELU && !std::is_same<T, float>::value) {
+      if (p.residual_dtype == DType::kFloat32) {
+        if constexpr (std::is_same<Params, LayerNormFwdParams>::value) fwd_launch<T, float, false>(p);
+        else bwd_launch<T, float, false>(p);
+        return;
+      }
+    }
+    if constexpr (std::is_same<Params, LayerNormFwdParams>::value) fwd_launch<T, T, GELU>(p);
+    else bwd_launch<T, T, GELU>(p);
+  });
 }
 
 void check_fwd(const LayerNormFwdParams& p, const char* op, bool residual) {
@@ -67,10 +88,13 @@ void check_bwd(const LayerNormBwdParams& p, const char* op, bool residual) {
                      name + ": dy, x, weight, mean, rstd, dh, partial must not be null");
   FASTBERT_CHECK_ARG(residual || p.bias, name + ": bias must not be null");
   FASTBERT_CHECK_ARG(!residual || p.residual, name + ": residual must not be null");
-  FASTBERT_CHECK_ARG(p.dropout_p == 0.0f || (p.seed && p.dx), name + ": seed and dx must not be null when dropout_p > 0");
+  FASTBERT_CHECK_ARG(p.dropout_p == 0.0f || p.seed, name + ": seed must not be null when dropout_p > 0");
+  const bool write_dx = p.dropout_p > 0.0f || p.residual_dtype != p.dtype;
+  FASTBERT_CHECK_ARG(!write_dx || p.dx,
+                     name + ": dx must not be null when dropout_p > 0 or the residual's dtype differs from x's");
   FASTBERT_CHECK_ARG(p.max_partials >= 1, name + ": max_partials must be >= 1");
   FASTBERT_CHECK_ARG(p.stride_dy >= p.cols && p.stride_x >= p.cols && p.stride_dh >= p.cols &&
-                         (!residual || p.stride_r >= p.cols) && (p.dropout_p == 0.0f || p.stride_dx >= p.cols),
+                         (!residual || p.stride_r >= p.cols) && (!write_dx || p.stride_dx >= p.cols),
                      name + ": row strides must be >= cols");
 }
 
@@ -85,33 +109,25 @@ void zero_param_grads(const LayerNormBwdParams& p) {  // no rows: dweight = dbia
 void add_layernorm_fwd(const LayerNormFwdParams& p) {
   layernorm::check_fwd(p, "add_layernorm_fwd", true);
   if (p.rows == 0) return;
-  dispatch_dtype(p.dtype, "add_layernorm_fwd", [&](auto tag) {
-    layernorm::fwd_launch<typename decltype(tag)::type, false>(p);
-  });
+  layernorm::dispatch<false>(p, "add_layernorm_fwd");
 }
 
 void layernorm_gelu_fwd(const LayerNormFwdParams& p) {
   layernorm::check_fwd(p, "layernorm_gelu_fwd", false);
   if (p.rows == 0) return;
-  dispatch_dtype(p.dtype, "layernorm_gelu_fwd", [&](auto tag) {
-    layernorm::fwd_launch<typename decltype(tag)::type, true>(p);
-  });
+  layernorm::dispatch<true>(p, "layernorm_gelu_fwd");
 }
 
 void add_layernorm_bwd(const LayerNormBwdParams& p) {
   layernorm::check_bwd(p, "add_layernorm_bwd", true);
   if (p.rows == 0) return layernorm::zero_param_grads(p);
-  dispatch_dtype(p.dtype, "add_layernorm_bwd", [&](auto tag) {
-    layernorm::bwd_launch<typename decltype(tag)::type, false>(p);
-  });
+  layernorm::dispatch<false>(p, "add_layernorm_bwd");
 }
 
 void layernorm_gelu_bwd(const LayerNormBwdParams& p) {
   layernorm::check_bwd(p, "layernorm_gelu_bwd", false);
   if (p.rows == 0) return layernorm::zero_param_grads(p);
-  dispatch_dtype(p.dtype, "layernorm_gelu_bwd", [&](auto tag) {
-    layernorm::bwd_launch<typename decltype(tag)::type, true>(p);
-  });
+  layernorm::dispatch<true>(p, "layernorm_gelu_bwd");
 }
 
 void add_layernorm_keep_mask(const DropoutMaskParams& p) {

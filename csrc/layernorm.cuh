@@ -85,7 +85,7 @@ __device__ __forceinline__ void dropout_keep(uint64_t seed, int64_t row, int64_t
 
 // ----------------------------------------------------------------------------- forward
 
-template <typename T, int TPR, int NV, int VEC, bool VECTOR, bool GELU>
+template <typename T, typename R, int TPR, int NV, int VEC, bool VECTOR, bool GELU>
 __device__ __forceinline__ void fwd_row(const LayerNormFwdParams& p) {
   constexpr int kRowsPerBlock = block_threads<TPR>() / TPR;
   __shared__ float2 scratch[TPR > 32 ? TPR / 32 : 1];
@@ -108,7 +108,7 @@ __device__ __forceinline__ void fwd_row(const LayerNormFwdParams& p) {
     }
   }
   if constexpr (!GELU) {
-    const T* r = static_cast<const T*>(p.residual) + row * p.stride_r;
+    const R* r = static_cast<const R*>(p.residual) + row * p.stride_r;
     const bool dropout = p.dropout_p > 0.0f;
     const uint64_t seed = dropout ? static_cast<uint64_t>(*p.seed) : 0;
     const float scale = p.dropout_scale;
@@ -117,7 +117,7 @@ __device__ __forceinline__ void fwd_row(const LayerNormFwdParams& p) {
       const int64_t col = static_cast<int64_t>(t + k * TPR) * VEC;
       if (col < n) {
         float rv[VEC];
-        load_chunk<VECTOR, T, VEC>(r, col, n, rv);
+        load_chunk<VECTOR, R, VEC>(r, col, n, rv);
         if (dropout) {
           bool keep[VEC];
           dropout_keep<VEC>(seed, row, col, n, p.dropout_p, keep);
@@ -150,7 +150,7 @@ __device__ __forceinline__ void fwd_row(const LayerNormFwdParams& p) {
   const float var = row_sum<TPR>(sq, scratch) / static_cast<float>(n);
   const float rstd = 1.0f / sqrtf(var + p.eps);
 
-  T* y = static_cast<T*>(p.y) + row * p.stride_y;
+  R* y = static_cast<R*>(p.y) + row * p.stride_y;
 #pragma unroll
   for (int k = 0; k < NV; ++k) {
     const int64_t col = static_cast<int64_t>(t + k * TPR) * VEC;
@@ -163,7 +163,7 @@ __device__ __forceinline__ void fwd_row(const LayerNormFwdParams& p) {
         const float z = (h[k][i] - mean) * rstd * w[i] + b[i];
         h[k][i] = GELU ? gelu_erf(z) : z;
       }
-      store_chunk<VECTOR, T, VEC>(y, col, n, h[k]);
+      store_chunk<VECTOR, R, VEC>(y, col, n, h[k]);
     }
   }
   if (t == 0) {
@@ -172,21 +172,21 @@ __device__ __forceinline__ void fwd_row(const LayerNormFwdParams& p) {
   }
 }
 
-template <typename T, int TPR, int NV, int VEC, bool VECTOR>
+template <typename T, typename R, int TPR, int NV, int VEC, bool VECTOR>
 __global__ void __launch_bounds__(block_threads<TPR>()) _add_layernorm_fwd_kernel(const LayerNormFwdParams p) {
   // Threads [g * TPR, (g + 1) * TPR) of block b own row b * (blockDim / TPR) + g, whole.
-  fwd_row<T, TPR, NV, VEC, VECTOR, false>(p);
+  fwd_row<T, R, TPR, NV, VEC, VECTOR, false>(p);
 }
 
 template <typename T, int TPR, int NV, int VEC, bool VECTOR>
 __global__ void __launch_bounds__(block_threads<TPR>()) _layernorm_gelu_fwd_kernel(const LayerNormFwdParams p) {
   // Threads [g * TPR, (g + 1) * TPR) of block b own row b * (blockDim / TPR) + g, whole.
-  fwd_row<T, TPR, NV, VEC, VECTOR, true>(p);
+  fwd_row<T, T, TPR, NV, VEC, VECTOR, true>(p);
 }
 
 // ----------------------------------------------------------------------------- backward
 
-template <typename T, int TPR, int NV, int VEC, bool VECTOR, bool GELU>
+template <typename T, typename R, int TPR, int NV, int VEC, bool VECTOR, bool GELU>
 __device__ __forceinline__ void bwd_rows(const LayerNormBwdParams& p) {
   constexpr int kBlock = block_threads<TPR>();
   constexpr int kRowsPerBlock = kBlock / TPR;
@@ -199,6 +199,8 @@ __device__ __forceinline__ void bwd_rows(const LayerNormBwdParams& p) {
   const float inv_n = 1.0f / static_cast<float>(n);
   const bool params_fp32 = p.param_dtype == DType::kFloat32;
   const bool dropout = !GELU && p.dropout_p > 0.0f;
+  // dx differs from dh: by dropout, or by dtype (T x with an R residual, autocast's mix).
+  const bool write_dx = dropout || !std::is_same<T, R>::value;
   const uint64_t seed = dropout ? static_cast<uint64_t>(*p.seed) : 0;
   const float scale = p.dropout_scale;
 
@@ -219,7 +221,7 @@ __device__ __forceinline__ void bwd_rows(const LayerNormBwdParams& p) {
   for (int64_t row = static_cast<int64_t>(blockIdx.x) * kRowsPerBlock + group; row < p.rows;
        row += static_cast<int64_t>(gridDim.x) * kRowsPerBlock) {
     const T* x = static_cast<const T*>(p.x) + row * p.stride_x;
-    const T* dy = static_cast<const T*>(p.dy) + row * p.stride_dy;
+    const R* dy = static_cast<const R*>(p.dy) + row * p.stride_dy;
     const float mean = p.mean[row];
     const float rstd = p.rstd[row];
     float xhat[NV][VEC], g[NV][VEC];
@@ -234,10 +236,10 @@ __device__ __forceinline__ void bwd_rows(const LayerNormBwdParams& p) {
       }
       if (col < n) {
         load_chunk<VECTOR, T, VEC>(x, col, n, xhat[k]);
-        load_chunk<VECTOR, T, VEC>(dy, col, n, g[k]);
+        load_chunk<VECTOR, R, VEC>(dy, col, n, g[k]);
         if constexpr (!GELU) {
           float rv[VEC];
-          load_chunk<VECTOR, T, VEC>(static_cast<const T*>(p.residual) + row * p.stride_r, col, n, rv);
+          load_chunk<VECTOR, R, VEC>(static_cast<const R*>(p.residual) + row * p.stride_r, col, n, rv);
           if (dropout) dropout_keep<VEC>(seed, row, col, n, p.dropout_p, keep[k]);
 #pragma unroll
           for (int i = 0; i < VEC; ++i) xhat[k][i] = (keep[k][i] ? xhat[k][i] * scale : 0.0f) + rv[i];
@@ -260,8 +262,8 @@ __device__ __forceinline__ void bwd_rows(const LayerNormBwdParams& p) {
     }
     const float2 c = row_sum2<TPR>(a_xhat, a_one, scratch);
     const float c_xhat = c.x * inv_n, c_one = c.y * inv_n;
-    T* dh = static_cast<T*>(p.dh) + row * p.stride_dh;
-    T* dx = dropout ? static_cast<T*>(p.dx) + row * p.stride_dx : nullptr;
+    R* dh = static_cast<R*>(p.dh) + row * p.stride_dh;
+    T* dx = write_dx ? static_cast<T*>(p.dx) + row * p.stride_dx : nullptr;
 #pragma unroll
     for (int k = 0; k < NV; ++k) {
       const int64_t col = static_cast<int64_t>(t + k * TPR) * VEC;
@@ -273,10 +275,12 @@ __device__ __forceinline__ void bwd_rows(const LayerNormBwdParams& p) {
           dw[k][i] += g[k][i] * xhat[k][i];
           db[k][i] += g[k][i];
         }
-        store_chunk<VECTOR, T, VEC>(dh, col, n, out);
-        if (dropout) {
+        store_chunk<VECTOR, R, VEC>(dh, col, n, out);
+        if (write_dx) {
+          if (dropout) {
 #pragma unroll
-          for (int i = 0; i < VEC; ++i) out[i] = keep[k][i] ? out[i] * scale : 0.0f;
+            for (int i = 0; i < VEC; ++i) out[i] = keep[k][i] ? out[i] * scale : 0.0f;
+          }
           store_chunk<VECTOR, T, VEC>(dx, col, n, out);
         }
       }
@@ -323,23 +327,23 @@ __device__ __forceinline__ void bwd_rows(const LayerNormBwdParams& p) {
   }
 }
 
-template <typename T, int TPR, int NV, int VEC, bool VECTOR>
+template <typename T, typename R, int TPR, int NV, int VEC, bool VECTOR>
 __global__ void __launch_bounds__(block_threads<TPR>()) _add_layernorm_bwd_kernel(const LayerNormBwdParams p) {
-  // Block b owns rows b * R + g, (b + gridDim) * R + g, ... (R rows per block, g = thread / TPR)
+  // Block b owns rows b * K + g, (b + gridDim) * K + g, ... (K rows per block, g = thread / TPR)
   // and row b of both partial-sum sets.
-  bwd_rows<T, TPR, NV, VEC, VECTOR, false>(p);
+  bwd_rows<T, R, TPR, NV, VEC, VECTOR, false>(p);
 }
 
 template <typename T, int TPR, int NV, int VEC, bool VECTOR>
 __global__ void __launch_bounds__(block_threads<TPR>()) _layernorm_gelu_bwd_kernel(const LayerNormBwdParams p) {
-  // Block b owns rows b * R + g, (b + gridDim) * R + g, ... (R rows per block, g = thread / TPR)
+  // Block b owns rows b * K + g, (b + gridDim) * K + g, ... (K rows per block, g = thread / TPR)
   // and row b of both partial-sum sets.
-  bwd_rows<T, TPR, NV, VEC, VECTOR, true>(p);
+  bwd_rows<T, T, TPR, NV, VEC, VECTOR, true>(p);
 }
 
 // ----------------------------------------------------------------------------- launchers
 
-template <typename T, int TPR, int NV, int VEC, bool VECTOR, bool GELU>
+template <typename T, typename R, int TPR, int NV, int VEC, bool VECTOR, bool GELU>
 void fwd_run(const LayerNormFwdParams& p) {
   constexpr int kRowsPerBlock = block_threads<TPR>() / TPR;
   const int64_t blocks = (p.rows + kRowsPerBlock - 1) / kRowsPerBlock;
@@ -350,20 +354,20 @@ void fwd_run(const LayerNormFwdParams& p) {
     FASTBERT_LAUNCH(kernel, grid, block, p.stream, p);
     FASTBERT_LAUNCH_CHECK("_layernorm_gelu_fwd_kernel");
   } else {
-    const auto kernel = _add_layernorm_fwd_kernel<T, TPR, NV, VEC, VECTOR>;
+    const auto kernel = _add_layernorm_fwd_kernel<T, R, TPR, NV, VEC, VECTOR>;
     FASTBERT_LAUNCH(kernel, grid, block, p.stream, p);
     FASTBERT_LAUNCH_CHECK("_add_layernorm_fwd_kernel");
   }
 }
 
-template <typename T, int TPR, int NV, int VEC, bool VECTOR, bool GELU>
+template <typename T, typename R, int TPR, int NV, int VEC, bool VECTOR, bool GELU>
 void bwd_run(const LayerNormBwdParams& p) {
   constexpr int kRowsPerBlock = block_threads<TPR>() / TPR;
   // One wave of resident blocks (at most max_partials, the rows of `partial`), each looping
   // over rows: the partial sums stay a few percent of the traffic.
   static const int64_t resident =
       GELU ? resident_blocks(_layernorm_gelu_bwd_kernel<T, TPR, NV, VEC, VECTOR>, block_threads<TPR>())
-           : resident_blocks(_add_layernorm_bwd_kernel<T, TPR, NV, VEC, VECTOR>, block_threads<TPR>());
+           : resident_blocks(_add_layernorm_bwd_kernel<T, R, TPR, NV, VEC, VECTOR>, block_threads<TPR>());
   int64_t blocks = (p.rows + kRowsPerBlock - 1) / kRowsPerBlock;
   blocks = blocks < resident ? blocks : resident;
   blocks = blocks < p.max_partials ? blocks : p.max_partials;
@@ -373,7 +377,7 @@ void bwd_run(const LayerNormBwdParams& p) {
     FASTBERT_LAUNCH(kernel, grid, block, p.stream, p);
     FASTBERT_LAUNCH_CHECK("_layernorm_gelu_bwd_kernel");
   } else {
-    const auto kernel = _add_layernorm_bwd_kernel<T, TPR, NV, VEC, VECTOR>;
+    const auto kernel = _add_layernorm_bwd_kernel<T, R, TPR, NV, VEC, VECTOR>;
     FASTBERT_LAUNCH(kernel, grid, block, p.stream, p);
     FASTBERT_LAUNCH_CHECK("_add_layernorm_bwd_kernel");
   }
@@ -388,64 +392,64 @@ bool fwd_vector_ok(const LayerNormFwdParams& p) {
          p.stride_x % V == 0 && p.stride_y % V == 0 && (GELU || (aligned16(p.residual) && p.stride_r % V == 0));
 }
 
-template <typename T, bool GELU>
+template <typename T, typename R, bool GELU>
 bool bwd_vector_ok(const LayerNormBwdParams& p) {
   constexpr int V = Vec16<T>::kSize;
-  const bool dropout = !GELU && p.dropout_p > 0.0f;
+  const bool write_dx = (!GELU && p.dropout_p > 0.0f) || !std::is_same<T, R>::value;
   return p.cols % V == 0 && aligned16(p.dy) && aligned16(p.x) && aligned16(p.dh) && aligned16(p.weight) &&
          p.stride_dy % V == 0 && p.stride_x % V == 0 && p.stride_dh % V == 0 &&
          (GELU || (aligned16(p.residual) && p.stride_r % V == 0)) && (!GELU || aligned16(p.bias)) &&
-         (!dropout || (aligned16(p.dx) && p.stride_dx % V == 0));
+         (!write_dx || (aligned16(p.dx) && p.stride_dx % V == 0));
 }
 
 // The smallest configuration whose row capacity (TPR * NV chunks) covers the row.
 // Forward: up to 32 values per thread (the row and nothing else lives in registers).
 // Backward: up to 16 (xhat, g, w, b, dw, db of each column live in registers), so wider
 // rows take more threads.
-template <typename T, bool GELU>
+template <typename T, typename R, bool GELU>
 void fwd_launch(const LayerNormFwdParams& p) {
   constexpr int V = Vec16<T>::kSize;
   if (fwd_vector_ok<T, GELU>(p)) {
     const int64_t chunks = p.cols / V;
-    if (chunks <= 32) fwd_run<T, 32, 1, V, true, GELU>(p);
-    else if (chunks <= 64) fwd_run<T, 32, 2, V, true, GELU>(p);
-    else if (chunks <= 128) fwd_run<T, 32, 4, V, true, GELU>(p);
-    else if (chunks <= 256) fwd_run<T, 128, 2, V, true, GELU>(p);
-    else if (chunks <= 512) fwd_run<T, 128, 4, V, true, GELU>(p);
-    else if constexpr (V == 4) fwd_run<T, 256, 4, V, true, GELU>(p);  // float32 only: 1024 chunks
+    if (chunks <= 32) fwd_run<T, R, 32, 1, V, true, GELU>(p);
+    else if (chunks <= 64) fwd_run<T, R, 32, 2, V, true, GELU>(p);
+    else if (chunks <= 128) fwd_run<T, R, 32, 4, V, true, GELU>(p);
+    else if (chunks <= 256) fwd_run<T, R, 128, 2, V, true, GELU>(p);
+    else if (chunks <= 512) fwd_run<T, R, 128, 4, V, true, GELU>(p);
+    else if constexpr (V == 4) fwd_run<T, R, 256, 4, V, true, GELU>(p);  // float32 only: 1024 chunks
   } else {
     const int64_t chunks = (p.cols + 3) / 4;
-    if (chunks <= 64) fwd_run<T, 32, 2, 4, false, GELU>(p);
-    else fwd_run<T, 256, 4, 4, false, GELU>(p);
+    if (chunks <= 64) fwd_run<T, R, 32, 2, 4, false, GELU>(p);
+    else fwd_run<T, R, 256, 4, 4, false, GELU>(p);
   }
 }
 
-template <typename T, bool GELU>
+template <typename T, typename R, bool GELU>
 void bwd_launch(const LayerNormBwdParams& p) {
   constexpr int V = Vec16<T>::kSize;
-  if (bwd_vector_ok<T, GELU>(p)) {
+  if (bwd_vector_ok<T, R, GELU>(p)) {
     const int64_t chunks = p.cols / V;
-    if (chunks <= 32) bwd_run<T, 32, 1, V, true, GELU>(p);
-    else if (chunks <= 64) bwd_run<T, 32, 2, V, true, GELU>(p);
-    else if (chunks <= 128) bwd_run<T, 128, 1, V, true, GELU>(p);
-    else if (chunks <= 256) bwd_run<T, 128, 2, V, true, GELU>(p);
-    else if (chunks <= 512) bwd_run<T, 256, 2, V, true, GELU>(p);
-    else if constexpr (V == 4) bwd_run<T, 512, 2, V, true, GELU>(p);  // float32 only: 1024 chunks
+    if (chunks <= 32) bwd_run<T, R, 32, 1, V, true, GELU>(p);
+    else if (chunks <= 64) bwd_run<T, R, 32, 2, V, true, GELU>(p);
+    else if (chunks <= 128) bwd_run<T, R, 128, 1, V, true, GELU>(p);
+    else if (chunks <= 256) bwd_run<T, R, 128, 2, V, true, GELU>(p);
+    else if (chunks <= 512) bwd_run<T, R, 256, 2, V, true, GELU>(p);
+    else if constexpr (V == 4) bwd_run<T, R, 512, 2, V, true, GELU>(p);  // float32 only: 1024 chunks
   } else {
     const int64_t chunks = (p.cols + 3) / 4;
-    if (chunks <= 64) bwd_run<T, 32, 2, 4, false, GELU>(p);
-    else bwd_run<T, 512, 2, 4, false, GELU>(p);
+    if (chunks <= 64) bwd_run<T, R, 32, 2, 4, false, GELU>(p);
+    else bwd_run<T, R, 512, 2, 4, false, GELU>(p);
   }
 }
 
 // Explicit instantiations live in layernorm_{fwd,bwd}_{f32,f16,bf16}.cu (2 cores compile
 // them in parallel); layernorm.cu only declares them.
 #define FASTBERT_LAYERNORM_INSTANTIATE_FWD(T)                        \
-  template void fwd_launch<T, false>(const LayerNormFwdParams&);      \
-  template void fwd_launch<T, true>(const LayerNormFwdParams&);
+  template void fwd_launch<T, T, false>(const LayerNormFwdParams&);   \
+  template void fwd_launch<T, T, true>(const LayerNormFwdParams&);
 #define FASTBERT_LAYERNORM_INSTANTIATE_BWD(T)                        \
-  template void bwd_launch<T, false>(const LayerNormBwdParams&);      \
-  template void bwd_launch<T, true>(const LayerNormBwdParams&);
+  template void bwd_launch<T, T, false>(const LayerNormBwdParams&);   \
+  template void bwd_launch<T, T, true>(const LayerNormBwdParams&);
 
 }  // namespace layernorm
 }  // namespace fastbert

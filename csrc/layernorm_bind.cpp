@@ -19,7 +19,7 @@ namespace {
 LayerNormFwdParams fwd_params(uintptr_t x, uintptr_t residual, uintptr_t weight, uintptr_t bias, uintptr_t seed,
                               uintptr_t y, uintptr_t mean, uintptr_t rstd, int64_t rows, int64_t cols,
                               int64_t stride_x, int64_t stride_r, int64_t stride_y, double eps, double dropout_p,
-                              int dtype, int param_dtype, uintptr_t stream) {
+                              int dtype, int param_dtype, uintptr_t stream, int residual_dtype = -1) {
   LayerNormFwdParams p{};
   p.x = as_ptr<const void>(x);
   p.residual = as_ptr<const void>(residual);
@@ -39,6 +39,7 @@ LayerNormFwdParams fwd_params(uintptr_t x, uintptr_t residual, uintptr_t weight,
   p.dropout_scale = dropout_p > 0.0 && dropout_p < 1.0 ? static_cast<float>(1.0 / (1.0 - dropout_p)) : 1.0f;
   p.dtype = as_dtype(dtype, "dtype");
   p.param_dtype = as_dtype(param_dtype, "param_dtype");
+  p.residual_dtype = residual_dtype < 0 ? p.dtype : as_dtype(residual_dtype, "residual_dtype");
   p.stream = as_stream(stream);
   return p;
 }
@@ -48,7 +49,7 @@ LayerNormBwdParams bwd_params(uintptr_t dy, uintptr_t x, uintptr_t residual, uin
                               uintptr_t partial, uintptr_t dweight, uintptr_t dbias, int64_t rows, int64_t cols,
                               int64_t stride_dy, int64_t stride_x, int64_t stride_r, int64_t stride_dh,
                               int64_t stride_dx, int64_t max_partials, double dropout_p, int dtype, int param_dtype,
-                              uintptr_t stream) {
+                              uintptr_t stream, int residual_dtype = -1) {
   LayerNormBwdParams p{};
   p.dy = as_ptr<const void>(dy);
   p.x = as_ptr<const void>(x);
@@ -75,6 +76,7 @@ LayerNormBwdParams bwd_params(uintptr_t dy, uintptr_t x, uintptr_t residual, uin
   p.dropout_scale = dropout_p > 0.0 && dropout_p < 1.0 ? static_cast<float>(1.0 / (1.0 - dropout_p)) : 1.0f;
   p.dtype = as_dtype(dtype, "dtype");
   p.param_dtype = as_dtype(param_dtype, "param_dtype");
+  p.residual_dtype = residual_dtype < 0 ? p.dtype : as_dtype(residual_dtype, "residual_dtype");
   p.stream = as_stream(stream);
   return p;
 }
@@ -91,15 +93,18 @@ void bind_layernorm(pybind11::module_& m) {
       "add_layernorm_fwd",
       [](uintptr_t x, uintptr_t residual, uintptr_t weight, uintptr_t bias, uintptr_t seed, uintptr_t y,
          uintptr_t mean, uintptr_t rstd, int64_t rows, int64_t cols, int64_t stride_x, int64_t stride_r,
-         int64_t stride_y, double eps, double dropout_p, int dtype, int param_dtype, uintptr_t stream) {
+         int64_t stride_y, double eps, double dropout_p, int dtype, int param_dtype, uintptr_t stream,
+         int residual_dtype) {
         fastbert::add_layernorm_fwd(fwd_params(x, residual, weight, bias, seed, y, mean, rstd, rows, cols, stride_x,
-                                               stride_r, stride_y, eps, dropout_p, dtype, param_dtype, stream));
+                                               stride_r, stride_y, eps, dropout_p, dtype, param_dtype, stream,
+                                               residual_dtype));
       },
       "y = LayerNorm(dropout(x) + residual) over rows of `cols`; writes y (rows, cols) and fp32 mean, rstd (rows,).\n"
-      "x, residual, y: dtype; weight, bias: param_dtype (dtype or float32); seed: (1,) int64, read when dropout_p > 0.",
+      "x: dtype; residual, y: residual_dtype (-1: dtype; float32 with float16/bfloat16 x, autocast's mix);\n"
+      "weight, bias: param_dtype (dtype or float32); seed: (1,) int64, read when dropout_p > 0.",
       "x"_a, "residual"_a, "weight"_a, "bias"_a, "seed"_a, "y"_a, "mean"_a, "rstd"_a, "rows"_a, "cols"_a,
       "stride_x"_a, "stride_r"_a, "stride_y"_a, "eps"_a, "dropout_p"_a, "dtype"_a, "param_dtype"_a, "stream"_a,
-      release);
+      "residual_dtype"_a = -1, release);
 
   m.def(
       "layernorm_gelu_fwd",
@@ -117,16 +122,19 @@ void bind_layernorm(pybind11::module_& m) {
       [](uintptr_t dy, uintptr_t x, uintptr_t residual, uintptr_t weight, uintptr_t mean, uintptr_t rstd,
          uintptr_t seed, uintptr_t dh, uintptr_t dx, uintptr_t partial, uintptr_t dweight, uintptr_t dbias,
          int64_t rows, int64_t cols, int64_t stride_dy, int64_t stride_x, int64_t stride_r, int64_t stride_dh,
-         int64_t stride_dx, int64_t max_partials, double dropout_p, int dtype, int param_dtype, uintptr_t stream) {
+         int64_t stride_dx, int64_t max_partials, double dropout_p, int dtype, int param_dtype, uintptr_t stream,
+         int residual_dtype) {
         fastbert::add_layernorm_bwd(bwd_params(dy, x, residual, weight, 0, mean, rstd, seed, dh, dx, partial, dweight,
                                                dbias, rows, cols, stride_dy, stride_x, stride_r, stride_dh, stride_dx,
-                                               max_partials, dropout_p, dtype, param_dtype, stream));
+                                               max_partials, dropout_p, dtype, param_dtype, stream, residual_dtype));
       },
-      "Gradients of add_layernorm: dh (= dresidual) always, dx = dh * keep / (1 - p) only when dropout_p > 0;\n"
+      "Gradients of add_layernorm: dh (= dresidual; residual_dtype, as dy) always, dx = dh * keep / (1 - p)\n"
+      "(dtype) only when dropout_p > 0 or residual_dtype differs from dtype;\n"
       "dweight, dbias (param_dtype) through `partial`, fp32 scratch of (2, max_partials, cols).",
       "dy"_a, "x"_a, "residual"_a, "weight"_a, "mean"_a, "rstd"_a, "seed"_a, "dh"_a, "dx"_a, "partial"_a,
       "dweight"_a, "dbias"_a, "rows"_a, "cols"_a, "stride_dy"_a, "stride_x"_a, "stride_r"_a, "stride_dh"_a,
-      "stride_dx"_a, "max_partials"_a, "dropout_p"_a, "dtype"_a, "param_dtype"_a, "stream"_a, release);
+      "stride_dx"_a, "max_partials"_a, "dropout_p"_a, "dtype"_a, "param_dtype"_a, "stream"_a,
+      "residual_dtype"_a = -1, release);
 
   m.def(
       "layernorm_gelu_bwd",

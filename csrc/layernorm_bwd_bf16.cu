@@ -5,5 +5,6 @@
 namespace fastbert {
 namespace layernorm {
 FASTBERT_LAYERNORM_INSTANTIATE_BWD(__nv_bfloat16)
+template void bwd_launch<__nv_bfloat16, float, false>(const LayerNormBwdParams&);  // fp32 residual (autocast)
 }  // namespace layernorm
 }  // namespace fastbert

@@ -5,5 +5,6 @@
 namespace fastbert {
 namespace layernorm {
 FASTBERT_LAYERNORM_INSTANTIATE_BWD(__half)
+template void bwd_launch<__half, float, false>(const LayerNormBwdParams&);  // fp32 residual (autocast)
 }  // namespace layernorm
 }  // namespace fastbert

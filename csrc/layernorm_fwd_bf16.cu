@@ -5,5 +5,6 @@
 namespace fastbert {
 namespace layernorm {
 FASTBERT_LAYERNORM_INSTANTIATE_FWD(__nv_bfloat16)
+template void fwd_launch<__nv_bfloat16, float, false>(const LayerNormFwdParams&);  // fp32 residual (autocast)
 }  // namespace layernorm
 }  // namespace fastbert

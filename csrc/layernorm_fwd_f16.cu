@@ -5,5 +5,6 @@
 namespace fastbert {
 namespace layernorm {
 FASTBERT_LAYERNORM_INSTANTIATE_FWD(__half)
+template void fwd_launch<__half, float, false>(const LayerNormFwdParams&);  // fp32 residual (autocast)
 }  // namespace layernorm
 }  // namespace fastbert

@@ -22,6 +22,12 @@ layernorm_gelu: g = dy * GELU'(z), with z recomputed from the saved statistics).
 rstd depend on). For add_layernorm, dresidual = dh and dx = dh * keep / (1 - p); without
 dropout dx == dresidual, so only dh is written and it serves as both.
 
+Mixed precision (add_layernorm): under autocast x is a Linear's fp16/bf16 output while the
+residual stream is fp32. The kernels take that mix as it is: x is read in its own dtype,
+y, dh (= dresidual) take the residual's, dx is written separately in x's dtype. That
+saves the two passes a promotion would cost (x to fp32 before, dx back after) and gives
+bitwise the same numbers, since the math is fp32 either way.
+
 dw/db are reductions across rows. The backward runs a fixed number of programs (a few
 per SM); each loops over a strided set of row tiles, accumulates dw/db partial rows in
 fp32 registers and writes them to row `pid` of (programs, N) fp32 buffers that torch's
@@ -104,10 +110,10 @@ def _keep(
 @triton.jit
 def _add_layernorm_fwd_kernel(
     X,                      # (M, N) input that dropout applies to
-    R,                      # (M, N) residual, x's dtype
+    R,                      # (M, N) residual: x's dtype, or fp32 with fp16/bf16 x
     W,                      # (N,) LayerNorm weight
     B,                      # (N,) LayerNorm bias
-    Y,                      # (M, N) out: LayerNorm(dropout(x) + r), x's dtype
+    Y,                      # (M, N) out: LayerNorm(dropout(x) + r), the residual's dtype
     Mean,                   # (M,) fp32 out: row means of h
     Rstd,                   # (M,) fp32 out: 1 / sqrt(var + eps) of h
     Seed,                   # (1,) int64 Philox seed (read only when HAS_DROPOUT)
@@ -151,17 +157,18 @@ def _add_layernorm_fwd_kernel(
 def add_layernorm_fwd(x, residual, weight, bias, eps, dropout_p=0.0, seed=None, *, wrap=_direct):
     """y = LayerNorm(dropout(x) + residual) over the last dimension.
 
-    x, residual: (..., N) same dtype (fp32/fp16/bf16), last dimension contiguous (made
-    contiguous otherwise), N <= 4096; weight, bias: (N,) x's dtype or fp32;
-    seed: (1,) int64 tensor on x's device, required when dropout_p > 0.
-    Returns (y, mean, rstd): y with x's shape and dtype, mean and rstd (M,) fp32 where
-    M = x.numel() // N. `wrap` is torch.library.wrap_triton inside the custom op.
+    x, residual: (..., N), fp32/fp16/bf16, the same dtype or (autocast's mix) fp16/bf16 x
+    with an fp32 residual; last dimension contiguous (made contiguous otherwise), N <= 4096;
+    weight, bias: (N,) x's dtype or fp32; seed: (1,) int64 tensor on x's device, required
+    when dropout_p > 0. Returns (y, mean, rstd): y with x's shape and the residual's dtype,
+    mean and rstd (M,) fp32 where M = x.numel() // N. `wrap` is torch.library.wrap_triton
+    inside the custom op.
     """
     x, residual = x.contiguous(), residual.contiguous()
     n = x.shape[-1]
     x2, r2 = x.view(-1, n), residual.view(-1, n)        # (M, N)
     m = x2.shape[0]
-    y = _empty(x.shape, x.dtype, x.device)
+    y = _empty(x.shape, residual.dtype, x.device)
     mean = _empty((m,), torch.float32, x.device)
     rstd = _empty((m,), torch.float32, x.device)
     if m == 0:
@@ -186,15 +193,15 @@ def add_layernorm_fwd(x, residual, weight, bias, eps, dropout_p=0.0, seed=None, 
 
 @triton.jit
 def _add_layernorm_bwd_kernel(
-    DY,                     # (M, N) upstream gradient
+    DY,                     # (M, N) upstream gradient, the residual's dtype
     X,                      # (M, N) forward input (h is recomputed)
-    R,                      # (M, N) forward residual
+    R,                      # (M, N) forward residual (x's dtype, or fp32 with fp16/bf16 x)
     W,                      # (N,) LayerNorm weight
     Mean,                   # (M,) fp32 saved row means
     Rstd,                   # (M,) fp32 saved row rstd
     Seed,                   # (1,) int64 Philox seed (read only when HAS_DROPOUT)
-    DH,                     # (M, N) out: dL/dh = dresidual (and dx without dropout), x's dtype
-    DX,                     # (M, N) out: dL/dx = dh * keep / (1 - p); written only when HAS_DROPOUT
+    DH,                     # (M, N) out: dL/dh = dresidual (and dx unless WRITE_DX), the residual's dtype
+    DX,                     # (M, N) out: dL/dx = dh * keep / (1 - p), x's dtype; written only when WRITE_DX
     DWPartial,              # (programs, N) fp32 out: per-program sums of dy * xhat
     DBPartial,              # (programs, N) fp32 out: per-program sums of dy
     stride_dym,             # row stride of DY
@@ -207,6 +214,7 @@ def _add_layernorm_bwd_kernel(
     dropout_p,              # drop probability
     dropout_scale,          # 1 / (1 - dropout_p)
     HAS_DROPOUT: tl.constexpr,  # dropout_p > 0
+    WRITE_DX: tl.constexpr,     # dx differs from dh (dropout) or has another dtype (mixed)
     BLOCK_M: tl.constexpr,      # rows per tile
     BLOCK_N: tl.constexpr,      # next power of two >= N
 ):
@@ -239,8 +247,11 @@ def _add_layernorm_bwd_kernel(
         c_one = tl.sum(gw, axis=1) / N
         dh = (gw - xhat * c_xhat[:, None] - c_one[:, None]) * rstd[:, None]
         tl.store(DH + rows64[:, None] * stride_dhm + cols[None, :], dh.to(DH.dtype.element_ty), mask=mask)
-        if HAS_DROPOUT:
-            dx = tl.where(keep, dh * dropout_scale, 0.0)
+        if WRITE_DX:
+            if HAS_DROPOUT:
+                dx = tl.where(keep, dh * dropout_scale, 0.0)
+            else:
+                dx = dh
             tl.store(DX + rows64[:, None] * stride_dxm + cols[None, :], dx.to(DX.dtype.element_ty), mask=mask)
         dw += tl.sum(dy * xhat, axis=0)
         db += tl.sum(dy, axis=0)
@@ -251,22 +262,24 @@ def _add_layernorm_bwd_kernel(
 def add_layernorm_bwd(dy, x, residual, weight, mean, rstd, dropout_p=0.0, seed=None, *, wrap=_direct):
     """Gradients of add_layernorm from the saved mean/rstd (and seed).
 
-    dy, x, residual: (..., N) same shape and dtype; weight: (N,); mean, rstd: (M,) fp32.
-    Returns (dx, dresidual, dweight, dbias). Without dropout dx equals dresidual and is
-    not written twice: dx is then an empty tensor (0 elements) and the caller uses
-    dresidual for both. dweight/dbias come in weight's dtype (summed in fp32).
+    dy, x, residual: (..., N), the forward's x and residual, dy in the residual's dtype;
+    weight: (N,); mean, rstd: (M,) fp32. Returns (dx, dresidual, dweight, dbias): dx in x's
+    dtype, dresidual in the residual's. Without dropout and with one dtype dx equals
+    dresidual and is not written twice: dx is then an empty tensor (0 elements) and the
+    caller uses dresidual for both. dweight/dbias come in weight's dtype (summed in fp32).
     """
     dy, x, residual = dy.contiguous(), x.contiguous(), residual.contiguous()
     n = x.shape[-1]
     dy2, x2, r2 = dy.view(-1, n), x.view(-1, n), residual.view(-1, n)   # (M, N)
     m = x2.shape[0]
     has_dropout = dropout_p > 0.0
-    dh = _empty(x.shape, x.dtype, x.device)
-    dx = _empty(x.shape if has_dropout else (0,), x.dtype, x.device)
+    write_dx = has_dropout or x.dtype != residual.dtype
+    dh = _empty(x.shape, residual.dtype, x.device)
+    dx = _empty(x.shape if write_dx else (0,), x.dtype, x.device)
     if m == 0:
         return dx, dh, torch.zeros_like(weight), torch.zeros_like(weight)
     dh2 = dh.view(-1, n)                                 # (M, N)
-    dx2 = dx.view(-1, n) if has_dropout else dh2         # (M, N); never written without dropout
+    dx2 = dx.view(-1, n) if write_dx else dh2            # (M, N); never written unless write_dx
     block_m, block_n, num_warps = _row_tile(m, n, x.device, _BWD_TILE)
     programs = _programs(x.device, triton.cdiv(m, block_m), 4)
     dw_partial = _empty((programs, n), torch.float32, x.device)
@@ -278,7 +291,7 @@ def add_layernorm_bwd(dy, x, residual, weight, mean, rstd, dropout_p=0.0, seed=N
         dy2.stride(0), x2.stride(0), r2.stride(0), dh2.stride(0), dx2.stride(0),
         m, n,
         dropout_p, 1.0 / (1.0 - dropout_p),
-        HAS_DROPOUT=has_dropout,
+        HAS_DROPOUT=has_dropout, WRITE_DX=write_dx,
         BLOCK_M=block_m, BLOCK_N=block_n,
         num_warps=num_warps,
     )

@@ -91,3 +91,49 @@ def check_compiled_block(backend):
         assert_close_to_ref(ours, ref, base, f"compiled grad {i}")
     assert torch.isfinite(out_drop).all() and not torch.equal(out_drop, out)
     assert all(torch.isfinite(gr).all() for gr in grads_drop)
+
+
+def check_autocast_mix(backend, device, shape, dtype, dropout_p=0.0, keep_mask=None):
+    """add_layernorm under autocast as a BERT layer meets it: x a Linear's `dtype` output,
+    the residual stream, weight and bias float32. The kernel backends take the mix as it is;
+    the result must be the promoted computation's: y and dresidual float32, dx in x's dtype,
+    each within the house rule of the float64 reference, the baseline being the "torch"
+    backend under the same autocast (which promotes x first).
+
+    keep_mask(shape, seed) -> bool: the backend's dropout mask for the seed its Function
+    draws first (torch.manual_seed(5)), so the reference can apply the same one.
+    """
+    from fastbert.ops.layernorm import _draw_seed
+    (x, r, w, b), dy = layernorm_inputs(shape, torch.float32, device, seed=7)
+    x = x.to(dtype)
+    keep = None
+    if dropout_p > 0.0:
+        torch.manual_seed(5)
+        keep = keep_mask(shape, _draw_seed(device)).bool()
+        assert 0 < keep.sum() < keep.numel()
+
+    def ours(x, r, w, b):
+        torch.manual_seed(5)  # the Function's first draw is its dropout seed
+        with torch.autocast(device.type, dtype=dtype):
+            return add_layernorm(x, r, w, b, 1e-5, dropout_p)
+
+    def ref(x, r, w, b):
+        mask = None if keep is None else keep.to(x.dtype)
+        return add_layernorm_ref(x, r, w, b, 1e-5, dropout_p, dropout_mask=mask)
+
+    tensors = [x, r, w, b]
+    with use_backend(backend):
+        out, grads = run_with_grads(ours, tensors, dy)
+    ref_out, ref_grads = run_with_grads(ref, [t.double() for t in tensors], dy)
+    if keep is None:
+        with use_backend("torch"):
+            base_out, base_grads = run_with_grads(ours, tensors, dy)
+    else:  # the torch backend draws another mask: the promoted reference with this one
+        base_out, base_grads = run_with_grads(lambda x, r, w, b: ref(x.float(), r, w, b), tensors, dy)
+    assert out.dtype == torch.float32 and out.shape == x.shape
+    assert_close_to_ref(out, ref_out, base_out, "y")
+    for name, ours_g, ref_g, base_g, t in zip(["dx", "dresidual", "dweight", "dbias"], grads, ref_grads,
+                                              base_grads, tensors):
+        assert ours_g.dtype == t.dtype and ours_g.shape == t.shape, name
+        assert_close_to_ref(ours_g, ref_g, base_g, name)
+    return out, grads

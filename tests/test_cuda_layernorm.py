@@ -18,7 +18,9 @@ import pytest
 import torch
 
 from conftest import DEVICE, ON_GPU, assert_close_to_ref, poison
-from layernorm_cases import check_compiled_block, compare_to_reference, gelu_inputs, layernorm_inputs, run_with_grads
+from layernorm_cases import (
+    check_autocast_mix, check_compiled_block, compare_to_reference, gelu_inputs, layernorm_inputs, run_with_grads,
+)
 
 import fastbert.ops._cuda as C
 from fastbert.ops import use_backend
@@ -120,6 +122,24 @@ def test_add_layernorm_fp32_params_misaligned_and_empty(cuda_device, dtype):
         out, (dx, dr, dw, db) = run_with_grads(lambda x, r, w, b: add_layernorm(x, r, w, b, EPS), [x0, r0, w0, b0], dy0)
     assert out.shape == (0, 384) and dx.shape == (0, 384)
     assert torch.equal(dw, torch.zeros_like(dw)) and torch.equal(db, torch.zeros_like(db))
+
+
+@pytest.mark.parametrize("dropout_p", [0.0, P])
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+@pytest.mark.parametrize("shape", [(3, 5, 768), (9, 1022), (2, 4096), (3, 7)])
+def test_add_layernorm_autocast_mix(cuda_device, shape, dtype, dropout_p, monkeypatch):
+    """Half x with the fp32 residual stream, as autocast hands them over: the kernels read
+    the mix as it is (16-byte chunks of x, 32-byte chunks of the residual; the scalar path
+    for odd widths); y and dresidual fp32, dx in x's dtype."""
+    seen = []
+    for name in ("add_layernorm_fwd", "add_layernorm_bwd"):
+        real = getattr(C, name)
+        monkeypatch.setattr(C, name, lambda *a, real=real, name=name, **kw: seen.append(
+            (name, a[0].dtype, a[1].dtype, a[2].dtype)) or real(*a, **kw))
+    check_autocast_mix("cuda", cuda_device, shape, dtype, dropout_p,
+                       keep_mask=lambda shape, seed: C.add_layernorm_keep_mask(shape, dropout_p, seed))
+    assert ("add_layernorm_fwd", dtype, torch.float32, torch.float32) in seen, seen
+    assert ("add_layernorm_bwd", torch.float32, dtype, torch.float32) in seen, seen
 
 
 @pytest.mark.gpu

@@ -8,7 +8,7 @@ import pytest
 import torch
 
 from conftest import DEVICE, KERNEL_DTYPES, ON_GPU, poison
-from layernorm_cases import compare_to_reference, layernorm_inputs, run_with_grads
+from layernorm_cases import check_autocast_mix, compare_to_reference, layernorm_inputs, run_with_grads
 
 import fastbert.kernels.layernorm as K
 from fastbert.ops import use_backend
@@ -68,6 +68,37 @@ def test_add_layernorm_non_contiguous_and_empty():
         out, (dx, dr, dw, db) = run_with_grads(lambda x, r, w, b: add_layernorm(x, r, w, b, EPS), [x0, r0, w0, b0], dy0)
     assert out.shape == (0, 384) and dx.shape == (0, 384)
     assert torch.equal(dw, torch.zeros_like(dw)) and torch.equal(db, torch.zeros_like(db))
+
+
+@pytest.mark.parametrize("dropout_p", [0.0, 0.1])
+@pytest.mark.parametrize("shape", [(3, 5, 768), (13, 1000), (2, 7)])
+def test_add_layernorm_autocast_mix(shape, dropout_p, monkeypatch):
+    """fp16 x (bf16 on a GPU) with the fp32 residual stream, as autocast hands them over:
+    the kernels read the mix as it is (no promotion pass), y/dresidual fp32, dx fp16."""
+    dtype = torch.bfloat16 if ON_GPU else torch.float16
+    seen = []
+    for name in ("add_layernorm_fwd", "add_layernorm_bwd"):
+        real = getattr(K, name)
+        monkeypatch.setattr(K, name, lambda *a, real=real, name=name, **kw: seen.append(
+            (name, a[0].dtype, a[1].dtype, a[2].dtype)) or real(*a, **kw))
+    out, grads = check_autocast_mix("triton", DEVICE, shape, dtype, dropout_p,
+                                    keep_mask=lambda shape, seed: K.add_layernorm_keep_mask(shape, dropout_p, seed))
+    if dropout_p == 0.0 and not ON_GPU:
+        # The interpreter's fp32 sums do not depend on the input dtype: promoting x first
+        # (one more pass each way) must give bitwise the same numbers.
+        (x, r, w, b) = [t.detach() for t in _mix_inputs(shape)]
+        with use_backend("triton"):
+            y2, g2 = run_with_grads(lambda x, r, w, b: add_layernorm(x.float(), r, w, b, EPS),
+                                    [x, r, w, b], layernorm_inputs(shape, torch.float32, seed=7)[1])
+        assert torch.equal(out, y2)
+        assert all(torch.equal(a, b) for a, b in zip(grads, g2))
+    assert ("add_layernorm_fwd", dtype, torch.float32, torch.float32) in seen, seen
+    assert ("add_layernorm_bwd", torch.float32, dtype, torch.float32) in seen, seen
+
+
+def _mix_inputs(shape):
+    (x, r, w, b), _ = layernorm_inputs(shape, torch.float32, seed=7)
+    return x.half(), r, w, b
 
 
 # ----------------------------------------------------------------------------- dropout

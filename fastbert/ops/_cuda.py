@@ -168,20 +168,29 @@ def _stats(op, name, t, m):
 
 # ----------------------------------------------------------------------------- add_layernorm
 
+def _check_residual(op, name, t, x, like=None):
+    """t (residual, or dy like the residual) has x's shape and x's dtype, or float32 with
+    float16/bfloat16 x (autocast's mix); `like`: t must have that tensor's dtype instead."""
+    dtype_ok = t.dtype == like.dtype if like is not None else (
+        t.dtype == x.dtype or (t.dtype == torch.float32 and x.dtype in (torch.float16, torch.bfloat16)))
+    if t.shape != x.shape or not dtype_ok:
+        want = like.dtype if like is not None else (
+            f"{x.dtype} or float32" if x.dtype != torch.float32 else x.dtype)
+        raise ValueError(f"{op}: {name} must be {tuple(x.shape)} {want}, got {tuple(t.shape)} {t.dtype}")
+
+
 def add_layernorm_fwd(x, residual, weight, bias, eps, dropout_p=0.0, seed=None):
     """y = LayerNorm(dropout(x) + residual) over the last dimension (csrc/layernorm.cuh).
 
-    x, residual: (..., N) same dtype (fp32/fp16/bf16), N <= 4096 (made contiguous);
-    weight, bias: (N,) x's dtype or fp32; seed: (1,) int64 on x's device, needed when
-    dropout_p > 0. Returns (y, mean, rstd): y with x's shape and dtype, mean and rstd
-    (M,) fp32 where M = x.numel() // N.
+    x, residual: (..., N) fp32/fp16/bf16, the same dtype or (autocast's mix) fp16/bf16 x
+    with an fp32 residual, N <= 4096 (made contiguous); weight, bias: (N,) x's dtype or
+    fp32; seed: (1,) int64 on x's device, needed when dropout_p > 0. Returns (y, mean, rstd):
+    y with x's shape and the residual's dtype, mean and rstd (M,) fp32 where M = x.numel() // N.
     """
     op = "add_layernorm"
     device = check_cuda_tensors(op, x=x, residual=residual, weight=weight, bias=bias,
                                 seed=seed if isinstance(seed, torch.Tensor) else None)
-    if residual.shape != x.shape or residual.dtype != x.dtype:
-        raise ValueError(f"{op}: residual must be {tuple(x.shape)} {x.dtype}, got {tuple(residual.shape)} "
-                         f"{residual.dtype}")
+    _check_residual(op, "residual", residual, x)
     x, x2 = _rows(op, x, LAYERNORM_MAX_HIDDEN)
     residual = residual.contiguous()
     (weight, bias), param_code = _params(op, x, ("weight", weight), ("bias", bias))
@@ -191,7 +200,7 @@ def add_layernorm_fwd(x, residual, weight, bias, eps, dropout_p=0.0, seed=None):
         if seed is None:
             raise ValueError(f"{op}: dropout_p > 0 needs a seed")
         seed = _seed_tensor(op, seed, device)
-    y = _empty(x.shape, x.dtype, x.device)
+    y = _empty(x.shape, residual.dtype, x.device)
     mean = _empty((m,), torch.float32, x.device)
     rstd = _empty((m,), torch.float32, x.device)
     if m == 0:
@@ -200,24 +209,24 @@ def add_layernorm_fwd(x, residual, weight, bias, eps, dropout_p=0.0, seed=None):
         ext().add_layernorm_fwd(
             ptr(x), ptr(residual), ptr(weight), ptr(bias), ptr(seed) if has_dropout else 0,
             ptr(y), ptr(mean), ptr(rstd), m, n, n, n, n, float(eps), float(dropout_p),
-            DTYPES[x.dtype], param_code, stream(device))
+            DTYPES[x.dtype], param_code, stream(device), DTYPES[residual.dtype])
     return y, mean, rstd
 
 
 def add_layernorm_bwd(dy, x, residual, weight, mean, rstd, dropout_p=0.0, seed=None):
     """Gradients of add_layernorm from the saved mean/rstd (and seed).
 
-    dy, x, residual: (..., N) same shape and dtype; weight: (N,); mean, rstd: (M,) fp32.
-    Returns (dx, dresidual, dweight, dbias). Without dropout dx equals dresidual and is
-    not written twice: dx is then an empty tensor (0 elements), as in the Triton launcher.
-    dweight/dbias come in weight's dtype (summed in fp32).
+    dy, x, residual: (..., N), the forward's x and residual, dy in the residual's dtype;
+    weight: (N,); mean, rstd: (M,) fp32. Returns (dx, dresidual, dweight, dbias): dx in x's
+    dtype, dresidual in the residual's. Without dropout and with one dtype dx equals
+    dresidual and is not written twice: dx is then an empty tensor (0 elements), as in the
+    Triton launcher. dweight/dbias come in weight's dtype (summed in fp32).
     """
     op = "add_layernorm backward"
     device = check_cuda_tensors(op, dy=dy, x=x, residual=residual, weight=weight, mean=mean, rstd=rstd,
                                 seed=seed if isinstance(seed, torch.Tensor) else None)
-    for name, t in (("dy", dy), ("residual", residual)):
-        if t.shape != x.shape or t.dtype != x.dtype:
-            raise ValueError(f"{op}: {name} must be {tuple(x.shape)} {x.dtype}, got {tuple(t.shape)} {t.dtype}")
+    _check_residual(op, "residual", residual, x)
+    _check_residual(op, "dy", dy, x, like=residual)
     x, x2 = _rows(op, x, LAYERNORM_MAX_HIDDEN)
     dy, residual = dy.contiguous(), residual.contiguous()
     (weight,), param_code = _params(op, x, ("weight", weight))
@@ -228,8 +237,9 @@ def add_layernorm_bwd(dy, x, residual, weight, mean, rstd, dropout_p=0.0, seed=N
         if seed is None:
             raise ValueError(f"{op}: dropout_p > 0 needs the forward's seed")
         seed = _seed_tensor(op, seed, device)
-    dh = _empty(x.shape, x.dtype, x.device)
-    dx = _empty(x.shape if has_dropout else (0,), x.dtype, x.device)
+    write_dx = has_dropout or x.dtype != residual.dtype
+    dh = _empty(x.shape, residual.dtype, x.device)
+    dx = _empty(x.shape if write_dx else (0,), x.dtype, x.device)
     dweight = _empty(weight.shape, weight.dtype, x.device)
     dbias = _empty(weight.shape, weight.dtype, x.device)
     partials = max(1, _LAYERNORM_PARTIALS_PER_SM * sm_count(device))
@@ -237,9 +247,9 @@ def add_layernorm_bwd(dy, x, residual, weight, mean, rstd, dropout_p=0.0, seed=N
     with on_device(device):
         ext().add_layernorm_bwd(
             ptr(dy), ptr(x), ptr(residual), ptr(weight), ptr(mean), ptr(rstd),
-            ptr(seed) if has_dropout else 0, ptr(dh), ptr(dx) if has_dropout else 0, ptr(partial),
+            ptr(seed) if has_dropout else 0, ptr(dh), ptr(dx) if write_dx else 0, ptr(partial),
             ptr(dweight), ptr(dbias), m, n, n, n, n, n, n, partials, float(dropout_p),
-            DTYPES[x.dtype], param_code, stream(device))
+            DTYPES[x.dtype], param_code, stream(device), DTYPES[residual.dtype])
     return dx, dh, dweight, dbias
 
 

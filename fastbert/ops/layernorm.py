@@ -54,7 +54,7 @@ def layernorm_gelu_ref(x, weight, bias, eps):
     return F.gelu(_layer_norm(x, weight, bias, eps))
 
 
-def _check_rows(op, x, weight, bias, residual=None):
+def _check_rows(op, x, weight, bias, residual=None, mixed_ok=False):
     tensors = [("x", x), ("weight", weight), ("bias", bias)] + ([("residual", residual)] if residual is not None else [])
     for name, t in tensors:
         if not isinstance(t, torch.Tensor):
@@ -70,7 +70,7 @@ def _check_rows(op, x, weight, bias, residual=None):
     if residual is not None:
         if residual.shape != x.shape:
             raise ValueError(f"{op}: residual must have x's shape {tuple(x.shape)}, got {tuple(residual.shape)}")
-        if residual.dtype != x.dtype:
+        if residual.dtype != x.dtype and not mixed_ok:
             raise TypeError(f"{op}: residual must have x's dtype {x.dtype}, got {residual.dtype}")
     if weight.dtype != bias.dtype:
         raise TypeError(f"{op}: weight and bias must share a dtype, got {weight.dtype} and {bias.dtype}")
@@ -79,14 +79,19 @@ def _check_rows(op, x, weight, bias, residual=None):
                         f"got {weight.dtype}")
 
 
-def _autocast_promote(x, residual):
-    """(x, residual) in their common dtype when autocast mixed them, else unchanged."""
-    if (isinstance(x, torch.Tensor) and isinstance(residual, torch.Tensor) and x.dtype != residual.dtype
+_HALF_DTYPES = (torch.float16, torch.bfloat16)
+
+
+def _autocast_mixed(x, residual):
+    """Did autocast give x and residual different floating dtypes?"""
+    return (isinstance(x, torch.Tensor) and isinstance(residual, torch.Tensor) and x.dtype != residual.dtype
             and x.is_floating_point() and residual.is_floating_point()
-            and torch.is_autocast_enabled(x.device.type)):
-        common = torch.promote_types(x.dtype, residual.dtype)
-        return x.to(common), residual.to(common)
-    return x, residual
+            and torch.is_autocast_enabled(x.device.type))
+
+
+def _promote(x, residual):
+    common = torch.promote_types(x.dtype, residual.dtype)
+    return x.to(common), residual.to(common)
 
 
 def _check_kernel_rows(op, x):
@@ -124,6 +129,7 @@ class AddLayerNormFunction(torch.autograd.Function):
         y, mean, rstd = launchers.add_layernorm_fwd(x, residual, weight, bias, eps, dropout_p, seed)
         ctx.save_for_backward(x, residual, weight, mean, rstd, seed)
         ctx.dropout_p, ctx.backend = dropout_p, backend
+        ctx.one_grad = dropout_p == 0.0 and x.dtype == residual.dtype
         return y
 
     @staticmethod
@@ -131,7 +137,7 @@ class AddLayerNormFunction(torch.autograd.Function):
         x, residual, weight, mean, rstd, seed = ctx.saved_tensors
         dx, dresidual, dweight, dbias = _launchers(ctx.backend).add_layernorm_bwd(
             dy, x, residual, weight, mean, rstd, ctx.dropout_p, seed)
-        if ctx.dropout_p == 0.0:
+        if ctx.one_grad:
             dx = dresidual  # without dropout dL/dx == dL/dresidual; the kernel wrote it once
         return dx, dresidual, dweight, dbias, None, None, None
 
@@ -218,7 +224,7 @@ def _add_layernorm_fwd_cuda(x: torch.Tensor, residual: torch.Tensor, weight: tor
 @_add_layernorm_fwd_cuda.register_fake
 def _(x, residual, weight, bias, eps, dropout_p, seed):
     m = x.numel() // x.shape[-1]
-    return x.new_empty(x.shape), x.new_empty((m,), dtype=torch.float32), x.new_empty((m,), dtype=torch.float32)
+    return residual.new_empty(x.shape), x.new_empty((m,), dtype=torch.float32), x.new_empty((m,), dtype=torch.float32)
 
 
 @torch.library.custom_op("fastbert::add_layernorm_bwd_cuda", mutates_args=())
@@ -231,8 +237,8 @@ def _add_layernorm_bwd_cuda(dy: torch.Tensor, x: torch.Tensor, residual: torch.T
 
 @_add_layernorm_bwd_cuda.register_fake
 def _(dy, x, residual, weight, mean, rstd, dropout_p, seed):
-    dx = x.new_empty(x.shape if dropout_p > 0.0 else (0,))
-    return dx, x.new_empty(x.shape), weight.new_empty(weight.shape), weight.new_empty(weight.shape)
+    dx = x.new_empty(x.shape if dropout_p > 0.0 or x.dtype != residual.dtype else (0,))
+    return dx, residual.new_empty(x.shape), weight.new_empty(weight.shape), weight.new_empty(weight.shape)
 
 
 @torch.library.custom_op("fastbert::layernorm_gelu_fwd_cuda", mutates_args=())
@@ -312,12 +318,17 @@ def add_layernorm(x, residual, weight, bias, eps, dropout_p=0.0):
     backend takes the same dtypes and widths (csrc/layernorm*.cu).
 
     Under autocast x (a Linear's output: bf16/fp16) and residual (the float32 stream)
-    differ: both are promoted to the wider dtype first, as `x + residual` promotes in
-    transformers' BertSelfOutput, so the residual stream stays float32 as there.
-    Outside autocast a dtype mix is an error.
+    differ: the result is that of both promoted to the wider dtype first, as `x + residual`
+    promotes in transformers' BertSelfOutput, so the residual stream stays float32 as there.
+    The triton and cuda kernels take fp16/bf16 x with an fp32 residual as they are (y and
+    dresidual fp32, dx in x's dtype: two passes fewer than promoting, the same numbers);
+    the torch backend and other mixes promote. Outside autocast a dtype mix is an error.
     """
-    x, residual = _autocast_promote(x, residual)
-    _check_rows("add_layernorm", x, weight, bias, residual)
+    mixed = _autocast_mixed(x, residual)
+    if mixed and not (x.dtype in _HALF_DTYPES and residual.dtype == torch.float32 and resolve(x.device) != "torch"):
+        x, residual = _promote(x, residual)
+        mixed = False
+    _check_rows("add_layernorm", x, weight, bias, residual, mixed_ok=mixed)
     if not 0.0 <= dropout_p < 1.0:
         raise ValueError(f"add_layernorm: dropout_p must be in [0, 1), got {dropout_p}")
     backend = resolve(x.device)
