@@ -1,10 +1,14 @@
-"""BertModel on the "triton" backend against the "torch" backend (the reference):
-forward, every gradient, and a short fine-tuning run. Without a GPU the kernels
-run through the Triton interpreter, so sizes stay small."""
+"""BertModel on the kernel backends against the "torch" backend (the reference):
+forward, every gradient, and a short fine-tuning run on "triton"; "triton" and "cuda"
+under autocast. Without a GPU the Triton kernels run through the interpreter and the
+CUDA kernels through their CPU emulation, so sizes stay small."""
+import importlib
+
 import pytest
 import torch
 
 import fastbert
+import fastbert.ops._cuda as C
 from conftest import DEVICE, assert_close_to_ref
 from fastbert import heads
 
@@ -75,30 +79,28 @@ def test_short_finetuning_agrees_step_by_step():
         assert abs(a - b) <= 1e-4 * max(1.0, abs(a)), f"step {step}: torch {a} vs triton {b}"
 
 
-def test_triton_under_autocast_matches_torch():
-    """Mixed precision on the kernel backend (float16 autocast: the interpreter has no bf16;
-    on a GPU bfloat16, the Trainer's default): Linear outputs in half precision, the residual
+def _check_under_autocast(backend, device, dtype):
+    """Mixed precision on a kernel backend: Linear outputs in half precision, the residual
     stream float32. Against the float32 model without autocast, allowed twice the error of the
     torch backend under the same autocast; gradients by relative (Frobenius) error."""
     config = fastbert.BertConfig(vocab_size=100, hidden_size=64, num_hidden_layers=2, num_attention_heads=2,
                                  intermediate_size=128, max_position_embeddings=32,
                                  hidden_dropout_prob=0.0, attention_probs_dropout_prob=0.0)
     torch.manual_seed(0)
-    model = heads.BertForSequenceClassification(config, num_labels=2).to(DEVICE)
-    ids = torch.randint(1, 100, (3, 21), device=DEVICE)
+    model = heads.BertForSequenceClassification(config, num_labels=2).to(device)
+    ids = torch.randint(1, 100, (3, 21), device=device)
     mask = torch.ones_like(ids)
     mask[1, 13:] = 0
-    labels = torch.tensor([0, 1, 1], device=DEVICE)
-    dtype = torch.bfloat16 if DEVICE.type == "cuda" else torch.float16
+    labels = torch.tensor([0, 1, 1], device=device)
 
     def run(backend, autocast):
         model.zero_grad()
-        with fastbert.ops.use_backend(backend), torch.autocast(DEVICE.type, dtype=dtype, enabled=autocast):
+        with fastbert.ops.use_backend(backend), torch.autocast(device.type, dtype=dtype, enabled=autocast):
             out = model(ids, mask, labels=labels)
         out.loss.backward()
         return out.logits.detach().float(), {n: p.grad.detach().clone() for n, p in model.named_parameters()}
 
-    logits, grads = run("triton", True)
+    logits, grads = run(backend, True)
     base_logits, base_grads = run("torch", True)
     ref_logits, ref_grads = run("torch", False)
     assert_close_to_ref(logits, ref_logits, base_logits, "logits", floor=1e-3)
@@ -109,3 +111,40 @@ def test_triton_under_autocast_matches_torch():
         ours_err = ((g - ref).norm() / ref.norm()).item()
         base_err = ((base_grads[name] - ref).norm() / ref.norm()).item()
         assert ours_err <= 2 * base_err + 1e-3, f"{name}: relative error {ours_err:.3e}, torch backend {base_err:.3e}"
+
+
+def test_triton_under_autocast_matches_torch():
+    """float16 autocast without a GPU (the interpreter has no bf16); bfloat16 on a GPU, the
+    Trainer's default."""
+    _check_under_autocast("triton", DEVICE, torch.bfloat16 if DEVICE.type == "cuda" else torch.float16)
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+def test_cuda_backend_under_autocast_matches_torch(cuda_device, dtype, monkeypatch):
+    """The whole model on the "cuda" backend under autocast: every csrc kernel (attention on
+    the strided q/k/v views of the fused projection, add_layernorm on the half/fp32 mix,
+    bias_gelu) on the GPU, or without one through the CPU emulation of the same kernels,
+    launchers and bindings."""
+    A = importlib.import_module("fastbert.ops.attention")  # the package exports a function of that name
+    if cuda_device.type == "cpu":
+        from fastbert.ops import _backend
+        from test_cuda_attention import _build_emulator
+        attention_emu = _build_emulator()
+        if attention_emu is None:
+            pytest.skip("g++, the CUDA headers or pybind11 are missing: no CPU emulation of the kernels")
+        monkeypatch.setattr(A, "_cuda_ext", lambda: attention_emu)
+        monkeypatch.setattr(A, "resolve", lambda device, real=A.resolve:
+                            "cuda" if _backend.get_backend() == "cuda" else real(device))
+    seen = []
+    launchers = A._LAUNCHERS["cuda"]
+    for module, name in ((launchers, "attention_fwd"), (launchers, "attention_bwd"), (C, "add_layernorm_fwd"),
+                         (C, "bias_gelu_fwd")):
+        real = getattr(module, name)
+        monkeypatch.setattr(module, name, lambda *a, real=real, name=name, **kw: seen.append(
+            (name, a[0].dtype, a[1].dtype, a[1].is_contiguous())) or real(*a, **kw))
+    _check_under_autocast("cuda", cuda_device, dtype)
+    # q, k, v: strided views of the fused projection; x: half with the fp32 residual
+    assert ("attention_fwd", dtype, dtype, False) in seen, seen
+    assert any(call[0] == "attention_bwd" for call in seen), seen
+    assert any(call[:3] == ("add_layernorm_fwd", dtype, torch.float32) for call in seen), seen
+    assert any(call[:2] == ("bias_gelu_fwd", dtype) for call in seen), seen
