@@ -13,10 +13,17 @@ parameters (hidden or features long) counted once per read or write:
                     bwd: read dy, x; write dx                       3*N*H*e + 4*H*e
     bias_gelu       fwd: read x; write y                            2*N*F*e + F*e
                     bwd: read dy, x; write dx                       3*N*F*e + 2*F*e
+    add_layernorm_amp  add_layernorm as a BERT layer meets it under autocast: x a Linear's
+                    half output (e = 2), residual, weight, bias and y float32
+                    fwd: read x, residual; write y                  (2+4+4)*N*H + 8*H
+                    bwd: read dy, z (fp32); write dresidual (fp32),
+                         dx (half)                                  (4+4+4+2)*N*H + 12*H
 fwd+bwd is the sum. The saved row statistics (8 bytes a row) are left out.
 
 Implementations: triton / cuda (fastbert.ops on that backend), eager (the
 *_ref functions, imported) and compile (torch.compile of the same reference).
+add_layernorm_amp runs each of them inside torch.autocast (the kernels take the
+half/fp32 mix as it is; the eager reference promotes x, as transformers' residual add).
 """
 from __future__ import annotations
 
@@ -32,13 +39,15 @@ ROWS = 32 * 512
 EPS = 1e-12
 HIDDEN = (384, 768, 1024)
 FEATURES = (1536, 3072, 4096)
-KEY = {"add_layernorm": 768, "layernorm_gelu": 768, "bias_gelu": 3072}
-QUICK = {"add_layernorm": (64, 64), "layernorm_gelu": (64, 64), "bias_gelu": (64, 128)}   # (rows, width)
+KEY = {"add_layernorm": 768, "add_layernorm_amp": 768, "layernorm_gelu": 768, "bias_gelu": 3072}
+QUICK = {"add_layernorm": (64, 64), "add_layernorm_amp": (64, 64), "layernorm_gelu": (64, 64),
+         "bias_gelu": (64, 128)}   # (rows, width)
 
 
 def bytes_moved(op: str, n: int, width: int, e: int, mode: str) -> float:
     fwd, bwd = {
         "add_layernorm": (3 * n * width * e + 2 * width * e, 3 * n * width * e + 3 * width * e),
+        "add_layernorm_amp": (10 * n * width + 8 * width, 14 * n * width + 12 * width),
         "layernorm_gelu": (2 * n * width * e + 2 * width * e, 3 * n * width * e + 4 * width * e),
         "bias_gelu": (2 * n * width * e + width * e, 3 * n * width * e + 2 * width * e),
     }[op]
@@ -62,25 +71,38 @@ def _layernorm_gelu_ref(x, weight, bias):
     return layernorm_gelu_ref(x, weight, bias, EPS)
 
 
+def _amp(fn):
+    """fn inside torch.autocast in the dtype of its first input (the Linear output's)."""
+    def run(x, *rest):
+        with torch.autocast(x.device.type, dtype=x.dtype):
+            return fn(x, *rest)
+    run.__name__ = fn.__name__
+    return run
+
+
 OPS = {
     "add_layernorm": (_add_layernorm, _add_layernorm_ref, (0, 1, 2, 3)),
+    "add_layernorm_amp": (_amp(_add_layernorm), _amp(_add_layernorm_ref), (0, 1, 2, 3)),
     "layernorm_gelu": (_layernorm_gelu, _layernorm_gelu_ref, (0, 1, 2)),
     "bias_gelu": (bias_gelu, bias_gelu_ref, (0, 1)),
 }
 
 
 def make_inputs_fn(op, n, width, dtype, device, seed):
-    """make_inputs(k): set k, seeded. Never zeros; weights near 1 as a trained LayerNorm's are."""
+    """make_inputs(k): set k, seeded. Never zeros; weights near 1 as a trained LayerNorm's are.
+    add_layernorm_amp: x in `dtype`, everything else float32."""
+    rest_dtype = torch.float32 if op == "add_layernorm_amp" else dtype
+
     def make_inputs(k):
         g = torch.Generator(device=device).manual_seed(seed + k)
 
-        def randn(*shape, scale=1.0, shift=0.0):
+        def randn(*shape, scale=1.0, shift=0.0, dtype=rest_dtype):
             return (torch.randn(*shape, device=device, generator=g) * scale + shift).to(dtype)
-        x = randn(n, width)
+        x = randn(n, width, dtype=dtype)
         if op == "bias_gelu":
             return x, randn(width, scale=0.1)
         weight, bias = randn(width, scale=0.1, shift=1.0), randn(width, scale=0.1)
-        if op == "add_layernorm":
+        if op.startswith("add_layernorm"):
             return x, randn(n, width), weight, bias
         return x, weight, bias
     return make_inputs
@@ -99,13 +121,16 @@ def cases(profile: str, cfg: harness.Settings, compile_scope: str = "key") -> li
     quick = profile == "quick"
     dtypes = [torch.bfloat16 if device.type == "cuda" else torch.float32] if quick else [torch.bfloat16, torch.float16]
     out = []
-    for dtype in dtypes:
+    for run_dtype in dtypes:
         for op, (public, ref, grad_idx) in OPS.items():
+            dtype = run_dtype
+            if op == "add_layernorm_amp" and dtype == torch.float32:
+                dtype = torch.float16  # autocast's mix needs a half x (quick runs on the CPU are float32)
             widths = [QUICK[op][1]] if quick else (FEATURES if op == "bias_gelu" else HIDDEN)
             n = QUICK[op][0] if quick else ROWS
             for width in widths:
                 key = quick or width == KEY[op]
-                first_dtype = dtype == dtypes[0]
+                first_dtype = run_dtype == dtypes[0]
                 impls = {"triton": (_on("triton", public), "ok", "") if "triton" in usable else
                          (None, "skipped", "triton backend not usable here (needs CUDA or TRITON_INTERPRET=1)")}
                 if "cuda" in usable:

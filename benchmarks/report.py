@@ -24,7 +24,7 @@ RESULTS = REPO / "benchmarks" / "results"
 START, END = "<!-- fastbert-bench:start -->", "<!-- fastbert-bench:end -->"
 IMPL_ORDER = ["triton", "cuda", "eager", "compile", "sdpa_flash", "sdpa_efficient", "sdpa_cudnn", "sdpa_math",
               "outer_sum", "python_nbest"]
-OP_ORDER = ["attention", "add_layernorm", "layernorm_gelu", "bias_gelu", "span_score"]
+OP_ORDER = ["attention", "add_layernorm", "add_layernorm_amp", "layernorm_gelu", "bias_gelu", "span_score"]
 MODE_ORDER = ["fwd", "bwd", "fwd+bwd"]
 
 

@@ -8,7 +8,7 @@ import torch
 
 from fastbert.ops import available_backends
 
-OPS = {"attention", "add_layernorm", "layernorm_gelu", "bias_gelu", "span_score"}
+OPS = {"attention", "add_layernorm", "add_layernorm_amp", "layernorm_gelu", "bias_gelu", "span_score"}
 ROW_KEYS = {"op", "impl", "shape", "dtype", "mode", "status", "ms", "ms_p20", "ms_p80", "unit", "metric",
             "pct_of_ceiling", "speedup_vs_eager", "peak_mib", "utc",
             "gpu", "driver", "torch", "triton", "cuda", "commit"}
