@@ -52,6 +52,8 @@ import torch
 import triton
 import triton.language as tl
 
+from .gelu import _cdiv, _next_pow2
+
 LOG2E = 1.4426950408889634
 # Head dims the kernels take: any multiple of 16 up to 128 (the tile's head
 # dimension is padded to a power of two and masked).
@@ -321,9 +323,10 @@ def _launch(kernel, wrap, q):
 
 def _layout(t, varlen):
     """(stride_b, stride_s, stride_h) of a (B, S, H, D) or packed (T, H, D) tensor."""
+    stride = t.stride()
     if varlen:
-        return 0, t.stride(0), t.stride(1)
-    return t.stride(0), t.stride(1), t.stride(2)
+        return 0, stride[0], stride[1]
+    return stride[0], stride[1], stride[2]
 
 
 def _problem(q, cu_seqlens, max_seqlen):
@@ -379,7 +382,7 @@ def attention_fwd(q, k, v, mask=None, cu_seqlens=None, max_seqlen=None, dropout_
     seed_arg, seed_ptr, thresh, dscale = _dropout_args(dropout_p, seed)
     cfg = _fwd_config(D, q.dtype)
     BLOCK_M, BLOCK_N = cfg["BLOCK_M"], cfg["BLOCK_N"]
-    grid = (triton.cdiv(S, BLOCK_M), B * H)
+    grid = (_cdiv(S, BLOCK_M), B * H)
     kernel = _launch(_attention_fwd_kernel, wrap, q)
     if kernel is None or grid[0] * grid[1] == 0:
         return out, lse
@@ -389,7 +392,7 @@ def attention_fwd(q, k, v, mask=None, cu_seqlens=None, max_seqlen=None, dropout_
         *lse_strides, stride_mb, stride_ms,
         H, S, scale * LOG2E, thresh, dscale,
         HEAD_DIM=D,
-        BLOCK_D=max(triton.next_power_of_2(D), 16),
+        BLOCK_D=max(_next_pow2(D), 16),
         BLOCK_M=BLOCK_M,
         BLOCK_N=BLOCK_N,
         EVEN_M=(not varlen) and S % BLOCK_M == 0,
@@ -662,7 +665,7 @@ def attention_bwd(do, q, k, v, out, lse, mask=None, cu_seqlens=None, max_seqlen=
     seed_arg, seed_ptr, thresh, dscale = _dropout_args(dropout_p, seed)
     common = dict(
         HEAD_DIM=D,
-        BLOCK_D=max(triton.next_power_of_2(D), 16),
+        BLOCK_D=max(_next_pow2(D), 16),
         HAS_MASK=mask is not None,
         IS_VARLEN=varlen,
         DROPOUT=dropout_p > 0.0,
@@ -675,7 +678,7 @@ def attention_bwd(do, q, k, v, out, lse, mask=None, cu_seqlens=None, max_seqlen=
     cu = cu_seqlens if varlen else q
 
     cfg = _bwd_dq_config(D, q.dtype)
-    grid = (triton.cdiv(S, cfg["BLOCK_M"]), B * H)
+    grid = (_cdiv(S, cfg["BLOCK_M"]), B * H)
     kernel = _launch(_attention_bwd_dq_kernel, wrap, q)
     kernel[grid](
         q, k, v, out, do, lse, delta, dq, mask_t, cu, seed_arg,
@@ -693,7 +696,7 @@ def attention_bwd(do, q, k, v, out, lse, mask=None, cu_seqlens=None, max_seqlen=
     )
 
     cfg = _bwd_config(D, q.dtype)
-    grid = (triton.cdiv(S, cfg["BLOCK_N"]), B * H)
+    grid = (_cdiv(S, cfg["BLOCK_N"]), B * H)
     kernel = _launch(_attention_bwd_kernel, wrap, q)
     kernel[grid](
         q, k, v, do, lse, delta, dk, dv, mask_t, cu, seed_arg,
@@ -750,7 +753,7 @@ def attention_dropout_mask(batch, heads, seqlen, dropout_p, seed, device):
     """
     keep = torch.empty((batch, heads, seqlen, seqlen), dtype=torch.uint8, device=device)
     _, _, thresh, _ = _dropout_args(dropout_p, seed)
-    grid = (triton.cdiv(seqlen, 32), batch * heads)
+    grid = (_cdiv(seqlen, 32), batch * heads)
     if keep.numel():
         _attention_dropout_mask_kernel[grid](keep, int(seed), heads, seqlen, thresh,
                                              BLOCK_M=32, BLOCK_N=32, PHILOX_ROUNDS=PHILOX_ROUNDS)

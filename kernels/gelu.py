@@ -80,6 +80,18 @@ def _direct(kernel):
     return kernel
 
 
+def _cdiv(a, b):
+    """triton.cdiv without its call overhead (~2 us a call: a launcher makes several per launch)."""
+    return (a + b - 1) // b
+
+
+def _next_pow2(n):
+    """triton.next_power_of_2 without its call overhead; symbolic sizes (torch.compile) go to it."""
+    if type(n) is int and n >= 1:
+        return 1 << (n - 1).bit_length()
+    return triton.next_power_of_2(n)
+
+
 def _empty(shape, dtype, device):
     """Every launcher output is allocated here, so tests can poison them (fill with NaN)."""
     return torch.empty(shape, dtype=dtype, device=device)
@@ -111,10 +123,10 @@ def _tile(n_rows, n_cols, device):
     Only the interpreter trims BLOCK_M to the row count (on the GPU the tile must not
     depend on the row count, which torch.compile may treat as a symbol).
     """
-    block_n = min(triton.next_power_of_2(n_cols), 256)
+    block_n = min(_next_pow2(n_cols), 256)
     block_m = max(1, 4096 // block_n)
     if device.type != "cuda":
-        block_m = min(block_m, triton.next_power_of_2(max(n_rows, 1)))
+        block_m = min(block_m, _next_pow2(max(n_rows, 1)))
     return block_m, block_n, 8 if block_m * block_n >= 4096 else 4
 
 
@@ -167,7 +179,7 @@ def bias_gelu_fwd(x, bias, approximate="none", *, wrap=_direct):
         return y
     y2 = y.view(-1, n)                                   # (M, N)
     block_m, block_n, num_warps = _tile(m, n, x.device)
-    grid = (triton.cdiv(m, block_m), triton.cdiv(n, block_n))
+    grid = (_cdiv(m, block_m), _cdiv(n, block_n))
     wrap(_bias_gelu_fwd_kernel)[grid](
         x2, bias, y2,
         x2.stride(0), y2.stride(0),
@@ -238,9 +250,9 @@ def bias_gelu_bwd(dy, x, bias, approximate="none", *, wrap=_direct):
         return dx, torch.zeros_like(bias)
     dx2 = dx.view(-1, n)                                 # (M, N)
     block_m, block_n, num_warps = _tile(m, n, x.device)
-    col_blocks = triton.cdiv(n, block_n)
+    col_blocks = _cdiv(n, block_n)
     # About 4 programs per SM in all; each loops over its share of the row tiles.
-    programs_m = _programs(x.device, triton.cdiv(m, block_m), 4 / col_blocks)
+    programs_m = _programs(x.device, _cdiv(m, block_m), 4 / col_blocks)
     partial = _empty((programs_m, n), torch.float32, x.device)
     wrap(_bias_gelu_bwd_kernel)[(col_blocks, programs_m)](
         dy2, x2, bias, dx2, partial,

@@ -43,7 +43,7 @@ import torch
 import triton
 import triton.language as tl
 
-from .gelu import _direct, _empty, _gelu_erf, _gelu_erf_grad, _programs
+from .gelu import _cdiv, _direct, _empty, _gelu_erf, _gelu_erf_grad, _next_pow2, _programs
 
 MAX_HIDDEN = 4096  # one row lives in registers; wider rows would spill
 
@@ -59,12 +59,12 @@ def _row_tile(n_rows, n_cols, device, budget):
     program, not per element: it takes 8192 and trims BLOCK_M to the row count (on the
     GPU the tile must not depend on the row count, a symbol under torch.compile).
     """
-    block_n = triton.next_power_of_2(n_cols)
+    block_n = _next_pow2(n_cols)
     if device.type != "cuda":
         budget = 8192
     block_m = min(max(1, budget // block_n), 64)
     if device.type != "cuda":
-        block_m = min(block_m, triton.next_power_of_2(max(n_rows, 1)))
+        block_m = min(block_m, _next_pow2(max(n_rows, 1)))
     tile = block_m * block_n
     return block_m, block_n, 4 if tile <= 1024 else 8
 
@@ -176,7 +176,7 @@ def add_layernorm_fwd(x, residual, weight, bias, eps, dropout_p=0.0, seed=None, 
     y2 = y.view(-1, n)                                   # (M, N)
     block_m, block_n, num_warps = _row_tile(m, n, x.device, _FWD_TILE)
     has_dropout = dropout_p > 0.0
-    wrap(_add_layernorm_fwd_kernel)[(triton.cdiv(m, block_m),)](
+    wrap(_add_layernorm_fwd_kernel)[(_cdiv(m, block_m),)](
         x2, r2, weight, bias, y2, mean, rstd,
         seed if has_dropout else mean,                   # never read without dropout
         x2.stride(0), r2.stride(0), y2.stride(0),
@@ -281,7 +281,7 @@ def add_layernorm_bwd(dy, x, residual, weight, mean, rstd, dropout_p=0.0, seed=N
     dh2 = dh.view(-1, n)                                 # (M, N)
     dx2 = dx.view(-1, n) if write_dx else dh2            # (M, N); never written unless write_dx
     block_m, block_n, num_warps = _row_tile(m, n, x.device, _BWD_TILE)
-    programs = _programs(x.device, triton.cdiv(m, block_m), 4)
+    programs = _programs(x.device, _cdiv(m, block_m), 4)
     dw_partial = _empty((programs, n), torch.float32, x.device)
     db_partial = _empty((programs, n), torch.float32, x.device)
     wrap(_add_layernorm_bwd_kernel)[(programs,)](
@@ -336,7 +336,7 @@ def add_layernorm_keep_mask(shape, dropout_p, seed, packed=None):
     keep = _empty((m, n), torch.int8, seed.device)
     if m > 0:
         block_m, block_n, num_warps = _row_tile(m, n, seed.device, _FWD_TILE)
-        _add_layernorm_keep_kernel[(triton.cdiv(m, block_m),)](
+        _add_layernorm_keep_kernel[(_cdiv(m, block_m),)](
             keep, seed, m, n, dropout_p,
             PACKED=block_n >= 16 if packed is None else packed,
             BLOCK_M=block_m, BLOCK_N=block_n, num_warps=num_warps,
@@ -400,7 +400,7 @@ def layernorm_gelu_fwd(x, weight, bias, eps, *, wrap=_direct):
         return y, mean, rstd
     y2 = y.view(-1, n)                                   # (M, N)
     block_m, block_n, num_warps = _row_tile(m, n, x.device, _FWD_TILE)
-    wrap(_layernorm_gelu_fwd_kernel)[(triton.cdiv(m, block_m),)](
+    wrap(_layernorm_gelu_fwd_kernel)[(_cdiv(m, block_m),)](
         x2, weight, bias, y2, mean, rstd,
         x2.stride(0), y2.stride(0),
         m, n,
@@ -478,7 +478,7 @@ def layernorm_gelu_bwd(dy, x, weight, bias, mean, rstd, *, wrap=_direct):
         return dx, torch.zeros_like(weight), torch.zeros_like(weight)
     dx2 = dx.view(-1, n)                                 # (M, N)
     block_m, block_n, num_warps = _row_tile(m, n, x.device, _BWD_TILE)
-    programs = _programs(x.device, triton.cdiv(m, block_m), 4)
+    programs = _programs(x.device, _cdiv(m, block_m), 4)
     dw_partial = _empty((programs, n), torch.float32, x.device)
     db_partial = _empty((programs, n), torch.float32, x.device)
     wrap(_layernorm_gelu_bwd_kernel)[(programs,)](

@@ -49,6 +49,8 @@ import torch
 import triton
 import triton.language as tl
 
+from .gelu import _cdiv, _next_pow2
+
 # The key puts 31 bits of flat index under the score: rows must satisfy L * D < 2^31.
 MAX_FLAT = 2**31 - 1
 MAX_TOPK = 32
@@ -146,7 +148,7 @@ def _launch_config(D, on_interpreter):
     with position, so every tile inserts topk keys). Fewer, larger tiles mean fewer
     threshold checks, and one warp reduces with shuffles alone, which keeps each insertion
     (two reductions) cheap. The interpreter pays per op, not per element: same tile."""
-    block_d = min(triton.next_power_of_2(D), 64)
+    block_d = min(_next_pow2(D), 64)
     block_i = max(1, 1024 // block_d)
     return block_i, block_d, 1
 
@@ -188,7 +190,7 @@ def span_score_fwd(start_logits, end_logits, mask, max_answer_len, topk, out=Non
         HAS_MASK=has_mask,
         BLOCK_I=block_i,
         BLOCK_D=block_d,
-        K_PAD=max(triton.next_power_of_2(topk), 2),
+        K_PAD=max(_next_pow2(topk), 2),
         num_warps=num_warps,
     )
     return start, end, score

@@ -321,20 +321,27 @@ def _cuda_ext():
 
 def _cuda_strides(t, varlen):
     """(stride_b, stride_s, stride_h) in elements; size-1 dims get 0 (never stepped)."""
+    shape, stride = t.shape, t.stride()
     if varlen:
-        dims = (None, 0, 1)
-    else:
-        dims = (0, 1, 2)
-    return tuple(0 if d is None or t.shape[d] == 1 else t.stride(d) for d in dims)
+        return 0, (stride[0] if shape[0] != 1 else 0), (stride[1] if shape[1] != 1 else 0)
+    return ((stride[0] if shape[0] != 1 else 0), (stride[1] if shape[1] != 1 else 0),
+            (stride[2] if shape[2] != 1 else 0))
 
 
-def _cuda_ready(t):
-    """t, or a contiguous copy when its rows break the kernels' 16-byte alignment
-    (base pointer, batch/seq/head strides in multiples of 8 elements)."""
-    varlen = t.dim() == 3
-    if t.data_ptr() % 16 == 0 and all(s % 8 == 0 for s in _cuda_strides(t, varlen)):
-        return t
-    return t.clone(memory_format=torch.contiguous_format)
+def _cuda_layout_ok(t, strides):
+    """The kernels' 16-byte rows: unit last stride, aligned start, other strides in multiples of 8."""
+    return ((t.stride(-1) == 1 or t.shape[-1] <= 1) and t.data_ptr() % 16 == 0
+            and strides[0] % 8 == 0 and strides[1] % 8 == 0 and strides[2] % 8 == 0)
+
+
+def _cuda_input(t, varlen):
+    """(t or a contiguous copy when its rows break the kernels' 16-byte alignment, its operand
+    (data_ptr, stride_b, stride_s, stride_h)). One stride read on the common, aligned path."""
+    strides = _cuda_strides(t, varlen)
+    if not _cuda_layout_ok(t, strides):
+        t = t.clone(memory_format=torch.contiguous_format)
+        strides = _cuda_strides(t, varlen)
+    return t, (t.data_ptr(), *strides)
 
 
 def _cuda_operand(t, varlen, name, like=None):
@@ -344,7 +351,7 @@ def _cuda_operand(t, varlen, name, like=None):
             raise ValueError(f"attention (cuda): {name} must be {tuple(like.shape)} {like.dtype} on {like.device}, "
                              f"got {tuple(t.shape)} {t.dtype} on {t.device}")
     strides = _cuda_strides(t, varlen)
-    if t.stride(-1) != 1 or t.data_ptr() % 16 or any(s % 8 for s in strides):
+    if not _cuda_layout_ok(t, strides):
         raise ValueError(f"attention (cuda): {name} needs a unit last stride, a 16-byte aligned start and "
                          f"batch/seq/head strides in multiples of 8 elements; got strides {tuple(t.stride())}")
     return (t.data_ptr(), *strides)
@@ -414,13 +421,16 @@ def cuda_attention_fwd(q, k, v, mask=None, cu_seqlens=None, max_seqlen=None, dro
     varlen = cu_seqlens is not None
     args = _cuda_call_args(q, mask, cu_seqlens, max_seqlen, dropout_p, seed, ext)
     B, S, H = args["batch"], args["seqlen"], args["heads"]
-    q, k, v = (_cuda_ready(t) for t in (q, k, v))
+    for name, t in (("k", k), ("v", v)):
+        if t.shape != q.shape or t.dtype != q.dtype or t.device != q.device:
+            raise ValueError(f"attention (cuda): {name} must be {tuple(q.shape)} {q.dtype} on {q.device}, got "
+                             f"{tuple(t.shape)} {t.dtype} on {t.device}")
+    (q, q_arg), (k, k_arg), (v, v_arg) = _cuda_input(q, varlen), _cuda_input(k, varlen), _cuda_input(v, varlen)
     scale = softmax_scale if softmax_scale is not None else 1.0 / math.sqrt(q.shape[-1])
     out = torch.empty(q.shape, dtype=q.dtype, device=q.device) if out is None else out
     lse_shape = (H, q.shape[0]) if varlen else (B, H, S)
     lse = torch.empty(lse_shape, dtype=torch.float32, device=q.device) if lse is None else lse
-    operands = dict(q=_cuda_operand(q, varlen, "q"), k=_cuda_operand(k, varlen, "k", q),
-                    v=_cuda_operand(v, varlen, "v", q), out=_cuda_operand(out, varlen, "out", q),
+    operands = dict(q=q_arg, k=k_arg, v=v_arg, out=_cuda_operand(out, varlen, "out", q),
                     lse=_cuda_stats(lse, lse_shape, "lse", q.device))
     if q.numel():
         with _cuda_device(q):
@@ -442,7 +452,12 @@ def cuda_attention_bwd(do, q, k, v, out, lse, mask=None, cu_seqlens=None, max_se
     varlen = cu_seqlens is not None
     args = _cuda_call_args(q, mask, cu_seqlens, max_seqlen, dropout_p, seed, ext)
     B, S, H = args["batch"], args["seqlen"], args["heads"]
-    do, q, k, v, out = (_cuda_ready(t) for t in (do, q, k, v, out))
+    for name, t in (("k", k), ("v", v), ("out", out), ("dout", do)):
+        if t.shape != q.shape or t.dtype != q.dtype or t.device != q.device:
+            raise ValueError(f"attention (cuda): {name} must be {tuple(q.shape)} {q.dtype} on {q.device}, got "
+                             f"{tuple(t.shape)} {t.dtype} on {t.device}")
+    (do, do_arg), (q, q_arg), (k, k_arg), (v, v_arg), (out, out_arg) = (
+        _cuda_input(t, varlen) for t in (do, q, k, v, out))
     scale = softmax_scale if softmax_scale is not None else 1.0 / math.sqrt(q.shape[-1])
     dq = torch.empty(q.shape, dtype=q.dtype, device=q.device) if dq is None else dq
     dk = torch.empty(k.shape, dtype=k.dtype, device=k.device) if dk is None else dk
@@ -450,9 +465,7 @@ def cuda_attention_bwd(do, q, k, v, out, lse, mask=None, cu_seqlens=None, max_se
     lse_shape = (H, q.shape[0]) if varlen else (B, H, S)
     lse_arg = _cuda_stats(lse, lse_shape, "lse", q.device)
     delta = torch.empty_strided(lse.shape, lse.stride(), dtype=torch.float32, device=q.device)
-    operands = dict(dout=_cuda_operand(do, varlen, "dout", q), q=_cuda_operand(q, varlen, "q"),
-                    k=_cuda_operand(k, varlen, "k", q), v=_cuda_operand(v, varlen, "v", q),
-                    out=_cuda_operand(out, varlen, "out", q), lse=lse_arg, delta=delta.data_ptr(),
+    operands = dict(dout=do_arg, q=q_arg, k=k_arg, v=v_arg, out=out_arg, lse=lse_arg, delta=delta.data_ptr(),
                     dq=_cuda_operand(dq, varlen, "dq", q), dk=_cuda_operand(dk, varlen, "dk", q),
                     dv=_cuda_operand(dv, varlen, "dv", q))
     if q.numel():
