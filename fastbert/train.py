@@ -127,7 +127,9 @@ class Trainer:
         steps_per_epoch = math.ceil(self.batches_per_epoch / config.grad_accum)
         self.total_steps = config.max_steps or steps_per_epoch * config.epochs
         self.epochs = math.ceil(self.total_steps / steps_per_epoch)
-        self.optimizer = torch.optim.AdamW(parameter_groups(model, config.weight_decay), lr=config.lr)
+        # On a GPU the fused AdamW: one kernel for every parameter's update instead of a few per tensor.
+        self.optimizer = torch.optim.AdamW(parameter_groups(model, config.weight_decay), lr=config.lr,
+                                           fused=self.device.type == "cuda" or None)
         self.scheduler = linear_warmup_decay(self.optimizer, int(config.warmup_ratio * self.total_steps), self.total_steps)
         self.autocast = _autocast_dtype(config.precision, self.device)
         self.scaler = torch.amp.GradScaler("cuda") if self.autocast == torch.float16 else None
