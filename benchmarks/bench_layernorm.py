@@ -14,16 +14,19 @@ parameters (hidden or features long) counted once per read or write:
     bias_gelu       fwd: read x; write y                            2*N*F*e + F*e
                     bwd: read dy, x; write dx                       3*N*F*e + 2*F*e
     add_layernorm_amp  add_layernorm as a BERT layer meets it under autocast: x a Linear's
-                    half output (e = 2), residual, weight, bias and y float32
-                    fwd: read x, residual; write y                  (2+4+4)*N*H + 8*H
-                    bwd: read dy, z (fp32); write dresidual (fp32),
-                         dx (half)                                  (4+4+4+2)*N*H + 12*H
+                    half output (e = 2), residual, weight, bias and y float32, and y
+                    once more in half precision for the next Linear (the cast autocast
+                    would make there), each output with its own upstream gradient
+                    fwd: read x, residual; write y, y's half copy   (2+4+4+2)*N*H + 8*H
+                    bwd: read dy, the copy's gradient, z (fp32);
+                         write dresidual (fp32), dx (half)          (4+2+4+4+2)*N*H + 12*H
 fwd+bwd is the sum. The saved row statistics (8 bytes a row) are left out.
 
 Implementations: triton / cuda (fastbert.ops on that backend), eager (the
 *_ref functions, imported) and compile (torch.compile of the same reference).
-add_layernorm_amp runs each of them inside torch.autocast (the kernels take the
-half/fp32 mix as it is; the eager reference promotes x, as transformers' residual add).
+add_layernorm_amp runs each of them inside torch.autocast and returns (y, y in x's
+dtype): the kernels take the half/fp32 mix as it is and write both outputs in one pass;
+the eager reference promotes x, as transformers' residual add, then casts y.
 """
 from __future__ import annotations
 
@@ -47,7 +50,7 @@ QUICK = {"add_layernorm": (64, 64), "add_layernorm_amp": (64, 64), "layernorm_ge
 def bytes_moved(op: str, n: int, width: int, e: int, mode: str) -> float:
     fwd, bwd = {
         "add_layernorm": (3 * n * width * e + 2 * width * e, 3 * n * width * e + 3 * width * e),
-        "add_layernorm_amp": (10 * n * width + 8 * width, 14 * n * width + 12 * width),
+        "add_layernorm_amp": (12 * n * width + 8 * width, 16 * n * width + 12 * width),
         "layernorm_gelu": (2 * n * width * e + 2 * width * e, 3 * n * width * e + 4 * width * e),
         "bias_gelu": (2 * n * width * e + width * e, 3 * n * width * e + 2 * width * e),
     }[op]
@@ -71,18 +74,21 @@ def _layernorm_gelu_ref(x, weight, bias):
     return layernorm_gelu_ref(x, weight, bias, EPS)
 
 
-def _amp(fn):
-    """fn inside torch.autocast in the dtype of its first input (the Linear output's)."""
-    def run(x, *rest):
-        with torch.autocast(x.device.type, dtype=x.dtype):
-            return fn(x, *rest)
-    run.__name__ = fn.__name__
-    return run
+def _add_layernorm_amp(x, residual, weight, bias):
+    """Inside torch.autocast in x's dtype (a Linear's output's): (y, y in x's dtype)."""
+    with torch.autocast(x.device.type, dtype=x.dtype):
+        return add_layernorm(x, residual, weight, bias, EPS, copy_in_x_dtype=True)
+
+
+def _add_layernorm_amp_ref(x, residual, weight, bias):
+    with torch.autocast(x.device.type, dtype=x.dtype):
+        y = add_layernorm_ref(x, residual, weight, bias, EPS)
+        return y, y.to(x.dtype)
 
 
 OPS = {
     "add_layernorm": (_add_layernorm, _add_layernorm_ref, (0, 1, 2, 3)),
-    "add_layernorm_amp": (_amp(_add_layernorm), _amp(_add_layernorm_ref), (0, 1, 2, 3)),
+    "add_layernorm_amp": (_add_layernorm_amp, _add_layernorm_amp_ref, (0, 1, 2, 3)),
     "layernorm_gelu": (_layernorm_gelu, _layernorm_gelu_ref, (0, 1, 2)),
     "bias_gelu": (bias_gelu, bias_gelu_ref, (0, 1)),
 }

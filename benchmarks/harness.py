@@ -271,7 +271,7 @@ def peak_mib(call: Callable[[int], object], before: Callable[[int], None], devic
 class Case:
     """One implementation of one op on one shape, dtype and mode.
 
-    fn(*inputs) -> Tensor; make_inputs(k) -> tuple, the k-th seeded input set;
+    fn(*inputs) -> Tensor or tuple of Tensors; make_inputs(k) -> tuple, the k-th seeded input set;
     grad_idx: which inputs require grad (and get gradients in bwd modes).
     work: bytes (unit GB/s) or FLOPs (unit TFLOP/s) for this mode.
     status: "ok" to run, or "unsupported"/"skipped" with `note` (recorded, not run).
@@ -332,14 +332,19 @@ def _prepare(case: Case, cfg: Settings):
     if not case.grad_idx:
         raise ValueError(f"{case.op}: mode {case.mode!r} needs inputs that require grad")
     gen = torch.Generator(device=cfg.device).manual_seed(1234)
-    dys = []
+    dys = []  # one upstream gradient per output (fn may return a tuple of tensors)
     for s in sets:
         shape_of = fn(*s)
-        dys.append(torch.randn(shape_of.shape, dtype=shape_of.dtype, device=shape_of.device, generator=gen))
-    del shape_of
+        outs_of = shape_of if isinstance(shape_of, tuple) else (shape_of,)
+        dys.append(tuple(torch.randn(o.shape, dtype=o.dtype, device=o.device, generator=gen) for o in outs_of))
+    del shape_of, outs_of
+
+    def backward(out, dy):
+        torch.autograd.backward(out if isinstance(out, tuple) else (out,), dy)
+
     if case.mode == "fwd+bwd":
         def call(k):
-            fn(*sets[k]).backward(dys[k])
+            backward(fn(*sets[k]), dys[k])
         return call, before, n_sets
 
     # "bwd": the forward runs untimed in before(k); then the L2 is flushed, so the backward reads
@@ -354,7 +359,7 @@ def _prepare(case: Case, cfg: Settings):
 
     def call(k):
         out, outs[k] = outs[k], None
-        out.backward(dys[k])
+        backward(out, dys[k])
     return call, before_bwd, n_sets
 
 

@@ -101,6 +101,8 @@ struct LayerNormFwdParams {
   DType dtype;            // x
   DType param_dtype;      // weight, bias: dtype or float32
   DType residual_dtype;   // residual and y: dtype, or (add_layernorm under autocast) float32 with half x
+  void* y_copy;           // optional out (rows, cols) dtype: y once more in x's dtype (add_layernorm), or null
+  int64_t stride_y_copy;
   cudaStream_t stream;
 };
 
@@ -134,6 +136,8 @@ struct LayerNormBwdParams {
   DType dtype;            // x, dx
   DType param_dtype;
   DType residual_dtype;   // dy, residual, dh: dtype, or float32 with half x (add_layernorm)
+  const void* dy_copy;    // optional (rows, cols) dtype: the gradient of the forward's y_copy, added to dy
+  int64_t stride_dy_copy;
   cudaStream_t stream;
 };
 

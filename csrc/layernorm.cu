@@ -77,6 +77,8 @@ void check_fwd(const LayerNormFwdParams& p, const char* op, bool residual) {
   FASTBERT_CHECK_ARG(p.dropout_p == 0.0f || p.seed, name + ": seed must not be null when dropout_p > 0");
   FASTBERT_CHECK_ARG(p.stride_x >= p.cols && p.stride_y >= p.cols && (!residual || p.stride_r >= p.cols),
                      name + ": row strides must be >= cols");
+  FASTBERT_CHECK_ARG(!p.y_copy || (residual && p.stride_y_copy >= p.cols),
+                     name + (residual ? ": stride_y_copy must be >= cols" : ": has no y_copy"));
 }
 
 void check_bwd(const LayerNormBwdParams& p, const char* op, bool residual) {
@@ -96,6 +98,8 @@ void check_bwd(const LayerNormBwdParams& p, const char* op, bool residual) {
   FASTBERT_CHECK_ARG(p.stride_dy >= p.cols && p.stride_x >= p.cols && p.stride_dh >= p.cols &&
                          (!residual || p.stride_r >= p.cols) && (!write_dx || p.stride_dx >= p.cols),
                      name + ": row strides must be >= cols");
+  FASTBERT_CHECK_ARG(!p.dy_copy || (residual && p.stride_dy_copy >= p.cols),
+                     name + (residual ? ": stride_dy_copy must be >= cols" : ": has no dy_copy"));
 }
 
 void zero_param_grads(const LayerNormBwdParams& p) {  // no rows: dweight = dbias = 0

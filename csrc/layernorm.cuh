@@ -151,6 +151,8 @@ __device__ __forceinline__ void fwd_row(const LayerNormFwdParams& p) {
   const float rstd = 1.0f / sqrtf(var + p.eps);
 
   R* y = static_cast<R*>(p.y) + row * p.stride_y;
+  // add_layernorm under autocast: y once more in x's dtype, for the next Linear.
+  T* y_copy = p.y_copy ? static_cast<T*>(p.y_copy) + row * p.stride_y_copy : nullptr;
 #pragma unroll
   for (int k = 0; k < NV; ++k) {
     const int64_t col = static_cast<int64_t>(t + k * TPR) * VEC;
@@ -164,6 +166,7 @@ __device__ __forceinline__ void fwd_row(const LayerNormFwdParams& p) {
         h[k][i] = GELU ? gelu_erf(z) : z;
       }
       store_chunk<VECTOR, R, VEC>(y, col, n, h[k]);
+      if (y_copy) store_chunk<VECTOR, T, VEC>(y_copy, col, n, h[k]);
     }
   }
   if (t == 0) {
@@ -222,6 +225,7 @@ __device__ __forceinline__ void bwd_rows(const LayerNormBwdParams& p) {
        row += static_cast<int64_t>(gridDim.x) * kRowsPerBlock) {
     const T* x = static_cast<const T*>(p.x) + row * p.stride_x;
     const R* dy = static_cast<const R*>(p.dy) + row * p.stride_dy;
+    const T* dy_copy = p.dy_copy ? static_cast<const T*>(p.dy_copy) + row * p.stride_dy_copy : nullptr;
     const float mean = p.mean[row];
     const float rstd = p.rstd[row];
     float xhat[NV][VEC], g[NV][VEC];
@@ -237,6 +241,12 @@ __device__ __forceinline__ void bwd_rows(const LayerNormBwdParams& p) {
       if (col < n) {
         load_chunk<VECTOR, T, VEC>(x, col, n, xhat[k]);
         load_chunk<VECTOR, R, VEC>(dy, col, n, g[k]);
+        if (dy_copy) {  // the copy's gradient joins y's
+          float gc[VEC];
+          load_chunk<VECTOR, T, VEC>(dy_copy, col, n, gc);
+#pragma unroll
+          for (int i = 0; i < VEC; ++i) g[k][i] += gc[i];
+        }
         if constexpr (!GELU) {
           float rv[VEC];
           load_chunk<VECTOR, R, VEC>(static_cast<const R*>(p.residual) + row * p.stride_r, col, n, rv);
@@ -389,7 +399,8 @@ template <typename T, bool GELU>
 bool fwd_vector_ok(const LayerNormFwdParams& p) {
   constexpr int V = Vec16<T>::kSize;
   return p.cols % V == 0 && aligned16(p.x) && aligned16(p.y) && aligned16(p.weight) && aligned16(p.bias) &&
-         p.stride_x % V == 0 && p.stride_y % V == 0 && (GELU || (aligned16(p.residual) && p.stride_r % V == 0));
+         p.stride_x % V == 0 && p.stride_y % V == 0 && (GELU || (aligned16(p.residual) && p.stride_r % V == 0)) &&
+         (!p.y_copy || (aligned16(p.y_copy) && p.stride_y_copy % V == 0));
 }
 
 template <typename T, typename R, bool GELU>
@@ -399,7 +410,8 @@ bool bwd_vector_ok(const LayerNormBwdParams& p) {
   return p.cols % V == 0 && aligned16(p.dy) && aligned16(p.x) && aligned16(p.dh) && aligned16(p.weight) &&
          p.stride_dy % V == 0 && p.stride_x % V == 0 && p.stride_dh % V == 0 &&
          (GELU || (aligned16(p.residual) && p.stride_r % V == 0)) && (!GELU || aligned16(p.bias)) &&
-         (!write_dx || (aligned16(p.dx) && p.stride_dx % V == 0));
+         (!write_dx || (aligned16(p.dx) && p.stride_dx % V == 0)) &&
+         (!p.dy_copy || (aligned16(p.dy_copy) && p.stride_dy_copy % V == 0));
 }
 
 // The smallest configuration whose row capacity (TPR * NV chunks) covers the row.

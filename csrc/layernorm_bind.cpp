@@ -19,8 +19,11 @@ namespace {
 LayerNormFwdParams fwd_params(uintptr_t x, uintptr_t residual, uintptr_t weight, uintptr_t bias, uintptr_t seed,
                               uintptr_t y, uintptr_t mean, uintptr_t rstd, int64_t rows, int64_t cols,
                               int64_t stride_x, int64_t stride_r, int64_t stride_y, double eps, double dropout_p,
-                              int dtype, int param_dtype, uintptr_t stream, int residual_dtype = -1) {
+                              int dtype, int param_dtype, uintptr_t stream, int residual_dtype = -1,
+                              uintptr_t y_copy = 0, int64_t stride_y_copy = 0) {
   LayerNormFwdParams p{};
+  p.y_copy = as_ptr<void>(y_copy);
+  p.stride_y_copy = stride_y_copy;
   p.x = as_ptr<const void>(x);
   p.residual = as_ptr<const void>(residual);
   p.weight = as_ptr<const void>(weight);
@@ -49,8 +52,11 @@ LayerNormBwdParams bwd_params(uintptr_t dy, uintptr_t x, uintptr_t residual, uin
                               uintptr_t partial, uintptr_t dweight, uintptr_t dbias, int64_t rows, int64_t cols,
                               int64_t stride_dy, int64_t stride_x, int64_t stride_r, int64_t stride_dh,
                               int64_t stride_dx, int64_t max_partials, double dropout_p, int dtype, int param_dtype,
-                              uintptr_t stream, int residual_dtype = -1) {
+                              uintptr_t stream, int residual_dtype = -1, uintptr_t dy_copy = 0,
+                              int64_t stride_dy_copy = 0) {
   LayerNormBwdParams p{};
+  p.dy_copy = as_ptr<const void>(dy_copy);
+  p.stride_dy_copy = stride_dy_copy;
   p.dy = as_ptr<const void>(dy);
   p.x = as_ptr<const void>(x);
   p.residual = as_ptr<const void>(residual);
@@ -94,17 +100,18 @@ void bind_layernorm(pybind11::module_& m) {
       [](uintptr_t x, uintptr_t residual, uintptr_t weight, uintptr_t bias, uintptr_t seed, uintptr_t y,
          uintptr_t mean, uintptr_t rstd, int64_t rows, int64_t cols, int64_t stride_x, int64_t stride_r,
          int64_t stride_y, double eps, double dropout_p, int dtype, int param_dtype, uintptr_t stream,
-         int residual_dtype) {
+         int residual_dtype, uintptr_t y_copy, int64_t stride_y_copy) {
         fastbert::add_layernorm_fwd(fwd_params(x, residual, weight, bias, seed, y, mean, rstd, rows, cols, stride_x,
                                                stride_r, stride_y, eps, dropout_p, dtype, param_dtype, stream,
-                                               residual_dtype));
+                                               residual_dtype, y_copy, stride_y_copy));
       },
       "y = LayerNorm(dropout(x) + residual) over rows of `cols`; writes y (rows, cols) and fp32 mean, rstd (rows,).\n"
       "x: dtype; residual, y: residual_dtype (-1: dtype; float32 with float16/bfloat16 x, autocast's mix);\n"
-      "weight, bias: param_dtype (dtype or float32); seed: (1,) int64, read when dropout_p > 0.",
+      "weight, bias: param_dtype (dtype or float32); seed: (1,) int64, read when dropout_p > 0;\n"
+      "y_copy: optional (0 = none) second output, y in dtype (what the next Linear reads under autocast).",
       "x"_a, "residual"_a, "weight"_a, "bias"_a, "seed"_a, "y"_a, "mean"_a, "rstd"_a, "rows"_a, "cols"_a,
       "stride_x"_a, "stride_r"_a, "stride_y"_a, "eps"_a, "dropout_p"_a, "dtype"_a, "param_dtype"_a, "stream"_a,
-      "residual_dtype"_a = -1, release);
+      "residual_dtype"_a = -1, "y_copy"_a = 0, "stride_y_copy"_a = 0, release);
 
   m.def(
       "layernorm_gelu_fwd",
@@ -123,18 +130,20 @@ void bind_layernorm(pybind11::module_& m) {
          uintptr_t seed, uintptr_t dh, uintptr_t dx, uintptr_t partial, uintptr_t dweight, uintptr_t dbias,
          int64_t rows, int64_t cols, int64_t stride_dy, int64_t stride_x, int64_t stride_r, int64_t stride_dh,
          int64_t stride_dx, int64_t max_partials, double dropout_p, int dtype, int param_dtype, uintptr_t stream,
-         int residual_dtype) {
+         int residual_dtype, uintptr_t dy_copy, int64_t stride_dy_copy) {
         fastbert::add_layernorm_bwd(bwd_params(dy, x, residual, weight, 0, mean, rstd, seed, dh, dx, partial, dweight,
                                                dbias, rows, cols, stride_dy, stride_x, stride_r, stride_dh, stride_dx,
-                                               max_partials, dropout_p, dtype, param_dtype, stream, residual_dtype));
+                                               max_partials, dropout_p, dtype, param_dtype, stream, residual_dtype,
+                                               dy_copy, stride_dy_copy));
       },
       "Gradients of add_layernorm: dh (= dresidual; residual_dtype, as dy) always, dx = dh * keep / (1 - p)\n"
-      "(dtype) only when dropout_p > 0 or residual_dtype differs from dtype;\n"
+      "(dtype) only when dropout_p > 0 or residual_dtype differs from dtype; dy_copy (optional, dtype): the\n"
+      "gradient of the forward's y_copy, added to dy;\n"
       "dweight, dbias (param_dtype) through `partial`, fp32 scratch of (2, max_partials, cols).",
       "dy"_a, "x"_a, "residual"_a, "weight"_a, "mean"_a, "rstd"_a, "seed"_a, "dh"_a, "dx"_a, "partial"_a,
       "dweight"_a, "dbias"_a, "rows"_a, "cols"_a, "stride_dy"_a, "stride_x"_a, "stride_r"_a, "stride_dh"_a,
       "stride_dx"_a, "max_partials"_a, "dropout_p"_a, "dtype"_a, "param_dtype"_a, "stream"_a,
-      "residual_dtype"_a = -1, release);
+      "residual_dtype"_a = -1, "dy_copy"_a = 0, "stride_dy_copy"_a = 0, release);
 
   m.def(
       "layernorm_gelu_bwd",

@@ -89,14 +89,19 @@ class BertLayer(nn.Module):
         self.ffn_norm = nn.LayerNorm(config.hidden_size, eps=config.layer_norm_eps)
         self.dropout_p = config.hidden_dropout_prob
 
-    def forward(self, hidden, mask):
+    def forward(self, hidden, hidden_in, mask):
+        """hidden: the residual stream; hidden_in: the same values as the sublayers' GEMMs read
+        them (under autocast, in its dtype). Returns both for the next layer."""
         p = self.dropout_p if self.training else 0.0
-        # Post-LN: hidden = LayerNorm(dropout(sublayer(hidden)) + hidden), twice.
-        hidden = ops.add_layernorm(self.attention(hidden, mask), hidden,
-                                   self.attention_norm.weight, self.attention_norm.bias, self.attention_norm.eps, p)
-        hidden = ops.add_layernorm(self.ffn(hidden), hidden,
-                                   self.ffn_norm.weight, self.ffn_norm.bias, self.ffn_norm.eps, p)
-        return hidden
+        # Post-LN: hidden = LayerNorm(dropout(sublayer(hidden)) + hidden), twice. Under autocast
+        # the stream stays float32 and each add_layernorm also writes the copy the next GEMM
+        # reads, in the sublayer's dtype, so autocast has nothing left to cast.
+        hidden, hidden_in = ops.add_layernorm(self.attention(hidden_in, mask), hidden, self.attention_norm.weight,
+                                              self.attention_norm.bias, self.attention_norm.eps, p,
+                                              copy_in_x_dtype=True)
+        hidden, hidden_in = ops.add_layernorm(self.ffn(hidden_in), hidden, self.ffn_norm.weight,
+                                              self.ffn_norm.bias, self.ffn_norm.eps, p, copy_in_x_dtype=True)
+        return hidden, hidden_in
 
 
 @dataclasses.dataclass
@@ -139,8 +144,9 @@ class BertModel(nn.Module):
         scope = ops.use_backend(self.backend) if self.backend else contextlib.nullcontext()
         with scope:
             hidden = self.embeddings(input_ids, token_type_ids)
+            hidden_in = hidden
             for layer in self.layers:
-                hidden = layer(hidden, mask)
+                hidden, hidden_in = layer(hidden, hidden_in, mask)
             pooled = torch.tanh(self.pooler(hidden[:, 0])) if self.pooler is not None else None
         return BertOutput(last_hidden_state=hidden, pooler_output=pooled)
 

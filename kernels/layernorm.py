@@ -26,7 +26,9 @@ Mixed precision (add_layernorm): under autocast x is a Linear's fp16/bf16 output
 residual stream is fp32. The kernels take that mix as it is: x is read in its own dtype,
 y, dh (= dresidual) take the residual's, dx is written separately in x's dtype. That
 saves the two passes a promotion would cost (x to fp32 before, dx back after) and gives
-bitwise the same numbers, since the math is fp32 either way.
+bitwise the same numbers, since the math is fp32 either way. With `copy`, the forward also
+writes y in x's dtype (what the next Linear reads under autocast: its cast pass saved) and
+the backward adds that copy's gradient (x's dtype) to dy as it loads them.
 
 dw/db are reductions across rows. The backward runs a fixed number of programs (a few
 per SM); each loops over a strided set of row tiles, accumulates dw/db partial rows in
@@ -114,18 +116,21 @@ def _add_layernorm_fwd_kernel(
     W,                      # (N,) LayerNorm weight
     B,                      # (N,) LayerNorm bias
     Y,                      # (M, N) out: LayerNorm(dropout(x) + r), the residual's dtype
+    YCopy,                  # (M, N) out: y in x's dtype (written only when HAS_COPY)
     Mean,                   # (M,) fp32 out: row means of h
     Rstd,                   # (M,) fp32 out: 1 / sqrt(var + eps) of h
     Seed,                   # (1,) int64 Philox seed (read only when HAS_DROPOUT)
     stride_xm,              # row stride of X (elements)
     stride_rm,              # row stride of R
     stride_ym,              # row stride of Y
+    stride_cm,              # row stride of YCopy
     M,                      # rows
     N,                      # features
     eps,                    # LayerNorm epsilon
     dropout_p,              # drop probability
     dropout_scale,          # 1 / (1 - dropout_p)
     HAS_DROPOUT: tl.constexpr,  # dropout_p > 0
+    HAS_COPY: tl.constexpr,     # write YCopy
     BLOCK_M: tl.constexpr,      # rows per program
     BLOCK_N: tl.constexpr,      # next power of two >= N
 ):
@@ -150,43 +155,48 @@ def _add_layernorm_fwd_kernel(
     b = tl.load(B + cols, mask=col_mask, other=0.0).to(tl.float32)
     y = centered * rstd[:, None] * w[None, :] + b[None, :]
     tl.store(Y + rows64[:, None] * stride_ym + cols[None, :], y.to(Y.dtype.element_ty), mask=mask)
+    if HAS_COPY:
+        tl.store(YCopy + rows64[:, None] * stride_cm + cols[None, :], y.to(YCopy.dtype.element_ty), mask=mask)
     tl.store(Mean + rows, mean, mask=row_mask)
     tl.store(Rstd + rows, rstd, mask=row_mask)
 
 
-def add_layernorm_fwd(x, residual, weight, bias, eps, dropout_p=0.0, seed=None, *, wrap=_direct):
+def add_layernorm_fwd(x, residual, weight, bias, eps, dropout_p=0.0, seed=None, copy=False, *, wrap=_direct):
     """y = LayerNorm(dropout(x) + residual) over the last dimension.
 
     x, residual: (..., N), fp32/fp16/bf16, the same dtype or (autocast's mix) fp16/bf16 x
     with an fp32 residual; last dimension contiguous (made contiguous otherwise), N <= 4096;
     weight, bias: (N,) x's dtype or fp32; seed: (1,) int64 tensor on x's device, required
-    when dropout_p > 0. Returns (y, mean, rstd): y with x's shape and the residual's dtype,
-    mean and rstd (M,) fp32 where M = x.numel() // N. `wrap` is torch.library.wrap_triton
-    inside the custom op.
+    when dropout_p > 0. Returns (y, y_copy, mean, rstd): y with x's shape and the residual's
+    dtype; y_copy, with `copy`, y in x's dtype (else an empty (0,) tensor); mean and rstd
+    (M,) fp32 where M = x.numel() // N. `wrap` is torch.library.wrap_triton inside the
+    custom op.
     """
     x, residual = x.contiguous(), residual.contiguous()
     n = x.shape[-1]
     x2, r2 = x.view(-1, n), residual.view(-1, n)        # (M, N)
     m = x2.shape[0]
     y = _empty(x.shape, residual.dtype, x.device)
+    y_copy = _empty(x.shape if copy else (0,), x.dtype, x.device)
     mean = _empty((m,), torch.float32, x.device)
     rstd = _empty((m,), torch.float32, x.device)
     if m == 0:
-        return y, mean, rstd
+        return y, y_copy, mean, rstd
     y2 = y.view(-1, n)                                   # (M, N)
+    c2 = y_copy.view(-1, n) if copy else y2              # (M, N); never written without copy
     block_m, block_n, num_warps = _row_tile(m, n, x.device, _FWD_TILE)
     has_dropout = dropout_p > 0.0
     wrap(_add_layernorm_fwd_kernel)[(_cdiv(m, block_m),)](
-        x2, r2, weight, bias, y2, mean, rstd,
+        x2, r2, weight, bias, y2, c2, mean, rstd,
         seed if has_dropout else mean,                   # never read without dropout
-        x2.stride(0), r2.stride(0), y2.stride(0),
+        x2.stride(0), r2.stride(0), y2.stride(0), c2.stride(0),
         m, n,
         eps, dropout_p, 1.0 / (1.0 - dropout_p),
-        HAS_DROPOUT=has_dropout,
+        HAS_DROPOUT=has_dropout, HAS_COPY=bool(copy),
         BLOCK_M=block_m, BLOCK_N=block_n,
         num_warps=num_warps,
     )
-    return y, mean, rstd
+    return y, y_copy, mean, rstd
 
 
 # ----------------------------------------------------------------------------- add_layernorm backward
@@ -194,6 +204,7 @@ def add_layernorm_fwd(x, residual, weight, bias, eps, dropout_p=0.0, seed=None, 
 @triton.jit
 def _add_layernorm_bwd_kernel(
     DY,                     # (M, N) upstream gradient, the residual's dtype
+    DYCopy,                 # (M, N) gradient of the forward's y copy, x's dtype (read only when HAS_DY_COPY)
     X,                      # (M, N) forward input (h is recomputed)
     R,                      # (M, N) forward residual (x's dtype, or fp32 with fp16/bf16 x)
     W,                      # (N,) LayerNorm weight
@@ -205,6 +216,7 @@ def _add_layernorm_bwd_kernel(
     DWPartial,              # (programs, N) fp32 out: per-program sums of dy * xhat
     DBPartial,              # (programs, N) fp32 out: per-program sums of dy
     stride_dym,             # row stride of DY
+    stride_dcm,             # row stride of DYCopy
     stride_xm,              # row stride of X
     stride_rm,              # row stride of R
     stride_dhm,             # row stride of DH
@@ -215,6 +227,7 @@ def _add_layernorm_bwd_kernel(
     dropout_scale,          # 1 / (1 - dropout_p)
     HAS_DROPOUT: tl.constexpr,  # dropout_p > 0
     WRITE_DX: tl.constexpr,     # dx differs from dh (dropout) or has another dtype (mixed)
+    HAS_DY_COPY: tl.constexpr,  # add DYCopy to dy
     BLOCK_M: tl.constexpr,      # rows per tile
     BLOCK_N: tl.constexpr,      # next power of two >= N
 ):
@@ -236,6 +249,8 @@ def _add_layernorm_bwd_kernel(
         x = tl.load(X + rows64[:, None] * stride_xm + cols[None, :], mask=mask, other=0.0).to(tl.float32)
         r = tl.load(R + rows64[:, None] * stride_rm + cols[None, :], mask=mask, other=0.0).to(tl.float32)
         dy = tl.load(DY + rows64[:, None] * stride_dym + cols[None, :], mask=mask, other=0.0).to(tl.float32)
+        if HAS_DY_COPY:
+            dy += tl.load(DYCopy + rows64[:, None] * stride_dcm + cols[None, :], mask=mask, other=0.0).to(tl.float32)
         mean = tl.load(Mean + rows, mask=row_mask, other=0.0)
         rstd = tl.load(Rstd + rows, mask=row_mask, other=0.0)
         if HAS_DROPOUT:
@@ -259,10 +274,12 @@ def _add_layernorm_bwd_kernel(
     tl.store(DBPartial + pid * N + cols, db, mask=col_mask)
 
 
-def add_layernorm_bwd(dy, x, residual, weight, mean, rstd, dropout_p=0.0, seed=None, *, wrap=_direct):
+def add_layernorm_bwd(dy, x, residual, weight, mean, rstd, dropout_p=0.0, seed=None, dy_copy=None, *,
+                      wrap=_direct):
     """Gradients of add_layernorm from the saved mean/rstd (and seed).
 
     dy, x, residual: (..., N), the forward's x and residual, dy in the residual's dtype;
+    dy_copy: None, or the gradient of the forward's y copy (x's dtype), added to dy;
     weight: (N,); mean, rstd: (M,) fp32. Returns (dx, dresidual, dweight, dbias): dx in x's
     dtype, dresidual in the residual's. Without dropout and with one dtype dx equals
     dresidual and is not written twice: dx is then an empty tensor (0 elements) and the
@@ -271,6 +288,7 @@ def add_layernorm_bwd(dy, x, residual, weight, mean, rstd, dropout_p=0.0, seed=N
     dy, x, residual = dy.contiguous(), x.contiguous(), residual.contiguous()
     n = x.shape[-1]
     dy2, x2, r2 = dy.view(-1, n), x.view(-1, n), residual.view(-1, n)   # (M, N)
+    dc2 = dy_copy.contiguous().view(-1, n) if dy_copy is not None else dy2
     m = x2.shape[0]
     has_dropout = dropout_p > 0.0
     write_dx = has_dropout or x.dtype != residual.dtype
@@ -285,13 +303,13 @@ def add_layernorm_bwd(dy, x, residual, weight, mean, rstd, dropout_p=0.0, seed=N
     dw_partial = _empty((programs, n), torch.float32, x.device)
     db_partial = _empty((programs, n), torch.float32, x.device)
     wrap(_add_layernorm_bwd_kernel)[(programs,)](
-        dy2, x2, r2, weight, mean, rstd,
+        dy2, dc2, x2, r2, weight, mean, rstd,
         seed if has_dropout else mean,                   # never read without dropout
         dh2, dx2, dw_partial, db_partial,
-        dy2.stride(0), x2.stride(0), r2.stride(0), dh2.stride(0), dx2.stride(0),
+        dy2.stride(0), dc2.stride(0), x2.stride(0), r2.stride(0), dh2.stride(0), dx2.stride(0),
         m, n,
         dropout_p, 1.0 / (1.0 - dropout_p),
-        HAS_DROPOUT=has_dropout, WRITE_DX=write_dx,
+        HAS_DROPOUT=has_dropout, WRITE_DX=write_dx, HAS_DY_COPY=dy_copy is not None,
         BLOCK_M=block_m, BLOCK_N=block_n,
         num_warps=num_warps,
     )

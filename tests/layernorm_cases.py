@@ -93,12 +93,16 @@ def check_compiled_block(backend):
     assert all(torch.isfinite(gr).all() for gr in grads_drop)
 
 
-def check_autocast_mix(backend, device, shape, dtype, dropout_p=0.0, keep_mask=None):
+def check_autocast_mix(backend, device, shape, dtype, dropout_p=0.0, keep_mask=None, copy=False):
     """add_layernorm under autocast as a BERT layer meets it: x a Linear's `dtype` output,
     the residual stream, weight and bias float32. The kernel backends take the mix as it is;
     the result must be the promoted computation's: y and dresidual float32, dx in x's dtype,
     each within the house rule of the float64 reference, the baseline being the "torch"
     backend under the same autocast (which promotes x first).
+
+    copy: also ask for y in x's dtype (copy_in_x_dtype=True), as the next Linear reads it:
+    it must equal y.to(dtype) bit for bit, and its gradient (a second, `dtype` upstream
+    gradient) must reach x, residual, weight and bias as if added to y's.
 
     keep_mask(shape, seed) -> bool: the backend's dropout mask for the seed its Function
     draws first (torch.manual_seed(5)), so the reference can apply the same one.
@@ -106,6 +110,7 @@ def check_autocast_mix(backend, device, shape, dtype, dropout_p=0.0, keep_mask=N
     from fastbert.ops.layernorm import _draw_seed
     (x, r, w, b), dy = layernorm_inputs(shape, torch.float32, device, seed=7)
     x = x.to(dtype)
+    dy_copy = (0.5 * torch.randn(shape, generator=torch.Generator().manual_seed(11))).to(dtype).to(device)
     keep = None
     if dropout_p > 0.0:
         torch.manual_seed(5)
@@ -115,23 +120,42 @@ def check_autocast_mix(backend, device, shape, dtype, dropout_p=0.0, keep_mask=N
     def ours(x, r, w, b):
         torch.manual_seed(5)  # the Function's first draw is its dropout seed
         with torch.autocast(device.type, dtype=dtype):
-            return add_layernorm(x, r, w, b, 1e-5, dropout_p)
+            return add_layernorm(x, r, w, b, 1e-5, dropout_p, copy_in_x_dtype=copy)
 
     def ref(x, r, w, b):
         mask = None if keep is None else keep.to(x.dtype)
         return add_layernorm_ref(x, r, w, b, 1e-5, dropout_p, dropout_mask=mask)
 
+    def run(fn, tensors, cast=None):
+        """(y, y's copy or None, gradients) of fn, y's gradient dy (+ dy_copy through the copy)."""
+        leaves = [(t if cast is None else t.to(cast)).detach().requires_grad_(True) for t in tensors]
+        out = fn(*leaves)
+        y, y_copy = out if isinstance(out, tuple) else (out, None)
+        if y_copy is not None:
+            grads = torch.autograd.grad((y, y_copy), leaves, (dy.to(y.dtype), dy_copy))
+        elif copy:  # the float64 reference: the copy is y itself
+            grads = torch.autograd.grad(y, leaves, dy.to(y.dtype) + dy_copy.to(y.dtype))
+        else:
+            grads = torch.autograd.grad(y, leaves, dy.to(y.dtype))
+        return y.detach(), (None if y_copy is None else y_copy.detach()), [g.detach() for g in grads]
+
     tensors = [x, r, w, b]
     with use_backend(backend):
-        out, grads = run_with_grads(ours, tensors, dy)
-    ref_out, ref_grads = run_with_grads(ref, [t.double() for t in tensors], dy)
+        out, out_copy, grads = run(ours, tensors)
+    ref_out, _, ref_grads = run(ref, tensors, torch.float64)
     if keep is None:
         with use_backend("torch"):
-            base_out, base_grads = run_with_grads(ours, tensors, dy)
+            base_out, _, base_grads = run(ours, tensors)
     else:  # the torch backend draws another mask: the promoted reference with this one
-        base_out, base_grads = run_with_grads(lambda x, r, w, b: ref(x.float(), r, w, b), tensors, dy)
+        def base(x, r, w, b):
+            y = ref(x.float(), r, w, b)
+            return (y, y.to(dtype)) if copy else y
+        base_out, _, base_grads = run(base, tensors)
     assert out.dtype == torch.float32 and out.shape == x.shape
     assert_close_to_ref(out, ref_out, base_out, "y")
+    if copy:
+        assert out_copy is not None and out_copy.dtype == dtype
+        assert torch.equal(out_copy, out.to(dtype)), "the copy is not y in x's dtype"
     for name, ours_g, ref_g, base_g, t in zip(["dx", "dresidual", "dweight", "dbias"], grads, ref_grads,
                                               base_grads, tensors):
         assert ours_g.dtype == t.dtype and ours_g.shape == t.shape, name

@@ -124,10 +124,11 @@ def test_add_layernorm_fp32_params_misaligned_and_empty(cuda_device, dtype):
     assert torch.equal(dw, torch.zeros_like(dw)) and torch.equal(db, torch.zeros_like(db))
 
 
+@pytest.mark.parametrize("copy", [False, True])
 @pytest.mark.parametrize("dropout_p", [0.0, P])
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
 @pytest.mark.parametrize("shape", [(3, 5, 768), (9, 1022), (2, 4096), (3, 7)])
-def test_add_layernorm_autocast_mix(cuda_device, shape, dtype, dropout_p, monkeypatch):
+def test_add_layernorm_autocast_mix(cuda_device, shape, dtype, dropout_p, copy, monkeypatch):
     """Half x with the fp32 residual stream, as autocast hands them over: the kernels read
     the mix as it is (16-byte chunks of x, 32-byte chunks of the residual; the scalar path
     for odd widths); y and dresidual fp32, dx in x's dtype."""
@@ -137,7 +138,7 @@ def test_add_layernorm_autocast_mix(cuda_device, shape, dtype, dropout_p, monkey
         monkeypatch.setattr(C, name, lambda *a, real=real, name=name, **kw: seen.append(
             (name, a[0].dtype, a[1].dtype, a[2].dtype)) or real(*a, **kw))
     check_autocast_mix("cuda", cuda_device, shape, dtype, dropout_p,
-                       keep_mask=lambda shape, seed: C.add_layernorm_keep_mask(shape, dropout_p, seed))
+                       keep_mask=lambda shape, seed: C.add_layernorm_keep_mask(shape, dropout_p, seed), copy=copy)
     assert ("add_layernorm_fwd", dtype, torch.float32, torch.float32) in seen, seen
     assert ("add_layernorm_bwd", torch.float32, dtype, torch.float32) in seen, seen
 

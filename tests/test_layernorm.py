@@ -70,9 +70,10 @@ def test_add_layernorm_non_contiguous_and_empty():
     assert torch.equal(dw, torch.zeros_like(dw)) and torch.equal(db, torch.zeros_like(db))
 
 
+@pytest.mark.parametrize("copy", [False, True])
 @pytest.mark.parametrize("dropout_p", [0.0, 0.1])
 @pytest.mark.parametrize("shape", [(3, 5, 768), (13, 1000), (2, 7)])
-def test_add_layernorm_autocast_mix(shape, dropout_p, monkeypatch):
+def test_add_layernorm_autocast_mix(shape, dropout_p, copy, monkeypatch):
     """fp16 x (bf16 on a GPU) with the fp32 residual stream, as autocast hands them over:
     the kernels read the mix as it is (no promotion pass), y/dresidual fp32, dx fp16."""
     dtype = torch.bfloat16 if ON_GPU else torch.float16
@@ -82,8 +83,9 @@ def test_add_layernorm_autocast_mix(shape, dropout_p, monkeypatch):
         monkeypatch.setattr(K, name, lambda *a, real=real, name=name, **kw: seen.append(
             (name, a[0].dtype, a[1].dtype, a[2].dtype)) or real(*a, **kw))
     out, grads = check_autocast_mix("triton", DEVICE, shape, dtype, dropout_p,
-                                    keep_mask=lambda shape, seed: K.add_layernorm_keep_mask(shape, dropout_p, seed))
-    if dropout_p == 0.0 and not ON_GPU:
+                                    keep_mask=lambda shape, seed: K.add_layernorm_keep_mask(shape, dropout_p, seed),
+                                    copy=copy)
+    if dropout_p == 0.0 and not copy and not ON_GPU:
         # The interpreter's fp32 sums do not depend on the input dtype: promoting x first
         # (one more pass each way) must give bitwise the same numbers.
         (x, r, w, b) = [t.detach() for t in _mix_inputs(shape)]

@@ -137,14 +137,24 @@ def test_cuda_backend_under_autocast_matches_torch(cuda_device, dtype, monkeypat
                             "cuda" if _backend.get_backend() == "cuda" else real(device))
     seen = []
     launchers = A._LAUNCHERS["cuda"]
-    for module, name in ((launchers, "attention_fwd"), (launchers, "attention_bwd"), (C, "add_layernorm_fwd"),
-                         (C, "bias_gelu_fwd")):
+    for module, name in ((launchers, "attention_fwd"), (launchers, "attention_bwd"), (C, "bias_gelu_fwd")):
         real = getattr(module, name)
         monkeypatch.setattr(module, name, lambda *a, real=real, name=name, **kw: seen.append(
             (name, a[0].dtype, a[1].dtype, a[1].is_contiguous())) or real(*a, **kw))
+    copies = []  # add_layernorm's `copy` flag in every mixed call: each layer's GEMM input comes from it
+    real_fwd = C.add_layernorm_fwd
+
+    def add_layernorm_fwd(x, residual, *rest):
+        seen.append(("add_layernorm_fwd", x.dtype, residual.dtype, residual.is_contiguous()))
+        if x.dtype != residual.dtype:
+            copies.append(rest[5])  # (weight, bias, eps, dropout_p, seed, copy)
+        return real_fwd(x, residual, *rest)
+
+    monkeypatch.setattr(C, "add_layernorm_fwd", add_layernorm_fwd)
     _check_under_autocast("cuda", cuda_device, dtype)
     # q, k, v: strided views of the fused projection; x: half with the fp32 residual
     assert ("attention_fwd", dtype, dtype, False) in seen, seen
     assert any(call[0] == "attention_bwd" for call in seen), seen
     assert any(call[:3] == ("add_layernorm_fwd", dtype, torch.float32) for call in seen), seen
+    assert copies and all(copies), f"add_layernorm wrote no copy for the next GEMM: {copies}"
     assert any(call[:2] == ("bias_gelu_fwd", dtype) for call in seen), seen

@@ -124,8 +124,9 @@ def launch_all(dtypes, quick=False):
                 KL.add_layernorm_bwd(x, x, r, w, mean, rstd, p, seed if p else None)
                 if dtype != torch.float32:  # autocast's mix: half x, the fp32 residual stream
                     r32 = _t((64, N), torch.float32)
-                    KL.add_layernorm_fwd(x, r32, w, b, 1e-12, p, seed if p else None)
-                    KL.add_layernorm_bwd(r32, x, r32, w, mean, rstd, p, seed if p else None)
+                    for copy in ((False, True) if p == 0.0 else (True,)):  # BertLayer always asks for the copy
+                        KL.add_layernorm_fwd(x, r32, w, b, 1e-12, p, seed if p else None, copy)
+                        KL.add_layernorm_bwd(r32, x, r32, w, mean, rstd, p, seed if p else None, x if copy else None)
             KL.layernorm_gelu_fwd(x, w.to(dtype), b.to(dtype), 1e-12)
             KL.layernorm_gelu_bwd(x, x, w.to(dtype), b.to(dtype), mean, rstd)
             KL.add_layernorm_keep_mask((64, N), 0.1, seed)

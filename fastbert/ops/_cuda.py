@@ -8,8 +8,9 @@ pointer leaves Python. The launchers have the signatures of the Triton launchers
 kernels/ (same outputs, same shapes and dtypes), so the autograd Functions of
 fastbert/ops/<op>.py run either backend unchanged:
 
-    add_layernorm_fwd(x, residual, weight, bias, eps, dropout_p=0.0, seed=None) -> (y, mean, rstd)
-    add_layernorm_bwd(dy, x, residual, weight, mean, rstd, dropout_p=0.0, seed=None)
+    add_layernorm_fwd(x, residual, weight, bias, eps, dropout_p=0.0, seed=None, copy=False)
+        -> (y, y_copy, mean, rstd)
+    add_layernorm_bwd(dy, x, residual, weight, mean, rstd, dropout_p=0.0, seed=None, dy_copy=None)
         -> (dx, dresidual, dweight, dbias)       (dx has 0 elements without dropout)
     layernorm_gelu_fwd(x, weight, bias, eps) -> (y, mean, rstd)
     layernorm_gelu_bwd(dy, x, weight, bias, mean, rstd) -> (dx, dweight, dbias)
@@ -179,13 +180,14 @@ def _check_residual(op, name, t, x, like=None):
         raise ValueError(f"{op}: {name} must be {tuple(x.shape)} {want}, got {tuple(t.shape)} {t.dtype}")
 
 
-def add_layernorm_fwd(x, residual, weight, bias, eps, dropout_p=0.0, seed=None):
+def add_layernorm_fwd(x, residual, weight, bias, eps, dropout_p=0.0, seed=None, copy=False):
     """y = LayerNorm(dropout(x) + residual) over the last dimension (csrc/layernorm.cuh).
 
     x, residual: (..., N) fp32/fp16/bf16, the same dtype or (autocast's mix) fp16/bf16 x
     with an fp32 residual, N <= 4096 (made contiguous); weight, bias: (N,) x's dtype or
-    fp32; seed: (1,) int64 on x's device, needed when dropout_p > 0. Returns (y, mean, rstd):
-    y with x's shape and the residual's dtype, mean and rstd (M,) fp32 where M = x.numel() // N.
+    fp32; seed: (1,) int64 on x's device, needed when dropout_p > 0. Returns (y, y_copy,
+    mean, rstd): y with x's shape and the residual's dtype; y_copy, with `copy`, y in x's
+    dtype (else an empty (0,) tensor); mean and rstd (M,) fp32 where M = x.numel() // N.
     """
     op = "add_layernorm"
     device = check_cuda_tensors(op, x=x, residual=residual, weight=weight, bias=bias,
@@ -201,22 +203,25 @@ def add_layernorm_fwd(x, residual, weight, bias, eps, dropout_p=0.0, seed=None):
             raise ValueError(f"{op}: dropout_p > 0 needs a seed")
         seed = _seed_tensor(op, seed, device)
     y = _empty(x.shape, residual.dtype, x.device)
+    y_copy = _empty(x.shape if copy else (0,), x.dtype, x.device)
     mean = _empty((m,), torch.float32, x.device)
     rstd = _empty((m,), torch.float32, x.device)
     if m == 0:
-        return y, mean, rstd
+        return y, y_copy, mean, rstd
     with on_device(device):
         ext().add_layernorm_fwd(
             ptr(x), ptr(residual), ptr(weight), ptr(bias), ptr(seed) if has_dropout else 0,
             ptr(y), ptr(mean), ptr(rstd), m, n, n, n, n, float(eps), float(dropout_p),
-            DTYPES[x.dtype], param_code, stream(device), DTYPES[residual.dtype])
-    return y, mean, rstd
+            DTYPES[x.dtype], param_code, stream(device), DTYPES[residual.dtype],
+            ptr(y_copy) if copy else 0, n)
+    return y, y_copy, mean, rstd
 
 
-def add_layernorm_bwd(dy, x, residual, weight, mean, rstd, dropout_p=0.0, seed=None):
+def add_layernorm_bwd(dy, x, residual, weight, mean, rstd, dropout_p=0.0, seed=None, dy_copy=None):
     """Gradients of add_layernorm from the saved mean/rstd (and seed).
 
     dy, x, residual: (..., N), the forward's x and residual, dy in the residual's dtype;
+    dy_copy: None, or the gradient of the forward's y copy (x's dtype), added to dy;
     weight: (N,); mean, rstd: (M,) fp32. Returns (dx, dresidual, dweight, dbias): dx in x's
     dtype, dresidual in the residual's. Without dropout and with one dtype dx equals
     dresidual and is not written twice: dx is then an empty tensor (0 elements), as in the
@@ -227,6 +232,10 @@ def add_layernorm_bwd(dy, x, residual, weight, mean, rstd, dropout_p=0.0, seed=N
                                 seed=seed if isinstance(seed, torch.Tensor) else None)
     _check_residual(op, "residual", residual, x)
     _check_residual(op, "dy", dy, x, like=residual)
+    if dy_copy is not None:
+        check_cuda_tensors(op, dy_copy=dy_copy, x=x)
+        _check_residual(op, "dy_copy", dy_copy, x, like=x)
+        dy_copy = dy_copy.contiguous()
     x, x2 = _rows(op, x, LAYERNORM_MAX_HIDDEN)
     dy, residual = dy.contiguous(), residual.contiguous()
     (weight,), param_code = _params(op, x, ("weight", weight))
@@ -249,7 +258,7 @@ def add_layernorm_bwd(dy, x, residual, weight, mean, rstd, dropout_p=0.0, seed=N
             ptr(dy), ptr(x), ptr(residual), ptr(weight), ptr(mean), ptr(rstd),
             ptr(seed) if has_dropout else 0, ptr(dh), ptr(dx) if write_dx else 0, ptr(partial),
             ptr(dweight), ptr(dbias), m, n, n, n, n, n, n, partials, float(dropout_p),
-            DTYPES[x.dtype], param_code, stream(device), DTYPES[residual.dtype])
+            DTYPES[x.dtype], param_code, stream(device), DTYPES[residual.dtype], ptr(dy_copy), n)
     return dx, dh, dweight, dbias
 
 

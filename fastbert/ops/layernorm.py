@@ -120,26 +120,34 @@ def _draw_seed(device):
 # ----------------------------------------------------------------------------- autograd Functions
 
 class AddLayerNormFunction(torch.autograd.Function):
-    """add_layernorm on a kernel backend: saves x, residual, weight, mean, rstd and the seed."""
+    """add_layernorm on a kernel backend: saves x, residual, weight, mean, rstd and the seed.
+
+    With `copy` it returns (y, y in x's dtype), written in one pass; the backward adds the
+    copy's gradient to y's inside the kernel."""
 
     @staticmethod
-    def forward(ctx, x, residual, weight, bias, eps, dropout_p, backend):
+    def forward(ctx, x, residual, weight, bias, eps, dropout_p, backend, copy):
         launchers = _launchers(backend)
         seed = _draw_seed(x.device) if dropout_p > 0.0 else None
-        y, mean, rstd = launchers.add_layernorm_fwd(x, residual, weight, bias, eps, dropout_p, seed)
+        y, y_copy, mean, rstd = launchers.add_layernorm_fwd(x, residual, weight, bias, eps, dropout_p, seed, copy)
         ctx.save_for_backward(x, residual, weight, mean, rstd, seed)
         ctx.dropout_p, ctx.backend = dropout_p, backend
         ctx.one_grad = dropout_p == 0.0 and x.dtype == residual.dtype
-        return y
+        ctx.set_materialize_grads(False)  # an unused output's gradient stays None, not zeros to read
+        return (y, y_copy) if copy else y
 
     @staticmethod
-    def backward(ctx, dy):
+    def backward(ctx, dy, dy_copy=None):
         x, residual, weight, mean, rstd, seed = ctx.saved_tensors
+        if dy is None and dy_copy is None:
+            return (None,) * 8
+        if dy is None:
+            dy = torch.zeros(residual.shape, dtype=residual.dtype, device=residual.device)
         dx, dresidual, dweight, dbias = _launchers(ctx.backend).add_layernorm_bwd(
-            dy, x, residual, weight, mean, rstd, ctx.dropout_p, seed)
+            dy, x, residual, weight, mean, rstd, ctx.dropout_p, seed, dy_copy)
         if ctx.one_grad:
             dx = dresidual  # without dropout dL/dx == dL/dresidual; the kernel wrote it once
-        return dx, dresidual, dweight, dbias, None, None, None
+        return dx, dresidual, dweight, dbias, None, None, None, None
 
 
 class LayerNormGeluFunction(torch.autograd.Function):
@@ -169,15 +177,16 @@ if _triton_layernorm is not None:
 
     @triton_op("fastbert::add_layernorm_fwd", mutates_args=())
     def _add_layernorm_fwd_op(x: Tensor, residual: Tensor, weight: Tensor, bias: Tensor, eps: float,
-                              dropout_p: float, seed: Optional[Tensor]) -> tuple[Tensor, Tensor, Tensor]:
-        return _triton_layernorm.add_layernorm_fwd(x, residual, weight, bias, eps, dropout_p, seed,
+                              dropout_p: float, seed: Optional[Tensor],
+                              copy: bool) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+        return _triton_layernorm.add_layernorm_fwd(x, residual, weight, bias, eps, dropout_p, seed, copy,
                                                    wrap=wrap_triton)
 
     @triton_op("fastbert::add_layernorm_bwd", mutates_args=())
     def _add_layernorm_bwd_op(dy: Tensor, x: Tensor, residual: Tensor, weight: Tensor, mean: Tensor,
-                              rstd: Tensor, dropout_p: float,
-                              seed: Optional[Tensor]) -> tuple[Tensor, Tensor, Tensor, Tensor]:
-        return _triton_layernorm.add_layernorm_bwd(dy, x, residual, weight, mean, rstd, dropout_p, seed,
+                              rstd: Tensor, dropout_p: float, seed: Optional[Tensor],
+                              dy_copy: Optional[Tensor]) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+        return _triton_layernorm.add_layernorm_bwd(dy, x, residual, weight, mean, rstd, dropout_p, seed, dy_copy,
                                                    wrap=wrap_triton)
 
     @triton_op("fastbert::layernorm_gelu_fwd", mutates_args=())
@@ -216,27 +225,27 @@ class _TritonCustomOps:
 
 @torch.library.custom_op("fastbert::add_layernorm_fwd_cuda", mutates_args=())
 def _add_layernorm_fwd_cuda(x: torch.Tensor, residual: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor,
-                            eps: float, dropout_p: float,
-                            seed: Optional[torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    return _cuda.add_layernorm_fwd(x, residual, weight, bias, eps, dropout_p, seed)
+                            eps: float, dropout_p: float, seed: Optional[torch.Tensor],
+                            copy: bool) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    return _cuda.add_layernorm_fwd(x, residual, weight, bias, eps, dropout_p, seed, copy)
 
 
 @_add_layernorm_fwd_cuda.register_fake
-def _(x, residual, weight, bias, eps, dropout_p, seed):
+def _(x, residual, weight, bias, eps, dropout_p, seed, copy):
     m = x.numel() // x.shape[-1]
-    return residual.new_empty(x.shape), x.new_empty((m,), dtype=torch.float32), x.new_empty((m,), dtype=torch.float32)
+    return residual.new_empty(x.shape), x.new_empty(x.shape if copy else (0,)), x.new_empty((m,), dtype=torch.float32), x.new_empty((m,), dtype=torch.float32)
 
 
 @torch.library.custom_op("fastbert::add_layernorm_bwd_cuda", mutates_args=())
 def _add_layernorm_bwd_cuda(dy: torch.Tensor, x: torch.Tensor, residual: torch.Tensor, weight: torch.Tensor,
-                            mean: torch.Tensor, rstd: torch.Tensor, dropout_p: float,
-                            seed: Optional[torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor,
-                                                                   torch.Tensor]:
-    return _cuda.add_layernorm_bwd(dy, x, residual, weight, mean, rstd, dropout_p, seed)
+                            mean: torch.Tensor, rstd: torch.Tensor, dropout_p: float, seed: Optional[torch.Tensor],
+                            dy_copy: Optional[torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor,
+                                                                      torch.Tensor]:
+    return _cuda.add_layernorm_bwd(dy, x, residual, weight, mean, rstd, dropout_p, seed, dy_copy)
 
 
 @_add_layernorm_bwd_cuda.register_fake
-def _(dy, x, residual, weight, mean, rstd, dropout_p, seed):
+def _(dy, x, residual, weight, mean, rstd, dropout_p, seed, dy_copy):
     dx = x.new_empty(x.shape if dropout_p > 0.0 or x.dtype != residual.dtype else (0,))
     return dx, residual.new_empty(x.shape), weight.new_empty(weight.shape), weight.new_empty(weight.shape)
 
@@ -307,8 +316,10 @@ def _check_cuda_rows(op, x):
 
 # ----------------------------------------------------------------------------- public functions
 
-def add_layernorm(x, residual, weight, bias, eps, dropout_p=0.0):
-    """LayerNorm(dropout(x) + residual) over the last dimension. Returns x's shape and dtype.
+def add_layernorm(x, residual, weight, bias, eps, dropout_p=0.0, *, copy_in_x_dtype=False):
+    """LayerNorm(dropout(x) + residual) over the last dimension. Returns x's shape and dtype
+    (the promoted dtype under autocast, see below); with copy_in_x_dtype, the pair
+    (y, y.to(x.dtype)).
 
     x, residual: (..., hidden), same dtype; weight, bias: (hidden,), x's dtype or float32.
     The triton backend takes float32/float16/bfloat16 and hidden <= 4096, computes in fp32,
@@ -323,7 +334,13 @@ def add_layernorm(x, residual, weight, bias, eps, dropout_p=0.0):
     The triton and cuda kernels take fp16/bf16 x with an fp32 residual as they are (y and
     dresidual fp32, dx in x's dtype: two passes fewer than promoting, the same numbers);
     the torch backend and other mixes promote. Outside autocast a dtype mix is an error.
+
+    copy_in_x_dtype is for a BERT layer under autocast: y (fp32) is the next residual, while
+    the next Linear reads y in the autocast dtype, which is x's. The kernels write that copy
+    in the same pass (and take its gradient in the same backward) instead of autocast casting
+    y on its own; without a dtype mix the copy is y itself.
     """
+    x_dtype = x.dtype if isinstance(x, torch.Tensor) else None
     mixed = _autocast_mixed(x, residual)
     if mixed and not (x.dtype in _HALF_DTYPES and residual.dtype == torch.float32 and resolve(x.device) != "torch"):
         x, residual = _promote(x, residual)
@@ -333,12 +350,16 @@ def add_layernorm(x, residual, weight, bias, eps, dropout_p=0.0):
         raise ValueError(f"add_layernorm: dropout_p must be in [0, 1), got {dropout_p}")
     backend = resolve(x.device)
     if backend == "torch":
-        return add_layernorm_ref(x, residual, weight, bias, eps, dropout_p)
+        y = add_layernorm_ref(x, residual, weight, bias, eps, dropout_p)
+        return (y, y.to(x_dtype)) if copy_in_x_dtype else y
     if backend == "cuda":
         _check_cuda_rows("add_layernorm", x)
     else:
         _check_kernel_rows("add_layernorm", x)
-    return AddLayerNormFunction.apply(x, residual, weight, bias, float(eps), float(dropout_p), backend)
+    if copy_in_x_dtype and mixed:  # the kernels write both
+        return AddLayerNormFunction.apply(x, residual, weight, bias, float(eps), float(dropout_p), backend, True)
+    y = AddLayerNormFunction.apply(x, residual, weight, bias, float(eps), float(dropout_p), backend, False)
+    return (y, y.to(x_dtype)) if copy_in_x_dtype else y
 
 
 def layernorm_gelu(x, weight, bias, eps):
