@@ -113,6 +113,24 @@ def _check_under_autocast(backend, device, dtype):
         assert ours_err <= 2 * base_err + 1e-3, f"{name}: relative error {ours_err:.3e}, torch backend {base_err:.3e}"
 
 
+A = importlib.import_module("fastbert.ops.attention")  # the package exports a function of that name
+
+
+def _cuda_attention_on(device, monkeypatch):
+    """Without a GPU (the cuda_device fixture's "emu"), route the cuda attention launchers to the
+    CPU emulation of csrc/attention* too (the fixture emulates the other ops). Returns the module."""
+    if device.type == "cpu":
+        from fastbert.ops import _backend
+        from test_cuda_attention import _build_emulator
+        attention_emu = _build_emulator()
+        if attention_emu is None:
+            pytest.skip("g++, the CUDA headers or pybind11 are missing: no CPU emulation of the kernels")
+        monkeypatch.setattr(A, "_cuda_ext", lambda: attention_emu)
+        monkeypatch.setattr(A, "resolve", lambda device, real=A.resolve:
+                            "cuda" if _backend.get_backend() == "cuda" else real(device))
+    return A
+
+
 def test_triton_under_autocast_matches_torch():
     """float16 autocast without a GPU (the interpreter has no bf16); bfloat16 on a GPU, the
     Trainer's default."""
@@ -125,16 +143,7 @@ def test_cuda_backend_under_autocast_matches_torch(cuda_device, dtype, monkeypat
     the strided q/k/v views of the fused projection, add_layernorm on the half/fp32 mix,
     bias_gelu) on the GPU, or without one through the CPU emulation of the same kernels,
     launchers and bindings."""
-    A = importlib.import_module("fastbert.ops.attention")  # the package exports a function of that name
-    if cuda_device.type == "cpu":
-        from fastbert.ops import _backend
-        from test_cuda_attention import _build_emulator
-        attention_emu = _build_emulator()
-        if attention_emu is None:
-            pytest.skip("g++, the CUDA headers or pybind11 are missing: no CPU emulation of the kernels")
-        monkeypatch.setattr(A, "_cuda_ext", lambda: attention_emu)
-        monkeypatch.setattr(A, "resolve", lambda device, real=A.resolve:
-                            "cuda" if _backend.get_backend() == "cuda" else real(device))
+    A = _cuda_attention_on(cuda_device, monkeypatch)
     seen = []
     launchers = A._LAUNCHERS["cuda"]
     for module, name in ((launchers, "attention_fwd"), (launchers, "attention_bwd"), (C, "bias_gelu_fwd")):
@@ -158,3 +167,57 @@ def test_cuda_backend_under_autocast_matches_torch(cuda_device, dtype, monkeypat
     assert any(call[:3] == ("add_layernorm_fwd", dtype, torch.float32) for call in seen), seen
     assert copies and all(copies), f"add_layernorm wrote no copy for the next GEMM: {copies}"
     assert any(call[:2] == ("bias_gelu_fwd", dtype) for call in seen), seen
+
+
+@pytest.mark.parametrize("backend", ["triton", "cuda"])
+def test_compiled_model_under_autocast_matches_eager(backend, cuda_device, monkeypatch):
+    """torch.compile(fullgraph=True) of a fine-tuning step's forward under autocast on a kernel
+    backend: the graph holds the registered ops (attention on strided q/k/v, add_layernorm with
+    its half copy, bias_gelu) with their fake functions, and matches the eager model.
+    On a GPU inductor compiles it (bf16); without one, for the cuda backend only, Dynamo's eager
+    backend runs the captured graph on the CPU through the CUDA emulation (fp16)."""
+    device = cuda_device
+    if device.type == "cpu" and backend == "triton":
+        pytest.skip("Dynamo traces the Triton launchers with fake tensors, which the interpreter cannot "
+                    "run: the triton backend compiles on a GPU")
+    _cuda_attention_on(cuda_device, monkeypatch)
+    if device.type == "cpu":  # the emulation's backend choice, read once while tracing as the real one is
+        import fastbert.ops.gelu as G
+        import fastbert.ops.layernorm as L
+        import fastbert.ops.span as S
+        for module in (A, G, L, S):
+            monkeypatch.setattr(module, "resolve", torch.compiler.assume_constant_result(module.resolve))
+    dtype = torch.bfloat16 if device.type == "cuda" else torch.float16
+    config = fastbert.BertConfig(vocab_size=100, hidden_size=64, num_hidden_layers=2, num_attention_heads=2,
+                                 intermediate_size=128, max_position_embeddings=32,
+                                 hidden_dropout_prob=0.0, attention_probs_dropout_prob=0.0)
+    torch.manual_seed(0)
+    model = heads.BertForSequenceClassification(config, num_labels=2).to(device)
+    ids = torch.randint(1, 100, (3, 21), device=device)
+    mask = torch.ones_like(ids)
+    mask[1, 13:] = 0
+    labels = torch.tensor([0, 1, 1], device=device)
+
+    def run(module, autocast=True, on=backend):
+        model.zero_grad()
+        with fastbert.ops.use_backend(on), torch.autocast(device.type, dtype=dtype, enabled=autocast):
+            out = module(ids, mask, labels=labels)
+        out.loss.backward()
+        return out.logits.detach().float(), {n: p.grad.detach().clone() for n, p in model.named_parameters()}
+
+    torch._dynamo.reset()
+    try:
+        compiled = torch.compile(model, fullgraph=True, backend="inductor" if device.type == "cuda" else "eager")
+        logits, grads = run(compiled)
+    finally:
+        torch._dynamo.reset()
+    eager_logits, eager_grads = run(model)
+    ref_logits, ref_grads = run(model, autocast=False, on="torch")
+    assert_close_to_ref(logits, ref_logits, eager_logits, "logits", floor=1e-3)
+    for name, g in grads.items():
+        if name.endswith("attention.key.bias"):
+            continue  # exactly zero in exact arithmetic
+        ref = ref_grads[name]
+        ours_err = ((g - ref).norm() / ref.norm()).item()
+        eager_err = ((eager_grads[name] - ref).norm() / ref.norm()).item()
+        assert ours_err <= 2 * eager_err + 1e-3, f"{name}: relative error {ours_err:.3e}, eager {eager_err:.3e}"
