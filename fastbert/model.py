@@ -51,18 +51,24 @@ class BertSelfAttention(nn.Module):
         self.out = nn.Linear(config.hidden_size, config.hidden_size)
         self.dropout_p = config.attention_probs_dropout_prob
 
-    def forward(self, hidden, mask):                                 # (B, S, hidden), (B, S) bool or None
-        batch, seqlen, width = hidden.shape
+    def forward(self, hidden, mask, packed=None):
+        """hidden (B, S, hidden) with mask (B, S) bool or None; or packed tokens (T, hidden) with
+        packed = (cu_seqlens, max_seqlen) (BertModel.unpad). Returns hidden's shape."""
+        lead = hidden.shape[:-1]                                     # (B, S) or (T,)
         # One GEMM for q, k and v (their weights stacked, (3 * hidden, hidden)): under autocast
         # `hidden` is cast once instead of three times, and the backward computes dhidden in
         # one GEMM instead of three plus two additions. q, k, v are strided views of its
         # output, which the attention kernels read as they are.
         weight = torch.cat([self.query.weight, self.key.weight, self.value.weight])
         bias = torch.cat([self.query.bias, self.key.bias, self.value.bias])
-        qkv = F.linear(hidden, weight, bias).view(batch, seqlen, 3, self.heads, self.head_dim)
-        q, k, v = qkv.unbind(2)                                      # each (B, S, heads, head_dim)
-        context = ops.attention(q, k, v, mask, dropout_p=self.dropout_p if self.training else 0.0)
-        return self.out(context.reshape(batch, seqlen, width))      # (B, S, hidden)
+        qkv = F.linear(hidden, weight, bias).view(*lead, 3, self.heads, self.head_dim)
+        q, k, v = qkv.unbind(-3)                                     # each (*lead, heads, head_dim)
+        dropout_p = self.dropout_p if self.training else 0.0
+        if packed is None:
+            context = ops.attention(q, k, v, mask, dropout_p=dropout_p)
+        else:
+            context = ops.attention_varlen(q, k, v, *packed, dropout_p=dropout_p)
+        return self.out(context.reshape(*lead, -1))                  # hidden's shape
 
 
 class BertFeedForward(nn.Module):
@@ -89,16 +95,17 @@ class BertLayer(nn.Module):
         self.ffn_norm = nn.LayerNorm(config.hidden_size, eps=config.layer_norm_eps)
         self.dropout_p = config.hidden_dropout_prob
 
-    def forward(self, hidden, hidden_in, mask):
+    def forward(self, hidden, hidden_in, mask, packed=None):
         """hidden: the residual stream; hidden_in: the same values as the sublayers' GEMMs read
-        them (under autocast, in its dtype). Returns both for the next layer."""
+        them (under autocast, in its dtype). Returns both for the next layer. Packed tokens
+        (T, hidden) come with packed = (cu_seqlens, max_seqlen) instead of a mask."""
         p = self.dropout_p if self.training else 0.0
         # Post-LN: hidden = LayerNorm(dropout(sublayer(hidden)) + hidden), twice. Under autocast
         # the stream stays float32 and each add_layernorm also writes the copy the next GEMM
         # reads, in the sublayer's dtype, so autocast has nothing left to cast.
-        hidden, hidden_in = ops.add_layernorm(self.attention(hidden_in, mask), hidden, self.attention_norm.weight,
-                                              self.attention_norm.bias, self.attention_norm.eps, p,
-                                              copy_in_x_dtype=True)
+        norm = self.attention_norm
+        hidden, hidden_in = ops.add_layernorm(self.attention(hidden_in, mask, packed), hidden, norm.weight, norm.bias,
+                                              norm.eps, p, copy_in_x_dtype=True)
         hidden, hidden_in = ops.add_layernorm(self.ffn(hidden_in), hidden, self.ffn_norm.weight,
                                               self.ffn_norm.bias, self.ffn_norm.eps, p, copy_in_x_dtype=True)
         return hidden, hidden_in
@@ -112,12 +119,20 @@ class BertOutput:
 
 class BertModel(nn.Module):
     """The BERT encoder: embeddings, `num_hidden_layers` post-LN layers and the
-    pooler (dense + tanh on the [CLS] vector)."""
+    pooler (dense + tanh on the [CLS] vector).
 
-    def __init__(self, config: BertConfig, backend: str | None = None, add_pooling_layer: bool = True):
+    unpad=True runs the layers on the real tokens only (packed, attention_varlen), as
+    FlashAttention's BERT does: the outputs at real positions are the padded model's, padded
+    positions of last_hidden_state are zeros, and no GEMM or kernel spends time on padding.
+    It costs one host sync per forward (the token count) and is skipped under torch.compile,
+    whose graphs need static shapes."""
+
+    def __init__(self, config: BertConfig, backend: str | None = None, add_pooling_layer: bool = True,
+                 unpad: bool = False):
         super().__init__()
         self.config = config
         self.backend = backend  # None: whatever fastbert.ops is set to (default "auto")
+        self.unpad = unpad
         self.embeddings = BertEmbeddings(config)
         self.layers = nn.ModuleList(BertLayer(config) for _ in range(config.num_hidden_layers))
         # Tagging and QA heads read every token, not [CLS]: like transformers they drop the pooler.
@@ -144,11 +159,28 @@ class BertModel(nn.Module):
         scope = ops.use_backend(self.backend) if self.backend else contextlib.nullcontext()
         with scope:
             hidden = self.embeddings(input_ids, token_type_ids)
-            hidden_in = hidden
-            for layer in self.layers:
-                hidden, hidden_in = layer(hidden, hidden_in, mask)
+            if self.unpad and mask is not None and not torch.compiler.is_compiling():
+                hidden = self._encode_packed(hidden, mask)
+            else:
+                hidden_in = hidden
+                for layer in self.layers:
+                    hidden, hidden_in = layer(hidden, hidden_in, mask)
             pooled = torch.tanh(self.pooler(hidden[:, 0])) if self.pooler is not None else None
         return BertOutput(last_hidden_state=hidden, pooler_output=pooled)
+
+    def _encode_packed(self, hidden, mask):
+        """The layers over the real tokens only: (B, S, hidden) -> packed (T, hidden) -> back to
+        (B, S, hidden) with zeros at padding. Each row's real tokens stay in order and together,
+        which is all attention needs (positions were added by the embeddings)."""
+        batch, seqlen, width = hidden.shape
+        real = mask.reshape(-1).nonzero().squeeze(1)                   # (T,): one host sync
+        cu_seqlens = F.pad(torch.cumsum(mask.sum(1, dtype=torch.int32), 0, dtype=torch.int32), (1, 0))
+        packed = (cu_seqlens, seqlen)                                   # seqlen bounds every length: no sync
+        tokens = hidden.reshape(batch * seqlen, width).index_select(0, real)
+        tokens_in = tokens
+        for layer in self.layers:
+            tokens, tokens_in = layer(tokens, tokens_in, None, packed)
+        return tokens.new_zeros(batch * seqlen, width).index_copy(0, real, tokens).view(batch, seqlen, width)
 
     def _checked_inputs(self, input_ids, attention_mask, token_type_ids):
         device = self.embeddings.word.weight.device
