@@ -19,7 +19,9 @@ Cases (op = "<model>-<head>", shape label, mode):
            infer: forward under torch.no_grad(), model.eval()
            both under bf16 autocast on the GPU, master weights float32 (mixed-precision fine-tuning)
   impls    fb_torch, fb_triton, fb_cuda (fastbert.heads with that backend; cuda only where fastbert._C is
-           built), each also under torch.compile (<impl>_compile); hf_eager, hf_sdpa (transformers'
+           built), each also under torch.compile (<impl>_compile); on real lengths also fb_triton_unpad,
+           fb_cuda_unpad (BertModel.unpad: the layers on packed real tokens, eager only);
+           hf_eager, hf_sdpa (transformers'
            BertFor* with attn_implementation "eager" / "sdpa"), hf_sdpa_compile (torch.compile of hf_sdpa).
            Every implementation of a case gets the same weights (one seeded fastbert model, copied through
            the checkpoint key map) and the same batches. torch.compile is the default (inductor, dynamic=None:
@@ -39,7 +41,8 @@ Each row (JSON, one per case; the harness's row format plus these keys):
   pct_of_ceiling, mfu_pct   MFU: metric / the bf16 8192^3 matmul rate measured in the same run (harness)
   speedup_vs_eager     hf_eager ms / ms, hf_eager measured in the same run on the same case
   speedup_vs_hf_compile   hf_sdpa_compile ms / ms, likewise
-  max_abs_diff         (infer) max |logits - hf_eager's logits| on the first batch: the weights really match
+  max_abs_diff         (infer) max |logits - hf_eager's logits| on the first batch (QA: at real positions):
+                       the weights really match
 Writes DIR/e2e.json, DIR/e2e.md (every row, and the summary) and DIR/e2e.png (speed-up over transformers
 eager and MFU per case).
 
@@ -86,11 +89,11 @@ MODES = ("train", "infer")
 HF_IMPLS = ("hf_eager", "hf_sdpa", "hf_sdpa_compile")
 BASELINE, COMPILE_BASELINE = "hf_eager", "hf_sdpa_compile"
 IMPL_ORDER = ["hf_eager", "hf_sdpa", "hf_sdpa_compile", "fb_torch", "fb_torch_compile", "fb_triton",
-              "fb_triton_compile", "fb_cuda", "fb_cuda_compile"]                     # tables and plots
+              "fb_triton_compile", "fb_triton_unpad", "fb_cuda", "fb_cuda_compile", "fb_cuda_unpad"]  # tables, plots
 # Run order inside a case: the eager implementations first (hf_eager, the baseline, before all), then the
 # compiled ones (each compile costs tens of seconds: a run cut short still has every eager number).
-RUN_ORDER = ["hf_eager", "hf_sdpa", "fb_torch", "fb_triton", "fb_cuda", "hf_sdpa_compile", "fb_triton_compile",
-             "fb_cuda_compile", "fb_torch_compile"]
+RUN_ORDER = ["hf_eager", "hf_sdpa", "fb_torch", "fb_triton", "fb_cuda", "fb_triton_unpad", "fb_cuda_unpad",
+             "hf_sdpa_compile", "fb_triton_compile", "fb_cuda_compile", "fb_torch_compile"]
 # Real-length sets: head, batch size, batches per call, cap on a length (quick mode only)
 REAL = {"sst2": ("cls", 32, 8), "squad": ("qa", 16, 4)}
 REAL_QUICK = {"sst2": ("cls", 4, 2, 32), "squad": ("qa", 2, 2, 32)}
@@ -223,6 +226,7 @@ def build_impl(impl: str, model: str, head: str, device: torch.device) -> torch.
         backend = impl.split("_")[1]
         module = _build_fastbert(model, head, backend, device)
         module.load_state_dict(state)
+        module.bert.unpad = impl.endswith("_unpad")
         return module
     import transformers
 
@@ -333,8 +337,9 @@ def _tier(model: str, head: str, label: str, key_fixed: str) -> int:
     return 4
 
 
-def _impls(device: torch.device, compile_here: bool, key: bool) -> dict:
-    """impl -> (status, note) for one case (key: a tier-1 case)."""
+def _impls(device: torch.device, compile_here: bool, key: bool, real_lengths: bool = False) -> dict:
+    """impl -> (status, note) for one case (key: a tier-1 case; real_lengths: padded batches, where
+    the unpadded encoder runs too)."""
     from fastbert.ops import available_backends
     from fastbert.ops._backend import interpreter_on
 
@@ -357,6 +362,8 @@ def _impls(device: torch.device, compile_here: bool, key: bool) -> dict:
                 out[name + "_compile"] = ("skipped", "torch.compile cannot run Triton kernels through the interpreter")
             else:
                 out[name + "_compile"] = ("ok", "")
+        if real_lengths and backend != "torch":  # the torch backend's varlen loops over sequences
+            out[name + "_unpad"] = ("ok", "")  # also under the interpreter: the quick run's only packed path
     return dict(sorted(out.items(), key=lambda kv: RUN_ORDER.index(kv[0])))
 
 
@@ -390,7 +397,8 @@ def cases(profile: str, cfg: harness.Settings, compile_scope: str = "key") -> li
             tier = _tier(model, head, label, key_fixed)
             compile_here = compile_scope == "all" or (compile_scope == "key" and tier == 1)
             for mode in MODES:
-                for impl, (status, note) in _impls(device, compile_here, tier == 1).items():
+                for impl, (status, note) in _impls(device, compile_here, tier == 1,
+                                                   not label.startswith("B")).items():
                     out.append(E2ECase(model, head, label, lengths, mode, impl, dtype, tier, status, note))
     return out
 
@@ -438,9 +446,14 @@ def _prepare(case: E2ECase, cfg: harness.Settings, keep: list) -> tuple[Callable
             return out
 
     def first_logits():
+        """The first batch's logits; per-token (QA) logits at real positions only (the unpadded
+        encoder leaves padding at zeros, so its logits there are the head's bias alone)."""
         module.eval()
         with torch.no_grad(), torch.autocast(**amp):
-            return logits_of(runner(**{k: batches[0][k] for k in INPUT_KEYS})).float().cpu()
+            logits = logits_of(runner(**{k: batches[0][k] for k in INPUT_KEYS})).float().cpu()
+        if logits.dim() == 3:
+            logits = logits * batches[0]["attention_mask"].cpu()[..., None].to(logits.dtype)
+        return logits
 
     return call, (lambda k: None), {"first_logits": first_logits}
 
@@ -717,7 +730,7 @@ def run(args, device: torch.device, out_dir: Path, started: float, argv: Sequenc
         log(f"time limit: {len(results.skipped_for_time)} e2e case groups not run (listed in the JSON)")
     log(summary_markdown(data))
     must_run = ("fb_torch", "fb_triton", "fb_cuda", "fb_torch_compile", "fb_triton_compile", "fb_cuda_compile",
-                BASELINE)
+                "fb_triton_unpad", "fb_cuda_unpad", BASELINE)
     broken = [r for r in results.rows if r["status"] == "error" and r["impl"] in must_run]
     for r in broken:
         print(f"ERROR {r['op']} {r['impl']} {r['shape']} {r['mode']}: {r['note']}", file=sys.stderr)

@@ -48,6 +48,7 @@ def test_quick_run_writes_rows_table_and_plot(quick_run):
     must_run |= {KEY + (impl,) for impl in ("hf_sdpa_compile", "fb_torch_compile")}
     if "triton" in available_backends(device):
         must_run.add(KEY + ("fb_triton",))
+        must_run |= {(op, shape, "fb_triton_unpad") for op, shape in GROUPS if not shape.startswith("B")}
     broken = [(r["op"], r["shape"], r["mode"], r["impl"], r["note"]) for r in rows
               if (r["op"], r["shape"], r["impl"]) in must_run and r["status"] != "ok"]
     assert not broken, broken
