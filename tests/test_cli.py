@@ -84,3 +84,14 @@ def test_resume_continues_from_checkpoint(tmp_path, capsys):
 def test_finetune_needs_a_task(tmp_path, capsys):
     assert fastbert.cli.main(["finetune", "--train", "x", "--out", str(tmp_path)]) == 2
     assert "give --task" in capsys.readouterr().err
+
+
+def test_demo_runs_end_to_end(tmp_path, capsys):
+    """The README's main job (`fastbert demo`), on 32 training examples: fine-tunes the embedded
+    MiniLM, evaluates on the shipped dev sample, saves, reloads and predicts the demo reviews."""
+    assert fastbert.cli.main(["demo", "--out", str(tmp_path / "demo"), "--max-train-examples", "32"]) == 0
+    summary = json.loads((tmp_path / "demo" / "metrics.json").read_text())
+    assert summary["steps"] == 1 and 0.0 <= summary["final_metrics"]["accuracy"] <= 1.0
+    printed = capsys.readouterr().out
+    assert "predictions of the fine-tuned model" in printed
+    assert sum(line.strip()[:1] in "01" for line in printed.split("predictions")[-1].splitlines()[1:]) == 4
