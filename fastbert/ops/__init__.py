@@ -3,7 +3,7 @@
     attention(q, k, v, mask=None, dropout_p=0.0, softmax_scale=None)
     attention_varlen(q, k, v, cu_seqlens, max_seqlen, dropout_p=0.0, softmax_scale=None)
     bias_gelu(x, bias)
-    add_layernorm(x, residual, weight, bias, eps, dropout_p=0.0)
+    add_layernorm(x, residual, weight, bias, eps, dropout_p=0.0, *, copy_in_x_dtype=False)
     layernorm_gelu(x, weight, bias, eps)
     span_score(start_logits, end_logits, mask=None, max_answer_len=30, topk=1)
 
