@@ -196,13 +196,17 @@ class Trainer:
     # -- the loop ----------------------------------------------------------------
 
     def _forward_backward(self, batch, scale: float) -> tuple[float, int]:
+        tokens = int(batch["attention_mask"].sum())  # on the host still: no device sync
         batch = {k: v.to(self.device, non_blocking=True) for k, v in batch.items() if k in self._model_inputs}
         with torch.autocast(self.device.type, dtype=self.autocast, enabled=self.autocast is not None):
             loss = self.model(**batch).loss
-        if not torch.isfinite(loss):
-            raise FloatingPointError(f"loss became {loss.item()} at step {self.step}: lower --lr or use fp32")
         (self.scaler.scale(loss * scale) if self.scaler else loss * scale).backward()
-        return loss.item(), int(batch["attention_mask"].sum())
+        # One sync a step, after the backward is queued; a bad loss stops the run before the
+        # optimizer step can spread it into the weights.
+        value = loss.item()
+        if not math.isfinite(value):
+            raise FloatingPointError(f"loss became {value} at step {self.step}: lower --lr or use fp32")
+        return value, tokens
 
     def _optimizer_step(self):
         if self.scaler:

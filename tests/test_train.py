@@ -120,3 +120,21 @@ def test_bad_config(tmp_path):
         train.TrainConfig(out=tmp_path, batch_size=0)
     with pytest.raises(ValueError, match="precision must be"):
         train.TrainConfig(out=tmp_path, precision="fp8")
+
+
+def test_non_finite_loss_stops_before_the_optimizer_step(tmp_path, monkeypatch):
+    """A NaN loss raises a clear error at its step, and the weights stay as they were: the check
+    (the step's one host sync) comes before the optimizer can spread the NaN."""
+    trainer = _trainer(tmp_path / "run")
+    before = {n: p.detach().clone() for n, p in trainer.model.named_parameters()}
+    real_forward = trainer.model.forward
+
+    def nan_loss(*args, **kwargs):
+        out = real_forward(*args, **kwargs)
+        out.loss = out.loss * float("nan")
+        return out
+
+    monkeypatch.setattr(trainer.model, "forward", nan_loss)
+    with pytest.raises(FloatingPointError, match="loss became nan at step 0"):
+        trainer.train()
+    assert all(torch.equal(p, before[n]) for n, p in trainer.model.named_parameters())
