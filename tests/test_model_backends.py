@@ -79,38 +79,54 @@ def test_short_finetuning_agrees_step_by_step():
         assert abs(a - b) <= 1e-4 * max(1.0, abs(a)), f"step {step}: torch {a} vs triton {b}"
 
 
-def _check_under_autocast(backend, device, dtype):
-    """Mixed precision on a kernel backend: Linear outputs in half precision, the residual
-    stream float32. Against the float32 model without autocast, allowed twice the error of the
-    torch backend under the same autocast; gradients by relative (Frobenius) error."""
+def _tiny_classifier(device, batch=3):
+    """A seeded 2-layer classifier without dropout and a batch for it: (model, ids, mask, labels);
+    row 1 is padded after 13 tokens, row 2 (batch 4) holds one token, row 3 is padded after 20."""
     config = fastbert.BertConfig(vocab_size=100, hidden_size=64, num_hidden_layers=2, num_attention_heads=2,
                                  intermediate_size=128, max_position_embeddings=32,
                                  hidden_dropout_prob=0.0, attention_probs_dropout_prob=0.0)
     torch.manual_seed(0)
     model = heads.BertForSequenceClassification(config, num_labels=2).to(device)
-    ids = torch.randint(1, 100, (3, 21), device=device)
+    ids = torch.randint(1, 100, (batch, 21), device=device)
     mask = torch.ones_like(ids)
     mask[1, 13:] = 0
-    labels = torch.tensor([0, 1, 1], device=device)
+    if batch > 3:
+        mask[2, 1:] = 0
+        mask[3, 20:] = 0
+    labels = torch.tensor([0, 1, 1, 0][:batch], device=device)
+    return model, ids, mask, labels
 
-    def run(backend, autocast):
-        model.zero_grad()
-        with fastbert.ops.use_backend(backend), torch.autocast(device.type, dtype=dtype, enabled=autocast):
-            out = model(ids, mask, labels=labels)
-        out.loss.backward()
-        return out.logits.detach().float(), {n: p.grad.detach().clone() for n, p in model.named_parameters()}
 
-    logits, grads = run(backend, True)
-    base_logits, base_grads = run("torch", True)
-    ref_logits, ref_grads = run("torch", False)
-    assert_close_to_ref(logits, ref_logits, base_logits, "logits", floor=1e-3)
+def _step(model, module, ids, mask, labels, backend, device, dtype, autocast=True):
+    """Forward + loss + backward of `module` (the model, or it compiled): (logits, gradients)."""
+    model.zero_grad()
+    with fastbert.ops.use_backend(backend), torch.autocast(device.type, dtype=dtype, enabled=autocast):
+        out = module(ids, mask, labels=labels)
+    out.loss.backward()
+    return out.logits.detach().float(), {n: p.grad.detach().clone() for n, p in model.named_parameters()}
+
+
+def _assert_grads_close(grads, ref_grads, base_grads, what):
+    """Every gradient's relative (Frobenius) error against ref <= 2x the baseline's + 1e-3."""
     for name, g in grads.items():
         if name.endswith("attention.key.bias"):
             continue  # exactly zero in exact arithmetic
         ref = ref_grads[name]
         ours_err = ((g - ref).norm() / ref.norm()).item()
         base_err = ((base_grads[name] - ref).norm() / ref.norm()).item()
-        assert ours_err <= 2 * base_err + 1e-3, f"{name}: relative error {ours_err:.3e}, torch backend {base_err:.3e}"
+        assert ours_err <= 2 * base_err + 1e-3, f"{name}: relative error {ours_err:.3e}, {what} {base_err:.3e}"
+
+
+def _check_under_autocast(backend, device, dtype):
+    """Mixed precision on a kernel backend: Linear outputs in half precision, the residual
+    stream float32. Against the float32 model without autocast, allowed twice the error of the
+    torch backend under the same autocast; gradients by relative (Frobenius) error."""
+    model, ids, mask, labels = _tiny_classifier(device)
+    logits, grads = _step(model, model, ids, mask, labels, backend, device, dtype)
+    base_logits, base_grads = _step(model, model, ids, mask, labels, "torch", device, dtype)
+    ref_logits, ref_grads = _step(model, model, ids, mask, labels, "torch", device, dtype, autocast=False)
+    assert_close_to_ref(logits, ref_logits, base_logits, "logits", floor=1e-3)
+    _assert_grads_close(grads, ref_grads, base_grads, "torch backend")
 
 
 A = importlib.import_module("fastbert.ops.attention")  # the package exports a function of that name
@@ -188,39 +204,17 @@ def test_compiled_model_under_autocast_matches_eager(backend, cuda_device, monke
         for module in (A, G, L, S):
             monkeypatch.setattr(module, "resolve", torch.compiler.assume_constant_result(module.resolve))
     dtype = torch.bfloat16 if device.type == "cuda" else torch.float16
-    config = fastbert.BertConfig(vocab_size=100, hidden_size=64, num_hidden_layers=2, num_attention_heads=2,
-                                 intermediate_size=128, max_position_embeddings=32,
-                                 hidden_dropout_prob=0.0, attention_probs_dropout_prob=0.0)
-    torch.manual_seed(0)
-    model = heads.BertForSequenceClassification(config, num_labels=2).to(device)
-    ids = torch.randint(1, 100, (3, 21), device=device)
-    mask = torch.ones_like(ids)
-    mask[1, 13:] = 0
-    labels = torch.tensor([0, 1, 1], device=device)
-
-    def run(module, autocast=True, on=backend):
-        model.zero_grad()
-        with fastbert.ops.use_backend(on), torch.autocast(device.type, dtype=dtype, enabled=autocast):
-            out = module(ids, mask, labels=labels)
-        out.loss.backward()
-        return out.logits.detach().float(), {n: p.grad.detach().clone() for n, p in model.named_parameters()}
-
+    model, ids, mask, labels = _tiny_classifier(device)
     torch._dynamo.reset()
     try:
         compiled = torch.compile(model, fullgraph=True, backend="inductor" if device.type == "cuda" else "eager")
-        logits, grads = run(compiled)
+        logits, grads = _step(model, compiled, ids, mask, labels, backend, device, dtype)
     finally:
         torch._dynamo.reset()
-    eager_logits, eager_grads = run(model)
-    ref_logits, ref_grads = run(model, autocast=False, on="torch")
+    eager_logits, eager_grads = _step(model, model, ids, mask, labels, backend, device, dtype)
+    ref_logits, ref_grads = _step(model, model, ids, mask, labels, "torch", device, dtype, autocast=False)
     assert_close_to_ref(logits, ref_logits, eager_logits, "logits", floor=1e-3)
-    for name, g in grads.items():
-        if name.endswith("attention.key.bias"):
-            continue  # exactly zero in exact arithmetic
-        ref = ref_grads[name]
-        ours_err = ((g - ref).norm() / ref.norm()).item()
-        eager_err = ((eager_grads[name] - ref).norm() / ref.norm()).item()
-        assert ours_err <= 2 * eager_err + 1e-3, f"{name}: relative error {ours_err:.3e}, eager {eager_err:.3e}"
+    _assert_grads_close(grads, ref_grads, eager_grads, "eager")
 
 
 @pytest.mark.parametrize("backend", ["torch", "triton", "cuda"])
@@ -233,17 +227,7 @@ def test_unpadded_encoder_matches_padded(backend, cuda_device, monkeypatch):
     if backend == "cuda":
         _cuda_attention_on(cuda_device, monkeypatch)
     device = cuda_device if backend == "cuda" else DEVICE
-    config = fastbert.BertConfig(vocab_size=100, hidden_size=64, num_hidden_layers=2, num_attention_heads=2,
-                                 intermediate_size=128, max_position_embeddings=32,
-                                 hidden_dropout_prob=0.0, attention_probs_dropout_prob=0.0)
-    torch.manual_seed(0)
-    model = heads.BertForSequenceClassification(config, num_labels=2).to(device)
-    ids = torch.randint(1, 100, (4, 21), device=device)
-    mask = torch.ones_like(ids)
-    mask[1, 13:] = 0
-    mask[2, 1:] = 0
-    mask[3, 20:] = 0
-    labels = torch.tensor([0, 1, 1, 0], device=device)
+    model, ids, mask, labels = _tiny_classifier(device, batch=4)
     real = mask.bool()[..., None]
     autocast = backend != "torch"
     dtype = torch.bfloat16 if device.type == "cuda" else torch.float16
