@@ -233,7 +233,8 @@ def _add_layernorm_fwd_cuda(x: torch.Tensor, residual: torch.Tensor, weight: tor
 @_add_layernorm_fwd_cuda.register_fake
 def _(x, residual, weight, bias, eps, dropout_p, seed, copy):
     m = x.numel() // x.shape[-1]
-    return residual.new_empty(x.shape), x.new_empty(x.shape if copy else (0,)), x.new_empty((m,), dtype=torch.float32), x.new_empty((m,), dtype=torch.float32)
+    stats = (x.new_empty((m,), dtype=torch.float32), x.new_empty((m,), dtype=torch.float32))
+    return residual.new_empty(x.shape), x.new_empty(x.shape if copy else (0,)), *stats
 
 
 @torch.library.custom_op("fastbert::add_layernorm_bwd_cuda", mutates_args=())
