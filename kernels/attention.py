@@ -145,6 +145,25 @@ def _sequence(off_b, CuSeqlens, seqlen, IS_VARLEN: tl.constexpr):
     return start, n
 
 
+@triton.jit
+def _key_end(mask_base, stride_ms, seqlen, BLOCK_N: tl.constexpr):
+    """1 + the last real key of this row's padding mask, 0 when there is none.
+
+    Keys past it are all masked, so the key loops stop there: a batch padded to its longest
+    row spends no work on the trailing padding of the others. The results are the same to the
+    bit: a fully masked block adds exp2(-inf) = 0 and rescales by exp2(0) = 1. (Holes before
+    the end are masked as usual.) The scan reads the row's seqlen bytes, from L2 after the
+    first program of the row.
+    """
+    end = tl.full([], 0, tl.int32)
+    offs = tl.arange(0, BLOCK_N)
+    for start in range(0, seqlen, BLOCK_N):
+        cols = start + offs
+        real = tl.load(mask_base + cols * stride_ms, mask=cols < seqlen, other=0) != 0
+        end = tl.maximum(end, tl.max(tl.where(real, cols + 1, 0), 0))
+    return end
+
+
 # ---------------------------------------------------------------------------
 # Forward
 # ---------------------------------------------------------------------------
@@ -219,7 +238,10 @@ def _attention_fwd_kernel(
 
     k_ptrs = k_base + offs_n0[:, None] * stride_ks + offs_d[None, :]
     v_ptrs = v_base + offs_n0[:, None] * stride_vs + offs_d[None, :]
-    for start_n in range(0, seqlen, BLOCK_N):
+    key_end = seqlen
+    if HAS_MASK:
+        key_end = _key_end(mask_base, stride_ms, seqlen, BLOCK_N)
+    for start_n in range(0, key_end, BLOCK_N):
         offs_n = start_n + offs_n0
         k = _load_rows(k_ptrs, offs_n, seqlen, offs_d, HEAD_DIM, BLOCK_D, EVEN_N)
         qk = _dot(q, tl.trans(k), None, IEEE) * qk_scale                   # (BLOCK_M, BLOCK_N), log2 units
@@ -500,7 +522,10 @@ def _attention_bwd_dq_kernel(
     dq = tl.zeros([BLOCK_M, BLOCK_D], dtype=tl.float32)
     k_ptrs = k_base + offs_n0[:, None] * stride_ks + offs_d[None, :]
     v_ptrs = v_base + offs_n0[:, None] * stride_vs + offs_d[None, :]
-    for start_n in range(0, seqlen, BLOCK_N):
+    key_end = seqlen
+    if HAS_MASK:
+        key_end = _key_end(mask_base, stride_ms, seqlen, BLOCK_N)  # masked keys add nothing to dq
+    for start_n in range(0, key_end, BLOCK_N):
         offs_n = start_n + offs_n0
         k = _load_rows(k_ptrs, offs_n, seqlen, offs_d, HEAD_DIM, BLOCK_D, EVEN_N)
         v = _load_rows(v_ptrs, offs_n, seqlen, offs_d, HEAD_DIM, BLOCK_D, EVEN_N)
@@ -606,7 +631,12 @@ def _attention_bwd_kernel(
     dv = tl.zeros([BLOCK_N, BLOCK_D], dtype=tl.float32)
     q_ptrs = q_base + offs_m0[:, None] * stride_qs + offs_d[None, :]
     do_ptrs = do_base + offs_m0[:, None] * stride_dos + offs_d[None, :]
-    for start_m in range(0, seqlen, BLOCK_M):
+    query_end = seqlen
+    if HAS_MASK:
+        # A block of padding keys gets dK = dV = 0 (set after the loop): skip the loop.
+        key_ok = tl.load(Mask + b64 * stride_mb + offs_n * stride_ms, mask=offs_n < seqlen, other=0) != 0
+        query_end = tl.where(tl.max(key_ok.to(tl.int32), 0) > 0, seqlen, 0)
+    for start_m in range(0, query_end, BLOCK_M):
         offs_m = start_m + offs_m0
         q = _load_rows(q_ptrs, offs_m, seqlen, offs_d, HEAD_DIM, BLOCK_D, EVEN_M)
         do = _load_rows(do_ptrs, offs_m, seqlen, offs_d, HEAD_DIM, BLOCK_D, EVEN_M)
@@ -636,8 +666,6 @@ def _attention_bwd_kernel(
 
     dk = dk * sm_scale
     if HAS_MASK:
-        mask_base = Mask + b64 * stride_mb
-        key_ok = tl.load(mask_base + offs_n * stride_ms, mask=offs_n < seqlen, other=0) != 0
         dk = tl.where(key_ok[:, None], dk, 0.0)
         dv = tl.where(key_ok[:, None], dv, 0.0)
     _store_rows(dk_base + offs_n[:, None] * stride_dks + offs_d[None, :], dk.to(DK.dtype.element_ty),
