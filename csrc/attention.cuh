@@ -348,6 +348,23 @@ __device__ __forceinline__ bool key_valid(const uint8_t* mask_row, int64_t mask_
     return j < len && (mask_row == nullptr || mask_row[j * mask_stride] != 0);
 }
 
+// 1 + the last real key of the row (0 when none; len without a mask), the same in every lane:
+// the key loops of the forward and dQ kernels stop there, so the trailing padding of a batch
+// padded to its longest row costs nothing (a fully masked block adds exactly nothing to the
+// online softmax, so the results do not change). Each warp scans the row on its own (len / 32
+// byte loads a lane, then a butterfly max): no shared memory, no barrier.
+__device__ __forceinline__ int key_end(const uint8_t* mask_row, int64_t mask_stride, int len, int lane) {
+    if (mask_row == nullptr) return len;
+    int end = 0;
+    for (int j = lane; j < len; j += 32) {
+        if (mask_row[j * mask_stride] != 0) end = j + 1;  // j rises: the last hit is the lane's largest
+    }
+    float e = static_cast<float>(end);  // exact: len < 2^24
+#pragma unroll
+    for (int o = 16; o > 0; o >>= 1) e = fmaxf(e, shfl_xor(e, o));
+    return static_cast<int>(e);
+}
+
 __device__ __forceinline__ uint64_t dropout_seed(const AttentionParams& p) {
     return p.seed_ptr != nullptr ? static_cast<uint64_t>(*p.seed_ptr) : p.seed;
 }
@@ -441,7 +458,7 @@ __global__ void __launch_bounds__(kThreads) attention_fwd_kernel(const Attention
 #pragma unroll
     for (int kk = 0; kk < D / 16; ++kk) load_a<D>(qf[kk], sQ, warp * 16, kk * 16, lane);
 
-    const int n_blocks = (seq.len + BN - 1) / BN;
+    const int n_blocks = (key_end(mask, p.mask_row_stride, seq.len, lane) + BN - 1) / BN;
     for (int nb = 0; nb < n_blocks; ++nb) {
         const int n0 = nb * BN;
         if (nb > 0) {
@@ -671,7 +688,7 @@ __global__ void __launch_bounds__(kThreads) attention_bwd_dq_kernel(const Attent
         for (int e = 0; e < 4; ++e) dq_acc[dn][e] = 0.f;
     }
 
-    const int n_blocks = (seq.len + BN - 1) / BN;
+    const int n_blocks = (key_end(mask, p.mask_row_stride, seq.len, lane) + BN - 1) / BN;
     for (int nb = 0; nb < n_blocks; ++nb) {
         const int n0 = nb * BN;
         const int stage = nb & 1;

@@ -327,6 +327,16 @@ def test_emulated_forward_backward(emu, B, S, H, D, dtype, mask_kind):
 
 
 @pytest.mark.slow
+def test_emulated_trailing_padding_across_blocks(emu):
+    """Rows padded past whole 64-key blocks (the forward and dQ loops stop at the last real key)
+    and a fully padded row, with dropout, against the float64 reference."""
+    gen = torch.Generator().manual_seed(151)
+    q, k, v = qkv((4, 150, 1, 64), torch.float16, gen, "cpu")
+    mask = torch.arange(150)[None, :] < torch.tensor([150, 40, 70, 0])[:, None]
+    _check_all(q, k, v, mask, dropout_p=0.2, seed=5)
+
+
+@pytest.mark.slow
 def test_emulated_dropout_and_strided_inputs(emu):
     """Dropout against the reference with the kernels' own mask; q, k, v views of one fused
     (B, S, H, 3, D) projection; a custom scale; the seed read from a tensor (compiled path)."""
