@@ -365,6 +365,20 @@ __device__ __forceinline__ int key_end(const uint8_t* mask_row, int64_t mask_str
     return static_cast<int>(e);
 }
 
+// Does the key block [n0, n0 + bn) hold a real key? The same answer in every warp (each scans
+// the block's bn mask bytes itself), so the dK/dV kernel's loop count stays block-uniform.
+__device__ __forceinline__ bool any_real_key(const uint8_t* mask_row, int64_t mask_stride, int n0, int bn, int len,
+                                             int lane) {
+    if (mask_row == nullptr) return n0 < len;
+    float any = 0.f;
+    for (int j = n0 + lane; j < n0 + bn && j < len; j += 32) {
+        if (mask_row[j * mask_stride] != 0) any = 1.f;
+    }
+#pragma unroll
+    for (int o = 16; o > 0; o >>= 1) any = fmaxf(any, shfl_xor(any, o));
+    return any > 0.f;
+}
+
 __device__ __forceinline__ uint64_t dropout_seed(const AttentionParams& p) {
     return p.seed_ptr != nullptr ? static_cast<uint64_t>(*p.seed_ptr) : p.seed;
 }
@@ -875,7 +889,9 @@ __global__ void __launch_bounds__(kThreads) attention_bwd_dkdv_kernel(const Atte
     }
     const int key0 = n0 + warp * 16 + g;  // this lane's keys: key0, key0 + 8
 
-    const int m_blocks = (seq.len + BM - 1) / BM;
+    // A block of padding keys only gets dK = dV = 0 (the stores below): no query loop for it.
+    const int m_blocks = any_real_key(mask, p.mask_row_stride, n0, BN, seq.len, lane) ? (seq.len + BM - 1) / BM : 0;
+    if (m_blocks == 0) cp_async_wait<0>();  // the prologue's copies: landed before the block exits
     for (int mb = 0; mb < m_blocks; ++mb) {
         const int m = mb * BM;
         const int stage = mb & 1;
