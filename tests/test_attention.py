@@ -88,6 +88,15 @@ def test_forward_backward(B, S, H, D, dtype, mask_kind):
     _check_all(q, k, v, mask)
 
 
+def test_trailing_padding_across_blocks():
+    """Rows padded past whole key blocks (the key loops stop at the last real key, a block of
+    padding keys skips its dK/dV loop), a fully padded row, with dropout: against float64."""
+    gen = torch.Generator().manual_seed(151)
+    q, k, v = qkv((4, 150, 1, 32), torch.float16, gen)
+    mask = (torch.arange(150)[None, :] < torch.tensor([150, 40, 70, 0])[:, None]).to(DEVICE)
+    _check_all(q, k, v, mask, dropout_p=0.2, seed=5)
+
+
 def test_custom_scale_and_strided_inputs():
     """softmax_scale is honoured; q, k, v as views of one fused (B, S, H, 3, D) projection (no copy)."""
     gen = torch.Generator().manual_seed(7)
