@@ -223,10 +223,9 @@ class BertModel(nn.Module):
                 [input_ids.min(), input_ids.max(), token_type_ids.min(), token_type_ids.max()]).tolist()
             if low < 0 or high >= self.config.vocab_size:
                 raise ValueError(f"input_ids must lie in [0, vocab_size={self.config.vocab_size}), got values in [{low}, {high}]")
-            low, high = tt_low, tt_high
-            if low < 0 or high >= self.config.type_vocab_size:
+            if tt_low < 0 or tt_high >= self.config.type_vocab_size:
                 raise ValueError(f"token_type_ids must lie in [0, type_vocab_size={self.config.type_vocab_size}), "
-                                 f"got values in [{low}, {high}]")
+                                 f"got values in [{tt_low}, {tt_high}]")
         return input_ids, mask, token_type_ids
 
     # -- checkpoints ---------------------------------------------------------------

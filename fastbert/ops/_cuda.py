@@ -229,11 +229,10 @@ def add_layernorm_bwd(dy, x, residual, weight, mean, rstd, dropout_p=0.0, seed=N
     """
     op = "add_layernorm backward"
     device = check_cuda_tensors(op, dy=dy, x=x, residual=residual, weight=weight, mean=mean, rstd=rstd,
-                                seed=seed if isinstance(seed, torch.Tensor) else None)
+                                seed=seed if isinstance(seed, torch.Tensor) else None, dy_copy=dy_copy)
     _check_residual(op, "residual", residual, x)
     _check_residual(op, "dy", dy, x, like=residual)
     if dy_copy is not None:
-        check_cuda_tensors(op, dy_copy=dy_copy, x=x)
         _check_residual(op, "dy_copy", dy_copy, x, like=x)
         dy_copy = dy_copy.contiguous()
     x, x2 = _rows(op, x, LAYERNORM_MAX_HIDDEN)

@@ -334,9 +334,18 @@ def _cuda_layout_ok(t, strides):
             and strides[0] % 8 == 0 and strides[1] % 8 == 0 and strides[2] % 8 == 0)
 
 
-def _cuda_input(t, varlen):
+def _check_like(t, name, like):
+    if t.shape != like.shape or t.dtype != like.dtype or t.device != like.device:
+        raise ValueError(f"attention (cuda): {name} must be {tuple(like.shape)} {like.dtype} on {like.device}, "
+                         f"got {tuple(t.shape)} {t.dtype} on {t.device}")
+
+
+def _cuda_input(t, varlen, name=None, like=None):
     """(t or a contiguous copy when its rows break the kernels' 16-byte alignment, its operand
-    (data_ptr, stride_b, stride_s, stride_h)). One stride read on the common, aligned path."""
+    (data_ptr, stride_b, stride_s, stride_h)), t checked against `like` first. One stride read
+    on the common, aligned path."""
+    if like is not None:
+        _check_like(t, name, like)
     strides = _cuda_strides(t, varlen)
     if not _cuda_layout_ok(t, strides):
         t = t.clone(memory_format=torch.contiguous_format)
@@ -347,9 +356,7 @@ def _cuda_input(t, varlen):
 def _cuda_operand(t, varlen, name, like=None):
     """(data_ptr, stride_b, stride_s, stride_h) of a kernel operand, checked."""
     if like is not None:
-        if t.shape != like.shape or t.dtype != like.dtype or t.device != like.device:
-            raise ValueError(f"attention (cuda): {name} must be {tuple(like.shape)} {like.dtype} on {like.device}, "
-                             f"got {tuple(t.shape)} {t.dtype} on {t.device}")
+        _check_like(t, name, like)
     strides = _cuda_strides(t, varlen)
     if not _cuda_layout_ok(t, strides):
         raise ValueError(f"attention (cuda): {name} needs a unit last stride, a 16-byte aligned start and "
@@ -421,11 +428,8 @@ def cuda_attention_fwd(q, k, v, mask=None, cu_seqlens=None, max_seqlen=None, dro
     varlen = cu_seqlens is not None
     args = _cuda_call_args(q, mask, cu_seqlens, max_seqlen, dropout_p, seed, ext)
     B, S, H = args["batch"], args["seqlen"], args["heads"]
-    for name, t in (("k", k), ("v", v)):
-        if t.shape != q.shape or t.dtype != q.dtype or t.device != q.device:
-            raise ValueError(f"attention (cuda): {name} must be {tuple(q.shape)} {q.dtype} on {q.device}, got "
-                             f"{tuple(t.shape)} {t.dtype} on {t.device}")
-    (q, q_arg), (k, k_arg), (v, v_arg) = _cuda_input(q, varlen), _cuda_input(k, varlen), _cuda_input(v, varlen)
+    (k, k_arg), (v, v_arg) = _cuda_input(k, varlen, "k", q), _cuda_input(v, varlen, "v", q)
+    q, q_arg = _cuda_input(q, varlen)
     scale = softmax_scale if softmax_scale is not None else 1.0 / math.sqrt(q.shape[-1])
     out = torch.empty(q.shape, dtype=q.dtype, device=q.device) if out is None else out
     lse_shape = (H, q.shape[0]) if varlen else (B, H, S)
@@ -452,12 +456,9 @@ def cuda_attention_bwd(do, q, k, v, out, lse, mask=None, cu_seqlens=None, max_se
     varlen = cu_seqlens is not None
     args = _cuda_call_args(q, mask, cu_seqlens, max_seqlen, dropout_p, seed, ext)
     B, S, H = args["batch"], args["seqlen"], args["heads"]
-    for name, t in (("k", k), ("v", v), ("out", out), ("dout", do)):
-        if t.shape != q.shape or t.dtype != q.dtype or t.device != q.device:
-            raise ValueError(f"attention (cuda): {name} must be {tuple(q.shape)} {q.dtype} on {q.device}, got "
-                             f"{tuple(t.shape)} {t.dtype} on {t.device}")
-    (do, do_arg), (q, q_arg), (k, k_arg), (v, v_arg), (out, out_arg) = (
-        _cuda_input(t, varlen) for t in (do, q, k, v, out))
+    (do, do_arg), (k, k_arg), (v, v_arg), (out, out_arg) = (
+        _cuda_input(t, varlen, name, q) for name, t in (("dout", do), ("k", k), ("v", v), ("out", out)))
+    q, q_arg = _cuda_input(q, varlen)
     scale = softmax_scale if softmax_scale is not None else 1.0 / math.sqrt(q.shape[-1])
     dq = torch.empty(q.shape, dtype=q.dtype, device=q.device) if dq is None else dq
     dk = torch.empty(k.shape, dtype=k.dtype, device=k.device) if dk is None else dk

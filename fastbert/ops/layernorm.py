@@ -132,7 +132,6 @@ class AddLayerNormFunction(torch.autograd.Function):
         y, y_copy, mean, rstd = launchers.add_layernorm_fwd(x, residual, weight, bias, eps, dropout_p, seed, copy)
         ctx.save_for_backward(x, residual, weight, mean, rstd, seed)
         ctx.dropout_p, ctx.backend = dropout_p, backend
-        ctx.one_grad = dropout_p == 0.0 and x.dtype == residual.dtype
         ctx.set_materialize_grads(False)  # an unused output's gradient stays None, not zeros to read
         return (y, y_copy) if copy else y
 
@@ -145,7 +144,7 @@ class AddLayerNormFunction(torch.autograd.Function):
             dy = torch.zeros(residual.shape, dtype=residual.dtype, device=residual.device)
         dx, dresidual, dweight, dbias = _launchers(ctx.backend).add_layernorm_bwd(
             dy, x, residual, weight, mean, rstd, ctx.dropout_p, seed, dy_copy)
-        if ctx.one_grad:
+        if ctx.dropout_p == 0.0 and x.dtype == residual.dtype:
             dx = dresidual  # without dropout dL/dx == dL/dresidual; the kernel wrote it once
         return dx, dresidual, dweight, dbias, None, None, None, None
 
