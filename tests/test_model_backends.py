@@ -253,3 +253,26 @@ def test_unpadded_encoder_matches_padded(backend, cuda_device, monkeypatch):
         ref = padded_grads[name]
         err = ((g - ref).norm() / ref.norm()).item()
         assert err <= tol, f"{name}: relative difference {err:.3e}"
+
+
+def test_model_backend_holds_under_compile():
+    """BertModel(backend=...) compiled with fullgraph=True keeps its own backend: the scope it
+    opens inside forward is traced (Dynamo cannot trace the eager ContextVar). Around it, a scope
+    that cannot run on the CPU: were the model's choice lost, the ops would raise."""
+    config = fastbert.BertConfig(vocab_size=100, hidden_size=64, num_hidden_layers=2, num_attention_heads=2,
+                                 intermediate_size=128, max_position_embeddings=32)
+    torch.manual_seed(0)
+    model = fastbert.BertModel(config, backend="torch").to(DEVICE).eval()
+    ids = torch.randint(1, 100, (2, 9), device=DEVICE)
+    mask = torch.ones_like(ids)
+    mask[1, 4:] = 0
+    torch._dynamo.reset()
+    try:
+        compiled = torch.compile(model, fullgraph=True, backend="eager")
+        with torch.no_grad(), fastbert.ops.use_backend("torch" if DEVICE.type == "cuda" else "cuda"):
+            hidden = compiled(ids, mask).last_hidden_state
+    finally:
+        torch._dynamo.reset()
+    with torch.no_grad():
+        expected = model(ids, mask).last_hidden_state
+    torch.testing.assert_close(hidden, expected, atol=1e-6, rtol=1e-6)

@@ -85,7 +85,7 @@ def available_backends(device: torch.device | str = "cuda") -> list[str]:
     return found
 
 
-def _check_name(name: str) -> str:
+def check_backend_name(name: str) -> str:
     if name not in _CHOICES:
         raise ValueError(f"backend must be one of {_CHOICES}, got {name!r}")
     return name
@@ -94,18 +94,40 @@ def _check_name(name: str) -> str:
 def set_backend(name: str) -> None:
     """Set the process-wide default backend ("auto" restores the automatic choice)."""
     global _default
-    _default = _check_name(name)
+    _default = check_backend_name(name)
+
+
+# Scopes opened inside a torch.compile'd region (a model built with backend=...): Dynamo
+# cannot trace ContextVar.set, but it traces this list's push and pop, and get_backend below
+# reads them while tracing, so the compiled graph keeps the scoped choice.
+_compiled_scopes: list[str] = []
+
+
+@torch.compiler.assume_constant_result
+def _ambient_backend() -> str:
+    # Dynamo cannot trace the ContextVar lookup either: read once while tracing, kept as a constant.
+    return _scoped.get() or _default
 
 
 def get_backend() -> str:
     """The backend requested right now (may be "auto")."""
-    return _scoped.get() or _default
+    if torch.compiler.is_compiling() and _compiled_scopes:
+        return _compiled_scopes[-1]
+    return _ambient_backend()
 
 
 @contextlib.contextmanager
 def use_backend(name: str):
-    """Run the ops called inside the block on backend `name`."""
-    token = _scoped.set(_check_name(name))
+    """Run the ops called inside the block on backend `name` (also inside torch.compile)."""
+    check_backend_name(name)
+    if torch.compiler.is_compiling():
+        _compiled_scopes.append(name)
+        try:
+            yield name
+        finally:
+            _compiled_scopes.pop()
+        return
+    token = _scoped.set(name)
     try:
         yield name
     finally:
@@ -116,12 +138,14 @@ def use_backend(name: str):
 _PREFERENCE = ("cuda", "triton", "torch")
 
 
-# torch.compile cannot trace the ContextVar lookup (a graph break under fullgraph=True):
-# the choice is read once while tracing and the compiled graph keeps it.
-@torch.compiler.assume_constant_result
 def resolve(device: torch.device) -> str:
     """The concrete backend for an op whose inputs live on `device`."""
-    requested = get_backend()
+    return _resolve(get_backend(), device)
+
+
+# Under torch.compile the choice is made once while tracing and the compiled graph keeps it.
+@torch.compiler.assume_constant_result
+def _resolve(requested: str, device: torch.device) -> str:
     usable = available_backends(device)
     if requested == "auto":
         if device.type != "cuda":
