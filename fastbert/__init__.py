@@ -8,12 +8,15 @@
 Every fusable step runs through fastbert.ops, whose backend ("torch",
 "triton", "cuda") is chosen per call from the device, or by
 fastbert.ops.use_backend(...).
+
+A transformers BERT runs on the same kernels after `fastbert.patch_transformers(model)`.
 """
 from . import ops
 from .config import BertConfig
 from .defaults import default_model_path
 from .model import BertModel, BertOutput
+from .transformers_integration import patch_transformers
 from .tokenizer import Tokenizer
 
 __version__ = "0.1.0"
-__all__ = ["BertConfig", "BertModel", "BertOutput", "Tokenizer", "default_model_path", "ops"]
+__all__ = ["BertConfig", "BertModel", "BertOutput", "Tokenizer", "default_model_path", "ops", "patch_transformers"]

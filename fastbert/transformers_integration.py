@@ -1,0 +1,161 @@
+"""Drop-in use of fastbert's kernels inside a transformers BERT.
+
+    import fastbert
+    model = transformers.AutoModelForSequenceClassification.from_pretrained(path)
+    fastbert.patch_transformers(model)                     # in place; returns the model
+    # ... the user's own training loop, Trainer, accelerate: unchanged
+
+What changes, module by module (weights, parameter names and state dicts stay transformers'):
+- self-attention: `config._attn_implementation = "fastbert"`, registered with transformers'
+  AttentionInterface; q/k/v go to `fastbert.ops.attention` with the key padding mask and the
+  attention dropout, as the flash kernels take them. The mask comes from our entry in
+  AttentionMaskInterface: without one transformers hands a custom attention function no
+  padding mask at all (FIELD-NOTES), and padding would silently attend.
+- BertSelfOutput / BertOutput: dense -> `fastbert.ops.add_layernorm` (dropout, residual add and
+  LayerNorm in one pass, mean/rstd saved for the backward).
+- BertIntermediate: dense without its bias -> `fastbert.ops.bias_gelu` (bias + erf GELU; the
+  tanh forms "gelu_new"/"gelu_pytorch_tanh" use the tanh option), when hidden_act is one of those.
+
+`backend` ("torch", "triton", "cuda"; None: whatever fastbert.ops is set to, "auto" by default)
+applies to the patched modules only. Encoder self-attention only: a decoder (causal) or
+cross-attention call raises instead of computing something else.
+"""
+from __future__ import annotations
+
+import contextlib
+import types
+
+import torch
+import torch.nn.functional as F
+
+from . import ops
+from .ops._backend import check_backend_name
+
+ATTN_IMPLEMENTATION = "fastbert"
+_GELU_APPROXIMATE = {"gelu": "none", "gelu_new": "tanh", "gelu_pytorch_tanh": "tanh"}
+
+
+def _transformers_interfaces():
+    try:
+        from transformers import AttentionInterface
+        from transformers.masking_utils import AttentionMaskInterface
+    except ImportError as err:
+        raise ImportError("fastbert.patch_transformers needs transformers with AttentionInterface and "
+                          "AttentionMaskInterface (transformers >= 4.54); without a mask hook the padding "
+                          f"mask would not reach the kernel ({err})") from err
+    return AttentionInterface, AttentionMaskInterface
+
+
+def _backend_scope(module):
+    backend = getattr(module, "fastbert_backend", None)
+    return ops.use_backend(backend) if backend else contextlib.nullcontext()
+
+
+def key_padding_mask(batch_size, q_length, kv_length, q_offset=0, kv_offset=0, attention_mask=None, **kwargs):
+    """AttentionMaskInterface entry: the (batch, kv_length) key padding mask as bool, or None.
+
+    transformers has already turned the user's 2D mask into bool (True = real token) by now;
+    it is passed on as it is, without the `mask.all()` check (a host sync) that would drop
+    an all-real mask. Anything else that a mask factory would add (causal, sliding windows,
+    offsets from a cache) is not bidirectional self-attention and is refused."""
+    if q_offset or kv_offset or q_length != kv_length:
+        raise ValueError(f"fastbert attention is encoder self-attention: got q_length {q_length}, kv_length "
+                         f"{kv_length}, offsets {q_offset}/{kv_offset} (a cache or cross-attention)")
+    if attention_mask is None:
+        return None
+    return _key_padding_bool(attention_mask, batch_size, kv_length)
+
+
+def _key_padding_bool(mask, batch, kv_length):
+    """(batch, kv_length) bool, True = real, from a 2D mask (bool or 0/1) or a 4D
+    (batch, 1, 1, kv_length) mask (bool, or additive float where 0 keeps a key)."""
+    if mask.dim() == 4 and mask.shape[1:3] == (1, 1):
+        mask = mask[:, 0, 0, :]
+        if mask.dtype != torch.bool:
+            mask = mask == 0  # additive: 0 keeps, a large negative number masks
+    if mask.dim() != 2 or tuple(mask.shape) != (batch, kv_length):
+        raise ValueError(f"fastbert attention: attention_mask must be a key padding mask (batch, kv_length) = "
+                         f"{(batch, kv_length)} or (batch, 1, 1, kv_length), got {tuple(mask.shape)}: "
+                         "per-query masks (causal, custom 4D) are not supported")
+    return mask if mask.dtype == torch.bool else mask != 0
+
+
+def attention_forward(module, query, key, value, attention_mask, scaling=None, dropout=0.0, **kwargs):
+    """AttentionInterface entry: query/key/value (batch, heads, seqlen, head_dim) as transformers
+    passes them; returns ((batch, seqlen, heads, head_dim), None): no attention weights exist
+    to return, the kernel never forms them."""
+    if getattr(module, "is_causal", False) or getattr(module, "is_cross_attention", False) \
+            or key.shape[2] != query.shape[2]:
+        raise ValueError(f"fastbert attention is bidirectional encoder self-attention; {type(module).__name__} "
+                         f"asked for causal or cross-attention (q length {query.shape[2]}, k length {key.shape[2]})")
+    if kwargs.get("output_attentions"):
+        raise ValueError("fastbert attention never forms the attention probabilities: output_attentions=True "
+                         "needs attn_implementation='eager'")
+    mask = None
+    if attention_mask is not None:
+        mask = _key_padding_bool(attention_mask, query.shape[0], key.shape[2])
+    # (B, H, S, D) -> (B, S, H, D): for BERT this undoes transformers' transpose, giving back
+    # the linear layers' own (contiguous) outputs; the kernels read the strides either way.
+    q, k, v = (t.transpose(1, 2) for t in (query, key, value))
+    with _backend_scope(module):
+        out = ops.attention(q, k, v, mask, dropout_p=dropout, softmax_scale=scaling)
+    return out, None
+
+
+def register() -> None:
+    """Make attn_implementation="fastbert" known to transformers (idempotent), so that
+    `from_pretrained(..., attn_implementation="fastbert")` also works."""
+    attention_interface, mask_interface = _transformers_interfaces()
+    attention_interface.register(ATTN_IMPLEMENTATION, attention_forward)
+    mask_interface.register(ATTN_IMPLEMENTATION, key_padding_mask)
+
+
+def _add_layernorm_forward(self, hidden_states, input_tensor):
+    # transformers: LayerNorm(dropout(dense(hidden_states)) + input_tensor)
+    dropout_p = self.dropout.p if self.training else 0.0
+    with _backend_scope(self):
+        return ops.add_layernorm(self.dense(hidden_states), input_tensor, self.LayerNorm.weight,
+                                 self.LayerNorm.bias, self.LayerNorm.eps, dropout_p)
+
+
+def _bias_gelu_forward(self, hidden_states):
+    # transformers: act(dense(hidden_states)); the bias joins the activation's pass.
+    with _backend_scope(self):
+        return ops.bias_gelu(F.linear(hidden_states, self.dense.weight), self.dense.bias,
+                             self.fastbert_gelu_approximate)
+
+
+def patch_transformers(model: torch.nn.Module, backend: str | None = None) -> torch.nn.Module:
+    """Run a transformers BERT (BertModel or any Bert* head model) on fastbert's kernels, in place.
+
+    Returns the model. Raises ValueError for a model without BERT encoder layers, a decoder
+    (causal) configuration, or an unknown backend name; ImportError for a transformers
+    without the attention hooks. Patching twice is harmless."""
+    from transformers.models.bert import modeling_bert as hf_bert
+
+    if backend is not None:
+        check_backend_name(backend)
+    config = getattr(model, "config", None)
+    if config is None or getattr(config, "model_type", None) != "bert":
+        raise ValueError(f"patch_transformers expects a transformers BERT model (config.model_type 'bert'), "
+                         f"got {type(model).__name__}"
+                         + (f" with model_type {config.model_type!r}" if config is not None else ""))
+    if getattr(config, "is_decoder", False) or getattr(config, "add_cross_attention", False):
+        raise ValueError("patch_transformers: fastbert attention is bidirectional encoder self-attention; "
+                         "this BERT is configured as a decoder (is_decoder / add_cross_attention)")
+    register()
+    layers = [m for m in model.modules() if isinstance(m, hf_bert.BertLayer)]
+    if not layers:
+        raise ValueError(f"patch_transformers: {type(model).__name__} holds no BertLayer")
+    approximate = _GELU_APPROXIMATE.get(config.hidden_act) if isinstance(config.hidden_act, str) else None
+    for module in model.modules():
+        if isinstance(module, (hf_bert.BertSelfOutput, hf_bert.BertOutput)):
+            module.forward = types.MethodType(_add_layernorm_forward, module)
+        elif isinstance(module, hf_bert.BertIntermediate) and approximate is not None:
+            module.fastbert_gelu_approximate = approximate
+            module.forward = types.MethodType(_bias_gelu_forward, module)
+        elif not isinstance(module, hf_bert.BertSelfAttention):
+            continue
+        module.fastbert_backend = backend
+    model.set_attn_implementation(ATTN_IMPLEMENTATION)
+    return model

@@ -1,0 +1,179 @@
+"""fastbert.patch_transformers: a transformers BERT on fastbert's kernels matches the same
+transformers model unpatched (in float64: the reference), forward and every gradient, with
+padding honoured; every kernel is really called; bad uses raise."""
+import pytest
+import torch
+
+import fastbert
+import fastbert.ops
+from conftest import DEVICE, ON_GPU, assert_close_to_ref
+
+transformers = pytest.importorskip("transformers")
+
+
+def _tiny_config(**overrides):
+    settings = dict(vocab_size=100, hidden_size=64, num_hidden_layers=2, num_attention_heads=2, intermediate_size=128,
+                    max_position_embeddings=32, hidden_dropout_prob=0.0, attention_probs_dropout_prob=0.0)
+    settings.update(overrides)
+    return transformers.BertConfig(**settings)
+
+
+def _batch(device, batch=4, seqlen=21):
+    """ids and a mask with mixed lengths: row 1 padded after 13 tokens, row 2 one token, row 3 after 20."""
+    torch.manual_seed(1)
+    ids = torch.randint(1, 100, (batch, seqlen), device=device)
+    mask = torch.ones_like(ids)
+    mask[1, 13:] = 0
+    mask[2, 1:] = 0
+    mask[3, 20:] = 0
+    return ids, mask
+
+
+def _classifier(config, device, dtype=torch.float32):
+    torch.manual_seed(0)
+    return transformers.BertForSequenceClassification(config).to(device, dtype)
+
+
+def _logits_and_grads(model, ids, mask, labels, autocast_dtype=None):
+    model.zero_grad()
+    with torch.autocast(ids.device.type, dtype=autocast_dtype or torch.float16, enabled=autocast_dtype is not None):
+        out = model(input_ids=ids, attention_mask=mask, labels=labels)
+    out.loss.backward()
+    return out.logits.detach().double(), {n: p.grad.detach().clone() for n, p in model.named_parameters()}
+
+
+def _check_patched_matches(backend, device, autocast_dtype=None):
+    """Patched on `backend` against the unpatched model in float64, allowed twice the error of
+    the unpatched model in the test's precision (float32, or autocast) plus a floor."""
+    config = _tiny_config()
+    ids, mask = _batch(device)
+    labels = torch.tensor([0, 1, 1, 0], device=device)
+    ref_logits, ref_grads = _logits_and_grads(_classifier(config, device, torch.float64), ids, mask, labels)
+    base_logits, base_grads = _logits_and_grads(_classifier(config, device), ids, mask, labels, autocast_dtype)
+    model = fastbert.patch_transformers(_classifier(config, device), backend=backend)
+    logits, grads = _logits_and_grads(model, ids, mask, labels, autocast_dtype)
+    floor = 1e-5 if autocast_dtype is None else 1e-3
+    assert_close_to_ref(logits, ref_logits, base_logits, "logits", floor=floor)
+    for name, g in grads.items():
+        if name.endswith("attention.self.key.bias"):
+            continue  # exactly zero in exact arithmetic: rounding noise on every side
+        ref = ref_grads[name].to(g.dtype)
+        ours_err = ((g - ref).norm() / ref.norm()).item()
+        base_err = ((base_grads[name] - ref).norm() / ref.norm()).item()
+        assert ours_err <= 2 * base_err + floor, f"{name}: relative error {ours_err:.3e}, unpatched {base_err:.3e}"
+
+
+@pytest.mark.parametrize("backend", ["torch", pytest.param("triton", marks=pytest.mark.slow)])
+def test_patched_matches_unpatched_forward_and_backward(backend):
+    if backend == "triton":
+        pytest.importorskip("triton")
+    _check_patched_matches(backend, DEVICE)
+
+
+@pytest.mark.slow
+def test_patched_triton_under_autocast():
+    """The interpreter has no bf16: float16 autocast on the CPU, bfloat16 on a GPU."""
+    pytest.importorskip("triton")
+    _check_patched_matches("triton", DEVICE, torch.bfloat16 if ON_GPU else torch.float16)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+def test_patched_cuda_under_autocast(dtype):
+    if "cuda" not in fastbert.ops.available_backends(DEVICE):
+        pytest.skip("fastbert._C is not built")
+    _check_patched_matches("cuda", DEVICE, dtype)
+
+
+def test_padding_reaches_the_kernel():
+    """A padded row gives what the same tokens give unpadded: were the mask dropped on its way
+    (no mask hook), the padding keys would change it."""
+    model = fastbert.patch_transformers(_classifier(_tiny_config(), DEVICE).eval(), backend="torch")
+    ids, mask = _batch(DEVICE)
+    with torch.no_grad():
+        padded = model.bert(input_ids=ids, attention_mask=mask).last_hidden_state
+        alone = model.bert(input_ids=ids[1:2, :13]).last_hidden_state
+    torch.testing.assert_close(padded[1, :13], alone[0], atol=1e-5, rtol=1e-5)
+
+
+def test_every_patched_module_calls_its_kernel(monkeypatch):
+    config = _tiny_config(num_hidden_layers=3)
+    model = fastbert.patch_transformers(_classifier(config, DEVICE).eval(), backend="torch")
+    calls = {"attention": 0, "add_layernorm": 0, "bias_gelu": 0}
+    for name in calls:
+        real = getattr(fastbert.ops, name)
+
+        def spy(*args, _real=real, _name=name, **kwargs):
+            calls[_name] += 1
+            return _real(*args, **kwargs)
+        monkeypatch.setattr(fastbert.ops, name, spy)
+    ids, mask = _batch(DEVICE)
+    with torch.no_grad():
+        model(input_ids=ids, attention_mask=mask)
+    assert calls == {"attention": 3, "add_layernorm": 6, "bias_gelu": 3}
+    assert model.config._attn_implementation == "fastbert"
+
+
+def test_dropout_in_training_is_seeded_and_active():
+    config = _tiny_config(hidden_dropout_prob=0.1, attention_probs_dropout_prob=0.1)
+    model = fastbert.patch_transformers(_classifier(config, DEVICE), backend="torch").train()
+    ids, mask = _batch(DEVICE)
+    runs = []
+    for _ in range(2):
+        torch.manual_seed(5)
+        runs.append(model(input_ids=ids, attention_mask=mask).logits.detach())
+    torch.testing.assert_close(runs[0], runs[1], atol=0, rtol=0)
+    with torch.no_grad():
+        evaluated = model.eval()(input_ids=ids, attention_mask=mask).logits
+    assert not torch.allclose(runs[0], evaluated), "dropout had no effect in training mode"
+
+
+def test_from_pretrained_with_attn_implementation(tmp_path):
+    """After register(), transformers loads a checkpoint straight onto the fastbert attention;
+    the embedded MiniLM's last hidden state matches transformers' own attention."""
+    from fastbert import transformers_integration
+    transformers_integration.register()
+    path = fastbert.default_model_path()
+    ours = transformers.BertModel.from_pretrained(path, attn_implementation="fastbert").eval()
+    theirs = transformers.BertModel.from_pretrained(path, attn_implementation="eager").eval()
+    tokenizer = fastbert.Tokenizer.from_pretrained("default")
+    batch = tokenizer(["a short one", "a somewhat longer sentence with more tokens in it"])
+    with torch.no_grad(), fastbert.ops.use_backend("torch"):
+        a = ours(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).last_hidden_state
+        b = theirs(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).last_hidden_state
+    real = batch["attention_mask"].bool()
+    torch.testing.assert_close(a[real], b[real], atol=1e-5, rtol=1e-5)
+
+
+def test_bad_uses_raise():
+    with pytest.raises(ValueError, match="backend must be one of"):
+        fastbert.patch_transformers(_classifier(_tiny_config(), DEVICE), backend="fast")
+    with pytest.raises(ValueError, match="decoder"):
+        fastbert.patch_transformers(_classifier(_tiny_config(is_decoder=True), DEVICE))
+    with pytest.raises(ValueError, match="model_type 'bert'"):
+        fastbert.patch_transformers(torch.nn.Linear(2, 2))
+    model = fastbert.patch_transformers(_classifier(_tiny_config(), DEVICE).eval(), backend="torch")
+    ids, mask = _batch(DEVICE)
+    with pytest.raises(ValueError, match="output_attentions"):
+        model(input_ids=ids, attention_mask=mask, output_attentions=True)
+    per_query = torch.ones(ids.shape[0], 1, ids.shape[1], ids.shape[1], dtype=torch.bool, device=DEVICE)
+    with pytest.raises(ValueError, match="key padding mask"):
+        model(input_ids=ids, attention_mask=per_query)
+
+
+def test_patched_model_compiles_with_fullgraph():
+    """torch.compile(fullgraph=True) of the patched model: no graph break in the hooks, the
+    patched modules' backend kept (around the call, a scope that cannot run on the CPU), the
+    result the eager patched model's."""
+    model = fastbert.patch_transformers(_classifier(_tiny_config(), DEVICE).eval(), backend="torch")
+    ids, mask = _batch(DEVICE)
+    torch._dynamo.reset()
+    try:
+        compiled = torch.compile(model, fullgraph=True, backend="eager")
+        with torch.no_grad(), fastbert.ops.use_backend("torch" if ON_GPU else "cuda"):
+            logits = compiled(input_ids=ids, attention_mask=mask).logits
+    finally:
+        torch._dynamo.reset()
+    with torch.no_grad():
+        expected = model(input_ids=ids, attention_mask=mask).logits
+    torch.testing.assert_close(logits, expected, atol=1e-6, rtol=1e-6)
