@@ -22,7 +22,9 @@ Cases (op = "<model>-<head>", shape label, mode):
            built), each also under torch.compile (<impl>_compile); on real lengths also fb_triton_unpad,
            fb_cuda_unpad (BertModel.unpad: the layers on packed real tokens, eager only);
            hf_eager, hf_sdpa (transformers'
-           BertFor* with attn_implementation "eager" / "sdpa"), hf_sdpa_compile (torch.compile of hf_sdpa).
+           BertFor* with attn_implementation "eager" / "sdpa"), hf_sdpa_compile (torch.compile of hf_sdpa);
+           hf_fastbert (the same transformers model after fastbert.patch_transformers, backend "auto":
+           the drop-in a transformers user gets from one call, eager).
            Every implementation of a case gets the same weights (one seeded fastbert model, copied through
            the checkpoint key map) and the same batches. torch.compile is the default (inductor, dynamic=None:
            a second shape recompiles once with a dynamic sequence length); its first call, compile included,
@@ -86,13 +88,12 @@ MODELS = {
 NUM_LABELS = 2
 CLS_ID, SEP_ID = 101, 102
 MODES = ("train", "infer")
-HF_IMPLS = ("hf_eager", "hf_sdpa", "hf_sdpa_compile")
 BASELINE, COMPILE_BASELINE = "hf_eager", "hf_sdpa_compile"
-IMPL_ORDER = ["hf_eager", "hf_sdpa", "hf_sdpa_compile", "fb_torch", "fb_torch_compile", "fb_triton",
+IMPL_ORDER = ["hf_eager", "hf_sdpa", "hf_sdpa_compile", "hf_fastbert", "fb_torch", "fb_torch_compile", "fb_triton",
               "fb_triton_compile", "fb_triton_unpad", "fb_cuda", "fb_cuda_compile", "fb_cuda_unpad"]  # tables, plots
 # Run order inside a case: the eager implementations first (hf_eager, the baseline, before all), then the
 # compiled ones (each compile costs tens of seconds: a run cut short still has every eager number).
-RUN_ORDER = ["hf_eager", "hf_sdpa", "fb_torch", "fb_triton", "fb_cuda", "fb_triton_unpad", "fb_cuda_unpad",
+RUN_ORDER = ["hf_eager", "hf_sdpa", "hf_fastbert", "fb_torch", "fb_triton", "fb_cuda", "fb_triton_unpad", "fb_cuda_unpad",
              "hf_sdpa_compile", "fb_triton_compile", "fb_cuda_compile", "fb_torch_compile"]
 # Real-length sets: head, batch size, batches per call, cap on a length (quick mode only)
 REAL = {"sst2": ("cls", 32, 8), "squad": ("qa", 16, 4)}
@@ -239,6 +240,10 @@ def build_impl(impl: str, model: str, head: str, device: torch.device) -> torch.
     if missing or unexpected:
         raise RuntimeError(f"transformers {cls.__name__} does not take the fastbert weights: "
                            f"missing {missing[:5]}, unexpected {unexpected[:5]}")
+    if impl == "hf_fastbert":
+        from fastbert import patch_transformers
+
+        patch_transformers(module)
     return module.to(device)
 
 
@@ -341,10 +346,11 @@ def _impls(device: torch.device, compile_here: bool, key: bool, real_lengths: bo
     """impl -> (status, note) for one case (key: a tier-1 case; real_lengths: padded batches, where
     the unpadded encoder runs too)."""
     from fastbert.ops import available_backends
-    from fastbert.ops._backend import interpreter_on
+    from fastbert.ops._backend import interpreter_on, resolve
 
     usable = available_backends(device)
     out = {name: ("ok", "") for name in ("hf_eager", "hf_sdpa")}
+    out["hf_fastbert"] = ("ok", f"fastbert backend auto: {resolve(device)}")
     if compile_here:
         out["hf_sdpa_compile"] = ("ok", "")
     for backend in ("torch", "triton", "cuda"):
@@ -467,7 +473,8 @@ def _row(case: E2ECase) -> dict:
         "metric": None, "pct_of_ceiling": None, "speedup_vs_eager": None, "peak_mib": None,
         "tokens": case.tokens, "padded_tokens": case.padded_tokens, "tokens_per_s": None, "mfu_pct": None,
         "speedup_vs_hf_compile": None, "max_abs_diff": None,
-        "library": "transformers" if case.impl.startswith("hf_") else "fastbert",
+        "library": {"hf_fastbert": "transformers + fastbert.patch_transformers"}.get(
+            case.impl, "transformers" if case.impl.startswith("hf_") else "fastbert"),
         "compiled": case.impl.endswith("_compile"), "utc": harness.utc_now(),
     }
     return row
@@ -730,7 +737,7 @@ def run(args, device: torch.device, out_dir: Path, started: float, argv: Sequenc
         log(f"time limit: {len(results.skipped_for_time)} e2e case groups not run (listed in the JSON)")
     log(summary_markdown(data))
     must_run = ("fb_torch", "fb_triton", "fb_cuda", "fb_torch_compile", "fb_triton_compile", "fb_cuda_compile",
-                "fb_triton_unpad", "fb_cuda_unpad", BASELINE)
+                "fb_triton_unpad", "fb_cuda_unpad", "hf_fastbert", BASELINE)
     broken = [r for r in results.rows if r["status"] == "error" and r["impl"] in must_run]
     for r in broken:
         print(f"ERROR {r['op']} {r['impl']} {r['shape']} {r['mode']}: {r['note']}", file=sys.stderr)
