@@ -78,11 +78,12 @@ def test_patched_triton_under_autocast():
 
 
 @pytest.mark.gpu
+@pytest.mark.parametrize("backend", ["triton", "cuda"])
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
-def test_patched_cuda_under_autocast(dtype):
-    if "cuda" not in fastbert.ops.available_backends(DEVICE):
-        pytest.skip("fastbert._C is not built")
-    _check_patched_matches("cuda", DEVICE, dtype)
+def test_patched_on_gpu_under_autocast(backend, dtype):
+    if backend not in fastbert.ops.available_backends(DEVICE):
+        pytest.skip(f"fastbert backend {backend!r} is not usable here")
+    _check_patched_matches(backend, DEVICE, dtype)
 
 
 def test_padding_reaches_the_kernel():
