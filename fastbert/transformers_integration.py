@@ -1,4 +1,5 @@
-"""Drop-in use of fastbert's kernels inside a transformers BERT.
+"""Drop-in use of fastbert's kernels inside a transformers BERT (or RoBERTa, XLM-R, CamemBERT,
+ELECTRA, ERNIE: the family whose encoder layers are BERT's).
 
     import fastbert
     model = transformers.AutoModelForSequenceClassification.from_pretrained(path)
@@ -11,9 +12,9 @@ What changes, module by module (weights, parameter names and state dicts stay tr
   attention dropout, as the flash kernels take them. The mask comes from our entry in
   AttentionMaskInterface: without one transformers hands a custom attention function no
   padding mask at all (FIELD-NOTES), and padding would silently attend.
-- BertSelfOutput / BertOutput: dense -> `fastbert.ops.add_layernorm` (dropout, residual add and
+- <Family>SelfOutput / <Family>Output: dense -> `fastbert.ops.add_layernorm` (dropout, residual add and
   LayerNorm in one pass, mean/rstd saved for the backward).
-- BertIntermediate: dense without its bias -> `fastbert.ops.bias_gelu` (bias + erf GELU; the
+- <Family>Intermediate: dense without its bias -> `fastbert.ops.bias_gelu` (bias + erf GELU; the
   tanh forms "gelu_new"/"gelu_pytorch_tanh" use the tanh option), when hidden_act is one of those.
 
 `backend` ("torch", "triton", "cuda"; None: whatever fastbert.ops is set to, "auto" by default)
@@ -125,36 +126,58 @@ def _bias_gelu_forward(self, hidden_states):
                              self.fastbert_gelu_approximate)
 
 
+# model_type -> (transformers module, class prefix): the BERT family whose encoder modules are
+# BERT's line for line in transformers 5.x (SelfOutput, Output, Intermediate, SelfAttention;
+# tests/test_transformers_integration.py checks each against its unpatched self).
+FAMILY = {
+    "bert": ("bert", "Bert"),
+    "roberta": ("roberta", "Roberta"),
+    "xlm-roberta": ("xlm_roberta", "XLMRoberta"),
+    "camembert": ("camembert", "Camembert"),
+    "electra": ("electra", "Electra"),
+    "ernie": ("ernie", "Ernie"),
+}
+
+
+def _family_classes(model_type):
+    import importlib
+
+    module_name, prefix = FAMILY[model_type]
+    modeling = importlib.import_module(f"transformers.models.{module_name}.modeling_{module_name}")
+    return types.SimpleNamespace(**{suffix: getattr(modeling, prefix + suffix) for suffix in
+                                    ("Layer", "SelfAttention", "SelfOutput", "Output", "Intermediate")})
+
+
 def patch_transformers(model: torch.nn.Module, backend: str | None = None) -> torch.nn.Module:
-    """Run a transformers BERT (BertModel or any Bert* head model) on fastbert's kernels, in place.
+    """Run a transformers BERT-family encoder (BertModel, RobertaModel, ElectraModel, ... or
+    any of their head models) on fastbert's kernels, in place. Returns the model.
 
-    Returns the model. Raises ValueError for a model without BERT encoder layers, a decoder
-    (causal) configuration, or an unknown backend name; ImportError for a transformers
-    without the attention hooks. Patching twice is harmless."""
-    from transformers.models.bert import modeling_bert as hf_bert
-
+    Raises ValueError for a model outside FAMILY or without encoder layers, a decoder (causal)
+    or cross-attention configuration, or an unknown backend name; ImportError for a
+    transformers without the attention hooks. Patching twice is harmless."""
     if backend is not None:
         check_backend_name(backend)
     config = getattr(model, "config", None)
-    if config is None or getattr(config, "model_type", None) != "bert":
-        raise ValueError(f"patch_transformers expects a transformers BERT model (config.model_type 'bert'), "
-                         f"got {type(model).__name__}"
-                         + (f" with model_type {config.model_type!r}" if config is not None else ""))
+    model_type = getattr(config, "model_type", None)
+    if model_type not in FAMILY:
+        raise ValueError(f"patch_transformers expects a transformers model of the BERT family (config.model_type "
+                         f"in {sorted(FAMILY)}), got {type(model).__name__}"
+                         + (f" with model_type {model_type!r}" if config is not None else ""))
     if getattr(config, "is_decoder", False) or getattr(config, "add_cross_attention", False):
         raise ValueError("patch_transformers: fastbert attention is bidirectional encoder self-attention; "
-                         "this BERT is configured as a decoder (is_decoder / add_cross_attention)")
+                         "this model is configured as a decoder (is_decoder / add_cross_attention)")
     register()
-    layers = [m for m in model.modules() if isinstance(m, hf_bert.BertLayer)]
-    if not layers:
-        raise ValueError(f"patch_transformers: {type(model).__name__} holds no BertLayer")
+    family = _family_classes(model_type)
+    if not any(isinstance(m, family.Layer) for m in model.modules()):
+        raise ValueError(f"patch_transformers: {type(model).__name__} holds no {family.Layer.__name__}")
     approximate = _GELU_APPROXIMATE.get(config.hidden_act) if isinstance(config.hidden_act, str) else None
     for module in model.modules():
-        if isinstance(module, (hf_bert.BertSelfOutput, hf_bert.BertOutput)):
+        if isinstance(module, (family.SelfOutput, family.Output)):
             module.forward = types.MethodType(_add_layernorm_forward, module)
-        elif isinstance(module, hf_bert.BertIntermediate) and approximate is not None:
+        elif isinstance(module, family.Intermediate) and approximate is not None:
             module.fastbert_gelu_approximate = approximate
             module.forward = types.MethodType(_bias_gelu_forward, module)
-        elif not isinstance(module, hf_bert.BertSelfAttention):
+        elif not isinstance(module, family.SelfAttention):
             continue
         module.fastbert_backend = backend
     model.set_attn_implementation(ATTN_IMPLEMENTATION)
