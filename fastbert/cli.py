@@ -44,6 +44,7 @@ def cmd_finetune(args) -> int:
     dev_data = tasks.read(spec, args.dev, tokenizer, args.max_dev_examples) if args.dev else None
     model = tasks.build_model(spec, args.model, args.backend).to(device)
     model.bert.unpad = args.unpad
+    model.bert.gradient_checkpointing = args.gradient_checkpointing
     print(fastbert.ops.describe_default(device) if args.backend is None else f"fastbert: backend {args.backend!r}")
     print(f"task {spec.name} ({spec.kind}): {len(train_data.features)} training features"
           + (f", {len(dev_data.features)} dev features" if dev_data else ""))
@@ -61,7 +62,8 @@ def cmd_finetune(args) -> int:
     model.save_pretrained(final)
     tokenizer.save(final)
     summary.update(task=spec.name, kind=spec.kind, model=str(args.model), device=str(device),
-                   backend=args.backend or "auto", unpad=args.unpad, train_features=len(train_data.features),
+                   backend=args.backend or "auto", unpad=args.unpad,
+                   gradient_checkpointing=args.gradient_checkpointing, train_features=len(train_data.features),
                    total_wall_time_s=time.perf_counter() - started, saved_to=str(final),
                    final_metrics=summary["epochs"][-1] if summary["epochs"] else {})
     metrics_file = Path(args.metrics_json or Path(args.out) / "metrics.json")
@@ -237,6 +239,9 @@ def build_parser():
     ft.add_argument("--max-steps", type=int, default=None)
     ft.add_argument("--unpad", action="store_true",
                     help="run the encoder on the real tokens only (packed; no work on padding)")
+    ft.add_argument("--gradient-checkpointing", action="store_true",
+                    help="keep only each layer's input and recompute the layer in the backward "
+                         "(much less activation memory, about a third more compute)")
     ft.add_argument("--max-train-examples", type=int, default=None)
     ft.add_argument("--batch-size", type=int, default=32)
     ft.add_argument("--grad-accum", type=int, default=1)

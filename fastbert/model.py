@@ -15,6 +15,7 @@ from pathlib import Path
 
 import torch
 import torch.nn as nn
+import torch.utils.checkpoint
 import torch.nn.functional as F
 
 from . import checkpoint, ops
@@ -125,14 +126,19 @@ class BertModel(nn.Module):
     FlashAttention's BERT does: the outputs at real positions are the padded model's, padded
     positions of last_hidden_state are zeros, and no GEMM or kernel spends time on padding.
     It costs one host sync per forward (the token count) and is skipped under torch.compile,
-    whose graphs need static shapes."""
+    whose graphs need static shapes.
+
+    gradient_checkpointing=True keeps only each layer's input during training and recomputes the
+    layer in the backward: activation memory of one layer instead of all, for about a third
+    more compute."""
 
     def __init__(self, config: BertConfig, backend: str | None = None, add_pooling_layer: bool = True,
-                 unpad: bool = False):
+                 unpad: bool = False, gradient_checkpointing: bool = False):
         super().__init__()
         self.config = config
         self.backend = backend  # None: whatever fastbert.ops is set to (default "auto")
         self.unpad = unpad
+        self.gradient_checkpointing = gradient_checkpointing
         self.embeddings = BertEmbeddings(config)
         self.layers = nn.ModuleList(BertLayer(config) for _ in range(config.num_hidden_layers))
         # Tagging and QA heads read every token, not [CLS]: like transformers they drop the pooler.
@@ -164,7 +170,7 @@ class BertModel(nn.Module):
             else:
                 hidden_in = hidden
                 for layer in self.layers:
-                    hidden, hidden_in = layer(hidden, hidden_in, mask)
+                    hidden, hidden_in = self._run_layer(layer, hidden, hidden_in, mask)
             pooled = torch.tanh(self.pooler(hidden[:, 0])) if self.pooler is not None else None
         return BertOutput(last_hidden_state=hidden, pooler_output=pooled)
 
@@ -179,8 +185,23 @@ class BertModel(nn.Module):
         tokens = hidden.reshape(batch * seqlen, width).index_select(0, real)
         tokens_in = tokens
         for layer in self.layers:
-            tokens, tokens_in = layer(tokens, tokens_in, None, packed)
+            tokens, tokens_in = self._run_layer(layer, tokens, tokens_in, None, packed)
         return tokens.new_zeros(batch * seqlen, width).index_copy(0, real, tokens).view(batch, seqlen, width)
+
+    def _run_layer(self, layer, *args):
+        if not (self.gradient_checkpointing and self.training and torch.is_grad_enabled()):
+            return layer(*args)
+        # Keep only each layer's inputs; the backward runs the layer again. The dropout seeds are
+        # drawn from torch's generators, whose states checkpoint restores before the rerun, so
+        # the kernels regenerate the same masks: gradients equal the run without checkpointing.
+        # The rerun happens inside backward(), outside any use_backend scope of this forward:
+        # it reopens the scope in force now, or it could run other kernels with other masks.
+        backend = ops.get_backend()
+
+        def rerunnable(*layer_args):
+            with ops.use_backend(backend):
+                return layer(*layer_args)
+        return torch.utils.checkpoint.checkpoint(rerunnable, *args, use_reentrant=False)
 
     def _checked_inputs(self, input_ids, attention_mask, token_type_ids):
         device = self.embeddings.word.weight.device

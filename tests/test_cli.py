@@ -57,17 +57,19 @@ def test_finetune_evaluate_predict(tmp_path, capsys, task, train, dev, inputs, m
 
 
 def test_finetune_unpad(tmp_path, capsys):
-    """--unpad trains the packed encoder (tagging: every token's vector is read)."""
+    """--unpad trains the packed encoder (tagging: every token's vector is read), here with
+    --gradient-checkpointing too."""
     if not DATA.exists():
         pytest.skip(f"needs the shared datasets at {DATA}")
     out = tmp_path / "run"
     assert fastbert.cli.main(["finetune", "--task", "pos", "--train", str(DATA / "ud_ewt/en_ewt-ud-dev.conllu"),
                               "--dev", str(DATA / "ud_ewt/en_ewt-ud-dev.conllu"), "--out", str(out), "--unpad",
+                              "--gradient-checkpointing",
                               "--max-steps", "2", "--batch-size", "4", "--max-train-examples", "16",
                               "--max-dev-examples", "8", "--max-seq-len", "48", "--no-progress",
                               "--device", "cpu"]) == 0
     summary = json.loads((out / "metrics.json").read_text())
-    assert summary["unpad"] is True and summary["steps"] == 2 and "token_accuracy" in summary["final_metrics"]
+    assert summary["unpad"] is True and summary["gradient_checkpointing"] is True and summary["steps"] == 2 and "token_accuracy" in summary["final_metrics"]
 
 
 def test_resume_continues_from_checkpoint(tmp_path, capsys):

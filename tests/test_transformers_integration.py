@@ -188,3 +188,25 @@ def test_patched_model_compiles_with_fullgraph():
     with torch.no_grad():
         expected = model(input_ids=ids, attention_mask=mask).logits
     torch.testing.assert_close(logits, expected, atol=1e-6, rtol=1e-6)
+
+
+@pytest.mark.parametrize("backend", ["torch", pytest.param("triton", marks=pytest.mark.slow)])
+def test_gradient_checkpointing_reruns_the_same_dropout(backend):
+    """transformers' gradient checkpointing reruns the patched layers in the backward, outside
+    any use_backend scope of the forward: the patched modules keep their backend there and the
+    dropout seeds come back with the generators' states, so the gradients are the ones without
+    checkpointing, bit for bit."""
+    if backend == "triton":
+        pytest.importorskip("triton")
+    config = _tiny_config(hidden_dropout_prob=0.1, attention_probs_dropout_prob=0.1)
+    model = fastbert.patch_transformers(_classifier(config, DEVICE), backend=backend).train()
+    ids, mask = _batch(DEVICE)
+    labels = torch.tensor([0, 1, 1, 0], device=DEVICE)
+    grads = []
+    for checkpointing in (False, True):
+        if checkpointing:
+            model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        torch.manual_seed(3)
+        grads.append(_logits_and_grads(model, ids, mask, labels)[1])
+    for name, g in grads[0].items():
+        torch.testing.assert_close(grads[1][name], g, atol=0, rtol=0, msg=lambda m, name=name: f"{name}: {m}")
