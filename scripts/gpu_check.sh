@@ -19,8 +19,11 @@
 #   GPU_CHECK_TOTAL_S=420   the whole script ends by then
 #   INSTALL_S=150           pip install -e . (builds the CUDA extension when csrc/ has sources
 #                           and nvcc is found; FASTBERT_CUDA=0 skips it)
-#   GPU_TESTS_S=200         pytest -m gpu tests, in GPU_TEST_SHARDS=4 parallel processes over disjoint
-#                           files (GPU_TESTS_MAXFAIL=5 failures stop a shard; 1 acts as -x)
+#   GPU_TESTS_S=200         pytest -m gpu tests: with pytest-xdist (the GPU image has it), in
+#                           GPU_TEST_WORKERS=8 workers that take tests one by one (--dist load: the
+#                           Triton JIT compiles of one heavy file spread over the cores); without it,
+#                           in GPU_TEST_SHARDS=4 parallel processes over disjoint files.
+#                           GPU_TESTS_MAXFAIL=5 failures stop the run (or a shard); 1 acts as -x
 #   BENCH_MAX_S=300         the benchmark gets what is left, at most this (at least 60 s), in --budget
 #                           mode with --time-limit so that it stops starting new case groups in time
 #                           (lowest priority first: fp16, then the non-key shapes); its JSON is saved
@@ -86,12 +89,22 @@ left_for() {  # seconds for a stage: what is left of TOTAL (minus a margin), at 
 
 # ---------------------------------------------------------------- GPU tests
 if stage tests; then
-echo "== pytest -m gpu tests, ${GPU_TEST_SHARDS:-4} processes ($(elapsed)s)"
 TIMEOUT_ARG=""
 "$PY" -c "import pytest_timeout" 2>/dev/null && TIMEOUT_ARG="--timeout=${GPU_TEST_TIMEOUT_S:-120}"
-# Triton's JIT compiles (CPU-bound, one per kernel specialisation) dominate a first GPU run:
-# N pytest processes over disjoint files use N of the machine's cores. Heaviest files first,
-# dealt round-robin; every shard's log goes into gpu_tests.log.
+TESTS_RC=0
+if [ "${GPU_TEST_WORKERS:-8}" -gt 1 ] && "$PY" -c "import xdist" 2>/dev/null; then
+# Triton's JIT compiles (CPU-bound, one per kernel specialisation) dominate a first GPU run, and
+# most of them sit in a few files: workers that take single tests spread them over the cores.
+echo "== pytest -m gpu tests, ${GPU_TEST_WORKERS:-8} xdist workers ($(elapsed)s)"
+# shellcheck disable=SC2086  # TIMEOUT_ARG is empty or one word
+timeout -k 10 "${GPU_TESTS_S:-200}" "$PY" -m pytest -m gpu tests -q -p no:cacheprovider -n "${GPU_TEST_WORKERS:-8}" \
+    --dist load --maxfail="${GPU_TESTS_MAXFAIL:-5}" $TIMEOUT_ARG -rfE --durations=10 >"$OUT/gpu_tests.log" 2>&1
+TESTS_RC=$?
+[ "$TESTS_RC" = 124 ] && echo "(stopped by the ${GPU_TESTS_S:-200}s cap)" >>"$OUT/gpu_tests.log"
+else
+echo "== pytest -m gpu tests, ${GPU_TEST_SHARDS:-4} processes ($(elapsed)s)"
+# Without xdist: N pytest processes over disjoint files use N of the machine's cores.
+# Heaviest files first, dealt round-robin; every shard's log goes into gpu_tests.log.
 SHARDS=${GPU_TEST_SHARDS:-4}
 ORDERED=()
 for f in test_cuda_layernorm test_attention test_cuda_attention test_layernorm test_gelu test_cuda_span test_span; do
@@ -109,7 +122,6 @@ for ((i = 0; i < SHARDS; i++)); do
         --maxfail="${GPU_TESTS_MAXFAIL:-5}" $TIMEOUT_ARG -rfE --durations=5 >"$OUT/gpu_tests.$i.tmp" 2>&1 &
     PIDS+=($!)
 done
-TESTS_RC=0
 for ((i = 0; i < ${#PIDS[@]}; i++)); do
     wait "${PIDS[i]}"
     rc=$?
@@ -118,6 +130,7 @@ for ((i = 0; i < ${#PIDS[@]}; i++)); do
     [ "$rc" = 0 ] || [ "$rc" = 5 ] || TESTS_RC=$rc   # 5: no test selected in that shard
     rm -f "$OUT/gpu_tests.$i.tmp"
 done
+fi
 grep -E "^==== shard|passed|failed|error|FAILED|ERROR|stopped by" "$OUT/gpu_tests.log" | tail -n 60
 echo "gpu tests rc=$TESTS_RC ($(elapsed)s)"
 [ "$TESTS_RC" = 0 ] || RC=1
