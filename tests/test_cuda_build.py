@@ -192,6 +192,27 @@ ptxas info    : Used 32 registers, used 0 barriers, 356 bytes cmem[0]
     ]
 
 
+def test_build_stamp_follows_the_sources_and_the_flags(monkeypatch, tmp_path):
+    """The stamp a prebuilt module is matched by (scripts/device_install.sh) changes with any
+    csrc/ source or header and with the arch flags, and not with csrc/'s notes."""
+    shutil.copytree(CSRC, tmp_path / "csrc", ignore=shutil.ignore_patterns("__pycache__"))
+    spec = importlib.util.spec_from_file_location("stamped_build_ext", tmp_path / "csrc" / "build_ext.py")
+    B = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(B)
+    monkeypatch.delenv("FASTBERT_CUDA_ARCH", raising=False)
+    monkeypatch.delenv("FASTBERT_NVCC_FLAGS", raising=False)
+    first = B.build_stamp()
+    assert first == _build_ext_module().build_stamp()  # the checkout's csrc/, same bytes
+    (tmp_path / "csrc" / "README.md").write_text("notes")
+    assert B.build_stamp() == first
+    monkeypatch.setenv("FASTBERT_CUDA_ARCH", "90a")
+    assert B.build_stamp() != first
+    monkeypatch.delenv("FASTBERT_CUDA_ARCH")
+    with open(tmp_path / "csrc" / "span.cuh", "a") as f:
+        f.write("\n")
+    assert B.build_stamp() != first
+
+
 def test_build_switches_are_wired_in_setup_py():
     """setup.py hands csrc/ to build_ext.cuda_extension; pyproject.toml brings pybind11."""
     setup_py = (ROOT / "setup.py").read_text()
