@@ -18,7 +18,9 @@
 # Time budget (seconds; environment overrides), sized for a call of about 8 minutes:
 #   GPU_CHECK_TOTAL_S=420   the whole script ends by then
 #   INSTALL_S=150           pip install -e . (builds the CUDA extension when csrc/ has sources
-#                           and nvcc is found; FASTBERT_CUDA=0 skips it)
+#                           and nvcc is found; FASTBERT_CUDA=0 skips it). A call that carries
+#                           [".gpu/carry/prebuilt"] (prepare_gpu_carry.py --prebuilt) skips the
+#                           compile when the carried wheel's stamp matches (scripts/device_install.sh)
 #   GPU_TESTS_S=200         pytest -m gpu tests, in GPU_TEST_SHARDS=4 parallel processes over disjoint
 #                           files (GPU_TESTS_MAXFAIL=5 failures stop a shard; 1 acts as -x)
 #   BENCH_MAX_S=300         the benchmark gets what is left, at most this (at least 60 s), in --budget
