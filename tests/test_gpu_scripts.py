@@ -75,7 +75,8 @@ def test_device_install_uses_a_prebuilt_extension_only_when_its_stamp_matches(tm
     python = tmp_path / "python"
     python.write_text(_FAKE_PYTHON.format(python=sys.executable))
     python.chmod(0o755)
-    env = {k: v for k, v in os.environ.items() if k not in ("FASTBERT_CUDA", "FASTBERT_CUDA_ARCH", "FASTBERT_NVCC_FLAGS")}
+    build_switches = ("FASTBERT_CUDA", "FASTBERT_CUDA_ARCH", "FASTBERT_NVCC_FLAGS")
+    env = {k: v for k, v in os.environ.items() if k not in build_switches}
     env.update(REPO=str(repo), OUT=str(out), PY=str(python), PIP_LOG=str(tmp_path / "pip.log"),
                FASTBERT_PREBUILT=str(prebuilt))
     cuda_default = "0" if case == "cuda_off" else ""

@@ -5,7 +5,7 @@ command), and installed away from the checkout it imports and runs the embedded 
 
 The wheel is built in a copy of the checkout's files (tracked, or new and not ignored), so
 nothing stale in the checkout's build/ can slip into it; where nvcc exists that compiles
-fastbert._C once more (about 70 s on 2 cores).
+fastbert._C once more (about 100 s on 2 cores).
 
 Where the wheel carries fastbert._C, `auditwheel repair` (scripts/build_wheels.py's) gives it
 a manylinux tag, the form PyPI takes and users ship: the same files (nothing vendored: the
