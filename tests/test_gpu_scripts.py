@@ -1,10 +1,15 @@
 """The GPU scripts run on the CPU at toy sizes, so a crash costs no device time: the carry
 folder is prepared as for the device (float16 MiniLM, the data it needs), then
 scripts/gpu_finetune.py fine-tunes for a step with fastbert (bf16 autocast: the GPU default)
-and with transformers, and evaluates, SST-2 and SQuAD."""
+and with transformers, and evaluates, SST-2 and SQuAD. And scripts/device_install.sh's
+choice between a carried prebuilt fastbert._C and compiling csrc/, with pip stubbed out."""
+import importlib.util
 import json
+import os
+import shutil
 import subprocess
 import sys
+import zipfile
 from pathlib import Path
 
 import pytest
@@ -33,3 +38,63 @@ def test_gpu_finetune_runs_at_toy_size_on_cpu(tmp_path):
         assert r["status"] == "ok" and r["precision"] == "bf16", r
         metrics = r["metrics"]
         assert ("accuracy" in metrics) if r["task"] == "sst2" else ("f1" in metrics and "exact_match" in metrics)
+
+
+# Python, except that `-m pip` is only logged with the FASTBERT_CUDA it got (and succeeds):
+# device_install's decisions show without installing anything.
+_FAKE_PYTHON = """#!/usr/bin/env bash
+if [ "$1 $2" = "-m pip" ]; then echo "FASTBERT_CUDA=${{FASTBERT_CUDA-unset}}" >>"$PIP_LOG"; exit 0; fi
+exec {python} "$@"
+"""
+
+
+@pytest.mark.parametrize("case", ["match", "stale", "broken", "cuda_off"])
+def test_device_install_uses_a_prebuilt_extension_only_when_its_stamp_matches(tmp_path, case):
+    """match: the carried wheel's module is copied into fastbert/ and pip runs with FASTBERT_CUDA=0
+    (no nvcc). stale (csrc/ changed since it was built), broken (it does not load) and cuda_off
+    (the extension not wanted, as in gpu_finetune.sh): pip builds as before, nothing is copied."""
+    spec = importlib.util.find_spec("fastbert._C")
+    if spec is None:
+        pytest.skip("fastbert._C is not built here: no module to carry")
+    repo, prebuilt, out = tmp_path / "repo", tmp_path / "prebuilt", tmp_path / "out"
+    shutil.copytree(REPO / "csrc", repo / "csrc", ignore=shutil.ignore_patterns("__pycache__"))
+    (repo / "fastbert").mkdir()
+    prebuilt.mkdir()
+    out.mkdir()
+    module = Path(spec.origin).read_bytes() if case != "broken" else b"not an ELF file"
+    wheel = prebuilt / "fastbert-0.1.0-cp3-cp3-manylinux_2_34_x86_64.whl"  # as build_wheels.py --prebuilt leaves it
+    with zipfile.ZipFile(wheel, "w") as zf:
+        zf.writestr("fastbert/__init__.py", "")
+        zf.writestr(f"fastbert/{Path(spec.origin).name}", module)
+    stamp = subprocess.run([sys.executable, "csrc/build_ext.py", "stamp"], cwd=repo, capture_output=True, text=True,
+                           check=True).stdout
+    wheel.with_name(wheel.name + ".stamp").write_text(stamp)
+    if case == "stale":
+        with open(repo / "csrc" / "fastbert.h", "a") as header:
+            header.write("// an edit after the module was built\n")
+    python = tmp_path / "python"
+    python.write_text(_FAKE_PYTHON.format(python=sys.executable))
+    python.chmod(0o755)
+    build_switches = ("FASTBERT_CUDA", "FASTBERT_CUDA_ARCH", "FASTBERT_NVCC_FLAGS")
+    env = {k: v for k, v in os.environ.items() if k not in build_switches}
+    env.update(REPO=str(repo), OUT=str(out), PY=str(python), PIP_LOG=str(tmp_path / "pip.log"),
+               FASTBERT_PREBUILT=str(prebuilt))
+    cuda_default = "0" if case == "cuda_off" else ""
+    done = subprocess.run(["bash", "-c", f'source "{REPO}/scripts/device_install.sh"; '
+                           f'device_install 60 {cuda_default}; echo "INSTALL=$INSTALL"'],
+                          cwd=repo, env=env, capture_output=True, text=True, timeout=300)
+    log = (out / "install.log").read_text()
+    installs = (tmp_path / "pip.log").read_text().split()
+    chosen = [line for line in done.stdout.splitlines() if line.startswith("INSTALL=")]
+    copied = list((repo / "fastbert").glob("_C*.so"))
+    context = f"{done.stdout}\n{done.stderr}\ninstall.log:\n{log}"
+    if case == "match":
+        assert installs == ["FASTBERT_CUDA=0"], context
+        assert [(p.name, p.read_bytes()) for p in copied] == [(Path(spec.origin).name, module)], context
+        assert chosen and "prebuilt wheel" in chosen[0] and wheel.name in log, context
+    else:
+        assert installs == (["FASTBERT_CUDA=0"] if case == "cuda_off" else ["FASTBERT_CUDA=unset"]), context
+        assert not copied, context
+        assert chosen and "prebuilt" not in chosen[0], context
+        reason = {"stale": "matches this checkout", "broken": "does not load here", "cuda_off": None}[case]
+        assert reason is None or reason in log, context
