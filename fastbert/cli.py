@@ -31,6 +31,9 @@ def cmd_finetune(args) -> int:
 
     if args.task is None and args.task_type is None:
         raise ValueError("give --task (a preset) or --task-type")
+    if args.compile and args.unpad:
+        raise ValueError("--unpad and --compile do not go together: the packed encoder's shapes change with "
+                         "every batch, so a compiled model runs padded; pick one")
     overrides = dict(max_seq_len=args.max_seq_len, doc_stride=args.doc_stride, max_answer_len=args.max_answer_len,
                      text_cols=args.text_cols, label_col=args.label_col)
     spec = tasks.TaskSpec.preset(args.task, **overrides) if args.task else \
@@ -52,7 +55,7 @@ def cmd_finetune(args) -> int:
                             lr=args.lr, weight_decay=args.weight_decay, warmup_ratio=args.warmup_ratio,
                             grad_accum=args.grad_accum, seed=args.seed, precision=args.precision,
                             bucket_by_length=not args.no_bucket, save_every=args.save_every,
-                            progress=not args.no_progress)
+                            progress=not args.no_progress, compile=args.compile)
     evaluate = (lambda m: tasks.evaluate(m, spec, dev_data, args.eval_batch_size)) if dev_data else None
     trainer = train.Trainer(model, train_data.features, data.collate, cfg, evaluate, train_data.lengths)
     if args.resume and trainer.resume():
@@ -63,7 +66,7 @@ def cmd_finetune(args) -> int:
     tokenizer.save(final)
     summary.update(task=spec.name, kind=spec.kind, model=str(args.model), device=str(device),
                    backend=args.backend or "auto", unpad=args.unpad,
-                   gradient_checkpointing=args.gradient_checkpointing, train_features=len(train_data.features),
+                   gradient_checkpointing=args.gradient_checkpointing, compile=args.compile, train_features=len(train_data.features),
                    total_wall_time_s=time.perf_counter() - started, saved_to=str(final),
                    final_metrics=summary["epochs"][-1] if summary["epochs"] else {})
     metrics_file = Path(args.metrics_json or Path(args.out) / "metrics.json")
@@ -239,6 +242,9 @@ def build_parser():
     ft.add_argument("--max-steps", type=int, default=None)
     ft.add_argument("--unpad", action="store_true",
                     help="run the encoder on the real tokens only (packed; no work on padding)")
+    ft.add_argument("--compile", nargs="?", const="inductor", default=None, metavar="BACKEND",
+                    help="train through torch.compile (default backend inductor; the kernels stay "
+                         "in the graph as registered ops). Not with --unpad, whose shapes vary")
     ft.add_argument("--gradient-checkpointing", action="store_true",
                     help="keep only each layer's input and recompute the layer in the backward "
                          "(much less activation memory, about a third more compute)")

@@ -42,6 +42,7 @@ class TrainConfig:
     bucket_by_length: bool = False
     save_every: int | None = None        # optimizer steps between checkpoints (None: each epoch)
     progress: bool = True
+    compile: str | None = None           # torch.compile backend for the training forward ("inductor"); None: eager
 
     def __post_init__(self):
         self.out = Path(self.out)
@@ -54,6 +55,9 @@ class TrainConfig:
             raise ValueError(f"precision must be auto, fp32, bf16 or fp16, got {self.precision!r}")
         if not self.lr > 0:
             raise ValueError(f"lr must be > 0, got {self.lr}")
+        if self.compile is not None and self.compile not in torch.compiler.list_backends(exclude_tags=()):
+            raise ValueError(f"compile must be a torch.compile backend {torch.compiler.list_backends()} or None, "
+                             f"got {self.compile!r}")
 
 
 def parameter_groups(model: torch.nn.Module, weight_decay: float):
@@ -135,6 +139,10 @@ class Trainer:
         self.scaler = torch.amp.GradScaler("cuda") if self.autocast == torch.float16 else None
         self.step, self.epoch, self.batch_in_epoch = 0, 0, 0
         self.history: list[dict] = []
+        # The training forward (and so its backward) through torch.compile; the model itself stays
+        # eager for evaluation and checkpoints (the compiled module shares its parameters). The
+        # padded batches vary in length: the second length recompiles once with a dynamic one.
+        self._train_forward = torch.compile(model, backend=config.compile) if config.compile else model
         # collate() may carry bookkeeping (example_index) that the model does not take.
         self._model_inputs = set(inspect.signature(model.forward).parameters)
 
@@ -199,7 +207,7 @@ class Trainer:
         tokens = int(batch["attention_mask"].sum())  # on the host still: no device sync
         batch = {k: v.to(self.device, non_blocking=True) for k, v in batch.items() if k in self._model_inputs}
         with torch.autocast(self.device.type, dtype=self.autocast, enabled=self.autocast is not None):
-            loss = self.model(**batch).loss
+            loss = self._train_forward(**batch).loss
         (self.scaler.scale(loss * scale) if self.scaler else loss * scale).backward()
         # One sync a step, after the backward is queued; a bad loss stops the run before the
         # optimizer step can spread it into the weights.

@@ -72,6 +72,22 @@ def test_finetune_unpad(tmp_path, capsys):
     assert summary["unpad"] is True and summary["gradient_checkpointing"] is True and summary["steps"] == 2 and "token_accuracy" in summary["final_metrics"]
 
 
+def test_finetune_compiled(tmp_path, capsys):
+    """--compile BACKEND trains through torch.compile (aot_eager: the graphs without inductor's
+    C++ compile time on a CPU); --compile with --unpad is refused with a reason."""
+    if not DATA.exists():
+        pytest.skip(f"needs the shared datasets at {DATA}")
+    out = tmp_path / "run"
+    args = ["finetune", "--task", "sst2", "--train", str(DATA / "sst2/train.tsv"), "--out", str(out),
+            "--max-steps", "2", "--batch-size", "4", "--max-train-examples", "8", "--max-seq-len", "32",
+            "--no-progress", "--device", "cpu"]
+    assert fastbert.cli.main(args + ["--compile", "aot_eager", "--unpad"]) == 2
+    assert "--unpad and --compile" in capsys.readouterr().err
+    assert fastbert.cli.main(args + ["--compile", "aot_eager"]) == 0
+    summary = json.loads((out / "metrics.json").read_text())
+    assert summary["compile"] == "aot_eager" and summary["steps"] == 2
+
+
 def test_resume_continues_from_checkpoint(tmp_path, capsys):
     if not DATA.exists():
         pytest.skip(f"needs the shared datasets at {DATA}")
