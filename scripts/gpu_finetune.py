@@ -14,7 +14,9 @@ machine has no ../shared and no embedded-model package):
 Every run goes through fastbert.train.Trainer (AdamW, linear warm-up/decay, clipping, bf16 autocast on
 the GPU, length bucketing) and fastbert.tasks.evaluate; only the model differs: fastbert's heads with
 --backend triton / torch, or transformers' BertFor* classes behind scripts/compare_quality.py's HFAdapter
-(attn_implementation: transformers' default, sdpa), loaded from the same checkpoint, float32 master weights.
+(attn_implementation: transformers' default, sdpa), loaded from the same checkpoint, float32 master weights;
+"transformers+fastbert" is that model after fastbert.patch_transformers, and "<impl>+compile" trains
+through torch.compile (--compile-backend, inductor).
 Checkpoints are not written (their disk time is not what we measure).
 
 Recorded per run: wall_time_s (training, evaluations included), eval_time_s, train_time_s (without
@@ -47,7 +49,10 @@ sys.path.insert(0, str(REPO / "scripts"))
 import fastbert  # noqa: E402
 from fastbert import data, tasks, train  # noqa: E402
 
-IMPLS = ("triton", "torch", "transformers", "cuda", "auto")
+# fastbert backends; transformers as it comes; transformers after fastbert.patch_transformers. Any of
+# them with "+compile": the Trainer's training forward through torch.compile (inductor).
+BASE_IMPLS = ("triton", "torch", "transformers", "cuda", "auto", "transformers+fastbert")
+IMPLS = BASE_IMPLS + tuple(f"{impl}+compile" for impl in BASE_IMPLS)
 HYPER = {
     "sst2": dict(lr=8e-5, batch_size=32, max_seq_len=128),
     "squad": dict(lr=8e-5, batch_size=32, doc_stride=128),
@@ -96,7 +101,8 @@ def squad_data(examples, tokenizer, spec) -> tasks.TaskData:
 # ----------------------------------------------------------------------------- models
 
 def build_model(impl: str, spec: tasks.TaskSpec, model_dir: Path, device: torch.device):
-    if impl != "transformers":
+    impl = impl.removesuffix("+compile")
+    if not impl.startswith("transformers"):
         return tasks.build_model(spec, model_dir, backend=impl).to(device), {"backend": impl}
     import transformers
     from compare_quality import HFAdapter  # the same adapter the CPU quality comparison uses
@@ -106,6 +112,8 @@ def build_model(impl: str, spec: tasks.TaskSpec, model_dir: Path, device: torch.
     else:
         model = transformers.BertForSequenceClassification.from_pretrained(
             str(model_dir), num_labels=len(spec.labels), dtype=torch.float32)
+    if impl == "transformers+fastbert":
+        fastbert.patch_transformers(model)
     return HFAdapter(model).to(device), {"transformers": transformers.__version__,
                                          "attn_implementation": model.config._attn_implementation}
 
@@ -146,8 +154,11 @@ def run_one(task, impl, spec, train_data, dev_data, args, device, deadline, epoc
     hyper = HYPER[task]
     record = {"task": task, "impl": impl, "epochs_planned": epochs, "seed": args.seed, "lr": hyper["lr"],
               "batch_size": hyper["batch_size"], "max_seq_len": spec.max_seq_len, "precision": args.precision,
-              "bucket_by_length": True, "device": str(device)}
-    if impl not in ("transformers", "auto") and impl not in fastbert.ops.available_backends(device):
+              "bucket_by_length": True, "device": str(device),
+              "compile": args.compile_backend if impl.endswith("+compile") else None}
+    backend = impl.removesuffix("+compile")
+    if not backend.startswith("transformers") and backend != "auto" \
+            and backend not in fastbert.ops.available_backends(device):
         record.update(status="skipped", note=f"backend {impl!r} not usable on {device} "
                       f"(usable: {fastbert.ops.available_backends(device)})")
         return record
@@ -158,7 +169,8 @@ def run_one(task, impl, spec, train_data, dev_data, args, device, deadline, epoc
     record.update(about)
     cfg = train.TrainConfig(out=Path(args.work) / f"{task}-{impl}", epochs=epochs, max_steps=args.max_steps,
                             batch_size=hyper["batch_size"], lr=hyper["lr"], seed=args.seed, precision=args.precision,
-                            bucket_by_length=True, progress=False, save_every=10**12)  # no checkpoints
+                            bucket_by_length=True, progress=False, save_every=10**12,  # no checkpoints
+                            compile=args.compile_backend if impl.endswith("+compile") else None)
     eval_spans = []
 
     def evaluate(m):
@@ -229,7 +241,10 @@ def main(argv=None) -> int:
     parser.add_argument("--work", default="/tmp/fastbert_gpu_finetune", help="scratch folder for the trainers")
     parser.add_argument("--tasks", nargs="+", default=["sst2", "squad"], choices=["sst2", "squad"])
     parser.add_argument("--impls", nargs="+", default=["triton", "torch", "transformers"], choices=IMPLS,
-                        help="fastbert backends and/or transformers (default: triton torch transformers)")
+                        help="fastbert backends, transformers, transformers+fastbert (patched); each also "
+                             "with +compile (default: triton torch transformers)")
+    parser.add_argument("--compile-backend", default="inductor",
+                        help="the torch.compile backend of the +compile impls (aot_eager: a quick CPU test)")
     parser.add_argument("--budget", type=float, default=None, help="seconds for the whole script; see above")
     parser.add_argument("--sst2-epochs", type=int, default=3)
     parser.add_argument("--squad-epochs", type=int, default=2)

@@ -15,7 +15,8 @@
 #                          with a budget SST-2 runs 1 epoch instead of 3 and each run gets a share of
 #                          the time (a run that reaches it stops and is evaluated there); "full" runs
 #                          without a budget (3 epochs of SST-2, 2 of SQuAD; several minutes more)
-#   FINETUNE_ARGS          more arguments for gpu_finetune.py (e.g. "--tasks sst2 --impls triton torch")
+#   FINETUNE_ARGS          more arguments for gpu_finetune.py (e.g. "--tasks sst2 --impls triton torch",
+#                          or "--impls cuda+compile transformers+compile transformers+fastbert")
 #   CARRY=.gpu/carry       the carried folder
 #
 # Files left in $OUT (flat, at most 8 come back): run.log (everything printed), install.log,

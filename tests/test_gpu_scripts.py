@@ -28,12 +28,14 @@ def test_gpu_finetune_runs_at_toy_size_on_cpu(tmp_path):
     assert prepared.returncode == 0, prepared.stderr[-3000:]
     done = subprocess.run([sys.executable, str(REPO / "scripts" / "gpu_finetune.py"), "--carry", str(carry),
                            "--out", str(out), "--work", str(tmp_path / "work"), "--device", "cpu",
-                           "--impls", "torch", "transformers", "--precision", "bf16", "--max-steps", "1",
+                           "--impls", "torch", "transformers", "transformers+fastbert", "torch+compile",
+                           "--compile-backend", "aot_eager", "--precision", "bf16", "--max-steps", "1",
                            "--max-train-examples", "32", "--max-dev-examples", "8", "--squad-max-len", "256",
                            "--warmup-steps", "0"], capture_output=True, text=True, timeout=900)
     assert done.returncode == 0, (done.stdout + done.stderr)[-3000:]
     runs = json.loads(out.read_text())["runs"]
-    assert {(r["task"], r["impl"]) for r in runs} == {(t, i) for t in ("sst2", "squad") for i in ("torch", "transformers")}
+    impls = ("torch", "transformers", "transformers+fastbert", "torch+compile")
+    assert {(r["task"], r["impl"]) for r in runs} == {(t, i) for t in ("sst2", "squad") for i in impls}
     for r in runs:
         assert r["status"] == "ok" and r["precision"] == "bf16", r
         metrics = r["metrics"]
