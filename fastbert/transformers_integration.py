@@ -105,7 +105,8 @@ def attention_forward(module, query, key, value, attention_mask, scaling=None, d
 
 def register() -> None:
     """Make attn_implementation="fastbert" known to transformers (idempotent), so that
-    `from_pretrained(..., attn_implementation="fastbert")` also works."""
+    `from_pretrained(..., attn_implementation="fastbert")` also works: that swaps the attention
+    only; patch_transformers also fuses the LayerNorm and GELU steps."""
     attention_interface, mask_interface = _transformers_interfaces()
     attention_interface.register(ATTN_IMPLEMENTATION, attention_forward)
     mask_interface.register(ATTN_IMPLEMENTATION, key_padding_mask)
