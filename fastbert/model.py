@@ -31,12 +31,16 @@ class BertEmbeddings(nn.Module):
         self.norm = nn.LayerNorm(config.hidden_size, eps=config.layer_norm_eps)
         self.dropout_p = config.hidden_dropout_prob
 
-    def forward(self, input_ids, token_type_ids):                  # (B, S) each
-        seqlen = input_ids.shape[1]
-        positions = self.position.weight[:seqlen]                   # (S, hidden), broadcast over B
+    def forward(self, input_ids, token_type_ids, position_ids=None):
+        """input_ids, token_type_ids (B, S) -> (B, S, hidden); or packed tokens: (T,) each with
+        their positions in their sequences, position_ids (T,) -> (T, hidden)."""
         tokens = self.word(input_ids) + self.token_type(token_type_ids)
-        hidden = ops.add_layernorm(positions.expand_as(tokens), tokens, self.norm.weight, self.norm.bias, self.norm.eps)
-        return F.dropout(hidden, self.dropout_p, self.training)      # (B, S, hidden)
+        if position_ids is None:
+            positions = self.position.weight[:input_ids.shape[1]].expand_as(tokens)  # broadcast over B
+        else:
+            positions = self.position(position_ids)
+        hidden = ops.add_layernorm(positions, tokens, self.norm.weight, self.norm.bias, self.norm.eps)
+        return F.dropout(hidden, self.dropout_p, self.training)
 
 
 class BertSelfAttention(nn.Module):
@@ -164,28 +168,30 @@ class BertModel(nn.Module):
         input_ids, mask, token_type_ids = self._checked_inputs(input_ids, attention_mask, token_type_ids)
         scope = ops.use_backend(self.backend) if self.backend else contextlib.nullcontext()
         with scope:
-            hidden = self.embeddings(input_ids, token_type_ids)
             if self.unpad and mask is not None and not torch.compiler.is_compiling():
-                hidden = self._encode_packed(hidden, mask)
+                hidden = self._encode_packed(input_ids, token_type_ids, mask)
             else:
+                hidden = self.embeddings(input_ids, token_type_ids)
                 hidden_in = hidden
                 for layer in self.layers:
                     hidden, hidden_in = self._run_layer(layer, hidden, hidden_in, mask)
             pooled = torch.tanh(self.pooler(hidden[:, 0])) if self.pooler is not None else None
         return BertOutput(last_hidden_state=hidden, pooler_output=pooled)
 
-    def _encode_packed(self, hidden, mask):
-        """The layers over the real tokens only: (B, S, hidden) -> packed (T, hidden) -> back to
+    def _encode_packed(self, input_ids, token_type_ids, mask):
+        """Embeddings and layers over the real tokens only: (B, S) ids -> packed (T, hidden) ->
         (B, S, hidden) with zeros at padding. Each row's real tokens stay in order and together,
-        which is all attention needs (positions were added by the embeddings)."""
-        batch, seqlen, width = hidden.shape
+        which is all attention needs; each keeps its position in its row for the embeddings."""
+        batch, seqlen = input_ids.shape
         real = mask.reshape(-1).nonzero().squeeze(1)                   # (T,): one host sync
         cu_seqlens = F.pad(torch.cumsum(mask.sum(1, dtype=torch.int32), 0, dtype=torch.int32), (1, 0))
         packed = (cu_seqlens, seqlen)                                   # seqlen bounds every length: no sync
-        tokens = hidden.reshape(batch * seqlen, width).index_select(0, real)
+        tokens = self.embeddings(input_ids.reshape(-1).index_select(0, real),
+                                 token_type_ids.reshape(-1).index_select(0, real), real % seqlen)
         tokens_in = tokens
         for layer in self.layers:
             tokens, tokens_in = self._run_layer(layer, tokens, tokens_in, None, packed)
+        width = tokens.shape[-1]
         return tokens.new_zeros(batch * seqlen, width).index_copy(0, real, tokens).view(batch, seqlen, width)
 
     def _run_layer(self, layer, *args):
