@@ -1,5 +1,6 @@
 """Drop-in use of fastbert's kernels inside a transformers BERT (or RoBERTa, XLM-R, CamemBERT,
-ELECTRA, ERNIE: the family whose encoder layers are BERT's).
+ELECTRA, ERNIE: the family whose encoder layers are BERT's; and DistilBERT, whose block is
+patched as a whole).
 
     import fastbert
     model = transformers.AutoModelForSequenceClassification.from_pretrained(path)
@@ -149,25 +150,60 @@ def _family_classes(model_type):
                                     ("Layer", "SelfAttention", "SelfOutput", "Output", "Intermediate")})
 
 
-def patch_transformers(model: torch.nn.Module, backend: str | None = None) -> torch.nn.Module:
-    """Run a transformers BERT-family encoder (BertModel, RobertaModel, ElectraModel, ... or
-    any of their head models) on fastbert's kernels, in place. Returns the model.
+def _distilbert_block_forward(self, hidden_states, attention_mask=None, **kwargs):
+    # transformers' TransformerBlock: a = LN(attention(h) + h); LN(dropout(lin2(act(lin1(a)))) + a)
+    attention_output, _ = self.attention(hidden_states, attention_mask=attention_mask, **kwargs)
+    sa_norm, out_norm, ffn = self.sa_layer_norm, self.output_layer_norm, self.ffn
+    with _backend_scope(self):
+        attended = ops.add_layernorm(attention_output, hidden_states, sa_norm.weight, sa_norm.bias, sa_norm.eps)
+        if self.fastbert_gelu_approximate is None:  # another activation: the FFN as it is, its dropout inside
+            return ops.add_layernorm(ffn(attended), attended, out_norm.weight, out_norm.bias, out_norm.eps)
+        inner = ops.bias_gelu(F.linear(attended, ffn.lin1.weight), ffn.lin1.bias, self.fastbert_gelu_approximate)
+        dropout_p = ffn.dropout.p if self.training else 0.0
+        return ops.add_layernorm(F.linear(inner, ffn.lin2.weight, ffn.lin2.bias), attended, out_norm.weight,
+                                 out_norm.bias, out_norm.eps, dropout_p)
 
-    Raises ValueError for a model outside FAMILY or without encoder layers, a decoder (causal)
-    or cross-attention configuration, or an unknown backend name; ImportError for a
-    transformers without the attention hooks. Patching twice is harmless."""
+
+def _patch_distilbert(model, config, backend):
+    from transformers.models.distilbert import modeling_distilbert as distilbert
+
+    if config.chunk_size_feed_forward:
+        raise ValueError("patch_transformers: DistilBERT with chunk_size_feed_forward "
+                         f"{config.chunk_size_feed_forward} (chunked FFN) is not supported; set it to 0")
+    blocks = [m for m in model.modules() if isinstance(m, distilbert.TransformerBlock)]
+    if not blocks:
+        raise ValueError(f"patch_transformers: {type(model).__name__} holds no TransformerBlock")
+    approximate = _GELU_APPROXIMATE.get(config.activation) if isinstance(config.activation, str) else None
+    for block in blocks:
+        block.fastbert_gelu_approximate = approximate
+        block.forward = types.MethodType(_distilbert_block_forward, block)
+        block.fastbert_backend = block.attention.fastbert_backend = backend
+
+
+def patch_transformers(model: torch.nn.Module, backend: str | None = None) -> torch.nn.Module:
+    """Run a transformers BERT-family encoder (BertModel, RobertaModel, ElectraModel,
+    DistilBertModel, ... or any of their head models) on fastbert's kernels, in place.
+    Returns the model.
+
+    Raises ValueError for a model outside FAMILY and DistilBERT or without encoder layers, a
+    decoder (causal) or cross-attention configuration, or an unknown backend name; ImportError
+    for a transformers without the attention hooks. Patching twice is harmless."""
     if backend is not None:
         check_backend_name(backend)
     config = getattr(model, "config", None)
     model_type = getattr(config, "model_type", None)
-    if model_type not in FAMILY:
+    if model_type not in FAMILY and model_type != "distilbert":
         raise ValueError(f"patch_transformers expects a transformers model of the BERT family (config.model_type "
-                         f"in {sorted(FAMILY)}), got {type(model).__name__}"
+                         f"in {sorted(FAMILY) + ['distilbert']}), got {type(model).__name__}"
                          + (f" with model_type {model_type!r}" if config is not None else ""))
     if getattr(config, "is_decoder", False) or getattr(config, "add_cross_attention", False):
         raise ValueError("patch_transformers: fastbert attention is bidirectional encoder self-attention; "
                          "this model is configured as a decoder (is_decoder / add_cross_attention)")
     register()
+    if model_type == "distilbert":
+        _patch_distilbert(model, config, backend)
+        model.set_attn_implementation(ATTN_IMPLEMENTATION)
+        return model
     family = _family_classes(model_type)
     if not any(isinstance(m, family.Layer) for m in model.modules()):
         raise ValueError(f"patch_transformers: {type(model).__name__} holds no {family.Layer.__name__}")
