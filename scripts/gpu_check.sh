@@ -173,11 +173,11 @@ echo "== compute-sanitizer memcheck + racecheck over the csrc GPU tests, ${secs}
     PYTORCH_NO_CUDA_MEMORY_CACHING=1 timeout -k 10 $(( secs * 6 / 10 )) compute-sanitizer --tool memcheck \
         --error-exitcode 1 "$PY" -m pytest -m gpu -q -x -p no:cacheprovider tests/test_cuda_attention.py \
         tests/test_cuda_span.py tests/test_cuda_layernorm.py \
-        -k "forward_backward or varlen or fully_masked or (matches_reference and not dropout) or edge_sizes"
+        -k "forward_backward or varlen or fully_masked or trailing or (matches_reference and not dropout) or edge_sizes"
     echo "memcheck rc=$?"
     timeout -k 10 $(( secs * 4 / 10 )) compute-sanitizer --tool racecheck --racecheck-report hazard \
         --error-exitcode 1 "$PY" -m pytest -m gpu -q -x -p no:cacheprovider tests/test_cuda_attention.py \
-        tests/test_cuda_span.py -k "forward_backward and (2x7x2 or 2x129x2) or varlen or edge"
+        tests/test_cuda_span.py -k "forward_backward and (2x7x2 or 2x129x2) or varlen or edge or trailing and 64"
     echo "racecheck rc=$?"
 } >"$OUT/sanitizer.log" 2>&1
 grep -E "ERROR SUMMARY|RACECHECK SUMMARY|rc=|passed|failed|error" "$OUT/sanitizer.log" | tail -n 20

@@ -424,6 +424,18 @@ def test_gpu_dropout_matches_reference_and_triton(cuda_ext, D, dtype):
 
 
 @pytest.mark.gpu
+@pytest.mark.parametrize("D", [32, 64, 128])
+def test_gpu_trailing_padding_across_blocks(cuda_ext, D):
+    """Rows padded past whole key blocks (the forward and dQ loops stop at each row's last real
+    key; dK/dV skip blocks of padding keys) and a fully padded row, with dropout, against the
+    float64 reference and the Triton kernels."""
+    gen = torch.Generator().manual_seed(151)
+    q, k, v = qkv((4, 300, 2, D), torch.bfloat16, gen, DEVICE)
+    mask = (torch.arange(300)[None, :] < torch.tensor([300, 40, 130, 0])[:, None]).to(DEVICE)
+    _check_all(q, k, v, mask, dropout_p=0.2, seed=5, triton=True)
+
+
+@pytest.mark.gpu
 def test_gpu_strided_inputs_and_tensor_seed(cuda_ext):
     gen = torch.Generator().manual_seed(7)
     qkv = torch.randn((2, 145, 4, 3, 64), dtype=torch.float64, generator=gen).to(DEVICE, torch.bfloat16)
