@@ -168,7 +168,7 @@ if stage sanitizer; then
 secs=$(left_for "${SANITIZER_S:-240}")
 echo "== compute-sanitizer memcheck + racecheck over the csrc GPU tests, ${secs}s ($(elapsed)s)"
 {
-    # Small shapes: every kernel and its edge cases (171 tests), attention first; a run cut by
+    # Small shapes: every kernel and its edge cases (174 tests), attention first; a run cut by
     # the cap (rc 124) still says in the log how far it got and what it found.
     PYTORCH_NO_CUDA_MEMORY_CACHING=1 timeout -k 10 $(( secs * 6 / 10 )) compute-sanitizer --tool memcheck \
         --error-exitcode 1 "$PY" -m pytest -m gpu -q -x -p no:cacheprovider tests/test_cuda_attention.py \
