@@ -38,13 +38,20 @@ _GELU_APPROXIMATE = {"gelu": "none", "gelu_new": "tanh", "gelu_pytorch_tanh": "t
 
 
 def _transformers_interfaces():
-    try:
-        from transformers import AttentionInterface
-        from transformers.masking_utils import AttentionMaskInterface
-    except ImportError as err:
-        raise ImportError("fastbert.patch_transformers needs transformers with AttentionInterface and "
-                          "AttentionMaskInterface (transformers >= 4.54); without a mask hook the padding "
-                          f"mask would not reach the kernel ({err})") from err
+    import transformers
+
+    # Tested with transformers 5.17 (the GPU image) and 5.24: there the BERT family reaches its
+    # attention through AttentionInterface and builds its masks through AttentionMaskInterface.
+    # Earlier releases route BERT differently, and a hook that is not consulted would leave the
+    # model on its own attention (or, worse, without its padding mask) while looking patched.
+    major = int(transformers.__version__.split(".")[0])
+    if major < 5:
+        raise ImportError(f"fastbert.patch_transformers needs transformers >= 5 (found {transformers.__version__}): "
+                          "there the BERT family's attention and masks go through AttentionInterface and "
+                          "AttentionMaskInterface, which the patch hooks")
+    from transformers import AttentionInterface
+    from transformers.masking_utils import AttentionMaskInterface
+
     return AttentionInterface, AttentionMaskInterface
 
 

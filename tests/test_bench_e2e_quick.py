@@ -44,7 +44,10 @@ def test_quick_run_writes_rows_table_and_plot(quick_run):
     assert any(r["padded_tokens"] > r["tokens"] for r in rows if r["shape"].startswith("sst2"))
 
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    must_run = {(op, shape, impl) for op, shape in GROUPS for impl in ("hf_eager", "hf_sdpa", "hf_fastbert", "fb_torch")}
+    import transformers
+
+    drop_in = ("hf_fastbert",) if int(transformers.__version__.split(".")[0]) >= 5 else ()  # patch_transformers' floor
+    must_run = {(op, shape, impl) for op, shape in GROUPS for impl in ("hf_eager", "hf_sdpa", "fb_torch") + drop_in}
     must_run |= {KEY + (impl,) for impl in ("hf_sdpa_compile", "fb_torch_compile")}
     if "triton" in available_backends(device):
         must_run.add(KEY + ("fb_triton",))

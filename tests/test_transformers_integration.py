@@ -9,6 +9,9 @@ import fastbert.ops
 from conftest import DEVICE, ON_GPU, assert_close_to_ref
 
 transformers = pytest.importorskip("transformers")
+if int(transformers.__version__.split(".")[0]) < 5:
+    pytest.skip("patch_transformers needs transformers >= 5 (test_older_transformers_is_refused checks "
+                "the error it gives otherwise, under 5.x)", allow_module_level=True)
 
 
 def _tiny_config(family="bert", **overrides):
@@ -273,3 +276,13 @@ def test_fused_dropout_is_the_models(family, monkeypatch):
     with torch.no_grad():
         model.eval()(input_ids=ids, attention_mask=mask)
     assert seen == [0.0, 0.0] * config.num_hidden_layers
+
+
+def test_older_transformers_is_refused(monkeypatch):
+    import sys
+
+    # sys.modules' entry, which `import transformers` inside fastbert finds (transformers' lazy
+    # module can leave it a different object from the one importorskip returned).
+    monkeypatch.setattr(sys.modules["transformers"], "__version__", "4.50.3")
+    with pytest.raises(ImportError, match="transformers >= 5"):
+        fastbert.patch_transformers(_classifier(_tiny_config(), DEVICE))
