@@ -350,11 +350,10 @@ def _impls(device: torch.device, compile_here: bool, key: bool, real_lengths: bo
 
     usable = available_backends(device)
     out = {name: ("ok", "") for name in ("hf_eager", "hf_sdpa")}
-    import transformers
+    from fastbert.transformers_integration import transformers_supported
 
-    out["hf_fastbert"] = ("ok", f"fastbert backend auto: {resolve(device)}") \
-        if int(transformers.__version__.split(".")[0]) >= 5 else \
-        ("skipped", f"patch_transformers needs transformers >= 5, found {transformers.__version__}")
+    out["hf_fastbert"] = ("ok", f"fastbert backend auto: {resolve(device)}") if transformers_supported() else \
+        ("skipped", "patch_transformers needs transformers >= 5")
     if compile_here:
         out["hf_sdpa_compile"] = ("ok", "")
     for backend in ("torch", "triton", "cuda"):

@@ -37,6 +37,13 @@ ATTN_IMPLEMENTATION = "fastbert"
 _GELU_APPROXIMATE = {"gelu": "none", "gelu_new": "tanh", "gelu_pytorch_tanh": "tanh"}
 
 
+def transformers_supported() -> bool:
+    """Whether the installed transformers is one patch_transformers works with (>= 5)."""
+    import transformers
+
+    return int(transformers.__version__.split(".")[0]) >= 5
+
+
 def _transformers_interfaces():
     import transformers
 
@@ -44,8 +51,7 @@ def _transformers_interfaces():
     # attention through AttentionInterface and builds its masks through AttentionMaskInterface.
     # Earlier releases route BERT differently, and a hook that is not consulted would leave the
     # model on its own attention (or, worse, without its padding mask) while looking patched.
-    major = int(transformers.__version__.split(".")[0])
-    if major < 5:
+    if not transformers_supported():
         raise ImportError(f"fastbert.patch_transformers needs transformers >= 5 (found {transformers.__version__}): "
                           "there the BERT family's attention and masks go through AttentionInterface and "
                           "AttentionMaskInterface, which the patch hooks")

@@ -44,9 +44,9 @@ def test_quick_run_writes_rows_table_and_plot(quick_run):
     assert any(r["padded_tokens"] > r["tokens"] for r in rows if r["shape"].startswith("sst2"))
 
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    import transformers
+    from fastbert.transformers_integration import transformers_supported
 
-    drop_in = ("hf_fastbert",) if int(transformers.__version__.split(".")[0]) >= 5 else ()  # patch_transformers' floor
+    drop_in = ("hf_fastbert",) if transformers_supported() else ()
     must_run = {(op, shape, impl) for op, shape in GROUPS for impl in ("hf_eager", "hf_sdpa", "fb_torch") + drop_in}
     must_run |= {KEY + (impl,) for impl in ("hf_sdpa_compile", "fb_torch_compile")}
     if "triton" in available_backends(device):

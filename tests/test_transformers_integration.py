@@ -6,10 +6,11 @@ import torch
 
 import fastbert
 import fastbert.ops
+import fastbert.transformers_integration
 from conftest import DEVICE, ON_GPU, assert_close_to_ref
 
 transformers = pytest.importorskip("transformers")
-if int(transformers.__version__.split(".")[0]) < 5:
+if not fastbert.transformers_integration.transformers_supported():
     pytest.skip("patch_transformers needs transformers >= 5 (test_older_transformers_is_refused checks "
                 "the error it gives otherwise, under 5.x)", allow_module_level=True)
 
