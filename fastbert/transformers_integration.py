@@ -193,6 +193,22 @@ def _patch_distilbert(model, config, backend):
         block.fastbert_backend = block.attention.fastbert_backend = backend
 
 
+def _patch_family(model, config, backend):
+    family = _family_classes(config.model_type)
+    if not any(isinstance(m, family.Layer) for m in model.modules()):
+        raise ValueError(f"patch_transformers: {type(model).__name__} holds no {family.Layer.__name__}")
+    approximate = _GELU_APPROXIMATE.get(config.hidden_act) if isinstance(config.hidden_act, str) else None
+    for module in model.modules():
+        if isinstance(module, (family.SelfOutput, family.Output)):
+            module.forward = types.MethodType(_add_layernorm_forward, module)
+        elif isinstance(module, family.Intermediate) and approximate is not None:
+            module.fastbert_gelu_approximate = approximate
+            module.forward = types.MethodType(_bias_gelu_forward, module)
+        elif not isinstance(module, family.SelfAttention):
+            continue
+        module.fastbert_backend = backend
+
+
 def patch_transformers(model: torch.nn.Module, backend: str | None = None) -> torch.nn.Module:
     """Run a transformers BERT-family encoder (BertModel, RobertaModel, ElectraModel,
     DistilBertModel, ... or any of their head models) on fastbert's kernels, in place.
@@ -213,22 +229,6 @@ def patch_transformers(model: torch.nn.Module, backend: str | None = None) -> to
         raise ValueError("patch_transformers: fastbert attention is bidirectional encoder self-attention; "
                          "this model is configured as a decoder (is_decoder / add_cross_attention)")
     register()
-    if model_type == "distilbert":
-        _patch_distilbert(model, config, backend)
-        model.set_attn_implementation(ATTN_IMPLEMENTATION)
-        return model
-    family = _family_classes(model_type)
-    if not any(isinstance(m, family.Layer) for m in model.modules()):
-        raise ValueError(f"patch_transformers: {type(model).__name__} holds no {family.Layer.__name__}")
-    approximate = _GELU_APPROXIMATE.get(config.hidden_act) if isinstance(config.hidden_act, str) else None
-    for module in model.modules():
-        if isinstance(module, (family.SelfOutput, family.Output)):
-            module.forward = types.MethodType(_add_layernorm_forward, module)
-        elif isinstance(module, family.Intermediate) and approximate is not None:
-            module.fastbert_gelu_approximate = approximate
-            module.forward = types.MethodType(_bias_gelu_forward, module)
-        elif not isinstance(module, family.SelfAttention):
-            continue
-        module.fastbert_backend = backend
+    (_patch_distilbert if model_type == "distilbert" else _patch_family)(model, config, backend)
     model.set_attn_implementation(ATTN_IMPLEMENTATION)
     return model
