@@ -324,10 +324,11 @@ def _bwd_config(head_dim: int, dtype: torch.dtype) -> dict:
 def _launch(kernel, wrap, q):
     """The kernel to launch: wrap_triton(kernel) inside the custom op, else the kernel itself.
 
-    Under the interpreter wrap_triton returns interpreted kernels unwrapped, and they cannot
-    run on fake tensors: when Dynamo only propagates shapes (plain fake tensors) this returns
-    None and the launcher skips the launch, so CPU tests can check that a model traces with
-    fullgraph=True; a graph capture (AOTAutograd) would lose the kernel, so it raises.
+    Interpreted kernels (TRITON_INTERPRET=1) can only run eagerly, so they are launched
+    unwrapped (torch 2.13's wrap_triton does the same; 2.11's raises on them) and never on fake
+    tensors: when Dynamo only propagates shapes (plain fake tensors) this returns None and the
+    launcher skips the launch, so CPU tests can check that a model traces with fullgraph=True; a
+    graph capture (AOTAutograd) would lose the kernel, so it raises.
     """
     if wrap is None:
         return kernel
@@ -340,6 +341,7 @@ def _launch(kernel, wrap, q):
                                "in a compiled graph; use torch.compile(backend='eager') on the CPU or run on a GPU")
         if isinstance(q, FakeTensor):
             return None
+        return kernel
     return wrap(kernel)
 
 
