@@ -2,15 +2,21 @@
 
 Shapes: BERT-base (H=12, D=64) and BERT-large (H=16, D=64) at S=128 (B=64),
 384 (B=32) and 512 (B=16); MiniLM-style D=32 (H=12) and D=128 (H=8) at S=512;
-each without a mask and with a padding mask whose lengths are drawn uniformly
-from [S/4, S] (the same mask for every implementation).
+each without a mask and with a padding mask (the same mask for every
+implementation) whose lengths are real where a real set exists for that padded
+length: at S=128 SST-2 sentences ("pad-sst2", run_glue's default padding to 128),
+at S=384 SQuAD v1.1 windows ("pad-squad", run_qa's max length 384), both drawn
+from benchmarks/data/*_lengths.txt; at S=512, uniform in [S/4, S] ("pad-unif").
 
-Work (TFLOP/s), the standard flash-attention count over the padded length:
-    forward   4 * B * H * S^2 * D    (QK^T and PV, 2 FLOPs per multiply-add)
-    backward  2.5x forward           (QK^T recomputed, dV, dP, dQ, dK: 5 products)
+Work (TFLOP/s), the standard flash-attention count over the real tokens:
+    forward   4 * H * D * sum_b s_b^2   (QK^T and PV, 2 FLOPs per multiply-add;
+                                         s_b = row b's real length, S without a mask: 4 * B * H * S^2 * D)
+    backward  2.5x forward              (QK^T recomputed, dV, dP, dQ, dK: 5 products)
     fwd+bwd   3.5x forward
-Padding is not discounted, so a kernel that skips padded key blocks does less
-work than counted; every implementation is divided by the same number.
+Padding is not work (as in bench_e2e.flops): an implementation that computes the
+padded positions gets no credit for them, and MFU stays below 100% for one that
+skips them. Every implementation of a case is divided by the same number. The
+mask (its lengths) is the same in every input set of a case; q, k, v differ.
 
 Implementations: triton / cuda (fastbert.ops.attention on that backend), eager
 (attention_ref, imported), compile (torch.compile of attention_ref), and
@@ -41,20 +47,50 @@ KEY_SHAPE = ("base", 16, 512, 12, 64)
 QUICK_SHAPE = ("tiny", 2, 32, 2, 32)
 
 
-def flops(B: int, S: int, H: int, D: int, mode: str) -> float:
-    fwd = 4.0 * B * H * S * S * D
+def flops(B: int, S: int, H: int, D: int, mode: str, lengths=None) -> float:
+    """lengths: the real length of each of the B rows (None: all S)."""
+    squares = B * S * S if lengths is None else sum(int(s) * int(s) for s in lengths)
+    fwd = 4.0 * H * D * squares
     return {"fwd": fwd, "bwd": 2.5 * fwd, "fwd+bwd": 3.5 * fwd}[mode]
 
 
-def make_inputs_fn(B, S, H, D, masked, dtype, device, seed):
-    """make_inputs(k) -> (q, k, v, mask): set k, seeded; mask (B, S) bool, True = real token."""
+# padded length -> the real length set its padding masks draw from (benchmarks/data/<name>_lengths.txt)
+REAL_LENGTHS = {128: "sst2", 384: "squad"}
+
+
+def length_source(S: int) -> str:
+    """"sst2" / "squad" (real lengths, see REAL_LENGTHS) or "unif" (uniform in [S/4, S])."""
+    name = REAL_LENGTHS.get(S)
+    if name is not None and max(_real_lengths(name)) <= S:
+        return name
+    return "unif"
+
+
+def _real_lengths(name: str) -> tuple:
+    from benchmarks.bench_e2e import read_lengths
+
+    return read_lengths(name)
+
+
+def mask_lengths(B: int, S: int, seed: int) -> list[int]:
+    """The real length of each row of a padded case, drawn as length_source(S) says (seeded)."""
+    g = torch.Generator().manual_seed(seed)
+    source = length_source(S)
+    if source == "unif":
+        return torch.randint(S // 4, S + 1, (B,), generator=g).tolist()
+    pool = _real_lengths(source)
+    return [pool[i] for i in torch.randint(0, len(pool), (B,), generator=g).tolist()]
+
+
+def make_inputs_fn(B, S, H, D, lengths, dtype, device, seed):
+    """make_inputs(k) -> (q, k, v, mask): set k, seeded; mask (B, S) bool, True = real token,
+    the same in every set (None when lengths is None)."""
     def make_inputs(k):
         g = torch.Generator(device=device).manual_seed(seed + k)
         q, kk, v = (torch.randn(B, S, H, D, dtype=dtype, device=device, generator=g) for _ in range(3))
         mask = None
-        if masked:
-            lengths = torch.randint(S // 4, S + 1, (B,), device=device, generator=g)
-            mask = torch.arange(S, device=device)[None, :] < lengths[:, None]
+        if lengths is not None:
+            mask = torch.arange(S, device=device)[None, :] < torch.tensor(lengths, device=device)[:, None]
         return q, kk, v, mask
     return make_inputs
 
@@ -89,6 +125,8 @@ def _impls(device, masked, compile_here, cfg):
     }
     if "cuda" in usable:
         impls["cuda"] = (_fastbert("cuda"), "ok", "")
+    elif device.type == "cuda":
+        impls["cuda"] = (None, "skipped", "fastbert cuda backend not usable here (fastbert._C not built)")
     impls["eager"] = (attention_ref, "ok", "fastbert.ops.attention.attention_ref")
     if compile_here:
         impls["compile"] = (harness.compiled(attention_ref, cfg.compile_backend), "ok",
@@ -119,8 +157,10 @@ def cases(profile: str, cfg: harness.Settings, compile_scope: str = "key") -> li
             model, B, S, H, D = shape
             key = shape in (KEY_SHAPE, QUICK_SHAPE)
             for masked in (False, True):
-                make_inputs = make_inputs_fn(B, S, H, D, masked, dtype, device, seed=1000 * S + 10 * H + D)
-                label = f"{model} B{B} S{S} H{H} D{D} {'pad' if masked else 'nomask'}"
+                seed = 1000 * S + 10 * H + D
+                lengths = mask_lengths(B, S, seed) if masked else None
+                make_inputs = make_inputs_fn(B, S, H, D, lengths, dtype, device, seed)
+                label = f"{model} B{B} S{S} H{H} D{D} {'pad-' + length_source(S) if masked else 'nomask'}"
                 compile_here = compile_scope == "all" or (compile_scope == "key" and key and dtype == dtypes[0])
                 for mode in modes:
                     tier = 1 if key and dtype == dtypes[0] and mode != "bwd" else \
@@ -128,11 +168,12 @@ def cases(profile: str, cfg: harness.Settings, compile_scope: str = "key") -> li
                     for impl, (fn, status, note) in _impls(device, masked, compile_here, cfg).items():
                         out.append(harness.Case(
                             op=OP, impl=impl, label=label,
-                            shape={"B": B, "S": S, "H": H, "D": D, "mask": "pad" if masked else "none"},
+                            shape={"B": B, "S": S, "H": H, "D": D, "mask": "pad" if masked else "none",
+                                   "lengths": length_source(S) if masked else None,
+                                   "real_fraction": 1.0 if lengths is None else sum(lengths) / (B * S)},
                             dtype=dtype, mode=mode, fn=fn, make_inputs=make_inputs,
-                            work=flops(B, S, H, D, mode), unit=harness.TFLOPS, grad_idx=(0, 1, 2),
-                            tier=tier, status=status, note=note,
-                            rotate=False))  # compute-bound: L2 residency changes little
+                            work=flops(B, S, H, D, mode, lengths), unit=harness.TFLOPS, grad_idx=(0, 1, 2),
+                            tier=tier, status=status, note=note))
     return out
 
 
@@ -141,9 +182,10 @@ def cases(profile: str, cfg: harness.Settings, compile_scope: str = "key") -> li
 @pytest.mark.gpu
 @pytest.mark.parametrize("mode", ["fwd", "fwd+bwd"])
 @pytest.mark.parametrize("masked", [False, True], ids=["nomask", "pad"])
-@pytest.mark.parametrize("impl", ["triton", "eager", "sdpa_flash", "sdpa_efficient", "sdpa_cudnn"])
+@pytest.mark.parametrize("impl", ["triton", "cuda", "eager", "compile", "sdpa_flash", "sdpa_efficient", "sdpa_cudnn",
+                                  "sdpa_math"])
 def test_attention(benchmark, impl, masked, mode):
-    found = [c for c in cases("budget", harness.Settings.make(torch.device("cuda")), compile_scope="none")
+    found = [c for c in cases("budget", harness.Settings.make(torch.device("cuda")), compile_scope="key")
              if c.impl == impl and c.mode == mode and c.dtype == torch.bfloat16
              and c.shape["mask"] == ("pad" if masked else "none") and c.tier == 1]
     if not found:

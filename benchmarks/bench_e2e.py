@@ -32,7 +32,8 @@ Cases (op = "<model>-<head>", shape label, mode):
   order    tier 1: base-cls B8 S512 (issue 6's target: a BERT-base fine-tuning step at seqlen 512), train
            then infer; 2: the other base cases with the cls head and the real-length cases; 3: large with
            the cls head and on squad lengths; 4: the QA head on fixed shapes. --time-limit drops whole
-           cases from tier 4 up; inside a case the eager implementations run before the compiled ones.
+           cases from tier 4 up; inside a case the eager implementations run before the compiled ones, and
+           a compiled one is not started past the limit (row "skipped"). Rows are saved every 10 s.
            --compile key (default) compiles tier 1 only, all compiles every case, none none.
 
 Each row (JSON, one per case; the harness's row format plus these keys):
@@ -307,6 +308,10 @@ class E2ECase:
         return f"{self.model}-{self.head}"
 
     @property
+    def compiled(self) -> bool:
+        return self.impl.endswith("_compile")
+
+    @property
     def group(self) -> tuple:
         return (self.op, self.label, str(self.dtype), self.mode)
 
@@ -563,7 +568,10 @@ def format_row(r: dict) -> str:
 
 def run_cases(todo: Sequence[E2ECase], cfg: harness.Settings, results: E2EResults, deadline: Optional[float],
               log: Callable[[str], None] = print) -> None:
-    """As harness.run_cases: tier by tier, a whole group (every impl of one case) or none of it."""
+    """As harness.run_cases: tier by tier, a whole group (every impl of one case) or none of it, except
+    that a compiled implementation (tens of seconds of compiling) is not started past the deadline: its
+    row says "skipped" (the eager ones, seconds each, finish the group). Saved every 10 s, inside a
+    group too (one group of a model with its compiles can take minutes): a killed run keeps its rows."""
     current, skipping, saved = None, False, time.monotonic()
     reference_logits: dict = {}
     for case in sorted(todo, key=lambda c: c.tier):
@@ -573,14 +581,18 @@ def run_cases(todo: Sequence[E2ECase], cfg: harness.Settings, results: E2EResult
             skipping = deadline is not None and time.monotonic() > deadline
             if skipping:
                 results.skipped_for_time.append(" ".join(current))
-            elif time.monotonic() - saved > 10.0:
-                results.save()
-                saved = time.monotonic()
         if skipping:
             continue
+        if case.compiled and case.status == "ok" and deadline is not None and time.monotonic() > deadline:
+            case = dataclasses.replace(case, status="skipped",
+                                       note="time limit: compiling was not started past --time-limit")
+            results.skipped_for_time.append(f"{' '.join(current)} {case.impl}")
         row = run_case(case, cfg, reference_logits)
         results.add(row)
         log(format_row(row))
+        if time.monotonic() - saved > 10.0:
+            results.save()
+            saved = time.monotonic()
     results.save()
 
 
@@ -737,7 +749,8 @@ def run(args, device: torch.device, out_dir: Path, started: float, argv: Sequenc
     md, png = write_all(data, out_dir)
     log(f"\nwrote {results.path}, {md}" + (f", {png}" if png else "") + f" ({results.meta['wall_s']} s)")
     if results.skipped_for_time:
-        log(f"time limit: {len(results.skipped_for_time)} e2e case groups not run (listed in the JSON)")
+        log(f"time limit: {len(results.skipped_for_time)} e2e case groups or compiled implementations not run "
+            "(listed in the JSON)")
     log(summary_markdown(data))
     must_run = ("fb_torch", "fb_triton", "fb_cuda", "fb_torch_compile", "fb_triton_compile", "fb_cuda_compile",
                 "fb_triton_unpad", "fb_cuda_unpad", "hf_fastbert", BASELINE)

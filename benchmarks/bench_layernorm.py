@@ -141,6 +141,8 @@ def cases(profile: str, cfg: harness.Settings, compile_scope: str = "key") -> li
                          (None, "skipped", "triton backend not usable here (needs CUDA or TRITON_INTERPRET=1)")}
                 if "cuda" in usable:
                     impls["cuda"] = (_on("cuda", public), "ok", "")
+                elif device.type == "cuda":
+                    impls["cuda"] = (None, "skipped", "fastbert cuda backend not usable here (fastbert._C not built)")
                 impls["eager"] = (ref, "ok", f"{ref.__name__.lstrip('_')} from fastbert.ops")
                 if compile_scope == "all" or (compile_scope == "key" and key and first_dtype):
                     impls["compile"] = (harness.compiled(ref, cfg.compile_backend), "ok",
@@ -162,10 +164,10 @@ def cases(profile: str, cfg: harness.Settings, compile_scope: str = "key") -> li
 
 @pytest.mark.gpu
 @pytest.mark.parametrize("mode", ["fwd", "fwd+bwd"])
-@pytest.mark.parametrize("impl", ["triton", "eager"])
+@pytest.mark.parametrize("impl", ["triton", "cuda", "eager", "compile"])
 @pytest.mark.parametrize("op", list(OPS))
 def test_layernorm_family(benchmark, op, impl, mode):
-    found = [c for c in cases("budget", harness.Settings.make(torch.device("cuda")), compile_scope="none")
+    found = [c for c in cases("budget", harness.Settings.make(torch.device("cuda")), compile_scope="key")
              if c.op == op and c.impl == impl and c.mode == mode and c.dtype == torch.bfloat16 and c.tier == 1]
     if not found:
         pytest.skip(f"{impl} is not available here")

@@ -13,12 +13,14 @@ Implementations:
   triton / cuda  fastbert.ops.span.span_score on that backend (exact)
   eager          span_score_ref, imported: (B, L, max_answer_len) candidates + stable sort (exact)
   compile        torch.compile(span_score_ref)
-  outer_sum      the usual PyTorch idiom: (B, L, L) outer sum, band mask j - i < max_answer_len, topk (exact)
+  outer_sum      the usual PyTorch idiom: (B, L, L) outer sum, band mask j - i < max_answer_len, topk (exact);
+                 issue 6's "eager outer-sum" baseline (rows carry speedup_vs["outer_sum"])
+  outer_sum_compile  torch.compile(span_outer_sum) (key shapes, as compile)
   python_nbest   transformers' utils_qa loop: per window the top-20 starts and top-20 ends by argsort,
                  then a Python loop over the 400 pairs (inside the context, end >= start, length
                  <= 30), sorted by start + end. Approximate: it misses a best span whose start or
                  end is outside the top 20. Timed from GPU tensors (the copy to numpy included),
-                 a few calls only: it is slow.
+                 a few calls only: it is slow (rows carry speedup_vs["python_nbest"]).
 """
 from __future__ import annotations
 
@@ -115,11 +117,17 @@ def cases(profile: str, cfg: harness.Settings, compile_scope: str = "key") -> li
                      (None, "skipped", "triton backend not usable here (needs CUDA or TRITON_INTERPRET=1)")}
             if "cuda" in usable:
                 impls["cuda"] = (_on("cuda"), "ok", "")
+            elif device.type == "cuda":
+                impls["cuda"] = (None, "skipped", "fastbert cuda backend not usable here (fastbert._C not built)")
             impls["eager"] = (_ref, "ok", "span_score_ref from fastbert.ops.span")
-            if compile_scope == "all" or (compile_scope == "key" and key):
+            compile_here = compile_scope == "all" or (compile_scope == "key" and key)
+            if compile_here:
                 impls["compile"] = (harness.compiled(_ref, cfg.compile_backend), "ok",
                                     f"torch.compile(span_score_ref, backend={cfg.compile_backend})")
             impls["outer_sum"] = (span_outer_sum, "ok", "(B, L, L) outer sum + band mask + topk")
+            if compile_here:
+                impls["outer_sum_compile"] = (harness.compiled(span_outer_sum, cfg.compile_backend), "ok",
+                                              f"torch.compile(span_outer_sum, backend={cfg.compile_backend})")
             if dtype == dtypes[0]:
                 impls["python_nbest"] = (span_python_nbest, "ok",
                                          "transformers utils_qa loop, top-20 x top-20 (approximate)")
@@ -140,10 +148,12 @@ def cases(profile: str, cfg: harness.Settings, compile_scope: str = "key") -> li
 # ----------------------------------------------------------------------------- pytest-benchmark entry
 
 @pytest.mark.gpu
-@pytest.mark.parametrize("impl", ["triton", "eager", "outer_sum"])
+@pytest.mark.parametrize("impl", ["triton", "cuda", "eager", "compile", "outer_sum", "outer_sum_compile",
+                                  "python_nbest"])
 def test_span_score(benchmark, impl):
-    found = [c for c in cases("budget", harness.Settings.make(torch.device("cuda")), compile_scope="none")
+    found = [c for c in cases("budget", harness.Settings.make(torch.device("cuda")), compile_scope="key")
              if c.impl == impl and c.tier == 1]
     if not found:
         pytest.skip(f"{impl} is not available here")
-    harness.pytest_benchmark(benchmark, found[0])
+    # The Python loop takes seconds per call over the SQuAD set: a few rounds.
+    harness.pytest_benchmark(benchmark, found[0], rounds=3 if impl == "python_nbest" else 30)

@@ -3,13 +3,16 @@ refresh the performance table of the README from the latest results.
 
     python -m benchmarks.report [RESULTS.json] [--out DIR] [--readme README.md] [--summary]
 
-RESULTS.json defaults to the newest benchmarks/results/<date>-<gpu>/kernels.json.
---out DIR writes DIR/kernels.md (every row) and DIR/kernels.png (speed-up over
-eager and % of the measured ceiling, per op). --readme FILE replaces the text
-between the markers
+RESULTS.json defaults to the newest kernels.json under benchmarks/results/<date>-<gpu>/
+(newest by the run's recorded start time). --out DIR writes DIR/kernels.md (every row)
+and DIR/kernels.png (speed-up over eager and % of the measured ceiling, per op); given an
+e2e.json, DIR/e2e.md and DIR/e2e.png (benchmarks/bench_e2e.py). --readme FILE replaces
+the text between the markers
     <!-- fastbert-bench:start -->
     <!-- fastbert-bench:end -->
-with the summary table (the key shapes). --summary prints that table.
+with the summary table (the key shapes), the e2e summary (the e2e.json beside
+RESULTS.json, else the newest one) and where each of issue 6's targets stands.
+--summary prints that block.
 """
 from __future__ import annotations
 
@@ -23,17 +26,32 @@ REPO = Path(__file__).resolve().parents[1]
 RESULTS = REPO / "benchmarks" / "results"
 START, END = "<!-- fastbert-bench:start -->", "<!-- fastbert-bench:end -->"
 IMPL_ORDER = ["triton", "cuda", "eager", "compile", "sdpa_flash", "sdpa_efficient", "sdpa_cudnn", "sdpa_math",
-              "outer_sum", "python_nbest"]
+              "outer_sum", "outer_sum_compile", "python_nbest"]
 OP_ORDER = ["attention", "add_layernorm", "add_layernorm_amp", "layernorm_gelu", "bias_gelu", "span_score"]
 MODE_ORDER = ["fwd", "bwd", "fwd+bwd"]
 
 
-def latest_results(root: Path = RESULTS) -> Path:
-    """The kernels.json in the newest results folder (folders are named <YYYY-MM-DD>-<gpu>)."""
-    found = sorted(root.glob("*/kernels.json"), key=lambda p: (p.parent.name, p.stat().st_mtime))
+def _started(path: Path) -> str:
+    """When the run of a results JSON started (meta.started_utc, ISO: sorts as text); the folder's
+    date when the JSON does not say. Not the file's mtime: a fresh clone gives every file the same."""
+    try:
+        started = load(path).get("meta", {}).get("started_utc")
+    except (OSError, ValueError):
+        started = None
+    return started or path.parent.name[:10]
+
+
+def latest_results(root: Path = RESULTS, name: str = "kernels.json") -> Path:
+    """The newest <name> under root/<YYYY-MM-DD>-<gpu>/, by the start time its run recorded
+    (two runs of one day, on two GPUs, are ordered by time, not by GPU name)."""
+    found = sorted(root.glob(f"*/{name}"), key=lambda p: (_started(p), p.parent.name))
     if not found:
-        raise FileNotFoundError(f"no results under {root} (expected {root}/<date>-<gpu>/kernels.json)")
+        raise FileNotFoundError(f"no results under {root} (expected {root}/<date>-<gpu>/{name})")
     return found[-1]
+
+
+def is_e2e(data: dict) -> bool:
+    return data.get("meta", {}).get("suite") == "e2e"
 
 
 def load(path: Path) -> dict:
@@ -137,6 +155,58 @@ def summary_markdown(data: dict) -> str:
     return "\n".join(out)
 
 
+# issue 6's targets on an H100: (what, rows it applies to, value of a row, target, unit)
+def _x(key):
+    return lambda r: (r.get("speedup_vs") or {}).get(key)
+
+
+MEMORY_BOUND = ("add_layernorm", "add_layernorm_amp", "layernorm_gelu", "bias_gelu")
+KERNEL_TARGETS = [
+    ("attention fwd+bwd vs SDPA's best backend", lambda r: r["op"] == "attention" and r["mode"] == "fwd+bwd",
+     _x("sdpa_best"), 1.1, "x"),
+    ("memory-bound op, % of measured copy bandwidth", lambda r: r["op"] in MEMORY_BOUND,
+     lambda r: r.get("pct_of_ceiling"), 85.0, "%"),
+    ("memory-bound op vs eager", lambda r: r["op"] in MEMORY_BOUND, lambda r: r.get("speedup_vs_eager"), 3.0, "x"),
+    ("span score vs eager outer-sum", lambda r: r["op"] == "span_score", _x("outer_sum"), 20.0, "x"),
+    ("span score vs Python n-best", lambda r: r["op"] == "span_score", _x("python_nbest"), 100.0, "x"),
+]
+E2E_TARGET_CASE = ("base-cls", "B8 S512", "train")
+E2E_TARGETS = [
+    ("BERT-base fine-tuning step, S512, vs transformers eager", lambda r: r.get("speedup_vs_eager"), 1.6, "x"),
+    ("BERT-base fine-tuning step, S512, vs transformers + torch.compile",
+     lambda r: r.get("speedup_vs_hf_compile"), 1.15, "x"),
+    ("BERT-base fine-tuning step, S512, MFU", lambda r: r.get("mfu_pct"), 55.0, "%"),
+]
+
+
+def targets_markdown(kernels: dict | None, e2e: dict | None) -> str:
+    """Where each of issue 6's targets stands: one line per target, case and fastbert implementation
+    (the key shapes: tier 1), measured value against the target, met or not."""
+    lines = ["| target | case | impl | measured | target | met |", "|---|---|---|---|---|---|"]
+
+    def line(what, case, impl, value, target, unit):
+        shown = f"{value:.3g}{'x' if unit == 'x' else '%'}"
+        lines.append(f"| {what} | {case} | {impl} | {shown} | >= {target:g}{'x' if unit == 'x' else '%'} | "
+                     f"{'yes' if value >= target else '**no**'} |")
+
+    for r in _sorted_rows((kernels or {}).get("rows", [])):
+        if r.get("tier") != 1 or r["impl"] not in ("triton", "cuda") or r["status"] != "ok":
+            continue
+        for what, applies, value_of, target, unit in KERNEL_TARGETS:
+            value = value_of(r) if applies(r) else None
+            if value is not None:
+                line(what, f"{r['op']} {r['shape']} {r['dtype']} {r['mode']}", r["impl"], value, target, unit)
+    for r in (e2e or {}).get("rows", []):
+        if (r["op"], r["shape"], r["mode"]) != E2E_TARGET_CASE or not r["impl"].startswith("fb_") \
+                or r["status"] != "ok":
+            continue
+        for what, value_of, target, unit in E2E_TARGETS:
+            value = value_of(r)
+            if value is not None:
+                line(what, f"{r['op']} {r['shape']} {r['mode']} {r['dtype']}", r["impl"], value, target, unit)
+    return "\n".join(lines) if len(lines) > 2 else "No measured row meets a target's conditions yet."
+
+
 def plot(data: dict, png: Path) -> Path | None:
     """One figure, a column per op: speed-up over eager (log scale) above, % of ceiling below,
     for the first dtype measured and the fwd+bwd mode (fwd for ops without a backward)."""
@@ -199,20 +269,52 @@ def save_figure(fig, plt, env: dict, what: str, png) -> Path:
     return png
 
 
-def update_readme(readme: Path, data: dict, source: Path) -> None:
-    """Replace the block between the markers in `readme` with the summary table."""
+def _shown(path: Path):
+    try:
+        return Path(path).resolve().relative_to(REPO)
+    except ValueError:
+        return Path(path)
+
+
+def e2e_beside(source: Path, root: Path = RESULTS) -> Path | None:
+    """The e2e.json of the run of `source` (same folder), else the newest under root, else None."""
+    beside = Path(source).parent / "e2e.json"
+    if beside.is_file():
+        return beside
+    try:
+        return latest_results(root, "e2e.json")
+    except FileNotFoundError:
+        return None
+
+
+def readme_block(data: dict, source: Path, e2e_path: Path | None = None) -> str:
+    """The README's performance text: kernels summary, e2e summary (when given), targets."""
+    from benchmarks import bench_e2e
+
+    e2e = load(e2e_path) if e2e_path else None
+    parts = ["### Kernels", "", summary_markdown(data), "", f"Full table: `{_shown(source).with_suffix('.md')}`."]
+    if e2e is not None:
+        parts += ["", "### End to end", "", bench_e2e.summary_markdown(e2e), "",
+                  f"Full table: `{_shown(e2e_path).with_suffix('.md')}`."]
+    parts += ["", "### Issue 6's targets (set for an H100) against this run", "", targets_markdown(data, e2e)]
+    return "\n".join(parts)
+
+
+def update_readme(readme: Path, data: dict, source: Path, e2e_path: Path | None = None) -> None:
+    """Replace the block between the markers in `readme` with the summary tables."""
     text = Path(readme).read_text()
     if START not in text or END not in text:
         raise ValueError(f"{readme}: add the markers {START} and {END} where the table goes")
-    try:
-        shown = source.resolve().relative_to(REPO)
-    except ValueError:
-        shown = source
-    block = f"{START}\n{summary_markdown(data)}\n\nFull table: `{shown.with_suffix('.md')}`.\n{END}"
+    block = f"{START}\n{readme_block(data, source, e2e_path)}\n{END}"
     Path(readme).write_text(re.sub(re.escape(START) + ".*?" + re.escape(END), lambda m: block, text, flags=re.S))
 
 
 def write_all(data: dict, out_dir: Path, stem: str = "kernels") -> tuple[Path, Path | None]:
+    """Markdown table and plot of a results JSON (a kernels run or, by its meta, an e2e run)."""
+    if is_e2e(data):
+        from benchmarks import bench_e2e
+
+        return bench_e2e.write_all(data, out_dir)
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     md = out_dir / f"{stem}.md"
@@ -228,20 +330,33 @@ def main(argv=None) -> int:
     parser.add_argument("--readme", type=Path, help="replace the marked performance block of this README")
     parser.add_argument("--summary", action="store_true", help="print the key-shape summary table")
     args = parser.parse_args(argv)
+    from benchmarks import bench_e2e
+
     try:
         path = args.results or latest_results()
         data = load(path)
+        if args.out:
+            md, png = write_all(data, args.out, stem=path.stem)
+            print(f"wrote {md}" + (f" and {png}" if png else ""))
+        if not (args.readme or args.summary):
+            if not args.out:
+                print(bench_e2e.summary_markdown(data) if is_e2e(data) else summary_markdown(data))
+            return 0
+        # The README block starts from a kernels run, with the e2e run beside it (or the newest).
+        if is_e2e(data):
+            e2e_path = path
+            path = path.parent / "kernels.json" if (path.parent / "kernels.json").is_file() else latest_results()
+            data = load(path)
+        else:
+            e2e_path = e2e_beside(path)
     except (FileNotFoundError, json.JSONDecodeError) as err:
         print(f"report: error: {err}", file=sys.stderr)
         return 2
-    if args.out:
-        md, png = write_all(data, args.out, stem=path.stem)
-        print(f"wrote {md}" + (f" and {png}" if png else ""))
     if args.readme:
-        update_readme(args.readme, data, path)
-        print(f"updated {args.readme} from {path}")
-    if args.summary or not (args.out or args.readme):
-        print(summary_markdown(data))
+        update_readme(args.readme, data, path, e2e_path)
+        print(f"updated {args.readme} from {path}" + (f" and {e2e_path}" if e2e_path else ""))
+    if args.summary:
+        print(readme_block(data, path, e2e_path))
     return 0
 
 

@@ -143,6 +143,7 @@ def _kernels(args, argv, repo, device, started) -> int:
     if results.skipped_for_time:
         print(f"time limit: {len(results.skipped_for_time)} case groups not run (listed in the JSON)")
     print(report.summary_markdown(data))
+    print("\nissue 6's targets (tier-1 rows):\n" + report.targets_markdown(data, None))
     broken = [r for r in results.rows if r["status"] == "error" and r["impl"] in ("triton", "cuda", "eager")]
     for r in broken:
         print(f"ERROR {r['op']} {r['impl']} {r['shape']} {r['dtype']} {r['mode']}: {r['note']}", file=sys.stderr)

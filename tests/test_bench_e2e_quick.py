@@ -73,6 +73,25 @@ def test_every_implementation_gets_the_same_weights(quick_run):
         assert r["max_abs_diff"] is not None and r["max_abs_diff"] < 1e-4, r
 
 
+def test_report_rebuilds_e2e_tables_and_readme_block(quick_run, tmp_path):
+    """`python -m benchmarks.report e2e.json --out DIR` rebuilds e2e.md/png (a run killed by its time
+    limit leaves only the JSON); the README block carries the e2e summary beside the kernels one."""
+    from benchmarks import report
+
+    _, out, data = quick_run
+    assert report.main([str(out / "e2e.json"), "--out", str(tmp_path / "again")]) == 0
+    assert "## Summary" in (tmp_path / "again" / "e2e.md").read_text()
+    assert (tmp_path / "again" / "e2e.png").stat().st_size > 0
+    kernels = {"env": data["env"], "meta": {"suite": "kernels"}, "ceilings": {}, "rows": []}
+    (out / "kernels.json").write_text(json.dumps(kernels))
+    readme = tmp_path / "README.md"
+    readme.write_text(f"x\n{report.START}\n{report.END}\n")
+    assert report.main([str(out / "kernels.json"), "--readme", str(readme)]) == 0
+    text = readme.read_text()
+    assert "### End to end" in text and "| tiny-cls | B2 S32 | train |" in text
+    (out / "kernels.json").unlink()
+
+
 @pytest.mark.parametrize("head", ["cls", "qa"])
 def test_flops_counts_the_matrix_products(head):
     from benchmarks import bench_e2e

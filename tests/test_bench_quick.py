@@ -37,7 +37,7 @@ def test_quick_run_writes_json_table_and_plot(quick_run):
     for op in OPS - {"span_score"}:
         assert {r["mode"] for r in rows if r["op"] == op} == {"fwd", "bwd", "fwd+bwd"}, op
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    must_run = {"eager", "compile", "outer_sum", "python_nbest", "sdpa_math"}
+    must_run = {"eager", "compile", "outer_sum", "outer_sum_compile", "python_nbest", "sdpa_math"}
     if "triton" in available_backends(device):
         must_run.add("triton")
     broken = [(r["op"], r["impl"], r["mode"], r["note"]) for r in rows if r["impl"] in must_run and r["status"] != "ok"]
@@ -46,6 +46,11 @@ def test_quick_run_writes_json_table_and_plot(quick_run):
         if r["status"] == "ok":
             assert r["ms_p20"] <= r["ms"] <= r["ms_p80"] and r["metric"] > 0
             assert r["speedup_vs_eager"] is not None
+            assert r["speedup_vs"].get("eager", 1.0) == pytest.approx(r["speedup_vs_eager"])
+    span = {r["impl"]: r for r in rows if r["op"] == "span_score"}
+    assert {"outer_sum", "python_nbest"} <= span["eager"]["speedup_vs"].keys()
+    attention = [r for r in rows if r["op"] == "attention" and r["impl"] == "eager" and r["status"] == "ok"]
+    assert all("sdpa_best" in r["speedup_vs"] for r in attention)  # sdpa_math runs on the CPU
     assert (out / "kernels.png").stat().st_size > 0
     assert "## attention" in (out / "kernels.md").read_text()
 
@@ -60,7 +65,7 @@ def test_report_rebuilds_table_and_readme_block(quick_run, tmp_path):
     readme.write_text(f"# x\n\nbefore\n{report.START}\nold table\n{report.END}\nafter\n")
     report.update_readme(readme, report.load(out / "kernels.json"), out / "kernels.json")
     text = readme.read_text()
-    assert "old table" not in text and "| attention |" in text
+    assert "old table" not in text and "| attention |" in text and "### Issue 6's targets" in text
     assert text.startswith("# x\n\nbefore\n") and text.endswith("after\n")
 
 
