@@ -168,7 +168,9 @@ def _key_end(mask_base, stride_ms, seqlen, BLOCK_N: tl.constexpr):
 # Forward
 # ---------------------------------------------------------------------------
 
-@triton.jit
+# The seed changes every call: without do_not_specialize the JIT would compile another variant
+# the first time a seed is divisible by 16 (or is 1), mid-training or inside a timed benchmark loop.
+@triton.jit(do_not_specialize=["Seed"])
 def _attention_fwd_kernel(
     Q,                      # (B, S, H, D) or (T, H, D) query
     K,                      # same layout, keys
@@ -437,7 +439,7 @@ def attention_fwd(q, k, v, mask=None, cu_seqlens=None, max_seqlen=None, dropout_
 # Backward
 # ---------------------------------------------------------------------------
 
-@triton.jit
+@triton.jit(do_not_specialize=["Seed"])
 def _attention_bwd_dq_kernel(
     Q,                      # (B, S, H, D) or (T, H, D) query
     K,                      # keys, same layout
@@ -556,7 +558,7 @@ def _attention_bwd_dq_kernel(
                 offs_m, seqlen, offs_d, HEAD_DIM, BLOCK_D, EVEN_M)
 
 
-@triton.jit
+@triton.jit(do_not_specialize=["Seed"])
 def _attention_bwd_kernel(
     Q,                      # (B, S, H, D) or (T, H, D) query
     K,                      # keys, same layout

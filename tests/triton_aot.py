@@ -9,7 +9,11 @@ constexpr flags) and the recorder keeps (kernel, arguments, options) instead of
 launching. Each distinct signature is then compiled ahead of time for sm_80 and
 sm_90 with `triton.compile`, down to cubin (ptxas included).
 
-    python tests/triton_aot.py [--arch 90 80] [--quick]
+    python tests/triton_aot.py [--arch 90 80] [--quick] [--resources FILE.md]
+
+--resources writes, per compiled kernel and architecture, what ptxas gave it (registers,
+stack and local memory per thread: spills land there; Triton's dynamic shared memory),
+read from the cubin with the cuobjdump that Triton's NVIDIA backend ships.
 
 Must run without TRITON_INTERPRET (the kernels are then JITFunctions). Exits 1
 naming every kernel and signature that failed. tests/test_triton_compile.py runs it.
@@ -18,6 +22,9 @@ from __future__ import annotations
 
 import argparse
 import os
+import re
+import subprocess
+import tempfile
 import sys
 import time
 import traceback
@@ -72,22 +79,36 @@ def _scalar_type(name, value):
 
 
 def signature_of(kernel, bound):
-    """(signature, constexprs) in the form triton.compile's ASTSource takes."""
+    """(signature, constexprs, attrs) in the form triton.compile's ASTSource takes, specialised as
+    the JIT specialises a launch: an int equal to 1 becomes a constant, an int divisible by 16 and a
+    16-byte aligned pointer carry tt.divisibility=16 (every tensor is taken as aligned: torch's
+    allocations are, and so are our views). Without these hints ptxas sees 2-byte accesses: no
+    vector loads, no cp.async pipelining, and resources unlike the real launch's."""
     constexpr_names = {kernel.arg_names[i] for i in kernel.constexprs}
-    signature, constexprs = {}, {}
-    for name in kernel.arg_names:
+    signature, constexprs, attrs = {}, {}, {}
+    for index, name in enumerate(kernel.arg_names):
         value = bound[name]
+        param = kernel.params[index]
+        specialise = not getattr(param, "do_not_specialize", False)
+        aligned = specialise and not getattr(param, "do_not_specialize_on_alignment", False)
         if name in constexpr_names:
             signature[name] = "constexpr"
             constexprs[name] = value
         elif isinstance(value, torch.Tensor):
             signature[name] = POINTER_TYPES[value.dtype]
+            if aligned:
+                attrs[(index,)] = [["tt.divisibility", 16]]
         elif value is None:
             signature[name] = "constexpr"
             constexprs[name] = None
+        elif specialise and isinstance(value, int) and not isinstance(value, bool) and value == 1:
+            signature[name] = "constexpr"
+            constexprs[name] = 1
         else:
             signature[name] = _scalar_type(name, value)
-    return signature, constexprs
+            if aligned and isinstance(value, int) and not isinstance(value, bool) and value % 16 == 0:
+                attrs[(index,)] = [["tt.divisibility", 16]]
+    return signature, constexprs, attrs
 
 
 def _t(shape, dtype):
@@ -156,13 +177,56 @@ def record(dtypes, quick=False):
 def distinct(launches):
     seen, unique = set(), []
     for kernel, bound, options in launches:
-        signature, constexprs = signature_of(kernel, bound)
+        signature, constexprs, attrs = signature_of(kernel, bound)
         key = (kernel.__name__, tuple(signature.items()), tuple(sorted(constexprs.items(), key=str)),
-               tuple(sorted(options.items())))
+               tuple(sorted(attrs)), tuple(sorted(options.items())))
         if key not in seen:
             seen.add(key)
-            unique.append((kernel, signature, constexprs, options))
+            unique.append((kernel, signature, constexprs, attrs, options))
     return unique
+
+
+def _cuobjdump() -> str:
+    path = os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin", "cuobjdump")
+    if not os.path.exists(path):
+        raise FileNotFoundError(f"--resources needs the cuobjdump Triton's NVIDIA backend ships: {path} is missing")
+    return path
+
+
+def resource_usage(cubin: bytes) -> dict:
+    """{"REG": .., "STACK": .., "LOCAL": .., "SHARED": ..} of the one function in a cubin."""
+    with tempfile.NamedTemporaryFile(suffix=".cubin") as f:
+        f.write(cubin)
+        f.flush()
+        text = subprocess.run([_cuobjdump(), "--dump-resource-usage", f.name], capture_output=True, text=True,
+                              check=True).stdout
+    found = re.search(r"Function [^:]+:\s*\n\s*(.*)", text)
+    if found is None:
+        raise ValueError(f"no function in cuobjdump's report:\n{text}")
+    return {k: int(v) for k, v in re.findall(r"(REG|STACK|LOCAL|SHARED):(\d+)", found.group(1))}
+
+
+def _specialisation(signature, constexprs) -> str:
+    """What tells two launches of one kernel apart: the first pointer's dtype and the constexpr flags."""
+    dtype = next((t[1:] for t in signature.values() if t.startswith("*")), "?")
+    flags = [f"{k}={int(v) if isinstance(v, bool) else v}" for k, v in constexprs.items()
+             if v is not None and k.isupper()]
+    return f"{dtype} " + " ".join(flags)
+
+
+def resources_markdown(rows) -> str:
+    out = [f"# Triton kernels: resources on the GPU targets (triton {triton.__version__}, tests/triton_aot.py)", "",
+           "Generated by `python tests/triton_aot.py --arch 90 --resources FILE` at each launcher's real GPU "
+           "configuration (fake CUDA tensors, no GPU). Registers per thread; stack and local bytes per thread "
+           "(a spill lands there: 0 = none); shared = Triton's dynamic shared memory per program, in bytes.", "",
+           "| sm | kernel | specialisation | warps | stages | registers | stack | local | shared |",
+           "|---|---|---|---|---|---|---|---|---|"]
+    for arch, kernel, spec, options, usage, shared in rows:
+        out.append(f"| {arch} | {kernel} | {spec} | {options.get('num_warps', 4)} | {options.get('num_stages', 3)} "
+                   f"| {usage['REG']} | {usage['STACK']} | {usage['LOCAL']} | {shared} |")
+    spilling = [r for r in rows if r[4]["STACK"] or r[4]["LOCAL"]]
+    out += ["", f"{len(rows)} compiled kernels, {len(spilling)} with stack or local memory."]
+    return "\n".join(out) + "\n"
 
 
 def main(argv=None):
@@ -170,6 +234,7 @@ def main(argv=None):
     parser.add_argument("--arch", nargs="+", type=int, default=[90, 80])
     parser.add_argument("--quick", action="store_true", help="fewer head dims and hidden sizes")
     parser.add_argument("--dtypes", nargs="+", default=["float16", "bfloat16", "float32"])
+    parser.add_argument("--resources", metavar="FILE.md", help="write registers/stack/local/shared per kernel")
     args = parser.parse_args(argv)
     dtypes = [getattr(torch, name) for name in args.dtypes]
     started = time.perf_counter()
@@ -177,12 +242,15 @@ def main(argv=None):
     kernels = sorted({k.__name__ for k, *_ in compiled})
     print(f"triton {triton.__version__}: {len(compiled)} distinct launches of {len(kernels)} kernels: "
           f"{', '.join(kernels)}", flush=True)
-    failures = []
+    failures, resources = [], []
     for arch in args.arch:
-        for kernel, signature, constexprs, options in compiled:
+        for kernel, signature, constexprs, attrs, options in compiled:
             try:
-                triton.compile(ASTSource(fn=kernel, signature=signature, constexprs=constexprs),
-                               target=GPUTarget("cuda", arch, 32), options=dict(options))
+                binary = triton.compile(ASTSource(fn=kernel, signature=signature, constexprs=constexprs, attrs=attrs),
+                                        target=GPUTarget("cuda", arch, 32), options=dict(options))
+                if args.resources:
+                    resources.append((arch, kernel.__name__, _specialisation(signature, constexprs), options,
+                                      resource_usage(binary.asm["cubin"]), binary.metadata.shared))
             except Exception as error:  # report all, then fail
                 failures.append(f"sm_{arch} {kernel.__name__} {constexprs} {options}:\n"
                                 + "".join(traceback.format_exception_only(error))[-2000:])
@@ -190,6 +258,10 @@ def main(argv=None):
           f"for sm_{', sm_'.join(map(str, args.arch))} in {time.perf_counter() - started:.0f} s")
     for failure in failures:
         print("FAILED", failure, file=sys.stderr)
+    if args.resources:
+        with open(args.resources, "w") as f:
+            f.write(resources_markdown(resources))
+        print(f"wrote {args.resources}")
     return 1 if failures else 0
 
 
