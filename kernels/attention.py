@@ -291,8 +291,15 @@ def _attention_fwd_kernel(
 # Launch settings
 # ---------------------------------------------------------------------------
 
+# Settings a tuning run imposes (benchmarks/tune_attention.py): "fwd", "bwd_dq" or "bwd" ->
+# dict(BLOCK_M=, BLOCK_N=, num_warps=, num_stages=). Empty in normal use.
+CONFIG_OVERRIDE: dict[str, dict] = {}
+
+
 def _fwd_config(head_dim: int, dtype: torch.dtype) -> dict:
     """BLOCK_M, BLOCK_N, num_warps, num_stages of the forward kernel."""
+    if "fwd" in CONFIG_OVERRIDE:
+        return dict(CONFIG_OVERRIDE["fwd"])
     if _interpreting():  # small unequal tiles: many blocks per test, and BLOCK_M/BLOCK_N mix-ups show
         return dict(BLOCK_M=32, BLOCK_N=16, num_warps=1, num_stages=1)
     if dtype == torch.float32:
@@ -303,6 +310,8 @@ def _fwd_config(head_dim: int, dtype: torch.dtype) -> dict:
 
 
 def _bwd_dq_config(head_dim: int, dtype: torch.dtype) -> dict:
+    if "bwd_dq" in CONFIG_OVERRIDE:
+        return dict(CONFIG_OVERRIDE["bwd_dq"])
     if _interpreting():
         return dict(BLOCK_M=32, BLOCK_N=16, num_warps=1, num_stages=1)
     if dtype == torch.float32:
@@ -314,6 +323,8 @@ def _bwd_dq_config(head_dim: int, dtype: torch.dtype) -> dict:
 
 def _bwd_config(head_dim: int, dtype: torch.dtype) -> dict:
     """dK/dV kernel: BLOCK_N keys owned per program, BLOCK_M queries per loop step."""
+    if "bwd" in CONFIG_OVERRIDE:
+        return dict(CONFIG_OVERRIDE["bwd"])
     if _interpreting():
         return dict(BLOCK_M=16, BLOCK_N=32, num_warps=1, num_stages=1)
     if dtype == torch.float32:

@@ -11,6 +11,8 @@
 #   sanitizer  compute-sanitizer memcheck and racecheck over the csrc GPU tests (csrc/README.md)
 #                                                        -> sanitizer.log
 #   e2e        fastbert bench --suite e2e --budget       -> e2e.log, e2e.json/.md/.png
+#   tune       benchmarks/tune_attention.py: the Triton attention tiles, candidate by candidate
+#              against the defaults (kernels/RESOURCES.md says why)   -> tune.log, tune.json
 #
 # On the device machine $OUT is set by the tool; the checkout there has no .git,
 # so pass the commit in FASTBERT_COMMIT (it is recorded in every benchmark row).
@@ -36,6 +38,8 @@
 #   SANITIZER_S=240         the sanitizer stage (memcheck, then racecheck)
 #   E2E_MAX_S=300           the e2e benchmark, like BENCH_MAX_S (E2E_ARGS adds arguments,
 #                           e.g. "--filter 'base-cls'")
+#   TUNE_S=180              the tune stage (TUNE_ARGS adds arguments, e.g. "--head-dims 64 128");
+#                           head_dim 64 with and without dropout is about 40 compiles
 #
 # Files left in $OUT (flat): check.log (everything this script prints), install.log, and
 # each stage's files above (default stages: 7).
@@ -187,6 +191,19 @@ fi
 # ---------------------------------------------------------------- end to end
 # shellcheck disable=SC2086
 stage e2e && bench_suite e2e "${E2E_MAX_S:-300}" e2e.log ${E2E_ARGS:-}
+
+# ---------------------------------------------------------------- Triton attention tiles
+if stage tune; then
+secs=$(left_for "${TUNE_S:-180}")
+echo "== tune_attention, ${secs}s ($(elapsed)s)"
+# shellcheck disable=SC2086  # TUNE_ARGS is a word list
+timeout -k 10 "$secs" "$PY" -m benchmarks.tune_attention --time-limit $(( secs - 30 )) --out "$OUT/tune.json" \
+    ${TUNE_ARGS:-} >"$OUT/tune.log" 2>&1
+rc=$?
+sed -n '/^best per kernel/,$p' "$OUT/tune.log"
+echo "tune rc=$rc ($(elapsed)s)"
+[ "$rc" = 0 ] || RC=1
+fi
 
 echo "== done in $(elapsed)s: install: $INSTALL; stages: ${GPU_CHECK_STAGES:-tests bench}; rc=$RC"
 ls "$OUT"
