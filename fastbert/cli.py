@@ -19,7 +19,67 @@ import torch
 
 
 def _device(name):
-    return torch.device(name or ("cuda" if torch.cuda.is_available() else "cpu"))
+    if name is None:
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    try:
+        device = torch.device(name)
+    except RuntimeError:
+        raise ValueError(f"--device must be cpu or cuda (or cuda:N), got {name!r}") from None
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise ValueError(f"--device {name}: this torch build or machine has no usable CUDA device; use --device cpu")
+    if device.type not in ("cpu", "cuda"):
+        raise ValueError(f"--device must be cpu or cuda (or cuda:N), got {name!r}")
+    return device
+
+
+# -- argument checks: a user's mistake is an error naming the argument, before any work ----------
+
+
+def _check_counts(args, positive=(), optional_positive=(), optional_non_negative=()):
+    for name in positive + optional_positive + optional_non_negative:
+        value = getattr(args, name, None)
+        if value is None and name not in positive:
+            continue
+        low = 0 if name in optional_non_negative else 1
+        if value is None or value < low:
+            raise ValueError(f"--{name.replace('_', '-')} must be >= {low}, got {value}")
+
+
+def _check_file(flag, path):
+    path = Path(path)
+    if not path.exists():
+        raise FileNotFoundError(f"{flag} {str(path)!r}: no such file")
+    if not path.is_file():
+        raise ValueError(f"{flag} {str(path)!r} is not a file")
+
+
+def _model_folder(flag, name):
+    """The model folder, with a hint where the user named a `finetune --out` folder or a checkpoint."""
+    from fastbert.checkpoint import resolve_model_path
+
+    folder = resolve_model_path(name)
+    if not (folder / "config.json").exists() and (folder / "model" / "config.json").exists():
+        raise ValueError(f"{flag} {str(folder)!r} is a `fastbert finetune --out` folder: "
+                         f"the fine-tuned model is {str(folder / 'model')!r}")
+    return folder
+
+
+def _no_examples(flag, path):
+    return ValueError(f"{flag} {str(path)!r} holds no examples (an empty file, or a header only?)")
+
+
+def _check_dev(path, spec, dev):
+    """What scoring needs of dev data, checked before any training or prediction."""
+    if not dev.features:
+        raise _no_examples("--dev", path)
+    if spec.kind == "regression" and len(dev.features) < 2:
+        raise ValueError(f"--dev {str(path)!r}: a correlation needs at least 2 examples, got {len(dev.features)}")
+    if spec.kind == "qa":
+        unanswered = [e.id for e in dev.examples if not e.answers]
+        if unanswered:
+            more = f" (and {len(unanswered) - 1} more)" if len(unanswered) > 1 else ""
+            raise ValueError(f"--dev {str(path)!r}: question id {unanswered[0]}{more} has no gold answer; "
+                             "SQuAD v1.1 scoring needs at least one per question")
 
 
 # -- finetune / evaluate / predict ----------------------------------------------------
@@ -28,38 +88,84 @@ def _device(name):
 def cmd_finetune(args) -> int:
     import fastbert
     from fastbert import data, tasks, train
+    from fastbert.config import BertConfig
 
     if args.task is None and args.task_type is None:
         raise ValueError("give --task (a preset) or --task-type")
     if args.compile and args.unpad:
         raise ValueError("--unpad and --compile do not go together: the packed encoder's shapes change with "
                          "every batch, so a compiled model runs padded; pick one")
+    _check_counts(args, positive=("epochs", "batch_size", "grad_accum", "eval_batch_size"),
+                  optional_positive=("max_steps", "save_every", "max_train_examples", "max_dev_examples",
+                                     "max_answer_len"),
+                  optional_non_negative=("doc_stride",))
+    if args.max_seq_len is not None and args.max_seq_len < 8:
+        raise ValueError(f"--max-seq-len must be >= 8 (room for the special tokens and some text), got {args.max_seq_len}")
+    if not args.lr > 0:
+        raise ValueError(f"--lr must be > 0, got {args.lr}")
+    if not args.weight_decay >= 0:
+        raise ValueError(f"--weight-decay must be >= 0, got {args.weight_decay}")
+    if not 0 <= args.warmup_ratio <= 1:
+        raise ValueError(f"--warmup-ratio must be in [0, 1], got {args.warmup_ratio}")
+    kind = args.task_type or tasks.PRESETS.get(args.task)
+    if args.task is None and kind in ("single", "pair", "regression"):
+        wanted = {"single": "one", "pair": "two", "regression": "one or two"}[kind]
+        if not args.text_cols or args.label_col is None:
+            raise ValueError(f"--task-type {kind} needs --text-cols ({wanted} column names or 0-based indices) "
+                             "and --label-col")
+        if len(args.text_cols) not in {"single": (1,), "pair": (2,), "regression": (1, 2)}[kind]:
+            raise ValueError(f"--task-type {kind} takes {wanted} --text-cols, got {len(args.text_cols)}: "
+                             f"{args.text_cols}")
+    if kind in ("tagging", "qa") and (args.text_cols or args.label_col is not None):
+        raise ValueError(f"--text-cols/--label-col are for TSV data (single, pair, regression); a {kind} task "
+                         "reads " + ("UPOS from a .conllu file, the last column from other files" if kind == "tagging"
+                                     else "SQuAD v1.1 JSON"))
+    _check_file("--train", args.train)
+    if args.dev:
+        _check_file("--dev", args.dev)
+    if Path(args.out).exists() and not Path(args.out).is_dir():
+        raise ValueError(f"--out {args.out!r} is a file; it must be a folder (made if missing)")
+    if args.metrics_json and Path(args.metrics_json).is_dir():
+        raise ValueError(f"--metrics-json {args.metrics_json!r} is a folder; give a file name")
+    device = _device(args.device)
     overrides = dict(max_seq_len=args.max_seq_len, doc_stride=args.doc_stride, max_answer_len=args.max_answer_len,
                      text_cols=args.text_cols, label_col=args.label_col)
     spec = tasks.TaskSpec.preset(args.task, **overrides) if args.task else \
         tasks.TaskSpec(name=args.task_type, kind=args.task_type,
                        **{k: v for k, v in overrides.items() if v is not None})
+    folder = _model_folder("--model", args.model)
+    limit = BertConfig.from_json(folder / "config.json").max_position_embeddings
+    if spec.max_seq_len > limit:
+        raise ValueError(f"--max-seq-len {spec.max_seq_len} is more than the model's {limit} positions "
+                         f"(max_position_embeddings of {folder})")
+    cfg = train.TrainConfig(out=Path(args.out), epochs=args.epochs, max_steps=args.max_steps, batch_size=args.batch_size,
+                            lr=args.lr, weight_decay=args.weight_decay, warmup_ratio=args.warmup_ratio,
+                            grad_accum=args.grad_accum, seed=args.seed, precision=args.precision,
+                            bucket_by_length=not args.no_bucket, save_every=args.save_every,
+                            progress=not args.no_progress, compile=args.compile)
+    train._autocast_dtype(cfg.precision, device)  # fp16 without a GPU: say so before reading anything
     torch.manual_seed(args.seed)
-    device = _device(args.device)
     tokenizer = fastbert.Tokenizer.from_pretrained(args.model)
     started = time.perf_counter()
     train_data = tasks.read(spec, args.train, tokenizer, args.max_train_examples)
+    if not train_data.features:
+        raise _no_examples("--train", args.train)
     dev_data = tasks.read(spec, args.dev, tokenizer, args.max_dev_examples) if args.dev else None
+    if dev_data is not None:
+        _check_dev(args.dev, spec, dev_data)
     model = tasks.build_model(spec, args.model, args.backend).to(device)
     model.bert.unpad = args.unpad
     model.bert.gradient_checkpointing = args.gradient_checkpointing
     print(fastbert.ops.describe_default(device) if args.backend is None else f"fastbert: backend {args.backend!r}")
     print(f"task {spec.name} ({spec.kind}): {len(train_data.features)} training features"
           + (f", {len(dev_data.features)} dev features" if dev_data else ""))
-    cfg = train.TrainConfig(out=Path(args.out), epochs=args.epochs, max_steps=args.max_steps, batch_size=args.batch_size,
-                            lr=args.lr, weight_decay=args.weight_decay, warmup_ratio=args.warmup_ratio,
-                            grad_accum=args.grad_accum, seed=args.seed, precision=args.precision,
-                            bucket_by_length=not args.no_bucket, save_every=args.save_every,
-                            progress=not args.no_progress, compile=args.compile)
     evaluate = (lambda m: tasks.evaluate(m, spec, dev_data, args.eval_batch_size)) if dev_data else None
     trainer = train.Trainer(model, train_data.features, data.collate, cfg, evaluate, train_data.lengths)
-    if args.resume and trainer.resume():
-        print(f"resumed from step {trainer.step}")
+    if args.resume:
+        if trainer.resume():
+            print(f"resumed from step {trainer.step}")
+        else:
+            print(f"--resume: no checkpoint in {args.out} yet; starting from the beginning")
     summary = trainer.train()
     final = Path(args.out) / "model"
     model.save_pretrained(final)
@@ -77,42 +183,77 @@ def cmd_finetune(args) -> int:
     return 0
 
 
-def cmd_evaluate(args) -> int:
+def _load_finetuned(args):
     import fastbert
     from fastbert import tasks
 
-    model, spec = tasks.load_finetuned(args.model, args.backend)
-    model.to(_device(args.device))
-    dev = tasks.read(spec, args.dev, fastbert.Tokenizer.from_pretrained(args.model), args.max_dev_examples)
+    folder = _model_folder("--model", args.model)
+    device = _device(args.device)
+    if not ((folder / "tokenizer.json").exists() or (folder / "vocab.txt").exists()) \
+            and (folder / "trainer_state.pt").exists():
+        raise ValueError(f"--model {str(folder)!r} is a training checkpoint, which keeps no tokenizer: use the "
+                         f"finished run's model folder, or copy its tokenizer.json here")
+    model, spec = tasks.load_finetuned(folder, args.backend)
+    return model.to(device), spec, fastbert.Tokenizer.from_pretrained(folder)
+
+
+def cmd_evaluate(args) -> int:
+    from fastbert import tasks
+
+    _check_counts(args, positive=("eval_batch_size",), optional_positive=("max_dev_examples",))
+    _check_file("--dev", args.dev)
+    model, spec, tokenizer = _load_finetuned(args)
+    dev = tasks.read(spec, args.dev, tokenizer, args.max_dev_examples)
+    _check_dev(args.dev, spec, dev)
     scores = tasks.evaluate(model, spec, dev, args.eval_batch_size)
     print(json.dumps(scores, indent=2))
     return 0
 
 
-def predict_texts(model, spec, tokenizer, texts, pairs=None, question=None, context=None):
-    """Human-readable predictions for raw inputs (used by `predict` and the demo)."""
+def _tag_words(model, spec, tokenizer, word_lists, batch_size):
+    """Each word's tag; a sentence longer than max_seq_len is tagged in consecutive pieces
+    (truncation would drop the words past the first piece)."""
+    from fastbert import data, tasks
+
+    tags = [[None] * len(words) for words in word_lists]
+    pending = [(i, 0) for i, words in enumerate(word_lists) if words]        # (sentence, its first untagged word)
+    while pending:
+        features = data.encode_words(tokenizer, [word_lists[i][first:] for i, first in pending], spec.max_seq_len)
+        following = []
+        for (i, first), feat, logits in zip(pending, features, tasks.predict_logits(model, features, batch_size)):
+            last = -1
+            for pos, w in enumerate(feat["word_ids"]):
+                if w is not None and w > last:                            # a word's first piece
+                    tags[i][first + w] = spec.labels[int(logits[pos].argmax())]
+                    last = w
+            if last >= 0 and first + last + 1 < len(word_lists[i]):
+                following.append((i, first + last + 1))
+        pending = following
+    return tags
+
+
+def predict_texts(model, spec, tokenizer, texts, pairs=None, question=None, context=None, batch_size=64,
+                  questions=None, contexts=None):
+    """Human-readable predictions for raw inputs (used by `predict` and the demo).
+
+    qa: question + context (one answer), or lists questions + contexts (one answer each)."""
     from fastbert import data, tasks
 
     if spec.kind == "qa":
-        example = data.SquadExample(id="q", title="", question=question, context=context, answers=[], answer_starts=[])
-        features = data.build_squad_features([example], tokenizer, spec.max_seq_len, spec.doc_stride)
-        logits = tasks.predict_logits(model, features)
-        return [tasks.answers_from_logits(model, spec, [example], features, logits)["q"]]
+        questions, contexts = (questions, contexts) if questions is not None else ([question], [context])
+        examples = [data.SquadExample(id=str(i), title="", question=q, context=c, answers=[], answer_starts=[])
+                    for i, (q, c) in enumerate(zip(questions, contexts))]
+        features = data.build_squad_features(examples, tokenizer, spec.max_seq_len, spec.doc_stride)
+        logits = tasks.predict_logits(model, features, batch_size)
+        answers = tasks.answers_from_logits(model, spec, examples, features, logits)
+        return [answers[e.id] for e in examples]
     if spec.kind == "tagging":
-        words = [t.split() for t in texts]
-        features = data.encode_words(tokenizer, words, spec.max_seq_len)
-        out = []
-        for feat, logits, ws in zip(features, tasks.predict_logits(model, features), words):
-            tags, seen = [], set()
-            for pos, w in enumerate(feat["word_ids"]):
-                if w is not None and w not in seen:
-                    seen.add(w)
-                    tags.append(f"{ws[w]}/{spec.labels[int(logits[pos].argmax())]}")
-            out.append(" ".join(tags))
-        return out
+        word_lists = [t.split() for t in texts]
+        return [" ".join(f"{w}/{t if t is not None else '?'}" for w, t in zip(words, tags))
+                for words, tags in zip(word_lists, _tag_words(model, spec, tokenizer, word_lists, batch_size))]
     enc = tokenizer(texts, pairs, max_length=spec.max_seq_len, padding=False, return_tensors=False)
     features = [{"input_ids": i, "token_type_ids": t} for i, t in zip(enc["input_ids"], enc["token_type_ids"])]
-    logits = tasks.predict_logits(model, features)
+    logits = tasks.predict_logits(model, features, batch_size)
     if spec.kind == "regression":
         return [f"{l.item():.3f}" for l in logits]
     out = []
@@ -122,28 +263,78 @@ def predict_texts(model, spec, tokenizer, texts, pairs=None, question=None, cont
     return out
 
 
-def cmd_predict(args) -> int:
-    import fastbert
-    from fastbert import tasks
+def _read_inputs(path, fields: int, what: str) -> list[list[str]]:
+    """The non-blank lines of a predict --file, each split at tabs into `fields` fields."""
+    try:
+        text = Path(path).read_text(encoding="utf-8-sig")
+    except UnicodeDecodeError:
+        raise ValueError(f"--file {str(path)!r} is not UTF-8 text") from None
+    rows = []
+    for number, line in enumerate(text.splitlines(), 1):
+        if not line.strip():
+            continue
+        row = line.split("\t")
+        if len(row) != fields:
+            raise ValueError(f"{path}:{number}: {what} per line, got {len(row)} tab-separated field"
+                             f"{'s' if len(row) != 1 else ''}")
+        rows.append(row)
+    if not rows:
+        raise ValueError(f"--file {str(path)!r} holds no inputs (no non-blank line)")
+    return rows
 
-    model, spec = tasks.load_finetuned(args.model, args.backend)
-    model.to(_device(args.device))
-    tokenizer = fastbert.Tokenizer.from_pretrained(args.model)
-    if spec.kind == "qa":
-        if not (args.question and args.context):
-            raise ValueError("a question-answering model needs --question and --context")
-        print(predict_texts(model, spec, tokenizer, None, question=args.question, context=args.context)[0])
-        return 0
+
+def _takes_pair(spec) -> bool:
+    """Whether a sentence task's model reads text pairs: its text columns (given, or its preset's)."""
+    from fastbert import data
+
+    if spec.text_cols:
+        return len(spec.text_cols) == 2
+    if spec.name in data.TASKS:
+        return len(data.TASKS[spec.name].text_cols) == 2
+    return spec.kind == "pair"
+
+
+def cmd_predict(args) -> int:
+    _check_counts(args, positive=("eval_batch_size",))
     if args.file:
-        lines = [l.rstrip("\n").split("\t") for l in Path(args.file).read_text().splitlines() if l.strip()]
+        _check_file("--file", args.file)
+        if args.texts:
+            raise ValueError("give TEXT arguments or --file FILE, not both")
+    model, spec, tokenizer = _load_finetuned(args)
+    described = f"{args.model} is a {spec.kind} model ({spec.name})"
+    if spec.kind == "qa":
+        if args.texts:
+            raise ValueError(f"{described}: give --question Q --context C (or --file with question<TAB>context "
+                             "lines), not TEXT arguments")
+        if args.file:
+            rows = _read_inputs(args.file, 2, "a question-answering model takes question<TAB>context")
+        elif args.question and args.context:
+            rows = [[args.question, args.context]]
+        else:
+            raise ValueError(f"{described}: it needs --question and --context (both non-empty), or --file")
+        answers = predict_texts(model, spec, tokenizer, None, questions=[r[0] for r in rows],
+                                contexts=[r[1] for r in rows], batch_size=args.eval_batch_size)
+        for (question, _), answer in zip(rows, answers):
+            print(answer if not args.file else f"{answer}\t{question}")
+        return 0
+    if args.question or args.context:
+        raise ValueError(f"{described}: --question/--context are for a question-answering model; give TEXT")
+    pair = _takes_pair(spec)
+    if args.file:
+        what = "a text-pair model takes text<TAB>text_b" if pair else "a tagging model takes one sentence" \
+            if spec.kind == "tagging" else "a single-text model takes one text"
+        rows = _read_inputs(args.file, 2 if pair else 1, what)
     elif args.texts:
-        lines = [args.texts]
+        if pair and len(args.texts) != 2:
+            raise ValueError(f"{described}: it takes a pair, TEXT TEXT_B; got {len(args.texts)} text"
+                             f"{'s' if len(args.texts) != 1 else ''}")
+        rows = [args.texts] if pair else [[t] for t in args.texts]
     else:
         raise ValueError("give TEXT [TEXT_B] or --file FILE (one input per line, a pair separated by a tab)")
-    texts = [l[0] for l in lines]
-    pairs = [l[1] for l in lines] if spec.kind in ("pair", "regression") and all(len(l) > 1 for l in lines) else None
-    for text, pred in zip(texts, predict_texts(model, spec, tokenizer, texts, pairs)):
-        print(f"{pred}\t{text}")
+    texts = [r[0] for r in rows]
+    pairs = [r[1] for r in rows] if pair else None
+    for row, pred in zip(rows, predict_texts(model, spec, tokenizer, texts, pairs, batch_size=args.eval_batch_size)):
+        print("\t".join([pred, *row]))
     return 0
 
 
@@ -199,6 +390,9 @@ def cmd_encode(args) -> int:
 
     device = _device(args.device)
     model = fastbert.BertModel.from_pretrained(args.model, backend=args.backend).to(device).eval()
+    limit = model.config.max_position_embeddings
+    if not 3 <= args.max_seq_len <= limit:
+        raise ValueError(f"--max-seq-len must be in [3, {limit}] (the model's positions), got {args.max_seq_len}")
     tokenizer = fastbert.Tokenizer.from_pretrained(args.model)
     print(fastbert.ops.describe_default(device) if args.backend is None else f"fastbert: backend {args.backend!r}")
     texts = args.texts or DEMO_TEXTS
@@ -216,30 +410,43 @@ def cmd_encode(args) -> int:
 # -- parser -------------------------------------------------------------------------------
 
 
-def _common(p):
+def _common(p, dev=True):
     p.add_argument("--backend", choices=["torch", "triton", "cuda"], default=None,
                    help="kernel backend (default: the fastest available on the device)")
     p.add_argument("--device", default=None, help="cuda or cpu (default: cuda if available)")
-    p.add_argument("--eval-batch-size", type=int, default=64)
-    p.add_argument("--max-dev-examples", type=int, default=None)
+    p.add_argument("--eval-batch-size", type=int, default=64, metavar="N",
+                   help="examples per forward when evaluating or predicting (default 64)")
+    if dev:
+        p.add_argument("--max-dev-examples", type=int, default=None, metavar="N",
+                       help="read only the first N dev examples (questions, sentences)")
 
 
 def build_parser():
     parser = argparse.ArgumentParser(prog="fastbert", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     sub = parser.add_subparsers(dest="command", required=True)
 
-    ft = sub.add_parser("finetune", help="fine-tune a pretrained BERT on a task")
-    ft.add_argument("--task", choices=sorted(__import__("fastbert.tasks", fromlist=["PRESETS"]).PRESETS))
-    ft.add_argument("--task-type", choices=["single", "pair", "regression", "tagging", "qa"])
-    ft.add_argument("--text-cols", nargs="+", default=None, help="column names or indices of the text(s)")
-    ft.add_argument("--label-col", default=None)
-    ft.add_argument("--train", required=True)
-    ft.add_argument("--dev", default=None)
+    ft = sub.add_parser("finetune", help="fine-tune a pretrained BERT on a task",
+                        description="Fine-tune a pretrained BERT: a task preset (--task) or your own data "
+                                    "(--task-type with --text-cols/--label-col). The model, tokenizer and the "
+                                    "task's settings go to OUT/model; checkpoints to OUT/checkpoint-STEP.")
+    ft.add_argument("--task", choices=sorted(__import__("fastbert.tasks", fromlist=["PRESETS"]).PRESETS),
+                    help="a preset: reader, head and metric (GLUE TSV for sst2/cola/mrpc/rte/stsb, CoNLL-U "
+                         "UPOS for pos, SQuAD v1.1 JSON for squad)")
+    ft.add_argument("--task-type", choices=["single", "pair", "regression", "tagging", "qa"],
+                    help="any other data: a TSV with a header (single, pair, regression: give --text-cols and "
+                         "--label-col; labels are found in the training file), a CoNLL-U (.conllu) or "
+                         "CoNLL-2003-style file (tagging, the last column), or SQuAD v1.1 JSON (qa)")
+    ft.add_argument("--text-cols", nargs="+", default=None, metavar="COL",
+                    help="the text column(s), by header name or 0-based index: one, or two for a pair")
+    ft.add_argument("--label-col", default=None, metavar="COL", help="the label column, by header name or 0-based index")
+    ft.add_argument("--train", required=True, metavar="FILE", help="training data")
+    ft.add_argument("--dev", default=None, metavar="FILE", help="evaluation data, scored after each epoch")
     ft.add_argument("--model", default="default", help="'default' (embedded all-MiniLM-L6-v2) or an HF-layout folder")
-    ft.add_argument("--out", required=True)
-    ft.add_argument("--metrics-json", default=None)
-    ft.add_argument("--epochs", type=int, default=3)
-    ft.add_argument("--max-steps", type=int, default=None)
+    ft.add_argument("--out", required=True, metavar="DIR", help="output folder (made if missing)")
+    ft.add_argument("--metrics-json", default=None, metavar="FILE", help="where the metrics go (default OUT/metrics.json)")
+    ft.add_argument("--epochs", type=int, default=3, metavar="N", help="passes over the training data (default 3)")
+    ft.add_argument("--max-steps", type=int, default=None, metavar="N",
+                    help="stop after N optimizer steps (overrides --epochs)")
     ft.add_argument("--unpad", action="store_true",
                     help="run the encoder on the real tokens only (packed; no work on padding)")
     ft.add_argument("--compile", nargs="?", const="inductor", default=None, metavar="BACKEND",
@@ -248,37 +455,52 @@ def build_parser():
     ft.add_argument("--gradient-checkpointing", action="store_true",
                     help="keep only each layer's input and recompute the layer in the backward "
                          "(much less activation memory, about a third more compute)")
-    ft.add_argument("--max-train-examples", type=int, default=None)
-    ft.add_argument("--batch-size", type=int, default=32)
-    ft.add_argument("--grad-accum", type=int, default=1)
-    ft.add_argument("--lr", type=float, default=5e-5)
-    ft.add_argument("--weight-decay", type=float, default=0.01)
-    ft.add_argument("--warmup-ratio", type=float, default=0.1)
-    ft.add_argument("--max-seq-len", type=int, default=None)
-    ft.add_argument("--doc-stride", type=int, default=None)
-    ft.add_argument("--max-answer-len", type=int, default=None)
-    ft.add_argument("--precision", default="auto", choices=["auto", "fp32", "bf16", "fp16"])
-    ft.add_argument("--seed", type=int, default=42)
-    ft.add_argument("--save-every", type=int, default=None, help="optimizer steps between checkpoints (default: each epoch)")
-    ft.add_argument("--resume", action="store_true", help="continue from the latest checkpoint in --out")
+    ft.add_argument("--max-train-examples", type=int, default=None, metavar="N",
+                    help="read only the first N training examples")
+    ft.add_argument("--batch-size", type=int, default=32, metavar="N", help="examples per batch (default 32)")
+    ft.add_argument("--grad-accum", type=int, default=1, metavar="N",
+                    help="batches per optimizer step (gradient accumulation; default 1)")
+    ft.add_argument("--lr", type=float, default=5e-5, help="peak learning rate of AdamW (default 5e-5)")
+    ft.add_argument("--weight-decay", type=float, default=0.01,
+                    help="AdamW weight decay, not on biases and LayerNorm (default 0.01)")
+    ft.add_argument("--warmup-ratio", type=float, default=0.1,
+                    help="fraction of the steps with a linear warm-up, in [0, 1] (default 0.1)")
+    ft.add_argument("--max-seq-len", type=int, default=None, metavar="N",
+                    help="tokens per example, longer ones truncated (default 128, qa 384; at most the model's positions)")
+    ft.add_argument("--doc-stride", type=int, default=None, metavar="N",
+                    help="qa: passage tokens that consecutive windows of a long passage share (default 128)")
+    ft.add_argument("--max-answer-len", type=int, default=None, metavar="N",
+                    help="qa: longest answer in tokens (default 30)")
+    ft.add_argument("--precision", default="auto", choices=["auto", "fp32", "bf16", "fp16"],
+                    help="auto: bf16 autocast on a GPU, fp32 on the CPU")
+    ft.add_argument("--seed", type=int, default=42, help="seed of the batch order, dropout and new head weights")
+    ft.add_argument("--save-every", type=int, default=None, metavar="N",
+                    help="optimizer steps between checkpoints (default: each epoch)")
+    ft.add_argument("--resume", action="store_true",
+                    help="continue from the latest checkpoint in --out (same data and settings)")
     ft.add_argument("--no-bucket", action="store_true", help="do not batch examples of similar length together")
-    ft.add_argument("--no-progress", action="store_true")
+    ft.add_argument("--no-progress", action="store_true", help="no progress bar")
     _common(ft)
     ft.set_defaults(run=cmd_finetune)
 
     ev = sub.add_parser("evaluate", help="score a fine-tuned model on a dev file")
-    ev.add_argument("--model", required=True)
-    ev.add_argument("--dev", required=True)
+    ev.add_argument("--model", required=True, metavar="DIR", help="a model saved by finetune (OUT/model)")
+    ev.add_argument("--dev", required=True, metavar="FILE", help="labelled data in the model's task format")
     _common(ev)
     ev.set_defaults(run=cmd_evaluate)
 
-    pr = sub.add_parser("predict", help="predict with a fine-tuned model")
-    pr.add_argument("--model", required=True)
-    pr.add_argument("texts", nargs="*", help="a text, or a pair of texts")
-    pr.add_argument("--question")
-    pr.add_argument("--context")
-    pr.add_argument("--file", help="one input per line; a pair separated by a tab")
-    _common(pr)
+    pr = sub.add_parser("predict", help="predict with a fine-tuned model",
+                        description="Predict with a model saved by finetune. Sentence models: TEXT (several "
+                                    "TEXTs: one prediction each) or, for a pair model, TEXT TEXT_B; tagging: "
+                                    "TEXT of space-separated words; question answering: --question and "
+                                    "--context. --file: one input per line, a pair or question<TAB>context "
+                                    "separated by a tab.")
+    pr.add_argument("--model", required=True, metavar="DIR", help="a model saved by finetune (OUT/model)")
+    pr.add_argument("texts", nargs="*", metavar="TEXT", help="the input text(s)")
+    pr.add_argument("--question", help="question-answering models: the question")
+    pr.add_argument("--context", help="question-answering models: the passage to find the answer in")
+    pr.add_argument("--file", metavar="FILE", help="one input per line; a pair separated by a tab")
+    _common(pr, dev=False)
     pr.set_defaults(run=cmd_predict)
 
     en = sub.add_parser("encode", help="embed texts with the encoder and print their cosine similarities")
@@ -308,8 +530,11 @@ def main(argv=None) -> int:
     args = build_parser().parse_args(argv)
     try:
         return args.run(args)
-    except (ValueError, FileNotFoundError, RuntimeError) as err:
-        print(f"fastbert {args.command}: error: {err}", file=sys.stderr)
+    except (ValueError, OSError, RuntimeError, FloatingPointError) as err:
+        # A user's mistake (argument, file, data, model folder) or a stopped run: the message, no traceback.
+        message = f"{err.strerror}: {err.filename!r}" if isinstance(err, OSError) and err.filename and err.strerror \
+            else str(err)
+        print(f"fastbert {args.command}: error: {message}", file=sys.stderr)
         return 2
 
 

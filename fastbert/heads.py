@@ -43,7 +43,8 @@ class _TaskModel(nn.Module):
         super().__init__()
         self.config = config
         self.bert = BertModel(config, backend=backend, add_pooling_layer=self.uses_pooler)
-        self.dropout_p = config.extra.get("classifier_dropout") or config.hidden_dropout_prob
+        classifier_dropout = config.extra.get("classifier_dropout")  # 0.0 is a setting, as in transformers
+        self.dropout_p = config.hidden_dropout_prob if classifier_dropout is None else classifier_dropout
         setattr(self, self.head_name, nn.Linear(config.hidden_size, num_outputs))
         nn.init.normal_(self.head.weight, std=config.initializer_range)
         nn.init.zeros_(self.head.bias)

@@ -29,7 +29,7 @@ class TaskSpec:
     name: str
     kind: str
     labels: list[str] | None = None
-    max_seq_len: int = 128
+    max_seq_len: int | None = None     # None: 384 for qa (transformers' run_qa), 128 otherwise
     doc_stride: int = 128
     max_answer_len: int = 30
     text_cols: list | None = None
@@ -38,6 +38,10 @@ class TaskSpec:
     def __post_init__(self):
         if self.kind not in KINDS:
             raise ValueError(f"task kind must be one of {KINDS}, got {self.kind!r}")
+        if self.max_seq_len is None:
+            # A SQuAD window holds the question, 3 special tokens and doc_stride + some passage
+            # tokens: 128 with a stride of 128 leaves no room at all.
+            self.max_seq_len = 384 if self.kind == "qa" else 128
 
     @classmethod
     def preset(cls, name: str, **overrides) -> "TaskSpec":

@@ -51,6 +51,16 @@ class TrainConfig:
                 raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
         if self.max_steps is not None and self.max_steps < 1:
             raise ValueError(f"max_steps must be >= 1, got {self.max_steps}")
+        if self.save_every is not None and self.save_every < 1:
+            raise ValueError(f"save_every must be >= 1 (or None: each epoch), got {self.save_every}")
+        if not 0.0 <= self.warmup_ratio <= 1.0:
+            raise ValueError(f"warmup_ratio must be in [0, 1], got {self.warmup_ratio}")
+        if not self.weight_decay >= 0.0:
+            raise ValueError(f"weight_decay must be >= 0, got {self.weight_decay}")
+        if not self.max_grad_norm > 0.0:
+            raise ValueError(f"max_grad_norm must be > 0, got {self.max_grad_norm}")
+        if self.out.exists() and not self.out.is_dir():
+            raise ValueError(f"out {str(self.out)!r} is a file; checkpoints need a folder")
         if self.precision not in ("auto", "fp32", "bf16", "fp16"):
             raise ValueError(f"precision must be auto, fp32, bf16 or fp16, got {self.precision!r}")
         if not self.lr > 0:
@@ -139,6 +149,7 @@ class Trainer:
         self.scaler = torch.amp.GradScaler("cuda") if self.autocast == torch.float16 else None
         self.step, self.epoch, self.batch_in_epoch = 0, 0, 0
         self.history: list[dict] = []
+        self._running: list[float] = []  # this epoch's batch losses so far (checkpointed: a resumed epoch's mean is whole)
         # The training forward (and so its backward) through torch.compile; the model itself stays
         # eager for evaluation and checkpoints (the compiled module shares its parameters). The
         # padded batches vary in length: the second length recompiles once with a dynamic one.
@@ -160,6 +171,7 @@ class Trainer:
             "optimizer": self.optimizer.state_dict(), "scheduler": self.scheduler.state_dict(),
             "step": self.step, "epoch": self.epoch, "batch_in_epoch": self.batch_in_epoch,
             "cpu_rng": torch.get_rng_state(), "history": json.dumps(self.history),
+            "running": json.dumps(self._running), "run": json.dumps(self._run_identity()),
             "cuda_rng": torch.cuda.get_rng_state() if self.device.type == "cuda" else torch.empty(0, dtype=torch.uint8),
             "scaler": self.scaler.state_dict() if self.scaler else {},
         }
@@ -173,6 +185,11 @@ class Trainer:
         if previous is not None and previous != folder:
             shutil.rmtree(previous, ignore_errors=True)
         return folder
+
+    def _run_identity(self) -> dict:
+        """What fixes the batch order: a resume with other values would not continue the same run."""
+        return {"examples": len(self.features), "batch_size": self.cfg.batch_size, "grad_accum": self.cfg.grad_accum,
+                "seed": self.cfg.seed, "bucket_by_length": self.cfg.bucket_by_length}
 
     def _latest(self) -> Path | None:
         pointer = self.cfg.out / "latest"
@@ -190,10 +207,17 @@ class Trainer:
         loaded = type(self.model).from_pretrained(folder)
         self.model.load_state_dict(loaded.state_dict())
         state = torch.load(folder / "trainer_state.pt", map_location="cpu", weights_only=True)
+        if "run" in state:
+            saved, now = json.loads(state["run"]), self._run_identity()
+            changed = [f"{k}={saved[k]!r} there, {now[k]!r} now" for k in now if k in saved and saved[k] != now[k]]
+            if changed:
+                raise ValueError(f"cannot resume from {folder}: it was written by a run with other data or settings "
+                                 f"({'; '.join(changed)}); resume with the same ones, or train into a fresh folder")
         self.optimizer.load_state_dict(state["optimizer"])
         self.scheduler.load_state_dict(state["scheduler"])
         self.step, self.epoch, self.batch_in_epoch = state["step"], state["epoch"], state["batch_in_epoch"]
         self.history = json.loads(state["history"])
+        self._running = json.loads(state.get("running", "[]"))
         torch.set_rng_state(state["cpu_rng"])
         if self.device.type == "cuda" and state["cuda_rng"].numel():
             torch.cuda.set_rng_state(state["cuda_rng"])
@@ -238,9 +262,12 @@ class Trainer:
             torch.manual_seed(self.cfg.seed)  # dropout draws; a resumed run restores the saved state instead
         started, tokens_seen = time.perf_counter(), 0
         bar = tqdm(total=self.total_steps, initial=self.step, disable=not self.cfg.progress, unit="step", dynamic_ncols=True)
-        while self.step < self.total_steps and self.epoch < self.epochs:
+        # An epoch left open by a checkpoint at the last step (save_every) is still closed: its record and evaluation.
+        while self.epoch < self.epochs and (self.step < self.total_steps or self.batch_in_epoch > 0):
             batches = epoch_batches(len(self.features), self.cfg.batch_size, self.cfg.seed, self.epoch, self.lengths)
-            running = []
+            if self.batch_in_epoch == 0:
+                self._running = []
+            running = self._running
             while self.batch_in_epoch < len(batches) and self.step < self.total_steps:
                 group = batches[self.batch_in_epoch:self.batch_in_epoch + self.cfg.grad_accum]
                 for indices in group:

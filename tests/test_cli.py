@@ -9,6 +9,11 @@ def test_encode_prints_similarities(capsys):
     assert sims[0][0] == 1.0 and sims[0][1] > sims[0][2]  # related sentences score higher
 
 
+def test_encode_max_seq_len_is_checked(capsys):
+    assert fastbert.cli.main(["encode", "--device", "cpu", "--max-seq-len", "1000", "x"]) == 2
+    assert "--max-seq-len must be in [3, 512]" in capsys.readouterr().err
+
+
 def test_bad_model_path_is_a_clear_error(capsys, tmp_path):
     assert fastbert.cli.main(["encode", "--model", str(tmp_path / "missing"), "x"]) == 2
     assert "is not a folder" in capsys.readouterr().err
@@ -17,6 +22,7 @@ def test_bad_model_path_is_a_clear_error(capsys, tmp_path):
 # -- finetune / evaluate / predict on real data, tiny budgets ---------------------------------
 
 import json  # noqa: E402
+import re  # noqa: E402
 from pathlib import Path  # noqa: E402
 
 import pytest  # noqa: E402
@@ -113,3 +119,136 @@ def test_demo_runs_end_to_end(tmp_path, capsys):
     printed = capsys.readouterr().out
     assert "predictions of the fine-tuned model" in printed
     assert sum(line.strip()[:1] in "01" for line in printed.split("predictions")[-1].splitlines()[1:]) == 4
+
+
+# -- a user's mistakes: an error naming the argument or file (no traceback), before any work ---------
+
+
+@pytest.fixture
+def sst2_slice(tmp_path):
+    path = tmp_path / "train.tsv"
+    path.write_text("sentence\tlabel\na fine film \t1\na dull film \t0\n")
+    return path
+
+
+@pytest.mark.parametrize("extra, match", [
+    (["--batch-size", "0"], "--batch-size must be >= 1, got 0"),
+    (["--max-train-examples", "0"], "--max-train-examples must be >= 1, got 0"),   # read 1 example before
+    (["--save-every", "0"], "--save-every must be >= 1, got 0"),                   # never checkpointed before
+    (["--eval-batch-size", "0"], "--eval-batch-size must be >= 1, got 0"),         # failed after training before
+    (["--warmup-ratio", "2"], r"--warmup-ratio must be in \[0, 1\], got 2.0"),      # silently accepted before
+    (["--max-seq-len", "1000"], "--max-seq-len 1000 is more than the model's 512 positions"),  # saved, broke predict
+    (["--device", "nonsense"], "--device must be cpu or cuda"),
+    (["--dev", "{tmp}/missing.tsv"], "--dev '.*missing.tsv': no such file"),
+    (["--train", "{tmp}"], "--train '.*' is not a file"),                           # IsADirectoryError traceback before
+    (["--out", "{train}"], "--out '.*train.tsv' is a file"),                        # FileExistsError after training before
+    (["--dev", "{header_only}"], "--dev '.*header.tsv' holds no examples"),         # crashed after training before
+])
+def test_finetune_argument_errors(tmp_path, capsys, sst2_slice, extra, match):
+    header_only = tmp_path / "header.tsv"
+    header_only.write_text("sentence\tlabel\n")
+    extra = [x.format(tmp=tmp_path, train=sst2_slice, header_only=header_only) for x in extra]
+    args = ["finetune", "--task", "sst2", "--train", str(sst2_slice), "--out", str(tmp_path / "run"),
+            "--max-steps", "1", "--batch-size", "2", "--no-progress", "--device", "cpu"]
+    for flag, value in zip(extra[::2], extra[1:][::2]):          # the later value of a repeated flag wins
+        args += [flag, value]
+    assert fastbert.cli.main(args) == 2
+    err = capsys.readouterr().err
+    assert re.search(match, err) and "Traceback" not in err, err
+    assert not (tmp_path / "run" / "latest").exists()
+
+
+def test_finetune_custom_tsv_columns(tmp_path, capsys):
+    """--task-type needs --text-cols (as many as the kind reads) and --label-col; indices given on
+    the command line ("1") are column indices even in a file with a header."""
+    data = tmp_path / "nli.tsv"
+    data.write_text("id\tpremise\thypothesis\tgold\n1\tA man sleeps.\tA person rests.\tyes\n"
+                    "2\tA dog runs.\tA cat flies.\tno\n")
+    base = ["finetune", "--train", str(data), "--out", str(tmp_path / "run"), "--max-steps", "1",
+            "--batch-size", "2", "--max-seq-len", "32", "--no-progress", "--device", "cpu"]
+    assert fastbert.cli.main(base + ["--task-type", "pair"]) == 2
+    assert "--task-type pair needs --text-cols" in capsys.readouterr().err
+    assert fastbert.cli.main(base + ["--task-type", "pair", "--text-cols", "premise", "--label-col", "gold"]) == 2
+    assert "--task-type pair takes two --text-cols, got 1" in capsys.readouterr().err
+    # the tagging reader has no label column to choose: --label-col was ignored silently (UPOS read anyway)
+    assert fastbert.cli.main(base + ["--task", "pos", "--label-col", "4"]) == 2
+    assert "--text-cols/--label-col are for TSV data" in capsys.readouterr().err
+    assert fastbert.cli.main(base + ["--task-type", "pair", "--text-cols", "1", "2", "--label-col", "3"]) == 0
+    assert fastbert.cli.main(["predict", "--model", str(tmp_path / "run" / "model"), "--device", "cpu",
+                              "A man sleeps.", "A person rests."]) == 0
+    assert capsys.readouterr().out.splitlines()[-1].split("\t")[1:] == ["A man sleeps.", "A person rests."]
+
+
+# -- predict: every kind of model, inputs from arguments and from a file ------------------------------
+
+
+@pytest.fixture(scope="module")
+def untrained_models(tmp_path_factory):
+    """Models as `finetune` saves them (config with fastbert_task + tokenizer), without training."""
+    from fastbert import tasks
+
+    root = tmp_path_factory.mktemp("models")
+    tokenizer = fastbert.Tokenizer.from_pretrained("default")
+    folders = {}
+    for spec in (tasks.TaskSpec.preset("sst2"), tasks.TaskSpec.preset("stsb"), tasks.TaskSpec.preset("pos", max_seq_len=16),
+                 tasks.TaskSpec.preset("squad", max_seq_len=96, doc_stride=16)):
+        folder = root / spec.name / "model"
+        tasks.build_model(spec, "default").save_pretrained(folder)
+        tokenizer.save(folder)
+        folders[spec.name] = folder
+    return folders
+
+
+def _predict(capsys, model, *args):
+    code = fastbert.cli.main(["predict", "--model", str(model), "--device", "cpu", *map(str, args)])
+    captured = capsys.readouterr()
+    assert "Traceback" not in captured.err
+    return code, captured.out.splitlines(), captured.err
+
+
+def test_predict_inputs_by_kind(tmp_path, capsys, untrained_models):
+    m = untrained_models
+    # a single-text model: every TEXT is its own input (the second was dropped silently before)
+    code, out, _ = _predict(capsys, m["sst2"], "a great movie", "a dull one")
+    assert code == 0 and [line.split("\t")[1] for line in out] == ["a great movie", "a dull one"]
+    # a pair model needs the pair (it predicted on the first text alone before)
+    code, _, err = _predict(capsys, m["stsb"], "A man plays.")
+    assert code == 2 and "stsb" in err and "takes a pair" in err
+    pairs = tmp_path / "pairs.txt"
+    pairs.write_text("A man plays.\tA man is playing.\nA dog runs.\n")    # one line without its pair
+    code, _, err = _predict(capsys, m["stsb"], "--file", pairs)
+    assert code == 2 and re.search(r"pairs.txt:2: a text-pair model takes text<TAB>text_b per line, got 1", err)
+    pairs.write_text("A man plays.\tA man is playing.\n\nA dog runs.\tA cat sleeps.\n")
+    code, out, _ = _predict(capsys, m["stsb"], "--file", pairs)
+    assert code == 0 and len(out) == 2 and out[1].split("\t")[1:] == ["A dog runs.", "A cat sleeps."]
+    empty = tmp_path / "empty.txt"
+    empty.write_text("\n")
+    code, _, err = _predict(capsys, m["sst2"], "--file", empty)
+    assert code == 2 and "holds no inputs" in err
+    code, _, err = _predict(capsys, m["sst2"], "--question", "Who?", "--context", "Me.")
+    assert code == 2 and "--question/--context are for a question-answering model" in err
+
+
+def test_predict_tags_every_word_of_a_long_sentence(capsys, untrained_models):
+    """Past max_seq_len (16 here) a sentence is tagged in pieces: words were dropped before."""
+    words = [f"word{i}" for i in range(30)]
+    code, out, _ = _predict(capsys, untrained_models["pos"], " ".join(words))
+    tagged = out[0].split("\t")[0].split()
+    assert code == 0 and [t.rsplit("/", 1)[0] for t in tagged] == words
+    assert all(t.rsplit("/", 1)[1] in fastbert.data.UPOS_TAGS for t in tagged)
+
+
+def test_predict_question_answering_from_a_file(tmp_path, capsys, untrained_models):
+    questions = tmp_path / "qa.txt"
+    questions.write_text("Who won?\tThe Broncos won the game.\nWhere?\tIn Santa Clara, California.\n")
+    code, out, _ = _predict(capsys, untrained_models["squad"], "--file", questions)
+    assert code == 0 and [line.split("\t")[1] for line in out] == ["Who won?", "Where?"]
+    assert out[0].split("\t")[0] in "The Broncos won the game."
+    code, _, err = _predict(capsys, untrained_models["squad"], "Who won?")
+    assert code == 2 and "give --question Q --context C" in err
+
+
+def test_model_folder_mistakes_are_named(capsys, untrained_models):
+    out_folder = untrained_models["sst2"].parent                   # finetune's --out, not --out/model
+    code, _, err = _predict(capsys, out_folder, "text")
+    assert code == 2 and "is a `fastbert finetune --out` folder" in err

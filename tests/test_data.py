@@ -129,6 +129,23 @@ def test_glue_bad_arguments(tmp_path):
         read_glue(path, text_cols=(5,), label_col=1, header=False)
 
 
+def test_glue_user_mistakes(tmp_path):
+    """Indices as the command line gives them ("2"), a file that is not a TSV (a JSON file: one
+    field over csv's limit) or not UTF-8, and max_rows < 1 (read one row before)."""
+    path = write(tmp_path, "nli.tsv", "id\tpremise\thypothesis\tgold\n1\tA\tB\tyes\n")
+    data = read_glue(path, text_cols=("1", "2"), label_col="3")
+    assert (data.texts, data.pairs, data.label_names) == (["A"], ["B"], ["yes"])
+    json_file = write(tmp_path, "squad.json", '{"data": "' + "x" * 200_000 + '"}\n')
+    with pytest.raises(DataFormatError, match=r"squad\.json:1: not a readable tab-separated line"):
+        read_glue(json_file, "sst2")
+    latin = tmp_path / "latin.tsv"
+    latin.write_bytes(b"sentence\tlabel\nfine\t1\ncaf\xe9\t1\n")
+    with pytest.raises(DataFormatError, match=r"latin\.tsv:3: not valid utf-8 text"):
+        read_glue(latin, "sst2")
+    with pytest.raises(ValueError, match="max_rows must be >= 1"):
+        read_glue(path, text_cols=(1,), label_col=3, max_rows=0)
+
+
 def test_encode_glue_pairs(tok):
     data = read_glue(shared("rte/dev.tsv"), "rte", max_rows=40)
     feats = encode_glue(data, tok, max_length=64, chunk=16)
@@ -273,6 +290,16 @@ def test_encode_words_and_unknown_tag(tok):
         encode_words(tok, [["a", 3]])
 
 
+def test_unknown_tag_names_the_file(tmp_path, tok):
+    """A dev file's tag outside the training labels: the message names the file (only a line before)."""
+    path = write(tmp_path, "dev.conllu", "# c\n1\tok\tok\tADJ\tJJ\t_\t0\troot\t_\t_\n\n"
+                                         "1\tno\tno\tFOO\tJJ\t_\t0\troot\t_\t_\n")
+    with pytest.raises(DataFormatError, match=r"dev\.conllu:4: the sentence starting here has tag 'FOO'"):
+        encode_tagging(read_conllu(path), tok, UPOS_TAGS)
+    with pytest.raises(ValueError, match="max_sentences must be >= 1"):
+        read_conllu(path, max_sentences=0)
+
+
 # --- SQuAD ------------------------------------------------------------------------------------
 
 @pytest.fixture(scope="module")
@@ -297,6 +324,17 @@ def test_read_squad_malformed(tmp_path):
         read_squad(bad)
     with pytest.raises(DataFormatError, match=r"bad2\.json: expected a JSON object"):
         read_squad(write(tmp_path, "bad2.json", "[]"))
+    # not JSON at all, or JSON lines: the file and line (only json's message before)
+    with pytest.raises(DataFormatError, match=r"lines\.json:2: not valid JSON \(Extra data"):
+        read_squad(write(tmp_path, "lines.json", '{"data": []}\n{"data": []}\n'))
+    # a layout error below 'data' (AttributeError traceback before)
+    with pytest.raises(DataFormatError, match=r"bad3\.json: data\[0\] must be an object with a 'paragraphs' list"):
+        read_squad(write(tmp_path, "bad3.json", '{"data": [{"title": "T", "paragraphs": {"context": "x"}}]}'))
+    # a negative answer_start that slices to the answer text from the end (accepted before)
+    with pytest.raises(DataFormatError, match=r"answer 'de' is not at answer_start=-3"):
+        read_squad(write(tmp_path, "bad4.json", '{"data": [{"title": "T", "paragraphs": [{"context": "abc def", '
+                                                '"qas": [{"id": "q", "question": "?", "answers": '
+                                                '[{"text": "de", "answer_start": -3}]}]}]}]}'))
 
 
 def _window_examples(squad, n=240):
@@ -441,3 +479,16 @@ def test_make_loader_end_to_end(tok):
     assert sum(len(b["labels"]) for b in batches) == 500
     for b in batches:
         assert b["input_ids"].shape[1] == b["attention_mask"].sum(1).max()  # padded to the batch's longest
+
+
+def test_squad_preset_defaults_make_windows(tok):
+    """`finetune --task squad` with no length flags: the preset's window (384, transformers' run_qa)
+    leaves room for the question and more passage than the stride; 128 with a stride of 128 did not."""
+    from fastbert import tasks
+
+    spec = tasks.TaskSpec.preset("squad")
+    assert (spec.max_seq_len, spec.doc_stride) == (384, 128)
+    assert tasks.TaskSpec.preset("sst2").max_seq_len == 128
+    assert tasks.TaskSpec(name="qa", kind="qa", max_seq_len=200).max_seq_len == 200
+    found = tasks.read(spec, shared("squad/train-from-dev-v1.1.json"), tok, max_examples=3)
+    assert found.features and max(found.lengths) <= 384

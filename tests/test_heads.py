@@ -72,6 +72,15 @@ def test_labels_recorded_and_reloaded(tmp_path):
     assert torch.equal(again.classifier.weight, model.classifier.weight)
 
 
+def test_classifier_dropout_zero_is_kept():
+    """classifier_dropout=0.0 means no dropout on the head, as in transformers (it fell back to
+    hidden_dropout_prob before); None falls back."""
+    config = fastbert.BertConfig(**CONFIG, hidden_dropout_prob=0.2)
+    assert heads.BertForTokenClassification(config).dropout_p == 0.2
+    config.extra["classifier_dropout"] = 0.0                      # as from_json puts a config.json's key
+    assert heads.BertForSequenceClassification(config).dropout_p == 0.0
+
+
 def test_bad_head_arguments():
     with pytest.raises(ValueError, match="num_labels must be >= 1"):
         heads.BertForSequenceClassification(fastbert.BertConfig(**CONFIG), num_labels=0)

@@ -169,6 +169,8 @@ def test_squad_scores_percent_and_missing():
         squad_scores({}, {})
     with pytest.raises(ValueError, match="at least one gold"):
         squad_f1("x", [])
+    with pytest.raises(ValueError, match="question id q9 has no gold answer"):   # which one: not said before
+        squad_scores({"q9": "x"}, {"a": ["y"], "q9": []})
 
 
 def test_module_exports():

@@ -32,7 +32,7 @@ def _collate(examples):
 def _trainer(out, **overrides):
     torch.manual_seed(0)
     model = heads.BertForSequenceClassification(fastbert.BertConfig(**CONFIG), num_labels=2)
-    cfg = train.TrainConfig(out=out, epochs=2, batch_size=8, lr=1e-3, save_every=3, progress=False, **overrides)
+    cfg = train.TrainConfig(out=out, **{**dict(epochs=2, batch_size=8, lr=1e-3, save_every=3, progress=False), **overrides})
     features = _features()
     return train.Trainer(model, features, _collate, cfg, lengths=[len(f["input_ids"]) for f in features])
 
@@ -49,6 +49,34 @@ def test_interrupted_and_resumed_run_ends_with_identical_weights(tmp_path):
     assert second.step == whole.step == 10
     for (name, a), b in zip(whole.model.state_dict().items(), second.model.state_dict().values()):
         assert torch.equal(a, b), name
+    # the epoch cut by the interruption reports the mean loss of all its batches, not just the resumed ones
+    assert second.history == whole.history
+
+
+def test_resume_from_a_checkpoint_at_the_last_step_closes_the_epoch(tmp_path):
+    """save_every that divides the run: the last checkpoint comes before the epoch's evaluation;
+    a run stopped there and resumed still evaluates and records that epoch (it ended without it)."""
+    def trainer(out):
+        t = _trainer(out, save_every=5)
+        t.evaluate_fn = lambda model: {"score": 0.5}
+        return t
+
+    whole = trainer(tmp_path / "whole")
+    whole.train()
+    stopped = trainer(tmp_path / "resumed")
+    stopped.train(stop_after_step=10)
+    again = trainer(tmp_path / "resumed")
+    assert again.resume() and again.step == 10
+    summary = again.train()
+    assert summary["epochs"] == whole.history and [h["epoch"] for h in whole.history] == [1, 2]
+    assert whole.history[-1]["score"] == 0.5
+
+
+def test_resume_with_other_settings_is_refused(tmp_path):
+    _trainer(tmp_path).train(stop_after_step=3)
+    other = _trainer(tmp_path, batch_size=4)
+    with pytest.raises(ValueError, match=r"cannot resume .*batch_size=8 there, 4 now"):
+        other.resume()
 
 
 def test_same_seed_same_run(tmp_path):
@@ -120,6 +148,16 @@ def test_bad_config(tmp_path):
         train.TrainConfig(out=tmp_path, batch_size=0)
     with pytest.raises(ValueError, match="precision must be"):
         train.TrainConfig(out=tmp_path, precision="fp8")
+    # silently accepted before: save_every=0 wrote no checkpoint at all; a warm-up ratio outside [0, 1]
+    with pytest.raises(ValueError, match="save_every must be >= 1"):
+        train.TrainConfig(out=tmp_path, save_every=0)
+    with pytest.raises(ValueError, match=r"warmup_ratio must be in \[0, 1\]"):
+        train.TrainConfig(out=tmp_path, warmup_ratio=-0.5)
+    with pytest.raises(ValueError, match="weight_decay must be >= 0"):
+        train.TrainConfig(out=tmp_path, weight_decay=-1.0)
+    (tmp_path / "a_file").write_text("")
+    with pytest.raises(ValueError, match="is a file; checkpoints need a folder"):
+        train.TrainConfig(out=tmp_path / "a_file")
 
 
 def test_non_finite_loss_stops_before_the_optimizer_step(tmp_path, monkeypatch):

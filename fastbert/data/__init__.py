@@ -16,6 +16,19 @@ class DataFormatError(ValueError):
     """A line of a data file that does not fit its format; the message starts with `file:line:`."""
 
 
+def not_text_error(path, err: UnicodeDecodeError) -> DataFormatError:
+    """The error for a file that does not decode: names the first line that fails (text files
+    are decoded a block at a time, so the decoder's own position is no line)."""
+    line = 0
+    with open(path, "rb") as f:
+        for line, raw in enumerate(f, 1):
+            try:
+                raw.decode(err.encoding)
+            except UnicodeDecodeError:
+                break
+    return DataFormatError(f"{path}:{line}: not valid {err.encoding} text ({err.reason}); save the file as UTF-8")
+
+
 def sample_path(name: str = "sst2_sample.tsv") -> Path:
     """Path of a data file shipped inside fastbert/data."""
     path = Path(__file__).parent / name

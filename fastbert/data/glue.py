@@ -22,7 +22,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Sequence
 
-from . import DataFormatError
+from . import DataFormatError, not_text_error
 
 Column = str | int
 _FROM_TASK = object()  # label_col default: take it from the task preset (None means "no label column")
@@ -94,11 +94,13 @@ def _column_index(col: Column, names: list[str] | None, path: Path, what: str) -
         raise TypeError(f"{what} must be a column name or index, got {col!r}")
     if isinstance(col, int):
         return col
+    if names is not None and col in names:
+        return names.index(col)
+    if col.strip().lstrip("-").isdigit():  # an index as the command line gives it ("3")
+        return int(col)
     if names is None:
         raise ValueError(f"{what}={col!r} names a column but {path} is read without a header; give a 0-based index")
-    if col not in names:
-        raise ValueError(f"{what}={col!r} is not a column of {path}; its header has {names}")
-    return names.index(col)
+    raise ValueError(f"{what}={col!r} is not a column of {path}; its header has {names}")
 
 
 def _sorted_labels(found: set[str]) -> list[str]:
@@ -127,6 +129,8 @@ def read_glue(path: str | os.PathLike, task: str | None = None, *, text_cols: Se
     encoding: the default also drops a byte-order mark, so a header name still matches.
     """
     path = Path(path)
+    if max_rows is not None and max_rows < 1:
+        raise ValueError(f"max_rows must be >= 1 (or None for all), got {max_rows}")
     preset = None
     if task is not None:
         if task not in TASKS:
@@ -159,7 +163,7 @@ def read_glue(path: str | os.PathLike, task: str | None = None, *, text_cols: Se
     with open(path, newline="", encoding=encoding) as f:
         reader = csv.reader(f, delimiter="\t", quoting=csv.QUOTE_NONE)
         names, width, cols, lab = None, None, None, None
-        for row in reader:
+        for row in _rows(reader, path):
             line = reader.line_num
             if not row or (len(row) == 1 and not row[0].strip()):
                 continue  # blank line (usually the last)
@@ -210,6 +214,22 @@ def read_glue(path: str | os.PathLike, task: str | None = None, *, text_cols: Se
     elif not regression:
         label_names = fixed
     return GlueData(texts, pairs if len(cols) == 2 else None, out_labels, label_names, path, task, lines)
+
+
+def _rows(reader, path: Path):
+    """The csv reader's rows, its own errors (a field over csv.field_size_limit(), a NUL byte:
+    usually a file that is not a TSV) as DataFormatError naming the file and line."""
+    while True:
+        try:
+            row = next(reader)
+        except StopIteration:
+            return
+        except csv.Error as err:
+            raise DataFormatError(f"{path}:{reader.line_num}: not a readable tab-separated line ({err}); "
+                                  "is this a TSV file?") from None
+        except UnicodeDecodeError as err:
+            raise not_text_error(path, err) from None
+        yield row
 
 
 def encode_glue(data: GlueData, tokenizer, max_length: int = 128, chunk: int = 4096) -> list[dict]:

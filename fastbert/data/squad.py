@@ -24,7 +24,7 @@ from typing import Sequence
 
 import torch
 
-from . import DataFormatError
+from . import DataFormatError, not_text_error
 
 
 @dataclass
@@ -44,27 +44,42 @@ def read_squad(path: str | os.PathLike, max_examples: int | None = None) -> list
     or an answer's text is not at its answer_start in the context.
     """
     path = Path(path)
-    with open(path, encoding="utf-8") as f:
-        root = json.load(f)
+    if max_examples is not None and max_examples < 1:
+        raise ValueError(f"max_examples must be >= 1 (or None for all), got {max_examples}")
+    try:
+        with open(path, encoding="utf-8-sig") as f:
+            root = json.load(f)
+    except json.JSONDecodeError as err:
+        raise DataFormatError(f"{path}:{err.lineno}: not valid JSON ({err.msg}, column {err.colno}); "
+                              "expected the SQuAD v1.1 layout (one JSON object, not JSON lines)") from None
+    except UnicodeDecodeError as err:
+        raise not_text_error(path, err) from None
     if not isinstance(root, dict) or not isinstance(root.get("data"), list):
         raise DataFormatError(f"{path}: expected a JSON object with a 'data' list (SQuAD v1.1 layout)")
     out: list[SquadExample] = []
-    for article in root["data"]:
+    for number, article in enumerate(root["data"]):
+        if not isinstance(article, dict) or not isinstance(article.get("paragraphs", []), list):
+            raise DataFormatError(f"{path}: data[{number}] must be an object with a 'paragraphs' list")
         title = article.get("title", "")
-        for paragraph in article.get("paragraphs", []):
+        for p, paragraph in enumerate(article.get("paragraphs", [])):
+            if not isinstance(paragraph, dict) or not isinstance(paragraph.get("qas", []), list):
+                raise DataFormatError(f"{path}: article {title!r}, paragraph {p}: expected an object with a "
+                                      "'context' string and a 'qas' list")
             context = paragraph.get("context")
             if not isinstance(context, str):
                 raise DataFormatError(f"{path}: article {title!r} has a paragraph without a 'context' string")
             for qa in paragraph.get("qas", []):
-                qid = qa.get("id", "?")
+                qid = qa.get("id", "?") if isinstance(qa, dict) else "?"
                 try:
                     texts = [a["text"] for a in qa["answers"]]
                     starts = [int(a["answer_start"]) for a in qa["answers"]]
                     question = qa["question"]
+                    if not isinstance(question, str) or not all(isinstance(t, str) for t in texts):
+                        raise TypeError("question and answer texts must be strings")
                 except (KeyError, TypeError, ValueError) as e:
                     raise DataFormatError(f"{path}: question id {qid}: missing or bad field {e}") from None
                 for text, start in zip(texts, starts):
-                    if context[start:start + len(text)] != text:
+                    if start < 0 or context[start:start + len(text)] != text:
                         raise DataFormatError(f"{path}: question id {qid}: answer {text!r} is not at "
                                               f"answer_start={start} of its context")
                 out.append(SquadExample(qid, title, question, context, texts, starts))
@@ -102,8 +117,9 @@ def build_squad_features(examples: Sequence[SquadExample], tokenizer, max_length
         raise ValueError(f"max_question_tokens must be >= 1, got {max_question_tokens}")
     room = max_length - 3 - max_question_tokens  # passage tokens per window in the worst case
     if room <= stride:
-        raise ValueError(f"max_length={max_length} leaves {room} passage tokens after a {max_question_tokens}-token "
-                         f"question and 3 special tokens; the windows need more than stride={stride}")
+        raise ValueError(f"max_length={max_length} (--max-seq-len) leaves {room} passage tokens after a "
+                         f"{max_question_tokens}-token question and 3 special tokens; the windows need more than "
+                         f"stride={stride} (--doc-stride): raise the one or lower the other")
     feats: list[dict] = []
     for begin in range(0, len(examples), chunk):
         batch = examples[begin:begin + chunk]

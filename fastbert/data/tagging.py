@@ -15,7 +15,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Sequence
 
-from . import DataFormatError
+from . import DataFormatError, not_text_error
 
 IGNORE_INDEX = -100
 
@@ -31,6 +31,7 @@ class TaggedSentence:
     words: list[str]
     tags: list[str]
     line: int  # 1-based line of the sentence's first token, for messages
+    source: str = ""  # the file it was read from, for messages
 
 
 def read_conllu(path: str | os.PathLike, tag: str = "upos", max_sentences: int | None = None) -> list[TaggedSentence]:
@@ -44,14 +45,15 @@ def read_conllu(path: str | os.PathLike, tag: str = "upos", max_sentences: int |
         raise ValueError(f"tag must be 'upos' or 'xpos', got {tag!r}")
     col = _CONLLU_TAG_COLUMN[tag]
     path = Path(path)
+    _check_max(max_sentences)
     sents: list[TaggedSentence] = []
     words, tags, first = [], [], 0
     with open(path, encoding="utf-8-sig") as f:
-        for line_no, line in enumerate(f, 1):
+        for line_no, line in _numbered(f, path):
             line = line.rstrip("\r\n")
             if not line.strip():
                 if words:
-                    sents.append(TaggedSentence(words, tags, first))
+                    sents.append(TaggedSentence(words, tags, first, str(path)))
                     if max_sentences is not None and len(sents) >= max_sentences:
                         return sents
                 words, tags = [], []
@@ -75,8 +77,21 @@ def read_conllu(path: str | os.PathLike, tag: str = "upos", max_sentences: int |
             words.append(fields[1])
             tags.append(fields[col])
     if words:
-        sents.append(TaggedSentence(words, tags, first))
+        sents.append(TaggedSentence(words, tags, first, str(path)))
     return sents[:max_sentences] if max_sentences is not None else sents
+
+
+def _check_max(max_sentences):
+    if max_sentences is not None and max_sentences < 1:
+        raise ValueError(f"max_sentences must be >= 1 (or None for all), got {max_sentences}")
+
+
+def _numbered(f, path: Path):
+    """enumerate(f, 1), with a byte sequence that is not UTF-8 as a DataFormatError naming the line."""
+    try:
+        yield from enumerate(f, 1)
+    except UnicodeDecodeError as err:
+        raise not_text_error(path, err) from None
 
 
 def read_conll2003(path: str | os.PathLike, tag_col: int = -1,
@@ -91,14 +106,15 @@ def read_conll2003(path: str | os.PathLike, tag_col: int = -1,
     path = Path(path)
     if tag_col == 0:
         raise ValueError("tag_col=0 is the word column")
+    _check_max(max_sentences)
     sents: list[TaggedSentence] = []
     words, tags, first, width = [], [], 0, None
     with open(path, encoding="utf-8-sig") as f:
-        for line_no, line in enumerate(f, 1):
+        for line_no, line in _numbered(f, path):
             fields = line.split()
             if not fields or fields[0] == "-DOCSTART-":
                 if words:
-                    sents.append(TaggedSentence(words, tags, first))
+                    sents.append(TaggedSentence(words, tags, first, str(path)))
                     if max_sentences is not None and len(sents) >= max_sentences:
                         return sents
                 words, tags = [], []
@@ -115,7 +131,7 @@ def read_conll2003(path: str | os.PathLike, tag_col: int = -1,
             words.append(fields[0])
             tags.append(fields[tag_col])
     if words:
-        sents.append(TaggedSentence(words, tags, first))
+        sents.append(TaggedSentence(words, tags, first, str(path)))
     return sents[:max_sentences] if max_sentences is not None else sents
 
 
@@ -170,7 +186,8 @@ def encode_tagging(sentences: Sequence[TaggedSentence], tokenizer, labels: Seque
         try:
             tag_ids = [ids[t] for t in sent.tags]
         except KeyError as e:
-            raise ValueError(f"the sentence at line {sent.line} has tag {e.args[0]!r}, "
-                             f"not in labels {list(labels)}") from None
+            where = f"{sent.source}:{sent.line}: the sentence starting here" if sent.source else \
+                f"the sentence at line {sent.line}"
+            raise DataFormatError(f"{where} has tag {e.args[0]!r}, not in labels {list(labels)}") from None
         feat["labels"] = first_subword_labels(feat["word_ids"], tag_ids)
     return feats
