@@ -49,11 +49,12 @@ setup(
     long_description=(HERE / "README.md").read_text() if (HERE / "README.md").exists() else "",
     long_description_content_type="text/markdown",
     python_requires=">=3.10",
-    packages=["fastbert", "fastbert.ops", "fastbert.data", "fastbert.kernels"],
+    # benchmarks/ ships as fastbert.benchmarks, so `fastbert bench` runs from a wheel (its results/ stays out)
+    packages=["fastbert", "fastbert.ops", "fastbert.data", "fastbert.kernels", "fastbert.benchmarks"],
     # kernels/ is a top-level folder of the repo but installs inside fastbert,
     # so `fastbert` stays the only import name.
-    package_dir={"fastbert": "fastbert", "fastbert.kernels": "kernels"},
-    package_data={"fastbert": ["data/*.tsv", "data/*.md"]},
+    package_dir={"fastbert": "fastbert", "fastbert.kernels": "kernels", "fastbert.benchmarks": "benchmarks"},
+    package_data={"fastbert": ["data/*.tsv", "data/*.md"], "fastbert.benchmarks": ["data/*.txt"]},
     install_requires=[
         "torch>=2.11",
         "numpy",

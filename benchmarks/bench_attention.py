@@ -31,7 +31,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from benchmarks import harness
+from . import harness
 from fastbert.ops import attention, available_backends, use_backend
 from fastbert.ops.attention import attention_ref
 
@@ -67,7 +67,7 @@ def length_source(S: int) -> str:
 
 
 def _real_lengths(name: str) -> tuple:
-    from benchmarks.bench_e2e import read_lengths
+    from .bench_e2e import read_lengths
 
     return read_lengths(name)
 

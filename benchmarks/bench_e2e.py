@@ -73,8 +73,8 @@ from typing import Callable, Optional, Sequence
 
 import torch
 
-from benchmarks import harness
-from benchmarks.report import bar_panel, save_figure
+from . import harness
+from .report import bar_panel, save_figure
 
 HERE = Path(__file__).resolve().parent
 DATA = HERE / "data"
@@ -613,7 +613,7 @@ def _num(x, fmt):
 
 
 def markdown(data: dict) -> str:
-    from benchmarks import report
+    from . import report
 
     out = ["# End-to-end benchmarks", "", report.header(data), "",
            "One call: a fine-tuning step (forward + loss, backward, AdamW) or an inference forward; on real "
@@ -644,7 +644,7 @@ def markdown(data: dict) -> str:
 def summary_markdown(data: dict, with_header: bool = True) -> str:
     """One line per case (op, shape, mode), a column per implementation: "ms (x hf_eager)"; the last
     column is the best fastbert implementation's MFU."""
-    from benchmarks import report
+    from . import report
 
     rows = _sorted(data["rows"])
     impls = sorted({r["impl"] for r in rows}, key=lambda i: _rank(i, IMPL_ORDER))

@@ -33,7 +33,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from benchmarks import harness
+from . import harness
 from fastbert.ops import add_layernorm, available_backends, bias_gelu, layernorm_gelu, use_backend
 from fastbert.ops.gelu import bias_gelu_ref
 from fastbert.ops.layernorm import add_layernorm_ref, layernorm_gelu_ref

@@ -28,7 +28,7 @@ import numpy as np
 import pytest
 import torch
 
-from benchmarks import harness
+from . import harness
 from fastbert.ops import available_backends, use_backend
 from fastbert.ops.span import span_score, span_score_ref
 

@@ -52,7 +52,8 @@ from typing import Callable, Optional, Sequence
 
 import torch
 
-REPO = Path(__file__).resolve().parents[1]
+REPO = Path(__file__).resolve().parents[1]  # the checkout; site-packages/fastbert when installed as fastbert.benchmarks
+IN_CHECKOUT = (REPO / "kernels").is_dir() and (REPO / "setup.py").is_file()
 MODES = ("fwd", "bwd", "fwd+bwd")
 GBPS, TFLOPS = "GB/s", "TFLOP/s"
 QUANTILES = (0.5, 0.2, 0.8)
@@ -104,12 +105,21 @@ def _run(cmd: Sequence[str]) -> Optional[str]:
 
 
 def git_commit() -> str:
-    """HEAD of the checkout ("+dirty" with uncommitted changes), else $FASTBERT_COMMIT, else "unknown"."""
-    head = _run(["git", "rev-parse", "HEAD"])
+    """HEAD of the checkout ("+dirty" with uncommitted changes), else $FASTBERT_COMMIT, else the
+    installed release ("fastbert 0.1.0": an installed wheel's folder may sit in someone else's git tree)."""
+    head = _run(["git", "rev-parse", "HEAD"]) if IN_CHECKOUT else None
     if head:
         dirty = _run(["git", "status", "--porcelain", "--untracked-files=no"])
         return head + ("+dirty" if dirty else "")
-    return os.environ.get("FASTBERT_COMMIT", "unknown")
+    if os.environ.get("FASTBERT_COMMIT"):
+        return os.environ["FASTBERT_COMMIT"]
+    if IN_CHECKOUT:
+        return "unknown"
+    import importlib.metadata as md
+    try:
+        return f"fastbert {md.version('fastbert')}"
+    except md.PackageNotFoundError:
+        return "unknown"
 
 
 def environment(device: torch.device) -> dict:

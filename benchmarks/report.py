@@ -289,7 +289,7 @@ def e2e_beside(source: Path, root: Path = RESULTS) -> Path | None:
 
 def readme_block(data: dict, source: Path, e2e_path: Path | None = None) -> str:
     """The README's performance text: kernels summary, e2e summary (when given), targets."""
-    from benchmarks import bench_e2e
+    from . import bench_e2e
 
     e2e = load(e2e_path) if e2e_path else None
     parts = ["### Kernels", "", summary_markdown(data), "", f"Full table: `{_shown(source).with_suffix('.md')}`."]
@@ -312,7 +312,7 @@ def update_readme(readme: Path, data: dict, source: Path, e2e_path: Path | None 
 def write_all(data: dict, out_dir: Path, stem: str = "kernels") -> tuple[Path, Path | None]:
     """Markdown table and plot of a results JSON (a kernels run or, by its meta, an e2e run)."""
     if is_e2e(data):
-        from benchmarks import bench_e2e
+        from . import bench_e2e
 
         return bench_e2e.write_all(data, out_dir)
     out_dir = Path(out_dir)
@@ -330,7 +330,7 @@ def main(argv=None) -> int:
     parser.add_argument("--readme", type=Path, help="replace the marked performance block of this README")
     parser.add_argument("--summary", action="store_true", help="print the key-shape summary table")
     args = parser.parse_args(argv)
-    from benchmarks import bench_e2e
+    from . import bench_e2e
 
     try:
         path = args.results or latest_results()

@@ -6,7 +6,8 @@
 
 Writes DIR/kernels.json (every row with GPU, driver, versions, commit and time),
 DIR/kernels.md (the full table) and DIR/kernels.png (plots); prints the key-shape
-summary last. DIR defaults to benchmarks/results/<date>-<gpu>/. The e2e suite
+summary last. DIR defaults to benchmarks/results/<date>-<gpu>/ in a source checkout,
+./fastbert-bench/<date>-<gpu>/ for an installed wheel. The e2e suite
 (benchmarks/bench_e2e.py: a fine-tuning step and inference of BERT-base/large with
 a classification and a QA head, fastbert against transformers) writes DIR/e2e.json,
 DIR/e2e.md and DIR/e2e.png the same way; "all" runs kernels, then e2e.
@@ -20,8 +21,9 @@ DIR/e2e.md and DIR/e2e.png the same way; "all" runs kernels, then e2e.
                 (with --suite all the limit covers both suites: e2e gets what kernels left)
   --filter      e2e only: run the cases whose "<model>-<head> <shape> <mode> <impl>" matches REGEX
 
-The harness and the benchmarks live in benchmarks/ of a source checkout (found next to
-this package, or at $FASTBERT_REPO). Also runnable as `python -m fastbert.bench`.
+The harness and the benchmarks live in benchmarks/ of the source checkout (found next to
+this package, or at $FASTBERT_REPO); a wheel installs the same files as fastbert.benchmarks,
+which serve when there is no checkout. Also runnable as `python -m fastbert.bench`.
 """
 from __future__ import annotations
 
@@ -38,26 +40,44 @@ import torch
 
 SUITES = {"kernels": ("attention", "layernorm", "span"), "e2e": ()}
 SUITES["all"] = SUITES["kernels"]  # and then the e2e suite (benchmarks/bench_e2e.py)
-MODULES = {"attention": "benchmarks.bench_attention", "layernorm": "benchmarks.bench_layernorm",
-           "span": "benchmarks.bench_span"}
+MODULES = {"attention": "bench_attention", "layernorm": "bench_layernorm", "span": "bench_span"}
 
 
-def _checkout() -> Path:
-    """The source checkout holding benchmarks/, put on sys.path so `benchmarks` imports."""
+def _checkout() -> Path | None:
+    """The source checkout holding benchmarks/ (put on sys.path so `benchmarks` imports there), or
+    None: then the suites come from the installed package, fastbert.benchmarks."""
     candidates = [Path(os.environ["FASTBERT_REPO"])] if os.environ.get("FASTBERT_REPO") else []
     candidates.append(Path(__file__).resolve().parents[1])
     for repo in candidates:
-        if (repo / "benchmarks" / "harness.py").is_file():
+        if (repo / "benchmarks" / "harness.py").is_file() and (repo / "kernels").is_dir():
             if str(repo) not in sys.path:
                 sys.path.insert(0, str(repo))
             return repo
-    raise RuntimeError("fastbert bench needs a source checkout: benchmarks/harness.py was not found in "
-                       f"{', '.join(map(str, candidates))} (set FASTBERT_REPO to the repository root)")
+    if os.environ.get("FASTBERT_REPO"):
+        raise RuntimeError(f"FASTBERT_REPO={os.environ['FASTBERT_REPO']} holds no benchmarks/harness.py")
+    return None
 
 
-def _default_out(repo: Path, env: dict) -> Path:
+def _suites():
+    """The benchmarks package: the checkout's (its results folder is in the repository) or the
+    installed copy (a wheel user's)."""
+    try:
+        if _checkout() is not None:
+            import benchmarks
+        else:
+            from fastbert import benchmarks
+        importlib.import_module(f"{benchmarks.__name__}.bench_attention")  # pytest, for its entry points
+    except ImportError as err:
+        raise RuntimeError(f"the benchmark suites need the 'bench' extra (pip install 'fastbert[bench]'): "
+                           f"{err}") from None
+    return benchmarks
+
+
+def _default_out(repo: Path | None, env: dict) -> Path:
+    """benchmarks/results/<date>-<gpu> in a checkout; ./fastbert-bench/<date>-<gpu> for an installed wheel."""
     gpu = re.sub(r"[^a-z0-9]+", "-", str(env.get("gpu", "cpu")).lower()).strip("-")
-    return repo / "benchmarks" / "results" / f"{datetime.date.today().isoformat()}-{gpu}"
+    root = repo / "benchmarks" / "results" if repo is not None else Path.cwd() / "fastbert-bench"
+    return root / f"{datetime.date.today().isoformat()}-{gpu}"
 
 
 def parse_args(argv):
@@ -80,10 +100,11 @@ def main(argv=None) -> int:
     started = time.monotonic()
     try:
         repo = _checkout()
+        suites = _suites()
     except RuntimeError as err:
         print(f"fastbert bench: error: {err}", file=sys.stderr)
         return 2
-    from benchmarks import harness
+    harness = importlib.import_module(f"{suites.__name__}.harness")
 
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     if device.type != "cuda" and not args.quick:
@@ -92,9 +113,9 @@ def main(argv=None) -> int:
         return 2
     rc = 0
     if args.suite != "e2e":
-        rc = _kernels(args, argv, repo, device, started)
+        rc = _kernels(args, argv, repo, device, started, suites)
     if args.suite in ("e2e", "all"):
-        from benchmarks import bench_e2e
+        bench_e2e = importlib.import_module(f"{suites.__name__}.bench_e2e")
 
         out_dir = args.out or _default_out(repo, harness.environment(device))
         rc = max(rc, bench_e2e.run(args, device, out_dir, started, list(argv or sys.argv[1:]),
@@ -102,8 +123,9 @@ def main(argv=None) -> int:
     return rc
 
 
-def _kernels(args, argv, repo, device, started) -> int:
-    from benchmarks import harness, report
+def _kernels(args, argv, repo, device, started, suites) -> int:
+    harness = importlib.import_module(f"{suites.__name__}.harness")
+    report = importlib.import_module(f"{suites.__name__}.report")
 
     ops = list(SUITES[args.suite]) if args.ops is None else [o.strip() for o in args.ops.split(",") if o.strip()]
     unknown = [o for o in ops if o not in MODULES]
@@ -130,7 +152,7 @@ def _kernels(args, argv, repo, device, started) -> int:
 
     cases = []
     for op in ops:
-        cases += importlib.import_module(MODULES[op]).cases(profile, cfg, args.compile_scope)
+        cases += importlib.import_module(f"{suites.__name__}.{MODULES[op]}").cases(profile, cfg, args.compile_scope)
     deadline = started + args.time_limit if args.time_limit else None
     harness.run_cases(cases, cfg, results, deadline, log=lambda line: print(line, flush=True))
     results.meta["finished_utc"] = harness.utc_now()

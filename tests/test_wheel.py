@@ -14,6 +14,7 @@ import importlib.util
 import os
 import re
 import shutil
+import json
 import subprocess
 import sys
 import zipfile
@@ -66,6 +67,9 @@ def _expected_files():
              if "__pycache__" not in p.parts}
     files |= {f"fastbert/kernels/{p.name}" for p in (ROOT / "kernels").glob("*.py")}
     files |= {f"fastbert/data/{p.name}" for pattern in ("*.tsv", "*.md") for p in (ROOT / "fastbert" / "data").glob(pattern)}
+    # the benchmark suites, so `fastbert bench` runs where the wheel is installed (not their results)
+    files |= {f"fastbert/benchmarks/{p.name}" for p in (ROOT / "benchmarks").glob("*.py")}
+    files |= {f"fastbert/benchmarks/data/{p.name}" for p in (ROOT / "benchmarks" / "data").glob("*.txt")}
     return files
 
 
@@ -76,7 +80,7 @@ def test_wheel_holds_the_package_and_nothing_else(wheel):
     info = "fastbert-0.1.0.dist-info/"
     stray = sorted(n for n in names if not (n.startswith("fastbert/") or n.startswith(info)))
     assert not stray, f"the wheel carries files outside the package: {stray[:10]}"
-    assert not any(n.startswith(("fastbert/tests", "fastbert/benchmarks", "fastbert/csrc")) for n in names)
+    assert not any(n.startswith(("fastbert/tests", "fastbert/benchmarks/results", "fastbert/csrc")) for n in names)
     extensions = [n for n in names if n.startswith("fastbert/_C") and n.endswith(".so")]
     if WITH_EXTENSION:
         assert len(extensions) == 1, f"nvcc is here, so the wheel should carry fastbert._C: {extensions}"
@@ -134,6 +138,25 @@ def test_installed_wheel_runs_away_from_the_checkout(wheel, tmp_path):
     first on sys.path, ahead of the editable install): the package, its kernels, the extension
     when built, and the embedded model tokenizing and encoding a sentence."""
     _install_and_run(wheel, tmp_path)
+
+
+def test_installed_wheel_runs_the_benchmark_suite(wheel, tmp_path):
+    """`fastbert bench` from a wheel, no checkout in sight: the suites come from fastbert.benchmarks,
+    the results go under ./fastbert-bench/ and record the release instead of a commit."""
+    site = tmp_path / "site"
+    done = subprocess.run([sys.executable, "-m", "pip", "install", "--no-deps", "--no-compile", "--target", str(site),
+                           str(wheel), "-q"], capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0, done.stderr[-3000:]
+    env = {k: v for k, v in os.environ.items() if k not in ("FASTBERT_REPO", "FASTBERT_COMMIT")}
+    env.update(PYTHONPATH=str(site), TRITON_INTERPRET="1")
+    run = subprocess.run([sys.executable, "-m", "fastbert.bench", "--quick", "--suite", "kernels", "--ops", "span"],
+                         cwd=tmp_path, env=env, capture_output=True, text=True, timeout=600)
+    assert run.returncode == 0, f"{run.stdout[-2000:]}\n{run.stderr[-4000:]}"
+    written = list((tmp_path / "fastbert-bench").glob("*/kernels.json"))
+    assert len(written) == 1, run.stdout[-2000:]
+    data = json.loads(written[0].read_text())
+    assert data["env"]["commit"] == "fastbert 0.1.0"
+    assert {r["impl"] for r in data["rows"] if r["status"] == "ok"} >= {"eager", "outer_sum"}
 
 
 def test_repaired_wheel_is_manylinux_and_holds_the_same_files(wheel, repaired):
