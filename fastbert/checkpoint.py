@@ -10,6 +10,7 @@ import contextlib
 import os
 import re
 import tempfile
+import warnings
 from pathlib import Path
 
 import torch
@@ -142,6 +143,12 @@ def load_encoder(model, hf_state: dict[str, torch.Tensor], source="checkpoint") 
 
     Raises ValueError listing every missing, unexpected and mis-shaped key;
     returns the keys it did not use because they belong to a task head.
+
+    One exception, as in transformers: a checkpoint without a pooler (token classification and
+    question answering models have none) loads into a model that has one (sequence
+    classification) with the pooler newly initialised as BERT does (normal, std
+    initializer_range, zero bias) and a warning naming its weights. Any other missing weight
+    is an error.
     """
     own = model.state_dict()
     found, unexpected, not_encoder = {}, [], []
@@ -157,9 +164,10 @@ def load_encoder(model, hf_state: dict[str, torch.Tensor], source="checkpoint") 
         else:
             unexpected.append(key)
     missing = sorted(set(own) - set(found))
+    fresh = [k for k in missing if k.startswith("pooler.")]        # a new pooler: initialised, not an error
     misshaped = [f"{key}: checkpoint {tuple(t.shape)}, model {tuple(own[ours].shape)}"
                  for ours, (key, t) in sorted(found.items()) if t.shape != own[ours].shape]
-    if missing or unexpected or misshaped:
+    if len(missing) > len(fresh) or unexpected or misshaped:
         lines = [f"checkpoint {source} does not match the model's config:"]
         if missing:
             lines.append("  missing: " + ", ".join(to_hf_key(k) for k in missing))
@@ -173,4 +181,23 @@ def load_encoder(model, hf_state: dict[str, torch.Tensor], source="checkpoint") 
             if not tensor.is_floating_point():
                 raise ValueError(f"checkpoint {source}: tensor {key} has dtype {tensor.dtype}, expected floating point")
             own[ours].copy_(tensor)
+    if fresh:
+        _init_pooler(model, fresh, source)
     return not_encoder
+
+
+def _init_pooler(model, keys: list[str], source) -> None:
+    """BERT's initialisation of the pooler weights `keys` (fastbert names), which the checkpoint
+    lacks, with a warning naming them (transformers' "newly initialized" warning)."""
+    std = model.config.initializer_range
+    with torch.no_grad():
+        for key in keys:
+            tensor = model.get_parameter(key)
+            if key.endswith(".bias"):
+                tensor.zero_()
+            else:
+                tensor.normal_(mean=0.0, std=std)
+    names = ", ".join(to_hf_key(k) for k in sorted(keys, key=lambda k: not k.endswith(".weight")))
+    warnings.warn(f"checkpoint {source} has no pooler weights {names} (models for token classification or "
+                  f"question answering are saved without a pooler): newly initialised (normal, std={std}; "
+                  "zero bias). Fine-tune before using the pooled output.", stacklevel=3)

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import sys
 import time
 from pathlib import Path
@@ -82,6 +83,74 @@ def _check_dev(path, spec, dev):
                              "SQuAD v1.1 scoring needs at least one per question")
 
 
+def _is_index(col) -> bool:
+    return isinstance(col, int) or str(col).strip().lstrip("-").isdigit()
+
+
+def _check_headerless_columns(args):
+    """--no-header: a file without a header has no column names, so every column is an index."""
+    from fastbert import data
+
+    preset = data.TASKS.get(args.task) if args.task else None
+    for flag, given, preset_cols in [("--text-cols", args.text_cols, preset.text_cols if preset else ()),
+                                     ("--label-col", None if args.label_col is None else [args.label_col],
+                                      (preset.label_col,) if preset and preset.label_col is not None else ())]:
+        for col in given or ():
+            if not _is_index(col):
+                raise ValueError(f"--no-header: {flag} {col!r} is a column name, but a file without a header has "
+                                 "none; give 0-based column indices (0 is the first column)")
+        named = [c for c in preset_cols if not _is_index(c)]
+        if not given and named:
+            raise ValueError(f"--no-header: the {args.task} preset finds its columns by header name "
+                             f"({', '.join(map(repr, named))}), but a file without a header has none; give "
+                             f"{flag} as 0-based column indices")
+
+
+# -- metrics as JSON: null where a metric is undefined ---------------------------------
+
+
+UNDEFINED = "undefined (constant input)"
+
+
+def _json_safe(value):
+    """value with every non-finite float (a correlation of constant values is NaN) as None: JSON
+    has no NaN, and json.dumps would write the bare `NaN` that strict parsers refuse."""
+    if isinstance(value, float) and not math.isfinite(value):
+        return None
+    if isinstance(value, dict):
+        return {k: _json_safe(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_json_safe(v) for v in value]
+    return value
+
+
+def metrics_json(value, **kwargs) -> str:
+    """JSON text of metrics, undefined values as null; allow_nan=False, so a NaN that gets past
+    _json_safe (in a type it does not know) raises instead of writing invalid JSON."""
+    return json.dumps(_json_safe(value), allow_nan=False, **kwargs)
+
+
+def _undefined(scores: dict) -> list[str]:
+    return [k for k, v in scores.items() if isinstance(v, float) and math.isnan(v)]
+
+
+def _describe_scores(scores: dict) -> str:
+    """One line for people: `pearson undefined (constant input)` where JSON says null."""
+    def text(v):
+        if isinstance(v, float):
+            return UNDEFINED if math.isnan(v) else f"{v:.4f}"
+        return str(v)
+    return ", ".join(f"{k} {text(v)}" for k, v in scores.items()) or "(none)"
+
+
+def _undefined_note(scores: dict) -> str | None:
+    names = _undefined(scores)
+    if not names:
+        return None
+    return (f"{', '.join(names)} {UNDEFINED}: a correlation needs predictions and gold scores that vary; "
+            "null in the JSON")
+
+
 # -- finetune / evaluate / predict ----------------------------------------------------
 
 
@@ -116,10 +185,12 @@ def cmd_finetune(args) -> int:
         if len(args.text_cols) not in {"single": (1,), "pair": (2,), "regression": (1, 2)}[kind]:
             raise ValueError(f"--task-type {kind} takes {wanted} --text-cols, got {len(args.text_cols)}: "
                              f"{args.text_cols}")
-    if kind in ("tagging", "qa") and (args.text_cols or args.label_col is not None):
-        raise ValueError(f"--text-cols/--label-col are for TSV data (single, pair, regression); a {kind} task "
-                         "reads " + ("UPOS from a .conllu file, the last column from other files" if kind == "tagging"
-                                     else "SQuAD v1.1 JSON"))
+    if kind in ("tagging", "qa") and (args.text_cols or args.label_col is not None or args.no_header):
+        raise ValueError(f"--text-cols/--label-col/--no-header are for TSV data (single, pair, regression); a {kind} "
+                         "task reads " + ("UPOS from CoNLL-U, the last column from CoNLL-2003-style files"
+                                          if kind == "tagging" else "SQuAD v1.1 JSON"))
+    if args.no_header:
+        _check_headerless_columns(args)
     _check_file("--train", args.train)
     if args.dev:
         _check_file("--dev", args.dev)
@@ -129,7 +200,7 @@ def cmd_finetune(args) -> int:
         raise ValueError(f"--metrics-json {args.metrics_json!r} is a folder; give a file name")
     device = _device(args.device)
     overrides = dict(max_seq_len=args.max_seq_len, doc_stride=args.doc_stride, max_answer_len=args.max_answer_len,
-                     text_cols=args.text_cols, label_col=args.label_col)
+                     text_cols=args.text_cols, label_col=args.label_col, header=False if args.no_header else None)
     spec = tasks.TaskSpec.preset(args.task, **overrides) if args.task else \
         tasks.TaskSpec(name=args.task_type, kind=args.task_type,
                        **{k: v for k, v in overrides.items() if v is not None})
@@ -178,8 +249,8 @@ def cmd_finetune(args) -> int:
     metrics_file = Path(args.metrics_json or Path(args.out) / "metrics.json")
     from fastbert.checkpoint import atomic_write_text
 
-    atomic_write_text(metrics_file, json.dumps(summary, indent=2) + "\n")
-    print(f"final: {json.dumps(summary['final_metrics'])}\nmodel saved to {final}; metrics in {metrics_file}")
+    atomic_write_text(metrics_file, metrics_json(summary, indent=2) + "\n")
+    print(f"final: {_describe_scores(summary['final_metrics'])}\nmodel saved to {final}; metrics in {metrics_file}")
     return 0
 
 
@@ -206,7 +277,9 @@ def cmd_evaluate(args) -> int:
     dev = tasks.read(spec, args.dev, tokenizer, args.max_dev_examples)
     _check_dev(args.dev, spec, dev)
     scores = tasks.evaluate(model, spec, dev, args.eval_batch_size)
-    print(json.dumps(scores, indent=2))
+    print(metrics_json(scores, indent=2))          # stdout stays JSON (null where undefined)
+    if (note := _undefined_note(scores)):
+        print(f"fastbert evaluate: note: {note}", file=sys.stderr)
     return 0
 
 
@@ -433,12 +506,16 @@ def build_parser():
                     help="a preset: reader, head and metric (GLUE TSV for sst2/cola/mrpc/rte/stsb, CoNLL-U "
                          "UPOS for pos, SQuAD v1.1 JSON for squad)")
     ft.add_argument("--task-type", choices=["single", "pair", "regression", "tagging", "qa"],
-                    help="any other data: a TSV with a header (single, pair, regression: give --text-cols and "
-                         "--label-col; labels are found in the training file), a CoNLL-U (.conllu) or "
-                         "CoNLL-2003-style file (tagging, the last column), or SQuAD v1.1 JSON (qa)")
+                    help="any other data: a TSV, with a header unless --no-header (single, pair, regression: "
+                         "give --text-cols and --label-col; labels are found in the training file), a CoNLL-U "
+                         "or CoNLL-2003-style file (tagging: UPOS, or the last column; the format is told from "
+                         "the content), or SQuAD v1.1 JSON (qa)")
     ft.add_argument("--text-cols", nargs="+", default=None, metavar="COL",
                     help="the text column(s), by header name or 0-based index: one, or two for a pair")
     ft.add_argument("--label-col", default=None, metavar="COL", help="the label column, by header name or 0-based index")
+    ft.add_argument("--no-header", action="store_true",
+                    help="TSV data: the first line is an example, not a header (columns by 0-based index); "
+                         "evaluate reads dev files the same way")
     ft.add_argument("--train", required=True, metavar="FILE", help="training data")
     ft.add_argument("--dev", default=None, metavar="FILE", help="evaluation data, scored after each epoch")
     ft.add_argument("--model", default="default", help="'default' (embedded all-MiniLM-L6-v2) or an HF-layout folder")

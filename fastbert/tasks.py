@@ -15,6 +15,7 @@ from typing import Sequence
 import torch
 
 from . import data, heads, metrics
+from .data.tagging import read_tagged
 
 PRESETS = {
     "sst2": "single", "cola": "single", "mrpc": "pair", "rte": "pair", "stsb": "regression",
@@ -34,6 +35,10 @@ class TaskSpec:
     max_answer_len: int = 30
     text_cols: list | None = None
     label_col: str | int | None = None
+    # TSV tasks: whether the first row names the columns. None: the GLUE preset's setting (CoLA's
+    # files have none), a header for other data. False: columns are given by 0-based index.
+    # (Specs saved before this field existed load as None, which is how they were read.)
+    header: bool | None = None
 
     def __post_init__(self):
         if self.kind not in KINDS:
@@ -73,6 +78,8 @@ def read(spec: TaskSpec, path, tokenizer, max_examples: int | None = None, label
             kwargs["text_cols"] = spec.text_cols
         if spec.label_col is not None:
             kwargs["label_col"] = spec.label_col
+        if spec.header is not None:
+            kwargs["header"] = spec.header
         if preset is None:
             kwargs["regression"] = spec.kind == "regression"
             if spec.labels:
@@ -82,8 +89,8 @@ def read(spec: TaskSpec, path, tokenizer, max_examples: int | None = None, label
             spec.labels = list(rows.label_names)
         return TaskData(data.encode_glue(rows, tokenizer, spec.max_seq_len), rows)
     if spec.kind == "tagging":
-        sentences = data.read_conllu(path, max_sentences=max_examples) if str(path).endswith(".conllu") \
-            else data.read_conll2003(path, max_sentences=max_examples)
+        # CoNLL-U (UPOS) or CoNLL-2003 (the last column), told apart by the content, not the name
+        sentences = read_tagged(path, max_sentences=max_examples)
         if spec.labels is None:
             spec.labels = data.tag_names(sentences)
         return TaskData(data.encode_tagging(sentences, tokenizer, spec.labels, spec.max_seq_len), sentences)

@@ -131,3 +131,31 @@ def test_default_model_is_embedded():
     folder = fastbert.default_model_path()
     assert (folder / "model.safetensors").exists() and (folder / "tokenizer.json").exists()
     assert fastbert.BertModel.from_pretrained("default").config.hidden_size == 384
+
+
+def test_sequence_classification_from_a_model_without_pooler(tmp_path):
+    """A token-classification (or QA) model has no pooler: loading it for sequence classification
+    initialises a fresh pooler as BERT does, with a warning naming it (it failed with
+    "missing: pooler.dense.*" before); any other missing encoder weight is still an error."""
+    from fastbert import heads
+
+    torch.manual_seed(0)
+    tagger = heads.BertForTokenClassification(fastbert.BertConfig(**CONFIG, initializer_range=0.5), num_labels=5)
+    tagger.save_pretrained(tmp_path)
+    assert not any(k.startswith("bert.pooler") for k in load_file(str(tmp_path / "model.safetensors")))
+    with pytest.warns(UserWarning, match=r"has no pooler weights pooler\.dense\.weight, pooler\.dense\.bias .*newly initialised"):
+        model = heads.BertForSequenceClassification.from_pretrained(tmp_path, num_labels=2)
+    for name, tensor in tagger.bert.state_dict().items():                     # the encoder is the tagger's
+        assert torch.equal(model.bert.state_dict()[name], tensor), name
+    weight, bias = model.bert.pooler.weight, model.bert.pooler.bias
+    assert torch.all(bias == 0) and abs(weight.std().item() - 0.5) < 0.1 and abs(weight.mean().item()) < 0.05
+    ids, mask = _inputs()
+    assert model(ids, mask).logits.shape == (2, 2)
+
+    state = load_file(str(tmp_path / "model.safetensors"))
+    del state["bert.encoder.layer.0.attention.self.key.weight"]
+    save_file(state, str(tmp_path / "model.safetensors"))
+    with pytest.raises(ValueError, match=r"missing: encoder\.layer\.0\.attention\.self\.key\.weight, pooler\.dense"):
+        heads.BertForSequenceClassification.from_pretrained(tmp_path, num_labels=2)
+    with pytest.raises(ValueError, match=r"missing: encoder\.layer\.0\.attention\.self\.key\.weight$"):
+        heads.BertForTokenClassification.from_pretrained(tmp_path, num_labels=5)

@@ -26,6 +26,7 @@ import re  # noqa: E402
 from pathlib import Path  # noqa: E402
 
 import pytest  # noqa: E402
+import torch  # noqa: E402
 
 DATA = Path(__file__).resolve().parents[1].parent / "shared" / "data"
 
@@ -172,7 +173,7 @@ def test_finetune_custom_tsv_columns(tmp_path, capsys):
     assert "--task-type pair takes two --text-cols, got 1" in capsys.readouterr().err
     # the tagging reader has no label column to choose: --label-col was ignored silently (UPOS read anyway)
     assert fastbert.cli.main(base + ["--task", "pos", "--label-col", "4"]) == 2
-    assert "--text-cols/--label-col are for TSV data" in capsys.readouterr().err
+    assert "--text-cols/--label-col/--no-header are for TSV data" in capsys.readouterr().err
     assert fastbert.cli.main(base + ["--task-type", "pair", "--text-cols", "1", "2", "--label-col", "3"]) == 0
     assert fastbert.cli.main(["predict", "--model", str(tmp_path / "run" / "model"), "--device", "cpu",
                               "A man sleeps.", "A person rests."]) == 0
@@ -252,3 +253,97 @@ def test_model_folder_mistakes_are_named(capsys, untrained_models):
     out_folder = untrained_models["sst2"].parent                   # finetune's --out, not --out/model
     code, _, err = _predict(capsys, out_folder, "text")
     assert code == 2 and "is a `fastbert finetune --out` folder" in err
+
+
+# -- TSV files without a header (--no-header) ------------------------------------------------------
+
+
+def test_finetune_headerless_tsv(tmp_path, capsys):
+    """--no-header: the first line is an example (it was taken for a header and lost before), the
+    columns are indices (a name is refused, naming the flag), and the saved task reads dev files
+    the same way; a task spec saved before the field existed still loads."""
+    from fastbert import tasks
+
+    rows = ["a fine film\t1", "a dull film\t0", "great acting\t1", "a boring plot\t0", "lovely\t1"]
+    data = tmp_path / "train.tsv"
+    data.write_text("\n".join(rows) + "\n")
+    out = tmp_path / "run"
+    base = ["finetune", "--train", str(data), "--dev", str(data), "--out", str(out), "--max-steps", "1",
+            "--batch-size", "2", "--max-seq-len", "16", "--no-progress", "--device", "cpu", "--no-header"]
+    assert fastbert.cli.main(base + ["--task-type", "single", "--text-cols", "sentence", "--label-col", "1"]) == 2
+    err = capsys.readouterr().err
+    assert "--no-header: --text-cols 'sentence' is a column name" in err and "0-based column indices" in err
+    assert fastbert.cli.main(base + ["--task", "sst2"]) == 2
+    assert "--no-header: the sst2 preset finds its columns by header name ('sentence')" in capsys.readouterr().err
+    assert fastbert.cli.main(base + ["--task", "pos"]) == 2
+    assert "--text-cols/--label-col/--no-header are for TSV data" in capsys.readouterr().err
+
+    assert fastbert.cli.main(base + ["--task-type", "single", "--text-cols", "0", "--label-col", "1"]) == 0
+    assert "5 training features, 5 dev features" in capsys.readouterr().out
+    assert json.loads((out / "metrics.json").read_text())["train_features"] == 5
+    assert json.loads((out / "model" / "config.json").read_text())["fastbert_task"]["header"] is False
+    model, spec = tasks.load_finetuned(out / "model")
+    tokenizer = fastbert.Tokenizer.from_pretrained(out / "model")
+    assert len(tasks.read(spec, data, tokenizer).features) == 5                  # what evaluate reads
+    assert fastbert.cli.main(["evaluate", "--model", str(out / "model"), "--dev", str(data), "--device", "cpu"]) == 0
+    assert "accuracy" in json.loads(capsys.readouterr().out)
+
+    config = json.loads((out / "model" / "config.json").read_text())           # a spec saved before `header`
+    del config["fastbert_task"]["header"]
+    (out / "model" / "config.json").write_text(json.dumps(config))
+    _, old = tasks.load_finetuned(out / "model")
+    assert old.header is None and len(tasks.read(old, data, tokenizer).features) == 4  # as it was read then
+
+
+# -- undefined metrics: null in JSON, never a bare NaN ------------------------------------------------
+
+
+def _strict_json(text):
+    def refuse(constant):
+        raise ValueError(f"invalid JSON constant {constant}")
+    return json.loads(text, parse_constant=refuse)
+
+
+def test_constant_predictions_give_null_metrics(tmp_path, capsys):
+    """A regression model whose predictions are constant (zero classifier weights) has no
+    Pearson/Spearman: evaluate's JSON holds null (it held NaN, which is not JSON) and says why."""
+    from fastbert import tasks
+
+    spec = tasks.TaskSpec.preset("stsb", max_seq_len=16)
+    model = tasks.build_model(spec, "default")
+    with torch.no_grad():
+        model.classifier.weight.zero_()                                       # every prediction: the bias, 0
+    folder = tmp_path / "model"
+    model.save_pretrained(folder)
+    fastbert.Tokenizer.from_pretrained("default").save(folder)
+    dev = tmp_path / "dev.tsv"
+    dev.write_text("sentence1\tsentence2\tscore\nA man plays.\tA man is playing.\t4.5\n"
+                   "A dog runs.\tA cat sleeps.\t0.5\nIt rains.\tIt is wet.\t3.0\n")
+    assert fastbert.cli.main(["evaluate", "--model", str(folder), "--dev", str(dev), "--device", "cpu"]) == 0
+    captured = capsys.readouterr()
+    assert _strict_json(captured.out) == {"pearson": None, "spearman": None}
+    assert "pearson, spearman undefined (constant input)" in captured.err
+
+
+def test_finetune_metrics_json_null_for_constant_gold(tmp_path, capsys):
+    """finetune's metrics.json (and --metrics-json) with a dev set whose gold scores are all
+    equal: null, and the human line says undefined."""
+    train = tmp_path / "train.tsv"
+    train.write_text("A man plays.\t4.5\nA dog runs.\t0.5\nIt rains.\t3.0\nA cat sleeps.\t1.0\n")
+    dev = tmp_path / "dev.tsv"
+    dev.write_text("A man plays.\t2.0\nA dog runs.\t2.0\nIt rains.\t2.0\n")
+    metrics = tmp_path / "scores.json"
+    assert fastbert.cli.main(["finetune", "--task-type", "regression", "--text-cols", "0", "--label-col", "1",
+                              "--no-header", "--train", str(train), "--dev", str(dev), "--out", str(tmp_path / "run"),
+                              "--metrics-json", str(metrics), "--max-steps", "1", "--batch-size", "2",
+                              "--max-seq-len", "16", "--no-progress", "--device", "cpu"]) == 0
+    summary = _strict_json(metrics.read_text())
+    assert summary["final_metrics"]["pearson"] is None and summary["epochs"][0]["spearman"] is None
+    assert "pearson undefined (constant input)" in capsys.readouterr().out
+
+
+def test_metrics_json_refuses_what_it_cannot_clean():
+    assert fastbert.cli.metrics_json({"a": [float("nan"), 1.0], "b": {"c": float("inf")}}) == \
+        '{"a": [null, 1.0], "b": {"c": null}}'
+    with pytest.raises(ValueError, match="Out of range float"):
+        fastbert.cli.metrics_json({"a": {float("nan")}}, default=list)          # a NaN inside a set

@@ -257,6 +257,46 @@ def test_conll2003(tmp_path):
         read_conll2003(bad)
 
 
+def test_tagging_format_from_content_not_name(tmp_path, tok):
+    """The tagging reader goes by the content: a real UD file named .txt is CoNLL-U (it was read as
+    CoNLL-2003 and failed on its comment lines), a CoNLL-2003 file is CoNLL-2003 whatever its
+    name, and a malformed line's error says which format was assumed and why."""
+    from fastbert import tasks
+    from fastbert.data.tagging import detect_tagging_format, read_tagged
+
+    real = shared("ud_ewt/en_ewt-ud-dev.conllu")
+    renamed = tmp_path / "ewt-dev.txt"
+    renamed.write_bytes(real.read_bytes())
+    fmt, why = detect_tagging_format(renamed)
+    assert fmt == "conllu" and "10 tab-separated fields" in why
+    spec = tasks.TaskSpec.preset("pos")
+    found = tasks.read(spec, renamed, tok, max_examples=20).examples
+    expected = read_conllu(real, max_sentences=20)
+    assert [s.words for s in found] == [s.words for s in expected] and [s.tags for s in found] == [s.tags for s in expected]
+
+    for name in ("ner.txt", "ner.conllu"):                                 # the name is no longer the judge
+        path = write(tmp_path, name, CONLL2003)
+        assert detect_tagging_format(path)[0] == "conll2003"
+        assert [s.tags for s in read_tagged(path)] == [["B-ORG", "O", "B-MISC"], ["B-PER"], ["B-PER"]]
+    plain = write(tmp_path, "pos.txt", "EU NNP\nrejects VBZ\n\n#hashtag NN\nPeter NNP\n")  # no -DOCSTART-
+    assert [s.words for s in read_tagged(plain)] == [["EU", "rejects"], ["#hashtag", "Peter"]]
+    assert detect_tagging_format(write(tmp_path, "empty.conllu", "\n"))[0] == "conllu"  # nothing to go by: the name
+
+    broken = write(tmp_path, "broken.txt", "# sent_id = 1\n# text = ok word\n"
+                   "1\tok\tok\tADJ\tJJ\t_\t0\troot\t_\t_\n2\tword\tword\tNOUN\n")
+    with pytest.raises(DataFormatError, match=r"broken\.txt:4: a CoNLL-U token line has 10 tab-separated fields, "
+                                              r"got 4 \(read as CoNLL-U: line 3 has 10 tab-separated fields"):
+        tasks.read(spec, broken, tok)
+    first_broken = write(tmp_path, "first.txt", "# sent_id = 1\n1\tok\tok\tADJ\n")
+    with pytest.raises(DataFormatError, match=r"read as CoNLL-U: line 1 is a CoNLL-U comment \('# sent_id = 1'\)"):
+        read_tagged(first_broken)
+    ragged = write(tmp_path, "ragged.conllu", "EU NNP B-NP B-ORG\nrejects VBZ O\n")
+    with pytest.raises(DataFormatError, match=r"ragged\.conllu:2: expected 4 whitespace-separated columns, got 3 "
+                                              r"\(read as CoNLL-2003: line 1 has 4 whitespace-separated fields, not "
+                                              r"CoNLL-U's 10"):
+        read_tagged(ragged)
+
+
 # --- tagging encoder --------------------------------------------------------------------------
 
 def test_tagging_first_subword_matches_transformers(tok, hf_tok):

@@ -11,6 +11,7 @@ their labels.
 from __future__ import annotations
 
 import os
+import re
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Sequence
@@ -133,6 +134,77 @@ def read_conll2003(path: str | os.PathLike, tag_col: int = -1,
     if words:
         sents.append(TaggedSentence(words, tags, first, str(path)))
     return sents[:max_sentences] if max_sentences is not None else sents
+
+
+# A CoNLL-U token id: a word (3), a multiword token range (1-2) or an empty node (8.1).
+_CONLLU_ID = re.compile(r"\d+(-\d+|\.\d+)?")
+# CoNLL-U comments as treebanks write them: `# sent_id = 1`, `# text = ...`, `# newdoc`, `# newpar`.
+_CONLLU_COMMENT = re.compile(r"#\s*(newdoc|newpar)\b|#\s*[\w.:-]+\s*=")
+_SNIFF_LINES = 1000
+
+
+def detect_tagging_format(path: str | os.PathLike) -> tuple[str, str]:
+    """("conllu" | "conll2003", why): the format of a tagging file, from its content.
+
+    The first token line decides: 10 tab-separated fields starting with a token id (`1`, `1-2`,
+    `8.1`) is CoNLL-U; a `-DOCSTART-` line is CoNLL-2003. Any other token line means CoNLL-2003
+    (a word and its tags, whitespace-separated), unless a CoNLL-U comment (`# sent_id = ...`,
+    `# text = ...`) came before it: then it is a CoNLL-U file with a broken line. Other lines
+    starting with `#` decide nothing (CoNLL-2003-style files may tag `#hashtag` words). The
+    name is a hint only where the content is ambiguous: a tab-separated line starting with a
+    token id but without 10 fields, or no token line in the first lines (`.conllu`: CoNLL-U).
+    """
+    path = Path(path)
+    named_conllu = path.suffix.lower() == ".conllu"
+    comment = None                                   # (line number, text) of the first CoNLL-U comment
+    with open(path, encoding="utf-8-sig") as f:
+        for line_no, line in _numbered(f, path):
+            if line_no > _SNIFF_LINES:
+                break
+            line = line.rstrip("\r\n")
+            if not line.strip():
+                continue
+            fields = line.split()
+            if fields[0] == "-DOCSTART-":
+                return "conll2003", f"line {line_no} is a CoNLL-2003 '-DOCSTART-' line"
+            if line.startswith("#"):
+                if comment is None and _CONLLU_COMMENT.match(line):
+                    comment = (line_no, line if len(line) <= 40 else line[:37] + "...")
+                continue
+            tabbed = line.split("\t")
+            has_id = _CONLLU_ID.fullmatch(tabbed[0]) is not None
+            if len(tabbed) == 10 and has_id:
+                return "conllu", f"line {line_no} has 10 tab-separated fields starting with token id {tabbed[0]!r}"
+            if comment is not None:
+                return "conllu", f"line {comment[0]} is a CoNLL-U comment ({comment[1]!r})"
+            if len(tabbed) > 1 and has_id and named_conllu:
+                return "conllu", (f"the file is named .conllu and line {line_no} starts with token id {tabbed[0]!r} "
+                                  "(the content alone is ambiguous)")
+            count, sep = (len(tabbed), "tab") if len(tabbed) > 1 else (len(fields), "whitespace")
+            return "conll2003", (f"line {line_no} has {count} {sep}-separated field{'s' * (count != 1)}, "
+                                 "not CoNLL-U's 10 tab-separated fields starting with a token id")
+    none = f"no token line in the first {_SNIFF_LINES} lines"
+    if named_conllu:
+        return "conllu", f"{none}, and the file is named .conllu"
+    if comment is not None:
+        return "conllu", f"{none}, and line {comment[0]} is a CoNLL-U comment"
+    return "conll2003", f"{none}, and the file is not named .conllu"
+
+
+_FORMAT_NAMES = {"conllu": "CoNLL-U", "conll2003": "CoNLL-2003"}
+
+
+def read_tagged(path: str | os.PathLike, max_sentences: int | None = None) -> list[TaggedSentence]:
+    """A tagging file in either format, found from its content (detect_tagging_format): CoNLL-U
+    gives UPOS tags, CoNLL-2003 the last column. A malformed line's error says which format was
+    assumed and why."""
+    _check_max(max_sentences)
+    fmt, why = detect_tagging_format(path)
+    reader = read_conllu if fmt == "conllu" else read_conll2003
+    try:
+        return reader(path, max_sentences=max_sentences)
+    except DataFormatError as err:
+        raise DataFormatError(f"{err} (read as {_FORMAT_NAMES[fmt]}: {why})") from None
 
 
 def tag_names(sentences: Sequence[TaggedSentence]) -> list[str]:
