@@ -5,8 +5,10 @@ refresh the performance table of the README from the latest results.
 
 RESULTS.json defaults to the newest kernels.json under benchmarks/results/<date>-<gpu>/
 (newest by the run's recorded start time). --out DIR writes DIR/kernels.md (every row)
-and DIR/kernels.png (speed-up over eager and % of the measured ceiling, per op); given an
-e2e.json, DIR/e2e.md and DIR/e2e.png (benchmarks/bench_e2e.py). --readme FILE replaces
+and DIR/kernels.png (per op: speed-up over eager against seqlen, one line per implementation,
+above % of the measured ceiling; see plot()); given an e2e.json, DIR/e2e.md and DIR/e2e.png
+(benchmarks/bench_e2e.py: speed-up over transformers eager and MFU per model case and
+implementation). --readme FILE replaces
 the text between the markers
     <!-- fastbert-bench:start -->
     <!-- fastbert-bench:end -->
@@ -17,6 +19,7 @@ RESULTS.json, else the newest one) and where each of issue 6's targets stands.
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import re
 import sys
@@ -63,7 +66,7 @@ def _rank(value, order):
 
 
 def _sorted_rows(rows):
-    return sorted(rows, key=lambda r: (_rank(r["op"], OP_ORDER), r["dtype"], r["dims"].get("S", 0),
+    return sorted(rows, key=lambda r: (_rank(r["op"], OP_ORDER), r["dtype"], (r.get("dims") or {}).get("S") or 0,
                                        r["shape"], _rank(r["mode"], MODE_ORDER), _rank(r["impl"], IMPL_ORDER)))
 
 
@@ -207,9 +210,280 @@ def targets_markdown(kernels: dict | None, e2e: dict | None) -> str:
     return "\n".join(lines) if len(lines) > 2 else "No measured row meets a target's conditions yet."
 
 
+# ----------------------------------------------------------------------------- kernel figure
+
+@dataclasses.dataclass
+class Series:
+    """One implementation's points on a panel of the kernel figure (one variant: attention's mask kind).
+    Line panels: xs are the x values (seqlen, rows, L) where the implementation has a measured row,
+    ascending; bar panels: xs are the panel's category labels. speedup / pct: per x, speed-up over eager
+    and % of the measured ceiling (None where that number is missing: no eager in the group)."""
+
+    impl: str
+    variant: str | None
+    xs: list
+    speedup: list
+    pct: list
+
+
+@dataclasses.dataclass
+class Panel:
+    """One column of the kernel figure: speed-up over eager against x (kind "line"), or grouped bars over
+    the shapes of an op whose x has a single value (kind "bar"), with % of the ceiling below it."""
+
+    op: str
+    kind: str                      # "line" | "bar"
+    title: str
+    xlabel: str
+    dtype: str
+    mode: str
+    unit: str                      # GB/s or TFLOP/s: which ceiling the % panel compares with
+    series: list                   # [Series], IMPL_ORDER then variant order
+    variants: dict                 # variant -> legend text (line styles), {} when the op has none
+    categories: list = dataclasses.field(default_factory=list)   # bar panels: the x tick labels, in order
+
+
+VARIANT_ORDER = ["none", "pad"]
+LINE_STYLES = ["-", "--", ":", "-."]
+MARKERS = ["o", "s", "^", "D"]
+
+
+def _axis(r: dict) -> tuple:
+    """Where a kernel row goes on the figure: (x, x symbol, axis label, panel key, variant).
+    Lines connect rows of one panel key and variant only: attention (seqlen S) per model, H, D and mask
+    kind; the LayerNorm family (rows N, or B x S where the shape records them) per width; the span
+    score (window length L, its seqlen) per set (name and batch). x is None where the row has no such
+    dimension (an op this table does not know: it gets a bar of its own)."""
+    op, d, shape = r["op"], r.get("dims") or {}, str(r.get("shape", ""))
+    first = shape.split()[0] if shape.split() else shape
+    if op == "attention" or {"S", "H", "D"} <= d.keys():
+        mask = d.get("mask") or ("none" if "nomask" in shape else "pad")
+        return (d.get("S"), "S", "seqlen S", f"{d.get('model') or first} H{d.get('H')} D{d.get('D')}", mask)
+    if "width" in d:
+        rows = d["B"] * d["S"] if "B" in d and "S" in d else d.get("N")
+        return (rows, "N", "rows N (tokens = batch x seqlen)",
+                f"{'F' if op == 'bias_gelu' else 'H'}{d['width']}", None)
+    if "L" in d:
+        return (d["L"], "L", "window length L (the span score's seqlen)", f"{first} B{d.get('B')}", None)
+    return (d.get("S"), "S", "seqlen S", shape, None)
+
+
+def _variant_text(variant, rows) -> str:
+    if variant is None:
+        return ""
+    if variant == "none":
+        return "no mask"
+    if variant == "pad":
+        dims = [r.get("dims") or {} for r in rows]
+        sources = sorted({(d.get("S") or 0, d["lengths"]) for d in dims if d.get("lengths")})
+        where = ", ".join(f"{src} at S{s}" for s, src in sources)
+        return "padding mask" + (f" (lengths: {where})" if where else "")
+    return str(variant)
+
+
+def _short_variant(variant) -> str:
+    return {"none": "nomask", "pad": "pad"}.get(variant, str(variant)) if variant is not None else ""
+
+
+def _ok_rows(data: dict) -> list:
+    return [r for r in data.get("rows", []) if r.get("status") == "ok"]
+
+
+def _choice(rows: list) -> tuple[str, str]:
+    """The first dtype measured (row order) and fwd+bwd within it, else fwd, else the first mode."""
+    dtype = rows[0]["dtype"]
+    modes = [r["mode"] for r in rows if r["dtype"] == dtype]
+    mode = "fwd+bwd" if "fwd+bwd" in modes else "fwd" if "fwd" in modes else modes[0]
+    return dtype, mode
+
+
+def kernel_panels(data: dict) -> list[Panel]:
+    """What the kernel figure draws, as data: per op (first dtype measured, fwd+bwd or fwd), one line
+    panel per panel key (see _axis) with two x values or more, and one bar panel for the panel keys of
+    the op with a single x value. Only rows with status "ok" count; missing, skipped and failed rows
+    leave holes (a point or a bar fewer), never an error."""
+    ok = _ok_rows(data)
+    panels = []
+    for op in sorted({r["op"] for r in ok}, key=lambda o: (_rank(o, OP_ORDER), o)):
+        mine = [r for r in ok if r["op"] == op]
+        dtype, mode = _choice(mine)
+        mine = _sorted_rows([r for r in mine if r["dtype"] == dtype and r["mode"] == mode])
+        unit = mine[0].get("unit", "")
+        groups: dict = {}            # panel key -> [(x, variant, row)]
+        axis = {}
+        for r in mine:
+            x, sym, xlabel, key, variant = _axis(r)
+            axis.setdefault(key, (sym, xlabel))
+            groups.setdefault(key, []).append((x, variant, r))
+        bars = []                    # (category, impl, row)
+        for key, members in groups.items():
+            sym, xlabel = axis[key]
+            xs = sorted({x for x, _, _ in members if x is not None})
+            if len(xs) < 2 or any(x is None for x, _, _ in members):
+                for x, variant, r in members:
+                    tag = f" {_short_variant(variant)}" if variant is not None else ""
+                    bars.append((r["shape"] if x is None else f"{key}{tag} {sym}={x}", r["impl"], r))
+                continue
+            variants = sorted({v for _, v, _ in members}, key=lambda v: (_rank(v, VARIANT_ORDER), str(v)))
+            series = []
+            for impl in sorted({r["impl"] for _, _, r in members}, key=lambda i: (_rank(i, IMPL_ORDER), i)):
+                for variant in variants:
+                    points = {}
+                    for x, v, r in members:
+                        if r["impl"] == impl and v == variant:
+                            points.setdefault(x, r)   # the first row of a duplicate x
+                    if points:
+                        px = sorted(points)
+                        series.append(Series(impl, variant, px, [points[x].get("speedup_vs_eager") for x in px],
+                                             [points[x].get("pct_of_ceiling") for x in px]))
+            texts = {v: _variant_text(v, [r for _, w, r in members if w == v]) for v in variants if v is not None}
+            panels.append(Panel(op, "line", f"{op}: {key} ({dtype}, {mode})", xlabel, dtype, mode, unit,
+                                series, texts))
+        if bars:
+            categories = list(dict.fromkeys(c for c, _, _ in bars))
+            series = []
+            for impl in sorted({i for _, i, _ in bars}, key=lambda i: (_rank(i, IMPL_ORDER), i)):
+                got = {}
+                for c, i, r in bars:
+                    if i == impl:
+                        got.setdefault(c, r)
+                cats = [c for c in categories if c in got]
+                series.append(Series(impl, None, cats, [got[c].get("speedup_vs_eager") for c in cats],
+                                     [got[c].get("pct_of_ceiling") for c in cats]))
+            syms = list(dict.fromkeys(axis[k][1] for k in groups
+                                      if len({x for x, _, _ in groups[k] if x is not None}) < 2
+                                      or any(x is None for x, _, _ in groups[k])))
+            xlabel = "shapes with a single value of " + " / ".join(syms) + ": bars, no line"
+            panels.append(Panel(op, "bar", f"{op} ({dtype}, {mode})", xlabel, dtype, mode, unit, series, {},
+                                categories))
+    return panels
+
+
+def impl_colors(impls) -> dict:
+    """A fixed colour per implementation (IMPL_ORDER first, then any other name alphabetically), so one
+    implementation has one colour in every panel and every run."""
+    from matplotlib import colormaps
+
+    palette = [colormaps["tab10"](i) for i in range(10)] + [colormaps["tab20"](2 * i + 1) for i in range(10)]
+    names = IMPL_ORDER + sorted(set(impls) - set(IMPL_ORDER))
+    return {impl: palette[n % len(palette)] for n, impl in enumerate(names)}
+
+
+def _ceiling_label(unit: str) -> str:
+    return "MFU: % of measured bf16 matmul" if unit == "TFLOP/s" else "% of measured copy bandwidth" \
+        if unit == "GB/s" else "% of measured ceiling"
+
+
+def _draw_line_panel(ax_up, ax_pct, panel: Panel, colors: dict) -> None:
+    from matplotlib.lines import Line2D
+
+    variants = [v for v in dict.fromkeys(s.variant for s in panel.series)]
+    style = {v: (LINE_STYLES[n % len(LINE_STYLES)], MARKERS[n % len(MARKERS)]) for n, v in enumerate(variants)}
+    xs_all = sorted({x for s in panel.series for x in s.xs})
+    for s in panel.series:
+        ls, marker = style[s.variant]
+        for ax, values, what in ((ax_up, s.speedup, "speedup"), (ax_pct, s.pct, "pct")):
+            if what == "speedup" and s.impl == "eager":
+                continue  # eager is the line at 1x
+            pts = [(x, y) for x, y in zip(s.xs, values) if y is not None and (what == "pct" or y > 0)]
+            if pts:
+                ax.plot([x for x, _ in pts], [y for _, y in pts], linestyle=ls, marker=marker, markersize=5,
+                        color=colors[s.impl], gid=f"{panel.title}|{what}|{s.impl}|{s.variant}")
+    for ax in (ax_up, ax_pct):
+        if xs_all and xs_all[0] > 0 and xs_all[-1] / xs_all[0] >= 16:
+            ax.set_xscale("log", base=2)
+        ax.set_xticks(xs_all)
+        ax.set_xticklabels([f"{x:g}" for x in xs_all], fontsize=8)
+        ax.minorticks_off()
+        ax.set_xlabel(panel.xlabel)
+        ax.grid(alpha=0.3)
+    _finish_speedup_axis(ax_up, panel, colors)
+    handles = [Line2D([], [], color=colors[i], marker="o", label=i)
+               for i in dict.fromkeys(s.impl for s in panel.series) if i != "eager"]
+    handles.insert(0, Line2D([], [], color=colors.get("eager", "black"), linewidth=1.2, label="eager (= 1x)"))
+    if panel.variants:
+        handles += [Line2D([], [], color="black", linestyle=style[v][0], marker=style[v][1], label=text)
+                    for v, text in panel.variants.items() if v in style]
+    ax_up.legend(handles=handles, fontsize=7)
+    ax_pct.set_ylabel(_ceiling_label(panel.unit))
+
+
+def _draw_bar_panel(ax_up, ax_pct, panel: Panel, colors: dict) -> None:
+    cats = panel.categories
+    for ax, what in ((ax_up, "speedup"), (ax_pct, "pct")):
+        shown = [s for s in panel.series if not (what == "speedup" and s.impl == "eager")]
+        width = 0.8 / max(len(shown), 1)
+        for n, s in enumerate(shown):
+            values = s.speedup if what == "speedup" else s.pct
+            pts = [(cats.index(c), v) for c, v in zip(s.xs, values) if v is not None and (what == "pct" or v > 0)]
+            if not pts:
+                continue
+            xs = [c + (n - (len(shown) - 1) / 2) * width for c, _ in pts]
+            if what == "speedup":  # bars grow from the 1x line, up (faster) or down (slower)
+                ax.bar(xs, [v - 1.0 for _, v in pts], width, bottom=1.0, color=colors[s.impl], label=s.impl,
+                       gid=f"{panel.title}|{what}|{s.impl}|None")
+            else:
+                ax.bar(xs, [v for _, v in pts], width, color=colors[s.impl], label=s.impl,
+                       gid=f"{panel.title}|{what}|{s.impl}|None")
+        ax.set_xticks(range(len(cats)))
+        ax.set_xticklabels(cats, rotation=30, ha="right", fontsize=7)
+        ax.set_xlabel(panel.xlabel, fontsize=8)
+        ax.grid(axis="y", alpha=0.3)
+    _finish_speedup_axis(ax_up, panel, colors)
+    ax_up.legend(fontsize=7)
+    ax_pct.set_ylabel(_ceiling_label(panel.unit))
+
+
+def _finish_speedup_axis(ax, panel: Panel, colors: dict) -> None:
+    """Log scale, the eager line at 1x, ticks written "2x" (and at 2, 3, 5 between powers of ten when
+    the panel spans less than two decades)."""
+    from matplotlib.ticker import FuncFormatter, LogLocator, NullFormatter
+
+    ax.set_yscale("log")
+    ax.axhline(1.0, color=colors.get("eager", "black"), linewidth=1.2, label="eager (= 1x)")
+    times = FuncFormatter(lambda v, _: f"{v:g}x")
+    ax.yaxis.set_major_formatter(times)
+    low, high = ax.get_ylim()
+    if high / low < 100:
+        ax.yaxis.set_minor_locator(LogLocator(base=10, subs=(2.0, 3.0, 5.0)))
+        ax.yaxis.set_minor_formatter(times)
+    else:
+        ax.yaxis.set_minor_formatter(NullFormatter())
+    ax.set_ylabel("speed-up over eager (log)")
+    ax.set_title(panel.title, fontsize=10)
+
+
+def draw_kernels(data: dict):
+    """(figure, panels): the kernel figure, a column per panel (kernel_panels), speed-up over eager
+    on top, % of the measured ceiling below, up to 4 columns a row; (None, []) with no measured row.
+    Every drawn line or bar set carries the gid "<panel title>|speedup|<impl>|<variant>" (or
+    "|pct|"): tests read back what was drawn."""
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    panels = kernel_panels(data)
+    if not panels:
+        return None, panels
+    ncols = min(4, len(panels))
+    nrows = -(-len(panels) // ncols)
+    fig, axes = plt.subplots(2 * nrows, ncols, figsize=(5.8 * ncols, 9.0 * nrows), squeeze=False)
+    colors = impl_colors({s.impl for p in panels for s in p.series})
+    for n, panel in enumerate(panels):
+        row, col = 2 * (n // ncols), n % ncols
+        draw = _draw_line_panel if panel.kind == "line" else _draw_bar_panel
+        draw(axes[row][col], axes[row + 1][col], panel, colors)
+    for n in range(len(panels), nrows * ncols):
+        axes[2 * (n // ncols)][n % ncols].axis("off")
+        axes[2 * (n // ncols) + 1][n % ncols].axis("off")
+    return fig, panels
+
+
 def plot(data: dict, png: Path) -> Path | None:
-    """One figure, a column per op: speed-up over eager (log scale) above, % of ceiling below,
-    for the first dtype measured and the fwd+bwd mode (fwd for ops without a backward)."""
+    """The kernel figure (draw_kernels): per op, speed-up over eager against seqlen (log scale, a line at
+    1x, one line per implementation; rows N for the LayerNorm family, L for the span score; bars where a
+    shape has a single such value) above % of the measured ceiling, for the first dtype measured and the
+    fwd+bwd mode (fwd for ops without a backward)."""
     try:
         import matplotlib
         matplotlib.use("Agg")
@@ -217,26 +491,10 @@ def plot(data: dict, png: Path) -> Path | None:
     except ImportError:
         print("report: matplotlib is not installed; no plot", file=sys.stderr)
         return None
-    rows = [r for r in data["rows"] if r["status"] == "ok"]
-    ops = sorted({r["op"] for r in rows}, key=lambda o: _rank(o, OP_ORDER))
-    if not ops:
+    fig, _ = draw_kernels(data)
+    if fig is None:
         return None
-    fig, axes = plt.subplots(2, len(ops), figsize=(max(6.0, 5.5 * len(ops)), 9), squeeze=False)
-    for col, op in enumerate(ops):
-        mine = [r for r in rows if r["op"] == op]
-        modes = {r["mode"] for r in mine}
-        mode = "fwd+bwd" if "fwd+bwd" in modes else "fwd"
-        dtype = next(r["dtype"] for r in _sorted_rows(data["rows"]) if r["op"] == op)
-        mine = [r for r in _sorted_rows(mine) if r["mode"] == mode and r["dtype"] == dtype]
-        shapes = list(dict.fromkeys(r["shape"] for r in mine))
-        impls = sorted({r["impl"] for r in mine}, key=lambda i: _rank(i, IMPL_ORDER))
-        for row, (key, ylabel) in enumerate((("speedup_vs_eager", "speed-up over eager (x)"),
-                                             ("pct_of_ceiling", "% of measured ceiling"))):
-            bar_panel(axes[row][col], shapes, impls,
-                      lambda impl: {r["shape"]: r.get(key) for r in mine if r["impl"] == impl}, ylabel,
-                      title=f"{op} ({dtype}, {mode})" if row == 0 else None, rotation=60)
-        axes[0][col].legend(fontsize=7)
-    return save_figure(fig, plt, data["env"], "kernels", png)
+    return save_figure(fig, plt, data.get("env", {}), "kernels", png)
 
 
 def bar_panel(ax, categories, impls, values_of, ylabel, title=None, rotation=60):
@@ -261,7 +519,7 @@ def save_figure(fig, plt, env: dict, what: str, png) -> Path:
     """Title the figure with the run's device, versions and commit, and write it."""
     fig.suptitle(f"fastbert {what} on {env.get('gpu')} (torch {env.get('torch')}, triton {env.get('triton')}, "
                  f"commit {str(env.get('commit'))[:12]})")
-    fig.tight_layout()
+    fig.tight_layout(rect=(0, 0, 1, 1 - 0.45 / fig.get_figheight()))  # room for the title
     png = Path(png)
     png.parent.mkdir(parents=True, exist_ok=True)
     fig.savefig(png, dpi=90)
