@@ -15,7 +15,14 @@ REPO="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
 cd "$REPO"
 VENV="${1:-.venv-twin}"
 shift || true
-PY312="${PYTHON312:-$(command -v python3.12 || ls -d /root/.pyenv/versions/3.12.*/bin/python 2>/dev/null | tail -n 1)}"
+# The first that really runs 3.12 (pyenv's shim for python3.12 exists and fails when 3.12 is not selected).
+PY312=""
+for candidate in ${PYTHON312:-} python3.12 /root/.pyenv/versions/3.12.*/bin/python; do
+    if "$candidate" -c 'import sys; sys.exit(sys.version_info[:2] != (3, 12))' 2>/dev/null; then
+        PY312="$candidate"
+        break
+    fi
+done
 if [ -z "$PY312" ]; then
     echo "image_twin: no Python 3.12 found (set PYTHON312)" >&2
     exit 2
