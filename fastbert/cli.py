@@ -10,13 +10,14 @@
 from __future__ import annotations
 
 import argparse
-import json
 import math
 import sys
 import time
 from pathlib import Path
 
 import torch
+
+from fastbert.metrics import to_json as metrics_json  # null where a metric is undefined (JSON has no NaN)
 
 
 def _device(name):
@@ -110,24 +111,6 @@ def _check_headerless_columns(args):
 
 
 UNDEFINED = "undefined (constant input)"
-
-
-def _json_safe(value):
-    """value with every non-finite float (a correlation of constant values is NaN) as None: JSON
-    has no NaN, and json.dumps would write the bare `NaN` that strict parsers refuse."""
-    if isinstance(value, float) and not math.isfinite(value):
-        return None
-    if isinstance(value, dict):
-        return {k: _json_safe(v) for k, v in value.items()}
-    if isinstance(value, (list, tuple)):
-        return [_json_safe(v) for v in value]
-    return value
-
-
-def metrics_json(value, **kwargs) -> str:
-    """JSON text of metrics, undefined values as null; allow_nan=False, so a NaN that gets past
-    _json_safe (in a type it does not know) raises instead of writing invalid JSON."""
-    return json.dumps(_json_safe(value), allow_nan=False, **kwargs)
 
 
 def _undefined(scores: dict) -> list[str]:

@@ -13,6 +13,8 @@ sklearn/scipy (tests/test_metrics.py), which are not needed at run time.
 from __future__ import annotations
 
 import collections
+import json
+import math
 import re
 import string
 from typing import Mapping, Sequence
@@ -211,3 +213,21 @@ def squad_scores(predictions: Mapping[str, str], references: Mapping[str, Sequen
             em += squad_exact_match(predictions[qid], golds)
             f1 += squad_f1(predictions[qid], golds)
     return {"exact_match": 100.0 * em / len(references), "f1": 100.0 * f1 / len(references)}
+
+
+def json_safe(value):
+    """value with every non-finite float (a correlation of constant values is NaN) as None: JSON
+    has no NaN, and json.dumps would write the bare `NaN` that strict parsers refuse."""
+    if isinstance(value, float) and not math.isfinite(value):
+        return None
+    if isinstance(value, dict):
+        return {k: json_safe(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [json_safe(v) for v in value]
+    return value
+
+
+def to_json(value, **kwargs) -> str:
+    """JSON text of metrics, undefined values as null; allow_nan=False, so a NaN that gets past
+    json_safe (in a type it does not know) raises instead of writing invalid JSON."""
+    return json.dumps(json_safe(value), allow_nan=False, **kwargs)

@@ -20,6 +20,7 @@ import torch
 import transformers
 
 import fastbert
+from fastbert.metrics import to_json  # null, never NaN, in the results JSON
 from fastbert import data, heads, tasks, train
 
 DATA = Path(__file__).resolve().parents[1].parent / "shared" / "data"
@@ -147,7 +148,7 @@ def main(argv=None):
                     continue
                 record = run(task, impl, seed, out.parent / "quality-runs", budget, torch.device(args.device))
                 results.append(record)
-                out.write_text(json.dumps(results, indent=2))
+                out.write_text(to_json(results, indent=2))
                 print(json.dumps(record), flush=True)
     print(summary_markdown(results))
     if args.report:

@@ -48,6 +48,7 @@ sys.path.insert(0, str(REPO / "scripts"))
 
 import fastbert  # noqa: E402
 from fastbert import data, tasks, train  # noqa: E402
+from fastbert.metrics import to_json  # noqa: E402  (null, never NaN, in the results JSON)
 
 # fastbert backends; transformers as it comes; transformers after fastbert.patch_transformers. Any of
 # them with "+compile": the Trainer's training forward through torch.compile (inductor).
@@ -282,7 +283,7 @@ def main(argv=None) -> int:
         result["wall_s"] = round(time.perf_counter() - started, 1)
         args.out.parent.mkdir(parents=True, exist_ok=True)
         tmp = args.out.with_suffix(".tmp")
-        tmp.write_text(json.dumps(result, indent=1, default=str))
+        tmp.write_text(to_json(result, indent=1, default=str))
         tmp.replace(args.out)
 
     tokenizer = fastbert.Tokenizer.from_pretrained(args.carry / "model")
