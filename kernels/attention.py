@@ -305,7 +305,8 @@ def _fwd_config(head_dim: int, dtype: torch.dtype) -> dict:
         return dict(BLOCK_M=32, BLOCK_N=16, num_warps=1, num_stages=1)
     if dtype == torch.float32:
         # fp32 dots run on the FMA units: 64x32 on 4 warps spilled 100 B to 11 KB a thread on sm_90
-        # (tests/triton_aot.py --resources, Triton 3.6); 32x32 on 8 warps spills nothing, D 32-128.
+        # (tests/triton_aot.py --resources, Triton 3.6); 32x32 on 8 warps: none at D <= 64, at most
+        # 232 B in the dK/dV kernel at D 96-128 with dropout (kernels/RESOURCES.md). Not yet timed.
         return dict(_FP32_TILE)
     if head_dim <= 64:  # H200, B=32 H=12 D=64 fp16: 18 us at S=128, 100 us at S=512 (128x64: 43, 114)
         return dict(BLOCK_M=64, BLOCK_N=64, num_warps=4, num_stages=3)
