@@ -71,6 +71,11 @@ def from_hf_key(key: str) -> str | None:
 
 
 def resolve_model_path(name_or_path) -> Path:
+    if not isinstance(name_or_path, (str, os.PathLike)):
+        raise TypeError(f"name_or_path must be a model folder (str or os.PathLike) or 'default', "
+                        f"got {type(name_or_path).__name__}")
+    if str(name_or_path) == "":
+        raise ValueError("name_or_path is empty: name a model folder or 'default'")
     if str(name_or_path) == "default":
         from .defaults import default_model_path
 

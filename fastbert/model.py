@@ -19,6 +19,7 @@ import torch.utils.checkpoint
 import torch.nn.functional as F
 
 from . import checkpoint, ops
+from .ops._backend import check_backend_name
 from .config import BertConfig
 
 
@@ -73,7 +74,8 @@ class BertSelfAttention(nn.Module):
             context = ops.attention(q, k, v, mask, dropout_p=dropout_p)
         else:
             context = ops.attention_varlen(q, k, v, *packed, dropout_p=dropout_p)
-        return self.out(context.reshape(*lead, -1))                  # hidden's shape
+        # The width named, not -1: with no tokens at all (unpad, every row padded) -1 is ambiguous.
+        return self.out(context.reshape(*lead, self.heads * self.head_dim))  # hidden's shape
 
 
 class BertFeedForward(nn.Module):
@@ -140,6 +142,8 @@ class BertModel(nn.Module):
                  unpad: bool = False, gradient_checkpointing: bool = False):
         super().__init__()
         self.config = config
+        if backend is not None:
+            check_backend_name(backend)  # a typo fails here, not at the first forward
         self.backend = backend  # None: whatever fastbert.ops is set to (default "auto")
         self.unpad = unpad
         self.gradient_checkpointing = gradient_checkpointing
@@ -221,7 +225,8 @@ class BertModel(nn.Module):
             raise ValueError(f"input_ids is on {input_ids.device} but the model is on {device}")
         batch, seqlen = input_ids.shape
         if seqlen < 1 or batch < 1:
-            raise ValueError(f"input_ids must hold at least one token per row, got shape {tuple(input_ids.shape)}")
+            raise ValueError(f"input_ids must hold at least one row (batch >= 1) of at least one token "
+                             f"(seqlen >= 1), got shape {tuple(input_ids.shape)}")
         if seqlen > self.config.max_position_embeddings:
             raise ValueError(f"input_ids has {seqlen} tokens per row, more than the model's "
                              f"max_position_embeddings = {self.config.max_position_embeddings}")
@@ -232,8 +237,9 @@ class BertModel(nn.Module):
                 raise ValueError(f"attention_mask must be (batch, seqlen) = {tuple(input_ids.shape)}, got {got}")
             if attention_mask.device != device:
                 raise ValueError(f"attention_mask is on {attention_mask.device} but the model is on {device}")
-            if attention_mask.is_floating_point():
-                raise TypeError(f"attention_mask must be bool or integer 0/1, got {attention_mask.dtype}")
+            if attention_mask.is_floating_point() or attention_mask.is_complex():
+                raise TypeError(f"attention_mask must be bool or integer 0/1 (1 = real token), got {attention_mask.dtype} "
+                                "(an additive float mask such as transformers' extended mask is not accepted)")
             mask = attention_mask.bool()
         if token_type_ids is None:
             token_type_ids = torch.zeros_like(input_ids)
@@ -242,12 +248,21 @@ class BertModel(nn.Module):
             raise ValueError(f"token_type_ids must be (batch, seqlen) = {tuple(input_ids.shape)}, got {got}")
         elif token_type_ids.device != device:
             raise ValueError(f"token_type_ids is on {token_type_ids.device} but the model is on {device}")
+        elif token_type_ids.dtype not in (torch.int64, torch.int32):
+            raise TypeError(f"token_type_ids must be int64 or int32 segment ids, got {token_type_ids.dtype}")
         if not torch.compiler.is_compiling():
             # Out-of-range ids would index past the embedding tables: a device-side assert
             # on the GPU, garbage elsewhere. The check costs small reductions and one copy to
             # the host (one sync on a GPU, not four).
-            low, high, tt_low, tt_high = torch.stack(
-                [input_ids.min(), input_ids.max(), token_type_ids.min(), token_type_ids.max()]).tolist()
+            extrema = [input_ids.min(), input_ids.max(), token_type_ids.min(), token_type_ids.max()]
+            int_mask = attention_mask is not None and attention_mask.dtype != torch.bool
+            if int_mask:  # 0/1 only: bool() would read -10000 (an additive mask) as "real token"
+                extrema += [attention_mask.min(), attention_mask.max()]
+            low, high, tt_low, tt_high, *mask_range = torch.stack(
+                [t.to(torch.int64) for t in extrema]).tolist()
+            if int_mask and (mask_range[0] < 0 or mask_range[1] > 1):
+                raise ValueError(f"attention_mask must hold 0/1 (1 = real token), got values in "
+                                 f"[{mask_range[0]}, {mask_range[1]}]")
             if low < 0 or high >= self.config.vocab_size:
                 raise ValueError(f"input_ids must lie in [0, vocab_size={self.config.vocab_size}), got values in [{low}, {high}]")
             if tt_low < 0 or tt_high >= self.config.type_vocab_size:

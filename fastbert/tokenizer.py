@@ -76,7 +76,19 @@ class Tokenizer:
         return self._tok.encode(text, add_special_tokens=False).tokens
 
     def decode(self, ids) -> str:
-        return self._tok.decode(list(ids))
+        """Text of one sequence of token ids (a list of ints or a 1-D integer tensor)."""
+        if isinstance(ids, torch.Tensor):
+            if ids.dim() != 1 or ids.is_floating_point() or ids.is_complex() or ids.dtype == torch.bool:
+                raise ValueError(f"decode: ids must be one sequence (a 1-D integer tensor or a list of ints), "
+                                 f"got a {ids.dim()}-D {ids.dtype} tensor; decode each row of a batch in turn")
+            ids = ids.tolist()
+        ids = list(ids)
+        for i, t in enumerate(ids):
+            if isinstance(t, bool) or not isinstance(t, int):
+                raise TypeError(f"decode: ids[{i}] must be an int token id, got {type(t).__name__}")
+            if not 0 <= t < self.vocab_size:
+                raise ValueError(f"decode: ids[{i}] = {t} is outside the vocabulary [0, {self.vocab_size})")
+        return self._tok.decode(ids)
 
     def __call__(self, texts, pairs=None, *, max_length: int | None = None, truncation: str | bool = "longest_first",
                  padding: str | bool = "longest", stride: int = 0, return_overflowing: bool = False,
@@ -95,17 +107,23 @@ class Tokenizer:
             pairs = [pairs] if isinstance(pairs, str) else list(pairs)
             if len(pairs) != len(texts):
                 raise ValueError(f"pairs must have one entry per text: {len(texts)} texts, {len(pairs)} pairs")
+        if not texts:
+            raise ValueError("texts must hold at least one text, got an empty batch")
         for name, batch in (("texts", texts), ("pairs", pairs or [])):
             for i, t in enumerate(batch):
                 if not isinstance(t, str):
                     raise TypeError(f"{name}[{i}] must be a str, got {type(t).__name__}")
-        max_length = self.model_max_length if max_length is None else int(max_length)
+        if max_length is not None and (isinstance(max_length, bool) or not isinstance(max_length, int)):
+            raise TypeError(f"max_length must be an int or None, got {type(max_length).__name__}")
+        max_length = self.model_max_length if max_length is None else max_length
         if max_length < 3 + (pairs is not None):
             raise ValueError(f"max_length must leave room for the special tokens, got {max_length}")
         if truncation:
             strategy = "longest_first" if truncation is True else truncation
             if strategy not in TRUNCATION:
                 raise ValueError(f"truncation must be one of {sorted(TRUNCATION)} or False, got {truncation!r}")
+            if strategy == "only_second" and pairs is None:
+                raise ValueError("truncation='only_second' truncates the second text of each pair: pass pairs")
             self._tok.enable_truncation(max_length, stride=stride, strategy=TRUNCATION[strategy])
         else:
             self._tok.no_truncation()

@@ -81,13 +81,28 @@ def key_padding_mask(batch_size, q_length, kv_length, q_offset=0, kv_offset=0, a
     return _key_padding_bool(attention_mask, batch_size, kv_length)
 
 
+# An additive mask value at or below this masks its key (transformers uses finfo(dtype).min, older
+# code -10000): exp(-1e4 + score) is 0 in every float dtype.
+_ADDITIVE_MASKED = -1e4
+
+
 def _key_padding_bool(mask, batch, kv_length):
     """(batch, kv_length) bool, True = real, from a 2D mask (bool or 0/1) or a 4D
     (batch, 1, 1, kv_length) mask (bool, or additive float where 0 keeps a key)."""
     if mask.dim() == 4 and mask.shape[1:3] == (1, 1):
         mask = mask[:, 0, 0, :]
         if mask.dtype != torch.bool:
-            mask = mask == 0  # additive: 0 keeps, a large negative number masks
+            # additive: 0 keeps, a large negative number masks. Anything else (a 0/1 float mask,
+            # where transformers would add 1 to the kept scores; a soft bias) has no key padding
+            # form: refuse it rather than mask the 1s. One host sync, for 4D float masks only
+            # (transformers 5 hands this module bool masks from key_padding_mask below).
+            keep = mask == 0
+            if not torch.compiler.is_compiling() and not bool((keep | (mask <= _ADDITIVE_MASKED)).all()):
+                raise ValueError("fastbert attention: a non-bool (batch, 1, 1, kv_length) attention_mask is additive "
+                                 f"and must hold 0 (keep) or values <= {_ADDITIVE_MASKED:g} (masked), got values in "
+                                 f"[{mask.min().item():g}, {mask.max().item():g}]; pass a 2D 0/1 or bool mask "
+                                 "(True/1 = real token) instead")
+            mask = keep
     if mask.dim() != 2 or tuple(mask.shape) != (batch, kv_length):
         raise ValueError(f"fastbert attention: attention_mask must be a key padding mask (batch, kv_length) = "
                          f"{(batch, kv_length)} or (batch, 1, 1, kv_length), got {tuple(mask.shape)}: "

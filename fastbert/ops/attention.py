@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import contextlib
 import math
+import numbers
 from types import SimpleNamespace
 from typing import Optional
 
@@ -120,6 +121,10 @@ def _check_qkv(q, k, v, ndim, layout, op):
         raise ValueError(f"{op}: q, k, v must share one shape, got {tuple(q.shape)}, {tuple(k.shape)}, {tuple(v.shape)}")
     if not (q.dtype == k.dtype == v.dtype):
         raise TypeError(f"{op}: q, k, v must share one dtype, got {q.dtype}, {k.dtype}, {v.dtype}")
+    if not q.is_floating_point():
+        raise TypeError(f"{op}: q, k, v must be floating-point tensors, got {q.dtype}")
+    if q.shape[-1] < 1:
+        raise ValueError(f"{op}: head_dim (the last dimension of q, k, v) must be >= 1, got shape {tuple(q.shape)}")
     if not (q.device == k.device == v.device):
         raise ValueError(f"{op}: q, k, v must be on one device, got {q.device}, {k.device}, {v.device}")
 
@@ -137,9 +142,27 @@ def _check(q, k, v, mask):
             raise ValueError(f"attention: mask is on {mask.device} but q is on {q.device}")
 
 
+# Plain numbers, and the symbolic ones torch.compile may trace them as.
+_REAL = (numbers.Real, torch.SymInt, torch.SymFloat)
+
+
 def _check_dropout(dropout_p, op):
+    if isinstance(dropout_p, bool) or not isinstance(dropout_p, _REAL):
+        raise TypeError(f"{op}: dropout_p must be a float in [0, 1), got {type(dropout_p).__name__}")
     if not 0.0 <= dropout_p < 1.0:
         raise ValueError(f"{op}: dropout_p must be in [0, 1), got {dropout_p}")
+
+
+def _check_scale(softmax_scale, op):
+    """softmax_scale: None (1/sqrt(head_dim)) or a finite number > 0 (NaN/inf/0/negative would
+    give NaN or meaningless probabilities, and the backends would disagree)."""
+    if softmax_scale is None:
+        return
+    if isinstance(softmax_scale, bool) or not isinstance(softmax_scale, _REAL):
+        raise TypeError(f"{op}: softmax_scale must be None or a float > 0, got {type(softmax_scale).__name__}")
+    if not 0.0 < softmax_scale < math.inf:  # False for NaN too; comparisons also trace under torch.compile
+        raise ValueError(f"{op}: softmax_scale must be a finite float > 0 (or None for 1/sqrt(head_dim)), "
+                         f"got {softmax_scale}")
 
 
 def _check_varlen(q, k, v, cu_seqlens, max_seqlen):
@@ -555,6 +578,7 @@ def attention(q, k, v, mask=None, dropout_p=0.0, softmax_scale=None, *, seed=Non
     """
     _check(q, k, v, mask)
     _check_dropout(dropout_p, "attention")
+    _check_scale(softmax_scale, "attention")
     backend = resolve(q.device)
     if backend == "cuda" and not _cuda_supports(q, k, v):
         backend = _cuda_fallback(q.device)
@@ -577,6 +601,7 @@ def attention_varlen(q, k, v, cu_seqlens, max_seqlen, dropout_p=0.0, softmax_sca
     """
     _check_varlen(q, k, v, cu_seqlens, max_seqlen)
     _check_dropout(dropout_p, "attention_varlen")
+    _check_scale(softmax_scale, "attention_varlen")
     backend = resolve(q.device)
     if backend == "cuda" and not _cuda_supports(q, k, v):
         backend = _cuda_fallback(q.device)

@@ -152,7 +152,7 @@ def bias_gelu(x, bias, approximate="none"):
     if approximate not in ("none", "tanh"):
         raise ValueError(f"bias_gelu: approximate must be 'none' or 'tanh', got {approximate!r}")
     backend = resolve(x.device)
-    if backend == "torch":
+    if backend == "torch" or x.shape[-1] == 0:  # no features: an empty result, no kernel to launch
         return bias_gelu_ref(x, bias, approximate).to(x.dtype)
     if backend == "cuda":
         if x.dtype not in _cuda.DTYPES:

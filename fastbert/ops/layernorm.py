@@ -17,6 +17,8 @@ fake (meta) functions, so fullgraph=True still holds.
 """
 from __future__ import annotations
 
+import math
+import numbers
 from typing import Optional
 
 import torch
@@ -63,6 +65,8 @@ def _check_rows(op, x, weight, bias, residual=None, mixed_ok=False):
             raise ValueError(f"{op}: {name} is on {t.device} but x is on {x.device}")
     if not x.is_floating_point():
         raise TypeError(f"{op}: x must be a floating-point tensor, got {x.dtype}")
+    if x.dim() == 0:
+        raise ValueError(f"{op}: x must have at least one dimension (hidden last), got a scalar")
     hidden = x.shape[-1]
     for name, t in (("weight", weight), ("bias", bias)):
         if t.shape != (hidden,):
@@ -77,6 +81,25 @@ def _check_rows(op, x, weight, bias, residual=None, mixed_ok=False):
     if weight.dtype not in (x.dtype, torch.float32):
         raise TypeError(f"{op}: weight must have x's dtype {x.dtype} or float32 (mixed precision), "
                         f"got {weight.dtype}")
+
+
+# Plain numbers, and the symbolic ones torch.compile may trace them as.
+_REAL = (numbers.Real, torch.SymInt, torch.SymFloat)
+
+
+def _check_eps(op, eps):
+    """eps: a finite number >= 0 (a negative or NaN eps gives NaN rows; inf gives zeros)."""
+    if isinstance(eps, bool) or not isinstance(eps, _REAL):
+        raise TypeError(f"{op}: eps must be a float >= 0, got {type(eps).__name__}")
+    if not 0.0 <= eps < math.inf:  # False for NaN too; comparisons also trace under torch.compile
+        raise ValueError(f"{op}: eps must be a finite float >= 0, got {eps}")
+
+
+def _check_dropout(op, dropout_p):
+    if isinstance(dropout_p, bool) or not isinstance(dropout_p, _REAL):
+        raise TypeError(f"{op}: dropout_p must be a float in [0, 1), got {type(dropout_p).__name__}")
+    if not 0.0 <= dropout_p < 1.0:
+        raise ValueError(f"{op}: dropout_p must be in [0, 1), got {dropout_p}")
 
 
 _HALF_DTYPES = (torch.float16, torch.bfloat16)
@@ -346,8 +369,8 @@ def add_layernorm(x, residual, weight, bias, eps, dropout_p=0.0, *, copy_in_x_dt
         x, residual = _promote(x, residual)
         mixed = False
     _check_rows("add_layernorm", x, weight, bias, residual, mixed_ok=mixed)
-    if not 0.0 <= dropout_p < 1.0:
-        raise ValueError(f"add_layernorm: dropout_p must be in [0, 1), got {dropout_p}")
+    _check_eps("add_layernorm", eps)
+    _check_dropout("add_layernorm", dropout_p)
     backend = resolve(x.device)
     if backend == "torch":
         y = add_layernorm_ref(x, residual, weight, bias, eps, dropout_p)
@@ -371,6 +394,7 @@ def layernorm_gelu(x, weight, bias, eps):
     backend takes the same dtypes and widths (csrc/layernorm*.cu).
     """
     _check_rows("layernorm_gelu", x, weight, bias)
+    _check_eps("layernorm_gelu", eps)
     backend = resolve(x.device)
     if backend == "torch":
         return layernorm_gelu_ref(x, weight, bias, eps)

@@ -1,0 +1,243 @@
+"""The public Python API under the mistakes users make: every bad input gets a clear Python
+exception naming the argument (the same one on the torch and the triton backend), never a
+crash deep inside a kernel, a NaN or a silent wrong answer. All inputs tiny: seconds in all."""
+import copy
+
+import pytest
+import torch
+
+import fastbert
+from fastbert import ops
+
+BACKENDS = ["torch", "triton"]  # triton runs through the interpreter on the CPU (conftest)
+
+
+def _qkv(batch=2, seqlen=5, heads=2, head_dim=16, dtype=torch.float32):
+    g = torch.Generator().manual_seed(0)
+    return [torch.randn(batch, seqlen, heads, head_dim, generator=g, dtype=dtype) for _ in range(3)]
+
+
+def _packed():
+    g = torch.Generator().manual_seed(1)
+    q, k, v = (torch.randn(7, 2, 16, generator=g) for _ in range(3))
+    return q, k, v, torch.tensor([0, 3, 7], dtype=torch.int32)
+
+
+# -- attention ----------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("scale, error, match", [
+    (float("nan"), ValueError, "softmax_scale must be a finite float > 0"),
+    (float("inf"), ValueError, "softmax_scale must be a finite float > 0"),
+    (0.0, ValueError, "softmax_scale must be a finite float > 0"),
+    (-0.25, ValueError, "softmax_scale must be a finite float > 0"),
+    ("0.25", TypeError, "softmax_scale must be None or a float"),
+])
+def test_attention_rejects_bad_softmax_scale(backend, scale, error, match):
+    q, k, v = _qkv()
+    with ops.use_backend(backend), pytest.raises(error, match=f"attention: {match}"):
+        ops.attention(q, k, v, softmax_scale=scale)
+    qp, kp, vp, cu = _packed()
+    with ops.use_backend(backend), pytest.raises(error, match=f"attention_varlen: {match}"):
+        ops.attention_varlen(qp, kp, vp, cu, 4, softmax_scale=scale)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_attention_valid_softmax_scale_still_works(backend):
+    q, k, v = _qkv()
+    with ops.use_backend(backend):
+        out = ops.attention(q, k, v, softmax_scale=2)  # an int is a number too
+    ref = ops.attention(q.double(), k.double(), v.double(), softmax_scale=2.0)
+    assert torch.allclose(out.double(), ref, atol=1e-5)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("dropout_p", [None, "0.1"])
+def test_attention_rejects_non_number_dropout(backend, dropout_p):
+    q, k, v = _qkv()
+    with ops.use_backend(backend), pytest.raises(TypeError, match="attention: dropout_p must be a float"):
+        ops.attention(q, k, v, dropout_p=dropout_p)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_attention_rejects_integer_inputs(backend):
+    q, k, v = (t.to(torch.int32) for t in _qkv())
+    with ops.use_backend(backend), pytest.raises(TypeError, match="attention: q, k, v must be floating-point"):
+        ops.attention(q, k, v)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_attention_rejects_zero_head_dim(backend):
+    q, k, v = _qkv(head_dim=0)
+    with ops.use_backend(backend), pytest.raises(ValueError, match=r"attention: head_dim .* must be >= 1"):
+        ops.attention(q, k, v)
+
+
+# -- layernorm / gelu ---------------------------------------------------------------------------
+
+
+def _rows():
+    g = torch.Generator().manual_seed(2)
+    return [torch.randn(3, 8, generator=g) for _ in range(2)] + [torch.randn(8, generator=g) for _ in range(2)]
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("eps, error, match", [
+    (-1.0, ValueError, "eps must be a finite float >= 0"),
+    (float("nan"), ValueError, "eps must be a finite float >= 0"),
+    (float("inf"), ValueError, "eps must be a finite float >= 0"),
+    (None, TypeError, "eps must be a float"),
+    ("1e-5", TypeError, "eps must be a float"),
+])
+def test_layernorm_rejects_bad_eps(backend, eps, error, match):
+    x, residual, weight, bias = _rows()
+    with ops.use_backend(backend):
+        with pytest.raises(error, match=f"add_layernorm: {match}"):
+            ops.add_layernorm(x, residual, weight, bias, eps)
+        with pytest.raises(error, match=f"layernorm_gelu: {match}"):
+            ops.layernorm_gelu(x, weight, bias, eps)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_add_layernorm_rejects_non_number_dropout_and_scalar_x(backend):
+    x, residual, weight, bias = _rows()
+    with ops.use_backend(backend):
+        with pytest.raises(TypeError, match="add_layernorm: dropout_p must be a float"):
+            ops.add_layernorm(x, residual, weight, bias, 1e-5, None)
+        one = torch.ones(())
+        with pytest.raises(ValueError, match="add_layernorm: x must have at least one dimension"):
+            ops.add_layernorm(one, one, one, one, 1e-5)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_bias_gelu_zero_features(backend):
+    x = torch.randn(3, 0, requires_grad=True)
+    bias = torch.randn(0, requires_grad=True)
+    with ops.use_backend(backend):
+        y = ops.bias_gelu(x, bias)
+    assert y.shape == (3, 0)
+    y.sum().backward()
+    assert x.grad.shape == (3, 0) and bias.grad.shape == (0,)
+
+
+# -- BertModel ----------------------------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def tiny():
+    config = fastbert.BertConfig(vocab_size=50, hidden_size=32, num_hidden_layers=1, num_attention_heads=2,
+                                 intermediate_size=32, max_position_embeddings=8)
+    torch.manual_seed(0)
+    return fastbert.BertModel(config).eval()
+
+
+@pytest.mark.parametrize("mask, match", [
+    (torch.tensor([[0, 0, 0, 0], [0, 0, -10000, -10000]]), r"attention_mask must hold 0/1 .* \[-10000, 0\]"),
+    (torch.tensor([[1, 1, 1, 1], [1, 2, 0, 0]]), r"attention_mask must hold 0/1 .* \[0, 2\]"),
+])
+def test_model_rejects_integer_mask_beyond_0_1(tiny, mask, match):
+    with pytest.raises(ValueError, match=match):
+        tiny(torch.ones(2, 4, dtype=torch.long), attention_mask=mask)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bool])
+def test_model_rejects_non_integer_token_type_ids(tiny, dtype):
+    ids = torch.ones(2, 4, dtype=torch.long)
+    with pytest.raises(TypeError, match="token_type_ids must be int64 or int32"):
+        tiny(ids, token_type_ids=torch.zeros(2, 4, dtype=dtype))
+
+
+def test_model_rejects_unknown_backend_at_construction(tiny):
+    with pytest.raises(ValueError, match="backend must be one of"):
+        fastbert.BertModel(tiny.config, backend="cdua")
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_unpadded_model_with_every_row_padded(tiny, backend):
+    model = copy.deepcopy(tiny)
+    model.unpad = True
+    model.backend = backend
+    with torch.no_grad():
+        out = model(torch.ones(2, 4, dtype=torch.long), attention_mask=torch.zeros(2, 4, dtype=torch.long))
+    # unpad: padded positions hold zeros; the pooler reads them as they are
+    assert out.last_hidden_state.shape == (2, 4, 32)
+    assert torch.equal(out.last_hidden_state, torch.zeros(2, 4, 32))
+    assert torch.isfinite(out.pooler_output).all()
+
+
+@pytest.mark.parametrize("name, error, match", [
+    (None, TypeError, "name_or_path must be a model folder"),
+    (3, TypeError, "name_or_path must be a model folder"),
+    ("", ValueError, "name_or_path is empty"),
+])
+def test_from_pretrained_rejects_non_paths(name, error, match):
+    with pytest.raises(error, match=match):
+        fastbert.BertModel.from_pretrained(name)
+
+
+# -- Tokenizer ----------------------------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def tokenizer():
+    return fastbert.Tokenizer.from_pretrained("default")
+
+
+def test_tokenizer_bad_calls(tokenizer):
+    with pytest.raises(ValueError, match="texts must hold at least one text"):
+        tokenizer([])
+    with pytest.raises(TypeError, match="max_length must be an int or None, got float"):
+        tokenizer(["hello"], max_length=5.5)
+    with pytest.raises(ValueError, match="only_second.*pass pairs"):
+        tokenizer(["a b c d e f"], max_length=4, truncation="only_second")
+
+
+def test_tokenizer_decode_checks_ids(tokenizer):
+    assert tokenizer.decode(torch.tensor([101, 7592, 102])) == tokenizer.decode([101, 7592, 102])
+    with pytest.raises(ValueError, match="decode: ids must be one sequence"):
+        tokenizer.decode(torch.tensor([[101, 7592, 102]]))
+    with pytest.raises(ValueError, match=r"decode: ids\[0\] = -1 is outside the vocabulary"):
+        tokenizer.decode([-1])
+    with pytest.raises(ValueError, match=r"decode: ids\[1\] = 1000000 is outside the vocabulary"):
+        tokenizer.decode([101, 10**6])
+
+
+# -- patch_transformers -------------------------------------------------------------------------
+
+
+def test_patched_model_refuses_non_additive_4d_float_mask():
+    transformers = pytest.importorskip("transformers")
+    config = transformers.BertConfig(vocab_size=50, hidden_size=32, num_hidden_layers=1, num_attention_heads=2,
+                                     intermediate_size=32, max_position_embeddings=16)
+    torch.manual_seed(0)
+    ref = transformers.BertModel(config).eval()
+    model = fastbert.patch_transformers(copy.deepcopy(ref), backend="torch")
+    ids = torch.randint(1, 50, (2, 6))
+    keep = torch.ones(2, 6)
+    keep[1, 4:] = 0
+    # a 0/1 float 4D mask: transformers adds it to the scores; masking the 1s would be wrong
+    with pytest.raises(ValueError, match="additive and must hold 0 .* got values in \\[0, 1\\]"):
+        model(ids, attention_mask=keep[:, None, None, :])
+    # the additive form transformers builds works as before
+    additive = ((1 - keep) * torch.finfo(torch.float32).min)[:, None, None, :]
+    with torch.no_grad():
+        got = model(ids, attention_mask=additive).last_hidden_state
+        want = ref(ids, attention_mask=additive).last_hidden_state
+    assert torch.allclose(got, want, atol=1e-5)
+
+
+def test_argument_checks_trace_under_compile_with_dynamic_floats():
+    """The number checks (softmax_scale, dropout_p, eps) must not break a fullgraph trace where
+    Dynamo passes those floats symbolically (math.isfinite would)."""
+    q, k, v = _qkv()
+    x, residual, weight, bias = _rows()
+
+    def f(q, k, v, scale, eps):
+        return (ops.attention(q, k, v, softmax_scale=scale).sum()
+                + ops.add_layernorm(x, residual, weight, bias, eps).sum())
+
+    compiled = torch.compile(f, fullgraph=True, backend="eager", dynamic=True)
+    with ops.use_backend("torch"):
+        for scale in (0.25, 0.5):
+            assert torch.allclose(compiled(q, k, v, scale, 1e-5), f(q, k, v, scale, 1e-5))
