@@ -103,6 +103,11 @@ class BertForSequenceClassification(_TaskModel):
         return cls(config, num_labels=num_labels, backend=backend)
 
     def forward(self, input_ids, attention_mask=None, token_type_ids=None, labels=None) -> TaskOutput:
+        if labels is not None:
+            if self.num_labels == 1:
+                _check_labels(labels, input_ids.shape[:1], None, regression=True)
+            else:
+                _check_labels(labels, input_ids.shape[:1], self.num_labels)
         pooled = self.bert(input_ids, attention_mask, token_type_ids).pooler_output      # (B, hidden)
         logits = self.classifier(self._dropout(pooled))                                 # (B, num_labels)
         loss = None
@@ -129,6 +134,8 @@ class BertForTokenClassification(_TaskModel):
         return cls(config, num_labels=_resolve_labels(config, num_labels, labels), backend=backend)
 
     def forward(self, input_ids, attention_mask=None, token_type_ids=None, labels=None) -> TaskOutput:
+        if labels is not None:
+            _check_labels(labels, input_ids.shape, self.num_labels)
         hidden = self.bert(input_ids, attention_mask, token_type_ids).last_hidden_state  # (B, S, hidden)
         logits = self.classifier(self._dropout(hidden))                                 # (B, S, num_labels)
         loss = None
@@ -157,6 +164,29 @@ class BertForQuestionAnswering(_TaskModel):
             loss = (F.cross_entropy(start_logits, start_positions.clamp(0, ignored), ignore_index=ignored)
                     + F.cross_entropy(end_logits, end_positions.clamp(0, ignored), ignore_index=ignored)) / 2
         return TaskOutput(loss, logits)
+
+
+def _check_labels(labels, shape, num_labels, regression=False):
+    """labels fit the head, or a clear error naming them: cross-entropy's own errors name neither the
+    argument nor the head, and on a GPU an out-of-range class is a device-side assert. Checked before
+    the encoder runs, so the host sync of the value check lands where the model's id check syncs."""
+    if not isinstance(labels, torch.Tensor):
+        raise TypeError(f"labels must be a tensor, got {type(labels).__name__}")
+    if tuple(labels.shape) != tuple(shape) and not (regression and tuple(labels.shape) == (*shape, 1)):
+        raise ValueError(f"labels must be shaped {tuple(shape)}, got {tuple(labels.shape)}")
+    if regression:
+        if not labels.is_floating_point():
+            raise TypeError(f"labels of a regression head (num_labels=1) must be floating point, got {labels.dtype}")
+        return
+    if labels.is_floating_point() or labels.is_complex() or labels.dtype == torch.bool:
+        raise TypeError(f"labels must be integer class ids, got {labels.dtype}")
+    if torch.compiler.is_compiling() or labels.numel() == 0:
+        return
+    ignored = labels == IGNORE_INDEX                            # one host sync below, no boolean indexing
+    low, high = torch.stack([torch.where(ignored, 0, labels).min(), torch.where(ignored, 0, labels).max()]).tolist()
+    if low < 0 or high >= num_labels:
+        raise ValueError(f"labels must lie in [0, num_labels={num_labels}) or be {IGNORE_INDEX} (ignored), "
+                         f"got values in [{low}, {high}]")
 
 
 def _resolve_labels(config: BertConfig, num_labels, labels):

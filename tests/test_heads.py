@@ -86,3 +86,35 @@ def test_bad_head_arguments():
         heads.BertForSequenceClassification(fastbert.BertConfig(**CONFIG), num_labels=0)
     with pytest.raises(ValueError, match="num_labels=3 but 2 label names"):
         heads.BertForSequenceClassification.from_pretrained("default", num_labels=3, labels=["a", "b"])
+
+
+def test_bad_labels_are_named_before_the_encoder_runs():
+    """cross_entropy's own errors name neither the argument nor the head (and on a GPU an
+    out-of-range class is a device-side assert)."""
+    import fastbert
+    from fastbert.heads import BertForSequenceClassification, BertForTokenClassification
+
+    config = fastbert.BertConfig(vocab_size=50, hidden_size=16, num_hidden_layers=1, num_attention_heads=2,
+                                 intermediate_size=32, max_position_embeddings=16)
+    ids = torch.randint(1, 50, (2, 5))
+    cls = BertForSequenceClassification(config, num_labels=3)
+    assert cls(ids, labels=torch.tensor([0, 2])).loss is not None
+    with pytest.raises(ValueError, match=r"labels must lie in \[0, num_labels=3\).*\[0, 5\]"):
+        cls(ids, labels=torch.tensor([0, 5]))
+    with pytest.raises(ValueError, match=r"labels must lie in .*\[-1, 0\]"):
+        cls(ids, labels=torch.tensor([-1, 0]))
+    with pytest.raises(TypeError, match="labels must be integer class ids"):
+        cls(ids, labels=torch.tensor([0.0, 1.0]))
+    with pytest.raises(ValueError, match=r"labels must be shaped \(2,\)"):
+        cls(ids, labels=torch.tensor([0, 1, 2]))
+    reg = BertForSequenceClassification(config, num_labels=1)
+    assert reg(ids, labels=torch.tensor([0.5, 4.0])).loss is not None
+    with pytest.raises(TypeError, match="regression head"):
+        reg(ids, labels=torch.tensor([1, 2]))
+    tag = BertForTokenClassification(config, num_labels=4)
+    labels = torch.full((2, 5), -100)
+    labels[:, 1] = 3
+    assert tag(ids, labels=labels).loss is not None                     # -100 is ignored, not out of range
+    labels[0, 2] = 4
+    with pytest.raises(ValueError, match=r"num_labels=4.*\[0, 4\]"):
+        tag(ids, labels=labels)
