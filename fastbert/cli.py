@@ -84,23 +84,20 @@ def _check_dev(path, spec, dev):
                              "SQuAD v1.1 scoring needs at least one per question")
 
 
-def _is_index(col) -> bool:
-    return isinstance(col, int) or str(col).strip().lstrip("-").isdigit()
-
-
 def _check_headerless_columns(args):
     """--no-header: a file without a header has no column names, so every column is an index."""
     from fastbert import data
+    from fastbert.data.glue import is_column_index
 
     preset = data.TASKS.get(args.task) if args.task else None
     for flag, given, preset_cols in [("--text-cols", args.text_cols, preset.text_cols if preset else ()),
                                      ("--label-col", None if args.label_col is None else [args.label_col],
                                       (preset.label_col,) if preset and preset.label_col is not None else ())]:
         for col in given or ():
-            if not _is_index(col):
+            if not is_column_index(col):
                 raise ValueError(f"--no-header: {flag} {col!r} is a column name, but a file without a header has "
                                  "none; give 0-based column indices (0 is the first column)")
-        named = [c for c in preset_cols if not _is_index(c)]
+        named = [c for c in preset_cols if not is_column_index(c)]
         if not given and named:
             raise ValueError(f"--no-header: the {args.task} preset finds its columns by header name "
                              f"({', '.join(map(repr, named))}), but a file without a header has none; give "

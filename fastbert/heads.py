@@ -182,8 +182,8 @@ def _check_labels(labels, shape, num_labels, regression=False):
         raise TypeError(f"labels must be integer class ids, got {labels.dtype}")
     if torch.compiler.is_compiling() or labels.numel() == 0:
         return
-    ignored = labels == IGNORE_INDEX                            # one host sync below, no boolean indexing
-    low, high = torch.stack([torch.where(ignored, 0, labels).min(), torch.where(ignored, 0, labels).max()]).tolist()
+    counted = torch.where(labels == IGNORE_INDEX, 0, labels)    # one host sync below, no boolean indexing
+    low, high = torch.stack([counted.min(), counted.max()]).tolist()
     if low < 0 or high >= num_labels:
         raise ValueError(f"labels must lie in [0, num_labels={num_labels}) or be {IGNORE_INDEX} (ignored), "
                          f"got values in [{low}, {high}]")

@@ -30,28 +30,31 @@ def flushes(monkeypatch):
     return count
 
 
+def _cycle(prepared, calls):
+    """Run a prepared case `calls` times over its input sets, as the timing loop does; its set count."""
+    call, before, n_sets = prepared
+    for k in range(calls):
+        before(k % n_sets)
+        call(k % n_sets)
+    return n_sets
+
+
 @pytest.mark.parametrize("mode", ["fwd", "fwd+bwd", "bwd"])
 def test_small_input_sets_get_the_l2_flushed_before_each_call(flushes, mode):
     """max_sets sets of a small case cannot reach rotate_bytes: the L2 is flushed before every call
     (once: in "bwd" mode after the untimed forward), as triton.testing.do_bench does."""
     cfg = harness.Settings(CPU, rotate_bytes=10**7, max_sets=8)
     case = _case(lambda k: (torch.randn(64),), mode=mode, grad_idx=(0,) if mode != "fwd" else ())
-    call, before, n_sets = harness._prepare(case, cfg)
+    n_sets = _cycle(harness._prepare(case, cfg), 3)
     assert n_sets == 8
-    for k in range(3):
-        before(k % n_sets)
-        call(k % n_sets)
     assert flushes["n"] == 3
 
 
 def test_large_input_sets_rotate_without_flushing(flushes):
     cfg = harness.Settings(CPU, rotate_bytes=3 * 4096 * 4, max_sets=8)
     case = _case(lambda k: (torch.randn(4096),))
-    call, before, n_sets = harness._prepare(case, cfg)
+    n_sets = _cycle(harness._prepare(case, cfg), 6)
     assert n_sets == 3
-    for k in range(6):
-        before(k % n_sets)
-        call(k % n_sets)
     assert flushes["n"] == 0
     call, before, n_sets = harness._prepare(_case(lambda k: (torch.randn(4096),), rotate=False), cfg)
     before(0)

@@ -89,6 +89,11 @@ class GlueData:
         return len(self.texts)
 
 
+def is_column_index(col) -> bool:
+    """An index rather than a name: an int, or digits as the command line gives them ("3")."""
+    return isinstance(col, int) or str(col).strip().lstrip("-").isdigit()
+
+
 def _column_index(col: Column, names: list[str] | None, path: Path, what: str) -> int:
     if isinstance(col, bool) or not isinstance(col, (int, str)):
         raise TypeError(f"{what} must be a column name or index, got {col!r}")
@@ -96,7 +101,7 @@ def _column_index(col: Column, names: list[str] | None, path: Path, what: str) -
         return col
     if names is not None and col in names:
         return names.index(col)
-    if col.strip().lstrip("-").isdigit():  # an index as the command line gives it ("3")
+    if is_column_index(col):
         return int(col)
     if names is None:
         raise ValueError(f"{what}={col!r} names a column but {path} is read without a header; give a 0-based index")

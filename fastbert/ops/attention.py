@@ -21,7 +21,6 @@ from __future__ import annotations
 
 import contextlib
 import math
-import numbers
 from types import SimpleNamespace
 from typing import Optional
 
@@ -31,6 +30,7 @@ from torch import Tensor
 
 from . import _cuda
 from ._backend import available_backends, get_backend, interpreter_on, resolve, triton_importable
+from ._checks import check_dropout, is_real
 
 try:  # the Triton kernels; without triton the "triton" backend is off and the rest still imports
     from fastbert.kernels import attention as _kernels
@@ -142,23 +142,12 @@ def _check(q, k, v, mask):
             raise ValueError(f"attention: mask is on {mask.device} but q is on {q.device}")
 
 
-# Plain numbers, and the symbolic ones torch.compile may trace them as.
-_REAL = (numbers.Real, torch.SymInt, torch.SymFloat)
-
-
-def _check_dropout(dropout_p, op):
-    if isinstance(dropout_p, bool) or not isinstance(dropout_p, _REAL):
-        raise TypeError(f"{op}: dropout_p must be a float in [0, 1), got {type(dropout_p).__name__}")
-    if not 0.0 <= dropout_p < 1.0:
-        raise ValueError(f"{op}: dropout_p must be in [0, 1), got {dropout_p}")
-
-
 def _check_scale(softmax_scale, op):
     """softmax_scale: None (1/sqrt(head_dim)) or a finite number > 0 (NaN/inf/0/negative would
     give NaN or meaningless probabilities, and the backends would disagree)."""
     if softmax_scale is None:
         return
-    if isinstance(softmax_scale, bool) or not isinstance(softmax_scale, _REAL):
+    if not is_real(softmax_scale):
         raise TypeError(f"{op}: softmax_scale must be None or a float > 0, got {type(softmax_scale).__name__}")
     if not 0.0 < softmax_scale < math.inf:  # False for NaN too; comparisons also trace under torch.compile
         raise ValueError(f"{op}: softmax_scale must be a finite float > 0 (or None for 1/sqrt(head_dim)), "
@@ -577,7 +566,7 @@ def attention(q, k, v, mask=None, dropout_p=0.0, softmax_scale=None, *, seed=Non
     from torch's default generator, so torch.manual_seed reproduces a run.
     """
     _check(q, k, v, mask)
-    _check_dropout(dropout_p, "attention")
+    check_dropout("attention", dropout_p)
     _check_scale(softmax_scale, "attention")
     backend = resolve(q.device)
     if backend == "cuda" and not _cuda_supports(q, k, v):
@@ -600,7 +589,7 @@ def attention_varlen(q, k, v, cu_seqlens, max_seqlen, dropout_p=0.0, softmax_sca
     `attention` uses for the same sequences padded to a batch.
     """
     _check_varlen(q, k, v, cu_seqlens, max_seqlen)
-    _check_dropout(dropout_p, "attention_varlen")
+    check_dropout("attention_varlen", dropout_p)
     _check_scale(softmax_scale, "attention_varlen")
     backend = resolve(q.device)
     if backend == "cuda" and not _cuda_supports(q, k, v):

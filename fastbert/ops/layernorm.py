@@ -18,7 +18,6 @@ fake (meta) functions, so fullgraph=True still holds.
 from __future__ import annotations
 
 import math
-import numbers
 from typing import Optional
 
 import torch
@@ -26,6 +25,7 @@ import torch.nn.functional as F
 
 from . import _cuda
 from ._backend import interpreter_on, resolve
+from ._checks import check_dropout, is_real
 
 try:
     from fastbert.kernels import layernorm as _triton_layernorm
@@ -83,23 +83,12 @@ def _check_rows(op, x, weight, bias, residual=None, mixed_ok=False):
                         f"got {weight.dtype}")
 
 
-# Plain numbers, and the symbolic ones torch.compile may trace them as.
-_REAL = (numbers.Real, torch.SymInt, torch.SymFloat)
-
-
 def _check_eps(op, eps):
     """eps: a finite number >= 0 (a negative or NaN eps gives NaN rows; inf gives zeros)."""
-    if isinstance(eps, bool) or not isinstance(eps, _REAL):
+    if not is_real(eps):
         raise TypeError(f"{op}: eps must be a float >= 0, got {type(eps).__name__}")
     if not 0.0 <= eps < math.inf:  # False for NaN too; comparisons also trace under torch.compile
         raise ValueError(f"{op}: eps must be a finite float >= 0, got {eps}")
-
-
-def _check_dropout(op, dropout_p):
-    if isinstance(dropout_p, bool) or not isinstance(dropout_p, _REAL):
-        raise TypeError(f"{op}: dropout_p must be a float in [0, 1), got {type(dropout_p).__name__}")
-    if not 0.0 <= dropout_p < 1.0:
-        raise ValueError(f"{op}: dropout_p must be in [0, 1), got {dropout_p}")
 
 
 _HALF_DTYPES = (torch.float16, torch.bfloat16)
@@ -370,7 +359,7 @@ def add_layernorm(x, residual, weight, bias, eps, dropout_p=0.0, *, copy_in_x_dt
         mixed = False
     _check_rows("add_layernorm", x, weight, bias, residual, mixed_ok=mixed)
     _check_eps("add_layernorm", eps)
-    _check_dropout("add_layernorm", dropout_p)
+    check_dropout("add_layernorm", dropout_p)
     backend = resolve(x.device)
     if backend == "torch":
         y = add_layernorm_ref(x, residual, weight, bias, eps, dropout_p)
