@@ -20,6 +20,9 @@ Environment (build switches; STYLE.md habit 12):
                              it with `python csrc/build_ext.py report build/ptxas.log`.
     MAX_JOBS / FASTBERT_BUILD_JOBS   parallel nvcc processes (default: CPU count)
     FASTBERT_NVCC_FLAGS      extra nvcc flags (split on spaces), e.g. "-G" or "-DFOO=1"
+    FASTBERT_MANYLINUX=2_28  relink so the module loads on glibc 2.28 / GCC 8's libstdc++ (or 2_17)
+                             whatever this machine's glibc: csrc/manylinux.py. scripts/build_wheels.py
+                             sets 2_28; a source build for this machine needs nothing of it.
 
 Objects are reused when newer than their source, every csrc/ header, this file and the
 flags they were built with (recorded beside each object), so an edit rebuilds only what
@@ -144,8 +147,25 @@ class BuildExt(build_ext):
         done = subprocess.run(link, capture_output=True, text=True)
         if done.returncode != 0:
             raise _compile_error(f"linking failed:\n{' '.join(link)}\n{done.stdout}{done.stderr}")
+        if (target := os.environ.get("FASTBERT_MANYLINUX", "").strip()):
+            try:
+                _manylinux().portable_link(link, out, target)
+            except (RuntimeError, ValueError) as err:
+                out.unlink(missing_ok=True)
+                raise _compile_error(f"FASTBERT_MANYLINUX={target}: {err}") from err
+            print(f"fastbert._C: relinked for manylinux_{target} (csrc/manylinux.py)", flush=True)
         _check_import(out)
         print(f"fastbert._C: built {out} in {time.perf_counter() - started:.1f}s", flush=True)
+
+
+def _manylinux():
+    """csrc/manylinux.py, loaded by path (setup.py and the tests load this file by path too)."""
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location("fastbert_manylinux", HERE / "manylinux.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
 
 
 def _compile_error(msg):
@@ -199,12 +219,14 @@ def _check_import(path: Path):
 
 def build_stamp() -> str:
     """sha256 over what a build of fastbert._C here depends on: csrc/'s sources and headers,
-    this file, the arch and extra nvcc flags, and the running Python's extension suffix (so a
+    this file and csrc/manylinux.py, the arch and extra nvcc flags (not FASTBERT_MANYLINUX: the
+    link target changes where the module loads, not what it runs), and the running Python's extension suffix (so a
     module built for another Python never matches). Not the nvcc version: the same sources
     from another nvcc are the same kernels (a driver too old for the runtime linked in shows
     when the module is loaded, and device_install.sh checks that)."""
     digest = hashlib.sha256()
-    files = sorted(p for p in HERE.iterdir() if p.suffix in (".cu", ".cuh", ".h", ".cpp")) + [Path(__file__).resolve()]
+    files = sorted(p for p in HERE.iterdir() if p.suffix in (".cu", ".cuh", ".h", ".cpp")) + \
+        [Path(__file__).resolve(), HERE / "manylinux.py"]
     for path in files:
         digest.update(path.name.encode() + b"\0" + path.read_bytes() + b"\0")
     flags = cuda_arch_flags() + os.environ.get("FASTBERT_NVCC_FLAGS", "").split()

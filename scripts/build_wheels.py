@@ -11,8 +11,14 @@ For each interpreter (`--python`, repeatable; default: the one running this scri
      FASTBERT_CUDA_ARCH, MAX_JOBS pass through); --no-deps: torch and triton are
      requirements, never bundled;
   3. `auditwheel repair` to a manylinux tag into --out. fastbert._C links the CUDA runtime
-     statically and needs only libstdc++, libgcc_s, libm and libc, so nothing is vendored:
+     statically and needs only glibc, libstdc++ and libgcc_s, so nothing is vendored:
      a library grafted into the wheel fails the build (it means the link line changed).
+
+fastbert._C is linked for manylinux_2_28 (glibc 2.28, GCC 8's libstdc++: RHEL/Rocky 8,
+Ubuntu 20.04 and newer, the floor torch's wheels have) whatever this machine's glibc:
+FASTBERT_MANYLINUX=2_28 for the build, csrc/manylinux.py. `--manylinux native` links as a
+source build does (the tag then follows this machine's glibc: manylinux_2_34 on glibc 2.36).
+A wheel whose tag comes out newer than asked fails the build.
 
 The build needs setuptools, wheel and pybind11 (pyproject.toml's build requirements) in the
 interpreter. One that lacks them gets a throwaway venv under build/wheel-envs/cpXY/ with them
@@ -31,8 +37,7 @@ takes fastbert._C from it instead of compiling when the stamp still matches:
     python scripts/prepare_gpu_carry.py --prebuilt .gpu/prebuilt
 
 Prints each wheel with its tags, size and times: about 2 min per interpreter on 2 cores, 8.1 MiB
-each, `manylinux_2_34_x86_64` on a glibc 2.36 machine (the tag follows the building machine's
-glibc; csrc/README.md, "Building").
+each, `manylinux_2_28_x86_64` (csrc/README.md, "Building").
 """
 from __future__ import annotations
 
@@ -150,10 +155,25 @@ def build_interpreter(python: str, tag: str) -> str:
     return env_python
 
 
-def build_wheel(python: str, out: Path) -> tuple[Path, str]:
+DEFAULT_MANYLINUX = "2_28"
+
+
+def manylinux_version(platform: str) -> tuple[int, int] | None:
+    """(2, 28) from 'manylinux_2_28_x86_64' (and the legacy aliases: manylinux2014 = 2.17,
+    manylinux2010 = 2.12, manylinux1 = 2.5); None for a tag that is not manylinux."""
+    legacy = {"manylinux1": (2, 5), "manylinux2010": (2, 12), "manylinux2014": (2, 17)}
+    if (m := re.fullmatch(r"manylinux_(\d+)_(\d+)_\w+", platform)):
+        return int(m.group(1)), int(m.group(2))
+    return legacy.get(platform.split("_")[0])
+
+
+def build_wheel(python: str, out: Path, manylinux: str = DEFAULT_MANYLINUX) -> tuple[Path, str]:
     """pip wheel of a clean copy of the checkout with `python`: the wheel (in `out`) and the
-    build stamp of that copy for that Python (csrc/build_ext.py's build_stamp)."""
+    build stamp of that copy for that Python (csrc/build_ext.py's build_stamp). `manylinux`:
+    the FASTBERT_MANYLINUX target of fastbert._C's link, or "native"."""
     env = dict(os.environ)
+    if manylinux != "native":
+        env["FASTBERT_MANYLINUX"] = manylinux
     if "FASTBERT_CUDA" not in env and shutil.which("nvcc") is not None:
         env["FASTBERT_CUDA"] = "1"  # a failed extension build fails the wheel instead of dropping _C
     with tempfile.TemporaryDirectory(prefix="fastbert-wheel-src-") as src:
@@ -186,6 +206,9 @@ def main(argv=None) -> int:
     parser.add_argument("--python", action="append", metavar="PYTHON",
                         help="an interpreter to build for (repeatable; default: this one)")
     parser.add_argument("--out", type=Path, default=REPO / "dist", help="where the wheels go (default: dist/)")
+    parser.add_argument("--manylinux", default=DEFAULT_MANYLINUX, choices=["2_28", "native"],
+                        help="the glibc/libstdc++ floor fastbert._C is linked for (default 2_28; native: "
+                             "this machine's, as a source build)")
     parser.add_argument("--prebuilt", type=Path, metavar="DIR",
                         help="also copy each wheel here with its build stamp, for "
                              "scripts/prepare_gpu_carry.py --prebuilt (e.g. .gpu/prebuilt)")
@@ -207,7 +230,7 @@ def main(argv=None) -> int:
         with tempfile.TemporaryDirectory(prefix=f"fastbert-wheel-{tag}-") as tmp:
             start = time.perf_counter()
             print(f"{tag}: building with {builder} ...", flush=True)
-            wheel, stamp = build_wheel(builder, Path(tmp))
+            wheel, stamp = build_wheel(builder, Path(tmp), args.manylinux)
             built_s = time.perf_counter() - start
             if wheel.name.endswith("-none-any.whl"):
                 final = Path(shutil.copy2(wheel, args.out / wheel.name))
@@ -223,6 +246,14 @@ def main(argv=None) -> int:
                           file=sys.stderr)
                     return 1
         py, abi, platforms = wheel_tags(final)
+        if extension and args.manylinux != "native":
+            floor = tuple(int(x) for x in args.manylinux.split("_"))
+            got = min((v for v in map(manylinux_version, platforms) if v is not None), default=None)
+            if got is None or got > floor:
+                print(f"error: {final.name} came out tagged {platforms}, newer than manylinux_{args.manylinux}: "
+                      f"`python csrc/manylinux.py check` on its fastbert/_C*.so says what it asks for", file=sys.stderr)
+                final.unlink()
+                return 1
         made.append(final)
         print(f"{tag}: {final}  [{py}-{abi}-{'.'.join(platforms)}]  {final.stat().st_size / 2**20:.1f} MiB, "
               f"built in {built_s:.0f} s, repaired in {repair_s:.1f} s", flush=True)
