@@ -30,6 +30,25 @@ class BertConfig:
     SUPPORTED_ACTS = ("gelu", "gelu_new", "gelu_pytorch_tanh")
 
     def __post_init__(self):
+        # Types and ranges first: config.json is user input, and a bad value must become a
+        # ValueError naming it, not a ZeroDivisionError below or a NaN at the first forward.
+        for name in ("vocab_size", "hidden_size", "num_hidden_layers", "num_attention_heads",
+                     "intermediate_size", "max_position_embeddings", "type_vocab_size"):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+                raise ValueError(f"BertConfig: {name} must be a positive integer, got {value!r}")
+        for name in ("hidden_dropout_prob", "attention_probs_dropout_prob"):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, (int, float)) or not 0.0 <= value < 1.0:
+                raise ValueError(f"BertConfig: {name} must be a probability in [0, 1), got {value!r}")
+        for name in ("layer_norm_eps", "initializer_range"):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, (int, float)) or not 0.0 < value < float("inf"):
+                raise ValueError(f"BertConfig: {name} must be a positive finite number, got {value!r}")
+        if self.pad_token_id is not None and (isinstance(self.pad_token_id, bool) or not isinstance(self.pad_token_id, int)
+                                              or not 0 <= self.pad_token_id < self.vocab_size):
+            raise ValueError(f"BertConfig: pad_token_id must be an integer in [0, vocab_size={self.vocab_size}) "
+                             f"or null, got {self.pad_token_id!r}")
         if self.hidden_size % self.num_attention_heads:
             raise ValueError(f"BertConfig: hidden_size ({self.hidden_size}) must be a multiple of "
                              f"num_attention_heads ({self.num_attention_heads})")
@@ -37,12 +56,7 @@ class BertConfig:
             raise ValueError(f"BertConfig: hidden_act must be one of {self.SUPPORTED_ACTS}, got {self.hidden_act!r}")
         position_type = self.extra.get("position_embedding_type", "absolute")
         if position_type != "absolute":
-            raise ValueError(f"BertConfig: only absolute position embeddings are supported, got {position_type!r}")
-        for name in ("vocab_size", "hidden_size", "num_hidden_layers", "num_attention_heads",
-                     "intermediate_size", "max_position_embeddings", "type_vocab_size"):
-            value = getattr(self, name)
-            if not isinstance(value, int) or value < 1:
-                raise ValueError(f"BertConfig: {name} must be a positive integer, got {value!r}")
+            raise ValueError(f"BertConfig: position_embedding_type must be 'absolute' (the only kind supported), got {position_type!r}")
 
     @property
     def head_dim(self) -> int:

@@ -2,6 +2,7 @@
 import json
 
 import pytest
+from hypothesis import given, settings, strategies as st
 import torch
 import transformers
 from safetensors.torch import load_file, save_file
@@ -159,3 +160,30 @@ def test_sequence_classification_from_a_model_without_pooler(tmp_path):
         heads.BertForSequenceClassification.from_pretrained(tmp_path, num_labels=2)
     with pytest.raises(ValueError, match=r"missing: encoder\.layer\.0\.attention\.self\.key\.weight$"):
         heads.BertForTokenClassification.from_pretrained(tmp_path, num_labels=5)
+
+
+_ANY_VALUE = st.one_of(st.none(), st.booleans(), st.integers(-3, 40), st.floats(allow_nan=True, allow_infinity=True),
+                       st.text(max_size=8), st.lists(st.integers(0, 3), max_size=2), st.dictionaries(st.text(max_size=3),
+                                                                                                         st.integers(), max_size=2))
+_FIELDS = ["vocab_size", "hidden_size", "num_hidden_layers", "num_attention_heads", "intermediate_size", "hidden_act",
+           "hidden_dropout_prob", "attention_probs_dropout_prob", "max_position_embeddings", "type_vocab_size",
+           "layer_norm_eps", "initializer_range", "pad_token_id", "position_embedding_type"]
+
+
+@settings(max_examples=300, deadline=None)
+@given(overrides=st.dictionaries(st.sampled_from(_FIELDS), _ANY_VALUE, max_size=4))
+def test_malformed_config_values_raise_value_error_naming_the_key(overrides):
+    """config.json is user input: any value of any known key either gives a config a model can be
+    built from, or a ValueError that names the key; never another exception (a TypeError,
+    ZeroDivisionError, nn.Embedding's AssertionError) and never a model that computes NaN."""
+    values = {**CONFIG, **overrides}
+    try:
+        config = fastbert.BertConfig.from_dict(values)
+    except ValueError as err:
+        assert any(key in str(err) for key in overrides), (overrides, err)
+        return
+    model = fastbert.BertModel(config).eval()
+    ids = torch.randint(0, config.vocab_size, (1, min(5, config.max_position_embeddings)))
+    with torch.no_grad():
+        out = model(ids).last_hidden_state
+    assert torch.isfinite(out).all(), overrides
