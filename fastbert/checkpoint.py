@@ -183,12 +183,20 @@ def load_encoder(model, hf_state: dict[str, torch.Tensor], source="checkpoint") 
         raise ValueError("\n".join(lines))
     with torch.no_grad():
         for ours, (key, tensor) in found.items():
-            if not tensor.is_floating_point():
-                raise ValueError(f"checkpoint {source}: tensor {key} has dtype {tensor.dtype}, expected floating point")
+            check_weight(key, tensor, source)
             own[ours].copy_(tensor)
     if fresh:
         _init_pooler(model, fresh, source)
     return not_encoder
+
+
+def check_weight(key: str, tensor: torch.Tensor, source) -> None:
+    """A checkpoint's weight must be floating point and finite: loaded as is, an integer tensor
+    would be cast silently and one NaN would turn every output NaN."""
+    if not tensor.is_floating_point():
+        raise ValueError(f"checkpoint {source}: tensor {key} has dtype {tensor.dtype}, expected floating point")
+    if not torch.isfinite(tensor).all():
+        raise ValueError(f"checkpoint {source}: tensor {key} holds NaN or infinite values")
 
 
 def _init_pooler(model, keys: list[str], source) -> None:

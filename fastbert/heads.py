@@ -57,17 +57,21 @@ class _TaskModel(nn.Module):
     def from_pretrained(cls, name_or_path="default", num_labels: int | None = None, backend: str | None = None,
                         labels: list[str] | None = None, **config_overrides):
         """Load a BertModel or task checkpoint; the head is loaded when the checkpoint has
-        one of the right shape, and initialised as BERT does otherwise."""
+        one of the right shape, and initialised as BERT does otherwise. `config_overrides`
+        replace config.json's values (hidden_dropout_prob=0.2, classifier_dropout=0.0, ...) and
+        are checked as config.json's are."""
         folder = checkpoint.resolve_model_path(name_or_path)
         config = BertConfig.from_json(folder / "config.json")
-        for key, value in config_overrides.items():
-            setattr(config, key, value)
+        if config_overrides:  # through from_dict: checked, and keys it has no field for go to `extra`
+            config = BertConfig.from_dict({**config.to_dict(), **config_overrides})
         model = cls._build(config, num_labels, labels, backend)
         state = checkpoint.read_state_dict(folder)
         head_keys = checkpoint.load_encoder(model.bert, state, source=folder)
         head_state = {k.split(".", 1)[1]: state[k] for k in head_keys if k.startswith(model.head_name + ".")}
         own = model.head.state_dict()
         if head_state and all(k in head_state and head_state[k].shape == v.shape for k, v in own.items()):
+            for key in own:
+                checkpoint.check_weight(f"{model.head_name}.{key}", head_state[key], folder)
             model.head.load_state_dict({k: head_state[k] for k in own})
         return model
 

@@ -8,7 +8,7 @@ import transformers
 from safetensors.torch import load_file, save_file
 
 import fastbert
-from fastbert import checkpoint
+from fastbert import checkpoint, heads
 
 CONFIG = dict(vocab_size=120, hidden_size=32, num_hidden_layers=2, num_attention_heads=4,
               intermediate_size=64, max_position_embeddings=24)
@@ -187,3 +187,27 @@ def test_malformed_config_values_raise_value_error_naming_the_key(overrides):
     with torch.no_grad():
         out = model(ids).last_hidden_state
     assert torch.isfinite(out).all(), overrides
+
+
+@pytest.mark.parametrize("where", ["encoder", "head"])
+def test_non_finite_weight_is_named(tmp_path, where):
+    """One NaN in a checkpoint would make every output NaN: it is refused, naming the tensor."""
+    model = heads.BertForSequenceClassification(fastbert.BertConfig(**CONFIG), num_labels=2)
+    model.save_pretrained(tmp_path)
+    path = tmp_path / "model.safetensors"
+    state = load_file(str(path))
+    key = "bert.encoder.layer.1.output.dense.weight" if where == "encoder" else "classifier.bias"
+    assert key in state, sorted(state)
+    state[key][0] = float("nan") if where == "encoder" else float("inf")
+    save_file(state, str(path))
+    with pytest.raises(ValueError, match=rf"tensor {key} holds NaN or infinite values"):
+        heads.BertForSequenceClassification.from_pretrained(tmp_path, num_labels=2)
+
+
+def test_config_overrides_are_checked_and_reach_extra_keys(tmp_path):
+    heads.BertForSequenceClassification(fastbert.BertConfig(**CONFIG), num_labels=2).save_pretrained(tmp_path)
+    model = heads.BertForSequenceClassification.from_pretrained(tmp_path, num_labels=2, classifier_dropout=0.0,
+                                                                   hidden_dropout_prob=0.2)
+    assert model.dropout_p == 0.0 and model.config.hidden_dropout_prob == 0.2  # classifier_dropout has no field
+    with pytest.raises(ValueError, match="hidden_dropout_prob must be a probability"):
+        heads.BertForSequenceClassification.from_pretrained(tmp_path, num_labels=2, hidden_dropout_prob=1.5)
