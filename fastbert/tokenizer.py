@@ -36,18 +36,31 @@ class Tokenizer:
 
         folder = resolve_model_path(name_or_path)
         config = {}
-        if (folder / "tokenizer_config.json").exists():
-            config = json.loads((folder / "tokenizer_config.json").read_text())
-        max_length = int(config.get("model_max_length", 512))
-        if max_length > 100_000:  # transformers' "no limit" sentinel
-            max_length = 512
-        if (folder / "tokenizer.json").exists():
-            backend = _HFTokenizer.from_file(str(folder / "tokenizer.json"))
-        elif (folder / "vocab.txt").exists():
+        if (path := folder / "tokenizer_config.json").exists():
+            try:
+                config = json.loads(path.read_text())
+            except ValueError as err:
+                raise ValueError(f"tokenizer: {path} is not valid JSON: {err}") from None
+            if not isinstance(config, dict):
+                raise ValueError(f"tokenizer: {path} must hold a JSON object, got {type(config).__name__}")
+        max_length = config.get("model_max_length", 512)
+        if isinstance(max_length, bool) or not isinstance(max_length, (int, float)) or not max_length >= 1:
+            raise ValueError(f"tokenizer: model_max_length in {folder / 'tokenizer_config.json'} must be a "
+                             f"positive number, got {max_length!r}")
+        max_length = 512 if max_length > 100_000 else int(max_length)  # above: transformers' "no limit" sentinel
+        if (path := folder / "tokenizer.json").exists():
+            try:
+                backend = _HFTokenizer.from_file(str(path))
+            except Exception as err:  # tokenizers raises a bare Exception for a file it cannot parse
+                raise ValueError(f"tokenizer: {path} is not a readable tokenizers file: {err}") from None
+        elif (path := folder / "vocab.txt").exists():
             from tokenizers.implementations import BertWordPieceTokenizer
 
-            backend = BertWordPieceTokenizer(str(folder / "vocab.txt"),
-                                             lowercase=bool(config.get("do_lower_case", True)))._tokenizer
+            tokens = {line.strip() for line in path.read_text(encoding="utf-8", errors="replace").splitlines()}
+            if (missing := [t for t in ("[CLS]", "[SEP]") if t not in tokens]):
+                raise ValueError(f"tokenizer: {path} has no {' or '.join(missing)} token; a BERT WordPiece "
+                                 "vocabulary holds both")
+            backend = BertWordPieceTokenizer(str(path), lowercase=bool(config.get("do_lower_case", True)))._tokenizer
             cls_id, sep_id = backend.token_to_id("[CLS]"), backend.token_to_id("[SEP]")
             backend.post_processor = processors.BertProcessing(("[SEP]", sep_id), ("[CLS]", cls_id))
         else:

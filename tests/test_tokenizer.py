@@ -86,3 +86,24 @@ def test_vocab_txt_fallback_matches(tmp_path, both):
     from_vocab = fastbert.Tokenizer.from_pretrained(tmp_path)
     firsts, seconds = _sentences(40)
     _same(from_vocab(firsts, seconds, max_length=48), ours(firsts, seconds, max_length=48))
+
+
+def test_malformed_tokenizer_files_raise_value_errors_naming_the_file(tmp_path):
+    folder = fastbert.default_model_path()
+    (tmp_path / "config.json").write_bytes((folder / "config.json").read_bytes())
+    (tmp_path / "tokenizer.json").write_text('{"version": "1.0", "model": ')  # cut short
+    with pytest.raises(ValueError, match=r"tokenizer\.json is not a readable tokenizers file"):
+        fastbert.Tokenizer.from_pretrained(tmp_path)
+    (tmp_path / "tokenizer.json").unlink()
+    (tmp_path / "vocab.txt").write_text("[PAD]\n[UNK]\n[SEP]\nhello\n")
+    with pytest.raises(ValueError, match=r"vocab\.txt has no \[CLS\] token"):
+        fastbert.Tokenizer.from_pretrained(tmp_path)
+    (tmp_path / "vocab.txt").write_bytes((folder / "vocab.txt").read_bytes())
+    for text, message in (("{oops", "is not valid JSON"), ("[1, 2]", "must hold a JSON object"),
+                          ('{"model_max_length": "long"}', "model_max_length .* must be a positive number"),
+                          ('{"model_max_length": 0}', "model_max_length .* must be a positive number")):
+        (tmp_path / "tokenizer_config.json").write_text(text)
+        with pytest.raises(ValueError, match=message):
+            fastbert.Tokenizer.from_pretrained(tmp_path)
+    (tmp_path / "tokenizer_config.json").write_text('{"model_max_length": 1000000000000000019884624838656}')
+    assert fastbert.Tokenizer.from_pretrained(tmp_path).model_max_length == 512  # transformers' "no limit"
