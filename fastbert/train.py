@@ -206,7 +206,16 @@ class Trainer:
             raise FileNotFoundError(f"checkpoint {folder} has no trainer_state.pt")
         loaded = type(self.model).from_pretrained(folder)
         self.model.load_state_dict(loaded.state_dict())
-        state = torch.load(folder / "trainer_state.pt", map_location="cpu", weights_only=True)
+        path = folder / "trainer_state.pt"
+        try:
+            state = torch.load(path, map_location="cpu", weights_only=True)
+        except Exception as err:  # a truncated zip, a pickle with code in it (weights_only refuses it), ...
+            raise ValueError(f"cannot resume: {path} could not be loaded with weights_only=True: {err}") from None
+        needed = ("optimizer", "scheduler", "step", "epoch", "batch_in_epoch", "history", "cpu_rng", "cuda_rng", "scaler")
+        if not isinstance(state, dict) or (lacking := [k for k in needed if k not in state]):
+            got = sorted(state) if isinstance(state, dict) else type(state).__name__
+            raise ValueError(f"cannot resume: {path} is not a fastbert trainer state (it lacks "
+                             f"{lacking if isinstance(state, dict) else needed}; holds {got})")
         if "run" in state:
             saved, now = json.loads(state["run"]), self._run_identity()
             changed = [f"{k}={saved[k]!r} there, {now[k]!r} now" for k in now if k in saved and saved[k] != now[k]]

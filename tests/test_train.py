@@ -79,6 +79,23 @@ def test_resume_with_other_settings_is_refused(tmp_path):
         other.resume()
 
 
+
+def test_resume_from_a_broken_trainer_state_names_the_file(tmp_path):
+    _trainer(tmp_path).train(stop_after_step=3)
+    path = tmp_path / (tmp_path / "latest").read_text().strip() / "trainer_state.pt"
+    intact = path.read_bytes()
+    path.write_bytes(intact[: len(intact) // 2])
+    with pytest.raises(ValueError, match=r"cannot resume: .*trainer_state\.pt could not be loaded with weights_only=True"):
+        _trainer(tmp_path).resume()
+    torch.save({"step": 3}, path)
+    with pytest.raises(ValueError, match=r"trainer_state\.pt is not a fastbert trainer state \(it lacks \['optimizer'"):
+        _trainer(tmp_path).resume()
+    torch.save({"step": 3, "payload": print}, path)  # code in the pickle: weights_only refuses it
+    with pytest.raises(ValueError, match="could not be loaded with weights_only=True"):
+        _trainer(tmp_path).resume()
+    path.write_bytes(intact)
+    assert _trainer(tmp_path).resume()
+
 def test_same_seed_same_run(tmp_path):
     a, b = _trainer(tmp_path / "a"), _trainer(tmp_path / "b")
     a.train(), b.train()
