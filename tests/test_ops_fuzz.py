@@ -1,0 +1,235 @@
+"""The public ops under generated mixes of shapes, dtypes, layouts, masks and settings, on the
+torch and the triton backend (the interpreter on the CPU): every call either raises a
+ValueError/TypeError that starts with the op's name, or returns what the float64 reference
+returns, gradients included, within the dtype's tolerance (conftest.assert_close_to_ref).
+tests/test_ops_api.py names each mistake once; this file looks for the combinations nobody
+wrote down (a non-contiguous k with a mask, a float32 weight with float16 x, head_dim 24...)."""
+import pytest
+import torch
+from hypothesis import HealthCheck, event, given, settings, strategies as st
+
+from conftest import assert_close_to_ref
+from fastbert import ops
+from fastbert.ops.attention import attention_ref
+from fastbert.ops.gelu import bias_gelu_ref
+from fastbert.ops.layernorm import add_layernorm_ref
+
+BACKENDS = ["torch", "triton"]
+SETTINGS = settings(max_examples=100, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+FLOATS = [torch.float32, torch.float16, torch.float64]
+
+
+def _tensor(draw, shape, dtype, layout):
+    """A random tensor of `shape` and `dtype`; layout "strided" gives a non-contiguous view of the
+    same shape (every other element of a wider last dimension), "transposed" one whose two
+    leading dimensions are swapped in memory."""
+    seed = draw(st.integers(0, 2**31 - 1))
+    g = torch.Generator().manual_seed(seed)
+
+    def make(s):
+        if dtype.is_floating_point:
+            return torch.randn(s, generator=g, dtype=torch.float64).to(dtype)
+        return torch.randint(-3, 4, s, generator=g, dtype=dtype)
+    if layout == "strided" and len(shape) >= 1:
+        return make((*shape[:-1], 2 * shape[-1]))[..., ::2]
+    if layout == "transposed" and len(shape) >= 2:
+        return make((shape[1], shape[0], *shape[2:])).transpose(0, 1)
+    return make(tuple(shape))
+
+
+def _expect_clear_error_or(op, call):
+    """call() -> result; a ValueError/TypeError must name the op. Returns None when it raised."""
+    try:
+        result = call()
+    except (ValueError, TypeError) as err:
+        assert str(err).startswith(f"{op}:"), f"error without the op's name: {err!r}"
+        event(f"{op}: refused ({type(err).__name__}: {str(err)[len(op) + 2:][:40]})")
+        return None
+    event(f"{op}: computed")
+    return result
+
+
+def _grads(out, inputs, grad_out):
+    leaves = [t for t in inputs if isinstance(t, torch.Tensor) and t.requires_grad]
+    return torch.autograd.grad(out, leaves, grad_out, allow_unused=True)
+
+
+# -- attention --------------------------------------------------------------------------------
+
+# At most one fault per call (half the calls have none), so a refusal is explained by it alone
+# and a valid call must go through: both directions are checked.
+ATTENTION_FAULTS = ["k_seqlen", "v_head_dim", "k_dtype", "q_rank", "int_dtype", "mask_int", "mask_shape",
+                    "dropout", "scale", "odd_head_dim"]
+
+
+def _attention_refused(backend, fault, dtype, layouts):
+    if backend == "triton" and (fault == "odd_head_dim" or dtype == torch.float64 or "strided" in layouts.values()):
+        return True  # head dims are multiples of 16; no float64 kernels; rows of q/k/v read as vectors
+    return fault not in (None, "odd_head_dim")
+
+
+@SETTINGS
+@pytest.mark.parametrize("backend", BACKENDS)
+@given(data=st.data())
+def test_attention_fuzz(backend, data):
+    draw = data.draw
+    fault = draw(st.sampled_from([None] * len(ATTENTION_FAULTS) + ATTENTION_FAULTS))
+    B, S, H = draw(st.integers(1, 2)), draw(st.integers(1, 6)), draw(st.integers(1, 2))
+    D = draw(st.sampled_from([24, 8])) if fault == "odd_head_dim" else draw(st.sampled_from([16, 32]))
+    dtype = torch.int32 if fault == "int_dtype" else draw(st.sampled_from(FLOATS))
+    shapes = {name: [B, S, H, D] for name in "qkv"}
+    dtypes = dict.fromkeys("qkv", dtype)
+    if fault == "k_seqlen":
+        shapes["k"][1] += 1
+    elif fault == "v_head_dim":
+        shapes["v"][3] += 16
+    elif fault == "k_dtype":
+        dtypes["k"] = draw(st.sampled_from([t for t in FLOATS if t != dtype]))
+    layouts = {name: draw(st.sampled_from(["contiguous", "contiguous", "strided", "transposed"])) for name in "qkv"}
+    q, k, v = (_tensor(draw, shapes[n], dtypes[n], layouts[n]) for n in "qkv")
+    if fault == "q_rank":
+        q = q[0]
+    mask_kind = {"mask_int": "int", "mask_shape": "wrong_shape"}.get(fault) or \
+        draw(st.sampled_from([None, "bool", "bool_dead_row"]))
+    mask = None
+    if mask_kind is not None:
+        mask = torch.rand(B, S, generator=torch.Generator().manual_seed(draw(st.integers(0, 99)))) < 0.7
+        mask[:, 0] = True
+        if mask_kind == "bool_dead_row":
+            mask[-1] = False  # a row of only padding: zeros out, zero gradients
+        elif mask_kind == "int":
+            mask = mask.int()
+        elif mask_kind == "wrong_shape":
+            mask = mask[:, :-1] if S > 1 else torch.ones(B, 2, dtype=torch.bool)
+    dropout_p = draw(st.sampled_from([-0.1, 1.0, float("nan")] if fault == "dropout" else [0.0, 0.0, 0.3]))
+    scale = draw(st.sampled_from([0.0, -1.0, float("nan")] if fault == "scale" else [None, 0.3]))
+    grad = dtype.is_floating_point and draw(st.booleans())
+    for t in (q, k, v):
+        t.requires_grad_(grad and t.is_floating_point())
+
+    with ops.use_backend(backend):
+        out = _expect_clear_error_or("attention", lambda: ops.attention(q, k, v, mask, dropout_p, scale))
+    refused = _attention_refused(backend, fault, dtype, layouts)
+    assert (out is None) == refused, f"fault={fault} dtype={dtype}: {'accepted' if out is not None else 'refused'}"
+    if out is None:
+        return
+    assert out.shape == q.shape and out.dtype == q.dtype
+    if dropout_p > 0:  # another mask than the reference's: only its shape and finiteness are comparable
+        assert torch.isfinite(out).all()
+        return
+    ref64 = attention_ref(q.double(), k.double(), v.double(), mask, 0.0, scale)
+    baseline = attention_ref(q, k, v, mask, 0.0, scale).to(out.dtype)  # the reference in the test dtype
+    assert_close_to_ref(out.detach(), ref64.detach(), baseline.detach(), "attention out")
+    if mask_kind == "bool_dead_row":
+        assert (out[-1] == 0).all(), "a row with every key masked must return zeros"
+    if grad:
+        do = torch.randn(out.shape, generator=torch.Generator().manual_seed(5), dtype=torch.float64)
+        ours = _grads(out, (q, k, v), do.to(out.dtype))
+        refs = _grads(ref64, (q, k, v), do)
+        base = _grads(baseline, (q, k, v), do.to(baseline.dtype))
+        for name, a, r, b in zip("qkv", ours, refs, base):
+            assert_close_to_ref(a, r, b, f"d{name}")
+
+
+# -- add_layernorm ------------------------------------------------------------------------------
+
+LAYERNORM_FAULTS = ["residual_shape", "residual_dtype", "weight_size", "bias_rank", "param_dtype", "eps",
+                    "dropout", "int_dtype"]
+
+
+@SETTINGS
+@pytest.mark.parametrize("backend", BACKENDS)
+@given(data=st.data())
+def test_add_layernorm_fuzz(backend, data):
+    draw = data.draw
+    fault = draw(st.sampled_from([None] * len(LAYERNORM_FAULTS) + LAYERNORM_FAULTS))
+    lead = draw(st.lists(st.integers(1, 3), min_size=1, max_size=2))
+    hidden = draw(st.sampled_from([1, 7, 32, 130]))
+    dtype = torch.int32 if fault == "int_dtype" else draw(st.sampled_from(FLOATS))
+    residual_dtype = draw(st.sampled_from([t for t in FLOATS if t != dtype])) if fault == "residual_dtype" else dtype
+    param_dtype = torch.float64 if fault == "param_dtype" and dtype != torch.float64 else \
+        draw(st.sampled_from([dtype, torch.float32] if dtype.is_floating_point else [torch.float32]))
+    if fault == "param_dtype" and dtype == torch.float64:
+        param_dtype = torch.float16
+    x = _tensor(draw, [*lead, hidden], dtype, draw(st.sampled_from(["contiguous", "strided", "transposed"])))
+    residual = _tensor(draw, [*lead, hidden + (fault == "residual_shape")], residual_dtype,
+                       draw(st.sampled_from(["contiguous", "strided"])))
+    weight = _tensor(draw, [hidden + (fault == "weight_size")], param_dtype, "contiguous")
+    bias = _tensor(draw, [hidden], param_dtype, "contiguous")
+    if fault == "bias_rank":
+        bias = bias[None]
+    eps = draw(st.sampled_from([-1e-5, float("nan"), float("inf")] if fault == "eps" else [1e-5, 1e-12]))
+    dropout_p = draw(st.sampled_from([1.0, -0.5] if fault == "dropout" else [0.0, 0.0, 0.2]))
+    grad = dtype.is_floating_point and draw(st.booleans())
+    for t in (x, residual, weight, bias):
+        t.requires_grad_(grad)
+
+    with ops.use_backend(backend):
+        y = _expect_clear_error_or("add_layernorm", lambda: ops.add_layernorm(x, residual, weight, bias, eps, dropout_p))
+    refused = fault is not None or (backend == "triton" and dtype == torch.float64)
+    assert (y is None) == refused, f"fault={fault} dtype={dtype}: {'accepted' if y is not None else 'refused'}"
+    if y is None:
+        return
+    assert y.shape == x.shape and y.dtype == x.dtype
+    if dropout_p > 0:
+        assert torch.isfinite(y).all()
+        return
+    ref64 = add_layernorm_ref(x.double(), residual.double(), weight.double(), bias.double(), eps)
+    # the reference in the test dtypes, cast to the output's as the op's is (a float32 weight
+    # promotes the reference's arithmetic; the op returns x's dtype)
+    baseline = add_layernorm_ref(x, residual, weight, bias, eps).to(y.dtype)
+    assert_close_to_ref(y.detach(), ref64.detach(), baseline.detach(), "add_layernorm y")
+    if grad:
+        dy = torch.randn(y.shape, generator=torch.Generator().manual_seed(3), dtype=torch.float64)
+        ours = _grads(y, (x, residual, weight, bias), dy.to(y.dtype))
+        refs = _grads(ref64, (x, residual, weight, bias), dy)
+        base = _grads(baseline, (x, residual, weight, bias), dy.to(baseline.dtype))
+        for name, a, r, b in zip(["dx", "dresidual", "dweight", "dbias"], ours, refs, base):
+            assert a.dtype == {"dx": x, "dresidual": residual, "dweight": weight, "dbias": bias}[name].dtype
+            assert_close_to_ref(a, r, b, name)
+
+
+# -- bias_gelu --------------------------------------------------------------------------------
+
+GELU_FAULTS = ["bias_size", "bias_rank", "approximate", "int_dtype", "bias_dtype"]
+
+
+@SETTINGS
+@pytest.mark.parametrize("backend", BACKENDS)
+@given(data=st.data())
+def test_bias_gelu_fuzz(backend, data):
+    draw = data.draw
+    fault = draw(st.sampled_from([None] * len(GELU_FAULTS) + GELU_FAULTS))
+    lead = draw(st.lists(st.integers(1, 3), min_size=0, max_size=2))
+    n = draw(st.sampled_from([1, 5, 64, 129]))
+    dtype = torch.int64 if fault == "int_dtype" else draw(st.sampled_from(FLOATS))
+    if fault == "bias_dtype":
+        bias_dtype = torch.float16 if dtype != torch.float16 else torch.float64
+    else:
+        bias_dtype = draw(st.sampled_from([dtype, torch.float32] if dtype.is_floating_point else [torch.float32]))
+    x = _tensor(draw, [*lead, n], dtype, draw(st.sampled_from(["contiguous", "strided", "transposed"])))
+    bias = _tensor(draw, [n + (fault == "bias_size")], bias_dtype, "contiguous")
+    if fault == "bias_rank":
+        bias = bias[None]
+    approximate = draw(st.sampled_from(["erf", "gelu", None] if fault == "approximate" else ["none", "tanh"]))
+    grad = dtype.is_floating_point and draw(st.booleans())
+    x.requires_grad_(grad)
+    bias.requires_grad_(grad)
+
+    with ops.use_backend(backend):
+        y = _expect_clear_error_or("bias_gelu", lambda: ops.bias_gelu(x, bias, approximate))
+    refused = fault is not None or (backend == "triton" and dtype == torch.float64)
+    assert (y is None) == refused, f"fault={fault} dtype={dtype}: {'accepted' if y is not None else 'refused'}"
+    if y is None:
+        return
+    assert y.shape == x.shape and y.dtype == x.dtype
+    ref64 = bias_gelu_ref(x.double(), bias.double(), approximate)
+    baseline = bias_gelu_ref(x, bias, approximate).to(y.dtype)  # as for add_layernorm
+    assert_close_to_ref(y.detach(), ref64.detach(), baseline.detach(), "bias_gelu y")
+    if grad:
+        dy = torch.randn(y.shape, generator=torch.Generator().manual_seed(4), dtype=torch.float64)
+        ours = _grads(y, (x, bias), dy.to(y.dtype))
+        refs = _grads(ref64, (x, bias), dy)
+        base = _grads(baseline, (x, bias), dy.to(baseline.dtype))
+        for name, a, r, b in zip(["dx", "dbias"], ours, refs, base):
+            assert_close_to_ref(a, r, b, name)
