@@ -1,5 +1,6 @@
 """The public ops under generated mixes of shapes, dtypes, layouts, masks and settings, on the
-torch and the triton backend (the interpreter on the CPU): every call either raises a
+torch, triton (the interpreter on the CPU) and cuda (fastbert._C, or its CPU emulation from
+tests/cuda_emu) backends: every call either raises a
 ValueError/TypeError that starts with the op's name, or returns what the float64 reference
 returns, gradients included, within the dtype's tolerance (conftest.assert_close_to_ref).
 tests/test_ops_api.py names each mistake once; this file looks for the combinations nobody
@@ -8,14 +9,15 @@ import pytest
 import torch
 from hypothesis import HealthCheck, event, given, settings, strategies as st
 
-from conftest import assert_close_to_ref
+from conftest import ON_GPU, assert_close_to_ref
 from fastbert import ops
 from fastbert.ops.attention import attention_ref
 from fastbert.ops.gelu import bias_gelu_ref
 from fastbert.ops.layernorm import add_layernorm_ref
 
-BACKENDS = ["torch", "triton"]
-SETTINGS = settings(max_examples=100, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+BACKENDS = ["torch", "triton", pytest.param("cuda", marks=pytest.mark.slow)]  # cuda: the CPU emulation of csrc
+SETTINGS = settings(max_examples=100, deadline=None,
+                    suppress_health_check=[HealthCheck.too_slow, HealthCheck.function_scoped_fixture])
 FLOATS = [torch.float32, torch.float16, torch.float64]
 
 
@@ -37,11 +39,33 @@ def _tensor(draw, shape, dtype, layout):
     return make(tuple(shape))
 
 
+@pytest.fixture(params=BACKENDS)
+def backend(request, monkeypatch):
+    """The backend name; "cuda" runs fastbert._C's kernels on a GPU, or their CPU emulation
+    (tests/cuda_emu) where there is none (kept across the examples of one test)."""
+    if request.param == "cuda" and not ON_GPU:
+        import importlib
+
+        from fastbert.ops import _backend
+        A = importlib.import_module("fastbert.ops.attention")  # the module (fastbert.ops exports the function)
+        from test_cuda_attention import _build_emulator
+        from test_cuda_build import emulate
+
+        emulate(monkeypatch)  # the LayerNorm/GELU/span launchers
+        attention_emulator = _build_emulator()
+        if attention_emulator is None:
+            pytest.skip("no CPU emulation of the attention kernels here (g++, CUDA headers, pybind11)")
+        monkeypatch.setattr(A, "_cuda_ext", lambda: attention_emulator)
+        monkeypatch.setattr(A, "resolve", lambda device: "cuda" if _backend.get_backend() == "cuda" else "torch")
+    return request.param
+
+
 def _expect_clear_error_or(op, call):
-    """call() -> result; a ValueError/TypeError must name the op. Returns None when it raised."""
+    """call() -> result; a ValueError/TypeError (NotImplementedError: a backend without that
+    kernel) must name the op. Returns None when it raised."""
     try:
         result = call()
-    except (ValueError, TypeError) as err:
+    except (ValueError, TypeError, NotImplementedError) as err:
         assert str(err).startswith(f"{op}:"), f"error without the op's name: {err!r}"
         event(f"{op}: refused ({type(err).__name__}: {str(err)[len(op) + 2:][:40]})")
         return None
@@ -62,21 +86,25 @@ ATTENTION_FAULTS = ["k_seqlen", "v_head_dim", "k_dtype", "q_rank", "int_dtype", 
                     "dropout", "scale", "odd_head_dim"]
 
 
-def _attention_refused(backend, fault, dtype, layouts):
+def _attention_refused(backend, fault, dtype, layouts, head_dim):
     if backend == "triton" and (fault == "odd_head_dim" or dtype == torch.float64 or "strided" in layouts.values()):
         return True  # head dims are multiples of 16; no float64 kernels; rows of q/k/v read as vectors
+    if backend == "cuda" and (dtype not in (torch.float16, torch.bfloat16) or head_dim not in (32, 64, 128)
+                              or "strided" in layouts.values()):
+        return True
     return fault not in (None, "odd_head_dim")
 
 
 @SETTINGS
-@pytest.mark.parametrize("backend", BACKENDS)
 @given(data=st.data())
 def test_attention_fuzz(backend, data):
     draw = data.draw
     fault = draw(st.sampled_from([None] * len(ATTENTION_FAULTS) + ATTENTION_FAULTS))
     B, S, H = draw(st.integers(1, 2)), draw(st.integers(1, 6)), draw(st.integers(1, 2))
-    D = draw(st.sampled_from([24, 8])) if fault == "odd_head_dim" else draw(st.sampled_from([16, 32]))
-    dtype = torch.int32 if fault == "int_dtype" else draw(st.sampled_from(FLOATS))
+    cuda = backend == "cuda"  # its kernels: float16/bfloat16, head_dim 32/64/128
+    D = draw(st.sampled_from([24, 8])) if fault == "odd_head_dim" else draw(st.sampled_from([32, 64] if cuda else [16, 32]))
+    floats = [torch.float16, torch.float16, torch.bfloat16, torch.float32] if cuda else FLOATS
+    dtype = torch.int32 if fault == "int_dtype" else draw(st.sampled_from(floats))
     shapes = {name: [B, S, H, D] for name in "qkv"}
     dtypes = dict.fromkeys("qkv", dtype)
     if fault == "k_seqlen":
@@ -84,7 +112,7 @@ def test_attention_fuzz(backend, data):
     elif fault == "v_head_dim":
         shapes["v"][3] += 16
     elif fault == "k_dtype":
-        dtypes["k"] = draw(st.sampled_from([t for t in FLOATS if t != dtype]))
+        dtypes["k"] = draw(st.sampled_from([t for t in floats if t != dtype]))
     layouts = {name: draw(st.sampled_from(["contiguous", "contiguous", "strided", "transposed"])) for name in "qkv"}
     q, k, v = (_tensor(draw, shapes[n], dtypes[n], layouts[n]) for n in "qkv")
     if fault == "q_rank":
@@ -109,7 +137,7 @@ def test_attention_fuzz(backend, data):
 
     with ops.use_backend(backend):
         out = _expect_clear_error_or("attention", lambda: ops.attention(q, k, v, mask, dropout_p, scale))
-    refused = _attention_refused(backend, fault, dtype, layouts)
+    refused = _attention_refused(backend, fault, dtype, layouts, D)
     assert (out is None) == refused, f"fault={fault} dtype={dtype}: {'accepted' if out is not None else 'refused'}"
     if out is None:
         return
@@ -138,7 +166,6 @@ LAYERNORM_FAULTS = ["residual_shape", "residual_dtype", "weight_size", "bias_ran
 
 
 @SETTINGS
-@pytest.mark.parametrize("backend", BACKENDS)
 @given(data=st.data())
 def test_add_layernorm_fuzz(backend, data):
     draw = data.draw
@@ -166,7 +193,7 @@ def test_add_layernorm_fuzz(backend, data):
 
     with ops.use_backend(backend):
         y = _expect_clear_error_or("add_layernorm", lambda: ops.add_layernorm(x, residual, weight, bias, eps, dropout_p))
-    refused = fault is not None or (backend == "triton" and dtype == torch.float64)
+    refused = fault is not None or (backend != "torch" and dtype == torch.float64)
     assert (y is None) == refused, f"fault={fault} dtype={dtype}: {'accepted' if y is not None else 'refused'}"
     if y is None:
         return
@@ -195,7 +222,6 @@ GELU_FAULTS = ["bias_size", "bias_rank", "approximate", "int_dtype", "bias_dtype
 
 
 @SETTINGS
-@pytest.mark.parametrize("backend", BACKENDS)
 @given(data=st.data())
 def test_bias_gelu_fuzz(backend, data):
     draw = data.draw
@@ -218,7 +244,7 @@ def test_bias_gelu_fuzz(backend, data):
 
     with ops.use_backend(backend):
         y = _expect_clear_error_or("bias_gelu", lambda: ops.bias_gelu(x, bias, approximate))
-    refused = fault is not None or (backend == "triton" and dtype == torch.float64)
+    refused = fault is not None or (backend != "torch" and dtype == torch.float64)
     assert (y is None) == refused, f"fault={fault} dtype={dtype}: {'accepted' if y is not None else 'refused'}"
     if y is None:
         return
