@@ -9,7 +9,7 @@ import pytest
 import torch
 from hypothesis import HealthCheck, event, given, settings, strategies as st
 
-from conftest import ON_GPU, assert_close_to_ref
+from conftest import DEVICE, ON_GPU, assert_close_to_ref
 from fastbert import ops
 from fastbert.ops.attention import attention_ref
 from fastbert.ops.gelu import bias_gelu_ref
@@ -28,10 +28,10 @@ def _tensor(draw, shape, dtype, layout):
     seed = draw(st.integers(0, 2**31 - 1))
     g = torch.Generator().manual_seed(seed)
 
-    def make(s):
+    def make(s):  # drawn on the CPU (one generator), laid out where the kernels run
         if dtype.is_floating_point:
-            return torch.randn(s, generator=g, dtype=torch.float64).to(dtype)
-        return torch.randint(-3, 4, s, generator=g, dtype=dtype)
+            return torch.randn(s, generator=g, dtype=torch.float64).to(DEVICE, dtype)
+        return torch.randint(-3, 4, s, generator=g, dtype=dtype).to(DEVICE)
     if layout == "strided" and len(shape) >= 1:
         return make((*shape[:-1], 2 * shape[-1]))[..., ::2]
     if layout == "transposed" and len(shape) >= 2:
@@ -129,6 +129,7 @@ def test_attention_fuzz(backend, data):
             mask = mask.int()
         elif mask_kind == "wrong_shape":
             mask = mask[:, :-1] if S > 1 else torch.ones(B, 2, dtype=torch.bool)
+        mask = mask.to(DEVICE)
     dropout_p = draw(st.sampled_from([-0.1, 1.0, float("nan")] if fault == "dropout" else [0.0, 0.0, 0.3]))
     scale = draw(st.sampled_from([0.0, -1.0, float("nan")] if fault == "scale" else [None, 0.3]))
     grad = dtype.is_floating_point and draw(st.booleans())
@@ -151,7 +152,7 @@ def test_attention_fuzz(backend, data):
     if mask_kind == "bool_dead_row":
         assert (out[-1] == 0).all(), "a row with every key masked must return zeros"
     if grad:
-        do = torch.randn(out.shape, generator=torch.Generator().manual_seed(5), dtype=torch.float64)
+        do = torch.randn(out.shape, generator=torch.Generator().manual_seed(5), dtype=torch.float64).to(DEVICE)
         ours = _grads(out, (q, k, v), do.to(out.dtype))
         refs = _grads(ref64, (q, k, v), do)
         base = _grads(baseline, (q, k, v), do.to(baseline.dtype))
@@ -207,7 +208,7 @@ def test_add_layernorm_fuzz(backend, data):
     baseline = add_layernorm_ref(x, residual, weight, bias, eps).to(y.dtype)
     assert_close_to_ref(y.detach(), ref64.detach(), baseline.detach(), "add_layernorm y")
     if grad:
-        dy = torch.randn(y.shape, generator=torch.Generator().manual_seed(3), dtype=torch.float64)
+        dy = torch.randn(y.shape, generator=torch.Generator().manual_seed(3), dtype=torch.float64).to(DEVICE)
         ours = _grads(y, (x, residual, weight, bias), dy.to(y.dtype))
         refs = _grads(ref64, (x, residual, weight, bias), dy)
         base = _grads(baseline, (x, residual, weight, bias), dy.to(baseline.dtype))
@@ -253,7 +254,7 @@ def test_bias_gelu_fuzz(backend, data):
     baseline = bias_gelu_ref(x, bias, approximate).to(y.dtype)  # as for add_layernorm
     assert_close_to_ref(y.detach(), ref64.detach(), baseline.detach(), "bias_gelu y")
     if grad:
-        dy = torch.randn(y.shape, generator=torch.Generator().manual_seed(4), dtype=torch.float64)
+        dy = torch.randn(y.shape, generator=torch.Generator().manual_seed(4), dtype=torch.float64).to(DEVICE)
         ours = _grads(y, (x, bias), dy.to(y.dtype))
         refs = _grads(ref64, (x, bias), dy)
         base = _grads(baseline, (x, bias), dy.to(baseline.dtype))
