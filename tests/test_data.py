@@ -458,6 +458,12 @@ def test_predict_answers_from_gold_positions(tok, squad):
     assert scores["exact_match"] > 95 and scores["f1"] > 95
     with pytest.raises(ValueError, match="one row per feature"):
         predict_answers(examples, feats, start[:-1], end)
+    for bad in (0, 33, 2.5):  # a window's candidates come from one span_score call: topk <= 32
+        with pytest.raises(ValueError, match=r"n_best must be an int in 1\.\.32"):
+            predict_answers(examples, feats, start, end, n_best=bad)
+    n_best = predict_answers(examples, feats, start, end, n_best=32, return_n_best=True)
+    assert all(len(c) == 32 for c in n_best.values() if c), "32 candidates where the windows hold that many"
+    assert {i: c[0][0] for i, c in n_best.items() if i in expected} == expected
 
 
 # --- collation and bucketing ------------------------------------------------------------------

@@ -166,7 +166,11 @@ def predict_answers(examples: Sequence[SquadExample], features: Sequence[dict], 
     (default: the logits' device; tasks.evaluate passes the model's, so a GPU uses the kernel).
     """
     from ..ops import span_score
+    from ..ops.span import MAX_TOPK
 
+    if isinstance(n_best, bool) or not isinstance(n_best, int) or not 1 <= n_best <= MAX_TOPK:
+        # each window's candidates come from one span_score call, which keeps at most MAX_TOPK
+        raise ValueError(f"n_best must be an int in 1..{MAX_TOPK}, got {n_best!r}")
     start_logits, end_logits = torch.as_tensor(start_logits), torch.as_tensor(end_logits)
     device = torch.device(device) if device is not None else start_logits.device
     start_logits, end_logits = start_logits.float().to(device), end_logits.float().to(device)
@@ -176,9 +180,8 @@ def predict_answers(examples: Sequence[SquadExample], features: Sequence[dict], 
     allowed = torch.zeros(start_logits.shape, dtype=torch.bool)
     for f, feat in enumerate(features):
         allowed[f, :len(feat["context_mask"])] = torch.tensor(feat["context_mask"], dtype=torch.bool)
-    topk = max(1, min(n_best, 32))
     starts, ends, scores = span_score(start_logits, end_logits, allowed.to(device),
-                                      max_answer_len=max_answer_tokens, topk=topk)
+                                      max_answer_len=max_answer_tokens, topk=n_best)
     starts, ends, scores = starts.cpu(), ends.cpu(), scores.cpu()
     candidates: dict[int, list[tuple[float, str]]] = {}
     for f, feat in enumerate(features):
