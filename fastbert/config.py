@@ -41,10 +41,15 @@ class BertConfig:
             value = getattr(self, name)
             if isinstance(value, bool) or not isinstance(value, (int, float)) or not 0.0 <= value < 1.0:
                 raise ValueError(f"BertConfig: {name} must be a probability in [0, 1), got {value!r}")
-        for name in ("layer_norm_eps", "initializer_range"):
+        # layer_norm_eps below float32's smallest normal number rounds to 0 in the kernels, and a
+        # row of equal values then normalises to NaN; initializer_range is the std of newly
+        # initialised weights (BERT: 0.02): above 1 a model built from the config overflows.
+        for name, low, high in (("layer_norm_eps", 1e-38, float("inf")), ("initializer_range", 0.0, 1.0)):
             value = getattr(self, name)
-            if isinstance(value, bool) or not isinstance(value, (int, float)) or not 0.0 < value < float("inf"):
-                raise ValueError(f"BertConfig: {name} must be a positive finite number, got {value!r}")
+            if isinstance(value, bool) or not isinstance(value, (int, float)) or not low < value <= high \
+                    or value == float("inf"):
+                bounds = f"> {low:g}" if high == float("inf") else f"in ({low:g}, {high:g}]"
+                raise ValueError(f"BertConfig: {name} must be a finite number {bounds}, got {value!r}")
         if self.pad_token_id is not None and (isinstance(self.pad_token_id, bool) or not isinstance(self.pad_token_id, int)
                                               or not 0 <= self.pad_token_id < self.vocab_size):
             raise ValueError(f"BertConfig: pad_token_id must be an integer in [0, vocab_size={self.vocab_size}) "

@@ -5,6 +5,8 @@ ValueError/TypeError that starts with the op's name, or returns what the float64
 returns, gradients included, within the dtype's tolerance (conftest.assert_close_to_ref).
 tests/test_ops_api.py names each mistake once; this file looks for the combinations nobody
 wrote down (a non-contiguous k with a mask, a float32 weight with float16 x, head_dim 24...)."""
+import os
+
 import pytest
 import torch
 from hypothesis import HealthCheck, event, given, settings, strategies as st
@@ -16,7 +18,10 @@ from fastbert.ops.gelu import bias_gelu_ref
 from fastbert.ops.layernorm import add_layernorm_ref
 
 BACKENDS = ["torch", "triton", pytest.param("cuda", marks=pytest.mark.slow)]  # cuda: the CPU emulation of csrc
-SETTINGS = settings(max_examples=100, deadline=None,
+# Derandomized: the suite runs the same 100 examples a test everywhere (no flaky CI); a longer,
+# random search: FASTBERT_FUZZ_EXAMPLES=2000 FASTBERT_FUZZ_RANDOM=1 pytest tests/test_ops_fuzz.py
+SETTINGS = settings(max_examples=int(os.environ.get("FASTBERT_FUZZ_EXAMPLES", "100")), deadline=None,
+                    derandomize=os.environ.get("FASTBERT_FUZZ_RANDOM") != "1",
                     suppress_health_check=[HealthCheck.too_slow, HealthCheck.function_scoped_fixture])
 FLOATS = [torch.float32, torch.float16, torch.float64]
 
@@ -154,7 +159,7 @@ def test_attention_fuzz(backend, data):
     if grad:
         do = torch.randn(out.shape, generator=torch.Generator().manual_seed(5), dtype=torch.float64).to(DEVICE)
         ours = _grads(out, (q, k, v), do.to(out.dtype))
-        refs = _grads(ref64, (q, k, v), do)
+        refs = _grads(ref64, (q, k, v), do.to(out.dtype).double())  # the upstream gradient the op got
         base = _grads(baseline, (q, k, v), do.to(baseline.dtype))
         for name, a, r, b in zip("qkv", ours, refs, base):
             assert_close_to_ref(a, r, b, f"d{name}")
@@ -210,8 +215,13 @@ def test_add_layernorm_fuzz(backend, data):
     if grad:
         dy = torch.randn(y.shape, generator=torch.Generator().manual_seed(3), dtype=torch.float64).to(DEVICE)
         ours = _grads(y, (x, residual, weight, bias), dy.to(y.dtype))
-        refs = _grads(ref64, (x, residual, weight, bias), dy)
+        refs = _grads(ref64, (x, residual, weight, bias), dy.to(y.dtype).double())  # what the op got
         base = _grads(baseline, (x, residual, weight, bias), dy.to(baseline.dtype))
+        if not all(torch.isfinite(b).all() for b in base if b is not None):
+            # PyTorch's CPU float16 LayerNorm backward gives NaN for a row of equal values when eps
+            # underflows float16 (hidden 1 always): the same reference in float32 stands in (tighter)
+            base32 = add_layernorm_ref(x.float(), residual.float(), weight.float(), bias.float(), eps).to(y.dtype)
+            base = _grads(base32, (x, residual, weight, bias), dy.to(y.dtype))
         for name, a, r, b in zip(["dx", "dresidual", "dweight", "dbias"], ours, refs, base):
             assert a.dtype == {"dx": x, "dresidual": residual, "dweight": weight, "dbias": bias}[name].dtype
             assert_close_to_ref(a, r, b, name)
@@ -256,7 +266,7 @@ def test_bias_gelu_fuzz(backend, data):
     if grad:
         dy = torch.randn(y.shape, generator=torch.Generator().manual_seed(4), dtype=torch.float64).to(DEVICE)
         ours = _grads(y, (x, bias), dy.to(y.dtype))
-        refs = _grads(ref64, (x, bias), dy)
+        refs = _grads(ref64, (x, bias), dy.to(y.dtype).double())  # what the op got
         base = _grads(baseline, (x, bias), dy.to(baseline.dtype))
         for name, a, r, b in zip(["dx", "dbias"], ours, refs, base):
             assert_close_to_ref(a, r, b, name)
