@@ -274,11 +274,11 @@ def test_bias_gelu_fuzz(backend, data):
 
 @pytest.mark.xfail(strict=True, reason="known: the FA2-style backward takes D_i = rowsum(dO * O) from the "
                    "float16-rounded O; at a sharp softmax dq/dk land just past 2x the float16 reference's "
-                   "error + floor (2.26e-3 vs 2.24e-3). Same in the cuda kernels. Fix: D_i = sum_j P_ij dP_ij "
-                   "in the dQ kernel (ARCHITECTURE.md, 'Known')")
+                   "error + floor (2.26e-3 vs 2.24e-3). Same in the cuda kernels. Candidate fixes: "
+                   "ARCHITECTURE.md, 'Known'")
 def test_attention_backward_at_a_sharp_softmax_found_by_the_fuzz():
     """The case a random search of test_attention_fuzz found (float16, head_dim 64, scale 0.3);
-    strict: when the backward gets exact D_i this starts passing and the mark must go."""
+    strict: when the backward gets a more exact D_i this starts passing and the mark must go."""
     B, S, H, D = 2, 2, 1, 64
 
     def make(seed):  # laid out (S, B, H, D) in memory, as the fuzz's "transposed" layout
