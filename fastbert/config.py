@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import math
 import os
 from pathlib import Path
 
@@ -46,8 +47,8 @@ class BertConfig:
         # initialised weights (BERT: 0.02): above 1 a model built from the config overflows.
         for name, low, high in (("layer_norm_eps", 1e-38, float("inf")), ("initializer_range", 0.0, 1.0)):
             value = getattr(self, name)
-            if isinstance(value, bool) or not isinstance(value, (int, float)) or not low < value <= high \
-                    or value == float("inf"):
+            if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value) \
+                    or not low < value <= high:
                 bounds = f"> {low:g}" if high == float("inf") else f"in ({low:g}, {high:g}]"
                 raise ValueError(f"BertConfig: {name} must be a finite number {bounds}, got {value!r}")
         if self.pad_token_id is not None and (isinstance(self.pad_token_id, bool) or not isinstance(self.pad_token_id, int)

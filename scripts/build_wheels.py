@@ -37,7 +37,8 @@ takes fastbert._C from it instead of compiling when the stamp still matches:
     python scripts/prepare_gpu_carry.py --prebuilt .gpu/prebuilt
 
 Prints each wheel with its tags, size and times: about 2 min per interpreter on 2 cores, 8.1 MiB
-each, `manylinux_2_28_x86_64` (csrc/README.md, "Building").
+each, tagged `manylinux_2_24_x86_64` (auditwheel names the oldest policy the symbols satisfy,
+which is older than the 2_28 asked for; csrc/README.md, "Building").
 """
 from __future__ import annotations
 

@@ -43,11 +43,14 @@ def _layer_norm(h, weight, bias, eps):
     return F.layer_norm(h.to(weight.dtype), weight.shape, weight, bias, eps).to(h.dtype)
 
 
-def _cpu_half(x) -> bool:
-    """The torch backend normalises float16/bfloat16 CPU tensors in float32, as the kernels do:
-    PyTorch's CPU LayerNorm backward in float16 returns NaN for a row of equal values when eps
-    underflows float16 (BERT's 1e-12 does)."""
-    return x.device.type == "cpu" and x.dtype in _HALF_DTYPES
+def _torch_backend(ref, tensors, *args):
+    """The torch backend: `ref` on `tensors`, except that float16/bfloat16 CPU tensors are
+    normalised in float32, as the kernels do: PyTorch's CPU LayerNorm backward in float16 returns
+    NaN for a row of equal values when eps underflows float16 (BERT's 1e-12 does)."""
+    x = tensors[0]
+    if x.device.type == "cpu" and x.dtype in _HALF_DTYPES:
+        return ref(*(t.float() for t in tensors), *args).to(x.dtype)
+    return ref(*tensors, *args)
 
 
 def add_layernorm_ref(x, residual, weight, bias, eps, dropout_p=0.0, dropout_mask=None):
@@ -369,10 +372,7 @@ def add_layernorm(x, residual, weight, bias, eps, dropout_p=0.0, *, copy_in_x_dt
     check_dropout("add_layernorm", dropout_p)
     backend = resolve(x.device)
     if backend == "torch":
-        if _cpu_half(x):  # see _cpu_half
-            y = add_layernorm_ref(x.float(), residual.float(), weight.float(), bias.float(), eps, dropout_p).to(x.dtype)
-        else:
-            y = add_layernorm_ref(x, residual, weight, bias, eps, dropout_p)
+        y = _torch_backend(add_layernorm_ref, (x, residual, weight, bias), eps, dropout_p)
         return (y, y.to(x_dtype)) if copy_in_x_dtype else y
     if backend == "cuda":
         _check_cuda_rows("add_layernorm", x)
@@ -396,9 +396,7 @@ def layernorm_gelu(x, weight, bias, eps):
     _check_eps("layernorm_gelu", eps)
     backend = resolve(x.device)
     if backend == "torch":
-        if _cpu_half(x):
-            return layernorm_gelu_ref(x.float(), weight.float(), bias.float(), eps).to(x.dtype)
-        return layernorm_gelu_ref(x, weight, bias, eps)
+        return _torch_backend(layernorm_gelu_ref, (x, weight, bias), eps)
     if backend == "cuda":
         _check_cuda_rows("layernorm_gelu", x)
     else:
