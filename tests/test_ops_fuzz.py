@@ -297,3 +297,32 @@ def test_attention_backward_at_a_sharp_softmax_found_by_the_fuzz():
     for name, a, r, b in zip("qkv", _grads(out, (q, k, v), do), _grads(ref64, (q, k, v), do.double()),
                              _grads(baseline, (q, k, v), do)):
         assert_close_to_ref(a, r, b, f"d{name}")
+
+
+def test_the_float64_replay_of_the_attention_backward_models_the_kernel():
+    """scripts/attention_delta_precision.py (the table in ARCHITECTURE.md's 'Known') replays the
+    backward's formulas in float64: on the case above its "rounded O" row must be what the Triton
+    kernel computes, and its two candidate fixes must bring the case inside the tolerance."""
+    import importlib.util
+    import pathlib
+    path = pathlib.Path(__file__).resolve().parents[1] / "scripts" / "attention_delta_precision.py"
+    spec = importlib.util.spec_from_file_location("attention_delta_precision", path)
+    replay = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(replay)
+    q, k, v, mask, do, scale = replay.fuzz_case()
+    q, k, v, mask, do = (t.to(DEVICE) for t in (q, k, v, mask, do))
+    leaves = [t.clone().requires_grad_(True) for t in (q, k)] + [v]
+    with ops.use_backend("triton"):
+        out = ops.attention(*leaves, mask, 0.0, scale)
+    kernel = _grads(out, leaves[:2], do)
+    q64, k64 = (t.double().requires_grad_(True) for t in (q, k))
+    refs = _grads(attention_ref(q64, k64, v.double(), mask, 0.0, scale), (q64, k64), do.double())
+    qb, kb = (t.clone().requires_grad_(True) for t in (q, k))
+    base = _grads(attention_ref(qb, kb, v, mask, 0.0, scale), (qb, kb), do)
+    now = replay.emulate(q.cpu(), k.cpu(), v.cpu(), mask.cpu(), do.cpu(), scale, "fa2")
+    for ours, replayed in zip(kernel, now):  # fp32 accumulation order apart, the same numbers
+        torch.testing.assert_close(ours.double().cpu(), replayed, rtol=0, atol=5e-5)
+    for variant in ("o_lo", "in_loop"):
+        fixed = replay.emulate(q.cpu(), k.cpu(), v.cpu(), mask.cpu(), do.cpu(), scale, variant)
+        for name, a, r, b in zip(("dq", "dk"), fixed, refs, base):
+            assert_close_to_ref(a.to(DEVICE, torch.float16), r, b, f"{variant} {name}")

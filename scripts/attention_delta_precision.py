@@ -1,0 +1,99 @@
+"""How exact D_i = rowsum(dO_i * O_i) must be in the attention backward: a float64 emulation.
+
+Both attention backwards (kernels/attention.py, csrc/attention.cuh) take D from the
+half-precision O the forward wrote, as FlashAttention-2 does. At a sharp softmax that
+rounding alone puts dq and dk ~20x further from the float64 reference than a float16
+PyTorch composition (the strict xfail in tests/test_ops_fuzz.py). This script replays
+the kernels' formulas in float64, rounding only where the kernels round (O to the
+input dtype, dS and P to it before their matmuls), for each way of getting D:
+
+  fa2        D from the rounded O (what both backends do now)
+  o_lo       D from O + its rounding residual, the residual stored as a second half
+             tensor by the forward (one more (B, S, H, D) write forward, read backward)
+  in_loop    D_exact = sum_j P_ij dP_ij accumulated in the dQ kernel's key loop (written
+             for the dK/dV kernel, which then needs nothing more); dq corrected at the
+             end by -scale (D_exact - D) sum_j P_ij k_j (one more MMA, P K, and a
+             BLOCK_M x head_dim fp32 accumulator in the dQ kernel)
+
+Run: python scripts/attention_delta_precision.py [--seeds N]  (CPU, seconds)
+"""
+import argparse
+import math
+
+import torch
+
+from fastbert.ops.attention import attention_ref
+
+
+def fuzz_case():
+    """The inputs the random search of test_attention_fuzz found (float16, head_dim 64, scale 0.3)."""
+    B, S, H, D = 2, 2, 1, 64
+
+    def make(seed):
+        g = torch.Generator().manual_seed(seed)
+        return torch.randn((S, B, H, D), generator=g, dtype=torch.float64).to(torch.float16).transpose(0, 1)
+    q, k, v = make(2162), make(3), make(2)
+    mask = torch.tensor([[True, False], [True, True]])
+    g = torch.Generator().manual_seed(5)
+    do = torch.randn((B, S, H, D), generator=g, dtype=torch.float64).to(torch.float16)
+    return q, k, v, mask, do, 0.3
+
+
+def random_case(seed, S=128, D=64, scale=0.3):
+    g = torch.Generator().manual_seed(seed)
+    q, k, v, do = (torch.randn((2, S, 2, D), generator=g, dtype=torch.float64).to(torch.float16) for _ in range(4))
+    mask = torch.ones((2, S), dtype=torch.bool)
+    mask[1, S // 3:] = False
+    return q, k, v, mask, do, scale
+
+
+def emulate(q, k, v, mask, do, scale, variant):
+    """dq, dk as the kernels compute them, in float64 but for the kernels' roundings."""
+    half = q.dtype
+    Q, K, V, dO = (t.double().permute(0, 2, 1, 3) for t in (q, k, v, do))       # (B, H, S, D)
+    s = (scale * Q @ K.transpose(-1, -2)).masked_fill(~mask[:, None, None, :], -math.inf)
+    P = torch.softmax(s, -1).nan_to_num(0.0)
+    O = P @ V
+    O_half = O.to(half).double()
+    dP = dO @ V.transpose(-1, -2)
+    D_exact = (P * dP).sum(-1, keepdim=True)
+    if variant == "o_lo":
+        O_lo = (O - O_half).to(half).double()
+        D = (dO * O_half).sum(-1, keepdim=True) + (dO * O_lo).sum(-1, keepdim=True)
+    else:
+        D = (dO * O_half).sum(-1, keepdim=True)
+    dq = scale * (P * (dP - D)).to(half).double() @ K
+    D_k = D
+    if variant == "in_loop":
+        dq = dq - scale * (D_exact - D) * (P.to(half).double() @ K)
+        D_k = D_exact
+    dk = scale * (P * (dP - D_k)).to(half).double().transpose(-1, -2) @ Q
+    return dq.permute(0, 2, 1, 3), dk.permute(0, 2, 1, 3)
+
+
+def errors(case):
+    q, k, v, mask, do, scale = case
+    q64, k64, v64 = (t.double().requires_grad_() for t in (q, k, v))
+    dq_ref, dk_ref = torch.autograd.grad(attention_ref(q64, k64, v64, mask, 0.0, scale), (q64, k64), do.double())
+    qh, kh, vh = (t.clone().requires_grad_() for t in (q, k, v))
+    dq_b, dk_b = torch.autograd.grad(attention_ref(qh, kh, vh, mask, 0.0, scale), (qh, kh), do)
+    rows = {"torch fp16": (dq_b, dk_b)}
+    for variant in ("fa2", "o_lo", "in_loop"):
+        rows[variant] = emulate(q, k, v, mask, do, scale, variant)
+    return {name: ((dq.double() - dq_ref).abs().max().item(), (dk.double() - dk_ref).abs().max().item())
+            for name, (dq, dk) in rows.items()}
+
+
+def main():
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--seeds", type=int, default=3, help="random 128-token cases besides the fuzz case")
+    args = ap.parse_args()
+    cases = [("fuzz case", fuzz_case())] + [(f"random S=128 seed {i}", random_case(i)) for i in range(args.seeds)]
+    print(f"{'case':<22} {'D from':<11} {'max|dq err|':>12} {'max|dk err|':>12}")
+    for label, case in cases:
+        for name, (eq, ek) in errors(case).items():
+            print(f"{label:<22} {name:<11} {eq:12.3e} {ek:12.3e}")
+
+
+if __name__ == "__main__":
+    main()
