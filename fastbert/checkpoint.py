@@ -7,6 +7,7 @@ and saving both go through it, so a checkpoint moves either way unchanged.
 from __future__ import annotations
 
 import contextlib
+import json
 import os
 import re
 import tempfile
@@ -37,6 +38,9 @@ KEY_MAP = [
 IGNORED = re.compile(r"(^|\.)position_ids$|(^|\.)token_type_ids$|^cls\.")
 # Task heads of transformers' BertFor* classes, loaded by fastbert.heads.
 HEAD_PREFIXES = ("classifier.", "qa_outputs.")
+# TensorFlow-era names of the LayerNorm parameters, still in original checkpoints such as
+# bert-base-uncased's; transformers renames them on load ("legacy" conversion), so do we.
+LEGACY_LAYERNORM = re.compile(r"(LayerNorm)\.(gamma|beta)$")
 
 
 def _pattern(template: str) -> re.Pattern:
@@ -88,24 +92,60 @@ def resolve_model_path(name_or_path) -> Path:
 
 
 def read_state_dict(folder: Path) -> dict[str, torch.Tensor]:
-    """The tensors of model.safetensors, or of pytorch_model.bin loaded with weights_only=True."""
+    """The tensors of model.safetensors, or of pytorch_model.bin loaded with weights_only=True, or of
+    their shards listed in model.safetensors.index.json / pytorch_model.bin.index.json (transformers
+    shards large models); looked for in that order, transformers' order."""
     safetensors_file, torch_file = folder / "model.safetensors", folder / "pytorch_model.bin"
     if safetensors_file.exists():
+        return _read_file(safetensors_file)
+    if (index := folder / "model.safetensors.index.json").exists():
+        return _read_shards(index)
+    if torch_file.exists():
+        return _read_file(torch_file)
+    if (index := folder / "pytorch_model.bin.index.json").exists():
+        return _read_shards(index)
+    raise FileNotFoundError(f"no model.safetensors or pytorch_model.bin (or a sharded index of either) in {folder}")
+
+
+def _read_file(path: Path) -> dict[str, torch.Tensor]:
+    if path.name.endswith(".safetensors"):
         from safetensors.torch import load_file
 
         try:
-            return load_file(str(safetensors_file))
+            return load_file(str(path))
         except Exception as err:  # safetensors raises its own error types for truncated or garbled files
-            raise ValueError(f"checkpoint {safetensors_file} is not a readable safetensors file: {err}") from None
-    if torch_file.exists():
-        try:
-            state = torch.load(torch_file, map_location="cpu", weights_only=True)
-        except Exception as err:
-            raise ValueError(f"checkpoint {torch_file} could not be loaded with weights_only=True: {err}") from None
-        if not isinstance(state, dict) or not all(isinstance(v, torch.Tensor) for v in state.values()):
-            raise ValueError(f"checkpoint {torch_file} must hold a dict of tensors")
-        return state
-    raise FileNotFoundError(f"no model.safetensors or pytorch_model.bin in {folder}")
+            raise ValueError(f"checkpoint {path} is not a readable safetensors file: {err}") from None
+    try:
+        state = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as err:
+        raise ValueError(f"checkpoint {path} could not be loaded with weights_only=True: {err}") from None
+    if not isinstance(state, dict) or not all(isinstance(v, torch.Tensor) for v in state.values()):
+        raise ValueError(f"checkpoint {path} must hold a dict of tensors")
+    return state
+
+
+def _read_shards(index: Path) -> dict[str, torch.Tensor]:
+    """The tensors named by a sharded checkpoint's index ({"weight_map": {tensor: shard file}}),
+    each from the shard the index names: a tensor missing from its shard is an error, not a
+    silently smaller state dict."""
+    try:
+        weight_map = json.loads(index.read_text())["weight_map"]
+    except (ValueError, KeyError, TypeError) as err:
+        raise ValueError(f"checkpoint index {index} must be JSON with a \"weight_map\" object: {err!r}") from None
+    if not isinstance(weight_map, dict) or not all(isinstance(v, str) for v in weight_map.values()):
+        raise ValueError(f"checkpoint index {index}: \"weight_map\" must map tensor names to shard file names")
+    state = {}
+    for shard_name in sorted(set(weight_map.values())):
+        shard = index.parent / shard_name
+        if Path(shard_name).name != shard_name or not shard.is_file():
+            raise ValueError(f"checkpoint index {index} names shard {shard_name!r}, which is not a file in {index.parent}")
+        tensors = _read_file(shard)
+        wanted = [k for k, v in weight_map.items() if v == shard_name]
+        if lacking := [k for k in wanted if k not in tensors]:
+            raise ValueError(f"checkpoint shard {shard} lacks tensors its index {index.name} places there: "
+                             + ", ".join(sorted(lacking)))
+        state.update((k, tensors[k]) for k in wanted)
+    return state
 
 
 def atomic_write_bytes(path: Path, data: bytes) -> None:
@@ -135,6 +175,14 @@ def save_state_dict(state: dict[str, torch.Tensor], path: Path) -> None:
     atomic_write_bytes(Path(path), save(tensors, metadata={"format": "pt"}))
 
 
+def record_dtype(config, model) -> None:
+    """Name the saved weights' dtype in config.json. transformers loads a checkpoint in the dtype its
+    config names: one kept from the checkpoint read (float16) would cast weights fastbert trained and
+    saved in float32 down to float16 there."""
+    config.extra.pop("torch_dtype", None)  # the older name; transformers prefers "dtype" when both are set
+    config.extra["dtype"] = str(next(model.parameters()).dtype).removeprefix("torch.")
+
+
 # -- the encoder -------------------------------------------------------------------
 
 
@@ -159,6 +207,7 @@ def load_encoder(model, hf_state: dict[str, torch.Tensor], source="checkpoint") 
     found, unexpected, not_encoder = {}, [], []
     for key, tensor in hf_state.items():
         bare = key[len("bert."):] if key.startswith("bert.") else key
+        bare = LEGACY_LAYERNORM.sub(lambda m: f"{m[1]}.{'weight' if m[2] == 'gamma' else 'bias'}", bare)
         ours = from_hf_key(bare)
         if ours is not None and ours in own:
             found[ours] = (key, tensor)

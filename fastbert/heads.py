@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import dataclasses
 import os
+import warnings
 from pathlib import Path
 
 import torch
@@ -38,6 +39,7 @@ class _TaskModel(nn.Module):
     head_name = "classifier"
     uses_pooler = True
     architecture = ""
+    problem_type = None  # transformers' name for the loss, where its class reads one
 
     def __init__(self, config: BertConfig, num_outputs: int, backend: str | None = None):
         super().__init__()
@@ -73,6 +75,14 @@ class _TaskModel(nn.Module):
             for key in own:
                 checkpoint.check_weight(f"{model.head_name}.{key}", head_state[key], folder)
             model.head.load_state_dict({k: head_state[k] for k in own})
+        elif head_keys:
+            # A fine-tuned head dropped without a word (num_labels other than the checkpoint's, another
+            # task's head) would leave a random one in its place: said, as transformers says it.
+            shapes = ", ".join(f"{k} {tuple(state[k].shape)}" for k in sorted(head_keys))
+            wanted = ", ".join(f"{model.head_name}.{k} {tuple(v.shape)}" for k, v in own.items())
+            warnings.warn(f"checkpoint {folder}: its head weights ({shapes}) do not fit this model's head ({wanted}); "
+                          f"the head is newly initialised (normal, std={config.initializer_range}; zero bias). "
+                          "Fine-tune it before use.", stacklevel=2)
         return model
 
     @classmethod
@@ -83,6 +93,13 @@ class _TaskModel(nn.Module):
         folder = Path(folder)
         folder.mkdir(parents=True, exist_ok=True)
         self.config.extra["architectures"] = [self.architecture]
+        # transformers sizes the head from id2label and picks the loss by problem_type: a count
+        # other than this head's (a QA head from a 3-label classifier's checkpoint, a head built
+        # from a bare config) or a stale problem_type would not load there, or load another loss.
+        _resolve_labels(self.config, self.head.out_features, None)
+        if self.problem_type is not None:
+            self.config.extra["problem_type"] = self.problem_type
+        checkpoint.record_dtype(self.config, self)
         self.config.to_json(folder / "config.json")
         state = checkpoint.encoder_to_hf(self.bert, prefix="bert.")
         state.update({f"{self.head_name}.{k}": v for k, v in self.head.state_dict().items()})
@@ -101,10 +118,21 @@ class BertForSequenceClassification(_TaskModel):
         self.num_labels = num_labels
         super().__init__(config, num_labels, backend)
 
+    @property
+    def problem_type(self) -> str:
+        return "regression" if self.num_labels == 1 else "single_label_classification"
+
     @classmethod
     def _build(cls, config, num_labels, labels, backend):
         num_labels = _resolve_labels(config, num_labels, labels)
-        return cls(config, num_labels=num_labels, backend=backend)
+        model = cls(config, num_labels=num_labels, backend=backend)
+        saved = config.extra.get("problem_type")
+        if saved is not None and saved != model.problem_type:  # e.g. multi_label_classification
+            warnings.warn(f"config.json's problem_type {saved!r} is not this head's loss: fastbert's "
+                          f"BertForSequenceClassification(num_labels={num_labels}) computes "
+                          f"{'mean squared error' if num_labels == 1 else 'single-label cross-entropy'}, "
+                          f"and save_pretrained records problem_type {model.problem_type!r}", stacklevel=3)
+        return model
 
     def forward(self, input_ids, attention_mask=None, token_type_ids=None, labels=None) -> TaskOutput:
         if labels is not None:
@@ -117,7 +145,8 @@ class BertForSequenceClassification(_TaskModel):
         loss = None
         if labels is not None:
             if self.num_labels == 1:
-                loss = F.mse_loss(logits.squeeze(-1).float(), labels.float())
+                # labels may be (B,) or (B, 1); (B, 1) against (B,) would broadcast to a (B, B) loss
+                loss = F.mse_loss(logits.squeeze(-1).float(), labels.reshape(-1).float())
             else:
                 loss = F.cross_entropy(logits.float(), labels)
         return TaskOutput(loss, logits)
@@ -163,6 +192,9 @@ class BertForQuestionAnswering(_TaskModel):
         loss = None
         if start_positions is not None and end_positions is not None:
             start_logits, end_logits = logits.float().unbind(-1)                        # (B, S) each
+            # (B, 1) positions are taken, as transformers takes them
+            start_positions = start_positions.squeeze(-1) if start_positions.dim() > 1 else start_positions
+            end_positions = end_positions.squeeze(-1) if end_positions.dim() > 1 else end_positions
             # Positions outside the window (shouldn't happen; the data layer points them at [CLS]) are ignored.
             ignored = start_logits.shape[1]
             loss = (F.cross_entropy(start_logits, start_positions.clamp(0, ignored), ignore_index=ignored)

@@ -275,7 +275,7 @@ class BertModel(nn.Module):
     @classmethod
     def from_pretrained(cls, name_or_path: str | os.PathLike = "default", backend: str | None = None,
                         dtype: torch.dtype | None = None, device: str | torch.device | None = None) -> "BertModel":
-        """Load an HF-layout folder (config.json + model.safetensors or pytorch_model.bin);
+        """Load an HF-layout folder (config.json + model.safetensors or pytorch_model.bin, or shards of either);
         "default" is the embedded all-MiniLM-L6-v2."""
         folder = checkpoint.resolve_model_path(name_or_path)
         model = cls(BertConfig.from_json(folder / "config.json"), backend=backend)
@@ -286,5 +286,6 @@ class BertModel(nn.Module):
         """Write config.json and model.safetensors with transformers' key names, each atomically."""
         folder = Path(folder)
         folder.mkdir(parents=True, exist_ok=True)
+        checkpoint.record_dtype(self.config, self)
         self.config.to_json(folder / "config.json")
         checkpoint.save_state_dict(checkpoint.encoder_to_hf(self), folder / "model.safetensors")

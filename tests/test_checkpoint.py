@@ -211,3 +211,74 @@ def test_config_overrides_are_checked_and_reach_extra_keys(tmp_path):
     assert model.dropout_p == 0.0 and model.config.hidden_dropout_prob == 0.2  # classifier_dropout has no field
     with pytest.raises(ValueError, match="hidden_dropout_prob must be a probability"):
         heads.BertForSequenceClassification.from_pretrained(tmp_path, num_labels=2, hidden_dropout_prob=1.5)
+
+
+def test_sharded_checkpoints_load(tmp_path):
+    """transformers shards large models (model.safetensors.index.json + shards; pytorch_model.bin.index.json
+    in older releases): they failed with "no model.safetensors or pytorch_model.bin". A shard that lacks a
+    tensor its index places there, or a shard that is not there, is named."""
+    transformers.logging.set_verbosity_error()
+    torch.manual_seed(0)
+    hf = transformers.BertForSequenceClassification(transformers.BertConfig(**CONFIG, num_labels=3)).eval()
+    hf.save_pretrained(str(tmp_path / "st"), max_shard_size="20KB")
+    assert (tmp_path / "st" / "model.safetensors.index.json").exists() and not (tmp_path / "st" / "model.safetensors").exists()
+    ids, mask = _inputs()
+    model = heads.BertForSequenceClassification.from_pretrained(tmp_path / "st").eval()
+    with torch.no_grad():
+        assert (model(ids, mask).logits - hf(input_ids=ids, attention_mask=mask).logits).abs().max() <= 1e-5
+
+    bins = tmp_path / "bin"                                             # the same shards as pytorch_model-*.bin
+    bins.mkdir()
+    (bins / "config.json").write_text((tmp_path / "st" / "config.json").read_text())
+    index = json.loads((tmp_path / "st" / "model.safetensors.index.json").read_text())
+    renamed = {name: name.replace("model-", "pytorch_model-").replace(".safetensors", ".bin") for name in set(index["weight_map"].values())}
+    for name, new in renamed.items():
+        torch.save(load_file(str(tmp_path / "st" / name)), bins / new)
+    index["weight_map"] = {k: renamed[v] for k, v in index["weight_map"].items()}
+    (bins / "pytorch_model.bin.index.json").write_text(json.dumps(index))
+    again = heads.BertForSequenceClassification.from_pretrained(bins).eval()
+    with torch.no_grad():
+        assert torch.equal(again(ids, mask).logits, model(ids, mask).logits)
+
+    shard = index["weight_map"]["classifier.weight"]
+    state = torch.load(bins / shard, weights_only=True)
+    del state["classifier.weight"]
+    torch.save(state, bins / shard)
+    with pytest.raises(ValueError, match=rf"shard {bins / shard} lacks tensors .*: classifier\.weight"):
+        heads.BertForSequenceClassification.from_pretrained(bins)
+    (bins / shard).unlink()
+    with pytest.raises(ValueError, match=rf"names shard '{shard}', which is not a file"):
+        heads.BertForSequenceClassification.from_pretrained(bins)
+    (bins / "pytorch_model.bin.index.json").write_text("{}")
+    with pytest.raises(ValueError, match="pytorch_model.bin.index.json must be JSON with a \"weight_map\""):
+        heads.BertForSequenceClassification.from_pretrained(bins)
+
+
+def test_legacy_layernorm_names_load(tmp_path):
+    """Original BERT checkpoints (bert-base-uncased's) name LayerNorm parameters gamma/beta; transformers
+    renames them on load. Here they were "missing"/"unexpected"."""
+    torch.manual_seed(0)
+    model = fastbert.BertModel(fastbert.BertConfig(**CONFIG)).eval()
+    model.save_pretrained(tmp_path)
+    path = tmp_path / "model.safetensors"
+    state = {k.replace("LayerNorm.weight", "LayerNorm.gamma").replace("LayerNorm.bias", "LayerNorm.beta"): v
+             for k, v in load_file(str(path)).items()}
+    assert sum(k.endswith(".gamma") for k in state) == 5
+    save_file(state, str(path))
+    again = fastbert.BertModel.from_pretrained(tmp_path).eval()
+    ids, mask = _inputs()
+    with torch.no_grad():
+        assert torch.equal(again(ids, mask).last_hidden_state, model(ids, mask).last_hidden_state)
+
+
+def test_saved_config_names_the_saved_dtype(tmp_path):
+    """transformers loads in the dtype config.json names. A float16 checkpoint's "dtype" was written back
+    unchanged after fastbert loaded (float32) and saved it, so transformers cast the float32 weights to
+    float16."""
+    transformers.logging.set_verbosity_error()
+    torch.manual_seed(0)
+    transformers.BertModel(transformers.BertConfig(**CONFIG)).half().save_pretrained(str(tmp_path / "half"))
+    assert json.loads((tmp_path / "half" / "config.json").read_text())["dtype"] == "float16"
+    fastbert.BertModel.from_pretrained(tmp_path / "half").save_pretrained(tmp_path / "ours")
+    assert json.loads((tmp_path / "ours" / "config.json").read_text())["dtype"] == "float32"
+    assert transformers.AutoModel.from_pretrained(str(tmp_path / "ours")).dtype == torch.float32

@@ -118,3 +118,77 @@ def test_bad_labels_are_named_before_the_encoder_runs():
     labels[0, 2] = 4
     with pytest.raises(ValueError, match=r"num_labels=4.*\[0, 4\]"):
         tag(ids, labels=labels)
+
+
+def test_regression_labels_and_qa_positions_shaped_b_by_1():
+    """transformers takes (B, 1) regression labels and answer positions. Regression labels of that
+    shape were accepted here but broadcast against the (B,) predictions into a (B, B) loss; (B, 1)
+    positions raised cross_entropy's "multi-target not supported"."""
+    torch.manual_seed(0)
+    batch = _batch()
+    reg = heads.BertForSequenceClassification(fastbert.BertConfig(**CONFIG), num_labels=1).eval()
+    labels = torch.tensor([0.5, 4.2, 3.0])
+    with torch.no_grad():
+        assert reg(**batch, labels=labels[:, None]).loss.item() == pytest.approx(reg(**batch, labels=labels).loss.item())
+    qa = heads.BertForQuestionAnswering(fastbert.BertConfig(**CONFIG)).eval()
+    start, end = torch.tensor([1, 30, -2]), torch.tensor([2, 40, 0])     # out of range: clamped and ignored
+    with torch.no_grad():
+        expected = qa(**batch, start_positions=start, end_positions=end).loss.item()
+        assert qa(**batch, start_positions=start[:, None], end_positions=end[:, None]).loss.item() == pytest.approx(expected)
+
+
+def test_saved_heads_load_in_transformers_auto_classes(tmp_path):
+    """transformers sizes a head from config.json's id2label and picks the loss by problem_type. A head
+    built from a bare config saved no id2label (AutoModelForSequenceClassification then built 2 labels
+    and refused the 3-label weights); a QA head from a 3-label classifier kept its id2label (a 3-output
+    qa_outputs there); a regression head from a classifier kept problem_type
+    "single_label_classification" (a config.json transformers refuses with num_labels=1)."""
+    transformers.logging.set_verbosity_error()
+    torch.manual_seed(0)
+    batch = _batch()
+    ours = heads.BertForSequenceClassification(fastbert.BertConfig(**CONFIG), num_labels=3).eval()
+    ours.save_pretrained(tmp_path / "cls")
+    theirs = transformers.AutoModelForSequenceClassification.from_pretrained(
+        str(tmp_path / "cls"), attn_implementation="eager").eval()
+    labels = torch.tensor([0, 2, 1])
+    with torch.no_grad():
+        a, b = ours(**batch, labels=labels), theirs(**batch, labels=labels)
+    assert (a.logits - b.logits).abs().max() <= 1e-5 and abs(a.loss.item() - b.loss.item()) <= 1e-5
+    theirs.save_pretrained(str(tmp_path / "theirs"))                 # with problem_type single_label_classification
+
+    with pytest.warns(UserWarning, match="do not fit"):
+        qa = heads.BertForQuestionAnswering.from_pretrained(tmp_path / "theirs")
+    qa.save_pretrained(tmp_path / "qa")
+    assert transformers.AutoModelForQuestionAnswering.from_pretrained(str(tmp_path / "qa")).qa_outputs.out_features == 2
+
+    with pytest.warns(UserWarning, match="problem_type 'single_label_classification' is not this head's loss"), \
+            pytest.warns(UserWarning, match="do not fit"):                    # the 3-label head, too
+        reg = heads.BertForSequenceClassification.from_pretrained(tmp_path / "theirs", num_labels=1).eval()
+    reg.save_pretrained(tmp_path / "reg")
+    theirs = transformers.AutoModelForSequenceClassification.from_pretrained(
+        str(tmp_path / "reg"), attn_implementation="eager").eval()
+    labels = torch.tensor([0.5, 4.2, 3.0])
+    with torch.no_grad():
+        a, b = reg(**batch, labels=labels), theirs(**batch, labels=labels)
+    assert (a.logits - b.logits).abs().max() <= 1e-5 and abs(a.loss.item() - b.loss.item()) <= 1e-5
+
+
+def test_head_weights_that_do_not_fit_are_reported(tmp_path):
+    """A fine-tuned head of another shape (num_labels other than the checkpoint's), half a head or
+    another task's head was replaced by a random one without a word; transformers says so too."""
+    from safetensors.torch import load_file, save_file
+
+    heads.BertForSequenceClassification(fastbert.BertConfig(**CONFIG), num_labels=3).save_pretrained(tmp_path)
+    with pytest.warns(UserWarning, match=rf"checkpoint {tmp_path}: its head weights \(classifier\.bias \(3,\), "
+                                         r"classifier\.weight \(3, 32\)\) do not fit .*classifier\.weight \(5, 32\)"):
+        model = heads.BertForSequenceClassification.from_pretrained(tmp_path, num_labels=5)
+    assert model.classifier.bias.abs().max() == 0
+    state = load_file(str(tmp_path / "model.safetensors"))
+    del state["classifier.bias"]
+    save_file(state, str(tmp_path / "model.safetensors"))
+    with pytest.warns(UserWarning, match=r"its head weights \(classifier\.weight \(3, 32\)\) do not fit"):
+        heads.BertForSequenceClassification.from_pretrained(tmp_path, num_labels=3)
+    import warnings
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")                                  # a head that fits, or none at all: silent
+        heads.BertForSequenceClassification.from_pretrained("default", num_labels=3)
