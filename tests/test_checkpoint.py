@@ -144,7 +144,8 @@ def test_sequence_classification_from_a_model_without_pooler(tmp_path):
     tagger = heads.BertForTokenClassification(fastbert.BertConfig(**CONFIG, initializer_range=0.5), num_labels=5)
     tagger.save_pretrained(tmp_path)
     assert not any(k.startswith("bert.pooler") for k in load_file(str(tmp_path / "model.safetensors")))
-    with pytest.warns(UserWarning, match=r"has no pooler weights pooler\.dense\.weight, pooler\.dense\.bias .*newly initialised"):
+    with pytest.warns(UserWarning, match=r"has no pooler weights pooler\.dense\.weight, pooler\.dense\.bias .*newly initialised"), \
+            pytest.warns(UserWarning, match=r"head weights .*do not fit"):          # the tagger's 5-label head
         model = heads.BertForSequenceClassification.from_pretrained(tmp_path, num_labels=2)
     for name, tensor in tagger.bert.state_dict().items():                     # the encoder is the tagger's
         assert torch.equal(model.bert.state_dict()[name], tensor), name
