@@ -4,7 +4,8 @@ CPU unless precision="bf16" asks for CPU autocast), evaluation each epoch, atomi
 
 Exact resume: the batch order of epoch e is a permutation drawn from
 seed + e, and a checkpoint stores weights, optimizer, scheduler, step, the
-position inside the epoch and the RNG state that dropout draws from, so an
+position inside the epoch and the RNG states (torch's, which dropout draws from, and Python's
+and numpy's, which a collate that augments may draw from), so an
 interrupted CPU run that resumes ends with the same weights as one that never
 stopped (tests/test_train.py).
 """
@@ -16,14 +17,18 @@ import io
 import json
 import math
 import os
+import random
 import shutil
 import time
 from pathlib import Path
 from typing import Callable, Sequence
 
+import numpy as np
 import torch
 
 from .checkpoint import atomic_write_bytes, atomic_write_text
+from .heads import IGNORE_INDEX
+from .metrics import to_json
 
 
 @dataclasses.dataclass
@@ -70,13 +75,23 @@ class TrainConfig:
                              f"got {self.compile!r}")
 
 
+_NORM_TYPES = (torch.nn.LayerNorm, torch.nn.GroupNorm, torch.nn.modules.batchnorm._NormBase) + \
+    ((torch.nn.RMSNorm,) if hasattr(torch.nn, "RMSNorm") else ())
+
+
 def parameter_groups(model: torch.nn.Module, weight_decay: float):
-    """Weight decay on matrices only: biases and LayerNorm parameters are exempt, as in BERT."""
+    """Weight decay on matrices only: biases and LayerNorm parameters are exempt, as in BERT.
+
+    Norms are found by module type as well as by name (as transformers' Trainer does): a norm
+    need not be called one (GPT-2's ln_1, ln_f), and a class like T5LayerNorm is no nn.LayerNorm."""
+    norms = {id(p) for module in model.modules()
+             if isinstance(module, _NORM_TYPES) or type(module).__name__.endswith("Norm")
+             for p in module.parameters(recurse=False)}
     decay, exempt = [], []
     for name, param in model.named_parameters():
         if not param.requires_grad:
             continue
-        (exempt if name.endswith("bias") or "norm" in name.lower() else decay).append(param)
+        (exempt if name.endswith("bias") or "norm" in name.lower() or id(param) in norms else decay).append(param)
     return [{"params": decay, "weight_decay": weight_decay}, {"params": exempt, "weight_decay": 0.0}]
 
 
@@ -105,6 +120,34 @@ def epoch_batches(num_examples: int, batch_size: int, seed: int, epoch: int,
     if lengths is not None:
         batches = [batches[i] for i in torch.randperm(len(batches), generator=generator).tolist()]
     return batches
+
+
+def loss_items(batch: dict) -> int:
+    """How many terms the model's mean loss averages over: labels other than -100 for class
+    labels (every labelled token for tagging), examples for regression and span positions."""
+    labels = batch.get("labels")
+    if isinstance(labels, torch.Tensor) and not labels.is_floating_point():
+        return int((labels != IGNORE_INDEX).sum())
+    return len(batch["input_ids"])
+
+
+def _numpy_rng_state() -> list:
+    name, keys, pos, has_gauss, cached = np.random.get_state()
+    return [name, keys.tolist(), pos, has_gauss, cached]
+
+
+def _fsync_dir(path: Path) -> None:
+    """Make a folder's entries (a rename into it) durable: fsyncing the files is not enough."""
+    try:
+        fd = os.open(path, os.O_RDONLY)
+    except OSError:  # a platform without directory handles (Windows)
+        return
+    try:
+        os.fsync(fd)
+    except OSError:  # some file systems refuse fsync on a folder; nothing more to do there
+        pass
+    finally:
+        os.close(fd)
 
 
 def _autocast_dtype(precision: str, device: torch.device):
@@ -172,16 +215,24 @@ class Trainer:
             "step": self.step, "epoch": self.epoch, "batch_in_epoch": self.batch_in_epoch,
             "cpu_rng": torch.get_rng_state(), "history": json.dumps(self.history),
             "running": json.dumps(self._running), "run": json.dumps(self._run_identity()),
-            "cuda_rng": torch.cuda.get_rng_state() if self.device.type == "cuda" else torch.empty(0, dtype=torch.uint8),
+            # The training device's generator (cuda:1's dropout seeds), not the current device's.
+            "cuda_rng": torch.cuda.get_rng_state(self.device) if self.device.type == "cuda" else torch.empty(0, dtype=torch.uint8),
             "scaler": self.scaler.state_dict() if self.scaler else {},
+            # as JSON text, which torch.load(weights_only=True) reads back (a numpy array it refuses)
+            "py_rng": json.dumps(random.getstate()), "np_rng": json.dumps(_numpy_rng_state()),
         }
         buffer = io.BytesIO()
         torch.save(state, buffer)
         atomic_write_bytes(staging / "trainer_state.pt", buffer.getvalue())
+        # Each rename is durable (its folder fsynced) before the next step relies on it, so a power
+        # cut cannot leave `latest` naming a folder whose rename was lost, with the previous one deleted.
+        _fsync_dir(staging)
         shutil.rmtree(folder, ignore_errors=True)
         os.replace(staging, folder)
+        _fsync_dir(self.cfg.out)
         previous = self._latest()
         atomic_write_text(self.cfg.out / "latest", folder.name + "\n")
+        _fsync_dir(self.cfg.out)
         if previous is not None and previous != folder:
             shutil.rmtree(previous, ignore_errors=True)
         return folder
@@ -229,9 +280,15 @@ class Trainer:
         self._running = json.loads(state.get("running", "[]"))
         torch.set_rng_state(state["cpu_rng"])
         if self.device.type == "cuda" and state["cuda_rng"].numel():
-            torch.cuda.set_rng_state(state["cuda_rng"])
+            torch.cuda.set_rng_state(state["cuda_rng"], self.device)
         if self.scaler and state["scaler"]:
             self.scaler.load_state_dict(state["scaler"])
+        if "py_rng" in state:  # checkpoints written before these were saved lack them
+            version, internal, gauss = json.loads(state["py_rng"])
+            random.setstate((version, tuple(internal), gauss))
+        if "np_rng" in state:
+            name, keys, pos, has_gauss, cached = json.loads(state["np_rng"])
+            np.random.set_state((name, np.array(keys, dtype=np.uint32), pos, has_gauss, cached))
         return True
 
     # -- the loop ----------------------------------------------------------------
@@ -250,15 +307,24 @@ class Trainer:
         return value, tokens
 
     def _optimizer_step(self):
-        if self.scaler:
-            self.scaler.unscale_(self.optimizer)
-        torch.nn.utils.clip_grad_norm_(self.model.parameters(), self.cfg.max_grad_norm)
-        if self.scaler:
-            self.scaler.step(self.optimizer)
-            self.scaler.update()
-        else:
-            self.optimizer.step()
-        self.scheduler.step()
+        # A group without one labelled item ran no backward: no update, but the step and the schedule
+        # still advance (the scaler would refuse a step that recorded no gradients).
+        updated = True
+        if any(p.grad is not None for p in self.model.parameters()):
+            if self.scaler:
+                self.scaler.unscale_(self.optimizer)
+            torch.nn.utils.clip_grad_norm_(self.model.parameters(), self.cfg.max_grad_norm)
+            if self.scaler:
+                scale = self.scaler.get_scale()
+                self.scaler.step(self.optimizer)
+                self.scaler.update()
+                # A lowered scale: the gradients overflowed and the update was skipped. The schedule
+                # waits for it, as in transformers, or the first steps' overflows eat the warm-up.
+                updated = self.scaler.get_scale() >= scale
+            else:
+                self.optimizer.step()
+        if updated:
+            self.scheduler.step()
         self.optimizer.zero_grad(set_to_none=True)
         self.step += 1
 
@@ -267,9 +333,27 @@ class Trainer:
         from tqdm.auto import tqdm
 
         self.model.train()
+        # Gradients left by an interrupted group (Ctrl-C mid-accumulation, then resume on the same model)
+        # would join the first step.
+        self.optimizer.zero_grad(set_to_none=True)
         if self.step == 0 and self.epoch == 0 and self.batch_in_epoch == 0:
-            torch.manual_seed(self.cfg.seed)  # dropout draws; a resumed run restores the saved state instead
-        started, tokens_seen = time.perf_counter(), 0
+            # Dropout draws from torch; a collate may draw from Python's or numpy's generator (as
+            # transformers' set_seed covers). A resumed run restores the saved states instead.
+            torch.manual_seed(self.cfg.seed)
+            random.seed(self.cfg.seed)
+            np.random.seed(self.cfg.seed % 2**32)
+        # tok/s: real tokens (the attention mask's ones, no padding) over training time, which
+        # excludes evaluation and checkpoint writes.
+        started, tokens_seen, not_training = time.perf_counter(), 0, 0.0
+
+        def aside(work, *args):
+            nonlocal not_training
+            begun = time.perf_counter()
+            try:
+                return work(*args)
+            finally:
+                not_training += time.perf_counter() - begun
+
         bar = tqdm(total=self.total_steps, initial=self.step, disable=not self.cfg.progress, unit="step", dynamic_ncols=True)
         # An epoch left open by a checkpoint at the last step (save_every) is still closed: its record and evaluation.
         while self.epoch < self.epochs and (self.step < self.total_steps or self.batch_in_epoch > 0):
@@ -278,32 +362,42 @@ class Trainer:
                 self._running = []
             running = self._running
             while self.batch_in_epoch < len(batches) and self.step < self.total_steps:
-                group = batches[self.batch_in_epoch:self.batch_in_epoch + self.cfg.grad_accum]
-                for indices in group:
-                    loss, tokens = self._forward_backward(self.collate([self.features[i] for i in indices]), 1 / len(group))
-                    running.append(loss)
-                    tokens_seen += tokens
+                group = [self.collate([self.features[i] for i in indices])
+                         for indices in batches[self.batch_in_epoch:self.batch_in_epoch + self.cfg.grad_accum]]
+                # The group's gradient is that of one batch holding all of it: each batch's mean loss
+                # weighs its share of the group's loss terms, not 1/len(group) (a short last batch,
+                # tagging batches with unequal labelled-token counts). A batch with no labelled term
+                # adds nothing (its mean would be 0/0).
+                items = [loss_items(batch) for batch in group]
+                for batch, n in zip(group, items):
+                    if n:
+                        loss, tokens = self._forward_backward(batch, n / sum(items))
+                        running.append(loss)
+                        tokens_seen += tokens
                 self._optimizer_step()
                 self.batch_in_epoch += len(group)
-                elapsed = time.perf_counter() - started
+                elapsed = time.perf_counter() - started - not_training
                 bar.update(1)
-                bar.set_postfix(loss=f"{sum(running[-20:]) / len(running[-20:]):.4f}", tok_s=f"{tokens_seen / elapsed:,.0f}")
+                if running:
+                    bar.set_postfix(loss=f"{sum(running[-20:]) / len(running[-20:]):.4f}",
+                                    tok_s=f"{tokens_seen / elapsed:,.0f}")
                 if self.cfg.save_every and self.step % self.cfg.save_every == 0:
-                    self.save_checkpoint()
+                    aside(self.save_checkpoint)
                 if stop_after_step is not None and self.step >= stop_after_step:
                     bar.close()
                     return {"stopped_at_step": self.step}
             record = {"epoch": self.epoch + 1, "step": self.step,
                       "train_loss": sum(running) / max(1, len(running))}
             if self.evaluate_fn is not None:
-                record.update(self.evaluate_fn(self.model))
+                record.update(aside(self.evaluate_fn, self.model))
                 self.model.train()
             self.history.append(record)
-            bar.write(json.dumps(record))
+            bar.write(to_json(record))  # null, not NaN, for an undefined metric: the line stays JSON
             self.epoch, self.batch_in_epoch = self.epoch + 1, 0
             if self.cfg.save_every is None:
-                self.save_checkpoint()
+                aside(self.save_checkpoint)
         bar.close()
         elapsed = time.perf_counter() - started
-        return {"steps": self.step, "epochs": self.history, "wall_time_s": elapsed,
-                "tokens_per_s": tokens_seen / elapsed if elapsed else 0.0}
+        training = elapsed - not_training
+        return {"steps": self.step, "epochs": self.history, "wall_time_s": elapsed, "train_time_s": training,
+                "tokens_per_s": tokens_seen / training if training > 0 else 0.0}

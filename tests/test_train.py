@@ -220,3 +220,261 @@ def test_compiled_training_forward_matches_eager(tmp_path):
         torch.testing.assert_close(b, a, atol=1e-5, rtol=1e-4, msg=lambda m, name=name: f"{name}: {m}")
     with pytest.raises(ValueError, match="torch.compile backend"):
         train.TrainConfig(out=tmp_path, compile="fastest")
+
+
+# -- audit: accumulation, decay groups, resume in the same process, checkpoints, throughput -----------------
+
+NO_DROPOUT = dict(hidden_dropout_prob=0.0, attention_probs_dropout_prob=0.0)
+
+
+def _grads_per_step(trainer):
+    """The gradient each optimizer step would apply, with the update itself skipped: every group is
+    differentiated at the same weights, so runs with other batch splits can be compared exactly."""
+    grads = []
+
+    def record():
+        grads.append({n: p.grad.clone() for n, p in trainer.model.named_parameters() if p.grad is not None})
+        trainer.optimizer.zero_grad(set_to_none=True)
+        trainer.step += 1
+
+    trainer._optimizer_step = record
+    trainer.train()
+    return grads
+
+
+def _token_features(n=16):
+    """Tagging-like examples: labels on some tokens only (-100 elsewhere), a different count in each;
+    example 5 has no labelled token at all (a sentence whose words all tokenize to nothing)."""
+    generator = torch.Generator().manual_seed(1)
+    out = []
+    for i in range(n):
+        length = int(torch.randint(4, 20, (1,), generator=generator))
+        ids = torch.randint(1, 64, (length,), generator=generator).tolist()
+        labelled = 0 if i == 5 else 1 + (i * 7) % (length - 1)
+        labels = [-100] + [x % 3 for x in ids[1:1 + labelled]] + [-100] * (length - 1 - labelled)
+        out.append({"input_ids": ids, "labels": labels})
+    return out
+
+
+@pytest.mark.parametrize("case", ["sequence_short_last_batch", "tokens", "tokens_unlabelled_batch"])
+def test_accumulated_gradient_equals_the_large_batch_gradient(tmp_path, case):
+    """grad_accum=k over batches of b is one batch of k*b: each micro-batch's mean loss is weighted by
+    its share of the group's loss terms (examples; labelled tokens for tagging), not by 1/k. Before,
+    a short last batch (44 = 8+8+8+8+8+4) and token losses over unequal label counts were misweighted,
+    and a micro-batch without a labelled token gave a NaN loss (0/0) that stopped the run."""
+    from fastbert import data
+
+    config = fastbert.BertConfig(**CONFIG, **NO_DROPOUT)
+    if case == "sequence_short_last_batch":
+        features, collate, (small, large, accum) = _features(44), _collate, (8, 16, 2)
+        make = lambda: heads.BertForSequenceClassification(config, num_labels=2)
+    else:
+        features, collate = _token_features(), data.collate
+        small, large, accum = (4, 8, 2) if case == "tokens" else (1, 4, 4)
+        make = lambda: heads.BertForTokenClassification(config, num_labels=3)
+    runs = []
+    for batch_size, grad_accum in ((small, accum), (large, 1)):
+        torch.manual_seed(0)
+        cfg = train.TrainConfig(out=tmp_path / f"{batch_size}", epochs=1, batch_size=batch_size, grad_accum=grad_accum,
+                                lr=1e-3, progress=False, save_every=10**9)
+        runs.append(_grads_per_step(train.Trainer(make(), features, collate, cfg)))
+    accumulated, whole = runs
+    assert len(accumulated) == len(whole) == -(-len(features) // large) >= 2
+    for step, (a, b) in enumerate(zip(accumulated, whole)):
+        assert a.keys() == b.keys()
+        for name in a:
+            torch.testing.assert_close(a[name], b[name], rtol=1e-4, atol=1e-6,
+                                       msg=lambda m, name=name, step=step: f"step {step}, {name}: {m}")
+
+
+def test_layernorm_is_exempt_from_decay_whatever_its_name():
+    """transformers' Trainer finds LayerNorm by module type as well as by name: GPT-2 calls its norms
+    ln_1/ln_f, and their weights must not be decayed towards zero either."""
+    class Block(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.proj = torch.nn.Linear(4, 4)
+            self.ln_1 = torch.nn.LayerNorm(4)
+            self.embeddings = torch.nn.Embedding(10, 4)
+
+    block = Block()
+    decay, exempt = train.parameter_groups(block, 0.01)
+    names = {id(p): n for n, p in block.named_parameters()}
+    assert sorted(names[id(p)] for p in decay["params"]) == ["embeddings.weight", "proj.weight"]
+    assert sorted(names[id(p)] for p in exempt["params"]) == ["ln_1.bias", "ln_1.weight", "proj.bias"]
+
+
+def test_resume_after_an_interruption_mid_accumulation_in_the_same_process(tmp_path):
+    """Ctrl-C in the middle of an accumulation group leaves that group's gradients on the parameters;
+    a new Trainer over the same model that resumes must not add them to its first step."""
+    whole = _trainer(tmp_path / "whole", grad_accum=2)
+    whole.train()
+    first = _trainer(tmp_path / "resumed", grad_accum=2)   # 5 batches an epoch: steps of 2, 2, 1 batches
+    calls, forward_backward = [], first._forward_backward
+
+    def interrupted(batch, scale):
+        calls.append(1)
+        if len(calls) == 9:   # epoch 2, the second batch of step 5 (after checkpoint-3)
+            raise KeyboardInterrupt
+        return forward_backward(batch, scale)
+
+    first._forward_backward = interrupted
+    with pytest.raises(KeyboardInterrupt):
+        first.train()
+    assert any(p.grad is not None for p in first.model.parameters())
+    again = train.Trainer(first.model, first.features, first.collate, first.cfg, lengths=first.lengths)
+    torch.manual_seed(1234)
+    assert again.resume() and again.step == 3
+    again.train()
+    for (name, a), b in zip(whole.model.state_dict().items(), again.model.state_dict().values()):
+        assert torch.equal(a, b), name
+
+
+def test_cuda_rng_state_is_the_training_devices(tmp_path, monkeypatch):
+    """On cuda:1 the dropout seeds come from cuda:1's generator; torch.cuda.get_rng_state() without
+    a device is the current device's (cuda:0), so a resume there would not continue the same run."""
+    seen = []
+    monkeypatch.setattr(torch.cuda, "get_rng_state",
+                        lambda device="cuda": seen.append(("get", torch.device(device))) or torch.zeros(8, dtype=torch.uint8))
+    monkeypatch.setattr(torch.cuda, "set_rng_state",
+                        lambda state, device="cuda": seen.append(("set", torch.device(device))))
+    saver = _trainer(tmp_path)
+    saver.device = torch.device("cuda", 1)
+    saver.save_checkpoint()
+    loader = _trainer(tmp_path)
+    loader.device = torch.device("cuda", 1)
+    assert loader.resume()
+    assert seen == [("get", torch.device("cuda", 1)), ("set", torch.device("cuda", 1))]
+
+
+def test_checkpoint_is_durable_before_the_previous_one_is_removed(tmp_path, monkeypatch):
+    """Atomic is not enough across a power cut: the renames (checkpoint folder, `latest`) live in the
+    output folder's entries, which must be fsynced before the previous checkpoint is deleted."""
+    import os
+    import shutil
+    import stat
+
+    events = []
+    real_fsync, real_replace, real_rmtree = os.fsync, os.replace, shutil.rmtree
+
+    def fsync(fd):
+        if stat.S_ISDIR(os.fstat(fd).st_mode):
+            events.append(("fsync", os.path.realpath(f"/proc/self/fd/{fd}")))
+        return real_fsync(fd)
+
+    def replace(src, dst):
+        events.append(("replace", os.path.realpath(dst)))
+        return real_replace(src, dst)
+
+    def rmtree(path, *args, **kwargs):
+        events.append(("rmtree", os.path.realpath(path)))
+        return real_rmtree(path, *args, **kwargs)
+
+    monkeypatch.setattr(os, "fsync", fsync)
+    monkeypatch.setattr(os, "replace", replace)
+    monkeypatch.setattr(shutil, "rmtree", rmtree)
+    out = tmp_path.resolve()
+    _trainer(out).train(stop_after_step=6)   # checkpoint-3, then checkpoint-6 replaces it
+    removed = max(i for i, e in enumerate(events) if e == ("rmtree", str(out / "checkpoint-3")))  # the deletion
+    pointer = max(i for i, e in enumerate(events[:removed]) if e == ("replace", str(out / "latest")))
+    moved = events.index(("replace", str(out / "checkpoint-6")))
+    assert ("fsync", str(out)) in events[pointer:removed]                       # `latest` -> 6 is on disk
+    assert ("fsync", str(out)) in events[moved:pointer]                         # so is checkpoint-6's name
+    assert ("fsync", str(out / ".staging-checkpoint-6")) in events[:moved]      # and its files' names
+
+
+def test_tokens_per_second_counts_real_tokens_over_training_time(tmp_path):
+    """tok/s is real (unpadded) tokens over the time spent training: evaluation and checkpoint
+    writes are not training, and before they were in the denominator (the bar's tok/s fell after
+    each evaluation)."""
+    import time
+
+    t = _trainer(tmp_path)
+    t.evaluate_fn = lambda model: time.sleep(0.2) or {"score": 1.0}
+    summary = t.train()
+    real_tokens = 2 * sum(len(f["input_ids"]) for f in t.features)   # two epochs; padding not counted
+    assert summary["tokens_per_s"] * summary["train_time_s"] == pytest.approx(real_tokens, rel=1e-9)
+    assert summary["train_time_s"] <= summary["wall_time_s"] - 2 * 0.2
+
+
+def test_epoch_record_printed_as_strict_json(tmp_path, capsys):
+    """The line printed after each epoch is JSON: an undefined metric (Pearson of constant
+    predictions is NaN) is null there, as in metrics.json, not the bare NaN strict parsers refuse."""
+    import json
+
+    t = _trainer(tmp_path, max_steps=2)
+    t.evaluate_fn = lambda model: {"pearson": float("nan")}
+    t.train()
+
+    def refuse(constant):
+        raise ValueError(f"{constant} is not JSON")
+
+    lines = [line for line in capsys.readouterr().out.splitlines() if line.startswith("{")]
+    assert lines and all(json.loads(line, parse_constant=refuse)["pearson"] is None for line in lines)
+
+
+def test_collate_drawing_from_python_and_numpy_random_is_reproducible_and_resumes_exactly(tmp_path):
+    """A collate that augments (random masking, as for MLM) draws from `random` or numpy, not torch:
+    the seed fixes those generators too and a checkpoint holds their state, as transformers'
+    Trainer does (set_seed; rng_state.pth)."""
+    import random
+
+    import numpy as np
+
+    def masking_collate(examples):
+        batch = _collate(examples)
+        for row in range(len(examples)):
+            if random.random() < 0.5:
+                batch["input_ids"][row, 1] = 0
+            batch["input_ids"][row, 2] = int(np.random.randint(1, 64))
+        return batch
+
+    def trainer(out):
+        t = _trainer(out)
+        t.collate = masking_collate
+        return t
+
+    random.seed(1), np.random.seed(1)
+    whole = trainer(tmp_path / "whole")
+    whole.train()
+    random.seed(2), np.random.seed(2)            # another process: the same seed, the same run
+    again = trainer(tmp_path / "again")
+    again.train()
+    first = trainer(tmp_path / "resumed")
+    first.train(stop_after_step=6)
+    random.seed(3), np.random.seed(3)            # a fresh process resumes from another state
+    second = trainer(tmp_path / "resumed")
+    assert second.resume() and second.step == 6
+    second.train()
+    for (name, a), b, c in zip(whole.model.state_dict().items(), again.model.state_dict().values(),
+                               second.model.state_dict().values()):
+        assert torch.equal(a, b) and torch.equal(a, c), name
+
+
+def test_a_step_the_fp16_gradient_scaler_skips_does_not_advance_the_schedule(tmp_path):
+    """fp16's GradScaler skips the update of a step whose gradients overflowed (common in the first
+    steps while its scale settles); the learning-rate schedule must not move on without it, as in
+    transformers' Trainer (optimizer_step_was_skipped), or the warm-up is cut short."""
+    import warnings
+
+    t = _trainer(tmp_path, max_steps=4, save_every=None)
+    t.scaler = torch.amp.GradScaler("cpu")   # the CUDA scaler's logic, on the CPU
+    overflowing = [True, True]                # the first two steps' gradients overflow
+
+    def hook(grad):
+        return torch.full_like(grad, float("inf")) if overflowing else grad
+
+    t.model.classifier.weight.register_hook(hook)
+    real_step = t._optimizer_step
+
+    def step():
+        real_step()
+        if overflowing:
+            overflowing.pop()
+
+    t._optimizer_step = step
+    with warnings.catch_warnings():
+        warnings.filterwarnings("error", message=".*lr_scheduler.step.*before.*optimizer.step")
+        t.train()
+    assert t.step == 4 and t.scheduler.last_epoch == 2
+    assert t.scaler.get_scale() == 65536.0 / 4
