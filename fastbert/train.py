@@ -131,6 +131,14 @@ def loss_items(batch: dict) -> int:
     return len(batch["input_ids"])
 
 
+def _length(feature) -> int:
+    """An unpadded example's token count, for bucketing by length."""
+    try:
+        return len(feature["input_ids"])
+    except (TypeError, KeyError):
+        raise ValueError("bucket_by_length needs lengths=... or examples with an 'input_ids' sequence") from None
+
+
 def _numpy_rng_state() -> list:
     name, keys, pos, has_gauss, cached = np.random.get_state()
     return [name, keys.tolist(), pos, has_gauss, cached]
@@ -178,6 +186,9 @@ class Trainer:
         if len(features) == 0:
             raise ValueError("no training examples")
         self.model, self.features, self.collate, self.cfg = model, features, collate, config
+        if config.bucket_by_length and lengths is None:
+            # bucketing asked for without lengths would silently not bucket: measure them instead
+            lengths = [_length(f) for f in features]
         self.evaluate_fn, self.lengths = evaluate, (lengths if config.bucket_by_length else None)
         self.device = next(model.parameters()).device
         self.batches_per_epoch = math.ceil(len(features) / config.batch_size)
@@ -235,6 +246,8 @@ class Trainer:
         _fsync_dir(self.cfg.out)
         if previous is not None and previous != folder:
             shutil.rmtree(previous, ignore_errors=True)
+        for stale in self.cfg.out.glob(".staging-checkpoint-*"):  # left by a run killed mid-write
+            shutil.rmtree(stale, ignore_errors=True)
         return folder
 
     def _run_identity(self) -> dict:

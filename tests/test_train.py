@@ -478,3 +478,24 @@ def test_a_step_the_fp16_gradient_scaler_skips_does_not_advance_the_schedule(tmp
         t.train()
     assert t.step == 4 and t.scheduler.last_epoch == 2
     assert t.scaler.get_scale() == 65536.0 / 4
+
+
+def test_bucketing_without_lengths_measures_them(tmp_path):
+    """bucket_by_length=True with no lengths= used to train unbucketed without a word."""
+    torch.manual_seed(0)
+    model = heads.BertForSequenceClassification(fastbert.BertConfig(**CONFIG), num_labels=2)
+    features = _features()
+    cfg = train.TrainConfig(out=tmp_path, epochs=1, batch_size=8, progress=False, bucket_by_length=True)
+    measured = train.Trainer(model, features, _collate, cfg)
+    given = train.Trainer(model, features, _collate, cfg, lengths=[len(f["input_ids"]) for f in features])
+    assert measured.lengths == given.lengths
+    with pytest.raises(ValueError, match="bucket_by_length needs lengths"):
+        train.Trainer(model, [{"text": "no ids"}] * 4, _collate, cfg)
+
+
+def test_a_staging_folder_left_by_a_killed_run_is_removed(tmp_path):
+    t = _trainer(tmp_path)
+    (tmp_path / ".staging-checkpoint-7").mkdir(parents=True)          # a run killed while writing step 7
+    (tmp_path / ".staging-checkpoint-7" / "config.json").write_text("{")
+    t.save_checkpoint()
+    assert not list(tmp_path.glob(".staging-*")) and (tmp_path / "checkpoint-0").is_dir()
