@@ -438,18 +438,53 @@ DEMO_TEXTS = [
 ]
 
 
+def _read_json(path):
+    import json
+
+    try:
+        return json.loads(path.read_text())
+    except ValueError as err:
+        raise ValueError(f"{path} is not valid JSON: {err}") from None
+
+
+def _sentence_transformers_max_len(folder, limit, tokenizer_max_len):
+    """The truncation sentence-transformers applies to this folder: sentence_bert_config.json's
+    max_seq_length (256 for all-MiniLM-L6-v2), else the smaller of the positions and the
+    tokenizer's limit. Refuses a folder whose modules.json asks for more than the encoder, mean
+    pooling and normalisation (which cosine similarities do not see): its embeddings would differ."""
+    if (path := folder / "modules.json").exists():
+        for module in _read_json(path):
+            kind = str(module.get("type", "")).rsplit(".", 1)[-1]
+            if kind == "Pooling":
+                pooling = _read_json(folder / module.get("path", "") / "config.json")
+                modes = sorted(k for k, v in pooling.items() if k.startswith("pooling_mode_") and v is True)
+                if modes != ["pooling_mode_mean_tokens"]:
+                    raise ValueError(f"{folder}: the model pools by {modes}; fastbert encode pools by the mean of "
+                                     "the real tokens only")
+            elif kind not in ("Transformer", "Normalize"):
+                raise ValueError(f"{path} lists a {kind} module; fastbert encode runs the encoder, mean pooling "
+                                 "and normalisation only")
+    if (path := folder / "sentence_bert_config.json").exists() and (length := _read_json(path).get("max_seq_length")):
+        return min(int(length), limit)
+    return min(limit, tokenizer_max_len)
+
+
 def cmd_encode(args) -> int:
     import fastbert
 
     device = _device(args.device)
-    model = fastbert.BertModel.from_pretrained(args.model, backend=args.backend).to(device).eval()
+    folder = _model_folder("--model", args.model)
+    model = fastbert.BertModel.from_pretrained(folder, backend=args.backend).to(device).eval()
     limit = model.config.max_position_embeddings
-    if not 3 <= args.max_seq_len <= limit:
-        raise ValueError(f"--max-seq-len must be in [3, {limit}] (the model's positions), got {args.max_seq_len}")
-    tokenizer = fastbert.Tokenizer.from_pretrained(args.model)
+    tokenizer = fastbert.Tokenizer.from_pretrained(folder)
+    max_seq_len = _sentence_transformers_max_len(folder, limit, tokenizer.model_max_length)
+    if args.max_seq_len is not None:
+        if not 3 <= args.max_seq_len <= limit:
+            raise ValueError(f"--max-seq-len must be in [3, {limit}] (the model's positions), got {args.max_seq_len}")
+        max_seq_len = args.max_seq_len
     print(fastbert.ops.describe_default(device) if args.backend is None else f"fastbert: backend {args.backend!r}")
     texts = args.texts or DEMO_TEXTS
-    batch = {k: v.to(device) for k, v in tokenizer(texts, max_length=args.max_seq_len).items()}
+    batch = {k: v.to(device) for k, v in tokenizer(texts, max_length=max_seq_len).items()}
     with torch.no_grad():
         out = model(**batch)
     embeddings = torch.nn.functional.normalize(_mean_pool(out.last_hidden_state, batch["attention_mask"]), dim=-1)
@@ -563,7 +598,9 @@ def build_parser():
     en = sub.add_parser("encode", help="embed texts with the encoder and print their cosine similarities")
     en.add_argument("texts", nargs="*")
     en.add_argument("--model", default="default")
-    en.add_argument("--max-seq-len", type=int, default=128)
+    en.add_argument("--max-seq-len", type=int, default=None,
+                    help="tokens per text, longer ones truncated (default: as sentence-transformers does for the "
+                    "model, 256 for the embedded all-MiniLM-L6-v2)")
     en.add_argument("--backend", choices=["torch", "triton", "cuda"], default=None)
     en.add_argument("--device", default=None)
     en.set_defaults(run=cmd_encode)

@@ -16,7 +16,8 @@ What changes, module by module (weights, parameter names and state dicts stay tr
 - <Family>SelfOutput / <Family>Output: dense -> `fastbert.ops.add_layernorm` (dropout, residual add and
   LayerNorm in one pass, mean/rstd saved for the backward).
 - <Family>Intermediate: dense without its bias -> `fastbert.ops.bias_gelu` (bias + erf GELU; the
-  tanh forms "gelu_new"/"gelu_pytorch_tanh" use the tanh option), when hidden_act is one of those.
+  tanh forms "gelu_new"/"gelu_pytorch_tanh" use the tanh option), when hidden_act is one of those
+  and dense is a plain nn.Linear at call time (a LoRA-wrapped or hooked one runs its own forward).
 
 `backend` ("torch", "triton", "cuda"; None: whatever fastbert.ops is set to, "auto" by default)
 applies to the patched modules only. Encoder self-attention only: a decoder (causal) or
@@ -25,6 +26,7 @@ cross-attention call raises instead of computing something else.
 from __future__ import annotations
 
 import contextlib
+import functools
 import types
 
 import torch
@@ -118,9 +120,12 @@ def attention_forward(module, query, key, value, attention_mask, scaling=None, d
             or key.shape[2] != query.shape[2]:
         raise ValueError(f"fastbert attention is bidirectional encoder self-attention; {type(module).__name__} "
                          f"asked for causal or cross-attention (q length {query.shape[2]}, k length {key.shape[2]})")
-    if kwargs.get("output_attentions"):
+    # transformers collects the weights when the call or, without it, the config asks for them
+    # (config.output_attentions=True set while the model was on eager); returning none would
+    # leave `outputs.attentions` an empty tuple.
+    if kwargs.get("output_attentions", getattr(getattr(module, "config", None), "output_attentions", False)):
         raise ValueError("fastbert attention never forms the attention probabilities: output_attentions=True "
-                         "needs attn_implementation='eager'")
+                         "(in the call or the model's config) needs attn_implementation='eager'")
     mask = None
     if attention_mask is not None:
         mask = _key_padding_bool(attention_mask, query.shape[0], key.shape[2])
@@ -149,11 +154,27 @@ def _add_layernorm_forward(self, hidden_states, input_tensor):
                                  self.LayerNorm.bias, self.LayerNorm.eps, dropout_p)
 
 
+def _plain_linear(linear):
+    # Fusing reads linear.weight/bias and skips linear's forward: only right for an nn.Linear as
+    # it is. A LoRA wrapper (peft: weight is the base layer's, its forward adds the adapter), a
+    # quantised subclass or a hook (pruning's recomputes the weight) would be silently dropped.
+    return type(linear) is torch.nn.Linear and not linear._forward_pre_hooks and not linear._forward_hooks
+
+
 def _bias_gelu_forward(self, hidden_states):
     # transformers: act(dense(hidden_states)); the bias joins the activation's pass.
+    if not _plain_linear(self.dense):
+        return self.intermediate_act_fn(self.dense(hidden_states))
     with _backend_scope(self):
         return ops.bias_gelu(F.linear(hidden_states, self.dense.weight), self.dense.bias,
                              self.fastbert_gelu_approximate)
+
+
+def _bound(forward, module):
+    # A partial, not types.MethodType: a bound method pickles as a lookup of its name on the
+    # module, which fails on load (torch.save(model) / torch.load); a partial pickles the
+    # function by reference and the module by identity, and deepcopy rebinds it to the copy.
+    return functools.partial(forward, module)
 
 
 # model_type -> (transformers module, class prefix): the BERT family whose encoder modules are
@@ -184,7 +205,8 @@ def _distilbert_block_forward(self, hidden_states, attention_mask=None, **kwargs
     sa_norm, out_norm, ffn = self.sa_layer_norm, self.output_layer_norm, self.ffn
     with _backend_scope(self):
         attended = ops.add_layernorm(attention_output, hidden_states, sa_norm.weight, sa_norm.bias, sa_norm.eps)
-        if self.fastbert_gelu_approximate is None:  # another activation: the FFN as it is, its dropout inside
+        if self.fastbert_gelu_approximate is None or not (_plain_linear(ffn.lin1) and _plain_linear(ffn.lin2)):
+            # another activation, or wrapped linears: the FFN as it is, its dropout inside
             return ops.add_layernorm(ffn(attended), attended, out_norm.weight, out_norm.bias, out_norm.eps)
         inner = ops.bias_gelu(F.linear(attended, ffn.lin1.weight), ffn.lin1.bias, self.fastbert_gelu_approximate)
         dropout_p = ffn.dropout.p if self.training else 0.0
@@ -204,7 +226,7 @@ def _patch_distilbert(model, config, backend):
     approximate = _GELU_APPROXIMATE.get(config.activation) if isinstance(config.activation, str) else None
     for block in blocks:
         block.fastbert_gelu_approximate = approximate
-        block.forward = types.MethodType(_distilbert_block_forward, block)
+        block.forward = _bound(_distilbert_block_forward, block)
         block.fastbert_backend = block.attention.fastbert_backend = backend
 
 
@@ -215,10 +237,10 @@ def _patch_family(model, config, backend):
     approximate = _GELU_APPROXIMATE.get(config.hidden_act) if isinstance(config.hidden_act, str) else None
     for module in model.modules():
         if isinstance(module, (family.SelfOutput, family.Output)):
-            module.forward = types.MethodType(_add_layernorm_forward, module)
+            module.forward = _bound(_add_layernorm_forward, module)
         elif isinstance(module, family.Intermediate) and approximate is not None:
             module.fastbert_gelu_approximate = approximate
-            module.forward = types.MethodType(_bias_gelu_forward, module)
+            module.forward = _bound(_bias_gelu_forward, module)
         elif not isinstance(module, family.SelfAttention):
             continue
         module.fastbert_backend = backend

@@ -14,6 +14,56 @@ def test_encode_max_seq_len_is_checked(capsys):
     assert "--max-seq-len must be in [3, 512]" in capsys.readouterr().err
 
 
+def _printed_similarities(out, n):
+    return [[float(x) for x in line.split()[-n:]] for line in out.splitlines()[-n:]]
+
+
+def test_encode_matches_sentence_transformers(capsys):
+    """sentence-transformers on the embedded all-MiniLM-L6-v2: texts cut at its max_seq_length
+    (sentence_bert_config.json: 256), mean of the real tokens, normalised. The reference is
+    transformers' BertModel in float64; the texts run 9, 2, 150 and 273 tokens, so a cut at 128
+    (the old default) changes the last two."""
+    import json
+
+    import torch
+    transformers = pytest.importorskip("transformers")
+    path = fastbert.default_model_path()
+    max_len = json.loads((path / "sentence_bert_config.json").read_text())["max_seq_length"]
+    assert max_len == 256
+    texts = ["A man is playing a guitar.", "",
+             "The committee met on Tuesday to discuss the new budget, which allocates more money to schools, roads "
+             "and public libraries across the region. " * 5 + "Shares dropped steeply in afternoon trading.",
+             "Our hiking trip started at dawn; we climbed through pine forest, crossed two cold streams and reached "
+             "the summit by noon, where the view over the valley was spectacular. " * 8 + "The stock market fell."]
+    tokenizer = transformers.AutoTokenizer.from_pretrained(str(path))
+    batch = tokenizer(texts, padding=True, truncation=True, max_length=max_len, return_tensors="pt")
+    with torch.no_grad():
+        hidden = transformers.BertModel.from_pretrained(str(path)).double().eval()(**batch).last_hidden_state
+    mask = batch["attention_mask"][..., None].double()
+    embeddings = torch.nn.functional.normalize((hidden * mask).sum(1) / mask.sum(1), dim=-1)
+    expected = (embeddings @ embeddings.T).tolist()
+
+    assert fastbert.cli.main(["encode", "--device", "cpu", *texts]) == 0
+    printed = _printed_similarities(capsys.readouterr().out, len(texts))
+    for row, expected_row in zip(printed, expected):
+        assert row == pytest.approx(expected_row, abs=1e-3)  # printed to 3 decimals
+
+
+def test_encode_refuses_a_pooling_it_does_not_run(capsys, tmp_path):
+    """A sentence-transformers folder pooling by [CLS]: mean pooling would give other embeddings."""
+    import json
+
+    source = fastbert.default_model_path()
+    for name in ("config.json", "model.safetensors", "tokenizer.json", "tokenizer_config.json", "vocab.txt",
+                 "modules.json"):
+        (tmp_path / name).symlink_to(source / name)
+    (tmp_path / "1_Pooling").mkdir()
+    (tmp_path / "1_Pooling" / "config.json").write_text(json.dumps(
+        {"word_embedding_dimension": 384, "pooling_mode_cls_token": True, "pooling_mode_mean_tokens": False}))
+    assert fastbert.cli.main(["encode", "--device", "cpu", "--model", str(tmp_path), "x"]) == 2
+    assert "pools by ['pooling_mode_cls_token']" in capsys.readouterr().err
+
+
 def test_bad_model_path_is_a_clear_error(capsys, tmp_path):
     assert fastbert.cli.main(["encode", "--model", str(tmp_path / "missing"), "x"]) == 2
     assert "is not a folder" in capsys.readouterr().err

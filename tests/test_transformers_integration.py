@@ -196,6 +196,77 @@ def test_bad_uses_raise():
         model(input_ids=ids, attention_mask=per_query)
 
 
+@pytest.mark.parametrize("family", ["bert", "distilbert"])
+def test_output_attentions_from_the_config_is_refused(family):
+    """A model configured with output_attentions=True on eager, then patched: transformers asks
+    for the weights through the config, not the call; returning none would make
+    `outputs.attentions` an empty tuple."""
+    config = _tiny_config(family, output_attentions=True, attn_implementation="eager")
+    model = fastbert.patch_transformers(_classifier(config, DEVICE).eval(), backend="torch")
+    ids, mask = _batch(DEVICE)
+    with torch.no_grad(), pytest.raises(ValueError, match="output_attentions"):
+        model(input_ids=ids, attention_mask=mask)
+    with torch.no_grad():  # the call's False wins over the config, as in transformers
+        assert model(input_ids=ids, attention_mask=mask, output_attentions=False).attentions is None
+
+
+class _LoraLinear(torch.nn.Module):
+    """peft's lora.Linear in miniature: `weight` and `bias` are the wrapped Linear's, the forward
+    adds a low-rank term that F.linear on `weight` would not see."""
+
+    def __init__(self, base, rank=2):
+        super().__init__()
+        self.base_layer = base
+        self.lora_A = torch.nn.Linear(base.in_features, rank, bias=False, device=base.weight.device)
+        self.lora_B = torch.nn.Linear(rank, base.out_features, bias=False, device=base.weight.device)
+
+    weight = property(lambda self: self.base_layer.weight)
+    bias = property(lambda self: self.base_layer.bias)
+
+    def forward(self, x):
+        return self.base_layer(x) + self.lora_B(self.lora_A(x))
+
+
+@pytest.mark.parametrize("family", ["bert", "distilbert"])
+def test_a_wrapped_ffn_linear_keeps_its_forward(family):
+    """LoRA on the FFN's linears (peft's "all-linear"), put in after patching: the fused
+    bias + GELU must not take the wrapper's weight and skip its forward."""
+    config = _tiny_config(family)
+    ids, mask = _batch(DEVICE)
+    logits = []
+    for patch in (False, True):
+        model = _classifier(config, DEVICE).eval()
+        if patch:
+            fastbert.patch_transformers(model, backend="torch")
+        torch.manual_seed(2)
+        for module in list(model.modules()):
+            if hasattr(module, "intermediate_act_fn"):  # BERT's Intermediate
+                module.dense = _LoraLinear(module.dense)
+            elif hasattr(module, "lin1"):  # DistilBERT's FFN
+                module.lin1, module.lin2 = _LoraLinear(module.lin1), _LoraLinear(module.lin2)
+        with torch.no_grad():
+            logits.append(model(input_ids=ids, attention_mask=mask).logits)
+    torch.testing.assert_close(logits[1], logits[0], atol=1e-5, rtol=1e-5)
+
+
+def test_patched_model_survives_pickling():
+    """torch.save(model) / torch.load: the patched forwards come back bound to the loaded modules
+    (a bound method pickles as a lookup of its name, which the module does not have)."""
+    import io
+
+    model = fastbert.patch_transformers(_classifier(_tiny_config(), DEVICE).eval(), backend="torch")
+    buffer = io.BytesIO()
+    torch.save(model, buffer)
+    buffer.seek(0)
+    loaded = torch.load(buffer, weights_only=False)
+    ids, mask = _batch(DEVICE)
+    with torch.no_grad():
+        torch.testing.assert_close(loaded(input_ids=ids, attention_mask=mask).logits,
+                                   model(input_ids=ids, attention_mask=mask).logits, atol=0, rtol=0)
+    layer = loaded.bert.encoder.layer[0]
+    assert all(vars(m)["forward"].args == (m,) for m in (layer.attention.output, layer.intermediate, layer.output))
+
+
 def test_patched_model_compiles_with_fullgraph():
     """torch.compile(fullgraph=True) of the patched model: no graph break in the hooks, the
     patched modules' backend kept (around the call, a scope that cannot run on the CPU), the
