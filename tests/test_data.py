@@ -1,6 +1,7 @@
 """fastbert.data: readers on the real shared datasets (small slices) and on tiny
 malformed files, tagging labels against transformers' word_ids(), SQuAD answer
 mapping, collation and bucketing."""
+import json
 import random
 from pathlib import Path
 
@@ -464,6 +465,74 @@ def test_predict_answers_from_gold_positions(tok, squad):
     n_best = predict_answers(examples, feats, start, end, n_best=32, return_n_best=True)
     assert all(len(c) == 32 for c in n_best.values() if c), "32 candidates where the windows hold that many"
     assert {i: c[0][0] for i, c in n_best.items() if i in expected} == expected
+
+
+def test_squad_empty_answer_text_is_refused(tmp_path, tok):
+    """An empty answer text matches the context at any answer_start (even past its end): the reader took
+    it, then build_squad_features raised a bare StopIteration (answer at the passage end) or labelled the
+    word the empty span sat in."""
+    context = "The cat sat on the mat."
+    for start in (len(context), 5, 500):
+        path = write(tmp_path, "empty.json", json.dumps({"data": [{"title": "T", "paragraphs": [{
+            "context": context, "qas": [{"id": "q3", "question": "Who?",
+                                         "answers": [{"text": "cat", "answer_start": 4},
+                                                     {"text": "", "answer_start": start}]}]}]}]}))
+        with pytest.raises(DataFormatError, match=r"empty\.json: question id q3: an answer text is empty"):
+            read_squad(path)
+    for start in (len(context), 5):  # examples built in code: the window points at [CLS]
+        ex = SquadExample("q", "t", "Who?", context, [""], [start])
+        feat, = build_squad_features([ex], tok, max_length=32, stride=4, max_question_tokens=8)
+        assert (feat["start_positions"], feat["end_positions"]) == (0, 0)
+
+
+def test_n_best_counts_a_span_found_in_two_windows_once(tok):
+    """Overlapping windows hold the same passage spans; n-best listed each once per window, so a span
+    in the overlap took two of the n slots. It is one candidate, at its best score over the windows."""
+    words = ("apple bread chair dance eagle field grape house island jacket kettle lemon mountain needle "
+             "orange pencil queen river summer table uncle violin window yellow zebra anchor butter candle "
+             "doctor engine forest garden hammer").split()
+    ex = SquadExample("q", "t", "Which?", " ".join(words), [], [])
+    feats = build_squad_features([ex], tok, max_length=24, stride=8, max_question_tokens=4)
+    assert len(feats) >= 3
+    width = max(len(f["input_ids"]) for f in feats)
+    word_score = torch.randn(len(ex.context), generator=torch.Generator().manual_seed(0))
+    start, end = torch.full((len(feats), width), -50.0), torch.full((len(feats), width), -50.0)
+    expected = {}                   # (char start, char end) -> best score over the windows
+    for i, f in enumerate(feats):   # one score per passage word, whichever window holds it; later windows a bit more
+        ctx = [t for t, m in enumerate(f["context_mask"]) if m]
+        for t in ctx:
+            start[i, t] = word_score[f["offsets"][t][0]] + 0.01 * i
+            end[i, t] = word_score[f["offsets"][t][0]]
+        for s in ctx:
+            for e in ctx[ctx.index(s):ctx.index(s) + 3]:
+                span = (f["offsets"][s][0], f["offsets"][e][1])
+                expected[span] = max(expected.get(span, -1e9), (start[i, s] + end[i, e]).item())
+    best = sorted(expected.items(), key=lambda c: -c[1])[:10]
+    got = predict_answers([ex], feats, start, end, n_best=10, max_answer_tokens=3, return_n_best=True)["q"]
+    assert [text for text, _ in got] == [ex.context[a:b] for (a, b), _ in best]
+    assert [score for _, score in got] == pytest.approx([score for _, score in best])
+
+
+def test_predict_answers_scores_spans_in_row_blocks(tok, monkeypatch):
+    """span_score's torch backend (the CPU's) holds a (rows, seqlen, max_answer_len) grid and its sort,
+    about 200 KB a row at SQuAD's sizes: predict_answers sent every feature in one call (over 1 GB
+    for this repo's 5,665 questions). Blocks of SPAN_ROWS rows give the same answers."""
+    import fastbert.ops
+    from fastbert.data import squad
+
+    examples = [SquadExample(str(i), "t", "Which?", f"The code is {i} and the name is item {i % 7}.", [], [])
+                for i in range(squad.SPAN_ROWS + 40)]
+    feats = build_squad_features(examples, tok, max_length=32, stride=4, max_question_tokens=4)
+    width = max(len(f["input_ids"]) for f in feats)
+    g = torch.Generator().manual_seed(0)
+    start, end = torch.randn(len(feats), width, generator=g), torch.randn(len(feats), width, generator=g)
+    rows, span_score = [], fastbert.ops.span_score
+    monkeypatch.setattr(fastbert.ops, "span_score",
+                        lambda s, *a, **k: rows.append(s.shape[0]) or span_score(s, *a, **k))
+    got = predict_answers(examples, feats, start, end, return_n_best=True)
+    assert max(rows) <= squad.SPAN_ROWS and sum(rows) == len(feats)
+    monkeypatch.setattr(squad, "SPAN_ROWS", len(feats))
+    assert predict_answers(examples, feats, start, end, return_n_best=True) == got
 
 
 # --- collation and bucketing ------------------------------------------------------------------

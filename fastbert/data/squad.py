@@ -41,7 +41,7 @@ def read_squad(path: str | os.PathLike, max_examples: int | None = None) -> list
     """Read the official SQuAD v1.1 JSON layout (data -> paragraphs -> qas -> answers).
 
     Raises DataFormatError naming the file and question id when a field is missing
-    or an answer's text is not at its answer_start in the context.
+    or an answer's text is empty or not at its answer_start in the context.
     """
     path = Path(path)
     if max_examples is not None and max_examples < 1:
@@ -79,6 +79,11 @@ def read_squad(path: str | os.PathLike, max_examples: int | None = None) -> list
                 except (KeyError, TypeError, ValueError) as e:
                     raise DataFormatError(f"{path}: question id {qid}: missing or bad field {e}") from None
                 for text, start in zip(texts, starts):
+                    if not text.strip():
+                        # an empty text matches the context at any start, even past its end, and
+                        # maps to no token (build_squad_features would label an unrelated one)
+                        raise DataFormatError(f"{path}: question id {qid}: an answer text is empty; a SQuAD "
+                                              "v1.1 answer is a span of its context")
                     if start < 0 or context[start:start + len(text)] != text:
                         raise DataFormatError(f"{path}: question id {qid}: answer {text!r} is not at "
                                               f"answer_start={start} of its context")
@@ -146,11 +151,16 @@ def build_squad_features(examples: Sequence[SquadExample], tokenizer, max_length
 def _answer_tokens(offsets, context_mask, char_start: int, char_end: int) -> tuple[int, int]:
     """First and last passage token overlapping [char_start, char_end), or (0, 0) if the window misses part of it."""
     ctx = [i for i, m in enumerate(context_mask) if m]
+    if char_end <= char_start:  # an empty answer covers no token (the searches below would find none)
+        return 0, 0
     if not ctx or offsets[ctx[0]][0] > char_start or offsets[ctx[-1]][1] < char_end:
         return 0, 0
     start = next(i for i in ctx if offsets[i][1] > char_start)
     end = next(i for i in reversed(ctx) if offsets[i][0] < char_end)
     return (start, end) if start <= end else (0, 0)
+
+
+SPAN_ROWS = 1024  # features per span_score call in predict_answers
 
 
 def predict_answers(examples: Sequence[SquadExample], features: Sequence[dict], start_logits, end_logits,
@@ -161,8 +171,9 @@ def predict_answers(examples: Sequence[SquadExample], features: Sequence[dict], 
     their feature; the extra positions are ignored). Each window's exact top spans
     come from fastbert.ops.span_score: both ends inside the passage (context_mask),
     s <= e < s + max_answer_tokens, score start_logits[s] + end_logits[e]; the
-    windows of one passage are merged by score. With return_n_best, each id maps to
-    its n_best (text, score) candidates, best first. device: where the span score runs
+    windows of one passage are merged by score (a span found in several windows counts
+    once, at its best score). With return_n_best, each id maps to its n_best (text, score)
+    candidates, best first. device: where the span score runs
     (default: the logits' device; tasks.evaluate passes the model's, so a GPU uses the kernel).
     """
     from ..ops import span_score
@@ -180,19 +191,28 @@ def predict_answers(examples: Sequence[SquadExample], features: Sequence[dict], 
     allowed = torch.zeros(start_logits.shape, dtype=torch.bool)
     for f, feat in enumerate(features):
         allowed[f, :len(feat["context_mask"])] = torch.tensor(feat["context_mask"], dtype=torch.bool)
-    starts, ends, scores = span_score(start_logits, end_logits, allowed.to(device),
-                                      max_answer_len=max_answer_tokens, topk=n_best)
-    starts, ends, scores = starts.cpu(), ends.cpu(), scores.cpu()
-    candidates: dict[int, list[tuple[float, str]]] = {}
+    allowed = allowed.to(device)
+    # In row blocks: the torch backend (the CPU's) holds a (rows, seqlen, max_answer_len) grid and its
+    # sort, about 200 KB a row at 384 x 30, so a whole dev set at once took gigabytes. (No features still
+    # makes one call, which checks the logits' shape.)
+    found = [span_score(start_logits[r:r + SPAN_ROWS], end_logits[r:r + SPAN_ROWS], allowed[r:r + SPAN_ROWS],
+                        max_answer_len=max_answer_tokens, topk=n_best)
+             for r in range(0, max(len(features), 1), SPAN_ROWS)]
+    starts, ends, scores = (torch.cat([part[k].cpu() for part in found]) for k in range(3))
+    # per example: best score of each passage span (char_start, char_end). Overlapping windows find
+    # the same span; it is one candidate, kept at its best score, not n-best entries repeated.
+    candidates: dict[int, dict[tuple[int, int], float]] = {}
     for f, feat in enumerate(features):
-        context = examples[feat["example_index"]].context
+        spans = candidates.setdefault(feat["example_index"], {})
         for s, e, score in zip(starts[f].tolist(), ends[f].tolist(), scores[f].tolist()):
             if s < 0:  # fewer allowed spans than topk
                 break
-            text = context[feat["offsets"][s][0]:feat["offsets"][e][1]]
-            candidates.setdefault(feat["example_index"], []).append((score, text))
+            span = (feat["offsets"][s][0], feat["offsets"][e][1])
+            if span not in spans or score > spans[span]:
+                spans[span] = score
     result = {}
     for i, ex in enumerate(examples):
-        ranked = sorted(candidates.get(i, []), key=lambda c: -c[0])[:n_best]
-        result[ex.id] = [(text, score) for score, text in ranked] if return_n_best else (ranked[0][1] if ranked else "")
+        ranked = sorted(candidates.get(i, {}).items(), key=lambda c: -c[1])[:n_best]
+        ranked = [(ex.context[a:b], score) for (a, b), score in ranked]
+        result[ex.id] = ranked if return_n_best else (ranked[0][0] if ranked else "")
     return result
