@@ -171,6 +171,7 @@ def bias_gelu_fwd(x, bias, approximate="none", *, wrap=_direct):
     `wrap` is torch.library.wrap_triton when called from the registered custom op.
     """
     x = x.contiguous()
+    bias = bias.contiguous()  # the kernel reads it at stride 1
     n = x.shape[-1]
     x2 = x.view(-1, n)                                   # (M, N)
     m = x2.shape[0]
@@ -242,6 +243,7 @@ def bias_gelu_bwd(dy, x, bias, approximate="none", *, wrap=_direct):
     """
     dy = dy.contiguous()
     x = x.contiguous()
+    bias = bias.contiguous()  # the kernel reads it at stride 1
     n = x.shape[-1]
     x2, dy2 = x.view(-1, n), dy.view(-1, n)              # (M, N)
     m = x2.shape[0]

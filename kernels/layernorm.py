@@ -173,6 +173,7 @@ def add_layernorm_fwd(x, residual, weight, bias, eps, dropout_p=0.0, seed=None, 
     custom op.
     """
     x, residual = x.contiguous(), residual.contiguous()
+    weight, bias = weight.contiguous(), bias.contiguous()  # the kernel reads them at stride 1
     n = x.shape[-1]
     x2, r2 = x.view(-1, n), residual.view(-1, n)        # (M, N)
     m = x2.shape[0]
@@ -286,6 +287,7 @@ def add_layernorm_bwd(dy, x, residual, weight, mean, rstd, dropout_p=0.0, seed=N
     caller uses dresidual for both. dweight/dbias come in weight's dtype (summed in fp32).
     """
     dy, x, residual = dy.contiguous(), x.contiguous(), residual.contiguous()
+    weight = weight.contiguous()  # the kernel reads it at stride 1
     n = x.shape[-1]
     dy2, x2, r2 = dy.view(-1, n), x.view(-1, n), residual.view(-1, n)   # (M, N)
     dc2 = dy_copy.contiguous().view(-1, n) if dy_copy is not None else dy2
@@ -408,6 +410,7 @@ def layernorm_gelu_fwd(x, weight, bias, eps, *, wrap=_direct):
     Returns (y, mean, rstd): y with x's shape and dtype, mean and rstd (M,) fp32.
     """
     x = x.contiguous()
+    weight, bias = weight.contiguous(), bias.contiguous()  # the kernel reads them at stride 1
     n = x.shape[-1]
     x2 = x.view(-1, n)                                   # (M, N)
     m = x2.shape[0]
@@ -488,6 +491,7 @@ def layernorm_gelu_bwd(dy, x, weight, bias, mean, rstd, *, wrap=_direct):
     Returns (dx, dweight, dbias): dx with x's shape and dtype, dweight/dbias in weight's dtype.
     """
     dy, x = dy.contiguous(), x.contiguous()
+    weight, bias = weight.contiguous(), bias.contiguous()  # the kernel reads them at stride 1
     n = x.shape[-1]
     dy2, x2 = dy.view(-1, n), x.view(-1, n)              # (M, N)
     m = x2.shape[0]

@@ -5,17 +5,21 @@ ValueError/TypeError that starts with the op's name, or returns what the float64
 returns, gradients included, within the dtype's tolerance (conftest.assert_close_to_ref).
 tests/test_ops_api.py names each mistake once; this file looks for the combinations nobody
 wrote down (a non-contiguous k with a mask, a float32 weight with float16 x, head_dim 24...)."""
+import math
 import os
 
+import numpy as np
 import pytest
 import torch
 from hypothesis import HealthCheck, event, given, settings, strategies as st
 
 from conftest import DEVICE, ON_GPU, assert_close_to_ref
+from test_span import assert_same
+from test_span import assert_same
 from fastbert import ops
 from fastbert.ops.attention import attention_ref
 from fastbert.ops.gelu import bias_gelu_ref
-from fastbert.ops.layernorm import add_layernorm_ref
+from fastbert.ops.layernorm import add_layernorm_ref, layernorm_gelu_ref
 
 BACKENDS = ["torch", "triton", pytest.param("cuda", marks=pytest.mark.slow)]  # cuda: the CPU emulation of csrc
 # Derandomized: the suite runs the same 100 examples a test everywhere (no flaky CI); a longer,
@@ -326,3 +330,260 @@ def test_the_float64_replay_of_the_attention_backward_models_the_kernel():
         fixed = replay.emulate(q.cpu(), k.cpu(), v.cpu(), mask.cpu(), do.cpu(), scale, variant)
         for name, a, r, b in zip(("dq", "dk"), fixed, refs, base):
             assert_close_to_ref(a.to(DEVICE, torch.float16), r, b, f"{variant} {name}")
+
+
+# -- layernorm_gelu -----------------------------------------------------------------------------
+
+LAYERNORM_GELU_FAULTS = ["weight_size", "bias_rank", "param_dtype", "param_mix", "eps", "int_dtype", "scalar_x",
+                         "device", "not_tensor", "too_wide"]
+
+
+@SETTINGS
+@given(data=st.data())
+def test_layernorm_gelu_fuzz(backend, data):
+    draw = data.draw
+    fault = draw(st.sampled_from([None] * len(LAYERNORM_GELU_FAULTS) + LAYERNORM_GELU_FAULTS))
+    lead = draw(st.lists(st.sampled_from([1, 1, 2, 3, 0]), min_size=0, max_size=2))  # [] -> one row, 1-D x
+    # 1/7/130/1022/4095: no power of two (the cuda kernels' scalar fallback); 4096 the widest supported
+    hidden = 4097 if fault == "too_wide" else draw(st.sampled_from([1, 7, 32, 64, 130, 384, 1022, 4095, 4096]))
+    dtype = torch.int32 if fault == "int_dtype" else draw(st.sampled_from(FLOATS + [torch.bfloat16]))
+    if fault == "param_dtype":  # neither x's dtype nor float32
+        weight_dtype = bias_dtype = torch.float64 if dtype != torch.float64 else torch.float16
+    else:
+        weight_dtype = bias_dtype = draw(st.sampled_from([dtype, torch.float32] if dtype.is_floating_point
+                                                         else [torch.float32]))
+        if fault == "param_mix":  # each allowed alone, not together
+            bias_dtype = dtype if weight_dtype == torch.float32 else torch.float32
+            if bias_dtype == weight_dtype:
+                bias_dtype = torch.float64
+    x = _tensor(draw, [*lead, hidden], dtype, draw(st.sampled_from(["contiguous", "strided", "transposed"])))
+    rows = draw(st.sampled_from(["randn", "randn", "offset", "constant"])) if dtype.is_floating_point else "randn"
+    # Rows far from zero mean (mean 10 spreads), or of one value (variance 0: y = GELU(bias)), a
+    # multiple of 1/8 so that the kernels' float32 row sum is exact: their mean is a rounding off
+    # otherwise, which LayerNorm magnifies up to 1 / sqrt(eps) (the xfail below holds that case).
+    if rows == "offset":
+        x.mul_(0.5).add_(5.0)
+    elif rows == "constant":
+        x.copy_((8 * x[..., :1]).round().div(8).expand(x.shape))
+    if fault == "scalar_x":
+        x = x.flatten()[:1].reshape(()) if x.numel() else torch.ones((), dtype=dtype, device=DEVICE)
+    weight = _tensor(draw, [hidden + (fault == "weight_size")], weight_dtype, draw(st.sampled_from(["contiguous", "strided"])))
+    bias = _tensor(draw, [hidden], bias_dtype, draw(st.sampled_from(["contiguous", "strided"])))
+    if fault == "bias_rank":
+        bias = bias[None]
+    eps = draw(st.sampled_from([-1e-5, float("nan"), float("inf"), None, "1e-5", True] if fault == "eps"
+                               else [1e-5, 1e-12]))
+    grad = dtype.is_floating_point and draw(st.booleans())
+    for t in (x, weight, bias):
+        t.requires_grad_(grad)
+    if fault == "device":  # meta stands in for a second device
+        weight, bias = draw(st.sampled_from([(weight.to("meta"), bias), (weight, bias.to("meta"))]))
+    elif fault == "not_tensor":
+        weight, bias = draw(st.sampled_from([(weight.tolist(), bias), (weight, 0.5)]))
+
+    with ops.use_backend(backend):
+        y = _expect_clear_error_or("layernorm_gelu", lambda: ops.layernorm_gelu(x, weight, bias, eps))
+    kernel_refuses = (dtype == torch.float64 or (backend == "triton" and dtype == torch.bfloat16 and not ON_GPU)
+                      or fault == "too_wide")  # no float64 kernels; the interpreter has no bfloat16; 4096 at most
+    refused = fault not in (None, "too_wide") or (backend != "torch" and kernel_refuses)
+    assert (y is None) == refused, f"fault={fault} dtype={dtype}: {'accepted' if y is not None else 'refused'}"
+    if y is None:
+        return
+    assert y.shape == x.shape and y.dtype == x.dtype
+    ref64 = layernorm_gelu_ref(x.double(), weight.double(), bias.double(), eps)
+    baseline = layernorm_gelu_ref(x, weight, bias, eps).to(y.dtype)  # as for add_layernorm
+    if y.numel():
+        assert_close_to_ref(y.detach(), ref64.detach(), baseline.detach(), "layernorm_gelu y")
+    if grad:
+        dy = torch.randn(y.shape, generator=torch.Generator().manual_seed(6), dtype=torch.float64).to(DEVICE)
+        ours = _grads(y, (x, weight, bias), dy.to(y.dtype))
+        refs = _grads(ref64, (x, weight, bias), dy.to(y.dtype).double())  # what the op got
+        base = _grads(baseline, (x, weight, bias), dy.to(baseline.dtype))
+        if not all(torch.isfinite(b).all() for b in base):  # as for add_layernorm: CPU float16 LayerNorm
+            base32 = layernorm_gelu_ref(x.float(), weight.float(), bias.float(), eps).to(y.dtype)
+            base = _grads(base32, (x, weight, bias), dy.to(y.dtype))
+        for name, a, r, b, t in zip(["dx", "dweight", "dbias"], ours, refs, base, (x, weight, bias)):
+            assert a.shape == t.shape and a.dtype == t.dtype, name
+            if a.numel():
+                assert_close_to_ref(a, r, b, name)
+
+
+@pytest.mark.xfail(strict=True, reason="known: the LayerNorm kernels (Triton and CUDA alike) take the row mean as a "
+                   "float32 sum / N, off by a rounding even for a row of one value, and LayerNorm multiplies that by "
+                   "rstd = 1 / sqrt(var + eps), 1e6 with BERT's eps 1e-12: y up to 0.5 off where torch's LayerNorm is "
+                   "exact. Candidate fix (needs a GPU timing): centre twice (subtract the centred row's mean, a second "
+                   "reduction), or sum x - x[0]")
+@pytest.mark.parametrize("backend", ["triton", pytest.param("cuda", marks=pytest.mark.slow)], indirect=True)
+@pytest.mark.parametrize("op", ["layernorm_gelu", "add_layernorm"])
+def test_layernorm_of_constant_rows_found_by_the_fuzz(backend, op):
+    """Rows of one value (variance 0: y = GELU(bias), or bias) at BERT's width and eps, the case a
+    random search of test_layernorm_gelu_fuzz found (at hidden 7, eps 1e-5, 6.5e-5 off where 1e-5
+    is allowed); the same rounding puts near-constant rows (mean / std = 50) at 3x torch's error in
+    dx. Strict: when the kernels' mean gets exact for such rows this starts passing and the mark
+    must go (and the fuzz's "offset" rows can spread less)."""
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(16, 1, generator=g, dtype=torch.float64).expand(16, 768).to(DEVICE, torch.float32).contiguous()
+    weight = (1 + 0.5 * torch.randn(768, generator=g, dtype=torch.float64)).to(DEVICE, torch.float32)
+    bias = (0.5 * torch.randn(768, generator=g, dtype=torch.float64)).to(DEVICE, torch.float32)
+    if op == "layernorm_gelu":
+        tensors, run, ref = (x, weight, bias), ops.layernorm_gelu, layernorm_gelu_ref
+    else:
+        tensors, run, ref = (x, torch.zeros_like(x), weight, bias), ops.add_layernorm, add_layernorm_ref
+    with ops.use_backend(backend):
+        y = run(*tensors, 1e-12)
+    ref64 = ref(*(t.double() for t in tensors), 1e-12)
+    with ops.use_backend("torch"):
+        baseline = run(*tensors, 1e-12)
+    assert_close_to_ref(y, ref64, baseline, f"{op} y")
+
+
+def test_strided_weight_and_bias_found_by_the_fuzz(backend):
+    """Found by test_layernorm_gelu_fuzz: a weight or bias that is a strided view (a slice of a
+    packed parameter) went to Triton kernels that read it at stride 1, and add_layernorm,
+    layernorm_gelu and bias_gelu returned wrong values, forward and backward, without an error."""
+    g = torch.Generator().manual_seed(0)
+    x, residual = (torch.randn(3, 7, generator=g, dtype=torch.float64).to(DEVICE, torch.float32) for _ in range(2))
+    weight, bias = (torch.randn(7, 2, generator=g, dtype=torch.float64).to(DEVICE, torch.float32)[:, 0]
+                    for _ in range(2))
+    assert weight.stride() == bias.stride() == (2,)
+    cases = {
+        "add_layernorm": (lambda x, r, w, b: ops.add_layernorm(x, r, w, b, 1e-5),
+                          lambda x, r, w, b: add_layernorm_ref(x, r, w, b, 1e-5), (x, residual, weight, bias)),
+        "layernorm_gelu": (lambda x, w, b: ops.layernorm_gelu(x, w, b, 1e-5),
+                           lambda x, w, b: layernorm_gelu_ref(x, w, b, 1e-5), (x, weight, bias)),
+        "bias_gelu": (ops.bias_gelu, bias_gelu_ref, (x, bias)),
+    }
+    dy = torch.randn(x.shape, generator=g, dtype=torch.float64).to(DEVICE, torch.float32)
+    for name, (op, ref, tensors) in cases.items():
+        leaves = [t.detach().requires_grad_(True) for t in tensors]  # the views keep their strides
+        with ops.use_backend(backend):
+            y = op(*leaves)
+        ref64 = ref(*(t.double() for t in leaves))
+        baseline = ref(*leaves)
+        assert_close_to_ref(y.detach(), ref64.detach(), baseline.detach(), f"{name} y")
+        for i, (a, r, b) in enumerate(zip(_grads(y, leaves, dy), _grads(ref64, leaves, dy.double()),
+                                          _grads(baseline, leaves, dy))):
+            assert_close_to_ref(a, r, b, f"{name} grad {i}")
+
+
+# -- span_score ---------------------------------------------------------------------------------
+
+def _laid_out(t, layout):
+    """t's values in one of _tensor's layouts: "strided" (every other element of a wider last
+    dimension), "transposed" (the two leading dimensions swapped in memory), or contiguous."""
+    if layout == "strided":
+        out = t.new_empty((*t.shape[:-1], 2 * t.shape[-1]))[..., ::2]
+    elif layout == "transposed" and t.dim() >= 2:
+        out = t.new_empty((t.shape[1], t.shape[0], *t.shape[2:])).transpose(0, 1)
+    else:
+        return t.contiguous()
+    return out.copy_(t)
+
+
+def _span_brute_force(s, e, mask, max_answer_len, topk):
+    """Every span i <= j < i + max_answer_len with both ends allowed, scored by one float32 add
+    of the float32 logits, ranked as span_score's docstring says: NaN first, then by score, ties
+    towards smaller i, then smaller j; a -inf score is no span; empty slots (-1, -1, -inf)."""
+    s32, e32 = s.detach().float().cpu().numpy(), e.detach().float().cpu().numpy()
+    B, L = s32.shape
+    pos = np.arange(L)
+    i, j = np.nonzero((pos[None, :] >= pos[:, None]) & (pos[None, :] < pos[:, None] + max_answer_len))  # (i, j) order
+    start, end = np.full((B, topk), -1, np.int64), np.full((B, topk), -1, np.int64)
+    score = np.full((B, topk), -np.inf, np.float32)
+    for b in range(B):
+        with np.errstate(invalid="ignore", over="ignore"):  # inf + -inf is NaN by definition
+            sc = s32[b, i] + e32[b, j]  # float32 + float32: one float32 add per span
+        ok = sc != -np.inf
+        if mask is not None:
+            m = mask[b].cpu().numpy()
+            ok &= m[i] & m[j]
+        bi, bj, bs = i[ok], j[ok], sc[ok]
+        nan = np.isnan(bs)
+        order = np.lexsort((bj, bi, np.where(nan, 0.0, -bs.astype(np.float64)), ~nan))[:topk]
+        k = len(order)
+        start[b, :k], end[b, :k], score[b, :k] = bi[order], bj[order], bs[order]
+    return torch.from_numpy(start), torch.from_numpy(end), torch.from_numpy(score)
+
+
+SPAN_FAULTS = ["end_dtype", "float64", "int_logits", "end_shape", "rank", "empty_L", "not_tensor", "mask_dtype",
+               "mask_shape", "mask_not_tensor", "device", "topk", "topk_type", "max_answer_len",
+               "max_answer_len_type"]
+SPAN_DTYPES = [torch.float32, torch.float16, torch.bfloat16]
+
+
+@SETTINGS
+@given(data=st.data())
+def test_span_score_fuzz(backend, data):
+    draw = data.draw
+    fault = draw(st.sampled_from([None] * len(SPAN_FAULTS) + SPAN_FAULTS))
+    B = draw(st.sampled_from([1, 1, 2, 3, 5]))  # cuda: 4 warps a row below 2 rows per SM (the emulation has 2), else 1
+    # not multiples of the tiles (Triton 1024 // next_pow2(D) starts, cuda 8 * 32 // min(next_pow2(D), 32))
+    if fault == "empty_L":
+        L = 0
+    elif draw(st.integers(0, 7)):
+        L = draw(st.integers(1, 70))
+    else:  # a long row, SQuAD's 384 among them
+        L = draw(st.sampled_from([127, 384]))
+    dtype = draw(st.sampled_from(SPAN_DTYPES))
+    values = draw(st.sampled_from(["ties", "ties", "ties_inf", "randn", "special"]))
+    g = torch.Generator().manual_seed(draw(st.integers(0, 2**31 - 1)))
+    if values == "randn":
+        se = 3 * torch.randn(2, B, L, generator=g, dtype=torch.float64)
+    else:  # small integers: many equal sums, so the tie order decides
+        pool = [-2.0, -1.0, -0.0, 0.0, 1.0, 2.0] + {"ties": [], "ties_inf": [-math.inf] * 2,
+                                                   "special": [-math.inf, math.inf, math.nan]}[values]
+        se = torch.tensor(pool, dtype=torch.float64)[torch.randint(len(pool), (2, B, L), generator=g)]
+    s_dtype = e_dtype = torch.float64 if fault == "float64" else torch.int64 if fault == "int_logits" else dtype
+    if fault == "end_dtype":
+        e_dtype = draw(st.sampled_from([t for t in SPAN_DTYPES + [torch.float64] if t != dtype]))
+    s = _laid_out(se[0].to(DEVICE, s_dtype), draw(st.sampled_from(["contiguous", "strided", "transposed"])))
+    e = _laid_out(se[1].to(DEVICE, e_dtype), draw(st.sampled_from(["contiguous", "strided", "transposed"])))
+    if fault == "end_shape":
+        e = draw(st.sampled_from([e[:, :-1] if L > 1 else torch.cat([e, e], 1), torch.cat([e, e[:1]])]))
+    elif fault == "rank":
+        s = draw(st.sampled_from([s[0], s[..., None]]))
+    elif fault == "not_tensor":
+        s = s.tolist()
+    mask_kind = draw(st.sampled_from([None, "random", "dead_rows", "passage", "all"]))
+    mask = None
+    if mask_kind is not None:
+        pos = torch.arange(L)
+        if mask_kind == "passage":  # [CLS] question [SEP] passage [SEP] padding
+            lo = torch.randint(0, L + 1, (B, 1), generator=g)
+            mask = (pos >= lo) & (pos < lo + torch.randint(0, L + 1, (B, 1), generator=g))
+        else:
+            mask = torch.rand(B, L, generator=g) < (1.0 if mask_kind == "all" else float(torch.rand((), generator=g)))
+        if mask_kind == "dead_rows":
+            mask[torch.rand(B, generator=g) < 0.5] = False  # rows with no allowed span
+        mask = _laid_out(mask.to(DEVICE), draw(st.sampled_from(["contiguous", "strided", "transposed"])))
+    if fault and fault.startswith("mask"):
+        mask = mask if mask is not None else torch.ones(B, L, dtype=torch.bool, device=DEVICE)
+        if fault == "mask_dtype":
+            mask = mask.to(draw(st.sampled_from([torch.uint8, torch.int32, torch.float32])))
+        elif fault == "mask_shape":
+            mask = draw(st.sampled_from([mask[0], mask[:, None], torch.cat([mask, mask[:, :1]], 1)]))
+        else:
+            mask = mask.tolist()
+    if fault == "device":  # meta stands in for a second device
+        if mask is not None and draw(st.booleans()):
+            mask = mask.to("meta")
+        else:
+            e = e.to("meta")
+    max_answer_len = draw(st.sampled_from([0, -1]) if fault == "max_answer_len" else
+                          st.sampled_from([1.5, True, None, "30"]) if fault == "max_answer_len_type" else
+                          st.integers(1, L + 3) | st.just(30))  # up to beyond L
+    topk = draw(st.sampled_from([0, 33, -1, 64]) if fault == "topk" else
+                st.sampled_from([True, 2.0, None]) if fault == "topk_type" else
+                st.integers(1, 32) | st.sampled_from([1, 20, 32]))
+    if isinstance(s, torch.Tensor) and s.is_floating_point():
+        s.requires_grad_(draw(st.booleans()))  # a QA head's output: the op must not track it
+
+    with ops.use_backend(backend):
+        out = _expect_clear_error_or("span_score", lambda: ops.span_score(s, e, mask, max_answer_len, topk))
+    refused = fault is not None or (backend == "triton" and dtype == torch.bfloat16 and not ON_GPU)
+    assert (out is None) == refused, f"fault={fault} dtype={dtype}: {'accepted' if out is not None else 'refused'}"
+    if out is None:
+        return
+    assert_same(out, _span_brute_force(s, e, mask, max_answer_len, topk), f"span_score on {backend}")
+    assert not any(t.requires_grad for t in out)
+    assert not torch.signbit(out[2][out[2] == 0]).any(), "a zero score must come back as +0.0"
