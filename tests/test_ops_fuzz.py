@@ -367,8 +367,9 @@ def test_layernorm_gelu_fuzz(backend, data):
         x.copy_((8 * x[..., :1]).round().div(8).expand(x.shape))
     if fault == "scalar_x":
         x = x.flatten()[:1].reshape(()) if x.numel() else torch.ones((), dtype=dtype, device=DEVICE)
-    weight = _tensor(draw, [hidden + (fault == "weight_size")], weight_dtype, draw(st.sampled_from(["contiguous", "strided"])))
-    bias = _tensor(draw, [hidden], bias_dtype, draw(st.sampled_from(["contiguous", "strided"])))
+    param_layouts = st.sampled_from(["contiguous", "strided"])  # a strided weight: a slice of a packed parameter
+    weight = _tensor(draw, [hidden + (fault == "weight_size")], weight_dtype, draw(param_layouts))
+    bias = _tensor(draw, [hidden], bias_dtype, draw(param_layouts))
     if fault == "bias_rank":
         bias = bias[None]
     eps = draw(st.sampled_from([-1e-5, float("nan"), float("inf"), None, "1e-5", True] if fault == "eps"
