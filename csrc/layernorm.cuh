@@ -5,6 +5,7 @@
 //   add_layernorm:   h = dropout(x) + r,  dropout(x)_i = x_i * keep_i / (1 - p)
 //   layernorm_gelu:  h = x
 //   mean = sum_i h_i / N,  rstd = 1 / sqrt(sum_i (h_i - mean)^2 / N + eps),  xhat = (h - mean) * rstd
+//   (in float32 the mean is corrected by the centred row's own mean; see the forward)
 //   add_layernorm:   y = xhat * w + b;   layernorm_gelu: z = xhat * w + b, y = gelu(z) (erf)
 // Only mean and rstd (fp32) are saved, plus the dropout seed: keep_i is the Philox uniform
 // of group row * ceil(N / 4) + col / 4, component col % 4 (as Triton's _keep), >= p.
@@ -16,8 +17,9 @@
 // Layout: TPR threads own a row (TPR = 32: one warp, four rows per 128-thread block;
 // TPR >= 128: the whole block). Thread t of a row holds chunks t, t + TPR, ..., NV of
 // them, of VEC consecutive columns each, in registers: the row is read once, both
-// statistics come from registers (sum, then the centred sum of squares: exact two-pass
-// variance) with warp shuffles and, past one warp, a shared-memory step.
+// statistics come from registers in two reductions (the sum, then the centred sum, which
+// corrects the mean, with the centred sum of squares: the corrected two-pass variance)
+// with warp shuffles and, past one warp, a shared-memory step.
 // VECTOR: 16-byte chunks (VEC = 16 / sizeof(T)) where every row start is 16-byte aligned
 // and N % VEC == 0; otherwise scalar loads in chunks of 4 columns (the fallback).
 // The backward runs at most max_partials blocks that loop over rows; each keeps its
@@ -136,18 +138,29 @@ __device__ __forceinline__ void fwd_row(const LayerNormFwdParams& p) {
 #pragma unroll
     for (int i = 0; i < VEC; ++i) sum += h[k][i];  // 0 past the row's end
   }
-  const float mean = row_sum<TPR>(sum, scratch) / static_cast<float>(n);
-  float sq = 0.0f;
+  // Centred twice (as _centre_rows in kernels/layernorm.py): sum / N is a rounding or more
+  // off the true mean even for a row of one value, and rstd (1e6 at eps 1e-12 on such a
+  // row) magnifies what is left. The once-centred values' own mean is that error, got
+  // almost exactly; it is summed in the same pass as the squares (the corrected two-pass
+  // variance: sum c^2 / N - residue^2), so the row costs two reductions as before, and
+  // (h - mean1) - residue leaves a constant row all 0. h stays as loaded (the compiler may
+  // keep it in x's narrower type) and is centred where it is used.
+  const float mean1 = row_sum<TPR>(sum, scratch) / static_cast<float>(n);
+  float rest = 0.0f, sq = 0.0f;
 #pragma unroll
   for (int k = 0; k < NV; ++k) {
     const int64_t col = static_cast<int64_t>(t + k * TPR) * VEC;
 #pragma unroll
     for (int i = 0; i < VEC; ++i) {
-      const float c = col + i < n ? h[k][i] - mean : 0.0f;
+      const float c = col + i < n ? h[k][i] - mean1 : 0.0f;
+      rest += c;
       sq += c * c;
     }
   }
-  const float var = row_sum<TPR>(sq, scratch) / static_cast<float>(n);
+  const float2 sums = row_sum2<TPR>(rest, sq, scratch);
+  const float residue = sums.x / static_cast<float>(n);
+  const float mean = mean1 + residue;
+  const float var = fmaxf(sums.y / static_cast<float>(n) - residue * residue, 0.0f);
   const float rstd = 1.0f / sqrtf(var + p.eps);
 
   R* y = static_cast<R*>(p.y) + row * p.stride_y;
@@ -162,7 +175,7 @@ __device__ __forceinline__ void fwd_row(const LayerNormFwdParams& p) {
       load_param_chunk<VECTOR, T, VEC>(p.bias, params_fp32, col, n, b);
 #pragma unroll
       for (int i = 0; i < VEC; ++i) {
-        const float z = (h[k][i] - mean) * rstd * w[i] + b[i];
+        const float z = ((h[k][i] - mean1) - residue) * rstd * w[i] + b[i];
         h[k][i] = GELU ? gelu_erf(z) : z;
       }
       store_chunk<VECTOR, R, VEC>(y, col, n, h[k]);

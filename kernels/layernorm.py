@@ -8,6 +8,8 @@ Forward, per row of N features (w, b: (N,)):
     layernorm_gelu:  the same LayerNorm of x (no residual, no dropout), then
                      z = xhat * w + b,  y = GELU(z)   (erf form, see kernels/gelu.py)
 
+The mean is taken in two steps (_centre_rows: the centred row's own mean is subtracted
+too), so that a row of one value normalises to exactly 0 as it does in torch.
 Only mean and rstd (fp32, one each per row) are saved, plus the dropout seed: keep_i is a
 Philox uniform >= p, at a counter fixed by (row, col) (see _keep), so the backward
 regenerates exactly the forward's mask instead of storing it.
@@ -107,6 +109,30 @@ def _keep(
     return tl.uint_to_uniform_float(r) >= dropout_p
 
 
+@triton.jit
+def _centre_rows(
+    h,                      # (BLOCK_M, BLOCK_N) fp32 rows, 0 where masked
+    mask,                   # (BLOCK_M, BLOCK_N) the real elements
+    N,                      # features
+):
+    """(mean, h - mean, variance) of each row, the row centred twice.
+
+    The float32 sum / N is a rounding or more off the true mean, even for a row of one
+    value, and LayerNorm multiplies what is left of it by rstd: 1e6 at BERT's eps 1e-12
+    on such a row, where torch's LayerNorm is exact. The once-centred values c are small
+    and mostly exact (h close to the mean), so their own mean is that rounding error, got
+    almost exactly; c - residue leaves a constant row all zeros, and the variance is the
+    corrected two-pass one, sum c^2 / N - residue^2 (csrc/layernorm.cuh sums c and c^2 in
+    one reduction). The backward recomputes h - mean from the saved (corrected) mean,
+    zero again for such rows.
+    """
+    mean = tl.sum(h, axis=1) / N
+    centered = tl.where(mask, h - mean[:, None], 0.0)
+    residue = tl.sum(centered, axis=1) / N
+    var = tl.maximum(tl.sum(centered * centered, axis=1) / N - residue * residue, 0.0)
+    return mean + residue, tl.where(mask, centered - residue[:, None], 0.0), var
+
+
 # ----------------------------------------------------------------------------- add_layernorm forward
 
 @triton.jit
@@ -148,9 +174,8 @@ def _add_layernorm_fwd_kernel(
         keep = _keep(tl.load(Seed), rows64, N, dropout_p, BLOCK_M, BLOCK_N, BLOCK_N >= 16)
         x = tl.where(keep, x * dropout_scale, 0.0)
     h = x + r
-    mean = tl.sum(h, axis=1) / N
-    centered = tl.where(mask, h - mean[:, None], 0.0)
-    rstd = 1.0 / tl.sqrt(tl.sum(centered * centered, axis=1) / N + eps)
+    mean, centered, var = _centre_rows(h, mask, N)
+    rstd = 1.0 / tl.sqrt(var + eps)
     w = tl.load(W + cols, mask=col_mask, other=0.0).to(tl.float32)
     b = tl.load(B + cols, mask=col_mask, other=0.0).to(tl.float32)
     y = centered * rstd[:, None] * w[None, :] + b[None, :]
@@ -391,9 +416,8 @@ def _layernorm_gelu_fwd_kernel(
     mask = row_mask[:, None] & col_mask[None, :]
     rows64 = rows.to(tl.int64)
     x = tl.load(X + rows64[:, None] * stride_xm + cols[None, :], mask=mask, other=0.0).to(tl.float32)
-    mean = tl.sum(x, axis=1) / N
-    centered = tl.where(mask, x - mean[:, None], 0.0)
-    rstd = 1.0 / tl.sqrt(tl.sum(centered * centered, axis=1) / N + eps)
+    mean, centered, var = _centre_rows(x, mask, N)
+    rstd = 1.0 / tl.sqrt(var + eps)
     w = tl.load(W + cols, mask=col_mask, other=0.0).to(tl.float32)
     b = tl.load(B + cols, mask=col_mask, other=0.0).to(tl.float32)
     y = _gelu_erf(centered * rstd[:, None] * w[None, :] + b[None, :])
