@@ -146,6 +146,15 @@ class Tokenizer:
         try:
             inputs = list(zip(texts, pairs)) if pairs is not None else texts
             encodings = self._tok.encode_batch(inputs)
+        except BaseException as err:
+            # Inputs that cannot be cut to max_length: tokenizers raises a bare Exception (the kept text alone
+            # is too long) or panics (a sequence cut to no more than `stride` tokens). Its PanicException is a
+            # BaseException, which escapes `except Exception` and the CLI's error report: say it as a ValueError.
+            if not truncation or not (isinstance(err, Exception) or type(err).__name__ == "PanicException"):
+                raise
+            raise ValueError(f"cannot cut the inputs to max_length={max_length} with truncation={truncation!r} and "
+                             f"stride={stride} ({err}): raise max_length, lower stride, or truncate the other "
+                             "text") from None
         finally:
             self._tok.no_truncation()
         windows, sample_index = [], []

@@ -5,6 +5,7 @@ from pathlib import Path
 import pytest
 import torch
 import transformers
+from hypothesis import HealthCheck, given, settings, strategies as st
 
 import fastbert
 
@@ -107,3 +108,95 @@ def test_malformed_tokenizer_files_raise_value_errors_naming_the_file(tmp_path):
             fastbert.Tokenizer.from_pretrained(tmp_path)
     (tmp_path / "tokenizer_config.json").write_text('{"model_max_length": 1000000000000000019884624838656}')
     assert fastbert.Tokenizer.from_pretrained(tmp_path).model_max_length == 512  # transformers' "no limit"
+
+
+# --- property test: nasty unicode, every truncation setting, windows ---------------------------------
+
+# Pieces where BERT normalisation and WordPiece have edge cases: accents (precomposed, combining,
+# stripped by the uncased normaliser), letters that lowercase or decompose to another length (İ, ß, ﬁ,
+# the Ångström and Kelvin signs), CJK (one token per character), emoji with a skin-tone modifier,
+# controls and zero-width or format characters (dropped by clean_text), odd whitespace, special-token
+# text typed by a user. Offsets must still point into the original text.
+NASTY = ("e\u0301", "\u00e9", "\u00df", "\u0130", "\ufb01", "\u212b", "\u212a", "\u0300", "\u0327", "\u4e2d\u6587",
+         "\u3042", "\uac00", "\U00020000", "\U0001f600", "\U0001f44d\U0001f3fd", "\u200b", "\u200d", "\ufeff", "\u00ad",
+         "\x00", "\x07", "\x7f", "\x9b", "\ufffd", "\t", "\n", "\r\n", "\u00a0", "\u3000", "\u2028", "  ", ".", "?",
+         "'", "-", "$", "\u2019", "\u00bf", "\u0661", "\u05d0", "\u0627", "\u0e01", "\u2160", "[SEP]", "[CLS]", "[UNK]",
+         "##")
+WORDS = ("the", "question", "Denver", "Broncos", "unbelievably", "na\u00efve", "caf\u00e9", "1984", "e-mail", "don't")
+_piece = st.one_of(st.sampled_from(NASTY), st.sampled_from(WORDS), st.text(min_size=1, max_size=6),
+                   # words over WordPiece's 100-character limit become one [UNK] spanning the word
+                   # (a run of CJK characters is not one word: each character is its own)
+                   st.builds(lambda c, n: c * n, st.sampled_from(["a", "\u00e9", "\u5b57", "ab"]),
+                             st.integers(95, 130)))
+_text = st.one_of(st.sampled_from(["", " ", "\t\n ", "\u200b", "\u3000\u00a0"]),  # nothing left after normalising
+                  st.lists(_piece, max_size=30).map("".join),
+                  st.lists(_piece, max_size=30).map(" ".join))
+_LONG_TEXT = st.lists(_piece, min_size=10, max_size=80).map(" ".join)
+_SETTINGS = settings(max_examples=40, deadline=None, derandomize=True, database=None,  # the same cases every run
+                     suppress_health_check=[HealthCheck.function_scoped_fixture, HealthCheck.too_slow])
+
+
+def _same_as_transformers(ours, theirs, texts, pairs, *, max_length, truncation, stride, overflow, padding):
+    """Encode with both and compare everything a QA or classification batch uses. Where transformers
+    refuses the settings (the kept text alone is longer than max_length, a cut leaves no more than
+    `stride` tokens), fastbert must refuse with a ValueError: before, it let through tokenizers' bare
+    Exception and its Rust PanicException, a BaseException that `except Exception` and the CLI miss."""
+    kwargs = dict(max_length=max_length, truncation=truncation, stride=stride)
+    try:
+        b = theirs(texts, pairs, **kwargs, return_overflowing_tokens=overflow, return_offsets_mapping=True,
+                   padding=padding, return_tensors="pt")
+    except BaseException:  # noqa: B036 -- tokenizers' PanicException is no Exception
+        with pytest.raises(ValueError):
+            ours(texts, pairs, **kwargs, return_overflowing=overflow, return_offsets=True, padding=padding)
+        return "refused"
+    if not truncation and b["attention_mask"].sum(1).max() > (max_length or ours.model_max_length):
+        # transformers returns the over-long rows (with a warning); fastbert refuses them on purpose
+        with pytest.raises(ValueError, match="enable truncation"):
+            ours(texts, pairs, **kwargs, return_overflowing=overflow, return_offsets=True, padding=padding)
+        return "too long"
+    a = ours(texts, pairs, **kwargs, return_overflowing=overflow, return_offsets=True, padding=padding)
+    for key in ("input_ids", "token_type_ids", "attention_mask"):
+        assert a[key].tolist() == b[key].tolist(), key
+    assert a["offsets"].tolist() == b["offset_mapping"].tolist()
+    assert a["sequence_ids"] == [b.sequence_ids(i) for i in range(len(a["sequence_ids"]))]
+    if overflow:
+        assert a["sample_index"] == b["overflow_to_sample_mapping"].tolist()
+    return "same"
+
+
+@_SETTINGS
+@given(data=st.data())
+def test_nasty_unicode_texts_and_pairs_match_transformers(both, data):
+    ours, theirs = both
+    n = data.draw(st.integers(1, 4), label="batch")
+    texts = data.draw(st.lists(_text, min_size=n, max_size=n), label="texts")
+    pairs = data.draw(st.none() | st.lists(_text, min_size=n, max_size=n), label="pairs")
+    truncation = data.draw(st.sampled_from([True, False, "longest_first", "only_first"]
+                                           + (["only_second"] if pairs is not None else [])), label="truncation")
+    max_length = data.draw(st.sampled_from([5, 6, 8, 11, 16, 32, None]), label="max_length")
+    stride = data.draw(st.integers(0, 8), label="stride")
+    _same_as_transformers(ours, theirs, texts, pairs, max_length=max_length, truncation=truncation, stride=stride,
+                          overflow=data.draw(st.booleans(), label="overflow"),
+                          padding=data.draw(st.sampled_from(["longest", "max_length"]), label="padding"))
+
+
+@_SETTINGS
+@given(question=_text, context=_LONG_TEXT, max_length=st.sampled_from([12, 16, 24, 32, 64]),
+       stride=st.integers(0, 20), padding=st.sampled_from(["longest", "max_length"]))
+def test_nasty_unicode_qa_windows_match_transformers(both, question, context, max_length, stride, padding):
+    """The SQuAD path: question + passage, only the passage cut, overlapping windows with a stride,
+    offsets back into the passage."""
+    ours, theirs = both
+    _same_as_transformers(ours, theirs, [question, "Who?"], [context, context[::-1]], max_length=max_length,
+                          truncation="only_second", stride=stride, overflow=True, padding=padding)
+
+
+def test_impossible_cut_is_a_value_error(both):
+    """Fixed cases of the refusals above (and one window that fits), covered whatever hypothesis draws."""
+    ours, theirs = both
+    assert _same_as_transformers(ours, theirs, [""], ["unbelievably"], max_length=5, truncation=True, stride=2,
+                                 overflow=False, padding="longest") == "refused"  # PanicException before
+    assert _same_as_transformers(ours, theirs, ["a b c d e f g"], ["x"], max_length=8, truncation="only_second",
+                                 stride=0, overflow=True, padding="longest") == "refused"  # bare Exception before
+    assert _same_as_transformers(ours, theirs, ["a b c"], ["x y z w v u"], max_length=8, truncation="only_second",
+                                 stride=1, overflow=True, padding="longest") == "same"
