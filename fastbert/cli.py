@@ -146,7 +146,7 @@ def cmd_finetune(args) -> int:
                          "every batch, so a compiled model runs padded; pick one")
     _check_counts(args, positive=("epochs", "batch_size", "grad_accum", "eval_batch_size"),
                   optional_positive=("max_steps", "save_every", "max_train_examples", "max_dev_examples",
-                                     "max_answer_len"),
+                                     "max_answer_len", "max_question_len"),
                   optional_non_negative=("doc_stride",))
     if args.max_seq_len is not None and args.max_seq_len < 8:
         raise ValueError(f"--max-seq-len must be >= 8 (room for the special tokens and some text), got {args.max_seq_len}")
@@ -180,6 +180,7 @@ def cmd_finetune(args) -> int:
         raise ValueError(f"--metrics-json {args.metrics_json!r} is a folder; give a file name")
     device = _device(args.device)
     overrides = dict(max_seq_len=args.max_seq_len, doc_stride=args.doc_stride, max_answer_len=args.max_answer_len,
+                     max_question_len=args.max_question_len,
                      text_cols=args.text_cols, label_col=args.label_col, header=False if args.no_header else None)
     spec = tasks.TaskSpec.preset(args.task, **overrides) if args.task else \
         tasks.TaskSpec(name=args.task_type, kind=args.task_type,
@@ -296,7 +297,8 @@ def predict_texts(model, spec, tokenizer, texts, pairs=None, question=None, cont
         questions, contexts = (questions, contexts) if questions is not None else ([question], [context])
         examples = [data.SquadExample(id=str(i), title="", question=q, context=c, answers=[], answer_starts=[])
                     for i, (q, c) in enumerate(zip(questions, contexts))]
-        features = data.build_squad_features(examples, tokenizer, spec.max_seq_len, spec.doc_stride)
+        features = data.build_squad_features(examples, tokenizer, spec.max_seq_len, spec.doc_stride,
+                                             max_question_tokens=spec.max_question_len)
         logits = tasks.predict_logits(model, features, batch_size)
         answers = tasks.answers_from_logits(model, spec, examples, features, logits)
         return [answers[e.id] for e in examples]
@@ -563,6 +565,8 @@ def build_parser():
                     help="qa: passage tokens that consecutive windows of a long passage share (default 128)")
     ft.add_argument("--max-answer-len", type=int, default=None, metavar="N",
                     help="qa: longest answer in tokens (default 30)")
+    ft.add_argument("--max-question-len", type=int, default=None, metavar="N",
+                    help="qa: question tokens kept; longer questions are cut, with a warning (default 64)")
     ft.add_argument("--precision", default="auto", choices=["auto", "fp32", "bf16", "fp16"],
                     help="auto: bf16 autocast on a GPU, fp32 on the CPU")
     ft.add_argument("--seed", type=int, default=42, help="seed of the batch order, dropout and new head weights")

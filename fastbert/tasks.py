@@ -33,6 +33,7 @@ class TaskSpec:
     max_seq_len: int | None = None     # None: 384 for qa (transformers' run_qa), 128 otherwise
     doc_stride: int = 128
     max_answer_len: int = 30
+    max_question_len: int = 64        # qa: question tokens kept (the original BERT recipe's cut)
     text_cols: list | None = None
     label_col: str | int | None = None
     # TSV tasks: whether the first row names the columns. None: the GLUE preset's setting (CoLA's
@@ -95,7 +96,8 @@ def read(spec: TaskSpec, path, tokenizer, max_examples: int | None = None, label
             spec.labels = data.tag_names(sentences)
         return TaskData(data.encode_tagging(sentences, tokenizer, spec.labels, spec.max_seq_len), sentences)
     examples = data.read_squad(path, max_examples=max_examples)
-    return TaskData(data.build_squad_features(examples, tokenizer, spec.max_seq_len, spec.doc_stride), examples)
+    return TaskData(data.build_squad_features(examples, tokenizer, spec.max_seq_len, spec.doc_stride,
+                                              max_question_tokens=spec.max_question_len), examples)
 
 
 def build_model(spec: TaskSpec, model_path, backend=None):

@@ -1,8 +1,11 @@
 """fastbert.data: readers on the real shared datasets (small slices) and on tiny
 malformed files, tagging labels against transformers' word_ids(), SQuAD answer
 mapping, collation and bucketing."""
+import dataclasses
 import json
 import random
+import re
+import warnings
 from pathlib import Path
 
 import pytest
@@ -431,7 +434,8 @@ def test_squad_windows_share_stride_tokens(tok, squad):
 
 def test_squad_long_question_and_bad_sizes(tok):
     ex = SquadExample("q", "t", " ".join(["why"] * 300), "the answer is here " * 60, ["here"], [14])
-    feats = build_squad_features([ex], tok, max_length=128, stride=32, max_question_tokens=64)
+    with pytest.warns(UserWarning, match="1 of 1 questions have more than max_question_tokens=64"):
+        feats = build_squad_features([ex], tok, max_length=128, stride=32, max_question_tokens=64)
     assert all(sum(t == 0 for t in f["token_type_ids"]) == 64 + 2 for f in feats)  # [CLS] 64 question [SEP]
     assert feats[0]["start_positions"] > 0
     with pytest.raises(ValueError, match="stride=128"):
@@ -533,6 +537,178 @@ def test_predict_answers_scores_spans_in_row_blocks(tok, monkeypatch):
     assert max(rows) <= squad.SPAN_ROWS and sum(rows) == len(feats)
     monkeypatch.setattr(squad, "SPAN_ROWS", len(feats))
     assert predict_answers(examples, feats, start, end, return_n_best=True) == got
+
+
+def _squad_file(tmp_path, name, qas_by_article):
+    """A SQuAD v1.1 file: one article per entry, each one paragraph with the given questions."""
+    context = "The cat sat on the mat."
+    articles = [{"title": f"A{n}", "paragraphs": [{"context": context, "qas": [
+        dict({"question": "Who sat?", "answers": [{"text": "cat", "answer_start": 4}]}, **qa) for qa in qas]}]}
+        for n, qas in enumerate(qas_by_article)]
+    return write(tmp_path, name, json.dumps({"version": "1.1", "data": articles}))
+
+
+def test_duplicate_question_ids_are_refused(tmp_path, tok):
+    """predict_answers returns {id: text}: two questions with one id came back as one answer (the
+    last), and squad_scores scored it against the last question's gold answers, with no word said."""
+    path = _squad_file(tmp_path, "dup.json", [[{"id": "q1"}, {"id": "q2"}], [{"id": "q1", "question": "Where?"}]])
+    with pytest.raises(DataFormatError, match=r"dup\.json: question id 'q1' appears twice \(article 'A0', "
+                                              r"paragraph 0 and article 'A1', paragraph 0\)"):
+        read_squad(path)
+    # a question without an id was read with the id '?', so two of them collided too
+    with pytest.raises(DataFormatError, match=r"noid\.json: article 'A0', paragraph 0: question 1 "
+                                              r"\('Who sat\?'\) has no 'id'"):
+        read_squad(_squad_file(tmp_path, "noid.json", [[{"id": "q1"}, {}]]))
+    ok = read_squad(_squad_file(tmp_path, "ok.json", [[{"id": "q1"}], [{"id": "q2"}]]))
+    assert [e.id for e in ok] == ["q1", "q2"]
+    # examples built in code: predict_answers refuses the collision itself
+    examples = [SquadExample("q1", "t", "Who sat?", "The cat sat on the mat.", [], []),
+                SquadExample("q1", "t", "Where?", "The cat sat on the mat.", [], [])]
+    feats = build_squad_features(examples, tok, max_length=32, stride=4, max_question_tokens=8)
+    logits = torch.zeros(len(feats), max(len(f["input_ids"]) for f in feats))
+    with pytest.raises(ValueError, match=r"examples\[0\] and examples\[1\] share the id 'q1'"):
+        predict_answers(examples, feats, logits, logits)
+
+
+def test_long_questions_are_cut_with_one_warning(tok):
+    """A question over max_question_tokens loses its end (the original BERT recipe's 64): it was cut
+    silently. One warning per call, with the count and how to keep more, however many chunks."""
+    long_question = " ".join(["why"] * 80)
+    examples = [SquadExample(str(i), "t", long_question if i % 3 == 0 else "Who?", "the answer is here " * 10,
+                             ["here"], [14]) for i in range(7)]
+    with pytest.warns(UserWarning) as record:
+        build_squad_features(examples, tok, max_length=128, stride=32, chunk=2)
+    messages = [str(w.message) for w in record]
+    assert len(messages) == 1 and re.search(r"3 of 7 questions have more than max_question_tokens=64 tokens and are "
+                                            r"cut to their first 64 \(`fastbert finetune --max-question-len` sets it",
+                                            messages[0]), messages
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        build_squad_features(examples, tok, max_length=192, stride=32, max_question_tokens=80)
+        build_squad_features(examples[1:3], tok, max_length=128, stride=32)
+
+
+def test_max_question_len_reaches_the_windows_from_the_cli(tmp_path):
+    """`finetune --max-question-len` is saved in the task spec and read by train, evaluate and predict."""
+    from fastbert import cli, tasks
+
+    args = cli.build_parser().parse_args(["finetune", "--task", "squad", "--train", "t.json", "--out", "o",
+                                          "--max-question-len", "8"])
+    assert args.max_question_len == 8
+    spec = tasks.TaskSpec.preset("squad", max_seq_len=64, doc_stride=16, max_question_len=args.max_question_len)
+    assert tasks.TaskSpec(**dataclasses.asdict(spec)) == spec
+    path = _squad_file(tmp_path, "long.json", [[{"id": "q1", "question": "why " * 30 + "who sat?"}]])
+    with pytest.warns(UserWarning, match="1 of 1 questions have more than max_question_tokens=8"):
+        feat, = tasks.read(spec, path, fastbert.Tokenizer.from_pretrained("default")).features
+    assert feat["token_type_ids"].count(0) == 8 + 2  # [CLS] 8 question tokens [SEP]
+    saved = {k: v for k, v in dataclasses.asdict(spec).items() if k != "max_question_len"}
+    assert tasks.TaskSpec(**saved).max_question_len == 64  # specs saved before the flag: the old cut
+
+
+# --- SQuAD post-processing against transformers' run_qa --------------------------------------
+
+def _run_qa_postprocess(examples, features, start_logits, end_logits, n_best_size=20, max_answer_length=30,
+                        every_start_and_end=False):
+    """transformers' examples/pytorch/question-answering/utils_qa.py `postprocess_qa_predictions`, the
+    SQuAD v1 path, restated: per example, over each of its windows, the n_best_size best start and end
+    indexes by argsort; pairs skipped where either end lies outside the window's context (offset_mapping
+    None for question, special and padding tokens, or past the feature), end < start, or the span is longer
+    than max_answer_length tokens; score = start + end logit; all windows' candidates sorted by score
+    (a span in two windows is listed twice), text cut from the context by offsets.
+
+    Returns {id: [((char_start, char_end), text, score), ...]}, best first; run_qa's final cut to
+    n_best_size (and its "empty" answer when there is no candidate) is left to the caller.
+    every_start_and_end: every index instead of the top n_best_size (transformers' rules made exhaustive).
+    """
+    import numpy as np
+
+    windows = {}
+    for f, feat in enumerate(features):
+        windows.setdefault(feat["example_index"], []).append(f)
+    out = {}
+    for example_index, example in enumerate(examples):
+        prelim = []
+        for f in windows.get(example_index, []):
+            start, end = start_logits[f], end_logits[f]
+            offset_mapping = [o if m else None for o, m in zip(features[f]["offsets"], features[f]["context_mask"])]
+            top = len(start) if every_start_and_end else n_best_size
+            start_indexes = np.argsort(start)[-1:-top - 1:-1].tolist()
+            end_indexes = np.argsort(end)[-1:-top - 1:-1].tolist()
+            for s in start_indexes:
+                for e in end_indexes:
+                    if s >= len(offset_mapping) or e >= len(offset_mapping) or offset_mapping[s] is None \
+                            or offset_mapping[e] is None:
+                        continue
+                    if e < s or e - s + 1 > max_answer_length:
+                        continue
+                    span = (offset_mapping[s][0], offset_mapping[e][1])
+                    prelim.append((span, example.context[span[0]:span[1]], float(start[s] + end[e])))
+        out[example.id] = sorted(prelim, key=lambda p: p[2], reverse=True)
+    return out
+
+
+@pytest.fixture(scope="module")
+def squad_windows(tok, squad):
+    """About 440 real windows (180 questions, the 60 longest passages among them) and seeded random
+    logits over every position of each padded row, as a model's output on a padded batch would be."""
+    examples = _window_examples(squad, n=120)
+    feats = build_squad_features(examples, tok, max_length=192, stride=64)
+    width = max(len(f["input_ids"]) for f in feats)
+    g = torch.Generator().manual_seed(0)
+    start, end = torch.randn(len(feats), width, generator=g), torch.randn(len(feats), width, generator=g)
+    return examples, feats, start, end
+
+
+def test_predict_answers_best_span_matches_run_qa_where_its_heuristic_is_exact(squad_windows):
+    """run_qa only pairs the top-20 starts with the top-20 ends, so it can miss the best span; fastbert's
+    span_score finds it exactly. They must agree wherever run_qa's answer is certainly the best: when its
+    best score beats every span it did not look at, whose start is at most the 21st start logit (and its end
+    at most the best end), or whose end is at most the 21st end logit. Elsewhere fastbert's answer must
+    score at least as high as run_qa's."""
+    import numpy as np
+
+    examples, feats, start, end = squad_windows
+    start_np, end_np = start.numpy(), end.numpy()
+    theirs = _run_qa_postprocess(examples, feats, start_np, end_np)
+    ours = predict_answers(examples, feats, start, end, return_n_best=True)
+    windows = {}
+    for f, feat in enumerate(feats):
+        windows.setdefault(feat["example_index"], []).append(f)
+    assert len(feats) >= 400 and max(map(len, windows.values())) >= 3  # long passages: several windows
+    certain = differ = 0
+    for i, ex in enumerate(examples):
+        # no candidate at all: run_qa answers "empty" (its 20 best starts or ends all outside the passage)
+        _, their_text, their_score = theirs[ex.id][0] if theirs[ex.id] else (None, "empty", float("-inf"))
+        our_text, our_score = ours[ex.id][0]
+        unseen = max(max(np.sort(start_np[f])[-21] + end_np[f].max(), start_np[f].max() + np.sort(end_np[f])[-21])
+                     for f in windows[i])
+        if their_score > unseen:
+            certain += 1
+            assert (our_text, our_score) == (their_text, their_score), ex.id
+        else:
+            assert our_score >= their_score, ex.id
+            differ += our_text != their_text
+    # 159 of 180 certain, 3 where run_qa misses the best span: both branches run, the first is the comparison
+    assert certain >= 0.75 * len(examples) and differ >= 1
+    assert predict_answers(examples, feats, start, end) == {k: v[0][0] for k, v in ours.items()}
+
+
+def test_predict_answers_n_best_matches_exhaustive_run_qa(squad_windows):
+    """run_qa's rules with every start and end (so exact): fastbert's n-best list is its first 20 spans,
+    texts and fp32 scores equal, once a span that two overlapping windows both hold is counted once at its
+    best score (run_qa lists it twice, taking two of the 20 slots; see
+    test_n_best_counts_a_span_found_in_two_windows_once)."""
+    examples, feats, start, end = squad_windows
+    exhaustive = _run_qa_postprocess(examples, feats, start.numpy(), end.numpy(), every_start_and_end=True)
+    ours = predict_answers(examples, feats, start, end, n_best=20, return_n_best=True)
+    repeated = 0
+    for ex in examples:
+        best = {}
+        for span, text, score in exhaustive[ex.id]:
+            repeated += span in best
+            best.setdefault(span, (text, score))  # sorted best first: the first is the best score
+        assert ours[ex.id] == sorted(best.values(), key=lambda c: -c[1])[:20], ex.id
+    assert repeated > 0  # the overlap case is in the data
 
 
 # --- collation and bucketing ------------------------------------------------------------------

@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import json
 import os
+import warnings
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Sequence
@@ -40,8 +41,9 @@ class SquadExample:
 def read_squad(path: str | os.PathLike, max_examples: int | None = None) -> list[SquadExample]:
     """Read the official SQuAD v1.1 JSON layout (data -> paragraphs -> qas -> answers).
 
-    Raises DataFormatError naming the file and question id when a field is missing
-    or an answer's text is empty or not at its answer_start in the context.
+    Raises DataFormatError naming the file and question id when a field is missing,
+    an answer's text is empty or not at its answer_start in the context, or two
+    questions share an id (answers are returned and scored by id).
     """
     path = Path(path)
     if max_examples is not None and max_examples < 1:
@@ -57,6 +59,7 @@ def read_squad(path: str | os.PathLike, max_examples: int | None = None) -> list
     if not isinstance(root, dict) or not isinstance(root.get("data"), list):
         raise DataFormatError(f"{path}: expected a JSON object with a 'data' list (SQuAD v1.1 layout)")
     out: list[SquadExample] = []
+    seen: dict = {}  # question id -> where it was first read
     for number, article in enumerate(root["data"]):
         if not isinstance(article, dict) or not isinstance(article.get("paragraphs", []), list):
             raise DataFormatError(f"{path}: data[{number}] must be an object with a 'paragraphs' list")
@@ -68,7 +71,7 @@ def read_squad(path: str | os.PathLike, max_examples: int | None = None) -> list
             context = paragraph.get("context")
             if not isinstance(context, str):
                 raise DataFormatError(f"{path}: article {title!r} has a paragraph without a 'context' string")
-            for qa in paragraph.get("qas", []):
+            for q, qa in enumerate(paragraph.get("qas", [])):
                 qid = qa.get("id", "?") if isinstance(qa, dict) else "?"
                 try:
                     texts = [a["text"] for a in qa["answers"]]
@@ -78,6 +81,16 @@ def read_squad(path: str | os.PathLike, max_examples: int | None = None) -> list
                         raise TypeError("question and answer texts must be strings")
                 except (KeyError, TypeError, ValueError) as e:
                     raise DataFormatError(f"{path}: question id {qid}: missing or bad field {e}") from None
+                where = f"article {title!r}, paragraph {p}"
+                # predict_answers returns {id: text} and squad_scores reads gold answers by id: a missing
+                # id (read as '?') or a repeated one merged two questions into one answer, silently
+                if isinstance(qid, bool) or not isinstance(qa.get("id"), (str, int)) or qid == "":
+                    raise DataFormatError(f"{path}: {where}: question {q} ({question!r}) has no 'id' string, got "
+                                          f"{qa.get('id')!r}; SQuAD answers are returned and scored by id")
+                if qid in seen:
+                    raise DataFormatError(f"{path}: question id {qid!r} appears twice ({seen[qid]} and {where}); "
+                                          "ids must be unique: answers are returned and scored by id")
+                seen[qid] = where
                 for text, start in zip(texts, starts):
                     if not text.strip():
                         # an empty text matches the context at any start, even past its end, and
@@ -93,12 +106,15 @@ def read_squad(path: str | os.PathLike, max_examples: int | None = None) -> list
     return out
 
 
-def _truncate_questions(tokenizer, questions: list[str], max_tokens: int) -> list[str]:
-    """Cut each question after its first max_tokens WordPiece tokens (at a character offset)."""
-    out = []
+def _truncate_questions(tokenizer, questions: list[str], max_tokens: int) -> tuple[list[str], int]:
+    """Cut each question after its first max_tokens WordPiece tokens (at a character offset).
+
+    Returns the questions and how many were cut."""
+    out, cut = [], 0
     for q, enc in zip(questions, tokenizer._tok.encode_batch(questions, add_special_tokens=False)):
         out.append(q if len(enc.ids) <= max_tokens else q[:enc.offsets[max_tokens - 1][1]])
-    return out
+        cut += len(enc.ids) > max_tokens
+    return out, cut
 
 
 def build_squad_features(examples: Sequence[SquadExample], tokenizer, max_length: int = 384, stride: int = 128,
@@ -114,7 +130,8 @@ def build_squad_features(examples: Sequence[SquadExample], tokenizer, max_length
     context_mask: True for passage tokens (the only valid answer positions).
 
     Questions longer than max_question_tokens are cut (the original BERT recipe
-    uses 64) so that question + specials leave more than `stride` passage tokens.
+    uses 64) so that question + specials leave more than `stride` passage tokens;
+    one warning says how many (`fastbert finetune --max-question-len` sets it).
     """
     if stride < 0:
         raise ValueError(f"stride must be >= 0, got {stride}")
@@ -123,12 +140,14 @@ def build_squad_features(examples: Sequence[SquadExample], tokenizer, max_length
     room = max_length - 3 - max_question_tokens  # passage tokens per window in the worst case
     if room <= stride:
         raise ValueError(f"max_length={max_length} (--max-seq-len) leaves {room} passage tokens after a "
-                         f"{max_question_tokens}-token question and 3 special tokens; the windows need more than "
-                         f"stride={stride} (--doc-stride): raise the one or lower the other")
+                         f"{max_question_tokens}-token question (--max-question-len) and 3 special tokens; the "
+                         f"windows need more than stride={stride} (--doc-stride): raise the first or lower the others")
     feats: list[dict] = []
+    cut = 0
     for begin in range(0, len(examples), chunk):
         batch = examples[begin:begin + chunk]
-        questions = _truncate_questions(tokenizer, [e.question for e in batch], max_question_tokens)
+        questions, cut_here = _truncate_questions(tokenizer, [e.question for e in batch], max_question_tokens)
+        cut += cut_here
         enc = tokenizer(questions, [e.context for e in batch], max_length=max_length, truncation="only_second",
                         padding=False, stride=stride, return_overflowing=True, return_offsets=True,
                         return_tensors=False)
@@ -145,6 +164,12 @@ def build_squad_features(examples: Sequence[SquadExample], tokenizer, max_length
             feats.append({"input_ids": enc["input_ids"][w], "token_type_ids": enc["token_type_ids"][w],
                           "start_positions": start_tok, "end_positions": end_tok,
                           "example_index": begin + sample, "offsets": offsets, "context_mask": context_mask})
+    if cut:
+        # the model never sees the end of these questions, which can change what they ask
+        warnings.warn(f"{cut} of {len(examples)} questions have more than max_question_tokens={max_question_tokens} "
+                      f"tokens and are cut to their first {max_question_tokens} (`fastbert finetune "
+                      "--max-question-len` sets it; a longer question leaves less of the passage per window)",
+                      stacklevel=2)
     return feats
 
 
@@ -182,6 +207,11 @@ def predict_answers(examples: Sequence[SquadExample], features: Sequence[dict], 
     if isinstance(n_best, bool) or not isinstance(n_best, int) or not 1 <= n_best <= MAX_TOPK:
         # each window's candidates come from one span_score call, which keeps at most MAX_TOPK
         raise ValueError(f"n_best must be an int in 1..{MAX_TOPK}, got {n_best!r}")
+    first_of: dict = {}
+    for i, ex in enumerate(examples):  # the result is keyed by id: two examples with one id would merge
+        if first_of.setdefault(ex.id, i) != i:
+            raise ValueError(f"examples[{first_of[ex.id]}] and examples[{i}] share the id {ex.id!r}; the answers "
+                             "are returned by id, so each example needs its own")
     start_logits, end_logits = torch.as_tensor(start_logits), torch.as_tensor(end_logits)
     device = torch.device(device) if device is not None else start_logits.device
     start_logits, end_logits = start_logits.float().to(device), end_logits.float().to(device)
