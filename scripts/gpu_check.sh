@@ -37,7 +37,7 @@
 #
 #   SANITIZER_S=240         the sanitizer stage (memcheck, then racecheck)
 #   E2E_MAX_S=300           the e2e benchmark, like BENCH_MAX_S (E2E_ARGS adds arguments,
-#                           e.g. "--filter 'base-cls'")
+#                           e.g. "--filter base-cls"; split on spaces, so no quotes inside)
 #   TUNE_S=180              the tune stage (TUNE_ARGS adds arguments, e.g. "--head-dims 64 128");
 #                           head_dim 64 with and without dropout is about 40 compiles
 #

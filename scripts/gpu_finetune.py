@@ -1,6 +1,6 @@
 """Issue 4's GPU runs: fine-tune the embedded MiniLM on all of SST-2 train and on the SQuAD
-articles we have, with fastbert's fastest backend, fastbert's "torch" backend and transformers,
-recording wall time, tokens per second and dev metrics in one JSON file.
+articles we have, with fastbert's "triton" backend, fastbert's "torch" backend and transformers
+(the default --impls), recording wall time, tokens per second and dev metrics in one JSON file.
 
     python scripts/gpu_finetune.py --carry .gpu/carry --out finetune.json [--budget SECONDS] [...]
 
@@ -12,8 +12,9 @@ machine has no ../shared and no embedded-model package):
            (titles sorted, every sixth held out for dev); windows of --squad-max-len 384, stride 128;
            --squad-epochs (2); dev scored by SQuAD EM/F1 (n-best over windows, fastbert.ops.span_score)
 Every run goes through fastbert.train.Trainer (AdamW, linear warm-up/decay, clipping, bf16 autocast on
-the GPU, length bucketing) and fastbert.tasks.evaluate; only the model differs: fastbert's heads with
---backend triton / torch, or transformers' BertFor* classes behind scripts/compare_quality.py's HFAdapter
+the GPU, length bucketing) and fastbert.tasks.evaluate; only the model differs: fastbert's heads on the
+backend the impl names (--impls triton / torch / cuda / auto), or transformers' BertFor* classes
+behind scripts/compare_quality.py's HFAdapter
 (attn_implementation: transformers' default, sdpa), loaded from the same checkpoint, float32 master weights;
 "transformers+fastbert" is that model after fastbert.patch_transformers, and "<impl>+compile" trains
 through torch.compile (--compile-backend, inductor).

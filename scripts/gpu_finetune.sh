@@ -16,7 +16,9 @@
 #                          the time (a run that reaches it stops and is evaluated there); "full" runs
 #                          without a budget (3 epochs of SST-2, 2 of SQuAD; several minutes more)
 #   FINETUNE_ARGS          more arguments for gpu_finetune.py (e.g. "--tasks sst2 --impls triton torch",
-#                          or "--impls cuda+compile transformers+compile transformers+fastbert")
+#                          or "--impls cuda+compile transformers+compile transformers+fastbert": the cuda
+#                          impls need FASTBERT_CUDA=1 too, else the install leaves fastbert._C out and
+#                          they are recorded as skipped)
 #   CARRY=.gpu/carry       the carried folder
 #
 # Files left in $OUT (flat, at most 8 come back): run.log (everything printed), install.log,
