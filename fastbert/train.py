@@ -251,9 +251,13 @@ class Trainer:
         return folder
 
     def _run_identity(self) -> dict:
-        """What fixes the batch order: a resume with other values would not continue the same run."""
+        """What fixes the batch order and the updates: a resume with other values would not continue the
+        same run. total_steps (epochs or max_steps) sets the schedule's length: the scheduler state
+        restores only its step, so a changed total would bend the rest of the learning-rate curve."""
         return {"examples": len(self.features), "batch_size": self.cfg.batch_size, "grad_accum": self.cfg.grad_accum,
-                "seed": self.cfg.seed, "bucket_by_length": self.cfg.bucket_by_length}
+                "seed": self.cfg.seed, "bucket_by_length": self.cfg.bucket_by_length,
+                "total_steps": self.total_steps, "lr": self.cfg.lr, "warmup_ratio": self.cfg.warmup_ratio,
+                "weight_decay": self.cfg.weight_decay, "max_grad_norm": self.cfg.max_grad_norm}
 
     def _latest(self) -> Path | None:
         pointer = self.cfg.out / "latest"
@@ -285,7 +289,8 @@ class Trainer:
             changed = [f"{k}={saved[k]!r} there, {now[k]!r} now" for k in now if k in saved and saved[k] != now[k]]
             if changed:
                 raise ValueError(f"cannot resume from {folder}: it was written by a run with other data or settings "
-                                 f"({'; '.join(changed)}); resume with the same ones, or train into a fresh folder")
+                                 f"({'; '.join(changed)}); resume with the same ones, or train into a fresh folder "
+                                 f"(to start from these weights, give {folder} as the model)")
         self.optimizer.load_state_dict(state["optimizer"])
         self.scheduler.load_state_dict(state["scheduler"])
         self.step, self.epoch, self.batch_in_epoch = state["step"], state["epoch"], state["batch_in_epoch"]
