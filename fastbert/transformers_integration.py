@@ -170,11 +170,24 @@ def _bias_gelu_forward(self, hidden_states):
                              self.fastbert_gelu_approximate)
 
 
+class _PatchedForward(functools.partial):
+    """A patched module's forward: forward(module, ...). A partial, not types.MethodType: a bound
+    method pickles as a lookup of its name on the module, which fails on load (torch.save(model) /
+    torch.load); a partial pickles the function by reference and the module by identity, and
+    deepcopy rebinds it to the copy. Loading one registers attn_implementation "fastbert" too:
+    in a fresh process the loaded model's config names it, and transformers would not know it."""
+
+    def __reduce__(self):
+        return _restore_forward, (self.func, *self.args)
+
+
+def _restore_forward(forward, module):
+    register()
+    return _PatchedForward(forward, module)
+
+
 def _bound(forward, module):
-    # A partial, not types.MethodType: a bound method pickles as a lookup of its name on the
-    # module, which fails on load (torch.save(model) / torch.load); a partial pickles the
-    # function by reference and the module by identity, and deepcopy rebinds it to the copy.
-    return functools.partial(forward, module)
+    return _PatchedForward(forward, module)
 
 
 # model_type -> (transformers module, class prefix): the BERT family whose encoder modules are

@@ -1,6 +1,8 @@
 """fastbert.patch_transformers: a transformers BERT on fastbert's kernels matches the same
 transformers model unpatched (in float64: the reference), forward and every gradient, with
 padding honoured; every kernel is really called; bad uses raise."""
+import os
+
 import pytest
 import torch
 
@@ -267,6 +269,34 @@ def test_patched_model_survives_pickling():
     assert all(vars(m)["forward"].args == (m,) for m in (layer.attention.output, layer.intermediate, layer.output))
 
 
+@pytest.mark.parametrize("family", ["bert", "distilbert"])
+def test_patched_model_loads_in_a_fresh_process(tmp_path, family):
+    """torch.load of a pickled patched model in a process that never imported fastbert: its
+    config names attn_implementation "fastbert", unknown to that process's transformers until
+    fastbert registers it; loading the patched forwards does that (before, the forward failed
+    until the user called fastbert.transformers_integration.register())."""
+    import subprocess
+    import sys
+
+    model = fastbert.patch_transformers(_classifier(_tiny_config(family), "cpu").eval(), backend="torch")
+    ids, mask = _batch("cpu")
+    with torch.no_grad():
+        expected = model(input_ids=ids, attention_mask=mask).logits
+    torch.save(model, tmp_path / "model.pt")
+    torch.save({"ids": ids, "mask": mask, "expected": expected}, tmp_path / "batch.pt")
+    script = (
+        "import sys, torch\n"
+        "model = torch.load(sys.argv[1], weights_only=False)\n"
+        "batch = torch.load(sys.argv[2])\n"
+        "with torch.no_grad():\n"
+        "    logits = model(input_ids=batch['ids'], attention_mask=batch['mask']).logits\n"
+        "torch.testing.assert_close(logits, batch['expected'], atol=0, rtol=0)\n"
+        "print('ok', model.config._attn_implementation)\n")
+    run = subprocess.run([sys.executable, "-c", script, str(tmp_path / "model.pt"), str(tmp_path / "batch.pt")],
+                         capture_output=True, text=True, timeout=300, env={**os.environ, "CUDA_VISIBLE_DEVICES": ""})
+    assert run.returncode == 0 and run.stdout.split() == ["ok", "fastbert"], run.stderr[-2000:]
+
+
 def test_patched_model_compiles_with_fullgraph():
     """torch.compile(fullgraph=True) of the patched model: no graph break in the hooks, the
     patched modules' backend kept (around the call, a scope that cannot run on the CPU), the
@@ -322,7 +352,11 @@ def test_gradient_checkpointing_reruns_the_same_dropout(backend):
     grads = []
     for checkpointing in (False, True):
         if checkpointing:
-            model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+            if hasattr(model, "activation_checkpointing_enable"):  # transformers >= 5.2x; the old name warns
+                model.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})
+            else:
+                model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+            assert getattr(model, "is_activation_checkpointing", None) or model.is_gradient_checkpointing
         torch.manual_seed(3)
         grads.append(_logits_and_grads(model, ids, mask, labels)[1])
     for name, g in grads[0].items():
