@@ -8,6 +8,15 @@
 
 State-dict names equal transformers' classes of the same names (bert.*,
 classifier.*, qa_outputs.*), so checkpoints move both ways.
+
+Losses equal transformers' on the same weights and targets (tests/test_heads_fuzz.py):
+-100 labels ignored, (B, 1) labels and positions taken for (B,), answer positions
+clamped to [0, S] and S ignored; where every target is ignored the loss is NaN in
+both (a mean over nothing; Trainer skips such a batch). On purpose unlike transformers:
+labels are checked before the encoder runs (a class outside [0, num_labels) is a
+ValueError, not an IndexError or a device-side assert; float labels for classes and
+integer labels for regression are TypeErrors: a regression head would train on class ids
+silently), and any integer dtype is taken (cross_entropy alone refuses int32).
 """
 from __future__ import annotations
 
@@ -139,7 +148,7 @@ class BertForSequenceClassification(_TaskModel):
             if self.num_labels == 1:
                 _check_labels(labels, input_ids.shape[:1], None, regression=True)
             else:
-                _check_labels(labels, input_ids.shape[:1], self.num_labels)
+                _check_labels(labels, input_ids.shape[:1], self.num_labels, column_ok=True)
         pooled = self.bert(input_ids, attention_mask, token_type_ids).pooler_output      # (B, hidden)
         logits = self.classifier(self._dropout(pooled))                                 # (B, num_labels)
         loss = None
@@ -148,7 +157,8 @@ class BertForSequenceClassification(_TaskModel):
                 # labels may be (B,) or (B, 1); (B, 1) against (B,) would broadcast to a (B, B) loss
                 loss = F.mse_loss(logits.squeeze(-1).float(), labels.reshape(-1).float())
             else:
-                loss = F.cross_entropy(logits.float(), labels)
+                # (B,) or (B, 1), as transformers takes them; any integer dtype (cross_entropy takes int64 only)
+                loss = F.cross_entropy(logits.float(), labels.reshape(-1).long())
         return TaskOutput(loss, logits)
 
 
@@ -173,7 +183,7 @@ class BertForTokenClassification(_TaskModel):
         logits = self.classifier(self._dropout(hidden))                                 # (B, S, num_labels)
         loss = None
         if labels is not None:
-            loss = F.cross_entropy(logits.flatten(0, 1).float(), labels.flatten(), ignore_index=IGNORE_INDEX)
+            loss = F.cross_entropy(logits.flatten(0, 1).float(), labels.flatten().long(), ignore_index=IGNORE_INDEX)
         return TaskOutput(loss, logits)
 
 
@@ -187,14 +197,14 @@ class BertForQuestionAnswering(_TaskModel):
 
     def forward(self, input_ids, attention_mask=None, token_type_ids=None,
                 start_positions=None, end_positions=None) -> TaskOutput:
+        if start_positions is not None and end_positions is not None:
+            start_positions = _check_positions(start_positions, input_ids.shape[0], "start_positions")
+            end_positions = _check_positions(end_positions, input_ids.shape[0], "end_positions")
         hidden = self.bert(input_ids, attention_mask, token_type_ids).last_hidden_state  # (B, S, hidden)
         logits = self.qa_outputs(hidden)                                                # (B, S, 2)
         loss = None
         if start_positions is not None and end_positions is not None:
             start_logits, end_logits = logits.float().unbind(-1)                        # (B, S) each
-            # (B, 1) positions are taken, as transformers takes them
-            start_positions = start_positions.squeeze(-1) if start_positions.dim() > 1 else start_positions
-            end_positions = end_positions.squeeze(-1) if end_positions.dim() > 1 else end_positions
             # Positions outside the window (shouldn't happen; the data layer points them at [CLS]) are ignored.
             ignored = start_logits.shape[1]
             loss = (F.cross_entropy(start_logits, start_positions.clamp(0, ignored), ignore_index=ignored)
@@ -202,13 +212,27 @@ class BertForQuestionAnswering(_TaskModel):
         return TaskOutput(loss, logits)
 
 
-def _check_labels(labels, shape, num_labels, regression=False):
+def _check_positions(positions, batch: int, name: str) -> torch.Tensor:
+    """Answer positions as (B,) int64, or a clear error naming them (cross_entropy's name neither the
+    argument nor the head). (B, 1) is taken, as transformers takes it; any integer dtype. Their values
+    are not checked: out-of-window positions are clamped and ignored, as transformers does."""
+    if not isinstance(positions, torch.Tensor):
+        raise TypeError(f"{name} must be a tensor, got {type(positions).__name__}")
+    if positions.is_floating_point() or positions.is_complex() or positions.dtype == torch.bool:
+        raise TypeError(f"{name} must be integer token indices, got {positions.dtype}")
+    if tuple(positions.shape) not in ((batch,), (batch, 1)):
+        raise ValueError(f"{name} must be shaped ({batch},) or ({batch}, 1), got {tuple(positions.shape)}")
+    return positions.reshape(-1).long()
+
+
+def _check_labels(labels, shape, num_labels, regression=False, column_ok=False):
     """labels fit the head, or a clear error naming them: cross-entropy's own errors name neither the
     argument nor the head, and on a GPU an out-of-range class is a device-side assert. Checked before
-    the encoder runs, so the host sync of the value check lands where the model's id check syncs."""
+    the encoder runs, so the host sync of the value check lands where the model's id check syncs.
+    regression or column_ok: (B, 1) is taken for (B,), as transformers takes it."""
     if not isinstance(labels, torch.Tensor):
         raise TypeError(f"labels must be a tensor, got {type(labels).__name__}")
-    if tuple(labels.shape) != tuple(shape) and not (regression and tuple(labels.shape) == (*shape, 1)):
+    if tuple(labels.shape) != tuple(shape) and not ((regression or column_ok) and tuple(labels.shape) == (*shape, 1)):
         raise ValueError(f"labels must be shaped {tuple(shape)}, got {tuple(labels.shape)}")
     if regression:
         if not labels.is_floating_point():

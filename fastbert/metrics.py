@@ -8,7 +8,16 @@ official evaluate-v1.1.py (percent, max over the gold answers).
 
 Predictions may be class ids or logits (one more trailing dimension, argmax
 taken); inputs may be lists, numpy arrays or torch tensors. Values match
-sklearn/scipy (tests/test_metrics.py), which are not needed at run time.
+sklearn/scipy (tests/test_metrics.py, tests/test_metrics_fuzz.py), which are not
+needed at run time.
+
+Undefined values follow the library each metric comes from, so a score reads as it
+would there: Pearson/Spearman of a constant side (every prediction or every gold
+score equal), or of NaN predictions, are NaN, as scipy's (to_json writes them as
+null; the CLI says "undefined"); MCC with one class on either side is 0.0, and F1
+of a class never predicted nor present 0.0, as sklearn's (zero_division=0). No
+values at all (an empty set, every tagging label ignored, one value for a
+correlation) is a ValueError: there is no score to report.
 """
 from __future__ import annotations
 
@@ -64,9 +73,18 @@ def f1_score(preds, labels, average: str = "binary", pos_label=1) -> float:
     """F1 in [0, 1]: of class pos_label ("binary"), or the unweighted mean over the
     classes seen in labels or preds ("macro"). A class never predicted nor present
     scores 0 precision/recall, like sklearn's zero_division=0.
+
+    "binary" refuses more than two classes, or two that do not include pos_label, as sklearn
+    does: one class's F1 reported as the task's would read as a binary score it is not.
     """
     preds, labels = _class_ids(preds, labels)
     if average == "binary":
+        classes = np.union1d(preds, labels)
+        if len(classes) > 2:
+            raise ValueError(f"binary F1 needs at most 2 classes, got {classes.tolist()}; "
+                             "use average='macro' for more")
+        if len(classes) == 2 and pos_label not in classes:
+            raise ValueError(f"pos_label={pos_label!r} is not one of the classes {classes.tolist()}")
         return _f1(preds, labels, pos_label)
     if average == "macro":
         return float(np.mean([_f1(preds, labels, c) for c in np.union1d(preds, labels)]))
@@ -101,15 +119,22 @@ def _floats(x, y) -> tuple[np.ndarray, np.ndarray]:
 
 
 def _pearson(x: np.ndarray, y: np.ndarray) -> float:
+    if np.isnan(x).any() or np.isnan(y).any():
+        return float("nan")  # NaN predictions (a diverged model): scipy propagates NaN too
+    # A constant side has no correlation (scipy also gives nan). Tested on the values, as scipy does:
+    # the deviations from the mean are not zero for most constants (the mean of three 0.2s is not
+    # 0.2), and their rounding noise gave a correlation of about 1e-17 instead.
+    if (x == x[0]).all() or (y == y[0]).all():
+        return float("nan")
     dx, dy = x - x.mean(), y - y.mean()
     denom = np.sqrt((dx @ dx) * (dy @ dy))
-    if denom == 0:
-        return float("nan")  # a constant input has no correlation (scipy also gives nan)
+    if not denom > 0:  # underflow of values that differ by a few ulps; inf: overflow or inf values
+        return float("nan")
     return float(np.clip((dx @ dy) / denom, -1.0, 1.0))
 
 
 def pearson(x, y) -> float:
-    """Pearson correlation of two sequences of numbers; nan if either is constant."""
+    """Pearson correlation of two sequences of numbers; nan if either is constant or holds a NaN."""
     return _pearson(*_floats(x, y))
 
 
@@ -125,8 +150,11 @@ def _rank(x: np.ndarray) -> np.ndarray:
 
 
 def spearman(x, y) -> float:
-    """Spearman rank correlation (Pearson of average ranks); nan if either is constant."""
+    """Spearman rank correlation (Pearson of average ranks); nan if either is constant or holds a
+    NaN (ranking would give each NaN a rank of its own, and a finite correlation)."""
     x, y = _floats(x, y)
+    if np.isnan(x).any() or np.isnan(y).any():
+        return float("nan")
     return _pearson(_rank(x), _rank(y))
 
 

@@ -147,6 +147,10 @@ def predict_logits(model, features: Sequence[dict], batch_size: int = 64) -> lis
 
 
 def evaluate(model, spec: TaskSpec, dev: TaskData, batch_size: int = 64) -> dict[str, float]:
+    """The task's metrics on dev (fractions; SQuAD in percent). Undefined values (a correlation of
+    constant predictions or gold scores) are NaN: metrics.to_json writes them as null."""
+    if not dev.features:
+        raise ValueError(f"no dev features to evaluate for task {spec.name!r}: the dev data is empty")
     logits = predict_logits(model, dev.features, batch_size)
     if spec.kind in ("single", "pair", "regression"):
         preds = torch.stack(logits)

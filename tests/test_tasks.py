@@ -26,3 +26,116 @@ def test_task_spec_header(tmp_path, tok):
     sst2.write_text("sentence\tlabel\na fine film\t1\n")
     assert len(tasks.read(tasks.TaskSpec.preset("sst2"), sst2, tok).features) == 1
     assert tasks.TaskSpec(**{k: v for k, v in custom.items()}).header is None   # an old saved spec: no field
+
+
+# --- tasks.evaluate: heads' predictions through the metrics, against sklearn/scipy ---------------
+
+import json  # noqa: E402
+import math  # noqa: E402
+import warnings  # noqa: E402
+
+import numpy as np  # noqa: E402
+import scipy.stats  # noqa: E402
+import sklearn.metrics  # noqa: E402
+import torch  # noqa: E402
+
+from fastbert import heads, metrics  # noqa: E402
+
+TINY = dict(vocab_size=64, hidden_size=16, num_hidden_layers=1, num_attention_heads=2, intermediate_size=32,
+            max_position_embeddings=32)
+
+
+def _features(n, labels, seed=0):
+    rng = np.random.default_rng(seed)
+    out = []
+    for i in range(n):
+        length = int(rng.integers(3, 12))
+        f = {"input_ids": rng.integers(1, 64, length).tolist(), "token_type_ids": [0] * length}
+        f["labels"] = labels(i, length)
+        out.append(f)
+    return out
+
+
+def _logits(model, feats):
+    return tasks.predict_logits(model, feats, batch_size=4)   # batches cut by length: rows back in order
+
+
+def test_evaluate_classification_is_sklearn_on_the_predictions():
+    torch.manual_seed(0)
+    model = heads.BertForSequenceClassification(fastbert.BertConfig(**TINY), num_labels=2)
+    spec = tasks.TaskSpec(name="x", kind="single", labels=["no", "yes"])
+    feats = _features(11, lambda i, n: i % 2)
+    preds = torch.stack(_logits(model, feats)).argmax(-1).numpy()
+    gold = [f["labels"] for f in feats]
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")       # sklearn warns where MCC or F1 is undefined
+        expected = {"accuracy": sklearn.metrics.accuracy_score(gold, preds),
+                    "f1": sklearn.metrics.f1_score(gold, preds, zero_division=0),
+                    "matthews": sklearn.metrics.matthews_corrcoef(gold, preds)}
+    assert tasks.evaluate(model, spec, tasks.TaskData(feats), batch_size=4) == pytest.approx(expected, abs=1e-12)
+    one = tasks.evaluate(model, spec, tasks.TaskData(feats[:1]))             # a single example
+    assert one["accuracy"] in (0.0, 1.0) and one["matthews"] == 0.0
+
+
+def test_evaluate_regression_constant_predictions_are_null_as_scipy_nan():
+    """A collapsed regression model predicts one value for every input: Pearson and Spearman are
+    undefined (scipy: NaN), written as null in the metrics JSON."""
+    torch.manual_seed(0)
+    model = heads.BertForSequenceClassification(fastbert.BertConfig(**TINY), num_labels=1)
+    spec = tasks.TaskSpec(name="x", kind="regression")
+    feats = _features(9, lambda i, n: float(i % 5) * 1.2)
+    preds = torch.stack(_logits(model, feats)).squeeze(-1).numpy().astype(np.float64)
+    gold = [f["labels"] for f in feats]
+    scores = tasks.evaluate(model, spec, tasks.TaskData(feats))
+    assert scores["pearson"] == pytest.approx(scipy.stats.pearsonr(preds, gold)[0], abs=1e-9)
+    assert scores["spearman"] == pytest.approx(scipy.stats.spearmanr(preds, gold)[0], abs=1e-9)
+    with torch.no_grad():
+        model.classifier.weight.zero_()
+        model.classifier.bias.fill_(2.7)
+    scores = tasks.evaluate(model, spec, tasks.TaskData(feats))
+    assert math.isnan(scores["pearson"]) and math.isnan(scores["spearman"])
+    assert json.loads(metrics.to_json(scores)) == {"pearson": None, "spearman": None}
+    constant_gold = [dict(f, labels=0.2) for f in feats]                     # mean of 0.2s is not 0.2
+    assert json.loads(metrics.to_json(tasks.evaluate(model, spec, tasks.TaskData(constant_gold)))) == \
+        {"pearson": None, "spearman": None}
+
+
+def test_evaluate_tagging_scores_first_subwords_only():
+    torch.manual_seed(0)
+    model = heads.BertForTokenClassification(fastbert.BertConfig(**TINY), num_labels=4)
+    spec = tasks.TaskSpec(name="x", kind="tagging", labels=["A", "B", "C", "D"])
+    feats = _features(7, lambda i, n: [-100] + [(i + j) % 4 if j % 3 else -100 for j in range(1, n - 1)] + [-100])
+    preds = torch.cat([l.argmax(-1) for l in _logits(model, feats)]).numpy()
+    gold = np.array([x for f in feats for x in f["labels"]])
+    keep = gold != -100
+    expected = sklearn.metrics.accuracy_score(gold[keep], preds[keep])
+    assert tasks.evaluate(model, spec, tasks.TaskData(feats)) == {"token_accuracy": pytest.approx(expected)}
+
+
+def test_evaluate_an_empty_dev_set_says_so():
+    """torch.stack's "expects a non-empty TensorList" (classification), max()'s "empty sequence" (QA)
+    came out of a library call on no features; the CLI checks --dev itself (cli._check_dev)."""
+    model = heads.BertForSequenceClassification(fastbert.BertConfig(**TINY), num_labels=2)
+    for kind in ("single", "regression", "tagging", "qa"):
+        with pytest.raises(ValueError, match="no dev features to evaluate"):
+            tasks.evaluate(model, tasks.TaskSpec(name="x", kind=kind, labels=["a", "b"]), tasks.TaskData([]))
+
+
+def test_evaluate_qa_is_the_official_score_of_its_answers(tok):
+    from fastbert.data import SquadExample, build_squad_features
+
+    context = "The Denver Broncos beat the Carolina Panthers in Super Bowl 50 at Levi's Stadium in Santa Clara."
+    examples = [SquadExample("q1", "t", "Who won?", context, ["Denver Broncos", "The Denver Broncos"], [4, 0]),
+                SquadExample("q2", "t", "Where was it?", context, ["Levi's Stadium"], [66])]
+    feats = build_squad_features(examples, tok, max_length=32, stride=8, max_question_tokens=8)
+    torch.manual_seed(0)
+    model = heads.BertForQuestionAnswering(fastbert.BertConfig(**dict(TINY, vocab_size=tok.vocab_size)))
+    spec = tasks.TaskSpec(name="qa", kind="qa", max_seq_len=32, doc_stride=8, max_question_len=8)
+    dev = tasks.TaskData(feats, examples)
+    answers = tasks.answers_from_logits(model, spec, examples, feats, _logits(model, feats))
+    assert set(answers) == {"q1", "q2"}
+    scores = tasks.evaluate(model, spec, dev)
+    em = [max(float(metrics.normalize_answer(answers[e.id]) == metrics.normalize_answer(g)) for g in e.answers)
+          for e in examples]
+    assert scores["exact_match"] == pytest.approx(100 * sum(em) / 2)
+    assert scores == metrics.squad_scores(answers, {e.id: e.answers for e in examples})

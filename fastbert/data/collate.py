@@ -51,22 +51,39 @@ def collate(features: Sequence[dict], pad_token_id: int = 0, label_pad_id: int =
     out = {"input_ids": input_ids, "token_type_ids": token_type_ids, "attention_mask": attention_mask}
 
     if "labels" in features[0]:
+        missing = [i for i, f in enumerate(features) if "labels" not in f]
+        if missing:
+            raise ValueError(f"feature {missing[0]} has no labels, but feature 0 has: a batch is labelled or not")
         labels = [f["labels"] for f in features]
-        if isinstance(labels[0], (list, tuple)):
+        if _per_token(labels[0]):
             padded = torch.full((batch, width), label_pad_id, dtype=torch.long)
             for i, (lab, n) in enumerate(zip(labels, lengths)):
-                if len(lab) != n:
-                    raise ValueError(f"feature {i} has {len(lab)} labels for {n} tokens")
-                padded[i, :n] = torch.tensor(lab, dtype=torch.long)
+                if not _per_token(lab) or len(lab) != n:
+                    got = f"{len(lab)} labels" if _per_token(lab) else "one label"
+                    raise ValueError(f"feature {i} has {got} for {n} tokens")
+                lab = torch.as_tensor(lab)
+                if lab.is_floating_point():
+                    raise TypeError(f"feature {i}: per-token labels must be integer class ids, got {lab.dtype}")
+                padded[i, :n] = lab
             out["labels"] = padded
-        elif any(isinstance(x, float) for x in labels):
-            out["labels"] = torch.tensor(labels, dtype=torch.float32)
         else:
-            out["labels"] = torch.tensor(labels, dtype=torch.long)
+            # numpy scalars and 0-dim arrays/tensors as Python numbers: a numpy float32 score is not a
+            # `float`, and torch.tensor(..., dtype=long) refused it with "cannot be interpreted as an integer"
+            labels = [x.item() if hasattr(x, "item") else x for x in labels]
+            if any(isinstance(x, float) for x in labels):
+                out["labels"] = torch.tensor(labels, dtype=torch.float32)
+            else:
+                out["labels"] = torch.tensor(labels, dtype=torch.long)
     for key in _SCALAR_KEYS:
         if key in features[0]:
             out[key] = torch.tensor([f[key] for f in features], dtype=torch.long)
     return out
+
+
+def _per_token(labels) -> bool:
+    """A list (or 1-D array/tensor) of labels, one per token; a scalar is one label per feature.
+    A 1-D array went to torch.tensor whole and kept its own length: unpadded, never checked."""
+    return isinstance(labels, (list, tuple)) or getattr(labels, "ndim", 0) >= 1
 
 
 class LengthBucketSampler:
