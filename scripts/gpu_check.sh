@@ -184,7 +184,12 @@ echo "== compute-sanitizer memcheck + racecheck over the csrc GPU tests, ${secs}
         tests/test_cuda_span.py -k "forward_backward and (2x7x2 or 2x129x2) or varlen or edge or trailing and 64"
     echo "racecheck rc=$?"
 } >"$OUT/sanitizer.log" 2>&1
-grep -E "ERROR SUMMARY|RACECHECK SUMMARY|rc=|passed|failed|error" "$OUT/sanitizer.log" | tail -n 20
+grep -E "ERROR SUMMARY|RACECHECK SUMMARY|rc=|passed|failed|error|Device not supported" "$OUT/sanitizer.log" | tail -n 20
+# KINDS.md: on gVisor machines (the H200s) compute-sanitizer refuses the device, and every test then
+# fails at its first allocation: that says nothing about the kernels.
+grep -q "Device not supported" "$OUT/sanitizer.log" \
+    && echo "compute-sanitizer refused this device (seen on gVisor H200 machines): no sanitizer result here," \
+            "the failures above are not kernel errors"
 grep -q "memcheck rc=0" "$OUT/sanitizer.log" && grep -q "racecheck rc=0" "$OUT/sanitizer.log" || RC=1
 fi
 

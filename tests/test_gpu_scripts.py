@@ -100,3 +100,29 @@ def test_device_install_uses_a_prebuilt_extension_only_when_its_stamp_matches(tm
         assert chosen and "prebuilt" not in chosen[0], context
         reason = {"stale": "matches this checkout", "broken": "does not load here", "cuda_off": None}[case]
         assert reason is None or reason in log, context
+
+
+_FAKE_SANITIZER = """#!/usr/bin/env bash
+echo "========= COMPUTE-SANITIZER"
+echo "========= Error: Device not supported"
+exit 1
+"""
+
+
+def test_gpu_check_names_a_refused_sanitizer(tmp_path):
+    """gpu_check.sh's sanitizer stage where compute-sanitizer refuses the device (KINDS.md: the gVisor
+    H200 machines): the summary must say so, not leave a bare 'memcheck rc=1' to be read as a kernel
+    error. compute-sanitizer and nvidia-smi are stubs; the install is the PYTHONPATH fallback."""
+    bin_dir, out = tmp_path / "bin", tmp_path / "out"
+    bin_dir.mkdir()
+    (bin_dir / "compute-sanitizer").write_text(_FAKE_SANITIZER)
+    (bin_dir / "compute-sanitizer").chmod(0o755)
+    env = dict(os.environ, PATH=f"{bin_dir}:{os.environ['PATH']}", OUT=str(out), PYTHON=sys.executable,
+               GPU_CHECK_STAGES="sanitizer", GPU_CHECK_INSTALL="shim", GPU_CHECK_TOTAL_S="200", SANITIZER_S="60")
+    done = subprocess.run(["bash", str(REPO / "scripts" / "gpu_check.sh")], env=env, capture_output=True,
+                          text=True, timeout=600)
+    context = (done.stdout + done.stderr)[-4000:]
+    assert done.returncode == 1, context
+    assert "memcheck rc=1" in done.stdout and "racecheck rc=1" in done.stdout, context
+    assert "compute-sanitizer refused this device" in done.stdout, context
+    assert "Device not supported" in (out / "sanitizer.log").read_text()
