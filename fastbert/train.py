@@ -96,6 +96,12 @@ def parameter_groups(model: torch.nn.Module, weight_decay: float):
 
 
 def linear_warmup_decay(optimizer, warmup_steps: int, total_steps: int):
+    """Linear warm-up to the peak lr, then linear decay to 0 at total_steps.
+
+    Unlike transformers' get_linear_schedule_with_warmup (factor step / warmup_steps), the
+    warm-up factor is (step + 1) / (warmup_steps + 1): the first update is not spent at lr 0.
+    The Trainer takes warmup_steps = int(warmup_ratio * total_steps) (transformers rounds up):
+    one step less of warm-up at most. Both sides of scripts/compare_quality.py use this schedule."""
     def factor(step):
         if step < warmup_steps:
             return (step + 1) / (warmup_steps + 1)
