@@ -232,10 +232,10 @@ def test_unpadded_encoder_matches_padded(backend, cuda_device, monkeypatch):
     autocast = backend != "torch"
     dtype = torch.bfloat16 if device.type == "cuda" else torch.float16
 
-    def run(unpad):
+    def run(unpad, half=autocast, on=backend):
         model.zero_grad()
         model.bert.unpad = unpad
-        with fastbert.ops.use_backend(backend), torch.autocast(device.type, dtype=dtype, enabled=autocast):
+        with fastbert.ops.use_backend(on), torch.autocast(device.type, dtype=dtype, enabled=half):
             out = model.bert(ids, mask)
             loss = model(ids, mask, labels=labels).loss + (out.last_hidden_state.float() * real).square().mean()
         loss.backward()
@@ -244,15 +244,27 @@ def test_unpadded_encoder_matches_padded(backend, cuda_device, monkeypatch):
     hidden, grads = run(True)
     padded, padded_grads = run(False)
     assert torch.equal(hidden * ~real, torch.zeros_like(hidden)), "padded positions are not zeros"
-    # Measured on the CPU: the kernel backends' outputs agree bitwise, gradients within 1.4e-6.
-    tol = 1e-3 if autocast else 1e-5
-    assert torch.allclose(hidden * real, padded * real, rtol=tol, atol=tol), (hidden - padded).abs().max()
-    for name, g in grads.items():
-        if name.endswith("attention.key.bias"):
-            continue  # exactly zero in exact arithmetic: only rounding differs
-        ref = padded_grads[name]
-        err = ((g - ref).norm() / ref.norm()).item()
-        assert err <= tol, f"{name}: relative difference {err:.3e}"
+    # Exact arithmetic: key biases' gradients are zero, only rounding differs.
+    compared = [name for name in grads if not name.endswith("attention.key.bias")]
+    if autocast:
+        # Under autocast each run is held to twice the padded run's distance from an fp32 run of the
+        # same model (the torch backend: the cuda one has no fp32 kernels): on a GPU the half GEMMs over T packed rows and B * S padded ones may take other
+        # cuBLAS kernels (another summation order), so the two runs agree only to the half rounding.
+        ref_hidden, ref_grads = run(False, half=False, on="torch")
+        assert_close_to_ref(hidden * real, ref_hidden * real, padded * real, "unpadded hidden")
+        for name in compared:
+            ref = ref_grads[name]
+            err, allowed = ((grads[name] - ref).norm() / ref.norm()).item(), \
+                2 * ((padded_grads[name] - ref).norm() / ref.norm()).item() + 1e-5
+            assert err <= allowed, f"{name}: relative difference to fp32 {err:.3e} > {allowed:.3e}"
+    if device.type == "cpu" or not autocast:
+        # Measured on the CPU: the kernel backends' outputs agree bitwise, gradients within 1.4e-6.
+        tol = 1e-3 if autocast else 1e-5
+        assert torch.allclose(hidden * real, padded * real, rtol=tol, atol=tol), (hidden - padded).abs().max()
+        for name in compared:
+            ref = padded_grads[name]
+            err = ((grads[name] - ref).norm() / ref.norm()).item()
+            assert err <= tol, f"{name}: relative difference {err:.3e}"
 
 
 def test_model_backend_holds_under_compile():
