@@ -8,7 +8,7 @@
 # come back: the device tool returns 8):
 #   tests      pytest -m gpu tests                       -> gpu_tests.log
 #   bench      fastbert bench --suite kernels --budget   -> bench.log, kernels.json/.md/.png
-#   sanitizer  compute-sanitizer memcheck and racecheck over the csrc GPU tests (csrc/README.md)
+#   sanitizer  compute-sanitizer memcheck and racecheck over scripts/sanitize_csrc.py (every csrc kernel variant)
 #                                                        -> sanitizer.log
 #   e2e        fastbert bench --suite e2e --budget       -> e2e.log, e2e.json/.md/.png
 #   tune       benchmarks/tune_attention.py: the Triton attention tiles, candidate by candidate
@@ -170,21 +170,19 @@ stage bench && bench_suite kernels "${BENCH_MAX_S:-300}" bench.log --compile "${
 # ---------------------------------------------------------------- compute-sanitizer
 if stage sanitizer; then
 secs=$(left_for "${SANITIZER_S:-240}")
-echo "== compute-sanitizer memcheck + racecheck over the csrc GPU tests, ${secs}s ($(elapsed)s)"
+echo "== compute-sanitizer memcheck + racecheck over every csrc kernel variant, ${secs}s ($(elapsed)s)"
 {
-    # Small shapes: every kernel and its edge cases (174 tests), attention first; a run cut by
-    # the cap (rc 124) still says in the log how far it got and what it found.
+    # scripts/sanitize_csrc.py: one launch of each kernel variant at small edge shapes, forward and
+    # backward, a line per case as it goes (pytest's collection and float64 references cost more
+    # than the kernels under memcheck); a run cut by the cap (rc 124) still shows how far it got.
     PYTORCH_NO_CUDA_MEMORY_CACHING=1 timeout -k 10 $(( secs * 6 / 10 )) compute-sanitizer --tool memcheck \
-        --error-exitcode 1 "$PY" -m pytest -m gpu -q -x -p no:cacheprovider tests/test_cuda_attention.py \
-        tests/test_cuda_span.py tests/test_cuda_layernorm.py \
-        -k "forward_backward or varlen or fully_masked or trailing or (matches_reference and not dropout) or edge_sizes"
+        --error-exitcode 1 "$PY" scripts/sanitize_csrc.py
     echo "memcheck rc=$?"
     timeout -k 10 $(( secs * 4 / 10 )) compute-sanitizer --tool racecheck --racecheck-report hazard \
-        --error-exitcode 1 "$PY" -m pytest -m gpu -q -x -p no:cacheprovider tests/test_cuda_attention.py \
-        tests/test_cuda_span.py -k "forward_backward and (2x7x2 or 2x129x2) or varlen or edge or trailing and 64"
+        --error-exitcode 1 "$PY" scripts/sanitize_csrc.py --only attention,layernorm,span
     echo "racecheck rc=$?"
 } >"$OUT/sanitizer.log" 2>&1
-grep -E "ERROR SUMMARY|RACECHECK SUMMARY|rc=|passed|failed|error|Device not supported" "$OUT/sanitizer.log" | tail -n 20
+grep -E "ERROR SUMMARY|RACECHECK SUMMARY|rc=|sanitize_csrc:|FAILED|error|Device not supported" "$OUT/sanitizer.log" | tail -n 20
 # KINDS.md: on gVisor machines (the H200s) compute-sanitizer refuses the device, and every test then
 # fails at its first allocation: that says nothing about the kernels.
 grep -q "Device not supported" "$OUT/sanitizer.log" \
