@@ -233,7 +233,8 @@ def _check_labels(labels, shape, num_labels, regression=False, column_ok=False):
     if not isinstance(labels, torch.Tensor):
         raise TypeError(f"labels must be a tensor, got {type(labels).__name__}")
     if tuple(labels.shape) != tuple(shape) and not ((regression or column_ok) and tuple(labels.shape) == (*shape, 1)):
-        raise ValueError(f"labels must be shaped {tuple(shape)}, got {tuple(labels.shape)}")
+        column = f" or {(*shape, 1)}" if regression or column_ok else ""
+        raise ValueError(f"labels must be shaped {tuple(shape)}{column}, got {tuple(labels.shape)}")
     if regression:
         if not labels.is_floating_point():
             raise TypeError(f"labels of a regression head (num_labels=1) must be floating point, got {labels.dtype}")
@@ -242,7 +243,8 @@ def _check_labels(labels, shape, num_labels, regression=False, column_ok=False):
         raise TypeError(f"labels must be integer class ids, got {labels.dtype}")
     if torch.compiler.is_compiling() or labels.numel() == 0:
         return
-    counted = torch.where(labels == IGNORE_INDEX, 0, labels)    # one host sync below, no boolean indexing
+    wide = labels.long()  # uint8 would wrap IGNORE_INDEX to 156 and let a label 156 pass as "ignored"
+    counted = torch.where(wide == IGNORE_INDEX, 0, wide)        # one host sync below, no boolean indexing
     low, high = torch.stack([counted.min(), counted.max()]).tolist()
     if low < 0 or high >= num_labels:
         raise ValueError(f"labels must lie in [0, num_labels={num_labels}) or be {IGNORE_INDEX} (ignored), "

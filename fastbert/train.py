@@ -295,8 +295,7 @@ class Trainer:
             changed = [f"{k}={saved[k]!r} there, {now[k]!r} now" for k in now if k in saved and saved[k] != now[k]]
             if changed:
                 raise ValueError(f"cannot resume from {folder}: it was written by a run with other data or settings "
-                                 f"({'; '.join(changed)}); resume with the same ones, or train into a fresh folder "
-                                 f"(to start from these weights, give {folder} as the model)")
+                                 f"({'; '.join(changed)}); resume with the same ones, or train into a fresh folder")
         self.optimizer.load_state_dict(state["optimizer"])
         self.scheduler.load_state_dict(state["scheduler"])
         self.step, self.epoch, self.batch_in_epoch = state["step"], state["epoch"], state["batch_in_epoch"]

@@ -74,18 +74,19 @@ def attention_cases(device):
             yield f"attention varlen {name}", varlen
 
 
-# Widths that pick each forward/backward thread layout (csrc/README.md) in 16-byte chunks
-# (multiples of 8) and in the scalar fallback (7, 130, 4095), up to the widest, 4096.
-LAYERNORM_WIDTHS = (7, 64, 130, 384, 768, 1024, 2048, 4095, 4096)
+# Widths that pick each forward/backward thread layout (csrc/README.md) for 4-byte and 2-byte
+# types in 16-byte chunks (multiples of 8; 256 gives fp32 its 32x2 layout) and in the scalar
+# fallback (7, 130, 4095), up to the widest, 4096.
+LAYERNORM_WIDTHS = (7, 64, 130, 256, 384, 768, 1024, 2048, 4095, 4096)
 
 
 def layernorm_cases(device):
     for dtype in (torch.float32, torch.float16, torch.bfloat16):
         for hidden in LAYERNORM_WIDTHS:
-            def add(dtype=dtype, hidden=hidden):
+            def add(dtype=dtype, hidden=hidden, dropout_p=0.1):
                 x, r = _leaf((5, hidden), dtype, device), _leaf((5, hidden), dtype, device)
                 w, b = _leaf((hidden,), dtype, device), _leaf((hidden,), dtype, device)
-                _grad_all(ops.add_layernorm(x, r, w, b, 1e-12, dropout_p=0.1), (x, r, w, b))
+                _grad_all(ops.add_layernorm(x, r, w, b, 1e-12, dropout_p=dropout_p), (x, r, w, b))
 
             def gelu(dtype=dtype, hidden=hidden):
                 x = _leaf((5, hidden), dtype, device)
@@ -93,17 +94,18 @@ def layernorm_cases(device):
                 _grad_all(ops.layernorm_gelu(x, w, b, 1e-12), (x, w, b))
 
             name = f"{str(dtype).removeprefix('torch.')} N{hidden}"
-            yield f"add_layernorm {name}", add
+            yield f"add_layernorm dropout {name}", add
+            yield f"add_layernorm {name}", lambda add=add: add(dropout_p=0.0)
             yield f"layernorm_gelu {name}", gelu
-        if dtype != torch.float32:
-            def mixed(dtype=dtype):
-                # autocast's pair: half x, fp32 residual stream, the half copy written beside y
-                x, r = _leaf((6, 768), dtype, device), _leaf((6, 768), torch.float32, device)
-                w, b = _leaf((768,), torch.float32, device), _leaf((768,), torch.float32, device)
-                with torch.autocast(device.type, dtype=dtype):
-                    out = ops.add_layernorm(x, r, w, b, 1e-12, dropout_p=0.1, copy_in_x_dtype=True)
-                _grad_all(out, (x, r, w, b))
-            yield f"add_layernorm autocast mix + copy {str(dtype).removeprefix('torch.')}", mixed
+            if dtype != torch.float32 and hidden in (64, 768, 4095, 4096):
+                def mixed(dtype=dtype, hidden=hidden):
+                    # autocast's pair: half x, fp32 residual stream, the half copy written beside y
+                    x, r = _leaf((6, hidden), dtype, device), _leaf((6, hidden), torch.float32, device)
+                    w, b = _leaf((hidden,), torch.float32, device), _leaf((hidden,), torch.float32, device)
+                    with torch.autocast(device.type, dtype=dtype):
+                        out = ops.add_layernorm(x, r, w, b, 1e-12, dropout_p=0.1, copy_in_x_dtype=True)
+                    _grad_all(out, (x, r, w, b))
+                yield f"add_layernorm autocast mix + copy {name}", mixed
 
 
 def gelu_cases(device):

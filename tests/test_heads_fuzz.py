@@ -182,5 +182,8 @@ def test_float_labels_for_classes_and_int_labels_for_regression(classifier, regr
         regressor[0](ids, labels=torch.tensor([1, 4]))
     with pytest.raises(ValueError, match=r"labels must lie in \[0, num_labels=3\).*\[0, 3\]"):
         classifier[0](ids, labels=torch.tensor([0, 3]))
+    # uint8 wraps -100 to 156: a label 156 passed the check as "ignored" and reached cross_entropy
+    with pytest.raises(ValueError, match=r"labels must lie in \[0, num_labels=3\).*\[1, 156\]"):
+        classifier[0](ids, labels=torch.tensor([156, 1], dtype=torch.uint8))
     with pytest.raises(ValueError, match=r"labels must be shaped \(2,\)"):
         classifier[0](ids, labels=torch.tensor([[0, 1], [1, 0]]))
