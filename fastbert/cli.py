@@ -212,7 +212,11 @@ def cmd_finetune(args) -> int:
     print(f"task {spec.name} ({spec.kind}): {len(train_data.features)} training features"
           + (f", {len(dev_data.features)} dev features" if dev_data else ""))
     evaluate = (lambda m: tasks.evaluate(m, spec, dev_data, args.eval_batch_size)) if dev_data else None
-    trainer = train.Trainer(model, train_data.features, data.collate, cfg, evaluate, train_data.lengths)
+    def save_model(model, folder):  # checkpoints with the tokenizer: each is a --model folder too
+        model.save_pretrained(folder)
+        tokenizer.save(folder)
+
+    trainer = train.Trainer(model, train_data.features, data.collate, cfg, evaluate, train_data.lengths, save_model)
     if args.resume:
         if trainer.resume():
             print(f"resumed from step {trainer.step}")

@@ -188,10 +188,12 @@ class Trainer:
     """
 
     def __init__(self, model, features: Sequence, collate: Callable, config: TrainConfig,
-                 evaluate: Callable | None = None, lengths: Sequence[int] | None = None):
+                 evaluate: Callable | None = None, lengths: Sequence[int] | None = None,
+                 save_model: Callable | None = None):
         if len(features) == 0:
             raise ValueError("no training examples")
         self.model, self.features, self.collate, self.cfg = model, features, collate, config
+        self.save_model = save_model or (lambda model, folder: model.save_pretrained(folder))
         if config.bucket_by_length and lengths is None:
             # bucketing asked for without lengths would silently not bucket: measure them instead
             lengths = [_length(f) for f in features]
@@ -226,7 +228,7 @@ class Trainer:
         folder = self.cfg.out / f"checkpoint-{self.step}"
         staging = self.cfg.out / f".staging-checkpoint-{self.step}"
         shutil.rmtree(staging, ignore_errors=True)
-        self.model.save_pretrained(staging)
+        self.save_model(self.model, staging)
         state = {
             "optimizer": self.optimizer.state_dict(), "scheduler": self.scheduler.state_dict(),
             "step": self.step, "epoch": self.epoch, "batch_in_epoch": self.batch_in_epoch,
@@ -295,7 +297,9 @@ class Trainer:
             changed = [f"{k}={saved[k]!r} there, {now[k]!r} now" for k in now if k in saved and saved[k] != now[k]]
             if changed:
                 raise ValueError(f"cannot resume from {folder}: it was written by a run with other data or settings "
-                                 f"({'; '.join(changed)}); resume with the same ones, or train into a fresh folder")
+                                 f"({'; '.join(changed)}); resume with the same ones, or train into a fresh folder "
+                                 "(from these weights: the checkpoint folder is a model folder, `fastbert "
+                                 "finetune --model` takes it)")
         self.optimizer.load_state_dict(state["optimizer"])
         self.scheduler.load_state_dict(state["scheduler"])
         self.step, self.epoch, self.batch_in_epoch = state["step"], state["epoch"], state["batch_in_epoch"]

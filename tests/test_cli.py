@@ -154,6 +154,12 @@ def test_resume_continues_from_checkpoint(tmp_path, capsys):
     assert fastbert.cli.main(args) == 0
     assert fastbert.cli.main(args + ["--resume"]) == 0
     assert "resumed from step 4" in capsys.readouterr().out
+    # another schedule is refused, and the checkpoint (tokenizer included) starts a fresh run instead
+    assert fastbert.cli.main(args + ["--resume", "--lr", "1e-4"]) == 2
+    assert "from these weights" in capsys.readouterr().err
+    checkpoint = tmp_path / (tmp_path / "latest").read_text().strip()
+    fresh = [a if a != str(tmp_path) else str(tmp_path / "fresh") for a in args]
+    assert fastbert.cli.main(fresh + ["--model", str(checkpoint), "--lr", "1e-4"]) == 0
 
 
 def test_finetune_needs_a_task(tmp_path, capsys):
