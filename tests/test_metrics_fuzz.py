@@ -7,10 +7,8 @@ Where a value is undefined the reference libraries disagree on what to return, a
 purpose (fastbert/metrics.py's docstring): Pearson/Spearman -> NaN as scipy (written as null by
 metrics.to_json), MCC -> 0.0 and F1 -> 0.0 as sklearn (zero_division=0); no values at all -> ValueError.
 """
-import collections
 import json
 import math
-import re
 import string
 import warnings
 
@@ -21,6 +19,7 @@ import sklearn.metrics
 from hypothesis import given, settings, strategies as st
 
 from fastbert import metrics
+from test_metrics import _official_f1, _official_normalize
 
 SETTINGS = settings(max_examples=60, deadline=None, derandomize=True)  # the same cases on every run
 
@@ -195,33 +194,7 @@ def test_token_accuracy_is_sklearn_accuracy_over_the_kept_labels(n, k, data):
 
 # --- SQuAD v1.1: the official evaluate-v1.1.py, restated ------------------------------------------
 
-def _official_normalize(s):
-    def remove_articles(text):
-        return re.sub(r"\b(a|an|the)\b", " ", text)
-
-    def white_space_fix(text):
-        return " ".join(text.split())
-
-    def remove_punc(text):
-        exclude = set(string.punctuation)
-        return "".join(ch for ch in text if ch not in exclude)
-
-    def lower(text):
-        return text.lower()
-
-    return white_space_fix(remove_articles(remove_punc(lower(s))))
-
-
-def _official_f1(prediction, ground_truth):
-    prediction_tokens = _official_normalize(prediction).split()
-    ground_truth_tokens = _official_normalize(ground_truth).split()
-    common = collections.Counter(prediction_tokens) & collections.Counter(ground_truth_tokens)
-    num_same = sum(common.values())
-    if num_same == 0:
-        return 0
-    precision = 1.0 * num_same / len(prediction_tokens)
-    recall = 1.0 * num_same / len(ground_truth_tokens)
-    return (2 * precision * recall) / (precision + recall)
+# _official_normalize and _official_f1: evaluate-v1.1.py's, copied once in test_metrics.py
 
 
 def _official_em(prediction, ground_truth):
