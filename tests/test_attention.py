@@ -144,6 +144,51 @@ def test_public_function_matches_launchers():
         assert torch.equal(leaf.grad, ours)
 
 
+def _laid_out(x, order):
+    """x's values in a tensor of x's shape whose memory runs in dimension order `order`."""
+    return x.permute(order).contiguous().permute([order.index(i) for i in range(x.dim())])
+
+
+def test_each_operand_with_its_own_strides():
+    """q, k, v, do and the preallocated out, dq, dk, dv each laid out differently: a stride
+    passed for the wrong tensor (v read with k's, dk written with dv's) shows. Elsewhere
+    k and v, dk and dv always share one layout, so such a swap cannot fail there."""
+    gen = torch.Generator().manual_seed(47)
+    B, S, H, D = 2, 37, 2, 32
+    q, k, v, do = qkv((B, S, H, D), torch.float32, gen) + [qkv((B, S, H, D), torch.float32, gen)[0]]
+    q, k, v, do = (_laid_out(t, o) for t, o in zip((q, k, v, do), ([0, 1, 2, 3], [1, 0, 2, 3], [0, 2, 1, 3],
+                                                                   [2, 0, 1, 3])))
+    mask = key_mask("lengths", B, S, gen)
+    out, dq, dk, dv = (poison(_laid_out(torch.empty_like(q, memory_format=torch.contiguous_format), o))
+                       for o in ([2, 0, 1, 3], [1, 0, 2, 3], [0, 2, 1, 3], [0, 1, 2, 3]))
+    strides = [t.stride() for t in (q, k, v, do)] + [t.stride() for t in (out, dq, dk, dv)]
+    assert len(set(strides[:4])) == 4 and len(set(strides[4:])) == 4
+    lse = poison(torch.empty((B, H, S), dtype=torch.float32, device=DEVICE))
+    attention_fwd(q, k, v, mask, None, None, 0.0, None, 0, out=out, lse=lse)
+    attention_bwd(do, q, k, v, out, lse, mask, None, None, 0.0, None, 0, dq=dq, dk=dk, dv=dv)
+    ref = ref_with_grads(q, k, v, do, mask, 0.0, None, None, torch.float64)
+    base = ref_with_grads(q, k, v, do, mask, 0.0, None, None, torch.float32)
+    for name, ours, r, b in zip(("out", "dq", "dk", "dv"), (out, dq, dk, dv), ref, base):
+        assert_close_to_ref(ours, r, b, name)
+
+
+def test_backward_keeps_delta_in_fp32():
+    """D_i = dO_i . O_i summed and kept in fp32. With a common offset in v and dO, D_i is large
+    (~2000) and dS_ij = p_ij (dP_ij - D_i) a cancellation; D_i rounded to float16 would shift every
+    dS_ij of its row alike, and dq would land ~2x past the allowance (now ~0.3x of it). The small
+    k offset makes sum_j p_ij k_j, which that shift multiplies, large."""
+    gen = torch.Generator().manual_seed(2)
+    B, S, H, D = 2, 64, 1, 64
+    q, k, v, do = (torch.randn((B, S, H, D), dtype=torch.float64, generator=gen) + offset
+                   for offset in (0.0, 2.0, 30.0, 2.0))
+    q, k, v, do = (t.to(device=DEVICE, dtype=torch.float16) for t in (q, k, v, do))
+    out, _, dq, dk, dv = _triton_poisoned(q, k, v, do, None, 0.0, None, 0)
+    ref = ref_with_grads(q, k, v, do, None, 0.0, None, None, torch.float64)
+    base = ref_with_grads(q, k, v, do, None, 0.0, None, None, torch.float16)
+    for name, ours, r, b in zip(("out", "dq", "dk", "dv"), (out, dq, dk, dv), ref, base):
+        assert_close_to_ref(ours, r, b, name)
+
+
 # ---------------------------------------------------------------------------
 # Varlen
 # ---------------------------------------------------------------------------

@@ -200,6 +200,23 @@ def test_fewer_spans_than_topk_and_empty_rows():
         assert_same(span_score(s, s, mask, 4, 5), expected, "torch")
 
 
+def test_padding_slots_are_not_stored_past_the_outputs():
+    """topk=3 keeps K_PAD=4 slots: the 4th must not be stored (it would land on the next row's
+    slot 0, and past the end after the last row). The outputs are the front of larger poisoned
+    buffers: the tails must stay poisoned."""
+    B, topk = 2, 3
+    s, e, _ = make_inputs(5, B, 9, "randn", "none")
+    bufs = [poison(torch.empty(B * topk + 8, dtype=dt, device=s.device))
+            for dt in (torch.int64, torch.int64, torch.float32)]
+    out = tuple(b[:B * topk].view(B, topk) for b in bufs)
+    got = kernels.span_score_fwd(s, e, None, 4, topk, out=out)
+    assert all(g is o for g, o in zip(got, out))
+    assert_same(got, brute_force(s, e, None, 4, topk), "triton")
+    for name, b in zip(("start", "end", "score"), bufs):
+        tail = b[B * topk:].cpu()
+        assert (tail.isnan().all() if tail.is_floating_point() else (tail == -12345).all()), f"{name} written past the end"
+
+
 def test_auto_backend_on_cpu_is_torch_and_outputs_have_no_grad():
     s = torch.randn(2, 9, requires_grad=True)
     out = span_score(s, s * 2, topk=3)
