@@ -186,10 +186,6 @@ def _restore_forward(forward, module):
     return _PatchedForward(forward, module)
 
 
-def _bound(forward, module):
-    return _PatchedForward(forward, module)
-
-
 # model_type -> (transformers module, class prefix): the BERT family whose encoder modules are
 # BERT's line for line in transformers 5.x (SelfOutput, Output, Intermediate, SelfAttention;
 # tests/test_transformers_integration.py checks each against its unpatched self).
@@ -239,7 +235,7 @@ def _patch_distilbert(model, config, backend):
     approximate = _GELU_APPROXIMATE.get(config.activation) if isinstance(config.activation, str) else None
     for block in blocks:
         block.fastbert_gelu_approximate = approximate
-        block.forward = _bound(_distilbert_block_forward, block)
+        block.forward = _PatchedForward(_distilbert_block_forward, block)
         block.fastbert_backend = block.attention.fastbert_backend = backend
 
 
@@ -250,10 +246,10 @@ def _patch_family(model, config, backend):
     approximate = _GELU_APPROXIMATE.get(config.hidden_act) if isinstance(config.hidden_act, str) else None
     for module in model.modules():
         if isinstance(module, (family.SelfOutput, family.Output)):
-            module.forward = _bound(_add_layernorm_forward, module)
+            module.forward = _PatchedForward(_add_layernorm_forward, module)
         elif isinstance(module, family.Intermediate) and approximate is not None:
             module.fastbert_gelu_approximate = approximate
-            module.forward = _bound(_bias_gelu_forward, module)
+            module.forward = _PatchedForward(_bias_gelu_forward, module)
         elif not isinstance(module, family.SelfAttention):
             continue
         module.fastbert_backend = backend

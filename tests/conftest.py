@@ -3,6 +3,8 @@
 Without a GPU the Triton kernels run through the interpreter; TRITON_INTERPRET
 must be set before triton is first imported, so it is set here, at collection.
 """
+import contextlib
+import math
 import os
 
 import torch
@@ -34,6 +36,42 @@ def poison(t: torch.Tensor) -> torch.Tensor:
     if t.is_floating_point():
         return t.fill_(float("nan"))
     return t.fill_(-12345)
+
+
+# Poisoned elements kept after every guarded launcher allocation: one interpreter tile (the
+# LayerNorm launchers' 8192 elements), so a store whose row mask is lost lands there.
+GUARD = 8192
+
+
+def _poison_or_7(t):
+    # ints: 7, neither kept (1) nor dropped (0) in the dropout masks the launchers allocate
+    return poison(t) if t.is_floating_point() else t.fill_(7)
+
+
+def _still_poisoned(t):
+    return torch.isnan(t) if t.is_floating_point() else t == 7
+
+
+@contextlib.contextmanager
+def guarded_allocations(monkeypatch, modules, guard=GUARD):
+    """The modules' `_empty` (the launchers' allocator) returns poisoned tensors (NaN, 7 for ints),
+    each the front of a longer poisoned buffer; on exit every element past the front must still be
+    poisoned (no kernel stored past the end of an output)."""
+    real = modules[0]._empty
+    guarded = []
+
+    def empty(shape, dtype, device):
+        n = math.prod(shape)
+        buf = _poison_or_7(real((n + guard,), dtype, device))
+        guarded.append((buf, n, tuple(shape)))
+        return buf[:n].view(shape)
+
+    for module in modules:
+        monkeypatch.setattr(module, "_empty", empty)
+    yield
+    for buf, n, shape in guarded:
+        assert _still_poisoned(buf[n:]).all(), \
+            f"a kernel stored past the end of an output of shape {shape} ({buf.dtype})"
 
 
 def assert_close_to_ref(ours, ref64, baseline, name="output", floor=None):

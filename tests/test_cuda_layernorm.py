@@ -17,7 +17,7 @@ BERT sizes, torch.compile and the Triton comparisons run on the GPU only.
 import pytest
 import torch
 
-from conftest import DEVICE, ON_GPU, assert_close_to_ref, poison
+from conftest import DEVICE, ON_GPU, assert_close_to_ref, guarded_allocations
 from layernorm_cases import (
     check_autocast_mix, check_compiled_block, compare_to_reference, gelu_inputs, layernorm_inputs, run_with_grads,
 )
@@ -48,24 +48,8 @@ SHAPES = [
 def poisoned_outputs(monkeypatch):
     """Every output and partial-sum buffer the CUDA launchers allocate starts as NaN (7 for
     ints) and is followed by GUARD poisoned elements that must still be poisoned at the end."""
-    real = C._empty
-    buffers = []
-
-    def empty(shape, dtype, cuda_device):
-        n = 1
-        for size in shape:
-            n *= size
-        buf = real((n + GUARD,), dtype, cuda_device)
-        poison(buf) if buf.is_floating_point() else buf.fill_(7)
-        buffers.append((buf, n, tuple(shape)))
-        return buf[:n].view(shape)
-
-    monkeypatch.setattr(C, "_empty", empty)
-    yield
-    for buf, n, shape in buffers:
-        tail = buf[n:]
-        intact = torch.isnan(tail).all() if tail.is_floating_point() else (tail == 7).all()
-        assert intact, f"a kernel wrote past the end of an output of shape {shape} ({tail.dtype})"
+    with guarded_allocations(monkeypatch, (C,), GUARD):
+        yield
 
 
 def _compare(fn_ours, fn_ref, tensors, dy, names, triton=True):

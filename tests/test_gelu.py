@@ -4,12 +4,10 @@ Rule (STYLE.md habit 9): max|ours - ref64| <= 2 * max|baseline - ref64| + floor(
 baseline = the same reference run in the test dtype. Forward and both gradients. Every
 tensor the launchers allocate starts as NaN, so an element a kernel fails to write fails.
 """
-import math
-
 import pytest
 import torch
 
-from conftest import DEVICE, KERNEL_DTYPES, ON_GPU, assert_close_to_ref, poison
+from conftest import DEVICE, KERNEL_DTYPES, ON_GPU, assert_close_to_ref, guarded_allocations
 from layernorm_cases import check_compiled_block, compare_to_reference, gelu_inputs, run_with_grads
 
 import fastbert.kernels.gelu as K
@@ -22,29 +20,12 @@ from fastbert.ops.gelu import bias_gelu, bias_gelu_ref
 SHAPES = [(1, 1), (3, 7), (2, 5, 384), (1, 768), (37, 768), (7, 1000), (3, 3072), (2, 5000)]
 
 
-# Elements of NaN kept after every launcher allocation: one interpreter tile (gelu 4096 elements,
-# LayerNorm 8192), so a store whose row mask is lost lands there instead of past the allocation.
-GUARD = 8192
-
-
 @pytest.fixture(autouse=True)
 def poisoned_outputs(monkeypatch):
     """Every output and partial-sum buffer the launchers allocate starts as NaN and is the front
     of a longer NaN buffer: at the end of the test the rest must still be NaN (no store past the end)."""
-    real = K._empty
-    guarded = []
-
-    def empty(shape, dtype, device):
-        n = math.prod(shape)
-        buf = poison(real((n + GUARD,), dtype, device))
-        guarded.append((buf, n))
-        return buf[:n].view(shape)
-
-    for module in (K, KL):
-        monkeypatch.setattr(module, "_empty", empty)
-    yield
-    for buf, n in guarded:
-        assert torch.isnan(buf[n:]).all(), f"a kernel stored past the end of a {n}-element output"
+    with guarded_allocations(monkeypatch, (K, KL)):
+        yield
 
 
 def _compare(tensors, dy, approximate):

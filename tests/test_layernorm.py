@@ -4,12 +4,10 @@ Rule (STYLE.md habit 9): max|ours - ref64| <= 2 * max|baseline - ref64| + floor(
 baseline = the same reference run in the test dtype. Forward and every gradient. Every
 tensor the launchers allocate starts as NaN, so an element a kernel fails to write fails.
 """
-import math
-
 import pytest
 import torch
 
-from conftest import DEVICE, KERNEL_DTYPES, ON_GPU, poison
+from conftest import DEVICE, KERNEL_DTYPES, ON_GPU, guarded_allocations
 from layernorm_cases import check_autocast_mix, compare_to_reference, layernorm_inputs, run_with_grads
 
 import fastbert.kernels.layernorm as K
@@ -28,34 +26,12 @@ SHAPES = [
 ]
 
 
-# Poisoned elements kept after every launcher allocation: one interpreter tile (8192 elements),
-# so a store whose row mask is lost lands there instead of past the allocation.
-GUARD = 8192
-
-
-def _poisoned(t):
-    return poison(t) if t.is_floating_point() else t.fill_(7)  # 7: neither kept (1) nor dropped (0)
-
-
 @pytest.fixture(autouse=True)
 def poisoned_outputs(monkeypatch):
     """Every output and partial-sum buffer the launchers allocate starts poisoned and is the front
     of a longer poisoned buffer: at the end of the test the rest must be untouched (no store past the end)."""
-    real = K._empty
-    guarded = []
-
-    def empty(shape, dtype, device):
-        n = math.prod(shape)
-        buf = _poisoned(real((n + GUARD,), dtype, device))
-        guarded.append((buf, n))
-        return buf[:n].view(shape)
-
-    monkeypatch.setattr(K, "_empty", empty)
-    yield
-    for buf, n in guarded:
-        tail = buf[n:]
-        assert (torch.isnan(tail) if tail.is_floating_point() else tail == 7).all(), \
-            f"a kernel stored past the end of a {n}-element output"
+    with guarded_allocations(monkeypatch, (K,)):
+        yield
 
 
 # ----------------------------------------------------------------------------- add_layernorm

@@ -336,33 +336,39 @@ def test_attention_backward_with_values_sharing_a_mean():
         assert_close_to_ref(a, r, b, name)
 
 
-def test_the_replayed_fixes_cover_values_sharing_a_mean():
-    """scripts/attention_delta_precision.py's two candidate fixes of D_i, replayed in float64 on the
-    case above, are well inside the tolerance where the kernels are not."""
+def _replay():
+    """scripts/attention_delta_precision.py, loaded as a module."""
     import importlib.util
     import pathlib
     path = pathlib.Path(__file__).resolve().parents[1] / "scripts" / "attention_delta_precision.py"
     spec = importlib.util.spec_from_file_location("attention_delta_precision", path)
     replay = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(replay)
-    q, k, v, do, mask, scale = _offset_values_case()
-    refs, base = _attention_refs(q, k, v, mask, do, scale)
+    return replay
+
+
+def _assert_replayed_fixes_inside(replay, q, k, v, mask, do, scale, refs, base):
+    """Both candidate fixes of D_i, replayed in float64, give dq and dk inside the tolerance."""
     for variant in ("o_lo", "in_loop"):
         fixed = replay.emulate(q.cpu(), k.cpu(), v.cpu(), mask.cpu(), do.cpu(), scale, variant)
         for name, a, r, b in zip(("dq", "dk"), fixed, refs, base):
             assert_close_to_ref(a.to(DEVICE, torch.float16), r, b, f"{variant} {name}")
 
 
+def test_the_replayed_fixes_cover_values_sharing_a_mean():
+    """scripts/attention_delta_precision.py's two candidate fixes of D_i, replayed in float64 on the
+    case above, are well inside the tolerance where the kernels are not."""
+    replay = _replay()
+    q, k, v, do, mask, scale = _offset_values_case()
+    refs, base = _attention_refs(q, k, v, mask, do, scale)
+    _assert_replayed_fixes_inside(replay, q, k, v, mask, do, scale, refs, base)
+
+
 def test_the_float64_replay_of_the_attention_backward_models_the_kernel():
     """scripts/attention_delta_precision.py (the table in ARCHITECTURE.md's 'Known') replays the
     backward's formulas in float64: on the case above its "rounded O" row must be what the Triton
     kernel computes, and its two candidate fixes must bring the case inside the tolerance."""
-    import importlib.util
-    import pathlib
-    path = pathlib.Path(__file__).resolve().parents[1] / "scripts" / "attention_delta_precision.py"
-    spec = importlib.util.spec_from_file_location("attention_delta_precision", path)
-    replay = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(replay)
+    replay = _replay()
     q, k, v, mask, do, scale = replay.fuzz_case()
     q, k, v, mask, do = (t.to(DEVICE) for t in (q, k, v, mask, do))
     leaves = [t.clone().requires_grad_(True) for t in (q, k)] + [v]
@@ -376,10 +382,7 @@ def test_the_float64_replay_of_the_attention_backward_models_the_kernel():
     now = replay.emulate(q.cpu(), k.cpu(), v.cpu(), mask.cpu(), do.cpu(), scale, "fa2")
     for ours, replayed in zip(kernel, now):  # fp32 accumulation order apart, the same numbers
         torch.testing.assert_close(ours.double().cpu(), replayed, rtol=0, atol=5e-5)
-    for variant in ("o_lo", "in_loop"):
-        fixed = replay.emulate(q.cpu(), k.cpu(), v.cpu(), mask.cpu(), do.cpu(), scale, variant)
-        for name, a, r, b in zip(("dq", "dk"), fixed, refs, base):
-            assert_close_to_ref(a.to(DEVICE, torch.float16), r, b, f"{variant} {name}")
+    _assert_replayed_fixes_inside(replay, q, k, v, mask, do, scale, refs, base)
 
 
 # -- layernorm_gelu -----------------------------------------------------------------------------
