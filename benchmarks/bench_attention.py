@@ -23,7 +23,11 @@ Implementations: triton / cuda (fastbert.ops.attention on that backend), eager
 sdpa_flash / sdpa_efficient / sdpa_cudnn / sdpa_math (torch SDPA pinned to one
 backend with sdpa_kernel, on (B, H, S, D) views of the same (B, S, H, D) tensors,
 as transformers calls it). The flash backend takes no attn_mask (pytorch
-#107884): masked cases record "unsupported".
+#107884): masked cases record "unsupported". triton_fa2d / cuda_fa2d (at
+RESIDUAL_COST_SHAPES only): the same kernels with FlashAttention-2's
+D_i = rowsum(dO * O) from the rounded O, i.e. without the output residual
+attention() keeps for training since stop 15 (kernels/attention.py): the ratio
+to triton / cuda is what that precision costs.
 """
 from __future__ import annotations
 
@@ -44,6 +48,9 @@ SHAPES = [
     ("minilm", 16, 512, 12, 32), ("d128", 16, 512, 8, 128),
 ]
 KEY_SHAPE = ("base", 16, 512, 12, 64)
+# Where the output residual's cost is timed (triton_fa2d / cuda_fa2d): the key shape, and S=128,
+# where the forward is closest to memory-bound and the residual's extra write weighs most.
+RESIDUAL_COST_SHAPES = (KEY_SHAPE, ("base", 64, 128, 12, 64))
 QUICK_SHAPE = ("tiny", 2, 32, 2, 32)
 
 
@@ -102,6 +109,15 @@ def _fastbert(backend):
     return fn
 
 
+def _fastbert_fa2_delta(backend):
+    """fastbert's kernels without the output residual: the backward takes D_i from the rounded O."""
+    from fastbert.ops.attention import AttentionFunction
+
+    def fn(q, k, v, mask):
+        return AttentionFunction.apply(q, k, v, mask, None, q.shape[1], 0.0, q.shape[-1] ** -0.5, 0, backend, False)
+    return fn
+
+
 def _sdpa(backend):
     from torch.nn.attention import sdpa_kernel
 
@@ -114,7 +130,7 @@ def _sdpa(backend):
     return fn
 
 
-def _impls(device, masked, compile_here, cfg):
+def _impls(device, masked, compile_here, cfg, residual_cost=False):
     """name -> (fn or None, status, note)."""
     from torch.nn.attention import SDPBackend
 
@@ -127,6 +143,11 @@ def _impls(device, masked, compile_here, cfg):
         impls["cuda"] = (_fastbert("cuda"), "ok", "")
     elif device.type == "cuda":
         impls["cuda"] = (None, "skipped", "fastbert cuda backend not usable here (fastbert._C not built)")
+    if residual_cost:
+        note = "fastbert kernels without the output residual (FlashAttention-2's D_i)"
+        for name, backend in (("triton_fa2d", "triton"), ("cuda_fa2d", "cuda")):
+            if backend in usable:
+                impls[name] = (_fastbert_fa2_delta(backend), "ok", note)
     impls["eager"] = (attention_ref, "ok", "fastbert.ops.attention.attention_ref")
     if compile_here:
         impls["compile"] = (harness.compiled(attention_ref, cfg.compile_backend), "ok",
@@ -165,7 +186,8 @@ def cases(profile: str, cfg: harness.Settings, compile_scope: str = "key") -> li
                 for mode in modes:
                     tier = 1 if key and dtype == dtypes[0] and mode != "bwd" else \
                         2 if dtype == dtypes[0] and mode != "bwd" else 3 if mode != "bwd" else 4
-                    for impl, (fn, status, note) in _impls(device, masked, compile_here, cfg).items():
+                    residual_cost = shape in RESIDUAL_COST_SHAPES or shape == QUICK_SHAPE
+                    for impl, (fn, status, note) in _impls(device, masked, compile_here, cfg, residual_cost).items():
                         out.append(harness.Case(
                             op=OP, impl=impl, label=label,
                             shape={"B": B, "S": S, "H": H, "D": D, "mask": "pad" if masked else "none",

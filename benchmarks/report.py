@@ -28,8 +28,8 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parents[1]
 RESULTS = REPO / "benchmarks" / "results"
 START, END = "<!-- fastbert-bench:start -->", "<!-- fastbert-bench:end -->"
-IMPL_ORDER = ["triton", "cuda", "eager", "compile", "sdpa_flash", "sdpa_efficient", "sdpa_cudnn", "sdpa_math",
-              "outer_sum", "outer_sum_compile", "python_nbest"]
+IMPL_ORDER = ["triton", "cuda", "triton_fa2d", "cuda_fa2d", "eager", "compile", "sdpa_flash", "sdpa_efficient",
+              "sdpa_cudnn", "sdpa_math", "outer_sum", "outer_sum_compile", "python_nbest"]
 OP_ORDER = ["attention", "add_layernorm", "add_layernorm_amp", "layernorm_gelu", "bias_gelu", "span_score"]
 MODE_ORDER = ["fwd", "bwd", "fwd+bwd"]
 

@@ -9,6 +9,11 @@
 //             dQ_i = scale sum_j dS_ij k_j, dK_j = scale sum_i dS_ij q_i.
 //   Two backward kernels and no atomics (deterministic): one per query block writes D
 //   and dQ, one per key block writes dK and dV.
+//   D_i from the fp32 O: when p.out_residual is set, the forward also writes O's
+//   rounding residual (fp32 O - O, in O's dtype) and the backward takes
+//   D_i = rowsum(dO_i * (O_i + R_i)). From the rounded O alone (FlashAttention-2's
+//   way, and what a null out_residual gives) dP_ij - D_i cancels that rounding times
+//   dO wherever O is large against its spread, e.g. values sharing a mean.
 //
 // Dropout: the Triton backend's Philox stream exactly (7 rounds, key = seed, counter
 // (j / 4, i, head, batch), keep when word >> 1 >= round(p 2^31)), so the two backends
@@ -449,6 +454,8 @@ __global__ void __launch_bounds__(kThreads) attention_fwd_kernel(const Attention
     const T* k = slice(static_cast<const T*>(p.k), b, h, seq, p.k_batch_stride, p.k_row_stride, p.k_head_stride);
     const T* v = slice(static_cast<const T*>(p.v), b, h, seq, p.v_batch_stride, p.v_row_stride, p.v_head_stride);
     T* o = slice(static_cast<T*>(p.out), b, h, seq, p.o_batch_stride, p.o_row_stride, p.o_head_stride);
+    T* res = p.out_residual == nullptr ? nullptr  // out's strides
+             : slice(static_cast<T*>(p.out_residual), b, h, seq, p.o_batch_stride, p.o_row_stride, p.o_head_stride);
     float* lse = p.lse + b * p.lse_batch_stride + h * p.lse_head_stride + seq.start;
     const uint8_t* mask = p.mask != nullptr ? p.mask + b * p.mask_batch_stride : nullptr;
 
@@ -597,7 +604,13 @@ __global__ void __launch_bounds__(kThreads) attention_fwd_kernel(const Attention
             T* orow = o + i * p.o_row_stride;
 #pragma unroll
             for (int dn = 0; dn < D / 8; ++dn) {
-                store32(orow + dn * 8 + 2 * t, pack2<T>(acc[dn][2 * r] * inv, acc[dn][2 * r + 1] * inv));
+                const float x0 = acc[dn][2 * r] * inv, x1 = acc[dn][2 * r + 1] * inv;
+                const uint32_t rounded = pack2<T>(x0, x1);
+                store32(orow + dn * 8 + 2 * t, rounded);
+                if (res != nullptr) {
+                    const float2 back = unpack2<T>(rounded);
+                    store32(res + (orow - o) + dn * 8 + 2 * t, pack2<T>(x0 - back.x, x1 - back.y));
+                }
             }
             if (t == 0) lse[i] = empty ? INFINITY : (row_max[r] + log2f(l)) * kLn2;
         }
@@ -641,6 +654,9 @@ __global__ void __launch_bounds__(kThreads) attention_bwd_dq_kernel(const Attent
     const T* k = slice(static_cast<const T*>(p.k), b, h, seq, p.k_batch_stride, p.k_row_stride, p.k_head_stride);
     const T* v = slice(static_cast<const T*>(p.v), b, h, seq, p.v_batch_stride, p.v_row_stride, p.v_head_stride);
     const T* o = slice(static_cast<const T*>(p.out), b, h, seq, p.o_batch_stride, p.o_row_stride, p.o_head_stride);
+    const T* res = p.out_residual == nullptr ? nullptr  // out's strides
+                   : slice(static_cast<const T*>(p.out_residual), b, h, seq, p.o_batch_stride, p.o_row_stride,
+                           p.o_head_stride);
     const T* dout = slice(static_cast<const T*>(p.dout), b, h, seq, p.do_batch_stride, p.do_row_stride,
                           p.do_head_stride);
     T* dq = slice(static_cast<T*>(p.dq), b, h, seq, p.dq_batch_stride, p.dq_row_stride, p.dq_head_stride);
@@ -656,18 +672,20 @@ __global__ void __launch_bounds__(kThreads) attention_bwd_dq_kernel(const Attent
     cp_async_commit();
     const uint64_t seed = DROPOUT ? dropout_seed(p) : 0;
 
-    // D_i = dO_i . O_i in fp32, from global memory while the tiles stream in:
+    // D_i = dO_i . (O_i + R_i) in fp32, from global memory while the tiles stream in:
     // two threads per row, each over half of the head dim.
     {
         const int r = tid >> 1;
         const int i = m0 + r;
         float part = 0.f;
         if (i < seq.len) {
-            const T* orow = o + i * p.o_row_stride + (tid & 1) * (D / 2);
+            const int64_t off = i * p.o_row_stride + (tid & 1) * (D / 2);
             const T* drow = dout + i * p.do_row_stride + (tid & 1) * (D / 2);
 #pragma unroll
             for (int c = 0; c < D / 2; c += 8) {
-                part += dot8<T>(*reinterpret_cast<const uint4*>(orow + c), *reinterpret_cast<const uint4*>(drow + c));
+                const uint4 d8 = *reinterpret_cast<const uint4*>(drow + c);
+                part += dot8<T>(*reinterpret_cast<const uint4*>(o + off + c), d8);
+                if (res != nullptr) part += dot8<T>(*reinterpret_cast<const uint4*>(res + off + c), d8);
             }
         }
         part += shfl_xor(part, 1);

@@ -8,6 +8,8 @@
 //   q, k, v, out, dout, dq, dk, dv: (batch, seqlen, heads, head_dim), any batch /
 //     seq / head strides, or packed (total_tokens, heads, head_dim) with
 //     cu_seqlens (batch + 1,) int32 and batch stride 0.
+//   out_residual: out's rounding residual, out's dtype and strides, or null (see
+//     attention.cuh: the backward's D_i from the fp32 output).
 //   lse, delta: fp32 (batch, heads, seqlen), or (heads, total_tokens) packed
 //     (batch stride 0); the token stride is 1.
 //   mask: uint8 (batch, seqlen), 1 = real key; null = no mask. Packed mode has no mask.
@@ -25,6 +27,7 @@ struct AttentionParams {
     const void* k;
     const void* v;
     void* out;                 // forward: written; backward: read (rowsum(dout * out))
+    void* out_residual;        // null, or forward: written, fp32 out - out; backward: read (added to out for D)
     float* lse;                // forward: written; backward: read
     const void* dout;          // backward only
     void* dq;                  // backward only

@@ -29,6 +29,17 @@ seed. Two kernels, no atomics, so the result is deterministic:
 Masked keys get dK = dV = 0 (their column of P is 0); they are zeroed once at
 the end of the key program instead of masking every tile.
 
+D_i from the fp32 O, not the stored fp16/bf16 one. FlashAttention-2 takes
+rowsum(dO * O) from O rounded to the output dtype; dP_ij - D_i then cancels that
+rounding times dO wherever O is large against its spread (values sharing a mean,
+as trained models' do: v + 10 put dq 1.3-1.7x past the tests' tolerance in
+float16), and at sharp softmax rows. So the forward can also write O's rounding
+residual R = O_fp32 - O (rounded to the output dtype: O + R carries about twice
+the mantissa), and the dQ kernel takes D_i = rowsum(dO * (O + R)). The
+autograd Function asks for R only when a gradient will be taken and the dtype
+is not fp32 (one more (B, S, H, D) tensor saved per call); without R the
+kernels are FlashAttention-2's.
+
 Dropout: Philox (key = seed) on the counter (j // 4, i, head, batch) gives four
 32-bit words, one for each of the keys 4*(j//4) .. 4*(j//4)+3; the probability
 (batch, head, i, j) is kept when its word >> 1 >= dropout_p * 2**31. The mask
@@ -39,7 +50,7 @@ and batch is the sequence index: packed and padded layouts of the same data
 drop the same probabilities.
 
 Layouts: q, k, v, out are (batch, seqlen, heads, head_dim) with any strides but
-a unit last stride, or (total_tokens, heads, head_dim) in varlen mode with
+a unit last stride (out's residual shares out's strides), or (total_tokens, heads, head_dim) in varlen mode with
 cu_seqlens (batch + 1,) int32. lse and delta are fp32 (batch, heads, seqlen),
 or (heads, total_tokens) in varlen mode.
 """
@@ -176,6 +187,7 @@ def _attention_fwd_kernel(
     K,                      # same layout, keys
     V,                      # same layout, values
     Out,                    # same layout, output
+    OutRes,                 # out's rounding residual, out's dtype and strides (written when STORE_RESIDUAL)
     Lse,                    # fp32 (B, H, S) or (H, T): logsumexp of each score row (natural log)
     Mask,                   # uint8 (B, S): 1 = real key (read when HAS_MASK)
     CuSeqlens,              # int32 (B + 1,): sequence offsets (read when IS_VARLEN)
@@ -203,6 +215,7 @@ def _attention_fwd_kernel(
     SEED_FROM_PTR: tl.constexpr,   # Seed is a pointer (torch.compile path)
     IEEE: tl.constexpr,            # fp32 inputs: full-precision dots
     PHILOX_ROUNDS: tl.constexpr,   # Philox rounds for dropout
+    STORE_RESIDUAL: tl.constexpr,  # also write OutRes = out_fp32 - out (for the backward's D_i)
 ):
     # This program owns query rows [start_m * BLOCK_M, +BLOCK_M) of one (batch, head).
     start_m = tl.program_id(0)
@@ -218,7 +231,7 @@ def _attention_fwd_kernel(
     q_base = Q + off_b.to(tl.int64) * stride_qb + row0 * stride_qs + off_h * stride_qh
     k_base = K + off_b.to(tl.int64) * stride_kb + row0 * stride_ks + off_h * stride_kh
     v_base = V + off_b.to(tl.int64) * stride_vb + row0 * stride_vs + off_h * stride_vh
-    o_base = Out + off_b.to(tl.int64) * stride_ob + row0 * stride_os + off_h * stride_oh
+    o_off = off_b.to(tl.int64) * stride_ob + row0 * stride_os + off_h * stride_oh
     lse_base = Lse + off_b.to(tl.int64) * stride_lb + off_h * stride_lh + row0
     mask_base = Mask + off_b.to(tl.int64) * stride_mb
 
@@ -279,8 +292,12 @@ def _attention_fwd_kernel(
         inv_l = inv_l * dropout_scale
     out = acc * inv_l[:, None]
     lse = tl.where(empty, float("inf"), (m_i + tl.log2(tl.where(empty, 1.0, l_i))) / 1.4426950408889634)
-    _store_rows(o_base + offs_m[:, None] * stride_os + offs_d[None, :], out.to(Out.dtype.element_ty),
-                offs_m, seqlen, offs_d, HEAD_DIM, BLOCK_D, EVEN_M)
+    o_tile = o_off + offs_m[:, None] * stride_os + offs_d[None, :]
+    out_rounded = out.to(Out.dtype.element_ty)
+    _store_rows(Out + o_tile, out_rounded, offs_m, seqlen, offs_d, HEAD_DIM, BLOCK_D, EVEN_M)
+    if STORE_RESIDUAL:
+        residual = (out - out_rounded.to(tl.float32)).to(Out.dtype.element_ty)
+        _store_rows(OutRes + o_tile, residual, offs_m, seqlen, offs_d, HEAD_DIM, BLOCK_D, EVEN_M)
     if EVEN_M:
         tl.store(lse_base + offs_m, lse)
     else:
@@ -389,6 +406,17 @@ def _dropout_args(dropout_p, seed):
     return int(seed), False, thresh, 1.0 / (1.0 - dropout_p)
 
 
+def _check_residual(out_residual, out):
+    """out's residual shares out's shape, dtype, device and strides (the kernels step both with out's)."""
+    if out_residual is None:
+        return
+    if (out_residual.shape != out.shape or out_residual.dtype != out.dtype or out_residual.device != out.device
+            or out_residual.stride() != out.stride()):
+        raise ValueError(f"attention: out_residual must have out's shape {tuple(out.shape)}, dtype {out.dtype}, "
+                         f"device {out.device} and strides {tuple(out.stride())}; got {tuple(out_residual.shape)} "
+                         f"{out_residual.dtype} on {out_residual.device} strides {tuple(out_residual.stride())}")
+
+
 def _mask_args(mask, q, wrap):
     """(the bool mask as uint8, or a dummy pointer; stride_b, stride_s)."""
     if mask is None:
@@ -400,7 +428,7 @@ def _mask_args(mask, q, wrap):
 
 
 def attention_fwd(q, k, v, mask=None, cu_seqlens=None, max_seqlen=None, dropout_p=0.0,
-                  softmax_scale=None, seed=0, out=None, lse=None, *, wrap=None):
+                  softmax_scale=None, seed=0, out=None, lse=None, out_residual=None, *, wrap=None):
     """Forward launcher. Returns (out, lse).
 
     q, k, v: (B, S, H, D) with a unit last stride, or packed (T, H, D) with
@@ -409,12 +437,16 @@ def attention_fwd(q, k, v, mask=None, cu_seqlens=None, max_seqlen=None, dropout_
     seed: int, or an int64 tensor of one element on q's device (read by the kernel).
     out, lse: optional preallocated outputs (tests poison them); out has q's
     shape, lse is fp32 (B, H, S) or (H, T).
+    out_residual: None, or a tensor with out's shape, dtype and strides that receives
+    out's rounding residual (the fp32 output minus out, in out's dtype), for
+    attention_bwd's D_i (the module docstring).
     wrap: torch.library.wrap_triton inside the registered custom op, else None.
     """
     B, S, H, D, varlen = _problem(q, cu_seqlens, max_seqlen)
     scale = softmax_scale if softmax_scale is not None else 1.0 / math.sqrt(D)
     if out is None:
         out = torch.empty(q.shape, dtype=q.dtype, device=q.device)
+    _check_residual(out_residual, out)
     if lse is None:
         lse_shape = (H, q.shape[0]) if varlen else (B, H, S)
         lse = torch.empty(lse_shape, dtype=torch.float32, device=q.device)
@@ -428,8 +460,8 @@ def attention_fwd(q, k, v, mask=None, cu_seqlens=None, max_seqlen=None, dropout_
     if kernel is None or grid[0] * grid[1] == 0:
         return out, lse
     kernel[grid](
-        q, k, v, out, lse, mask_t, cu_seqlens if varlen else q, seed_arg,
-        *_layout(q, varlen), *_layout(k, varlen), *_layout(v, varlen), *_layout(out, varlen),
+        q, k, v, out, out if out_residual is None else out_residual, lse, mask_t, cu_seqlens if varlen else q,
+        seed_arg, *_layout(q, varlen), *_layout(k, varlen), *_layout(v, varlen), *_layout(out, varlen),
         *lse_strides, stride_mb, stride_ms,
         H, S, scale * LOG2E, thresh, dscale,
         HEAD_DIM=D,
@@ -444,6 +476,7 @@ def attention_fwd(q, k, v, mask=None, cu_seqlens=None, max_seqlen=None, dropout_
         SEED_FROM_PTR=seed_ptr,
         IEEE=q.dtype == torch.float32,
         PHILOX_ROUNDS=PHILOX_ROUNDS,
+        STORE_RESIDUAL=out_residual is not None,
         num_warps=cfg["num_warps"],
         num_stages=cfg["num_stages"],
     )
@@ -460,6 +493,7 @@ def _attention_bwd_dq_kernel(
     K,                      # keys, same layout
     V,                      # values, same layout
     Out,                    # forward output, same layout
+    OutRes,                 # its rounding residual, out's strides (read when HAS_RESIDUAL)
     DOut,                   # dL/dout, same layout
     Lse,                    # fp32 (B, H, S) or (H, T) from the forward
     Delta,                  # fp32, Lse's layout: written here, rowsum(dO * O), read by the dK/dV kernel
@@ -493,6 +527,7 @@ def _attention_bwd_dq_kernel(
     SEED_FROM_PTR: tl.constexpr,
     IEEE: tl.constexpr,
     PHILOX_ROUNDS: tl.constexpr,
+    HAS_RESIDUAL: tl.constexpr,    # D_i from O + OutRes (the forward's fp32 O) instead of O
 ):
     # This program owns query rows [start_m * BLOCK_M, +BLOCK_M) of one (batch, head): their delta and dQ.
     start_m = tl.program_id(0)
@@ -508,7 +543,7 @@ def _attention_bwd_dq_kernel(
     q_base = Q + b64 * stride_qb + row0 * stride_qs + off_h * stride_qh
     k_base = K + b64 * stride_kb + row0 * stride_ks + off_h * stride_kh
     v_base = V + b64 * stride_vb + row0 * stride_vs + off_h * stride_vh
-    o_base = Out + b64 * stride_ob + row0 * stride_os + off_h * stride_oh
+    o_off = b64 * stride_ob + row0 * stride_os + off_h * stride_oh
     do_base = DOut + b64 * stride_dob + row0 * stride_dos + off_h * stride_doh
     dq_base = DQ + b64 * stride_dqb + row0 * stride_dqs + off_h * stride_dqh
     lse_off = b64 * stride_lb + off_h * stride_lh + row0
@@ -522,9 +557,11 @@ def _attention_bwd_dq_kernel(
                    HEAD_DIM, BLOCK_D, EVEN_M)
     do = _load_rows(do_base + offs_m[:, None] * stride_dos + offs_d[None, :], offs_m, seqlen, offs_d,
                     HEAD_DIM, BLOCK_D, EVEN_M)
-    o = _load_rows(o_base + offs_m[:, None] * stride_os + offs_d[None, :], offs_m, seqlen, offs_d,
-                   HEAD_DIM, BLOCK_D, EVEN_M)
-    delta = tl.sum(do.to(tl.float32) * o.to(tl.float32), 1)              # (BLOCK_M,)
+    o_tile = o_off + offs_m[:, None] * stride_os + offs_d[None, :]
+    o = _load_rows(Out + o_tile, offs_m, seqlen, offs_d, HEAD_DIM, BLOCK_D, EVEN_M).to(tl.float32)
+    if HAS_RESIDUAL:
+        o += _load_rows(OutRes + o_tile, offs_m, seqlen, offs_d, HEAD_DIM, BLOCK_D, EVEN_M).to(tl.float32)
+    delta = tl.sum(do.to(tl.float32) * o, 1)                             # (BLOCK_M,)
     if EVEN_M:
         tl.store(Delta + lse_off + offs_m, delta)
         lse2 = tl.load(Lse + lse_off + offs_m) * 1.4426950408889634
@@ -694,14 +731,16 @@ def _attention_bwd_kernel(
 
 
 def attention_bwd(do, q, k, v, out, lse, mask=None, cu_seqlens=None, max_seqlen=None, dropout_p=0.0,
-                  softmax_scale=None, seed=0, dq=None, dk=None, dv=None, *, wrap=None):
+                  softmax_scale=None, seed=0, dq=None, dk=None, dv=None, out_residual=None, *, wrap=None):
     """Backward launcher. Returns (dq, dk, dv) in the layouts of q, k, v (contiguous).
 
     do: dL/dout, out's shape, unit last stride. out, lse: from attention_fwd.
     The other arguments are the forward's; seed must be the forward's seed.
     dq, dk, dv: optional preallocated outputs (tests poison them).
+    out_residual: the forward's out_residual, or None (D_i from the rounded out).
     """
     B, S, H, D, varlen = _problem(q, cu_seqlens, max_seqlen)
+    _check_residual(out_residual, out)
     scale = softmax_scale if softmax_scale is not None else 1.0 / math.sqrt(D)
     dq = torch.empty(q.shape, dtype=q.dtype, device=q.device) if dq is None else dq
     dk = torch.empty(k.shape, dtype=k.dtype, device=k.device) if dk is None else dk
@@ -728,7 +767,7 @@ def attention_bwd(do, q, k, v, out, lse, mask=None, cu_seqlens=None, max_seqlen=
     grid = (_cdiv(S, cfg["BLOCK_M"]), B * H)
     kernel = _launch(_attention_bwd_dq_kernel, wrap, q)
     kernel[grid](
-        q, k, v, out, do, lse, delta, dq, mask_t, cu, seed_arg,
+        q, k, v, out, out if out_residual is None else out_residual, do, lse, delta, dq, mask_t, cu, seed_arg,
         *_layout(q, varlen), *_layout(k, varlen), *_layout(v, varlen), *_layout(out, varlen),
         *_layout(do, varlen), *_layout(dq, varlen),
         *lse_strides, stride_mb, stride_ms,
@@ -737,6 +776,7 @@ def attention_bwd(do, q, k, v, out, lse, mask=None, cu_seqlens=None, max_seqlen=
         BLOCK_N=cfg["BLOCK_N"],
         EVEN_M=(not varlen) and S % cfg["BLOCK_M"] == 0,
         EVEN_N=(not varlen) and S % cfg["BLOCK_N"] == 0,
+        HAS_RESIDUAL=out_residual is not None,
         num_warps=cfg["num_warps"],
         num_stages=cfg["num_stages"],
         **common,

@@ -1,15 +1,17 @@
 """How exact D_i = rowsum(dO_i * O_i) must be in the attention backward: a float64 emulation.
 
-Both attention backwards (kernels/attention.py, csrc/attention.cuh) take D from the
-half-precision O the forward wrote, as FlashAttention-2 does. At a sharp softmax that
-rounding alone puts dq and dk ~20x further from the float64 reference than a float16
-PyTorch composition (the strict xfail in tests/test_ops_fuzz.py). This script replays
-the kernels' formulas in float64, rounding only where the kernels round (O to the
-input dtype, dS and P to it before their matmuls), for each way of getting D:
+Until stop 15 both attention backwards (kernels/attention.py, csrc/attention.cuh) took D
+from the half-precision O the forward wrote, as FlashAttention-2 does. At a sharp softmax
+that rounding alone put dq and dk ~20x further from the float64 reference than a float16
+PyTorch composition (tests/test_ops_fuzz.py's sharp-softmax case), and with values sharing
+a mean past the tests' tolerance. This script replays the kernels' formulas in float64,
+rounding only where the kernels round (O to the input dtype, dS and P to it before their
+matmuls), for each way of getting D:
 
-  fa2        D from the rounded O (what both backends do now)
+  fa2        D from the rounded O (the launchers without out_residual)
   o_lo       D from O + its rounding residual, the residual stored as a second half
-             tensor by the forward (one more (B, S, H, D) write forward, read backward)
+             tensor by the forward (one more (B, S, H, D) write forward, read backward):
+             what attention() does since stop 15 when a gradient will be taken
   in_loop    D_exact = sum_j P_ij dP_ij accumulated in the dQ kernel's key loop (written
              for the dK/dV kernel, which then needs nothing more); dq corrected at the
              end by -scale (D_exact - D) sum_j P_ij k_j (one more MMA, P K, and a

@@ -36,6 +36,18 @@ def ref_with_grads(q, k, v, do, mask, dropout_p, scale, keep, dtype):
     return (out.detach(), *grads)
 
 
+def check_out_residual(out, out_residual):
+    """out_residual is out's rounding error (the forward's fp32 output minus out, in out's dtype):
+    written everywhere (outputs are poisoned), and within half a unit in the last place of out.
+    Its value is checked where it matters, by the backward's gradients (D_i = dO . (out + residual))."""
+    assert torch.isfinite(out_residual).all(), "out_residual has unwritten or non-finite elements"
+    finfo = torch.finfo(out.dtype)
+    mag = out.double().abs()
+    ulp = torch.exp2(torch.floor(torch.log2(mag.clamp_min(finfo.smallest_normal)))) * finfo.eps
+    worst = (out_residual.double().abs() / (ulp / 2)).max().item()
+    assert worst <= 1.0, f"out_residual is up to {worst:.3g} half-ulps of out: not out's rounding error"
+
+
 def pack(x, lens):
     """(B, S, ...) -> (sum(lens), ...): the first lens[b] rows of each sequence."""
     return torch.cat([x[b, :n] for b, n in enumerate(lens)], dim=0)

@@ -29,7 +29,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from attention_cases import check_compiled_fullgraph, key_mask, pack, qkv, ref_with_grads
+from attention_cases import check_compiled_fullgraph, check_out_residual, key_mask, pack, qkv, ref_with_grads
 from conftest import DEVICE, FLOOR, ON_GPU, assert_close_to_ref, poison
 
 from fastbert.ops import use_backend
@@ -82,10 +82,14 @@ def _launch(q, k, v, do, mask, dropout_p, scale, seed, cu=None, max_seqlen=None)
     else:
         lse_shape = (q.shape[1], q.shape[0])
     out = g.empty(q.shape, q.dtype, q.device)
+    out_residual = g.empty(q.shape, q.dtype, q.device)  # as AttentionFunction passes it when training
     lse = g.empty(lse_shape, torch.float32, q.device)
-    A.cuda_attention_fwd(q, k, v, mask, cu, max_seqlen, dropout_p, scale, seed, out=out, lse=lse)
+    A.cuda_attention_fwd(q, k, v, mask, cu, max_seqlen, dropout_p, scale, seed, out=out, lse=lse,
+                         out_residual=out_residual)
+    check_out_residual(out, out_residual)
     dq, dk, dv = (g.empty(t.shape, t.dtype, t.device) for t in (q, k, v))
-    A.cuda_attention_bwd(do, q, k, v, out, lse, mask, cu, max_seqlen, dropout_p, scale, seed, dq=dq, dk=dk, dv=dv)
+    A.cuda_attention_bwd(do, q, k, v, out, lse, mask, cu, max_seqlen, dropout_p, scale, seed, dq=dq, dk=dk, dv=dv,
+                         out_residual=out_residual)
     g.check()
     return out, lse, dq, dk, dv
 
@@ -119,8 +123,10 @@ def _check_all(q, k, v, mask, dropout_p=0.0, scale=None, seed=0, triton=False):
     _check_lse(lse, q, k, mask, scale)
     if triton:
         from fastbert.kernels import attention as tk
-        tri_out, tri_lse = tk.attention_fwd(q, k, v, mask, None, None, dropout_p, scale, seed)
-        tri_grads = tk.attention_bwd(do, q, k, v, tri_out, tri_lse, mask, None, None, dropout_p, scale, seed)
+        tri_res = torch.empty(q.shape, dtype=q.dtype, device=q.device)
+        tri_out, tri_lse = tk.attention_fwd(q, k, v, mask, None, None, dropout_p, scale, seed, out_residual=tri_res)
+        tri_grads = tk.attention_bwd(do, q, k, v, tri_out, tri_lse, mask, None, None, dropout_p, scale, seed,
+                                     out_residual=tri_res)
         for name, ours, r, b in zip(("out", "dq", "dk", "dv"), (out, dq, dk, dv), ref, (tri_out, *tri_grads)):
             assert_close_to_ref(ours, r, b, f"{name} vs triton")
     return out, lse, dq, dk, dv
@@ -241,11 +247,11 @@ def test_extension_bindings_and_no_gpu_error():
     t4 = (1 << 20, 0, 64, 32)
     with pytest.raises(RuntimeError, match="fastbert._C:.*(cudaErrorNoDevice|cudaErrorInsufficientDriver|"
                                            "no usable CUDA GPU|CUDA)"):
-        ext.attention_fwd(q=t4, k=t4, v=t4, out=t4, lse=(1 << 20, 0, 1), mask=(0, 0, 0), cu_seqlens=0, seed_ptr=0,
+        ext.attention_fwd(q=t4, k=t4, v=t4, out=t4, out_residual=(0, 0, 0, 0), lse=(1 << 20, 0, 1), mask=(0, 0, 0), cu_seqlens=0, seed_ptr=0,
                           batch=1, heads=1, seqlen=4, head_dim=32, dtype=1, softmax_scale=0.1, dropout_p=0.0,
                           dropout_threshold=0, seed=0, stream=0)
     with pytest.raises(ValueError, match="float16 or bfloat16, got float32"):
-        ext.attention_fwd(q=t4, k=t4, v=t4, out=t4, lse=(1 << 20, 0, 1), mask=(0, 0, 0), cu_seqlens=0, seed_ptr=0,
+        ext.attention_fwd(q=t4, k=t4, v=t4, out=t4, out_residual=(0, 0, 0, 0), lse=(1 << 20, 0, 1), mask=(0, 0, 0), cu_seqlens=0, seed_ptr=0,
                           batch=1, heads=1, seqlen=4, head_dim=32, dtype=0, softmax_scale=0.1, dropout_p=0.0,
                           dropout_threshold=0, seed=0, stream=0)
 
@@ -354,6 +360,31 @@ def test_emulated_dropout_and_strided_inputs(emu):
 
 
 @pytest.mark.slow
+def test_emulated_unaligned_output_copies_its_residual(emu):
+    """A backward given an unaligned out copies it, and out's residual with it (both must share
+    strides); a residual laid out otherwise is refused by name."""
+    gen = torch.Generator().manual_seed(6)
+    q, k, v = qkv((1, 20, 2, 32), torch.float16, gen, "cpu")
+    do = torch.randn(q.shape, generator=gen).half()
+    out, lse, dq, dk, dv = _launch(q, k, v, do, None, 0.0, None, 0)
+    out_residual = torch.empty_like(out)
+    A.cuda_attention_fwd(q, k, v, out_residual=out_residual)
+
+    def unaligned(t):
+        storage = torch.empty(t.numel() + 3, dtype=t.dtype)
+        view = storage[3:].view(t.shape)                   # 6-byte offset
+        view.copy_(t)
+        return view
+    again = A.cuda_attention_bwd(do, q, k, v, unaligned(out), lse, out_residual=unaligned(out_residual))
+    for name, a, b in zip(("dq", "dk", "dv"), (dq, dk, dv), again):
+        assert torch.equal(a, b), name
+    with pytest.raises(ValueError, match="out_residual must be"):
+        A.cuda_attention_bwd(do, q, k, v, out, lse, out_residual=out_residual.float())
+    with pytest.raises(ValueError, match="out_residual must have out's strides"):
+        A.cuda_attention_fwd(q, k, v, out_residual=torch.empty(1, 2, 20, 32, dtype=torch.float16).transpose(1, 2))
+
+
+@pytest.mark.slow
 def test_emulated_unaligned_input_is_copied(emu):
     """An input whose rows break 16-byte alignment is copied by the launcher, not misread."""
     gen = torch.Generator().manual_seed(4)
@@ -383,7 +414,7 @@ def test_emulated_autograd_function(emu):
     do = torch.randn(q.shape, generator=gen).half()
     out, _, dq, dk, dv = _launch(q, k, v, do, mask, 0.2, 0.11, 99)
     leaves = [t.clone().requires_grad_() for t in (q, k, v)]
-    out2 = A.AttentionFunction.apply(*leaves, mask, None, 30, 0.2, 0.11, 99, "cuda")
+    out2 = A.AttentionFunction.apply(*leaves, mask, None, 30, 0.2, 0.11, 99, "cuda", True)
     out2.backward(do)
     assert torch.equal(out2.detach(), out)
     for ours, leaf in zip((dq, dk, dv), leaves):

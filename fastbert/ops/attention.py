@@ -199,86 +199,129 @@ def _check_triton(q, k, v, op):
 # Custom ops (torch.compile traces through these) and the autograd Function
 # ---------------------------------------------------------------------------
 
+def _residual_like(q, wanted):
+    """The buffer for out's rounding residual (kernels/attention.py: D_i from the fp32 O), or None."""
+    return torch.empty(q.shape, dtype=q.dtype, device=q.device) if wanted else None
+
+
+def _eager_launchers(fwd, bwd):
+    """The Function's launcher interface over launchers with attention_fwd/_bwd's signatures."""
+    def attention_fwd(q, k, v, mask, cu, max_seqlen, dropout_p, scale, seed, residual):
+        out_residual = _residual_like(q, residual)
+        out, lse = fwd(q, k, v, mask, cu, max_seqlen, dropout_p, scale, seed, out_residual=out_residual)
+        return out, lse, out_residual
+
+    def attention_bwd(do, q, k, v, out, lse, mask, cu, max_seqlen, dropout_p, scale, seed, out_residual):
+        return bwd(do, q, k, v, out, lse, mask, cu, max_seqlen, dropout_p, scale, seed, out_residual=out_residual)
+    return SimpleNamespace(attention_fwd=attention_fwd, attention_bwd=attention_bwd)
+
+
+def _op_launchers(fwd_op, bwd_op):
+    """The same interface over registered ops, which return an empty residual when none was asked for."""
+    def attention_fwd(q, k, v, mask, cu, max_seqlen, dropout_p, scale, seed, residual):
+        out, lse, out_residual = fwd_op(q, k, v, mask, cu, max_seqlen, dropout_p, scale, seed, residual)
+        return out, lse, (out_residual if residual else None)
+
+    def attention_bwd(do, q, k, v, out, lse, mask, cu, max_seqlen, dropout_p, scale, seed, out_residual):
+        return bwd_op(do, q, k, v, out, lse, mask, cu, max_seqlen, dropout_p, scale, seed, out_residual)
+    return SimpleNamespace(attention_fwd=attention_fwd, attention_bwd=attention_bwd)
+
+
 _LAUNCHERS = {}
 if _kernels is not None:
     # Eager Triton: the Function calls the launchers directly (a custom-op dispatch
     # costs 10-30 us per call, and BERT-base calls attention 24 times a step).
-    _LAUNCHERS["triton"] = _kernels
+    _LAUNCHERS["triton"] = _eager_launchers(_kernels.attention_fwd, _kernels.attention_bwd)
 
 if _kernels is not None and triton_importable() and hasattr(torch.library, "triton_op"):
     @torch.library.triton_op("fastbert::attention_fwd", mutates_args=())
     def _attention_fwd_op(q: Tensor, k: Tensor, v: Tensor, mask: Optional[Tensor],
                           cu_seqlens: Optional[Tensor], max_seqlen: int, dropout_p: float,
-                          softmax_scale: float, seed: Optional[Tensor]) -> tuple[Tensor, Tensor]:
-        """(out, lse): out like q; lse fp32 (B, H, S), or (H, T) with cu_seqlens."""
-        return _kernels.attention_fwd(q, k, v, mask, cu_seqlens, max_seqlen, dropout_p, softmax_scale,
-                                      0 if seed is None else seed, wrap=torch.library.wrap_triton)
+                          softmax_scale: float, seed: Optional[Tensor],
+                          residual: bool) -> tuple[Tensor, Tensor, Tensor]:
+        """(out, lse, out_residual): out like q; lse fp32 (B, H, S), or (H, T) with cu_seqlens;
+        out_residual like out when `residual`, else empty."""
+        out_residual = _residual_like(q, residual)
+        out, lse = _kernels.attention_fwd(q, k, v, mask, cu_seqlens, max_seqlen, dropout_p, softmax_scale,
+                                          0 if seed is None else seed, out_residual=out_residual,
+                                          wrap=torch.library.wrap_triton)
+        return out, lse, (out_residual if residual else q.new_empty(0))
 
     @torch.library.triton_op("fastbert::attention_bwd", mutates_args=())
     def _attention_bwd_op(do: Tensor, q: Tensor, k: Tensor, v: Tensor, out: Tensor, lse: Tensor,
                           mask: Optional[Tensor], cu_seqlens: Optional[Tensor], max_seqlen: int,
-                          dropout_p: float, softmax_scale: float,
-                          seed: Optional[Tensor]) -> tuple[Tensor, Tensor, Tensor]:
+                          dropout_p: float, softmax_scale: float, seed: Optional[Tensor],
+                          out_residual: Optional[Tensor]) -> tuple[Tensor, Tensor, Tensor]:
         """(dq, dk, dv) like q, k, v."""
         return _kernels.attention_bwd(do, q, k, v, out, lse, mask, cu_seqlens, max_seqlen, dropout_p,
-                                      softmax_scale, 0 if seed is None else seed,
+                                      softmax_scale, 0 if seed is None else seed, out_residual=out_residual,
                                       wrap=torch.library.wrap_triton)
 
-    # Same signatures as the launchers, through the registered ops (used while compiling).
-    _LAUNCHERS["triton_op"] = SimpleNamespace(
-        attention_fwd=lambda q, k, v, mask, cu, max_seqlen, dropout_p, scale, seed:
-            torch.ops.fastbert.attention_fwd(q, k, v, mask, cu, max_seqlen, dropout_p, scale, seed),
-        attention_bwd=lambda do, q, k, v, out, lse, mask, cu, max_seqlen, dropout_p, scale, seed:
-            torch.ops.fastbert.attention_bwd(do, q, k, v, out, lse, mask, cu, max_seqlen, dropout_p, scale, seed),
-    )
+    # Used while compiling: the registered ops behind the Function's launcher interface.
+    _LAUNCHERS["triton_op"] = _op_launchers(torch.ops.fastbert.attention_fwd, torch.ops.fastbert.attention_bwd)
 
 
 class AttentionFunction(torch.autograd.Function):
     """Attention with autograd, shared by every backend.
 
     `launchers` names an entry of _LAUNCHERS: a namespace with
-    attention_fwd(q, k, v, mask, cu_seqlens, max_seqlen, dropout_p, scale, seed) -> (out, lse) and
-    attention_bwd(do, q, k, v, out, lse, mask, cu_seqlens, max_seqlen, dropout_p, scale, seed) -> (dq, dk, dv).
+    attention_fwd(q, k, v, mask, cu_seqlens, max_seqlen, dropout_p, scale, seed, residual)
+        -> (out, lse, out_residual or None) and
+    attention_bwd(do, q, k, v, out, lse, mask, cu_seqlens, max_seqlen, dropout_p, scale, seed, out_residual)
+        -> (dq, dk, dv).
     seed: an int, or (compiled graphs) an int64 tensor of one element on q's device.
+    residual: also keep out's rounding residual, so the backward's D_i = rowsum(dO * O) uses the
+    fp32 O (kernels/attention.py's docstring); asked for when a gradient will be taken of a
+    float16/bfloat16 attention.
     """
 
     @staticmethod
-    def forward(ctx, q, k, v, mask, cu_seqlens, max_seqlen, dropout_p, softmax_scale, seed, launchers):
+    def forward(ctx, q, k, v, mask, cu_seqlens, max_seqlen, dropout_p, softmax_scale, seed, launchers, residual):
         ops = _LAUNCHERS[launchers]
-        out, lse = ops.attention_fwd(q, k, v, mask, cu_seqlens, max_seqlen, dropout_p, softmax_scale, seed)
+        out, lse, out_residual = ops.attention_fwd(q, k, v, mask, cu_seqlens, max_seqlen, dropout_p,
+                                                   softmax_scale, seed, residual)
         seed_t = seed if isinstance(seed, torch.Tensor) else None
-        ctx.save_for_backward(q, k, v, out, lse, mask, cu_seqlens, seed_t)
+        ctx.save_for_backward(q, k, v, out, lse, mask, cu_seqlens, seed_t, out_residual)
         ctx.seed = None if seed_t is not None else seed
         ctx.args = (max_seqlen, dropout_p, softmax_scale, launchers)
         return out
 
     @staticmethod
     def backward(ctx, dout):
-        q, k, v, out, lse, mask, cu_seqlens, seed_t = ctx.saved_tensors
+        q, k, v, out, lse, mask, cu_seqlens, seed_t, out_residual = ctx.saved_tensors
         max_seqlen, dropout_p, softmax_scale, launchers = ctx.args
         seed = seed_t if seed_t is not None else ctx.seed
         if dout.stride(-1) != 1:
             dout = dout.contiguous()
-        dq, dk, dv = _LAUNCHERS[launchers].attention_bwd(dout, q, k, v, out, lse, mask, cu_seqlens,
-                                                         max_seqlen, dropout_p, softmax_scale, seed)
-        return dq, dk, dv, None, None, None, None, None, None, None
+        dq, dk, dv = _LAUNCHERS[launchers].attention_bwd(dout, q, k, v, out, lse, mask, cu_seqlens, max_seqlen,
+                                                         dropout_p, softmax_scale, seed, out_residual)
+        return dq, dk, dv, None, None, None, None, None, None, None, None
+
+
+def _wants_residual(q, k, v):
+    """Keep out's rounding residual for the backward: a gradient will be taken (grad mode is off
+    inside Function.forward, so this is decided outside it) and out is rounded (not fp32)."""
+    return (q.dtype != torch.float32 and torch.is_grad_enabled()
+            and (q.requires_grad or k.requires_grad or v.requires_grad))
 
 
 def _attention_kernels(q, k, v, mask, cu_seqlens, max_seqlen, dropout_p, softmax_scale, seed, eager, compiled):
     """AttentionFunction over the launchers named `eager` (a plain call) or, while torch.compile
     traces, `compiled` (the registered custom ops)."""
     scale = float(softmax_scale) if softmax_scale is not None else 1.0 / math.sqrt(q.shape[-1])
+    residual = _wants_residual(q, k, v)
     if torch.compiler.is_compiling():
         # A Python int seed would need .item() (a graph break): the kernels read it from a tensor.
         seed_t = None
         if dropout_p > 0.0:
             seed_t = (torch.randint(0, 2**31 - 1, (1,), device=q.device) if seed is None
                       else torch.full((1,), int(seed), dtype=torch.int64, device=q.device))
-        return AttentionFunction.apply(q, k, v, mask, cu_seqlens, max_seqlen, dropout_p, scale, seed_t, compiled)
+        return AttentionFunction.apply(q, k, v, mask, cu_seqlens, max_seqlen, dropout_p, scale, seed_t, compiled,
+                                       residual)
     if dropout_p > 0.0 and seed is None:
         seed = int(torch.randint(0, 2**31 - 1, (1,)))  # torch.manual_seed reproduces a run
     return AttentionFunction.apply(q, k, v, mask, cu_seqlens, max_seqlen, dropout_p, scale,
-                                   0 if seed is None else int(seed), eager)
+                                   0 if seed is None else int(seed), eager, residual)
 
 
 def _attention_triton(*args):
@@ -426,13 +469,26 @@ def _cuda_device(q):
     return _cuda.on_device(q.device) if q.device.type == "cuda" else contextlib.nullcontext()
 
 
+def _cuda_residual(out_residual, out, out_arg, varlen):
+    """The operand of out's rounding residual ((0, 0, 0, 0): none); it shares out's strides."""
+    if out_residual is None:
+        return (0, 0, 0, 0)
+    _check_like(out_residual, "out_residual", out)
+    arg = _cuda_operand(out_residual, varlen, "out_residual")
+    if arg[1:] != out_arg[1:]:
+        raise ValueError(f"attention (cuda): out_residual must have out's strides {tuple(out.stride())}, "
+                         f"got {tuple(out_residual.stride())}")
+    return arg
+
+
 def cuda_attention_fwd(q, k, v, mask=None, cu_seqlens=None, max_seqlen=None, dropout_p=0.0,
-                       softmax_scale=None, seed=0, out=None, lse=None):
+                       softmax_scale=None, seed=0, out=None, lse=None, out_residual=None):
     """Forward launcher of the "cuda" backend (kernels/attention.py attention_fwd's signature).
 
     q, k, v: (B, S, H, D) or packed (T, H, D) float16/bfloat16, unit last stride.
     Returns (out, lse): out contiguous like q, lse fp32 (B, H, S) or (H, T).
     out, lse: optional preallocated outputs (tests poison them).
+    out_residual: None, or a tensor like out (same strides) that receives out's rounding residual.
     """
     ext = _cuda_ext()
     if q.dtype not in _CUDA_DTYPE_CODES:
@@ -446,7 +502,9 @@ def cuda_attention_fwd(q, k, v, mask=None, cu_seqlens=None, max_seqlen=None, dro
     out = torch.empty(q.shape, dtype=q.dtype, device=q.device) if out is None else out
     lse_shape = (H, q.shape[0]) if varlen else (B, H, S)
     lse = torch.empty(lse_shape, dtype=torch.float32, device=q.device) if lse is None else lse
-    operands = dict(q=q_arg, k=k_arg, v=v_arg, out=_cuda_operand(out, varlen, "out", q),
+    out_arg = _cuda_operand(out, varlen, "out", q)
+    operands = dict(q=q_arg, k=k_arg, v=v_arg, out=out_arg,
+                    out_residual=_cuda_residual(out_residual, out, out_arg, varlen),
                     lse=_cuda_stats(lse, lse_shape, "lse", q.device))
     if q.numel():
         with _cuda_device(q):
@@ -455,12 +513,13 @@ def cuda_attention_fwd(q, k, v, mask=None, cu_seqlens=None, max_seqlen=None, dro
 
 
 def cuda_attention_bwd(do, q, k, v, out, lse, mask=None, cu_seqlens=None, max_seqlen=None, dropout_p=0.0,
-                       softmax_scale=None, seed=0, dq=None, dk=None, dv=None):
+                       softmax_scale=None, seed=0, dq=None, dk=None, dv=None, out_residual=None):
     """Backward launcher of the "cuda" backend (kernels/attention.py attention_bwd's signature).
 
     Returns (dq, dk, dv), contiguous, in q's layout. seed must be the forward's seed.
-    Deterministic: one kernel writes D = rowsum(do * out) and dq per query block, a
-    second writes dk and dv per key block; no atomics.
+    Deterministic: one kernel writes D = rowsum(do * (out + out_residual)) and dq per
+    query block, a second writes dk and dv per key block; no atomics.
+    out_residual: the forward's, or None (D from the rounded out).
     """
     ext = _cuda_ext()
     if q.dtype not in _CUDA_DTYPE_CODES:
@@ -468,6 +527,13 @@ def cuda_attention_bwd(do, q, k, v, out, lse, mask=None, cu_seqlens=None, max_se
     varlen = cu_seqlens is not None
     args = _cuda_call_args(q, mask, cu_seqlens, max_seqlen, dropout_p, seed, ext)
     B, S, H = args["batch"], args["seqlen"], args["heads"]
+    if out_residual is not None:
+        _check_like(out, "out", q)
+        _check_like(out_residual, "out_residual", out)
+        if not (_cuda_layout_ok(out, _cuda_strides(out, varlen))
+                and _cuda_layout_ok(out_residual, _cuda_strides(out_residual, varlen))):
+            # One of the two is copied to align it: both, so that they keep sharing strides
+            out, out_residual = (t.clone(memory_format=torch.contiguous_format) for t in (out, out_residual))
     (do, do_arg), (k, k_arg), (v, v_arg), (out, out_arg) = (
         _cuda_input(t, varlen, name, q) for name, t in (("dout", do), ("k", k), ("v", v), ("out", out)))
     q, q_arg = _cuda_input(q, varlen)
@@ -478,7 +544,9 @@ def cuda_attention_bwd(do, q, k, v, out, lse, mask=None, cu_seqlens=None, max_se
     lse_shape = (H, q.shape[0]) if varlen else (B, H, S)
     lse_arg = _cuda_stats(lse, lse_shape, "lse", q.device)
     delta = torch.empty_strided(lse.shape, lse.stride(), dtype=torch.float32, device=q.device)
-    operands = dict(dout=do_arg, q=q_arg, k=k_arg, v=v_arg, out=out_arg, lse=lse_arg, delta=delta.data_ptr(),
+    operands = dict(dout=do_arg, q=q_arg, k=k_arg, v=v_arg, out=out_arg,
+                    out_residual=_cuda_residual(out_residual, out, out_arg, varlen), lse=lse_arg,
+                    delta=delta.data_ptr(),
                     dq=_cuda_operand(dq, varlen, "dq", q), dk=_cuda_operand(dk, varlen, "dk", q),
                     dv=_cuda_operand(dv, varlen, "dv", q))
     if q.numel():
@@ -507,7 +575,7 @@ def cuda_attention_dropout_mask(batch, heads, seqlen, dropout_p, seed, device):
     return keep.bool()
 
 
-_LAUNCHERS["cuda"] = SimpleNamespace(attention_fwd=cuda_attention_fwd, attention_bwd=cuda_attention_bwd)
+_LAUNCHERS["cuda"] = _eager_launchers(cuda_attention_fwd, cuda_attention_bwd)
 
 if hasattr(torch.library, "custom_op"):
     # The CUDA launchers as opaque custom ops, so torch.compile(fullgraph=True) keeps them in
@@ -515,39 +583,38 @@ if hasattr(torch.library, "custom_op"):
     @torch.library.custom_op("fastbert::attention_fwd_cuda", mutates_args=())
     def _attention_fwd_cuda_op(q: Tensor, k: Tensor, v: Tensor, mask: Optional[Tensor],
                                cu_seqlens: Optional[Tensor], max_seqlen: int, dropout_p: float,
-                               softmax_scale: float, seed: Optional[Tensor]) -> tuple[Tensor, Tensor]:
-        """(out, lse): out like q (contiguous); lse fp32 (B, H, S), or (H, T) with cu_seqlens."""
-        return cuda_attention_fwd(q, k, v, mask, cu_seqlens, max_seqlen, dropout_p, softmax_scale,
-                                  0 if seed is None else seed)
+                               softmax_scale: float, seed: Optional[Tensor],
+                               residual: bool) -> tuple[Tensor, Tensor, Tensor]:
+        """(out, lse, out_residual): out like q (contiguous); lse fp32 (B, H, S), or (H, T) with
+        cu_seqlens; out_residual like out when `residual`, else empty."""
+        out_residual = _residual_like(q, residual)
+        out, lse = cuda_attention_fwd(q, k, v, mask, cu_seqlens, max_seqlen, dropout_p, softmax_scale,
+                                      0 if seed is None else seed, out_residual=out_residual)
+        return out, lse, (out_residual if residual else q.new_empty(0))
 
     @_attention_fwd_cuda_op.register_fake
-    def _(q, k, v, mask, cu_seqlens, max_seqlen, dropout_p, softmax_scale, seed):
+    def _(q, k, v, mask, cu_seqlens, max_seqlen, dropout_p, softmax_scale, seed, residual):
         if cu_seqlens is not None:
             lse_shape = (q.shape[1], q.shape[0])                     # (H, T)
         else:
             lse_shape = (q.shape[0], q.shape[2], q.shape[1])         # (B, H, S)
-        return q.new_empty(q.shape), q.new_empty(lse_shape, dtype=torch.float32)
+        return (q.new_empty(q.shape), q.new_empty(lse_shape, dtype=torch.float32),
+                q.new_empty(q.shape if residual else (0,)))
 
     @torch.library.custom_op("fastbert::attention_bwd_cuda", mutates_args=())
     def _attention_bwd_cuda_op(do: Tensor, q: Tensor, k: Tensor, v: Tensor, out: Tensor, lse: Tensor,
                                mask: Optional[Tensor], cu_seqlens: Optional[Tensor], max_seqlen: int,
-                               dropout_p: float, softmax_scale: float,
-                               seed: Optional[Tensor]) -> tuple[Tensor, Tensor, Tensor]:
+                               dropout_p: float, softmax_scale: float, seed: Optional[Tensor],
+                               out_residual: Optional[Tensor]) -> tuple[Tensor, Tensor, Tensor]:
         """(dq, dk, dv) like q, k, v (contiguous)."""
         return cuda_attention_bwd(do, q, k, v, out, lse, mask, cu_seqlens, max_seqlen, dropout_p, softmax_scale,
-                                  0 if seed is None else seed)
+                                  0 if seed is None else seed, out_residual=out_residual)
 
     @_attention_bwd_cuda_op.register_fake
-    def _(do, q, k, v, out, lse, mask, cu_seqlens, max_seqlen, dropout_p, softmax_scale, seed):
+    def _(do, q, k, v, out, lse, mask, cu_seqlens, max_seqlen, dropout_p, softmax_scale, seed, out_residual):
         return q.new_empty(q.shape), k.new_empty(k.shape), v.new_empty(v.shape)
 
-    _LAUNCHERS["cuda_op"] = SimpleNamespace(
-        attention_fwd=lambda q, k, v, mask, cu, max_seqlen, dropout_p, scale, seed:
-            torch.ops.fastbert.attention_fwd_cuda(q, k, v, mask, cu, max_seqlen, dropout_p, scale, seed),
-        attention_bwd=lambda do, q, k, v, out, lse, mask, cu, max_seqlen, dropout_p, scale, seed:
-            torch.ops.fastbert.attention_bwd_cuda(do, q, k, v, out, lse, mask, cu, max_seqlen, dropout_p, scale,
-                                                  seed),
-    )
+    _LAUNCHERS["cuda_op"] = _op_launchers(torch.ops.fastbert.attention_fwd_cuda, torch.ops.fastbert.attention_bwd_cuda)
 
 
 def _attention_cuda(*args):
