@@ -73,8 +73,10 @@ class Guarded:
             assert torch.isnan(guards.float()).all(), "a kernel wrote outside its output tensor"
 
 
-def _launch(q, k, v, do, mask, dropout_p, scale, seed, cu=None, max_seqlen=None):
-    """(out, lse, dq, dk, dv) from the cuda launchers, outputs poisoned and guarded."""
+def _launch(q, k, v, do, mask, dropout_p, scale, seed, cu=None, max_seqlen=None, residual=True):
+    """(out, lse, dq, dk, dv) from the cuda launchers, outputs poisoned and guarded; residual:
+    pass out's rounding residual from the forward to the backward, as AttentionFunction does
+    when training (False: FlashAttention-2's D_i from the rounded out)."""
     g = Guarded()
     if cu is None:
         B, S, H, _ = q.shape
@@ -82,11 +84,12 @@ def _launch(q, k, v, do, mask, dropout_p, scale, seed, cu=None, max_seqlen=None)
     else:
         lse_shape = (q.shape[1], q.shape[0])
     out = g.empty(q.shape, q.dtype, q.device)
-    out_residual = g.empty(q.shape, q.dtype, q.device)  # as AttentionFunction passes it when training
+    out_residual = g.empty(q.shape, q.dtype, q.device) if residual else None
     lse = g.empty(lse_shape, torch.float32, q.device)
     A.cuda_attention_fwd(q, k, v, mask, cu, max_seqlen, dropout_p, scale, seed, out=out, lse=lse,
                          out_residual=out_residual)
-    check_out_residual(out, out_residual)
+    if residual:
+        check_out_residual(out, out_residual)
     dq, dk, dv = (g.empty(t.shape, t.dtype, t.device) for t in (q, k, v))
     A.cuda_attention_bwd(do, q, k, v, out, lse, mask, cu, max_seqlen, dropout_p, scale, seed, dq=dq, dk=dk, dv=dv,
                          out_residual=out_residual)
@@ -357,6 +360,23 @@ def test_emulated_dropout_and_strided_inputs(emu):
     again = _launch(q, k, v, do, mask, 0.3, 0.11, seed_t)
     for a, b in zip((out, dq, dk, dv), (again[0], *again[2:])):
         assert torch.equal(a, b), "a tensor seed must give the same mask as the int seed"
+
+
+@pytest.mark.slow
+def test_emulated_backward_takes_delta_from_the_residual(emu):
+    """tests/test_attention.py's case for the CUDA kernels: with out's residual, dq and dk on values
+    sharing a mean (v + 10) come out more than 2x closer to float64 than from the rounded out."""
+    gen = torch.Generator().manual_seed(1)
+    q, k, v, do = (torch.randn((2, 64, 1, 64), dtype=torch.float64, generator=gen) + offset
+                   for offset in (0.0, 4.0, 10.0, 0.0))
+    q, k, v, do = (t.half() for t in (q, k, v, do))
+    ref = ref_with_grads(q, k, v, do, None, 0.0, None, None, torch.float64)
+    errors = {}
+    for residual in (False, True):
+        _, _, dq, dk, _ = _launch(q, k, v, do, None, 0.0, None, 0, residual=residual)
+        errors[residual] = [(ours.double() - r).abs().max().item() for ours, r in zip((dq, dk), ref[1:3])]
+    for name, without, with_residual in zip(("dq", "dk"), errors[False], errors[True]):
+        assert with_residual * 2 < without, f"{name}: {with_residual:.3g} with the residual, {without:.3g} without"
 
 
 @pytest.mark.slow
