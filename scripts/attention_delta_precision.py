@@ -17,7 +17,12 @@ matmuls), for each way of getting D:
              end by -scale (D_exact - D) sum_j P_ij k_j (one more MMA, P K, and a
              BLOCK_M x head_dim fp32 accumulator in the dQ kernel)
 
-Run: python scripts/attention_delta_precision.py [--seeds N]  (CPU, seconds)
+--minilm N also runs the Triton kernels themselves (the interpreter: set TRITON_INTERPRET=1 on a
+CPU) on the real q, k, v of every layer of the embedded MiniLM over N shipped SST-2 sentences, with
+a random dO, with and without out's residual, and prints each gradient's error as a multiple of
+the tests' allowance (2x float16 PyTorch's error + the float16 floor).
+
+Run: python scripts/attention_delta_precision.py [--seeds N] [--minilm N]  (CPU, seconds)
 """
 import argparse
 import math
@@ -86,15 +91,57 @@ def errors(case):
             for name, (dq, dk) in rows.items()}
 
 
+def minilm_rows(n_sentences):
+    """(layer, {residual: (dq, dk, dv) error / allowance}) on the embedded MiniLM's real attention inputs."""
+    from fastbert import BertModel, Tokenizer, model as model_module
+    from fastbert.data import sample_path
+    from fastbert.kernels.attention import attention_bwd, attention_fwd
+    model, tokenizer = BertModel.from_pretrained("default").eval(), Tokenizer.from_pretrained("default")
+    texts = [line.split("\t")[0] for line in sample_path().read_text().splitlines()[1:n_sentences + 1]]
+    captured, attention = [], model_module.ops.attention
+
+    def capture(q, k, v, mask=None, *args, **kwargs):
+        captured.append([t.detach().contiguous().half() for t in (q, k, v)] + [mask])
+        return attention(q, k, v, mask, *args, **kwargs)
+    model_module.ops.attention = capture
+    try:
+        with torch.no_grad():
+            model(**tokenizer(texts))
+    finally:
+        model_module.ops.attention = attention
+    g = torch.Generator().manual_seed(0)
+    for layer, (q, k, v, mask) in enumerate(captured):
+        do = torch.randn(q.shape, generator=g, dtype=torch.float64).half()
+        l64 = [t.double().requires_grad_() for t in (q, k, v)]
+        ref = torch.autograd.grad(attention_ref(*l64, mask), l64, do.double())
+        lh = [t.clone().requires_grad_() for t in (q, k, v)]
+        base = torch.autograd.grad(attention_ref(*lh, mask), lh, do)
+        row = {}
+        for residual in (False, True):
+            out_residual = torch.empty_like(q) if residual else None
+            out, lse = attention_fwd(q, k, v, mask, out_residual=out_residual)
+            grads = attention_bwd(do, q, k, v, out, lse, mask, out_residual=out_residual)
+            row[residual] = [(a.double() - r).abs().max().item() / (2 * (b.double() - r).abs().max().item() + 2e-3)
+                             for a, r, b in zip(grads, ref, base)]
+        yield layer, row
+
+
 def main():
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--seeds", type=int, default=3, help="random 128-token cases besides the fuzz case")
+    ap.add_argument("--minilm", type=int, default=0, metavar="N", help="also the kernels on MiniLM's q, k, v "
+                    "over N SST-2 sentences (TRITON_INTERPRET=1 on a CPU)")
     args = ap.parse_args()
     cases = [("fuzz case", fuzz_case())] + [(f"random S=128 seed {i}", random_case(i)) for i in range(args.seeds)]
     print(f"{'case':<22} {'D from':<11} {'max|dq err|':>12} {'max|dk err|':>12}")
     for label, case in cases:
         for name, (eq, ek) in errors(case).items():
             print(f"{label:<22} {name:<11} {eq:12.3e} {ek:12.3e}")
+    if args.minilm:
+        print(f"\nMiniLM, {args.minilm} SST-2 sentences: error / allowance of dq, dk, dv (the Triton kernels)")
+        for layer, row in minilm_rows(args.minilm):
+            print(f"layer {layer}: D from rounded O {' '.join(f'{x:.2f}' for x in row[False])}   "
+                  f"from O + residual {' '.join(f'{x:.2f}' for x in row[True])}")
 
 
 if __name__ == "__main__":
