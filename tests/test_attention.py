@@ -5,6 +5,7 @@ under the rule max|ours - ref64| <= 2 * max|baseline - ref64| + floor, where
 the baseline is the same reference run in the test dtype. Launcher outputs are
 poisoned (NaN) before the kernels run, so an unwritten element fails.
 """
+import importlib
 import math
 
 import pytest
@@ -338,6 +339,33 @@ def test_dropout_kept_fraction(p):
 
 def _t(*shape, dtype=torch.float32):
     return torch.randn(*shape, device=DEVICE).to(dtype)
+
+
+def test_the_residual_is_kept_only_for_a_16_bit_gradient(monkeypatch):
+    """attention() asks the forward for out's residual exactly when the backward will use it: a
+    gradient will be taken (grad mode on, an input requiring grad) of a float16/bfloat16 output.
+    Inference and float32 write and keep nothing more than FlashAttention-2 does."""
+    import fastbert.kernels.attention as KA
+    seen = []
+    real = KA.attention_fwd
+    monkeypatch.setattr(KA, "attention_fwd", lambda *a, out_residual=None, **kw: seen.append(
+        out_residual is not None) or real(*a, out_residual=out_residual, **kw))
+    A = importlib.import_module("fastbert.ops.attention")  # the module (fastbert.ops exports the function)
+    monkeypatch.setitem(A._LAUNCHERS, "triton", A._eager_launchers(KA.attention_fwd, KA.attention_bwd))
+    gen = torch.Generator().manual_seed(3)
+    q, k, v = qkv((1, 8, 1, 32), torch.float16, gen)
+    cases = [((q, k, v), True, True), ((q, k, v), False, False), ((q.float(), k.float(), v.float()), True, False)]
+    with use_backend("triton"):
+        for (tq, tk, tv), grad, expected in cases:
+            leaves = [t.clone().requires_grad_(grad) for t in (tq, tk, tv)]
+            attention(*leaves)
+            with torch.no_grad():
+                attention(*leaves)
+            assert seen == [expected, False], (tq.dtype, grad, seen)
+            seen.clear()
+        leaves = [q.clone(), k.clone(), v.clone().requires_grad_(True)]  # only dv: P^T dO needs no D_i
+        attention(*leaves)
+        assert seen == [False]
 
 
 def test_out_residual_must_be_laid_out_like_out():

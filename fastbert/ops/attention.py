@@ -299,10 +299,10 @@ class AttentionFunction(torch.autograd.Function):
 
 
 def _wants_residual(q, k, v):
-    """Keep out's rounding residual for the backward: a gradient will be taken (grad mode is off
-    inside Function.forward, so this is decided outside it) and out is rounded (not fp32)."""
-    return (q.dtype != torch.float32 and torch.is_grad_enabled()
-            and (q.requires_grad or k.requires_grad or v.requires_grad))
+    """Keep out's rounding residual for the backward: a gradient will be taken through D_i, i.e. of
+    q or k (dv = P^T dO needs none), grad mode is on (it is off inside Function.forward, so this is
+    decided outside it), and out is rounded (not fp32)."""
+    return q.dtype != torch.float32 and torch.is_grad_enabled() and (q.requires_grad or k.requires_grad)
 
 
 def _attention_kernels(q, k, v, mask, cu_seqlens, max_seqlen, dropout_p, softmax_scale, seed, eager, compiled):
