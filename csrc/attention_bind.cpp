@@ -1,11 +1,12 @@
 // Python binding of the attention launchers: bind_attention(m), called by bindings.cpp.
 //
 // Tensors cross as integers: a tensor is (data_ptr, stride_batch, stride_seq, stride_head)
-// in elements (packed mode: stride_batch 0; out_residual (0, ...) for none, else out's strides), lse / delta as (data_ptr, stride_batch,
-// stride_head), the mask as (data_ptr or 0, stride_batch, stride_seq); the stream is
-// torch.cuda.current_stream().cuda_stream. fastbert/ops/attention.py checks every tensor
-// (device, dtype, shape, strides, alignment) before calling; the checks here only guard
-// the raw call. The GIL is released while the launchers run.
+// in elements (packed mode: stride_batch 0; out_residual: (0, ...) for none, else out's
+// strides), lse / delta as (data_ptr, stride_batch, stride_head), the mask as (data_ptr
+// or 0, stride_batch, stride_seq); the stream is torch.cuda.current_stream().cuda_stream.
+// fastbert/ops/attention.py checks every tensor (device, dtype, shape, strides, alignment)
+// before calling; the checks here only guard the raw call. The GIL is released while the
+// launchers run.
 #include <pybind11/pybind11.h>
 #include <pybind11/stl.h>
 
@@ -55,9 +56,10 @@ void set_tensor(const Tensor4& t, const void** ptr, int64_t* sb, int64_t* ss, in
 
 // Fields shared by the forward and the backward.
 AttentionParams make_params(const Tensor4& q, const Tensor4& k, const Tensor4& v, const Tensor4& out,
-                            const Tensor4& out_residual, const Tensor3& lse, const Tensor3& mask, int64_t cu_seqlens, int64_t seed_ptr,
-                            int batch, int heads, int seqlen, int head_dim, int dtype, double softmax_scale,
-                            double dropout_p, int64_t dropout_threshold, uint64_t seed, int64_t stream) {
+                            const Tensor4& out_residual, const Tensor3& lse, const Tensor3& mask, int64_t cu_seqlens,
+                            int64_t seed_ptr, int batch, int heads, int seqlen, int head_dim, int dtype,
+                            double softmax_scale, double dropout_p, int64_t dropout_threshold, uint64_t seed,
+                            int64_t stream) {
     check_common(batch, heads, seqlen, head_dim, dtype);
     check_tensor(q, "q");
     check_tensor(k, "k");
@@ -110,18 +112,20 @@ void fwd_binding(const Tensor4& q, const Tensor4& k, const Tensor4& v, const Ten
                  const Tensor4& out_residual, const Tensor3& lse, const Tensor3& mask, int64_t cu_seqlens,
                  int64_t seed_ptr, int batch, int heads, int seqlen, int head_dim, int dtype, double softmax_scale,
                  double dropout_p, int64_t dropout_threshold, uint64_t seed, int64_t stream) {
-    const AttentionParams p = make_params(q, k, v, out, out_residual, lse, mask, cu_seqlens, seed_ptr, batch, heads, seqlen,
-                                          head_dim, dtype, softmax_scale, dropout_p, dropout_threshold, seed, stream);
+    const AttentionParams p = make_params(q, k, v, out, out_residual, lse, mask, cu_seqlens, seed_ptr, batch, heads,
+                                          seqlen, head_dim, dtype, softmax_scale, dropout_p, dropout_threshold, seed,
+                                          stream);
     attention_fwd(p);
 }
 
 void bwd_binding(const Tensor4& dout, const Tensor4& q, const Tensor4& k, const Tensor4& v, const Tensor4& out,
-                 const Tensor4& out_residual, const Tensor3& lse, int64_t delta, const Tensor4& dq, const Tensor4& dk, const Tensor4& dv,
+                 const Tensor4& out_residual, const Tensor3& lse, int64_t delta, const Tensor4& dq, const Tensor4& dk,
+                 const Tensor4& dv,
                  const Tensor3& mask, int64_t cu_seqlens, int64_t seed_ptr, int batch, int heads, int seqlen,
                  int head_dim, int dtype, double softmax_scale, double dropout_p, int64_t dropout_threshold,
                  uint64_t seed, int64_t stream) {
-    AttentionParams p = make_params(q, k, v, out, out_residual, lse, mask, cu_seqlens, seed_ptr, batch, heads, seqlen, head_dim,
-                                    dtype, softmax_scale, dropout_p, dropout_threshold, seed, stream);
+    AttentionParams p = make_params(q, k, v, out, out_residual, lse, mask, cu_seqlens, seed_ptr, batch, heads, seqlen,
+                                    head_dim, dtype, softmax_scale, dropout_p, dropout_threshold, seed, stream);
     check_tensor(dout, "dout");
     check_tensor(dq, "dq");
     check_tensor(dk, "dk");
@@ -177,15 +181,15 @@ void bind_attention(pybind11::module_& m) {
           "q, k, v, out, out_residual: (ptr, stride_b, stride_s, stride_h) in elements;\n"
           "lse: (ptr, stride_b, stride_h); mask: (ptr or 0, stride_b, stride_s) uint8; cu_seqlens: int32\n"
           "pointer or 0; seed_ptr: int64 device pointer or 0 (then `seed`); dtype: 1 float16, 2 bfloat16.",
-          "q"_a, "k"_a, "v"_a, "out"_a, "out_residual"_a, "lse"_a, "mask"_a, "cu_seqlens"_a, "seed_ptr"_a, "batch"_a, "heads"_a,
-          "seqlen"_a, "head_dim"_a, "dtype"_a, "softmax_scale"_a, "dropout_p"_a, "dropout_threshold"_a, "seed"_a,
-          "stream"_a, py::call_guard<py::gil_scoped_release>());
+          "q"_a, "k"_a, "v"_a, "out"_a, "out_residual"_a, "lse"_a, "mask"_a, "cu_seqlens"_a, "seed_ptr"_a, "batch"_a,
+          "heads"_a, "seqlen"_a, "head_dim"_a, "dtype"_a, "softmax_scale"_a, "dropout_p"_a, "dropout_threshold"_a,
+          "seed"_a, "stream"_a, py::call_guard<py::gil_scoped_release>());
     m.def("attention_bwd", &fastbert::bwd_binding,
           "Flash attention backward: writes delta = rowsum(dout * (out + out_residual)) (lse's layout;\n"
           "out alone when out_residual's pointer is 0), then dq, dk, dv\n"
           "(two kernels, no atomics: deterministic). Arguments as attention_fwd; the forward's seed.",
-          "dout"_a, "q"_a, "k"_a, "v"_a, "out"_a, "out_residual"_a, "lse"_a, "delta"_a, "dq"_a, "dk"_a, "dv"_a, "mask"_a,
-          "cu_seqlens"_a, "seed_ptr"_a, "batch"_a, "heads"_a, "seqlen"_a, "head_dim"_a, "dtype"_a,
+          "dout"_a, "q"_a, "k"_a, "v"_a, "out"_a, "out_residual"_a, "lse"_a, "delta"_a, "dq"_a, "dk"_a, "dv"_a,
+          "mask"_a, "cu_seqlens"_a, "seed_ptr"_a, "batch"_a, "heads"_a, "seqlen"_a, "head_dim"_a, "dtype"_a,
           "softmax_scale"_a, "dropout_p"_a, "dropout_threshold"_a, "seed"_a, "stream"_a,
           py::call_guard<py::gil_scoped_release>());
     m.def(

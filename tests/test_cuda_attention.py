@@ -250,13 +250,19 @@ def test_extension_bindings_and_no_gpu_error():
     t4 = (1 << 20, 0, 64, 32)
     with pytest.raises(RuntimeError, match="fastbert._C:.*(cudaErrorNoDevice|cudaErrorInsufficientDriver|"
                                            "no usable CUDA GPU|CUDA)"):
-        ext.attention_fwd(q=t4, k=t4, v=t4, out=t4, out_residual=(0, 0, 0, 0), lse=(1 << 20, 0, 1), mask=(0, 0, 0), cu_seqlens=0, seed_ptr=0,
+        ext.attention_fwd(q=t4, k=t4, v=t4, out=t4, out_residual=(0, 0, 0, 0), lse=(1 << 20, 0, 1), mask=(0, 0, 0),
+                          cu_seqlens=0, seed_ptr=0,
                           batch=1, heads=1, seqlen=4, head_dim=32, dtype=1, softmax_scale=0.1, dropout_p=0.0,
                           dropout_threshold=0, seed=0, stream=0)
     with pytest.raises(ValueError, match="float16 or bfloat16, got float32"):
-        ext.attention_fwd(q=t4, k=t4, v=t4, out=t4, out_residual=(0, 0, 0, 0), lse=(1 << 20, 0, 1), mask=(0, 0, 0), cu_seqlens=0, seed_ptr=0,
+        ext.attention_fwd(q=t4, k=t4, v=t4, out=t4, out_residual=(0, 0, 0, 0), lse=(1 << 20, 0, 1), mask=(0, 0, 0),
+                          cu_seqlens=0, seed_ptr=0,
                           batch=1, heads=1, seqlen=4, head_dim=32, dtype=0, softmax_scale=0.1, dropout_p=0.0,
                           dropout_threshold=0, seed=0, stream=0)
+    with pytest.raises(ValueError, match="out_residual must have out's strides"):
+        ext.attention_fwd(q=t4, k=t4, v=t4, out=t4, out_residual=(1 << 21, 0, 32, 32), lse=(1 << 20, 0, 1),
+                          mask=(0, 0, 0), cu_seqlens=0, seed_ptr=0, batch=1, heads=1, seqlen=4, head_dim=32, dtype=1,
+                          softmax_scale=0.1, dropout_p=0.0, dropout_threshold=0, seed=0, stream=0)
 
 
 # ---------------------------------------------------------------------------
