@@ -50,9 +50,9 @@ and batch is the sequence index: packed and padded layouts of the same data
 drop the same probabilities.
 
 Layouts: q, k, v, out are (batch, seqlen, heads, head_dim) with any strides but
-a unit last stride (out's residual shares out's strides), or (total_tokens, heads, head_dim) in varlen mode with
-cu_seqlens (batch + 1,) int32. lse and delta are fp32 (batch, heads, seqlen),
-or (heads, total_tokens) in varlen mode.
+a unit last stride (out's residual shares out's strides), or (total_tokens,
+heads, head_dim) in varlen mode with cu_seqlens (batch + 1,) int32. lse and
+delta are fp32 (batch, heads, seqlen), or (heads, total_tokens) in varlen mode.
 """
 from __future__ import annotations
 
@@ -460,7 +460,9 @@ def attention_fwd(q, k, v, mask=None, cu_seqlens=None, max_seqlen=None, dropout_
     if kernel is None or grid[0] * grid[1] == 0:
         return out, lse
     kernel[grid](
-        q, k, v, out, out if out_residual is None else out_residual, lse, mask_t, cu_seqlens if varlen else q,
+        # no residual: q fills its pointer slot (never touched), as it does for an absent mask; not out,
+        # which would then reach a compiled graph's kernel twice, once as an unwritten second output
+        q, k, v, out, q if out_residual is None else out_residual, lse, mask_t, cu_seqlens if varlen else q,
         seed_arg, *_layout(q, varlen), *_layout(k, varlen), *_layout(v, varlen), *_layout(out, varlen),
         *lse_strides, stride_mb, stride_ms,
         H, S, scale * LOG2E, thresh, dscale,
