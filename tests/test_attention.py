@@ -11,7 +11,8 @@ import math
 import pytest
 import torch
 
-from attention_cases import check_compiled_fullgraph, check_out_residual, key_mask, pack, qkv, ref_with_grads
+from attention_cases import (assert_residual_sharpens_delta, check_compiled_fullgraph, check_out_residual, key_mask,
+                             pack, qkv, ref_with_grads)
 from conftest import DEVICE, FLOOR, KERNEL_DTYPES, ON_GPU, assert_close_to_ref, poison
 
 from fastbert.kernels.attention import attention_bwd, attention_dropout_mask, attention_fwd
@@ -203,23 +204,9 @@ def test_backward_keeps_delta_in_fp32(residual):
 
 
 def test_backward_takes_delta_from_the_residual():
-    """With out's residual the backward's D_i is the fp32 output's: on values sharing a mean
-    (v + 10, where the rounding of out times dO cancels in dP_ij - D_i) dq and dk come out
-    more than 2x closer to float64 than from the rounded out alone. A backward that ignored
-    the residual, or a forward that wrote something else into it, would not."""
-    gen = torch.Generator().manual_seed(1)
-    B, S, H, D = 2, 64, 1, 64
-    q, k, v, do = (torch.randn((B, S, H, D), dtype=torch.float64, generator=gen) + offset
-                   for offset in (0.0, 4.0, 10.0, 0.0))
-    q, k, v, do = (t.to(device=DEVICE, dtype=torch.float16) for t in (q, k, v, do))
-    ref = ref_with_grads(q, k, v, do, None, 0.0, None, None, torch.float64)
-    errors = {}
-    for residual in (False, True):
-        _, _, dq, dk, _ = _triton_poisoned(q, k, v, do, None, 0.0, None, 0, residual=residual)
-        errors[residual] = [(ours.double() - r).abs().max().item() for ours, r in zip((dq, dk), ref[1:3])]
-    for name, without, with_residual in zip(("dq", "dk"), errors[False], errors[True]):
-        # seeds 0-3 measured (Triton interpreter): dq 4.0-5.2x closer, dk 2.8-6.8x
-        assert with_residual * 2 < without, f"{name}: {with_residual:.3g} with the residual, {without:.3g} without"
+    """attention_cases.assert_residual_sharpens_delta on the Triton launchers."""
+    assert_residual_sharpens_delta(
+        lambda q, k, v, do, residual: _triton_poisoned(q, k, v, do, None, 0.0, None, 0, residual=residual)[2:4])
 
 
 # ---------------------------------------------------------------------------
