@@ -498,7 +498,7 @@ def _attention_bwd_dq_kernel(
     OutRes,                 # its rounding residual, out's strides (read when HAS_RESIDUAL)
     DOut,                   # dL/dout, same layout
     Lse,                    # fp32 (B, H, S) or (H, T) from the forward
-    Delta,                  # fp32, Lse's layout: written here, rowsum(dO * O), read by the dK/dV kernel
+    Delta,                  # fp32, Lse's layout: written here, rowsum(dO * (O + OutRes)), read by the dK/dV kernel
     DQ,                     # dL/dq, q's layout
     Mask,                   # uint8 (B, S) key mask (HAS_MASK)
     CuSeqlens,              # int32 (B + 1,) (IS_VARLEN)

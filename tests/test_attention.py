@@ -355,6 +355,31 @@ def test_the_residual_is_kept_only_for_a_16_bit_gradient(monkeypatch):
         assert seen == [False]
 
 
+@pytest.mark.parametrize("layout", ["padded", "varlen"])
+def test_backward_reads_the_residual_of_its_own_rows(layout):
+    """Where each row's residual is read: with out_residual = out itself, out + residual = 2 out
+    exactly in fp32, so the backward must equal the one given 2 out and no residual, bit for bit,
+    on several heads, a mask and dropout, or packed sequences. A residual read at another head's
+    or sequence's offset moves D_i by a whole output there, not half an ulp."""
+    gen = torch.Generator().manual_seed(12)
+    lens = [5, 33, 18]
+    shape = (2, 37, 3, 32) if layout == "padded" else (sum(lens), 3, 32)
+    q, k, v, do = qkv(shape, torch.float16, gen) + qkv(shape, torch.float16, gen)[:1]
+    if layout == "padded":
+        mask, cu, max_seqlen, dropout_p = key_mask("lengths", 2, 37, gen), None, None, 0.2
+    else:
+        mask, max_seqlen, dropout_p = None, max(lens), 0.0
+        cu = torch.tensor([0, 5, 38, 56], dtype=torch.int32, device=DEVICE)
+    out, lse = attention_fwd(q, k, v, mask, cu, max_seqlen, dropout_p, None, 7)
+    doubled = attention_bwd(do, q, k, v, 2 * out, lse, mask, cu, max_seqlen, dropout_p, None, 7)
+    residual = attention_bwd(do, q, k, v, out, lse, mask, cu, max_seqlen, dropout_p, None, 7, out_residual=out.clone())
+    plain = attention_bwd(do, q, k, v, out, lse, mask, cu, max_seqlen, dropout_p, None, 7)
+    for name, a, b, c in zip(("dq", "dk", "dv"), residual, doubled, plain):
+        assert torch.equal(a, b), f"{name}: the residual was not read where out was"
+        if name != "dv":  # the check can fail: D_i from 2 out is not D_i from out
+            assert not torch.equal(a, c), name
+
+
 def test_out_residual_must_be_laid_out_like_out():
     """The kernels step out's residual with out's strides: anything else is refused by name."""
     q = _t(2, 8, 2, 32, dtype=torch.float16)
@@ -457,10 +482,11 @@ def test_torch_backend_varlen_matches_reference():
 
 
 @pytest.mark.skipif(ON_GPU, reason="the GPU compile test covers this with inductor")
-def test_compile_traces_without_graph_break_cpu():
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16])  # float16: out's residual through the ops
+def test_compile_traces_without_graph_break_cpu(dtype):
     """fullgraph=True through the registered ops (Dynamo's eager backend: the interpreter cannot be captured)."""
     gen = torch.Generator().manual_seed(29)
-    q, k, v = qkv((2, 20, 2, 32), torch.float32, gen)
+    q, k, v = qkv((2, 20, 2, 32), dtype, gen)
     mask = key_mask("lengths", 2, 20, gen)
 
     def f(q, k, v, mask):
@@ -471,10 +497,10 @@ def test_compile_traces_without_graph_break_cpu():
         compiled = torch.compile(f, fullgraph=True, backend="eager")
         leaves = [t.clone().requires_grad_() for t in (q, k, v)]
         out = compiled(*leaves, mask)
-        out.sum().backward()
+        out.float().sum().backward()
         ref = [t.clone().requires_grad_() for t in (q, k, v)]
         out_ref = f(*ref, mask)
-        out_ref.sum().backward()
+        out_ref.float().sum().backward()
     torch.testing.assert_close(out, out_ref, rtol=0, atol=1e-6)
     for a, b in zip(leaves, ref):
         torch.testing.assert_close(a.grad, b.grad, rtol=0, atol=1e-6)

@@ -377,6 +377,31 @@ def test_emulated_backward_takes_delta_from_the_residual(emu):
 
 
 @pytest.mark.slow
+@pytest.mark.parametrize("layout", ["padded", "varlen"])
+def test_emulated_backward_reads_the_residual_of_its_own_rows(emu, layout):
+    """tests/test_attention.py's check of where each row's residual is read, on the CUDA kernels:
+    out_residual = out gives the backward of 2 out (here up to the fp32 order of D_i's sum:
+    (D + a) + a against D + 2a), on several heads with a mask and dropout, or packed sequences."""
+    gen = torch.Generator().manual_seed(12)
+    lens = [5, 33, 18]
+    shape = (2, 37, 3, 32) if layout == "padded" else (sum(lens), 3, 32)
+    q, k, v, do = qkv(shape, torch.float16, gen, "cpu") + qkv(shape, torch.float16, gen, "cpu")[:1]
+    if layout == "padded":
+        mask, cu, max_seqlen, dropout_p = key_mask("lengths", 2, 37, gen, "cpu"), None, None, 0.2
+    else:
+        mask, max_seqlen, dropout_p = None, max(lens), 0.0
+        cu = torch.tensor([0, 5, 38, 56], dtype=torch.int32)
+    out, lse = A.cuda_attention_fwd(q, k, v, mask, cu, max_seqlen, dropout_p, None, 7)
+    args = (mask, cu, max_seqlen, dropout_p, None, 7)
+    doubled = A.cuda_attention_bwd(do, q, k, v, 2 * out, lse, *args)
+    residual = A.cuda_attention_bwd(do, q, k, v, out, lse, *args, out_residual=out.clone())
+    plain = A.cuda_attention_bwd(do, q, k, v, out, lse, *args)
+    for name, a, b, c in zip(("dq", "dk"), residual, doubled, plain):
+        torch.testing.assert_close(a, b, rtol=1e-2, atol=1e-3, msg=f"{name}: the residual was not read where out was")
+        assert not torch.allclose(a, c, rtol=1e-2, atol=1e-3), name  # the check can fail
+
+
+@pytest.mark.slow
 def test_emulated_unaligned_output_copies_its_residual(emu):
     """A backward given an unaligned out copies it, and out's residual with it (both must share
     strides); a residual laid out otherwise is refused by name."""

@@ -134,13 +134,14 @@ def launch_all(dtypes, quick=False):
                 out, lse = KA.attention_fwd(q, k, v, mask, cu, max_s, dropout, None, seed)
                 if lse is None or out is None:
                     raise RuntimeError("attention_fwd returned no outputs")
-                # 16-bit training keeps out's rounding residual (AttentionFunction); inference does not
-                residual = torch.zeros_like(out) if dtype != torch.float32 else None
-                if residual is not None:
-                    KA.attention_fwd(q, k, v, mask, cu, max_s, dropout, None, seed, out_residual=residual)
-                KA.attention_bwd(torch.zeros_like(out), q, k, v, out, torch.zeros(
-                    (H, 2 * S) if varlen else (B, H, S), dtype=torch.float32), mask, cu, max_s, dropout, None, seed,
-                    out_residual=residual)
+                # 16-bit training keeps out's rounding residual (AttentionFunction); inference, a
+                # gradient of v alone and direct launcher calls do not
+                lse = torch.zeros((H, 2 * S) if varlen else (B, H, S), dtype=torch.float32)
+                for residual in ((None, torch.zeros_like(out)) if dtype != torch.float32 else (None,)):
+                    if residual is not None:
+                        KA.attention_fwd(q, k, v, mask, cu, max_s, dropout, None, seed, out_residual=residual)
+                    KA.attention_bwd(torch.zeros_like(out), q, k, v, out, lse, mask, cu, max_s, dropout, None, seed,
+                                     out_residual=residual)
         for N in ((384, 768) if quick else (384, 768, 1000, 4096)):
             x, r = _t((64, N), dtype), _t((64, N), dtype)
             w, b = _t((N,), torch.float32), _t((N,), torch.float32)
