@@ -19,7 +19,7 @@ import torch.utils.checkpoint
 import torch.nn.functional as F
 
 from . import checkpoint, ops
-from .ops._backend import check_backend_name
+from .ops._backend import check_backend_name, graph_capturing
 from .config import BertConfig
 
 
@@ -132,7 +132,11 @@ class BertModel(nn.Module):
     FlashAttention's BERT does: the outputs at real positions are the padded model's, padded
     positions of last_hidden_state are zeros, and no GEMM or kernel spends time on padding.
     It costs one host sync per forward (the token count) and is skipped under torch.compile,
-    whose graphs need static shapes.
+    whose graphs need static shapes, and in a CUDA graph capture, which cannot take the sync.
+
+    A CUDA graph (torch.cuda.make_graphed_callables, torch.cuda.graph) can capture the model's
+    training step: under capture the input-id range check (a host sync) is left to the warm-up
+    runs, and attention draws its dropout seed on the device, so every replay draws new masks.
 
     gradient_checkpointing=True keeps only each layer's input during training and recomputes the
     layer in the backward: activation memory of one layer instead of all, for about a third
@@ -172,7 +176,8 @@ class BertModel(nn.Module):
         input_ids, mask, token_type_ids = self._checked_inputs(input_ids, attention_mask, token_type_ids)
         scope = ops.use_backend(self.backend) if self.backend else contextlib.nullcontext()
         with scope:
-            if self.unpad and mask is not None and not torch.compiler.is_compiling():
+            if (self.unpad and mask is not None and not torch.compiler.is_compiling()
+                    and not graph_capturing(input_ids)):
                 hidden = self._encode_packed(input_ids, token_type_ids, mask)
             else:
                 hidden = self.embeddings(input_ids, token_type_ids)
@@ -250,10 +255,11 @@ class BertModel(nn.Module):
             raise ValueError(f"token_type_ids is on {token_type_ids.device} but the model is on {device}")
         elif token_type_ids.dtype not in (torch.int64, torch.int32):
             raise TypeError(f"token_type_ids must be int64 or int32 segment ids, got {token_type_ids.dtype}")
-        if not torch.compiler.is_compiling():
+        if not torch.compiler.is_compiling() and not graph_capturing(input_ids):
             # Out-of-range ids would index past the embedding tables: a device-side assert
             # on the GPU, garbage elsewhere. The check costs small reductions and one copy to
-            # the host (one sync on a GPU, not four).
+            # the host (one sync on a GPU, not four), which a CUDA graph capture cannot take:
+            # make_graphed_callables checks its sample inputs in its warm-up runs.
             extrema = [input_ids.min(), input_ids.max(), token_type_ids.min(), token_type_ids.max()]
             int_mask = attention_mask is not None and attention_mask.dtype != torch.bool
             if int_mask:  # 0/1 only: bool() would read -10000 (an additive mask) as "real token"

@@ -28,6 +28,12 @@ def interpreter_on() -> bool:
     return os.environ.get("TRITON_INTERPRET", "0") == "1"
 
 
+def graph_capturing(t: torch.Tensor) -> bool:
+    """True while a CUDA graph captures the current stream (t on a GPU): no host sync may run
+    then, and a value drawn on the host now would be replayed unchanged at every launch."""
+    return t.is_cuda and torch.cuda.is_current_stream_capturing()
+
+
 @functools.lru_cache(maxsize=None)
 def triton_importable() -> bool:
     return importlib.util.find_spec("triton") is not None

@@ -269,7 +269,8 @@ class AttentionFunction(torch.autograd.Function):
         -> (out, lse, out_residual or None) and
     attention_bwd(do, q, k, v, out, lse, mask, cu_seqlens, max_seqlen, dropout_p, scale, seed, out_residual)
         -> (dq, dk, dv).
-    seed: an int, or (compiled graphs) an int64 tensor of one element on q's device.
+    seed: an int, or an int64 tensor of one element on q's device (under torch.compile, and a seed
+    drawn for a GPU: _seed_on_device).
     residual: also keep out's rounding residual, so the backward's D_i = rowsum(dO * O) uses the
     fp32 O (kernels/attention.py's docstring); asked for when a gradient will be taken of a
     float16/bfloat16 attention.
@@ -310,18 +311,25 @@ def _attention_kernels(q, k, v, mask, cu_seqlens, max_seqlen, dropout_p, softmax
     traces, `compiled` (the registered custom ops)."""
     scale = float(softmax_scale) if softmax_scale is not None else 1.0 / math.sqrt(q.shape[-1])
     residual = _wants_residual(q, k, v)
-    if torch.compiler.is_compiling():
-        # A Python int seed would need .item() (a graph break): the kernels read it from a tensor.
-        seed_t = None
-        if dropout_p > 0.0:
-            seed_t = (torch.randint(0, 2**31 - 1, (1,), device=q.device) if seed is None
-                      else torch.full((1,), int(seed), dtype=torch.int64, device=q.device))
-        return AttentionFunction.apply(q, k, v, mask, cu_seqlens, max_seqlen, dropout_p, scale, seed_t, compiled,
-                                       residual)
-    if dropout_p > 0.0 and seed is None:
-        seed = int(torch.randint(0, 2**31 - 1, (1,)))  # torch.manual_seed reproduces a run
-    return AttentionFunction.apply(q, k, v, mask, cu_seqlens, max_seqlen, dropout_p, scale,
-                                   0 if seed is None else int(seed), eager, residual)
+    compiling = torch.compiler.is_compiling()
+    if dropout_p <= 0.0:
+        seed = None if compiling else 0                    # never read
+    elif compiling or _seed_on_device(q, seed):
+        seed = (torch.randint(0, 2**31 - 1, (1,), device=q.device) if seed is None
+                else torch.full((1,), int(seed), dtype=torch.int64, device=q.device))
+    else:   # torch.manual_seed reproduces a drawn one
+        seed = int(torch.randint(0, 2**31 - 1, (1,))) if seed is None else int(seed)
+    return AttentionFunction.apply(q, k, v, mask, cu_seqlens, max_seqlen, dropout_p, scale, seed,
+                                   compiled if compiling else eager, residual)
+
+
+def _seed_on_device(q, seed):
+    """Draw the dropout seed as a tensor on q's GPU, which the kernels read, rather than as a host
+    int: a CUDA graph would replay a host int unchanged (one mask for every replay) where the
+    device generator advances per replay, and the warm-up runs before a capture then compile the
+    very kernels the capture launches. On the CPU (the interpreter, the emulation) a host int; under
+    torch.compile always a tensor (an int would need .item(), a graph break)."""
+    return seed is None and q.is_cuda
 
 
 def _attention_triton(*args):
@@ -630,7 +638,8 @@ def attention(q, k, v, mask=None, dropout_p=0.0, softmax_scale=None, *, seed=Non
 
     Returns (batch, seqlen, heads, head_dim) in q's dtype. softmax_scale defaults
     to 1/sqrt(head_dim). seed (triton and cuda backends): the dropout seed; None draws one
-    from torch's default generator, so torch.manual_seed reproduces a run.
+    from the default generator of q's device (on a GPU as a device tensor, which CUDA graph replays
+    redraw), so torch.manual_seed reproduces a run.
     """
     _check(q, k, v, mask)
     check_dropout("attention", dropout_p)
