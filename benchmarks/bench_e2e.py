@@ -20,7 +20,10 @@ Cases (op = "<model>-<head>", shape label, mode):
            both under bf16 autocast on the GPU, master weights float32 (mixed-precision fine-tuning)
   impls    fb_torch, fb_triton, fb_cuda (fastbert.heads with that backend; cuda only where fastbert._C is
            built), each also under torch.compile (<impl>_compile); on real lengths also fb_triton_unpad,
-           fb_cuda_unpad (BertModel.unpad: the layers on packed real tokens, eager only);
+           fb_cuda_unpad (BertModel.unpad: the layers on packed real tokens, eager only); on a GPU at the
+           fixed shapes also fb_triton_graph, fb_cuda_graph (the eager model captured in CUDA graphs: the
+           forward and backward through torch.cuda.make_graphed_callables with AdamW outside, inference
+           through torch.cuda.graph; no host work per layer, new dropout masks per replay);
            hf_eager, hf_sdpa (transformers'
            BertFor* with attn_implementation "eager" / "sdpa"), hf_sdpa_compile (torch.compile of hf_sdpa);
            hf_fastbert (the same transformers model after fastbert.patch_transformers, backend "auto":
@@ -32,8 +35,9 @@ Cases (op = "<model>-<head>", shape label, mode):
   order    tier 1: base-cls B8 S512 (issue 6's target: a BERT-base fine-tuning step at seqlen 512), train
            then infer; 2: the other base cases with the cls head and the real-length cases; 3: large with
            the cls head and on squad lengths; 4: the QA head on fixed shapes. --time-limit drops whole
-           cases from tier 4 up; inside a case the eager implementations run before the compiled ones, and
-           a compiled one is not started past the limit (row "skipped"). Rows are saved every 10 s.
+           cases from tier 4 up; inside a case the eager implementations run before the compiled ones and
+           the CUDA-graph captures, and neither of those is started past the limit (row "skipped"). Rows are
+           saved every 10 s.
            --compile key (default) compiles tier 1 only, all compiles every case, none none.
 
 Each row (JSON, one per case; the harness's row format plus these keys):
@@ -91,11 +95,14 @@ CLS_ID, SEP_ID = 101, 102
 MODES = ("train", "infer")
 BASELINE, COMPILE_BASELINE = "hf_eager", "hf_sdpa_compile"
 IMPL_ORDER = ["hf_eager", "hf_sdpa", "hf_sdpa_compile", "hf_fastbert", "fb_torch", "fb_torch_compile", "fb_triton",
-              "fb_triton_compile", "fb_triton_unpad", "fb_cuda", "fb_cuda_compile", "fb_cuda_unpad"]  # tables, plots
+              "fb_triton_compile", "fb_triton_unpad", "fb_triton_graph", "fb_cuda", "fb_cuda_compile", "fb_cuda_unpad",
+              "fb_cuda_graph"]  # tables, plots
 # Run order inside a case: the eager implementations first (hf_eager, the baseline, before all), then the
-# compiled ones (each compile costs tens of seconds: a run cut short still has every eager number).
+# compiled ones (each compile costs tens of seconds: a run cut short still has every eager number), then
+# the CUDA-graph captures (a way out of host overhead, after the peers the targets name).
 RUN_ORDER = ["hf_eager", "hf_sdpa", "hf_fastbert", "fb_torch", "fb_triton", "fb_cuda", "fb_triton_unpad", "fb_cuda_unpad",
-             "hf_sdpa_compile", "fb_triton_compile", "fb_cuda_compile", "fb_torch_compile"]
+             "hf_sdpa_compile", "fb_triton_compile", "fb_cuda_compile", "fb_torch_compile", "fb_triton_graph",
+             "fb_cuda_graph"]
 # Real-length sets: head, batch size, batches per call, cap on a length (quick mode only)
 REAL = {"sst2": ("cls", 32, 8), "squad": ("qa", 16, 4)}
 REAL_QUICK = {"sst2": ("cls", 4, 2, 32), "squad": ("qa", 2, 2, 32)}
@@ -309,7 +316,9 @@ class E2ECase:
 
     @property
     def compiled(self) -> bool:
-        return self.impl.endswith("_compile")
+        """Seconds of setup before the first timed call (a torch.compile, a CUDA graph capture): not
+        started past --time-limit, and run after the eager implementations of a case."""
+        return self.impl.endswith(("_compile", "_graph"))
 
     @property
     def group(self) -> tuple:
@@ -378,6 +387,8 @@ def _impls(device: torch.device, compile_here: bool, key: bool, real_lengths: bo
                 out[name + "_compile"] = ("ok", "")
         if real_lengths and backend != "torch":  # the torch backend's varlen loops over sequences
             out[name + "_unpad"] = ("ok", "")  # also under the interpreter: the quick run's only packed path
+        if not real_lengths and backend != "torch" and device.type == "cuda":  # a graph holds one shape
+            out[name + "_graph"] = ("ok", "")
     return dict(sorted(out.items(), key=lambda kv: RUN_ORDER.index(kv[0])))
 
 
@@ -423,7 +434,7 @@ def _prepare(case: E2ECase, cfg: harness.Settings, keep: list) -> tuple[Callable
     """Build the implementation, its optimizer and the batches; returns call(k), before(k), extras.
     Everything the case allocates goes into `keep` so the caller can drop it."""
     device = cfg.device
-    module = build_impl(case.impl.replace("_compile", ""), case.model, case.head, device)
+    module = build_impl(case.impl.replace("_compile", "").replace("_graph", ""), case.model, case.head, device)
     keep.append(module)
     runner = module
     if case.impl.endswith("_compile"):
@@ -435,6 +446,8 @@ def _prepare(case: E2ECase, cfg: harness.Settings, keep: list) -> tuple[Callable
     keep.append(batches)
     amp = dict(device_type=device.type, dtype=case.dtype if case.dtype != torch.float32 else torch.bfloat16,
                enabled=case.dtype != torch.float32)
+    if case.impl.endswith("_graph"):
+        return _prepare_graphed(case, module, batches, amp, keep)
 
     if case.mode == "train":
         module.train()
@@ -470,6 +483,61 @@ def _prepare(case: E2ECase, cfg: harness.Settings, keep: list) -> tuple[Callable
         return logits
 
     return call, (lambda k: None), {"first_logits": first_logits}
+
+
+def _prepare_graphed(case: E2ECase, module, batches: list, amp: dict, keep: list):
+    """_prepare for the "_graph" impls: the step captured in CUDA graphs once, then replayed. Autocast
+    runs with its cast cache off, as a capture needs (the cached casts would be the capture's)."""
+    if len(batches) != 1:
+        raise ValueError("a CUDA graph holds one batch shape: graphs run the fixed-shape cases only")
+    amp = dict(amp, cache_enabled=False)
+    batch = batches[0]
+    if case.mode == "train":
+        module.train()
+        keys = tuple(batch)
+
+        class Step(torch.nn.Module):
+            def __init__(self):
+                super().__init__()
+                self.model = module
+
+            def forward(self, *tensors):
+                with torch.autocast(**amp):
+                    return self.model(**dict(zip(keys, tensors))).loss
+
+        args = tuple(batch[k] for k in keys)
+        graphed = torch.cuda.make_graphed_callables(Step(), args)   # warm-up runs, then the captures
+        optimizer = torch.optim.AdamW(module.parameters(), lr=1e-5, weight_decay=0.01, fused=True)
+        keep += [graphed, optimizer]
+
+        def call(k):
+            graphed(*args).backward()
+            optimizer.step()
+            optimizer.zero_grad(set_to_none=True)
+        return call, (lambda k: None), {}
+
+    module.eval()
+    inputs = {k: batch[k] for k in INPUT_KEYS}
+    side = torch.cuda.Stream()
+    side.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(side), torch.no_grad(), torch.autocast(**amp):
+        for _ in range(3):  # Triton's compiles, cuBLAS's handles and the id check, before the capture
+            module(**inputs)
+    torch.cuda.current_stream().wait_stream(side)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph), torch.no_grad(), torch.autocast(**amp):
+        static_logits = logits_of(module(**inputs))
+    keep += [graph, static_logits]
+
+    def first_logits():
+        """The graph's own logits, from a replay (QA: at real positions only, as _prepare's)."""
+        graph.replay()
+        logits = static_logits.float().cpu()
+        if logits.dim() == 3:
+            logits = logits * batch["attention_mask"].cpu()[..., None].to(logits.dtype)
+        return logits
+
+    return (lambda k: graph.replay()), (lambda k: None), {"first_logits": first_logits}
 
 
 def _row(case: E2ECase) -> dict:
@@ -585,7 +653,7 @@ def run_cases(todo: Sequence[E2ECase], cfg: harness.Settings, results: E2EResult
             continue
         if case.compiled and case.status == "ok" and deadline is not None and time.monotonic() > deadline:
             case = dataclasses.replace(case, status="skipped",
-                                       note="time limit: compiling was not started past --time-limit")
+                                       note="time limit: compiling (or a graph capture) was not started past --time-limit")
             results.skipped_for_time.append(f"{' '.join(current)} {case.impl}")
         row = run_case(case, cfg, reference_logits)
         results.add(row)
@@ -753,7 +821,7 @@ def run(args, device: torch.device, out_dir: Path, started: float, argv: Sequenc
             "(listed in the JSON)")
     log(summary_markdown(data))
     must_run = ("fb_torch", "fb_triton", "fb_cuda", "fb_torch_compile", "fb_triton_compile", "fb_cuda_compile",
-                "fb_triton_unpad", "fb_cuda_unpad", "hf_fastbert", BASELINE)
+                "fb_triton_unpad", "fb_cuda_unpad", "fb_triton_graph", "fb_cuda_graph", "hf_fastbert", BASELINE)
     broken = [r for r in results.rows if r["status"] == "error" and r["impl"] in must_run]
     for r in broken:
         print(f"ERROR {r['op']} {r['impl']} {r['shape']} {r['mode']}: {r['note']}", file=sys.stderr)
