@@ -31,8 +31,8 @@ import torch.nn.functional as F
 
 from . import checkpoint
 from .config import BertConfig
-from .ops._backend import graph_capturing
 from .model import BertModel
+from .ops._backend import graph_capturing
 
 IGNORE_INDEX = -100
 

@@ -11,6 +11,7 @@ did) and the model and heads leave their range checks to the eager warm-up runs.
 Without a GPU `graph_capturing` is patched to True, which checks the paths a capture takes; the
 replays themselves run on the GPU (`pytest -m gpu`).
 """
+import contextlib
 import importlib
 
 import pytest
@@ -99,6 +100,18 @@ def test_a_drawn_attention_seed_is_a_device_tensor_on_a_gpu(kernel_backend, monk
         assert torch.equal(a, b), f"{name}: the seed read from the tensor differs from the same seed as an int"
 
 
+@contextlib.contextmanager
+def _host_reads_refused(monkeypatch):
+    """Every way of reading a tensor's values on the host raises inside (a capture refuses the sync)."""
+    def refuse(self, *args, **kwargs):
+        raise AssertionError("a host read of a tensor under CUDA graph capture")
+
+    with monkeypatch.context() as patch:
+        for method in ("tolist", "item", "nonzero", "__bool__", "__int__", "__float__", "__index__"):
+            patch.setattr(torch.Tensor, method, refuse)
+        yield
+
+
 @pytest.mark.skipif(ON_GPU, reason="the GPU tests below capture for real")
 @pytest.mark.parametrize("unpad", [False, True])
 @pytest.mark.parametrize("backend", ["torch", "cuda"])
@@ -126,18 +139,26 @@ def test_capture_makes_no_host_sync_in_a_training_step(backend, unpad, cuda_devi
     eager_loss, eager_grads = step()   # padded, as a capture runs it
     model.bert.unpad = unpad
 
-    def refuse(self, *args, **kwargs):
-        raise AssertionError("a host read of a tensor under CUDA graph capture")
-
     for module in (M, heads):
         monkeypatch.setattr(module, "graph_capturing", lambda t: True)
-    with monkeypatch.context() as patch:
-        for method in ("tolist", "item", "nonzero", "__bool__", "__int__", "__float__", "__index__"):
-            patch.setattr(torch.Tensor, method, refuse)
+    with _host_reads_refused(monkeypatch):
         loss, grads = step()
     assert torch.equal(loss, eager_loss)
     for name, g in grads.items():
         assert torch.equal(g, eager_grads[name]), name
+
+
+def test_capture_makes_no_host_sync_in_a_transformers_additive_mask(monkeypatch):
+    """patch_transformers' attention checks a 4D additive float mask's values (one sync) eagerly only."""
+    from fastbert import transformers_integration as T
+
+    mask = torch.zeros(2, 1, 1, 5)
+    mask[1, ..., 3:] = torch.finfo(torch.float32).min
+    eager = T._key_padding_bool(mask, 2, 5)
+    monkeypatch.setattr(T, "graph_capturing", lambda t: True)
+    with _host_reads_refused(monkeypatch):
+        captured = T._key_padding_bool(mask, 2, 5)
+    assert torch.equal(captured, eager) and eager.tolist() == [[True] * 5, [True] * 3 + [False] * 2]
 
 
 def test_the_checks_skipped_under_capture_still_run_eagerly():
