@@ -388,7 +388,7 @@ def _impls(device: torch.device, compile_here: bool, key: bool, real_lengths: bo
         if real_lengths and backend != "torch":  # the torch backend's varlen loops over sequences
             out[name + "_unpad"] = ("ok", "")  # also under the interpreter: the quick run's only packed path
         if not real_lengths and backend != "torch" and device.type == "cuda":  # a graph holds one shape
-            out[name + "_graph"] = ("ok", "")
+            out[name + "_graph"] = ("ok", "peak_mib leaves out the graph's memory pool, allocated at capture")
     return dict(sorted(out.items(), key=lambda kv: RUN_ORDER.index(kv[0])))
 
 
@@ -513,6 +513,8 @@ def _prepare_graphed(case: E2ECase, module, batches: list, amp: dict, keep: list
         def call(k):
             graphed(*args).backward()
             optimizer.step()
+            # set_to_none: each p.grad is the graph's own gradient buffer (autograd adopts it). Zeroed
+            # in place, the next replay would write its gradient there and autograd add it again: 2x.
             optimizer.zero_grad(set_to_none=True)
         return call, (lambda k: None), {}
 
