@@ -20,6 +20,7 @@ import torch
 import fastbert
 from conftest import DEVICE, ON_GPU
 from fastbert import heads, ops
+from test_determinism import backend_device, skip_without_extension  # noqa: F401 (a fixture)
 from test_model_backends import _cuda_attention_on
 
 pytest.importorskip("triton")
@@ -47,30 +48,13 @@ def _batch(device, B, S):
 
 # ----------------------------------------------------------------------------- without a GPU: the capture's paths
 
-@pytest.fixture(params=["triton", "cuda"])
-def kernel_backend(request, cuda_device, monkeypatch):
-    """(backend, device): the cuda one through the emulation without a GPU; the triton one once."""
-    if request.param == "cuda":
-        _skip_without_extension(cuda_device)
-        _cuda_attention_on(cuda_device, monkeypatch)
-        return "cuda", cuda_device
-    if (cuda_device.type == "cuda") != ON_GPU:
-        pytest.skip("the triton backend runs once")
-    return "triton", DEVICE
-
-
-def _skip_without_extension(device):
-    if device.type == "cuda" and "cuda" not in ops.available_backends(device):
-        pytest.skip("fastbert._C is not built here: no cuda backend")
-
-
 @pytest.mark.skipif(ON_GPU, reason="the GPU tests below capture for real")
-def test_a_drawn_attention_seed_is_a_device_tensor_on_a_gpu(kernel_backend, monkeypatch):
+def test_a_drawn_attention_seed_is_a_device_tensor_on_a_gpu(backend_device, monkeypatch):
     """On a GPU (patched here: _seed_on_device says yes on the CPU too) the launchers get one (1,)
     int64 seed tensor on q's device, drawn from torch's generator (manual_seed reproduces it), the
     same one forward and backward; and the kernels, reading the seed from it, give what they give
     for that seed as an int."""
-    backend, device = kernel_backend
+    backend, device = backend_device
     seen = []
     launchers = A._LAUNCHERS[backend]
     for name in ("attention_fwd", "attention_bwd"):
@@ -186,7 +170,7 @@ def _graphed_step(backend, dropout, B=16, S=128, random_op=None):
     ("attention" or "add_layernorm") keeps dropout in that op only: PyTorch's own dropouts (the
     embeddings', the head's) draw new masks per replay whatever fastbert's kernels do."""
     if backend == "cuda":
-        _skip_without_extension(torch.device("cuda"))
+        skip_without_extension(torch.device("cuda"))
     torch.manual_seed(0)
     model = heads.BertForSequenceClassification(_config(dropout, True), num_labels=2).to("cuda", torch.bfloat16)
     if random_op is not None:

@@ -61,6 +61,11 @@ def _randn(*shape, dtype, seed):
     return torch.randn(shape, generator=torch.Generator().manual_seed(seed)).to(device=DEVICE, dtype=dtype)
 
 
+def skip_without_extension(device):
+    if device.type == "cuda" and "cuda" not in ops.available_backends(device):
+        pytest.skip("fastbert._C is not built here: no cuda backend")
+
+
 @pytest.fixture(params=["triton", "cuda"])
 def backend_device(request, cuda_device, monkeypatch):
     """(backend, device) for each kernel backend. The cuda one on the GPU, or without one on the
@@ -68,8 +73,7 @@ def backend_device(request, cuda_device, monkeypatch):
     machine (on the CPU the interpreter runs it, whatever the emulation patched)."""
     backend = request.param
     if backend == "cuda":
-        if cuda_device.type == "cuda" and "cuda" not in ops.available_backends(cuda_device):
-            pytest.skip("fastbert._C is not built here: no cuda backend")
+        skip_without_extension(cuda_device)
         _cuda_attention_on(cuda_device, monkeypatch)
         return backend, cuda_device
     if (cuda_device.type == "cuda") != ON_GPU:

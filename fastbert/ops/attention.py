@@ -299,7 +299,7 @@ class AttentionFunction(torch.autograd.Function):
         return dq, dk, dv, None, None, None, None, None, None, None, None
 
 
-def _wants_residual(q, k, v):
+def _wants_residual(q, k):
     """Keep out's rounding residual for the backward: a gradient will be taken through D_i, i.e. of
     q or k (dv = P^T dO needs none), grad mode is on (it is off inside Function.forward, so this is
     decided outside it), and out is rounded (not fp32)."""
@@ -310,7 +310,7 @@ def _attention_kernels(q, k, v, mask, cu_seqlens, max_seqlen, dropout_p, softmax
     """AttentionFunction over the launchers named `eager` (a plain call) or, while torch.compile
     traces, `compiled` (the registered custom ops)."""
     scale = float(softmax_scale) if softmax_scale is not None else 1.0 / math.sqrt(q.shape[-1])
-    residual = _wants_residual(q, k, v)
+    residual = _wants_residual(q, k)
     compiling = torch.compiler.is_compiling()
     if dropout_p <= 0.0:
         seed = None if compiling else 0                    # never read
