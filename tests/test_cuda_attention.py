@@ -370,6 +370,82 @@ def test_emulated_dropout_and_strided_inputs(emu):
 
 
 @pytest.mark.slow
+def test_emulated_each_operand_keeps_its_own_layout(emu):
+    """Every operand read, and every output written, with its own strides: k and dk one slot of
+    fused (B, S, H, 2, D) buffers, dO head-major ((B, H, S, D) transposed), q, v, out, dq, dv
+    contiguous, and a key mask with a non-unit stride (every other byte of a wider mask). A kernel
+    that steps one tensor with another's strides (v with k's, out with dO's, dk with dv's), or the
+    mask with a unit stride, reads or writes the wrong rows."""
+    gen = torch.Generator().manual_seed(23)
+    B, S, H, D, dtype = 2, 70, 2, 32, torch.float16
+    q, v, do = qkv((B, S, H, D), dtype, gen, "cpu")
+    k = torch.randn((B, S, H, 2, D), dtype=torch.float64, generator=gen).to(dtype)[..., 0, :]
+    do = do.transpose(1, 2).contiguous().transpose(1, 2)
+    wide = torch.rand(B, 2 * S, generator=gen) > 0.4
+    wide[:, 0] = True
+    mask = wide[:, ::2]
+    assert mask.stride() == (2 * S, 2) and k.stride()[1] == 2 * H * D and do.stride()[1] == D
+    g = Guarded()
+    out, out_residual = g.empty(q.shape, dtype, "cpu"), g.empty(q.shape, dtype, "cpu")
+    lse = g.empty((B, H, S), torch.float32, "cpu")
+    A.cuda_attention_fwd(q, k, v, mask, out=out, lse=lse, out_residual=out_residual)
+    dk_buf = g.empty((B, S, H, 2, D), dtype, "cpu")
+    dq, dk, dv = g.empty(q.shape, dtype, "cpu"), dk_buf[..., 0, :], g.empty(v.shape, dtype, "cpu")
+    got = A.cuda_attention_bwd(do, q, k, v, out, lse, mask, dq=dq, dk=dk, dv=dv, out_residual=out_residual)
+    assert all(a is b for a, b in zip(got, (dq, dk, dv))), "the launcher must fill the given outputs"
+    g.check()
+    assert torch.isnan(dk_buf[..., 1, :]).all(), "dk written outside its slot of the fused buffer"
+    ref = ref_with_grads(q, k, v, do, mask, 0.0, None, None, torch.float64)
+    base = ref_with_grads(q, k, v, do, mask, 0.0, None, None, dtype)
+    for name, ours, r, b in zip(("out", "dq", "dk", "dv"), (out, dq, dk, dv), ref, base):
+        assert_close_to_ref(ours, r, b, name)
+    _check_lse(lse, q, k, mask, None)
+
+
+@pytest.mark.slow
+def test_emulated_left_padding(emu):
+    """Left-padded rows (the real keys at the end): the forward and dQ key loops run to the row's
+    end, and a key block whose only real key is its last (key 127 of row 1, key 63 of row 2)
+    still gets its dK and dV (the dK/dV kernel skips only blocks without a real key)."""
+    gen = torch.Generator().manual_seed(29)
+    q, k, v = qkv((4, 130, 1, 32), torch.float16, gen, "cpu")
+    mask = torch.arange(130)[None, :] >= torch.tensor([0, 127, 63, 129])[:, None]
+    _check_all(q, k, v, mask)
+
+
+def _philox7(seed, c0, c1, c2, c3):
+    """The four words of Philox-4x32 with 7 rounds (tl.philox, csrc/attention.cuh), in Python."""
+    m32 = 0xFFFFFFFF
+    k0, k1 = seed & m32, (seed >> 32) & m32
+    for _ in range(7):
+        p0, p1 = 0xCD9E8D57 * c2, 0xD2511F53 * c0
+        c0, c1, c2, c3 = (p0 >> 32) ^ c1 ^ k0, p0 & m32, (p1 >> 32) ^ c3 ^ k1, p1 & m32
+        k0, k1 = (k0 + 0x9E3779B9) & m32, (k1 + 0xBB67AE85) & m32
+    return c0, c1, c2, c3
+
+
+@pytest.mark.slow
+def test_emulated_dropout_keeps_at_the_threshold(emu):
+    """A probability whose Philox word >> 1 equals the threshold round(p 2^31) is kept (word >> 1 >=
+    threshold, as in the Triton kernels). p is set to each key's word of one Philox call in turn
+    (keys 0..3 of query 3: words w0, w2, w1, w3): the keep-mask keeps that key and equals Triton's,
+    and the kernels (which draw the same words two keys at a time) match the reference with it."""
+    from fastbert.kernels.attention import attention_dropout_mask
+    seed, i, S = 77, 3, 8
+    w0, w1, w2, w3 = _philox7(seed, 0, i, 0, 0)
+    gen = torch.Generator().manual_seed(31)
+    q, k, v = qkv((1, S, 1, 32), torch.float16, gen, "cpu")
+    for j, word in enumerate((w0, w2, w1, w3)):
+        p = (word >> 1) / 2.0**31
+        assert 0.0 < p < 1.0
+        keep = A.cuda_attention_dropout_mask(1, 1, S, p, seed, "cpu")
+        assert keep[0, 0, i, j], f"key {j}: word >> 1 == threshold must be kept"
+        assert not keep.all(), "p must drop something"
+        assert torch.equal(keep, attention_dropout_mask(1, 1, S, p, seed, "cpu")), f"key {j}: != Triton's mask"
+        _check_all(q, k, v, None, dropout_p=p, seed=seed)
+
+
+@pytest.mark.slow
 def test_emulated_backward_takes_delta_from_the_residual(emu):
     """attention_cases.assert_residual_sharpens_delta on the CUDA launchers (emulated)."""
     assert_residual_sharpens_delta(
@@ -434,6 +510,16 @@ def test_emulated_unaligned_input_is_copied(emu):
     q = base[3:].view(1, 20, 2, 32)                        # 6-byte offset: unaligned
     _, k, v = qkv((1, 20, 2, 32), torch.float16, gen, "cpu")
     _check_all(q, k, v, None)
+
+
+@pytest.mark.slow
+def test_emulated_launchers_refuse_dropout_p_out_of_range(emu):
+    """The launchers hand dropout_p to fastbert._C unchecked (attention() checks it first); the
+    binding refuses p outside [0, 1) before any kernel runs (p = 1 would scale by 1 / 0)."""
+    q, k, v = qkv((1, 8, 1, 32), torch.float16, torch.Generator().manual_seed(2), "cpu")
+    for p in (1.0, -0.1):
+        with pytest.raises(ValueError, match=r"attention: dropout_p must be in \[0, 1\)"):
+            A.cuda_attention_fwd(q, k, v, dropout_p=p, seed=1)
 
 
 @pytest.mark.slow

@@ -154,6 +154,16 @@ def test_dropout_same_seed_same_output(cuda_device):
     assert not torch.equal(y1, y0)
 
 
+def test_launcher_refuses_dropout_p_out_of_range(cuda_device):
+    """fastbert.ops._cuda's launcher hands dropout_p to fastbert._C unchecked (add_layernorm checks
+    it first); the C++ launcher refuses p outside [0, 1) (p = 1 would drop every x)."""
+    (x, r, w, b), _ = layernorm_inputs((3, 8), torch.float32, cuda_device)
+    seed = torch.tensor([1], dtype=torch.int64, device=cuda_device)
+    for p in (1.0, -0.5):
+        with pytest.raises(ValueError, match=r"add_layernorm_fwd: dropout_p must be in \[0, 1\)"):
+            C.add_layernorm_fwd(x, r, w, b, EPS, p, seed)
+
+
 @pytest.mark.parametrize("p", [0.1, 0.5])
 def test_dropout_kept_fraction(cuda_device, p):
     seed = torch.tensor([1234], dtype=torch.int64, device=cuda_device)
@@ -249,8 +259,10 @@ def test_layernorm_gelu_real_sizes(hidden, dtype):
 # ----------------------------------------------------------------------------- bias_gelu
 
 # Widths: 1 and 7 (single columns), 384/768 (narrow 16-byte blocks), 1000, 3072, 5000 (wide);
-# 103 x 16: many rows, so the backward's blocks loop and the block reduction has 8 row slices.
-GELU_SHAPES = [(1, 1), (3, 7), (2, 5, 384), (1, 768), (37, 768), (7, 1000), (3, 3072), (2, 5000), (103, 16)]
+# 103 x 16: many rows, so the backward's blocks loop and the block reduction has 8 row slices;
+# 300 x 16: 10 blocks down the rows (the emulation's 2 SMs x 5), so the column sums add 10 partial rows.
+GELU_SHAPES = [(1, 1), (3, 7), (2, 5, 384), (1, 768), (37, 768), (7, 1000), (3, 3072), (2, 5000), (103, 16),
+               (300, 16)]
 
 
 @pytest.mark.parametrize("dtype", DTYPES)
@@ -279,8 +291,10 @@ def test_bias_gelu_real_sizes(features, dtype, approximate):
 
 
 def test_bias_gelu_extreme_inputs_fp32_bias_and_layouts(cuda_device):
-    x = torch.tensor([[-100.0, -30.0, -8.0, -1e-4, 0.0, 1e-4, 8.0, 30.0, 100.0]], device=cuda_device)
-    bias = torch.zeros(9, device=cuda_device)
+    # the tails, and the curved part (|x| 1..3), where a constant of either form that is a little off shows
+    x = torch.tensor([[-100.0, -30.0, -8.0, -3.0, -2.0, -1.5, -1.0, -1e-4, 0.0, 1e-4, 1.0, 1.5, 2.0, 3.0, 8.0, 30.0,
+                       100.0]], device=cuda_device)
+    bias = torch.zeros(17, device=cuda_device)
     for approximate in ("none", "tanh"):
         with use_backend("cuda"):
             out, (dx, _) = run_with_grads(lambda x, b: bias_gelu(x, b, approximate), [x, bias], torch.ones_like(x))

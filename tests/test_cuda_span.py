@@ -90,6 +90,17 @@ def test_strided_logits_from_qa_head(cuda_device):
     assert_same(run_cuda(s, e, mask, 9, 11), brute_force(s, e, mask, 9, 11), "cuda strided")
 
 
+def test_each_input_keeps_its_own_strides(cuda_device):
+    """start logits from a QA head's (B, L, 2) output, contiguous end logits and a mask with a
+    non-unit stride (every other element of a wider mask): each read with its own strides."""
+    g = torch.Generator().manual_seed(8)
+    s = torch.randn(3, 45, 2, generator=g).to(cuda_device)[..., 0]
+    e = torch.randn(3, 45, generator=g).to(cuda_device)
+    mask = (torch.rand(3, 90, generator=g) > 0.3).to(cuda_device)[:, ::2]
+    assert s.stride() == (90, 2) and e.stride() == (45, 1) and mask.stride() == (90, 2)
+    assert_same(run_cuda(s, e, mask, 9, 11), brute_force(s, e, mask, 9, 11), "cuda own strides")
+
+
 def test_nan_inf_and_signed_zero_agree_with_torch_backend(cuda_device):
     nan, inf = float("nan"), float("inf")
     s = torch.tensor([[0.0, -0.0, 1.0, nan, 2.0, -inf, inf, 0.5],
