@@ -28,6 +28,17 @@ def key_mask(kind, B, S, gen, device=DEVICE):
     return mask.to(device)
 
 
+def philox7(seed, c0, c1, c2, c3):
+    """The four words of Philox-4x32 with 7 rounds (tl.philox, csrc/attention.cuh), in Python."""
+    m32 = 0xFFFFFFFF
+    k0, k1 = seed & m32, (seed >> 32) & m32
+    for _ in range(7):
+        p0, p1 = 0xCD9E8D57 * c2, 0xD2511F53 * c0
+        c0, c1, c2, c3 = (p0 >> 32) ^ c1 ^ k0, p0 & m32, (p1 >> 32) ^ c3 ^ k1, p1 & m32
+        k0, k1 = (k0 + 0x9E3779B9) & m32, (k1 + 0xBB67AE85) & m32
+    return c0, c1, c2, c3
+
+
 def ref_with_grads(q, k, v, do, mask, dropout_p, scale, keep, dtype):
     """(out, dq, dk, dv) of attention_ref computed in `dtype` (float64 for the reference)."""
     leaves = [t.detach().to(dtype).requires_grad_() for t in (q, k, v)]

@@ -12,7 +12,7 @@ import pytest
 import torch
 
 from attention_cases import (assert_residual_sharpens_delta, check_compiled_fullgraph, check_out_residual, key_mask,
-                             pack, qkv, ref_with_grads)
+                             pack, philox7, qkv, ref_with_grads)
 from conftest import DEVICE, FLOOR, KERNEL_DTYPES, ON_GPU, assert_close_to_ref, poison
 
 from fastbert.kernels.attention import attention_bwd, attention_dropout_mask, attention_fwd
@@ -109,6 +109,16 @@ def test_trailing_padding_across_blocks():
     _check_all(q, k, v, mask, dropout_p=0.2, seed=5)
 
 
+def test_left_padding():
+    """Left-padded rows (the real keys at the end): the forward and dQ key loops run to the row's
+    end, and a key block whose only real key is its last (key 127 of row 1, key 63 of row 2,
+    for any power-of-two block up to 64) still gets its dK and dV."""
+    gen = torch.Generator().manual_seed(29)
+    q, k, v = qkv((4, 130, 1, 32), torch.float16, gen)
+    mask = (torch.arange(130)[None, :] >= torch.tensor([0, 127, 63, 129])[:, None]).to(DEVICE)
+    _check_all(q, k, v, mask)
+
+
 def test_custom_scale_and_strided_inputs():
     """softmax_scale is honoured; q, k, v as views of one fused (B, S, H, 3, D) projection (no copy)."""
     gen = torch.Generator().manual_seed(7)
@@ -170,7 +180,15 @@ def test_each_operand_with_its_own_strides():
     q, k, v, do = qkv((B, S, H, D), torch.float32, gen) + [qkv((B, S, H, D), torch.float32, gen)[0]]
     q, k, v, do = (_laid_out(t, o) for t, o in zip((q, k, v, do), ([0, 1, 2, 3], [1, 0, 2, 3], [0, 2, 1, 3],
                                                                    [2, 0, 1, 3])))
-    mask = key_mask("lengths", B, S, gen)
+    # The key mask is every other byte of a wider one: row 0 with holes (random bytes between), row
+    # 1 left-padded past S / 2 (zeros between), so a mask read with a unit stride sees other keys,
+    # and a last-key scan (the key loops' end) that ignores the stride finds no real key in row 1.
+    wide = torch.rand(B, 2 * S, generator=gen) > 0.4
+    wide[0, 0] = True
+    wide[1] = False
+    wide[1, ::2] = torch.arange(S) >= 25
+    mask = wide[:, ::2].to(DEVICE)
+    assert mask.stride() == (2 * S, 2)
     out, dq, dk, dv = (poison(_laid_out(torch.empty_like(q, memory_format=torch.contiguous_format), o))
                        for o in ([2, 0, 1, 3], [1, 0, 2, 3], [0, 2, 1, 3], [0, 1, 2, 3]))
     strides = [t.stride() for t in (q, k, v, do)] + [t.stride() for t in (out, dq, dk, dv)]
@@ -318,6 +336,23 @@ def test_dropout_kept_fraction(p):
         assert abs(part.sum().item() - n * (1 - p)) < 5 * sigma, (part.float().mean().item(), 1 - p)
     # different (batch, head) draw different masks
     assert not torch.equal(keep[0, 0], keep[0, 1]) and not torch.equal(keep[0, 0], keep[1, 0])
+
+
+def test_dropout_keeps_at_the_threshold():
+    """A probability whose Philox word >> 1 equals the threshold round(p 2^31) is kept (the module
+    docstring's rule; the forward, both backward kernels and attention_dropout_mask share
+    _dropout_keep). p is set to each key's word of one Philox call in turn (keys 0..3 of query 3
+    draw words w0, w2, w1, w3, as in csrc/attention.cuh), so random draws need not hit it (2^-31)."""
+    seed, i, S = 77, 3, 8
+    w0, w1, w2, w3 = philox7(seed, 0, i, 0, 0)
+    gen = torch.Generator().manual_seed(31)
+    q, k, v = qkv((1, S, 1, 32), torch.float32, gen)
+    for j, word in enumerate((w0, w2, w1, w3)):
+        p = (word >> 1) / 2.0**31
+        keep = attention_dropout_mask(1, 1, S, p, seed, DEVICE)
+        assert keep[0, 0, i, j], f"key {j}: word >> 1 == threshold must be kept"
+        assert not keep.all(), "p must drop something"
+        _check_all(q, k, v, None, dropout_p=p, seed=seed)
 
 
 # ---------------------------------------------------------------------------

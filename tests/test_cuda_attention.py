@@ -30,7 +30,7 @@ import pytest
 import torch
 
 from attention_cases import (assert_residual_sharpens_delta, check_compiled_fullgraph, check_out_residual, key_mask,
-                             pack, qkv, ref_with_grads)
+                             pack, philox7, qkv, ref_with_grads)
 from conftest import DEVICE, FLOOR, ON_GPU, assert_close_to_ref, poison
 
 from fastbert.ops import use_backend
@@ -375,14 +375,18 @@ def test_emulated_each_operand_keeps_its_own_layout(emu):
     fused (B, S, H, 2, D) buffers, dO head-major ((B, H, S, D) transposed), q, v, out, dq, dv
     contiguous, and a key mask with a non-unit stride (every other byte of a wider mask). A kernel
     that steps one tensor with another's strides (v with k's, out with dO's, dk with dv's), or the
-    mask with a unit stride, reads or writes the wrong rows."""
+    mask with a unit stride (key_valid, key_end, any_real_key), reads or writes the wrong rows."""
     gen = torch.Generator().manual_seed(23)
     B, S, H, D, dtype = 2, 70, 2, 32, torch.float16
     q, v, do = qkv((B, S, H, D), dtype, gen, "cpu")
     k = torch.randn((B, S, H, 2, D), dtype=torch.float64, generator=gen).to(dtype)[..., 0, :]
     do = do.transpose(1, 2).contiguous().transpose(1, 2)
+    # row 0 with holes (random bytes between), row 1 left-padded past S / 2 (zeros between): a
+    # last-key scan or a block's any-real-key test that ignores the stride finds no real key there
     wide = torch.rand(B, 2 * S, generator=gen) > 0.4
-    wide[:, 0] = True
+    wide[0, 0] = True
+    wide[1] = False
+    wide[1, ::2] = torch.arange(S) >= 40
     mask = wide[:, ::2]
     assert mask.stride() == (2 * S, 2) and k.stride()[1] == 2 * H * D and do.stride()[1] == D
     g = Guarded()
@@ -413,17 +417,6 @@ def test_emulated_left_padding(emu):
     _check_all(q, k, v, mask)
 
 
-def _philox7(seed, c0, c1, c2, c3):
-    """The four words of Philox-4x32 with 7 rounds (tl.philox, csrc/attention.cuh), in Python."""
-    m32 = 0xFFFFFFFF
-    k0, k1 = seed & m32, (seed >> 32) & m32
-    for _ in range(7):
-        p0, p1 = 0xCD9E8D57 * c2, 0xD2511F53 * c0
-        c0, c1, c2, c3 = (p0 >> 32) ^ c1 ^ k0, p0 & m32, (p1 >> 32) ^ c3 ^ k1, p1 & m32
-        k0, k1 = (k0 + 0x9E3779B9) & m32, (k1 + 0xBB67AE85) & m32
-    return c0, c1, c2, c3
-
-
 @pytest.mark.slow
 def test_emulated_dropout_keeps_at_the_threshold(emu):
     """A probability whose Philox word >> 1 equals the threshold round(p 2^31) is kept (word >> 1 >=
@@ -432,7 +425,7 @@ def test_emulated_dropout_keeps_at_the_threshold(emu):
     and the kernels (which draw the same words two keys at a time) match the reference with it."""
     from fastbert.kernels.attention import attention_dropout_mask
     seed, i, S = 77, 3, 8
-    w0, w1, w2, w3 = _philox7(seed, 0, i, 0, 0)
+    w0, w1, w2, w3 = philox7(seed, 0, i, 0, 0)
     gen = torch.Generator().manual_seed(31)
     q, k, v = qkv((1, S, 1, 32), torch.float16, gen, "cpu")
     for j, word in enumerate((w0, w2, w1, w3)):
