@@ -166,6 +166,22 @@ def test_public_function_matches_launchers():
         assert torch.equal(leaf.grad, ours)
 
 
+def test_gradient_with_a_non_unit_last_stride():
+    """The upstream gradient may come with any layout (here its head_dim has stride H, as from a
+    transpose after attention): the Function hands the kernels one with a unit last stride."""
+    gen = torch.Generator().manual_seed(13)
+    q, k, v = qkv((1, 8, 2, 32), torch.float16, gen)
+    do = torch.randn(1, 8, 32, 2, generator=gen).to(device=DEVICE, dtype=q.dtype).transpose(-1, -2)
+    assert do.stride(-1) != 1
+    leaves = [t.clone().requires_grad_() for t in (q, k, v)]
+    with use_backend("triton"):
+        attention(*leaves).backward(do)
+    ref = ref_with_grads(q, k, v, do, None, 0.0, None, None, torch.float64)
+    base = ref_with_grads(q, k, v, do, None, 0.0, None, None, q.dtype)
+    for name, leaf, r, b in zip(("dq", "dk", "dv"), leaves, ref[1:], base[1:]):
+        assert_close_to_ref(leaf.grad, r, b, name)
+
+
 def _laid_out(x, order):
     """x's values in a tensor of x's shape whose memory runs in dimension order `order`."""
     return x.permute(order).contiguous().permute([order.index(i) for i in range(x.dim())])
@@ -388,6 +404,10 @@ def test_the_residual_is_kept_only_for_a_16_bit_gradient(monkeypatch):
         leaves = [q.clone(), k.clone(), v.clone().requires_grad_(True)]  # only dv: P^T dO needs no D_i
         attention(*leaves)
         assert seen == [False]
+        seen.clear()
+        leaves = [q.clone(), k.clone().requires_grad_(True), v.clone()]  # only dk (frozen q): dk reads D_i
+        attention(*leaves)
+        assert seen == [True], "a gradient of k alone must keep out's residual"
 
 
 @pytest.mark.parametrize("layout", ["padded", "varlen"])
@@ -445,6 +465,8 @@ def test_bad_inputs():
             attention(q, q, q, mask=torch.ones(2, 8, device=DEVICE))
         with pytest.raises(ValueError, match=r"mask must be \(batch, seqlen\)"):
             attention(q, q, q, mask=torch.ones(2, 9, dtype=torch.bool, device=DEVICE))
+        with pytest.raises(ValueError, match="mask is on meta but q is on"):  # meta: a second device
+            attention(q, q, q, mask=torch.ones(2, 8, dtype=torch.bool, device="meta"))
         with pytest.raises(ValueError, match="dropout_p must be in"):
             attention(q, q, q, dropout_p=1.0)
         with pytest.raises(ValueError, match=r"must be \(batch, seqlen, heads, head_dim\)"):
@@ -474,6 +496,8 @@ def test_bad_varlen_inputs():
                 attention_varlen(p, p, p, cu, 5)
             with pytest.raises(ValueError, match="cu_seqlens must rise from 0 to total_tokens = 10"):
                 attention_varlen(p, p, p, torch.tensor([0, 4, 9], dtype=torch.int32), 6)
+            with pytest.raises(ValueError, match="cu_seqlens must rise from 0 to total_tokens = 10"):
+                attention_varlen(p, p, p, torch.tensor([0, 6, 4, 10], dtype=torch.int32), 6)  # a negative length
         with pytest.raises(ValueError, match="head_dim = 24 is not supported"):
             attention_varlen(_t(10, 2, 24), _t(10, 2, 24), _t(10, 2, 24), cu, 6)
 
@@ -505,6 +529,40 @@ def test_cpu_tensor_on_triton_without_interpreter(monkeypatch):
     q = torch.randn(1, 4, 1, 32)
     with use_backend("triton"), pytest.raises(RuntimeError, match="cannot run on a cpu tensor"):
         attention(q, q, q)
+
+
+@pytest.mark.parametrize("backend", ["torch", "triton"])
+def test_masked_keys_never_contribute_whatever_their_score(backend):
+    """A masked key is out of the softmax however large its score: here it beats the real keys
+    by about 4e4, so a finite "large negative" bias such as -1e4 would let it take the row."""
+    q = torch.full((1, 4, 1, 16), 10.0, device=DEVICE)
+    k = torch.full((1, 4, 1, 16), 0.1, device=DEVICE)
+    k[:, 3] = 1000.0                                                   # the masked key: score 4e4
+    v = torch.arange(4.0, device=DEVICE)[None, :, None, None].expand(1, 4, 1, 16).contiguous()
+    mask = torch.tensor([[True, True, True, False]], device=DEVICE)
+    with use_backend(backend):
+        out = attention(q, k, v, mask, softmax_scale=0.25)
+    torch.testing.assert_close(out.double(), attention_ref(q.double(), k.double(), v.double(), mask, 0.0, 0.25))
+    assert (out < 3).all()
+
+
+@pytest.mark.parametrize("layout", ["padded", "varlen"])
+def test_torch_backend_applies_dropout(layout):
+    """The torch backend drops attention probabilities too (SDPA's own mask): the output moves
+    with dropout_p, and torch.manual_seed reproduces it."""
+    gen = torch.Generator().manual_seed(21)
+    shape = (2, 16, 2, 32) if layout == "padded" else (32, 2, 32)
+    q, k, v = qkv(shape, torch.float32, gen)
+    cu = torch.tensor([0, 16, 32], dtype=torch.int32, device=DEVICE)
+
+    def run(p):
+        torch.manual_seed(4)
+        return attention(q, k, v, dropout_p=p) if layout == "padded" else attention_varlen(q, k, v, cu, 16, p)
+
+    with use_backend("torch"):
+        plain, dropped = run(0.0), run(0.5)
+        assert torch.equal(run(0.5), dropped)
+    assert not torch.allclose(plain, dropped)
 
 
 def test_torch_backend_varlen_matches_reference():

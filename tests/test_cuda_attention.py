@@ -436,6 +436,13 @@ def test_emulated_dropout_keeps_at_the_threshold(emu):
         assert not keep.all(), "p must drop something"
         assert torch.equal(keep, attention_dropout_mask(1, 1, S, p, seed, "cpu")), f"key {j}: != Triton's mask"
         _check_all(q, k, v, None, dropout_p=p, seed=seed)
+        # p 2^31 = word >> 1 + 0.6 rounds up past the word: that key is dropped (a threshold
+        # truncated instead of rounded would keep it, and the mask would differ from Triton's)
+        p = ((word >> 1) + 0.6) / 2.0**31
+        keep = attention_dropout_mask(1, 1, S, p, seed, "cpu")
+        assert not keep[0, 0, i, j], f"key {j}: word >> 1 == threshold - 1 must be dropped"
+        assert torch.equal(A.cuda_attention_dropout_mask(1, 1, S, p, seed, "cpu"), keep), f"key {j}: != Triton's mask"
+        _check_all(q, k, v, None, dropout_p=p, seed=seed)
 
 
 @pytest.mark.slow
@@ -540,6 +547,24 @@ def test_emulated_autograd_function(emu):
     assert torch.equal(out2.detach(), out)
     for ours, leaf in zip((dq, dk, dv), leaves):
         assert torch.equal(leaf.grad, ours)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+def test_emulated_residual_is_kept_for_a_16_bit_gradient(emu, monkeypatch, dtype):
+    """The cuda backend takes bfloat16 (the interpreter cannot): a gradient of a bfloat16 attention,
+    like a float16 one, asks the forward for out's rounding residual; inference does not."""
+    seen = []
+    launchers = A._LAUNCHERS["cuda"]
+    real = launchers.attention_fwd
+    monkeypatch.setattr(launchers, "attention_fwd", lambda *a: seen.append(a[9]) or real(*a))  # a[9]: residual
+    monkeypatch.setattr(A, "resolve", lambda device: "cuda")
+    gen = torch.Generator().manual_seed(3)
+    leaves = [t.requires_grad_() for t in qkv((1, 8, 1, 32), dtype, gen, "cpu")]
+    A.attention(*leaves)
+    with torch.no_grad():
+        A.attention(*leaves)
+    assert seen == [True, False], (dtype, seen)
 
 
 # ---------------------------------------------------------------------------

@@ -90,6 +90,19 @@ def test_a_drawn_attention_seed_is_a_device_tensor_on_a_gpu(backend_device, monk
         assert torch.equal(a, b), f"{name}: the seed read from the tensor differs from the same seed as an int"
 
 
+def test_graph_capturing_is_true_only_for_a_gpu_tensor_under_capture(monkeypatch):
+    """graph_capturing(t), which the model and heads ask before a host sync: True exactly while a
+    capture runs and t is on a GPU (a stand-in with is_cuda=True plays the GPU tensor here). The
+    opposite would skip the range checks in eager GPU runs and sync under capture."""
+    from types import SimpleNamespace
+
+    from fastbert.ops._backend import graph_capturing
+    for capturing in (False, True):
+        monkeypatch.setattr(torch.cuda, "is_current_stream_capturing", lambda capturing=capturing: capturing)
+        assert graph_capturing(SimpleNamespace(is_cuda=True)) is capturing
+        assert graph_capturing(torch.zeros(1)) is False
+
+
 @contextlib.contextmanager
 def _host_reads_refused(monkeypatch):
     """Every way of reading a tensor's values on the host raises inside (a capture refuses the sync)."""

@@ -127,6 +127,28 @@ def test_add_layernorm_autocast_mix(cuda_device, shape, dtype, dropout_p, copy, 
     assert ("add_layernorm_bwd", torch.float32, dtype, torch.float32) in seen, seen
 
 
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+def test_add_layernorm_gradient_through_the_copy_alone(cuda_device, dtype):
+    """Under autocast with copy_in_x_dtype the next layer may use the half copy only (y's own
+    gradient is then None): the backward runs with a zero dy in the residual's dtype (float32),
+    and every gradient is the copy's, as if it had been added to y's."""
+    (x, r, w, b), dy = layernorm_inputs((3, 64), torch.float32, cuda_device, seed=7)
+    tensors, dy_copy = [x.to(dtype), r, w, b], dy.to(dtype)
+
+    def grads_through_copy(backend):
+        leaves = [t.detach().requires_grad_() for t in tensors]
+        with use_backend(backend), torch.autocast(cuda_device.type, dtype=dtype):
+            _, y_copy = add_layernorm(*leaves, EPS, copy_in_x_dtype=True)
+        return torch.autograd.grad(y_copy, leaves, dy_copy)
+
+    ours, base = grads_through_copy("cuda"), grads_through_copy("torch")
+    leaves64 = [t.detach().double().requires_grad_() for t in tensors]
+    ref = torch.autograd.grad(add_layernorm_ref(*leaves64, EPS), leaves64, dy_copy.double())
+    for name, o, r64, b64, t in zip(["dx", "dresidual", "dweight", "dbias"], ours, ref, base, tensors):
+        assert o.dtype == t.dtype and o.shape == t.shape, name
+        assert_close_to_ref(o, r64, b64, name)
+
+
 @pytest.mark.gpu
 @pytest.mark.parametrize("dtype", DTYPES)
 @pytest.mark.parametrize("hidden", [768, 1024, 3072, 4096])

@@ -7,7 +7,7 @@ tensor the launchers allocate starts as NaN, so an element a kernel fails to wri
 import pytest
 import torch
 
-from conftest import DEVICE, KERNEL_DTYPES, ON_GPU, guarded_allocations
+from conftest import DEVICE, KERNEL_DTYPES, ON_GPU, assert_close_to_ref, guarded_allocations
 from layernorm_cases import check_autocast_mix, compare_to_reference, layernorm_inputs, run_with_grads
 
 import fastbert.kernels.layernorm as K
@@ -92,6 +92,50 @@ def test_add_layernorm_autocast_mix(shape, dropout_p, copy, monkeypatch):
         assert all(torch.equal(a, b) for a, b in zip(grads, g2))
     assert ("add_layernorm_fwd", dtype, torch.float32, torch.float32) in seen, seen
     assert ("add_layernorm_bwd", torch.float32, dtype, torch.float32) in seen, seen
+
+
+@pytest.mark.parametrize("copy", [False, True])
+def test_torch_backend_under_autocast_promotes(copy):
+    """The torch backend under autocast promotes the mix first (as `x + residual` does in
+    transformers): y is float32, within float32's error of the float64 reference, and the
+    copy_in_x_dtype copy is y in x's (the autocast) dtype, not the promoted one."""
+    dtype = torch.bfloat16 if ON_GPU else torch.float16
+    (x, r, w, b), _ = layernorm_inputs((4, 64), torch.float32, seed=7)
+    x = x.to(dtype)
+    with use_backend("torch"), torch.autocast(DEVICE.type, dtype=dtype):
+        out = add_layernorm(x, r, w, b, EPS, copy_in_x_dtype=copy)
+    y, y_copy = out if copy else (out, None)
+    assert y.dtype == torch.float32 and y.shape == x.shape
+    ref = add_layernorm_ref(*(t.double() for t in (x, r, w, b)), EPS)
+    assert_close_to_ref(y, ref, add_layernorm_ref(x.float(), r, w, b, EPS), "y")
+    if copy:
+        assert y_copy.dtype == dtype and torch.equal(y_copy, y.to(dtype))
+
+
+def test_references_normalise_half_activations_with_fp32_params_using_eps():
+    """The references' mixed-precision path (float16 x, float32 weight/bias: the torch backend on a
+    GPU, and the kernel tests' reference) normalises in float32 with the eps given. A large eps
+    makes a dropped (default 1e-5) or misplaced eps show."""
+    (x, r, w, b), _ = layernorm_inputs((5, 64), torch.float16)
+    w32, b32, eps = w.float(), b.float(), 0.5
+    for name, fn, args, half_args in (("add_layernorm_ref", add_layernorm_ref, (x, r, w32, b32), (x, r, w, b)),
+                                      ("layernorm_gelu_ref", layernorm_gelu_ref, (x, w32, b32), (x, w, b))):
+        ours = fn(*args, eps)
+        assert ours.dtype == torch.float16, name
+        assert_close_to_ref(ours, fn(*(t.double() for t in args), eps), fn(*half_args, eps), name)
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+def test_torch_backend_normalises_half_cpu_rows_in_float32(dtype):
+    """On the CPU the torch backend normalises float16/bfloat16 in float32, as the kernels do:
+    bit for bit the float32 reference rounded to the input dtype (PyTorch's half CPU LayerNorm
+    is less accurate, and its float16 backward gives NaN where eps underflows)."""
+    (x, r, w, b), _ = layernorm_inputs((3, 64), dtype)
+    x, r, w, b = (t.cpu() for t in (x, r, w, b))
+    with use_backend("torch"):
+        y, z = add_layernorm(x, r, w, b, EPS), layernorm_gelu(x, w, b, EPS)
+    assert torch.equal(y, add_layernorm_ref(x.float(), r.float(), w.float(), b.float(), EPS).to(dtype))
+    assert torch.equal(z, layernorm_gelu_ref(x.float(), w.float(), b.float(), EPS).to(dtype))
 
 
 def _mix_inputs(shape):

@@ -33,6 +33,7 @@ def _packed():
     (0.0, ValueError, "softmax_scale must be a finite float > 0"),
     (-0.25, ValueError, "softmax_scale must be a finite float > 0"),
     ("0.25", TypeError, "softmax_scale must be None or a float"),
+    (True, TypeError, "softmax_scale must be None or a float > 0, got bool"),  # a bool is not a number here
 ])
 def test_attention_rejects_bad_softmax_scale(backend, scale, error, match):
     q, k, v = _qkv()
@@ -53,7 +54,7 @@ def test_attention_valid_softmax_scale_still_works(backend):
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
-@pytest.mark.parametrize("dropout_p", [None, "0.1"])
+@pytest.mark.parametrize("dropout_p", [None, "0.1", False])
 def test_attention_rejects_non_number_dropout(backend, dropout_p):
     q, k, v = _qkv()
     with ops.use_backend(backend), pytest.raises(TypeError, match="attention: dropout_p must be a float"):
@@ -89,6 +90,7 @@ def _rows():
     (float("inf"), ValueError, "eps must be a finite float >= 0"),
     (None, TypeError, "eps must be a float"),
     ("1e-5", TypeError, "eps must be a float"),
+    (True, TypeError, "eps must be a float >= 0, got bool"),
 ])
 def test_layernorm_rejects_bad_eps(backend, eps, error, match):
     x, residual, weight, bias = _rows()
@@ -241,3 +243,137 @@ def test_argument_checks_trace_under_compile_with_dynamic_floats():
     with ops.use_backend("torch"):
         for scale in (0.25, 0.5):
             assert torch.allclose(compiled(q, k, v, scale, 1e-5), f(q, k, v, scale, 1e-5))
+
+
+# -- dropout_p range, backend dispatch ----------------------------------------------------------
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_negative_dropout_is_refused_by_every_op(backend):
+    """dropout_p must be in [0, 1): a negative p is refused like p = 1 (the kernels would treat it
+    as "no dropout" without a word, the torch backend would raise deep inside F.dropout)."""
+    q, k, v = _qkv()
+    qp, kp, vp, cu = _packed()
+    x, residual, weight, bias = _rows()
+    with ops.use_backend(backend):
+        with pytest.raises(ValueError, match=r"attention: dropout_p must be in \[0, 1\), got -0.1"):
+            ops.attention(q, k, v, dropout_p=-0.1)
+        with pytest.raises(ValueError, match=r"attention_varlen: dropout_p must be in \[0, 1\), got -0.1"):
+            ops.attention_varlen(qp, kp, vp, cu, 4, dropout_p=-0.1)
+        with pytest.raises(ValueError, match=r"add_layernorm: dropout_p must be in \[0, 1\), got -0.1"):
+            ops.add_layernorm(x, residual, weight, bias, 1e-5, -0.1)
+
+
+def test_backend_choice_default_scopes_and_nesting():
+    """"auto" runs CPU tensors on "torch" (the interpreter is for tests, never a default);
+    set_backend sets the process default, use_backend overrides it for its block, and leaving a
+    nested block restores the enclosing choice, not the default. Each choice is checked where the
+    op dispatches: a head_dim the Triton kernels do not take is refused by the "triton" backend
+    only."""
+    from fastbert.ops._backend import resolve
+    cpu = torch.device("cpu")
+    q, k, v = _qkv(head_dim=40)
+
+    def runs_on():
+        try:
+            ops.attention(q, k, v)
+        except ValueError as err:
+            assert "not supported by the Triton backend" in str(err)
+            return "triton"
+        return "torch"
+
+    assert ops.get_backend() == "auto" and resolve(cpu) == "torch" and runs_on() == "torch"
+    assert ops.describe_default("cpu").startswith("fastbert: ops on cpu run on backend 'torch' (usable: torch")
+    try:
+        ops.set_backend("triton")
+        assert resolve(cpu) == "triton" and runs_on() == "triton"
+        with ops.use_backend("torch"):
+            assert resolve(cpu) == "torch" and runs_on() == "torch"
+            with ops.use_backend("triton"):
+                assert resolve(cpu) == "triton" and runs_on() == "triton"
+            assert ops.get_backend() == "torch" and runs_on() == "torch", "the inner block did not restore the outer"
+        assert ops.get_backend() == "triton" and runs_on() == "triton", "the block did not restore set_backend's"
+    finally:
+        ops.set_backend("auto")
+    assert resolve(cpu) == "torch"
+
+
+# -- fake (meta) functions of the cuda custom ops ------------------------------------------------
+
+
+def test_cuda_custom_ops_fake_functions_match_the_ops(cuda_device, monkeypatch):
+    """torch.compile builds the graph from each registered cuda op's fake function; an output
+    shape or dtype that differs from what the op returns (lse's (B, H, S), y float32 beside a
+    half x under autocast, dbias in bias's dtype, span scores float32) miscompiles downstream.
+    Every op is run on real inputs (the CPU emulation without a GPU) and on fake ones: the outputs
+    must agree in shape, dtype and strides (torch.library.opcheck's fake-tensor test)."""
+    from test_model_backends import _cuda_attention_on
+    if cuda_device.type == "cuda" and "cuda" not in ops.available_backends(cuda_device):
+        pytest.skip("fastbert._C is not built here")
+    _cuda_attention_on(cuda_device, monkeypatch)
+    g = torch.Generator().manual_seed(5)
+
+    def rand(*shape, dtype=torch.float16):
+        return torch.randn(*shape, generator=g).to(device=cuda_device, dtype=dtype)
+
+    F = torch.ops.fastbert
+    q, k, v = rand(2, 8, 3, 32), rand(2, 8, 3, 32), rand(2, 8, 3, 32)
+    mask = torch.tensor([[True] * 8, [True] * 5 + [False] * 3], device=cuda_device)
+    out, lse, res = F.attention_fwd_cuda(q, k, v, mask, None, 8, 0.0, 0.2, None, True)
+    qp, kp, vp = rand(11, 3, 32), rand(11, 3, 32), rand(11, 3, 32)
+    cu = torch.tensor([0, 4, 11], dtype=torch.int32, device=cuda_device)
+    outp, lsep, _ = F.attention_fwd_cuda(qp, kp, vp, None, cu, 7, 0.0, 0.2, None, False)
+    x16, r32, w32, b32 = rand(3, 4, 16), rand(3, 4, 16, dtype=torch.float32), rand(16, dtype=torch.float32), rand(16, dtype=torch.float32)
+    _, _, mean, rstd = F.add_layernorm_fwd_cuda(x16, r32, w32, b32, 1e-5, 0.0, None, True)
+    _, mean1, rstd1 = F.layernorm_gelu_fwd_cuda(x16, w32, b32, 1e-5)
+    s, e = rand(2, 9), rand(2, 9)
+    calls = [
+        (F.attention_fwd_cuda, (q, k, v, mask, None, 8, 0.0, 0.2, None, True)),
+        (F.attention_fwd_cuda, (qp, kp, vp, None, cu, 7, 0.0, 0.2, None, False)),
+        (F.attention_bwd_cuda, (rand(2, 8, 3, 32), q, k, v, out, lse, mask, None, 8, 0.0, 0.2, None, res)),
+        (F.attention_bwd_cuda, (rand(11, 3, 32), qp, kp, vp, outp, lsep, None, cu, 7, 0.0, 0.2, None, None)),
+        (F.add_layernorm_fwd_cuda, (x16, r32, w32, b32, 1e-5, 0.0, None, True)),
+        (F.add_layernorm_fwd_cuda, (x16, x16, w32, b32, 1e-5, 0.0, None, False)),
+        (F.add_layernorm_bwd_cuda, (r32, x16, r32, w32, mean, rstd, 0.0, None, rand(3, 4, 16))),
+        (F.add_layernorm_bwd_cuda, (x16, x16, x16, w32, mean, rstd, 0.0, None, None)),
+        (F.layernorm_gelu_fwd_cuda, (x16, w32, b32, 1e-5)),
+        (F.layernorm_gelu_bwd_cuda, (rand(3, 4, 16), x16, w32, b32, mean1, rstd1)),
+        (F.bias_gelu_fwd_cuda, (x16, b32, "none")),
+        (F.bias_gelu_bwd_cuda, (rand(3, 4, 16), x16, b32, "tanh")),
+        (F.span_score_cuda, (s, e, None, 4, 3)),
+    ]
+    for op, args in calls:
+        torch.library.opcheck(op, args, test_utils="test_faketensor")
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_tensors_on_another_device_are_named(backend):
+    """Every tensor argument's device is checked (meta stands in for a second device), v and
+    bias included, not only the first ones."""
+    q, k, v = _qkv()
+    x, residual, weight, bias = _rows()
+    with ops.use_backend(backend):
+        with pytest.raises(ValueError, match="attention: q, k, v must be on one device, got cpu, cpu, meta"):
+            ops.attention(q, k, v.to("meta"))
+        with pytest.raises(ValueError, match="add_layernorm: bias is on meta but x is on cpu"):
+            ops.add_layernorm(x, residual, weight, bias.to("meta"), 1e-5)
+        with pytest.raises(TypeError, match="layernorm_gelu: bias must be a torch.Tensor, got float"):
+            ops.layernorm_gelu(x, weight, 0.0, 1e-5)
+
+
+# The interpreter computes the tile's padded rows too: with eps = 0 they divide 0 by 0 (never stored).
+@pytest.mark.filterwarnings("ignore:divide by zero encountered:RuntimeWarning")
+@pytest.mark.filterwarnings("ignore:invalid value encountered:RuntimeWarning")
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_layernorm_takes_eps_zero(backend):
+    """eps is a finite number >= 0: 0 is allowed (rows with spread need none)."""
+    x, residual, weight, bias = _rows()
+    with ops.use_backend(backend):
+        y = ops.add_layernorm(x, residual, weight, bias, 0.0)
+        z = ops.layernorm_gelu(x, weight, bias, 0)
+    h = (x + residual).double()
+    ref = (h - h.mean(-1, keepdim=True)) / h.var(-1, unbiased=False, keepdim=True).sqrt() * weight.double() + bias.double()
+    assert torch.allclose(y.double(), ref, atol=1e-5)
+    hx = x.double()
+    ref = (hx - hx.mean(-1, keepdim=True)) / hx.var(-1, unbiased=False, keepdim=True).sqrt() * weight.double() + bias.double()
+    assert torch.allclose(z.double(), torch.nn.functional.gelu(ref), atol=1e-5)
