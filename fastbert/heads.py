@@ -32,7 +32,7 @@ import torch.nn.functional as F
 from . import checkpoint
 from .config import BertConfig
 from .model import BertModel
-from .ops._backend import graph_capturing
+from .ops._backend import host_sync_allowed
 
 IGNORE_INDEX = -100
 
@@ -242,7 +242,7 @@ def _check_labels(labels, shape, num_labels, regression=False, column_ok=False):
         return
     if labels.is_floating_point() or labels.is_complex() or labels.dtype == torch.bool:
         raise TypeError(f"labels must be integer class ids, got {labels.dtype}")
-    if torch.compiler.is_compiling() or labels.numel() == 0 or graph_capturing(labels):
+    if labels.numel() == 0 or not host_sync_allowed(labels):
         return  # the range check needs a host sync: eager runs (a graph's warm-up runs included) make it
     wide = labels.long()  # uint8 would wrap IGNORE_INDEX to 156 and let a label 156 pass as "ignored"
     counted = torch.where(wide == IGNORE_INDEX, 0, wide)        # one host sync below, no boolean indexing

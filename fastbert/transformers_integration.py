@@ -33,7 +33,7 @@ import torch
 import torch.nn.functional as F
 
 from . import ops
-from .ops._backend import check_backend_name, graph_capturing
+from .ops._backend import check_backend_name, host_sync_allowed
 
 ATTN_IMPLEMENTATION = "fastbert"
 _GELU_APPROXIMATE = {"gelu": "none", "gelu_new": "tanh", "gelu_pytorch_tanh": "tanh"}
@@ -100,8 +100,7 @@ def _key_padding_bool(mask, batch, kv_length):
             # (transformers 5 hands this module bool masks from key_padding_mask below); none under a
             # CUDA graph capture, which refuses syncs (the eager warm-up runs check).
             keep = mask == 0
-            if (not torch.compiler.is_compiling() and not graph_capturing(mask)
-                    and not bool((keep | (mask <= _ADDITIVE_MASKED)).all())):
+            if host_sync_allowed(mask) and not bool((keep | (mask <= _ADDITIVE_MASKED)).all()):
                 raise ValueError("fastbert attention: a non-bool (batch, 1, 1, kv_length) attention_mask is additive "
                                  f"and must hold 0 (keep) or values <= {_ADDITIVE_MASKED:g} (masked), got values in "
                                  f"[{mask.min().item():g}, {mask.max().item():g}]; pass a 2D 0/1 or bool mask "

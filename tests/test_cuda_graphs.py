@@ -20,13 +20,13 @@ import torch
 import fastbert
 from conftest import DEVICE, ON_GPU
 from fastbert import heads, ops
+from fastbert.ops import _backend
 from test_determinism import backend_device, skip_without_extension  # noqa: F401 (a fixture)
 from test_model_backends import _cuda_attention_on
 
 pytest.importorskip("triton")
 
 A = importlib.import_module("fastbert.ops.attention")  # the package exports a function of that name
-M = importlib.import_module("fastbert.model")
 
 
 def _config(dropout, on_gpu):
@@ -91,7 +91,7 @@ def test_a_drawn_attention_seed_is_a_device_tensor_on_a_gpu(backend_device, monk
 
 
 def test_graph_capturing_is_true_only_for_a_gpu_tensor_under_capture(monkeypatch):
-    """graph_capturing(t), which the model and heads ask before a host sync: True exactly while a
+    """graph_capturing(t), which host_sync_allowed asks for the model and heads: True exactly while a
     capture runs and t is on a GPU (a stand-in with is_cuda=True plays the GPU tensor here). The
     opposite would skip the range checks in eager GPU runs and sync under capture."""
     from types import SimpleNamespace
@@ -142,8 +142,7 @@ def test_capture_makes_no_host_sync_in_a_training_step(backend, unpad, cuda_devi
     eager_loss, eager_grads = step()   # padded, as a capture runs it
     model.bert.unpad = unpad
 
-    for module in (M, heads):
-        monkeypatch.setattr(module, "graph_capturing", lambda t: True)
+    monkeypatch.setattr(_backend, "graph_capturing", lambda t: True)  # host_sync_allowed asks it
     with _host_reads_refused(monkeypatch):
         loss, grads = step()
     assert torch.equal(loss, eager_loss)
@@ -158,7 +157,7 @@ def test_capture_makes_no_host_sync_in_a_transformers_additive_mask(monkeypatch)
     mask = torch.zeros(2, 1, 1, 5)
     mask[1, ..., 3:] = torch.finfo(torch.float32).min
     eager = T._key_padding_bool(mask, 2, 5)
-    monkeypatch.setattr(T, "graph_capturing", lambda t: True)
+    monkeypatch.setattr(_backend, "graph_capturing", lambda t: True)
     with _host_reads_refused(monkeypatch):
         captured = T._key_padding_bool(mask, 2, 5)
     assert torch.equal(captured, eager) and eager.tolist() == [[True] * 5, [True] * 3 + [False] * 2]

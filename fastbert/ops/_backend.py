@@ -34,6 +34,13 @@ def graph_capturing(t: torch.Tensor) -> bool:
     return t.is_cuda and torch.cuda.is_current_stream_capturing()
 
 
+def host_sync_allowed(t: torch.Tensor) -> bool:
+    """May a check read t's values on the host now? Not while torch.compile traces (a graph
+    break) nor during a CUDA graph capture (refused): the eager runs, a graph's warm-up runs
+    included, make such checks."""
+    return not torch.compiler.is_compiling() and not graph_capturing(t)
+
+
 @functools.lru_cache(maxsize=None)
 def triton_importable() -> bool:
     return importlib.util.find_spec("triton") is not None
