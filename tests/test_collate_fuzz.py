@@ -86,6 +86,36 @@ def test_collate_takes_numpy_and_torch_labels():
         collate([dict(base[0], labels=1), base[1]])
 
 
+def test_collate_pad_ids_given_masks_and_mixed_labels():
+    """What the generated cases above leave at one value: the pad id (BERT's [PAD] is 0, the default,
+    so a collate that ignored pad_token_id would pass them), the label pad id, an attention_mask the
+    features bring (kept, as transformers' DataCollatorWithPadding keeps it), and int and float scores
+    mixed in one batch (a regression batch: float32, not cut to int64)."""
+    feats = [{"input_ids": [5, 6, 7], "attention_mask": [1, 1, 0], "labels": [0, -100, 2]},
+             {"input_ids": [5], "labels": [1]}]
+    out = collate(feats, pad_token_id=9, label_pad_id=-1)
+    assert out["input_ids"].tolist() == [[5, 6, 7], [5, 9, 9]]
+    assert out["attention_mask"].tolist() == [[1, 1, 0], [1, 0, 0]]
+    assert out["labels"].tolist() == [[0, -100, 2], [1, -1, -1]]
+    assert out["token_type_ids"].tolist() == [[0, 0, 0], [0, 0, 0]]
+    mixed = collate([{"input_ids": [1], "labels": 3}, {"input_ids": [1], "labels": 2.5}])["labels"]
+    assert mixed.dtype == torch.float32 and mixed.tolist() == [3.0, 2.5]
+
+
+def test_bucket_sampler_seeds_do_not_share_epochs():
+    """Each (seed, epoch) has its own order: with seed + epoch as the stream, seed 0's second epoch
+    would be seed 1's first, and two runs meant to differ by seed would train on the same batch orders."""
+    lengths = [(7 * i) % 23 + 1 for i in range(40)]
+
+    def order(seed, epoch):
+        s = LengthBucketSampler(lengths, 4, shuffle=True, bucket=True, chunk_batches=2, seed=seed)
+        s.set_epoch(epoch)
+        return s.batches()
+
+    orders = [order(seed, epoch) for seed in range(3) for epoch in range(3)]
+    assert all(a != b for i, a in enumerate(orders) for b in orders[i + 1:])
+
+
 @SETTINGS
 @given(lengths=st.lists(st.integers(1, 64), max_size=120), batch_size=st.integers(1, 9),
        chunk_batches=st.integers(1, 4), shuffle=st.booleans(), bucket=st.booleans(), drop_last=st.booleans(),

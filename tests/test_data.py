@@ -112,6 +112,11 @@ def test_byte_order_mark(tmp_path):
     ("s1\ts2\tscore\na\tb\t1.5\na\tb\thigh\n", {"text_cols": ("s1", "s2"), "label_col": "score",
                                                 "regression": True}, r"bad\.tsv:3: label 'high' is not a number"),
     ("a\t1\nb\n", {"text_cols": (0,), "label_col": 1, "header": False}, r"bad\.tsv:2: expected 2"),
+    # float() reads these; a NaN or infinite score poisons the MSE loss and every correlation
+    ("s1\ts2\tscore\na\tb\t1.5\na\tb\tnan\n", {"text_cols": ("s1", "s2"), "label_col": "score",
+                                                "regression": True}, r"bad\.tsv:3: label 'nan' is not finite"),
+    ("s1\ts2\tscore\na\tb\t-inf\n", {"text_cols": (0, 1), "label_col": 2, "regression": True},
+     r"bad\.tsv:2: label '-inf' is not finite"),
 ])
 def test_glue_malformed_rows_name_file_and_line(tmp_path, body, kwargs, match):
     path = write(tmp_path, "bad.tsv", body)
@@ -131,6 +136,13 @@ def test_glue_bad_arguments(tmp_path):
         read_glue(path, text_cols=(0, 0, 0), label_col=1, header=False)
     with pytest.raises(ValueError, match="out of range"):
         read_glue(path, text_cols=(5,), label_col=1, header=False)
+    # the bounds themselves: index == width is one past the last column (past the check it would be an
+    # IndexError on the first row), -width is the first column
+    with pytest.raises(ValueError, match=r"column 2 is out of range: .*x\.tsv has 2 columns"):
+        read_glue(path, text_cols=(2,), label_col=1, header=False)
+    with pytest.raises(ValueError, match=r"column -3 is out of range"):
+        read_glue(path, text_cols=(0,), label_col=-3, header=False)
+    assert read_glue(path, text_cols=(-2,), label_col=-1, header=False).texts == ["a"]
 
 
 def test_glue_user_mistakes(tmp_path):
@@ -139,6 +151,8 @@ def test_glue_user_mistakes(tmp_path):
     path = write(tmp_path, "nli.tsv", "id\tpremise\thypothesis\tgold\n1\tA\tB\tyes\n")
     data = read_glue(path, text_cols=("1", "2"), label_col="3")
     assert (data.texts, data.pairs, data.label_names) == (["A"], ["B"], ["yes"])
+    from_end = read_glue(path, text_cols=("-3", "-2"), label_col="-1")  # `--label-col -1`: the last column
+    assert (from_end.texts, from_end.pairs, from_end.label_names) == (["A"], ["B"], ["yes"])
     json_file = write(tmp_path, "squad.json", '{"data": "' + "x" * 200_000 + '"}\n')
     with pytest.raises(DataFormatError, match=r"squad\.json:1: not a readable tab-separated line"):
         read_glue(json_file, "sst2")
@@ -148,6 +162,55 @@ def test_glue_user_mistakes(tmp_path):
         read_glue(latin, "sst2")
     with pytest.raises(ValueError, match="max_rows must be >= 1"):
         read_glue(path, text_cols=(1,), label_col=3, max_rows=0)
+
+
+def test_glue_blank_lines_label_whitespace_and_crlf(tmp_path):
+    """A line of spaces is a blank line (skipped, not a 1-column row); a label keeps no surrounding
+    spaces, and a file saved with Windows line ends reads like the same file with '\\n'."""
+    data = read_glue(write(tmp_path, "ws.tsv", "sentence\tlabel\ngood\t1 \n   \nbad\t 0\n"), "sst2")
+    assert (data.texts, data.labels, data.lines) == (["good", "bad"], [1, 0], [2, 4])
+    crlf = tmp_path / "crlf.tsv"
+    crlf.write_bytes(b"sentence\tlabel\r\ngood\t1\r\nbad\t0\r\n")
+    data = read_glue(crlf, "sst2")
+    assert (data.texts, data.labels) == (["good", "bad"], [1, 0])
+
+
+def test_unlabeled_file_keeps_the_fixed_label_list(tmp_path):
+    """A GLUE test set has no label column: its rows carry no labels, but the head still needs the
+    task's classes (an unlabeled SST-2 file is still a 2-class problem, not a 1-wide regression)."""
+    path = write(tmp_path, "test.tsv", "index\tsentence\n0\tfine\n1\tdull\n")
+    data = read_glue(path, "sst2", label_col=None)
+    assert data.labels is None and data.label_names == ["0", "1"] and data.num_labels == 2
+    assert not data.is_regression
+    custom = read_glue(path, text_cols=("sentence",), label_col=None, labels=["neg", "pos"])
+    assert custom.label_names == ["neg", "pos"] and custom.num_labels == 2
+    assert read_glue(path, text_cols=("sentence",), label_col=None).label_names is None
+
+
+def test_explicit_regression_overrides_the_preset_labels(tmp_path):
+    """Any keyword given explicitly overrides the preset: regression=True on a classification preset
+    reads the labels as scores (the preset's class list must not come along and clash with it)."""
+    path = write(tmp_path, "sst2.tsv", "sentence\tlabel\nfine\t1\ndull\t0\n")
+    data = read_glue(path, "sst2", regression=True)
+    assert data.labels == [1.0, 0.0] and data.is_regression and data.label_names is None
+    with pytest.raises(ValueError, match="exclude each other"):
+        read_glue(path, "sst2", regression=True, labels=["0", "1"])
+
+
+def test_encode_glue_truncates_the_longer_text_of_a_pair(tok, hf_tok):
+    """Pairs are cut longest_first, as transformers' run_glue does (truncation=True): a short first
+    text and a long second one lose tokens from the second (RTE's long premise hides the strategy:
+    there the longer text is the first)."""
+    long = "the film drags on and on without a single idea worth keeping " * 3
+    texts, pairs = ["Fine.", "Is it good?", long], [long, "No.", long]
+    data = dataclasses.replace(read_glue(sample_path("sst2_sample_dev.tsv"), "sst2", max_rows=3),
+                               texts=texts, pairs=pairs)
+    feats = encode_glue(data, tok, max_length=24)
+    ref = hf_tok(texts, pairs, truncation=True, max_length=24)
+    assert [f["input_ids"] for f in feats] == ref["input_ids"]
+    assert [f["token_type_ids"] for f in feats] == ref["token_type_ids"]
+    assert [len(f["input_ids"]) for f in feats] == [24, len(ref["input_ids"][1]), 24]
+    assert feats[0]["token_type_ids"].count(0) == len(tok.tokenize("Fine.")) + 2  # the first text whole
 
 
 def test_encode_glue_pairs(tok):
@@ -188,9 +251,14 @@ def test_conllu_dev_counts_and_first_sentence():
     assert sents[0].words == ["From", "the", "AP", "comes", "this", "story", ":"]
     assert sents[0].tags == ["ADP", "DET", "PROPN", "VERB", "DET", "NOUN", "PUNCT"]
     assert sents[0].line == 5
-    assert set(tag_names(sents)) == set(UPOS_TAGS)
+    # sorted, not a set's order (which changes with PYTHONHASHSEED): the label ids of a model trained
+    # without a fixed tag list are positions in this list
+    assert tag_names(sents) == sorted(UPOS_TAGS)
     xpos = read_conllu(shared("ud_ewt/en_ewt-ud-dev.conllu"), tag="xpos", max_sentences=1)
-    assert xpos[0].tags == ["IN", "DT", "NNP", "VBZ", "DT", "NN", ":"]
+    assert len(xpos) == 1 and xpos[0].tags == ["IN", "DT", "NNP", "VBZ", "DT", "NN", ":"]
+    for n in (2, 7):  # `--max-train-examples`: exactly n sentences, the first n
+        assert [s.words for s in read_conllu(shared("ud_ewt/en_ewt-ud-dev.conllu"), max_sentences=n)] == \
+            [s.words for s in sents[:n]]
     # "didn't" is the range 29-30 over "did" + "n't": the range line is skipped
     assert any(s.words[28:30] == ["did", "n't"] for s in sents)
     assert not any("didn't" in s.words for s in sents)
@@ -254,8 +322,16 @@ def test_conll2003(tmp_path):
     assert [s.line for s in sents] == [3, 7, 10]
     assert read_conll2003(path, tag_col=1)[0].tags == ["NNP", "VBZ", "JJ"]
     assert len(read_conll2003(path, max_sentences=2)) == 2
+    assert [s.words for s in read_conll2003(path, max_sentences=1)] == [["EU", "rejects", "German"]]  # mid-file
     with pytest.raises(DataFormatError, match=r"ner\.txt:3: tag_col=7"):
         read_conll2003(path, tag_col=7)
+    # the bounds: 4 columns hold tag_col -4..3 (0 is the word); 4 is one past the last (an IndexError
+    # on the first token line if the check let it through)
+    with pytest.raises(DataFormatError, match=r"ner\.txt:3: tag_col=4 but the line has 4 columns"):
+        read_conll2003(path, tag_col=4)
+    with pytest.raises(DataFormatError, match=r"ner\.txt:3: tag_col=-5"):
+        read_conll2003(path, tag_col=-5)
+    assert read_conll2003(path, tag_col=3)[0].tags == read_conll2003(path)[0].tags
     bad = write(tmp_path, "bad.txt", "EU NNP B-NP B-ORG\nrejects VBZ O\n")
     with pytest.raises(DataFormatError, match=r"bad\.txt:2: expected 4 .*got 3"):
         read_conll2003(bad)
@@ -301,6 +377,25 @@ def test_tagging_format_from_content_not_name(tmp_path, tok):
         read_tagged(ragged)
 
 
+def test_tagging_format_edge_cases(tmp_path):
+    """Where the content is nearly CoNLL-U: a tab-separated CoNLL-2003-style file whose first word is a
+    number (a token id to the eye) is CoNLL-2003 unless the name says .conllu; only exactly 10 fields
+    make a CoNLL-U token line; the reason names the first CoNLL-U comment."""
+    from fastbert.data.tagging import detect_tagging_format, read_tagged
+
+    years = "1984\tNUM\nwas\tAUX\n\nfine\tADJ\n"
+    fmt, why = detect_tagging_format(write(tmp_path, "years.txt", years))
+    assert fmt == "conll2003" and "line 1 has 2 tab-separated fields" in why
+    assert [s.words for s in read_tagged(tmp_path / "years.txt")] == [["1984", "was"], ["fine"]]
+    fmt, why = detect_tagging_format(write(tmp_path, "years.conllu", years))
+    assert fmt == "conllu" and "named .conllu" in why
+    eleven = "1\t" + "\t".join(["x"] * 10) + "\n"
+    fmt, why = detect_tagging_format(write(tmp_path, "eleven.txt", eleven))
+    assert fmt == "conll2003" and "line 1 has 11 tab-separated fields" in why
+    two_comments = write(tmp_path, "two.txt", "# sent_id = 1\n# text = ok\n1\tok\tok\tADJ\n")
+    assert detect_tagging_format(two_comments) == ("conllu", "line 1 is a CoNLL-U comment ('# sent_id = 1')")
+
+
 # --- tagging encoder --------------------------------------------------------------------------
 
 def test_tagging_first_subword_matches_transformers(tok, hf_tok):
@@ -332,6 +427,11 @@ def test_encode_words_and_unknown_tag(tok):
         encode_tagging([TaggedSentence(["a"], ["ZZZ"], 7)], tok, UPOS_TAGS)
     with pytest.raises(TypeError, match=r"word_lists\[0\]\[1\]"):
         encode_words(tok, [["a", 3]])
+    # encode_words sets truncation on the tokenizers object it shares with the Tokenizer; it must take
+    # it off again (tokenize() and the SQuAD question cut encode through that object without resetting)
+    long = "word " * 40
+    encode_words(tok, [long.split()], max_length=8)
+    assert tok._tok.truncation is None and len(tok.tokenize(long)) == 40
 
 
 def test_unknown_tag_names_the_file(tmp_path, tok):
@@ -399,6 +499,8 @@ def test_squad_features_answer_mapping(tok, squad):
         ctx = [i for i, m in enumerate(f["context_mask"]) if m]
         assert ctx == list(range(ctx[0], n - 1))  # passage tokens run up to the final [SEP]
         assert all(f["token_type_ids"][i] == 1 for i in ctx)
+        # question and special tokens: (0, 0), as documented (their own offsets point into the question)
+        assert all(o == (0, 0) for o, m in zip(f["offsets"], f["context_mask"]) if not m)
         char_start = ex.answer_starts[0]
         char_end = char_start + len(ex.answers[0])
         inside = f["offsets"][ctx[0]][0] <= char_start and char_end <= f["offsets"][ctx[-1]][1]
@@ -440,6 +542,51 @@ def test_squad_long_question_and_bad_sizes(tok):
     assert feats[0]["start_positions"] > 0
     with pytest.raises(ValueError, match="stride=128"):
         build_squad_features([ex], tok, max_length=192, stride=128)
+
+
+def test_squad_window_room_bound_is_exact(tok):
+    """The windows need more passage tokens than the stride after a question of max_question_tokens
+    and the 3 special tokens: room == stride is refused with the flags to change, room == stride + 1
+    works even for a question of the full max_question_tokens."""
+    context = " ".join(f"w{i}" for i in range(80))
+    short = SquadExample("s", "t", "Who?", context, ["w40"], [context.index("w40")])
+    with pytest.raises(ValueError, match=r"max_length=27 \(--max-seq-len\) leaves 16 passage tokens after a "
+                                         r"8-token question"):
+        build_squad_features([short], tok, max_length=3 + 8 + 16, stride=16, max_question_tokens=8)
+    full = SquadExample("f", "t", "one two three four five six seven eight", context, ["w40"],
+                        [context.index("w40")])
+    assert len(tok.tokenize(full.question)) == 8
+    for ex in (short, full):
+        feats = build_squad_features([ex], tok, max_length=3 + 8 + 17, stride=16, max_question_tokens=8)
+        assert len(feats) > 1 and all(len(f["input_ids"]) <= 28 for f in feats)
+        ctx = [[t for t, m in zip(f["input_ids"], f["context_mask"]) if m] for f in feats]
+        assert all(a[-16:] == b[:16] for a, b in zip(ctx, ctx[1:]))  # consecutive windows share the stride
+
+
+def test_squad_features_do_not_depend_on_the_chunk(tok, squad):
+    """Examples are tokenized chunk by chunk; example_index is the position in `examples`, not in the
+    chunk (a chunk-relative index would point example 5's windows at example 1 with chunk=4, and take
+    their answers from another passage; the default chunk of 1024 hides it in every other test)."""
+    examples = _window_examples(squad, n=6)[:9]
+    whole = build_squad_features(examples, tok, max_length=128, stride=32)
+    assert max(f["example_index"] for f in whole) == len(examples) - 1
+    for chunk in (1, 4):
+        assert build_squad_features(examples, tok, max_length=128, stride=32, chunk=chunk) == whole
+    one_by_one = [dict(f, example_index=i) for i, ex in enumerate(examples)
+                  for f in build_squad_features([ex], tok, max_length=128, stride=32)]
+    assert one_by_one == whole
+
+
+def test_n_best_lists_only_real_spans(tok):
+    """A short passage holds fewer spans than n_best: the list has just those (span_score pads its top-k
+    with (-1, -1, -inf); such a slot read as a span would add an empty answer at -inf)."""
+    ex = SquadExample("q", "t", "Which?", "red blue", [], [])
+    feat, = build_squad_features([ex], tok, max_length=16, stride=2, max_question_tokens=4)
+    g, width = torch.Generator().manual_seed(0), len(feat["input_ids"])
+    start, end = torch.randn(1, width, generator=g), torch.randn(1, width, generator=g)
+    got = predict_answers([ex], [feat], start, end, n_best=20, return_n_best=True)["q"]
+    assert sorted(text for text, _ in got) == ["blue", "red", "red blue"]
+    assert all(score > float("-inf") for _, score in got)
 
 
 def test_predict_answers_from_gold_positions(tok, squad):
@@ -561,6 +708,9 @@ def test_duplicate_question_ids_are_refused(tmp_path, tok):
         read_squad(_squad_file(tmp_path, "noid.json", [[{"id": "q1"}, {}]]))
     ok = read_squad(_squad_file(tmp_path, "ok.json", [[{"id": "q1"}], [{"id": "q2"}]]))
     assert [e.id for e in ok] == ["q1", "q2"]
+    three = _squad_file(tmp_path, "three.json", [[{"id": "q1"}, {"id": "q2"}], [{"id": "q3"}]])
+    assert [[e.id for e in read_squad(three, max_examples=n)] for n in (1, 2, 3, 4)] == \
+        [["q1"], ["q1", "q2"], ["q1", "q2", "q3"], ["q1", "q2", "q3"]]  # `--max-train-examples`
     # examples built in code: predict_answers refuses the collision itself
     examples = [SquadExample("q1", "t", "Who sat?", "The cat sat on the mat.", [], []),
                 SquadExample("q1", "t", "Where?", "The cat sat on the mat.", [], [])]
@@ -770,6 +920,18 @@ def test_make_loader_end_to_end(tok):
     assert sum(len(b["labels"]) for b in batches) == 500
     for b in batches:
         assert b["input_ids"].shape[1] == b["attention_mask"].sum(1).max()  # padded to the batch's longest
+
+
+def test_make_loader_passes_its_options_on():
+    """make_loader's pad_token_id, pad_to_multiple_of and drop_last reach collate and the sampler
+    (BERT's [PAD] id is 0, collate's default: a pad id left behind would look right elsewhere)."""
+    feats = [{"input_ids": [101] + [7] * n + [102], "labels": n % 2} for n in range(5)]
+    loader = make_loader(feats, batch_size=2, pad_token_id=3, pad_to_multiple_of=4)
+    first = next(iter(loader))
+    assert first["input_ids"].tolist() == [[101, 102, 3, 3], [101, 7, 102, 3]]
+    assert [b["input_ids"].shape[0] for b in loader] == [2, 2, 1] and len(loader) == 3
+    dropped = make_loader(feats, batch_size=2, drop_last=True)
+    assert [b["labels"].tolist() for b in dropped] == [[0, 1], [0, 1]] and len(dropped) == 2
 
 
 def test_squad_preset_defaults_make_windows(tok):

@@ -139,3 +139,93 @@ def test_evaluate_qa_is_the_official_score_of_its_answers(tok):
           for e in examples]
     assert scores["exact_match"] == pytest.approx(100 * sum(em) / 2)
     assert scores == metrics.squad_scores(answers, {e.id: e.answers for e in examples})
+
+
+# --- what the evaluate tests above cannot see: both sides of their comparisons share the code --------
+
+def test_glue_presets_kind_follows_their_columns():
+    """A preset's kind says how `fastbert predict` reads inputs (a pair model takes text<TAB>text_b):
+    it must agree with the GLUE preset's columns (two text columns: pair; no label list: regression)."""
+    from fastbert import data
+
+    for name, task in data.TASKS.items():
+        kind = "regression" if task.is_regression else ("pair" if len(task.text_cols) == 2 else "single")
+        assert tasks.TaskSpec.preset(name).kind == kind, name
+        assert tasks.TaskSpec.preset(name).labels == (None if task.labels is None else list(task.labels)), name
+
+
+def test_custom_tsv_dev_labels_use_the_training_label_ids(tmp_path, tok):
+    """A custom TSV task discovers its labels in the training file; the dev file is read with that list.
+    Rediscovered there, a dev file holding only 'pos' rows would get ['pos'] and score every 'pos' as
+    id 0 ('neg')."""
+    train = tmp_path / "train.tsv"
+    train.write_text("text\tgold\na fine film\tpos\na dull film\tneg\n")
+    dev = tmp_path / "dev.tsv"
+    dev.write_text("text\tgold\nlovely\tpos\ngreat\tpos\n")
+    spec = tasks.TaskSpec(name="custom", kind="single", text_cols=["text"], label_col="gold")
+    assert [f["labels"] for f in tasks.read(spec, train, tok).features] == [1, 0]
+    assert spec.labels == ["neg", "pos"]
+    assert [f["labels"] for f in tasks.read(spec, dev, tok).features] == [1, 1]
+    bad = tmp_path / "bad.tsv"
+    bad.write_text("text\tgold\nmeh\tneutral\n")
+    with pytest.raises(fastbert.data.DataFormatError, match=r"bad\.tsv:2: label 'neutral' is not one of"):
+        tasks.read(spec, bad, tok)
+
+
+def test_custom_tsv_regression_reads_scores(tmp_path, tok):
+    """A custom (non-GLUE) regression task: float labels, no label list (read as classes, the scores
+    would become class ids 0, 1, 2 of their sorted order)."""
+    path = tmp_path / "scores.tsv"
+    path.write_text("a fine film\t4.5\na dull film\t0.5\nok\t2\n")
+    spec = tasks.TaskSpec(name="custom", kind="regression", text_cols=["0"], label_col="1", header=False)
+    assert [f["labels"] for f in tasks.read(spec, path, tok).features] == [4.5, 0.5, 2.0]
+    assert spec.labels is None
+
+
+def test_predict_logits_rows_are_each_features_own():
+    """predict_logits batches features sorted by length; each result must be the model's output on that
+    feature alone (the evaluate tests compare predict_logits with itself, so rows put back in batch
+    order instead of feature order would pass them)."""
+    torch.manual_seed(0)
+    feats = _features(10, lambda i, n: [0] * n, seed=3)
+    assert len({len(f["input_ids"]) for f in feats}) > 3  # lengths differ: the sort moves rows
+    for model in (heads.BertForSequenceClassification(fastbert.BertConfig(**TINY), num_labels=3),
+                  heads.BertForTokenClassification(fastbert.BertConfig(**TINY), num_labels=4)):
+        model.eval()
+        got = tasks.predict_logits(model, feats, batch_size=4)
+        for f, logits in zip(feats, got):
+            with torch.no_grad():
+                alone = model(input_ids=torch.tensor([f["input_ids"]]),
+                              token_type_ids=torch.tensor([f["token_type_ids"]])).logits[0]
+            assert logits.shape == alone.shape and torch.allclose(logits, alone, atol=1e-5)
+
+
+def test_answers_from_logits_reads_start_then_end(tok):
+    """predict_logits gives a QA feature (seqlen, 2) logits: column 0 start, column 1 end (the
+    BertForQuestionAnswering / transformers layout). Peaks at 'Denver' (start) and 'Broncos' (end)
+    give 'Denver Broncos'."""
+    from fastbert.data import SquadExample, build_squad_features
+
+    context = "The Denver Broncos beat the Carolina Panthers in Super Bowl 50 at Levi's Stadium in Santa Clara."
+    examples = [SquadExample("q1", "t", "Who won?", context, ["Denver Broncos"], [4])]
+    feats = build_squad_features(examples, tok, max_length=64, stride=8, max_question_tokens=8)
+    f = feats[0]
+    denver = next(t for t, o in enumerate(f["offsets"]) if f["context_mask"][t] and o[0] == 4)
+    broncos = next(t for t, o in enumerate(f["offsets"]) if f["context_mask"][t] and o[1] == 18)
+    assert denver < broncos
+    logits = [torch.zeros(len(g["input_ids"]), 2) for g in feats]
+    logits[0][denver, 0] = logits[0][broncos, 1] = 10.0
+    model = torch.nn.Linear(1, 1)  # only its device is read
+    spec = tasks.TaskSpec(name="qa", kind="qa", max_seq_len=64, doc_stride=8, max_question_len=8)
+    assert tasks.answers_from_logits(model, spec, examples, feats, logits) == {"q1": "Denver Broncos"}
+
+
+def test_evaluate_multiclass_reports_accuracy_only():
+    """F1 and Matthews here are the binary ones (positive class 1): a 3-class task reports accuracy."""
+    torch.manual_seed(0)
+    model = heads.BertForSequenceClassification(fastbert.BertConfig(**TINY), num_labels=3)
+    spec = tasks.TaskSpec(name="x", kind="single", labels=["a", "b", "c"])
+    feats = _features(12, lambda i, n: i % 3)
+    preds = torch.stack(_logits(model, feats)).argmax(-1).numpy()
+    expected = sklearn.metrics.accuracy_score([f["labels"] for f in feats], preds)
+    assert tasks.evaluate(model, spec, tasks.TaskData(feats)) == {"accuracy": pytest.approx(expected)}

@@ -79,6 +79,20 @@ def test_padding_to_max_length_and_bad_calls(both):
         ours(["word " * 600], truncation=False)
 
 
+def test_decode_bounds_and_pair_room(both):
+    """decode takes ids 0..vocab_size-1 (the last id decodes, vocab_size is refused: tokenizers skips
+    an unknown id without a word); a pair needs room for its 3 special tokens."""
+    ours, theirs = both
+    last = ours.vocab_size - 1
+    assert ours.decode([last]) == theirs.decode([last])
+    with pytest.raises(ValueError, match=rf"ids\[1\] = {ours.vocab_size} is outside the vocabulary"):
+        ours.decode([101, ours.vocab_size])
+    with pytest.raises(ValueError, match="max_length must leave room for the special tokens, got 3"):
+        ours(["a"], ["b"], max_length=3)
+    assert ours(["a"], ["b"], max_length=4, padding=False, return_tensors=False)["input_ids"] == \
+        theirs(["a"], ["b"], max_length=4, truncation=True)["input_ids"]
+
+
 def test_vocab_txt_fallback_matches(tmp_path, both):
     ours, _ = both
     folder = fastbert.default_model_path()
