@@ -283,3 +283,73 @@ def test_saved_config_names_the_saved_dtype(tmp_path):
     fastbert.BertModel.from_pretrained(tmp_path / "half").save_pretrained(tmp_path / "ours")
     assert json.loads((tmp_path / "ours" / "config.json").read_text())["dtype"] == "float32"
     assert transformers.AutoModel.from_pretrained(str(tmp_path / "ours")).dtype == torch.float32
+
+
+# -- audit: atomic writes, which file is read, weights_only -------------------------------------------
+
+
+def test_a_failed_atomic_write_keeps_the_old_file_and_leaves_no_temporary(tmp_path, monkeypatch):
+    """A write that fails part way (disk full at the fsync) leaves the previous file whole and no
+    .tmp file beside it: checkpoint folders are kept, and each failed save would leave one behind."""
+    import os
+
+    path = tmp_path / "model.safetensors"
+    path.write_bytes(b"previous")
+
+    def disk_full(fd):
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr(os, "fsync", disk_full)
+    with pytest.raises(OSError, match="No space left"):
+        checkpoint.atomic_write_bytes(path, b"new contents")
+    assert path.read_bytes() == b"previous"
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["model.safetensors"]
+
+
+def test_atomic_write_makes_the_data_durable_before_the_rename(tmp_path, monkeypatch):
+    """The rename is atomic, but without an fsync of the file first a power cut can leave the new
+    name pointing at an empty or partial file (ext4's delayed allocation): the data is synced, then
+    renamed."""
+    import os
+    import stat
+
+    events = []
+    real_fsync, real_replace = os.fsync, os.replace
+
+    def fsync(fd):
+        if stat.S_ISREG(os.fstat(fd).st_mode):
+            events.append(("fsync", os.path.realpath(f"/proc/self/fd/{fd}")))
+        return real_fsync(fd)
+
+    def replace(src, dst):
+        events.append(("replace", os.path.realpath(src)))
+        return real_replace(src, dst)
+
+    monkeypatch.setattr(os, "fsync", fsync)
+    monkeypatch.setattr(os, "replace", replace)
+    checkpoint.atomic_write_bytes(tmp_path / "latest", b"checkpoint-6\n")
+    assert [kind for kind, _ in events] == ["fsync", "replace"] and events[0][1] == events[1][1], events
+    assert (tmp_path / "latest").read_bytes() == b"checkpoint-6\n"
+
+
+def test_safetensors_is_read_before_a_pytorch_model_bin_in_the_same_folder(tmp_path):
+    """A folder can hold both (an old pytorch_model.bin left beside the model.safetensors a later save
+    wrote): transformers reads model.safetensors, and so must we, or the two would load other weights."""
+    torch.manual_seed(0)
+    model = fastbert.BertModel(fastbert.BertConfig(**CONFIG)).eval()
+    model.save_pretrained(tmp_path)
+    stale = {k: torch.zeros_like(v) for k, v in load_file(str(tmp_path / "model.safetensors")).items()}
+    torch.save(stale, tmp_path / "pytorch_model.bin")
+    again = fastbert.BertModel.from_pretrained(tmp_path)
+    for name, tensor in model.state_dict().items():
+        assert torch.equal(again.state_dict()[name], tensor), name
+
+
+def test_pickle_with_code_is_refused_even_where_torch_would_unpickle_it(tmp_path, monkeypatch):
+    """weights_only=True must be passed, not left to torch's default: the default is False before
+    torch 2.6, and TORCH_FORCE_NO_WEIGHTS_ONLY_LOAD=1 turns it off in any version."""
+    fastbert.BertConfig(**CONFIG).to_json(tmp_path / "config.json")
+    torch.save({"weights": torch.zeros(2), "payload": print}, tmp_path / "pytorch_model.bin")
+    monkeypatch.setenv("TORCH_FORCE_NO_WEIGHTS_ONLY_LOAD", "1")
+    with pytest.raises(ValueError, match="could not be loaded with weights_only=True"):
+        fastbert.BertModel.from_pretrained(tmp_path)

@@ -403,3 +403,45 @@ def test_metrics_json_refuses_what_it_cannot_clean():
         '{"a": [null, 1.0], "b": {"c": null}}'
     with pytest.raises(ValueError, match="Out of range float"):
         fastbert.cli.metrics_json({"a": {float("nan")}}, default=list)          # a NaN inside a set
+
+
+# -- audit: every finetune setting reaches the run, and metrics.json says what ran --------------------
+
+
+def test_finetune_settings_reach_the_trainer_and_metrics_json(tmp_path, capsys, sst2_slice, monkeypatch):
+    """Each flag is checked at the place it acts: the checkpoint's record of the run (what resume
+    compares) holds the batch size, accumulation, seed, bucketing, schedule and update settings given
+    (a flag dropped on the way to TrainConfig trains with its default and no error); the new head is
+    drawn after torch.manual_seed(--seed), so a run is repeatable; metrics.json names what was trained
+    and where the model went. The tests above pass defaults, which a dropped flag also gives."""
+    from fastbert import tasks
+
+    drawn, real_build = [], tasks.build_model
+
+    def build_model(*args, **kwargs):
+        model = real_build(*args, **kwargs)
+        drawn.append(model.classifier.weight.detach().clone())      # the new head, before any training
+        return model
+
+    monkeypatch.setattr(tasks, "build_model", build_model)
+    out = tmp_path / "run"
+    assert fastbert.cli.main(["finetune", "--task", "sst2", "--train", str(sst2_slice), "--out", str(out),
+                              "--max-steps", "1", "--batch-size", "1", "--grad-accum", "2", "--lr", "3e-4",
+                              "--weight-decay", "0.2", "--warmup-ratio", "0.5", "--seed", "7", "--no-bucket",
+                              "--max-seq-len", "16", "--no-progress", "--device", "cpu"]) == 0
+    state = torch.load(out / (out / "latest").read_text().strip() / "trainer_state.pt", weights_only=True)
+    assert json.loads(state["run"]) == {"examples": 2, "batch_size": 1, "grad_accum": 2, "seed": 7,
+                                        "bucket_by_length": False, "total_steps": 1, "lr": 3e-4, "warmup_ratio": 0.5,
+                                        "weight_decay": 0.2, "max_grad_norm": 1.0}
+    torch.manual_seed(7)
+    expected = real_build(tasks.TaskSpec.preset("sst2", max_seq_len=16), "default").classifier.weight
+    assert len(drawn) == 1 and torch.equal(drawn[0], expected)          # the head --seed 7 draws
+
+    summary = json.loads((out / "metrics.json").read_text())
+    assert {k: summary[k] for k in ("task", "kind", "model", "device", "backend", "unpad", "gradient_checkpointing",
+                                    "compile", "train_features", "saved_to", "steps", "final_metrics")} == {
+        "task": "sst2", "kind": "single", "model": "default", "device": "cpu", "backend": "auto", "unpad": False,
+        "gradient_checkpointing": False, "compile": None, "train_features": 2, "saved_to": str(out / "model"),
+        "steps": 1, "final_metrics": summary["epochs"][-1]}
+    assert summary["epochs"][-1]["train_loss"] > 0 and summary["total_wall_time_s"] >= summary["wall_time_s"] > 0
+    assert summary["tokens_per_s"] > 0 and 0 < summary["train_time_s"] <= summary["wall_time_s"]

@@ -192,3 +192,49 @@ def test_head_weights_that_do_not_fit_are_reported(tmp_path):
     with warnings.catch_warnings():
         warnings.simplefilter("error")                                  # a head that fits, or none at all: silent
         heads.BertForSequenceClassification.from_pretrained("default", num_labels=3)
+
+
+# -- audit: initialisation range and training-mode dropout ------------------------------------------
+
+
+@pytest.mark.parametrize("make", [lambda c: heads.BertForSequenceClassification(c, num_labels=3),
+                                  lambda c: heads.BertForTokenClassification(c, num_labels=3),
+                                  heads.BertForQuestionAnswering], ids=["sequence", "token", "qa"])
+def test_new_head_std_is_the_configs_initializer_range(make):
+    """BERT (transformers' _init_weights) draws a new head from normal(0, initializer_range): a config
+    with another range gets that std, not a hard-coded 0.02 (the default model's range, so
+    test_new_head_is_initialised_like_bert cannot tell the two apart). 64-96 draws of std 0.5 here."""
+    torch.manual_seed(0)
+    model = make(fastbert.BertConfig(**CONFIG, initializer_range=0.5))
+    weight = model.head.weight
+    assert 0.25 < weight.std().item() < 0.75 and abs(weight.mean().item()) < 0.25, weight.std().item()   # 0.02: far off
+    assert model.head.bias.abs().max() == 0
+
+
+@pytest.mark.parametrize("make_ours, hf_class, hf_kwargs, make_targets", CASES[:1] + CASES[2:],
+                         ids=["sequence", "token", "qa"])
+def test_training_mode_head_dropout_is_transformers(tmp_path, make_ours, hf_class, hf_kwargs, make_targets):
+    """In training, transformers drops out the encoder output before the classifier of sequence and
+    token classification (p = classifier_dropout, else hidden_dropout_prob) and applies none before
+    qa_outputs. With the encoder's own dropout off and the head's at 0.5, one seed draws the same
+    mask in both: the logits and loss must agree, so a head that skips its dropout (tagging) or adds
+    one (question answering) shows. Eval-mode tests cannot see either."""
+    config = fastbert.BertConfig(**CONFIG, hidden_dropout_prob=0.0, attention_probs_dropout_prob=0.0)
+    config.extra["classifier_dropout"] = 0.5
+    torch.manual_seed(0)
+    ours = make_ours(config).train()
+    ours.save_pretrained(tmp_path)
+    theirs = hf_class.from_pretrained(str(tmp_path), attn_implementation="eager", **hf_kwargs).train()
+    batch, targets = _batch(), make_targets()
+    torch.manual_seed(3)
+    a = ours(**batch, **targets)
+    torch.manual_seed(3)
+    b = theirs(**batch, **targets)
+    logits_b = torch.stack([b.start_logits, b.end_logits], -1) if hasattr(b, "start_logits") else b.logits
+    real = batch["attention_mask"].bool()
+    diff = (a.logits - logits_b).abs()
+    assert (diff[real] if diff.dim() > 2 else diff).max() <= 1e-5
+    assert abs(a.loss.item() - b.loss.item()) <= 1e-5
+    with torch.no_grad():
+        dropped = not torch.allclose(ours.eval()(**batch).logits, a.logits, atol=1e-6)
+    assert dropped == (hf_class is not transformers.BertForQuestionAnswering)   # the check above saw dropout

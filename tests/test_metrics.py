@@ -177,3 +177,35 @@ def test_module_exports():
     for name in ("accuracy", "f1_score", "matthews_corrcoef", "pearson", "spearman", "token_accuracy",
                  "normalize_answer", "squad_exact_match", "squad_f1", "squad_scores", "glue_metrics"):
         assert callable(getattr(metrics, name))
+
+
+# -- audit: the values glue_metrics reports, and the range of a correlation --------------------------
+
+
+def test_glue_metrics_values_are_each_tasks_official_metric():
+    """glue_metrics was checked for its keys only: MRPC's F1 is the binary F1 of the positive class
+    (label 1, as GLUE and sklearn's default), not the macro average over both classes. Here
+    tp=3 fp=1 fn=1: binary F1 6/8; class 0 scores 2/4, so macro F1 would read 5/8."""
+    preds, labels = [1, 1, 1, 0, 0, 1], [1, 0, 1, 0, 1, 1]
+    mrpc = glue_metrics("mrpc", preds, labels)
+    assert mrpc == {"accuracy": pytest.approx(4 / 6), "f1": pytest.approx(6 / 8)}
+    assert mrpc["f1"] == pytest.approx(sklearn.metrics.f1_score(labels, preds))
+    assert mrpc["f1"] != pytest.approx(sklearn.metrics.f1_score(labels, preds, average="macro"))
+    assert glue_metrics("cola", preds, labels) == {
+        "matthews": pytest.approx(sklearn.metrics.matthews_corrcoef(labels, preds), abs=1e-12)}
+    for task in ("sst2", "rte"):
+        assert glue_metrics(task, preds, labels) == {"accuracy": pytest.approx(4 / 6)}
+    pred, gold = [0.3, 2.0, 1.1, 4.5, 3.9], [0.4, 1.8, 2.0, 5.0, 3.2]
+    assert glue_metrics("stsb", pred, gold) == {"pearson": pytest.approx(scipy.stats.pearsonr(pred, gold)[0], abs=1e-12),
+                                                "spearman": pytest.approx(scipy.stats.spearmanr(pred, gold)[0], abs=1e-12)}
+
+
+def test_pearson_of_exactly_linear_values_stays_within_minus_one_one():
+    """Rounding can put the quotient a hair past 1 (here 1.0000000000000002 before the clip): scipy
+    clips, and so must we; a score above 1 breaks whatever takes it as a correlation (arctanh of the
+    Fisher transform is NaN there). Found by search over small exactly linear pairs."""
+    x = [0.0, 9.0, 1.0]
+    for y in ([1.0, 1.9, 1.1], [2.5 * v + 1 for v in x]):
+        r = pearson(x, y)
+        assert -1.0 <= r <= 1.0 and r == pytest.approx(1.0)
+        assert pearson([-v for v in x], y) >= -1.0

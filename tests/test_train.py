@@ -507,3 +507,86 @@ def test_a_staging_folder_left_by_a_killed_run_is_removed(tmp_path):
     (tmp_path / ".staging-checkpoint-7" / "config.json").write_text("{")
     t.save_checkpoint()
     assert not list(tmp_path.glob(".staging-*")) and (tmp_path / "checkpoint-0").is_dir()
+
+
+# -- audit: the optimizer step against a plain PyTorch loop; clipping; weights_only --------------------
+
+
+def test_updates_match_a_plain_pytorch_adamw_loop(tmp_path):
+    """The Trainer's steps against the recipe written out by hand: AdamW with weight decay on the
+    matrices only (biases and LayerNorm exempt), each step's learning rate from the documented
+    schedule (warm-up factor (step + 1) / (warmup_steps + 1) with warmup_steps = int(warmup_ratio *
+    total_steps), then linear decay to 0 at total_steps), gradients clipped to max_grad_norm. The other
+    tests compare the Trainer with itself (resumed or not, accumulated or not), which a wrong recipe
+    passes. One batch holds every example, so both loops see the same batch at each step; a large
+    weight decay and a max_grad_norm below the gradients' norm make each ingredient count."""
+    import copy
+
+    lr, weight_decay, max_grad_norm = 1e-2, 0.5, 0.5
+    torch.manual_seed(0)
+    model = heads.BertForSequenceClassification(fastbert.BertConfig(**CONFIG, **NO_DROPOUT), num_labels=2)
+    reference = copy.deepcopy(model)
+    batches = []
+
+    def collate(examples):
+        batches.append(_collate(examples))
+        return batches[-1]
+
+    cfg = train.TrainConfig(out=tmp_path, max_steps=4, batch_size=12, lr=lr, weight_decay=weight_decay,
+                            warmup_ratio=0.3, max_grad_norm=max_grad_norm, progress=False, save_every=10**9)
+    trainer = train.Trainer(model, _features(12), collate, cfg)
+    lrs = []
+    trainer.optimizer.register_step_pre_hook(lambda opt, args, kwargs: lrs.append([g["lr"] for g in opt.param_groups]))
+    trainer.train()
+    # 4 steps, int(0.3 * 4) = 1 warm-up step: factor 1/2, then (4 - step) / 3 (transformers' rounding up
+    # to 2 warm-up steps, or its factor step / warmup_steps, would start at 0)
+    factors = [1 / 2, 1, 2 / 3, 1 / 3]
+    assert len(batches) == len(lrs) == 4
+    assert lrs == [[pytest.approx(lr * f, rel=1e-12)] * 2 for f in factors]
+
+    exempt = {n for n, _ in reference.named_parameters() if n.endswith("bias") or "norm" in n}
+    assert exempt >= {"bert.embeddings.norm.weight", "bert.layers.1.ffn_norm.weight", "classifier.bias"}
+    params = dict(reference.named_parameters())
+    optimizer = torch.optim.AdamW([{"params": [p for n, p in params.items() if n not in exempt], "weight_decay": weight_decay},
+                                   {"params": [p for n, p in params.items() if n in exempt], "weight_decay": 0.0}], lr=lr)
+    reference.train()
+    for batch, factor in zip(batches, factors):
+        for group in optimizer.param_groups:
+            group["lr"] = lr * factor
+        reference(**batch).loss.backward()
+        torch.nn.utils.clip_grad_norm_(reference.parameters(), max_grad_norm)
+        optimizer.step()
+        optimizer.zero_grad()
+    for (name, ours), theirs in zip(model.state_dict().items(), reference.state_dict().values()):
+        torch.testing.assert_close(ours, theirs, rtol=1e-5, atol=1e-7, msg=lambda m, name=name: f"{name}: {m}")
+
+
+@pytest.mark.parametrize("scaled", [False, True], ids=["fp32", "grad_scaler"])
+def test_gradients_reach_the_optimizer_clipped_to_max_grad_norm(tmp_path, scaled):
+    """The optimizer sees gradients of global norm max_grad_norm where the raw ones are larger (far
+    larger here). With fp16's GradScaler the clip must come after unscale_: clipping the scaled
+    gradients (65536 times too large) leaves max_grad_norm / 65536 once they are unscaled."""
+    t = _trainer(tmp_path, max_steps=3, max_grad_norm=1e-3, save_every=None)
+    if scaled:
+        t.scaler = torch.amp.GradScaler("cpu")   # the CUDA scaler's logic, on the CPU
+    norms = []
+
+    def record(optimizer, args, kwargs):
+        grads = [p.grad for group in optimizer.param_groups for p in group["params"] if p.grad is not None]
+        norms.append(torch.linalg.vector_norm(torch.stack([torch.linalg.vector_norm(g) for g in grads])).item())
+
+    t.optimizer.register_step_pre_hook(record)
+    t.train()
+    assert norms == [pytest.approx(1e-3, rel=1e-3)] * 3
+
+
+def test_resume_refuses_code_even_where_torch_would_unpickle_it(tmp_path, monkeypatch):
+    """weights_only=True must be passed, not left to torch's default: the default is False before torch
+    2.6, and TORCH_FORCE_NO_WEIGHTS_ONLY_LOAD=1 turns it off in any version, so a trainer_state.pt with
+    code in its pickle would run that code on resume."""
+    _trainer(tmp_path).train(stop_after_step=3)
+    path = tmp_path / (tmp_path / "latest").read_text().strip() / "trainer_state.pt"
+    torch.save({"step": 3, "payload": print}, path)
+    monkeypatch.setenv("TORCH_FORCE_NO_WEIGHTS_ONLY_LOAD", "1")
+    with pytest.raises(ValueError, match="could not be loaded with weights_only=True"):
+        _trainer(tmp_path).resume()
