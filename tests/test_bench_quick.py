@@ -88,3 +88,48 @@ def test_table_cells():
     assert report.timing_cells(by_impl, ["eager", "triton", "cuda", "compile"], baseline="eager") == \
         ["2 ms", "0.5 ms (4x)", "unsupported", ""]
     assert report.timing_cells(by_impl, ["triton"], "eager", speedup_format=".2f") == ["0.5 ms (4.00x)"]
+
+
+@pytest.mark.parametrize("impl, rc", [("eager", 1), ("triton", 1), ("cuda", 1), ("compile", 0)])
+def test_exit_status_and_time_limit_of_a_run(tmp_path, monkeypatch, impl, rc):
+    """`fastbert bench` exits 1 when a fastbert kernel or the eager reference errors (a broken
+    baseline makes every ratio meaningless), 0 when only an optional baseline (torch.compile)
+    does (an "unsupported" fastbert case does not count); --time-limit counts from the start of the run, so run_cases gets an absolute deadline
+    on time.monotonic(). The suite is one synthetic case pair (no measurement of the CPU)."""
+    import time
+
+    from benchmarks import bench_layernorm, harness
+    from fastbert.bench import main
+
+    def broken(x):
+        raise RuntimeError("kernel failed")
+
+    def cases(profile, cfg, compile_scope):
+        return [harness.Case(op="add_layernorm", impl=name, label="s", shape={}, dtype=torch.float32, mode="fwd",
+                             fn=broken if name == impl else (lambda x: x * 2),
+                             make_inputs=lambda k: (torch.ones(8),), work=1.0, unit=harness.GBPS)
+                for name in dict.fromkeys(["eager", impl])] + [
+            # a kernel without this shape is recorded, not a failure
+            harness.Case(op="add_layernorm", impl="triton", label="t", shape={}, dtype=torch.float32, mode="fwd",
+                         fn=None, make_inputs=lambda k: (), work=1.0, unit=harness.GBPS, status="unsupported",
+                         note="no kernel for this shape")]
+    deadlines = []
+    real_run_cases = harness.run_cases
+    monkeypatch.setattr(bench_layernorm, "cases", cases)
+    monkeypatch.setattr(harness, "measure_ceilings", lambda cfg: {"copy_GBps": 1.0, "copy_bytes": 1,
+                                                                  "matmul_TFLOPs": 1.0, "matmul_shape": "1x1x1"})
+    monkeypatch.setattr(harness, "run_cases", lambda cases, cfg, results, deadline, log:
+                        deadlines.append(deadline) or real_run_cases(cases, cfg, results, deadline, log))
+    before = time.monotonic()
+    assert main(["--quick", "--ops", "layernorm", "--time-limit", "3600", "--out", str(tmp_path)]) == rc
+    after = time.monotonic()
+    assert len(deadlines) == 1 and before + 3600 <= deadlines[0] <= after + 3600, (before, deadlines, after)
+    rows = json.loads((tmp_path / "kernels.json").read_text())["rows"]
+    assert {(r["impl"], r["shape"]): r["status"] for r in rows}[impl, "s"] == "error"
+
+
+def test_unknown_op_is_refused(tmp_path, capsys):
+    from fastbert.bench import main
+
+    assert main(["--quick", "--ops", "layernorm,attn", "--out", str(tmp_path)]) == 2
+    assert "unknown --ops ['attn']" in capsys.readouterr().err

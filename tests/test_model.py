@@ -3,6 +3,7 @@ embedded MiniLM checkpoint and on a random bert-base-shaped config."""
 import pytest
 import torch
 import transformers
+import torch.nn.functional as F
 
 import fastbert
 from conftest import assert_close_to_ref
@@ -226,3 +227,144 @@ def test_minilm_under_autocast_matches_transformers(minilm, dtype):
         ours_err = ((g - ref).norm() / ref.norm()).item()
         hf_err = ((hf_grads[checkpoint.to_hf_key(name)] - ref).norm() / ref.norm()).item()
         assert ours_err <= 2 * hf_err + 1e-3, f"{name}: relative error {ours_err:.3e}, transformers {hf_err:.3e}"
+
+
+# -- config fields, defaults and edges against transformers ------------------------------------
+
+
+def _tiny_pair(**overrides):
+    """A seeded tiny fastbert model and transformers' BertModel with its weights, both float64."""
+    settings = dict(vocab_size=100, hidden_size=32, num_hidden_layers=2, num_attention_heads=2, intermediate_size=64,
+                    max_position_embeddings=12)
+    settings.update(overrides)
+    config = fastbert.BertConfig(**settings)
+    torch.manual_seed(0)
+    ours = fastbert.BertModel(config, backend="torch").double().eval()
+    # BERT's init puts LayerNorm at ones/zeros: perturb them so that eps and the affine both count.
+    with torch.no_grad():
+        for name, p in ours.named_parameters():
+            if "norm" in name:
+                p.add_(0.3 * torch.randn_like(p))
+    theirs = hf_model(config).double()
+    missing, unexpected = theirs.load_state_dict(checkpoint.encoder_to_hf(ours), strict=False)
+    assert not unexpected and all(k.endswith("position_ids") for k in missing), (missing, unexpected)
+    return ours, theirs
+
+
+@pytest.mark.parametrize("hidden_act", ["gelu", "gelu_new", "gelu_pytorch_tanh"])
+def test_config_activation_and_layer_norm_eps_reach_every_layer(hidden_act):
+    """hidden_act picks erf or tanh GELU and layer_norm_eps is every LayerNorm's eps (a large one
+    here, so that a LayerNorm left on BERT's 1e-12 or torch's 1e-5 moves the output): in float64
+    the two models agree to rounding. The tanh GELU differs from erf's by up to ~1e-3, far above it."""
+    ours, theirs = _tiny_pair(hidden_act=hidden_act, layer_norm_eps=0.5)
+    ids = torch.randint(1, 100, (2, 7), generator=torch.Generator().manual_seed(1))
+    types = torch.tensor([[0, 0, 0, 1, 1, 1, 1]] * 2)
+    with torch.no_grad():
+        a, b = ours(ids, token_type_ids=types), theirs(input_ids=ids, token_type_ids=types)
+    torch.testing.assert_close(a.last_hidden_state, b.last_hidden_state, atol=1e-10, rtol=0)
+    torch.testing.assert_close(a.pooler_output, b.pooler_output, atol=1e-10, rtol=0)
+
+
+def test_defaults_full_length_rows_and_left_padding_match_transformers():
+    """No token_type_ids means segment 0 and no attention_mask means every token is real, as in
+    transformers; a row of exactly max_position_embeddings tokens is accepted (the last position
+    exists). Left padding keeps each token's absolute position in its row, padded model and
+    unpad=True alike: a packed path that counted positions from each row's first real token
+    would agree on right-padded rows only."""
+    ours, theirs = _tiny_pair()
+    gen = torch.Generator().manual_seed(2)
+    ids = torch.randint(1, 100, (3, 12), generator=gen)             # 12 = max_position_embeddings
+    with torch.no_grad():
+        a, b = ours(ids), theirs(input_ids=ids)
+    torch.testing.assert_close(a.last_hidden_state, b.last_hidden_state, atol=1e-10, rtol=0)
+    mask = torch.ones_like(ids)
+    mask[1, :5] = 0                                                  # left-padded
+    mask[2, :3] = 0
+    mask[2, 9:] = 0                                                  # padded on both sides
+    types = (torch.arange(12) >= 6).long().expand(3, 12).contiguous()
+    with torch.no_grad():
+        expected = theirs(input_ids=ids, attention_mask=mask, token_type_ids=types).last_hidden_state
+        for unpad in (False, True):
+            ours.unpad = unpad
+            got = ours(ids, mask, types).last_hidden_state
+            real = mask.bool()
+            torch.testing.assert_close(got[real], expected[real], atol=1e-10, rtol=0, msg=f"unpad={unpad}")
+            if unpad:
+                assert torch.equal(got[~real], torch.zeros_like(got[~real])), "padded positions are not zeros"
+    ours.unpad = False
+
+
+def test_dropout_probabilities_are_the_configs(monkeypatch):
+    """In training the embeddings and each residual add drop with hidden_dropout_prob and attention
+    with attention_probs_dropout_prob (two different values here, so a swap shows); none in eval."""
+    config = fastbert.BertConfig(vocab_size=50, hidden_size=16, num_hidden_layers=2, num_attention_heads=2,
+                                 intermediate_size=32, max_position_embeddings=8,
+                                 hidden_dropout_prob=0.25, attention_probs_dropout_prob=0.125)
+    model = fastbert.BertModel(config, backend="torch")
+    seen = {"embeddings": [], "attention": [], "add_layernorm": []}
+    real_attention, real_add_ln = fastbert.ops.attention, fastbert.ops.add_layernorm
+
+    class ModelF:  # fastbert.model's F, its dropout spied (the ops' own F.dropout calls are not counted)
+        def __getattr__(self, name):
+            return getattr(F, name)
+
+        @staticmethod
+        def dropout(x, p=0.5, training=True, *args, **kwargs):
+            seen["embeddings"].append(p if training else 0.0)
+            return F.dropout(x, p, training, *args, **kwargs)
+
+    def attention(*args, dropout_p=0.0, **kwargs):
+        seen["attention"].append(dropout_p)
+        return real_attention(*args, dropout_p=dropout_p, **kwargs)
+
+    def add_layernorm(*args, **kwargs):
+        if len(args) > 5:  # the layers' calls; the embeddings' own has no dropout (F.dropout follows)
+            seen["add_layernorm"].append(args[5])
+        return real_add_ln(*args, **kwargs)
+    monkeypatch.setattr(fastbert.model, "F", ModelF())
+    monkeypatch.setattr(fastbert.ops, "attention", attention)
+    monkeypatch.setattr(fastbert.ops, "add_layernorm", add_layernorm)
+    ids = torch.randint(0, 50, (2, 6))
+    model.train()(ids, torch.ones_like(ids))
+    assert seen == {"embeddings": [0.25], "attention": [0.125] * 2, "add_layernorm": [0.25] * 4}
+    for calls in seen.values():
+        calls.clear()
+    with torch.no_grad():
+        model.eval()(ids, torch.ones_like(ids))
+    assert seen == {"embeddings": [0.0], "attention": [0.0] * 2, "add_layernorm": [0.0] * 4}
+
+
+def test_new_model_is_initialised_like_bert():
+    """A model built from a config (no checkpoint) starts as transformers' does: every Linear and
+    Embedding weight normal with std initializer_range (0.5 here, far from torch's defaults and
+    BERT's 0.02), Linear biases zero, LayerNorms ones/zeros, and the padding token's embedding
+    row zero (so [PAD] adds nothing before training moves it)."""
+    config = fastbert.BertConfig(vocab_size=200, hidden_size=64, num_hidden_layers=1, num_attention_heads=2,
+                                 intermediate_size=128, max_position_embeddings=64, initializer_range=0.5,
+                                 pad_token_id=3)
+    torch.manual_seed(0)
+    model = fastbert.BertModel(config)
+    for name, module in model.named_modules():
+        if isinstance(module, (torch.nn.Linear, torch.nn.Embedding)):
+            weight = module.weight.detach()
+            if isinstance(module, torch.nn.Embedding) and module.padding_idx is not None:
+                assert torch.equal(weight[3], torch.zeros_like(weight[3])), f"{name}: padding row not zero"
+                weight = torch.cat([weight[:3], weight[4:]])
+            assert abs(weight.std().item() - 0.5) < 0.05 and abs(weight.mean().item()) < 0.05, name
+        if isinstance(module, torch.nn.Linear):
+            assert torch.equal(module.bias, torch.zeros_like(module.bias)), f"{name}: bias not zero"
+        if isinstance(module, torch.nn.LayerNorm):
+            assert torch.equal(module.weight, torch.ones_like(module.weight)) and not module.bias.any(), name
+
+
+def test_edge_ids_and_masks_are_refused_by_name(tiny):
+    """Negative segment ids would index before the token-type table (a device-side assert on a
+    GPU) and an int32 mask holding -10000 (an additive mask) would read as "real token": each is
+    named as a ValueError, whatever the integer dtype."""
+    ids = torch.ones(2, 4, dtype=torch.long)
+    with pytest.raises(ValueError, match="type_vocab_size=2"):
+        tiny(ids, token_type_ids=torch.full((2, 4), -1))
+    with pytest.raises(ValueError, match="attention_mask must hold 0/1"):
+        tiny(ids, attention_mask=torch.tensor([[0, 0, 0, 0], [0, 0, -10000, -10000]], dtype=torch.int32))
+    with pytest.raises(ValueError, match="attention_mask must hold 0/1"):
+        tiny(ids, attention_mask=torch.tensor([[1, 1, 1, 1], [1, 2, 0, 0]], dtype=torch.int8))

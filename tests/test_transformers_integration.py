@@ -95,6 +95,28 @@ def test_patched_family_matches_unpatched(family):
     _check_patched_matches("torch", DEVICE, family=family)
 
 
+@pytest.mark.parametrize("family, act", [("bert", "gelu_new"), ("bert", "gelu_pytorch_tanh"),
+                                         ("distilbert", "gelu_new")])
+def test_patched_tanh_gelu_matches_unpatched(family, act):
+    """The tanh GELU forms go to bias_gelu with approximate="tanh": erf's GELU there differs by
+    up to ~1e-3, far above the float32 floor."""
+    key = "activation" if family == "distilbert" else "hidden_act"
+    _check_patched_matches("torch", DEVICE, family=family, **{key: act})
+
+
+def test_key_padding_masks_of_every_form():
+    """The mask hook and the attention entry read a 2D 0/1 integer mask, a bool one and a 4D
+    additive one (0 keeps, finfo.min masks) as the same key padding mask, True = real token."""
+    from fastbert.transformers_integration import _key_padding_bool, key_padding_mask
+
+    real = torch.tensor([[True, True, False], [True, False, False]])
+    additive = torch.zeros(2, 1, 1, 3).masked_fill(~real[:, None, None, :], torch.finfo(torch.float32).min)
+    for mask in (real, real.long(), real.int(), additive):
+        assert torch.equal(_key_padding_bool(mask, 2, 3), real), mask
+    assert torch.equal(key_padding_mask(2, 3, 3, attention_mask=real.long()), real)
+    assert key_padding_mask(2, 3, 3) is None
+
+
 def test_patched_distilbert_with_another_activation():
     """DistilBERT with ReLU: the block's LayerNorms are fused, its FFN runs as it is."""
     _check_patched_matches("torch", DEVICE, family="distilbert", activation="relu")
