@@ -1,6 +1,7 @@
 """The benchmark harness and report without running a suite (CPU, seconds): L2 handling of input sets,
 saving inside a case group, derived ratios, the work formulas checked by hand, the newest run, the
 targets table. No timing is asserted."""
+import dataclasses
 import json
 import time
 
@@ -154,6 +155,8 @@ def test_attention_flops_by_hand():
     assert fwd == 12_884_901_888
     assert bench_attention.flops(16, 512, 12, 64, "fwd") == fwd
     assert bench_attention.flops(16, 512, 12, 64, "fwd+bwd") == 3.5 * fwd
+    # backward: QK^T recomputed, dV, dP, dQ, dK: 5 products of the forward's 2, as FlashAttention counts it
+    assert bench_attention.flops(16, 512, 12, 64, "bwd") == 2.5 * fwd == 32_212_254_720
     # padded: only real queries x real keys count (rows of 3 and 5 real tokens)
     assert bench_attention.flops(2, 512, 12, 64, "fwd", [3, 5]) == 4 * 12 * 64 * (9 + 25)
 
@@ -172,6 +175,18 @@ def test_attention_padding_masks_use_real_lengths():
     padded = [c for c in bench_attention.cases("full", cfg, "none") if c.label == "base B64 S128 H12 D64 pad-sst2"]
     assert padded and padded[0].work == bench_attention.flops(64, 128, 12, 64, padded[0].mode,
                                                               bench_attention.mask_lengths(64, 128, 128_000 + 120 + 64))
+    # the real fraction a plot legend reports is real tokens over all B x S positions
+    real = bench_attention.mask_lengths(64, 128, 128_000 + 120 + 64)
+    assert padded[0].shape["real_fraction"] == pytest.approx(sum(real) / (64 * 128))
+    assert 0.0 < padded[0].shape["real_fraction"] < 1.0
+
+
+def test_uniform_padding_lengths_span_a_quarter_to_all_of_s():
+    """At S512 (no real length set) lengths are uniform in [S/4, S]: a narrower draw would make the
+    padded cases look denser (and the FLOPs larger) than the documented mix."""
+    lengths = bench_attention.mask_lengths(16, 512, seed=1)
+    assert all(128 <= s <= 512 for s in lengths)
+    assert min(lengths) < 256  # 16 draws from [128, 512]: some fall in the lower half
 
 
 def test_memory_bound_bytes_by_hand():
@@ -183,6 +198,37 @@ def test_memory_bound_bytes_by_hand():
     # span score, SQuAD dev fp32: both logits, the bool mask, 20 x (int64, int64, float32) per window
     assert bench_span.bytes_moved(10570, 384, 4, 20) == 2 * 10570 * 384 * 4 + 10570 * 384 + 10570 * 20 * 20 \
         == 40_757_920
+
+
+@pytest.mark.parametrize("op, fwd, bwd", [
+    # n = 10 rows, width w = 8, e = 2 bytes; parameters (w long) counted once per read or write
+    # add_layernorm: fwd reads x, residual, writes y (3 n w e) + weight, bias (2 w e);
+    #                bwd reads dy, z, writes dx (3 n w e) + weight read, dweight and dbias written (3 w e)
+    ("add_layernorm", 3 * 10 * 8 * 2 + 2 * 8 * 2, 3 * 10 * 8 * 2 + 3 * 8 * 2),           # 512, 528
+    # layernorm_gelu: fwd reads x, writes y; bwd reads dy, x, writes dx; 2 and 4 parameter vectors
+    ("layernorm_gelu", 2 * 10 * 8 * 2 + 2 * 8 * 2, 3 * 10 * 8 * 2 + 4 * 8 * 2),          # 352, 544
+    # bias_gelu: fwd reads x, writes y, reads bias; bwd reads dy, x, writes dx, reads bias, writes dbias
+    ("bias_gelu", 2 * 10 * 8 * 2 + 8 * 2, 3 * 10 * 8 * 2 + 2 * 8 * 2),                   # 336, 512
+    # add_layernorm_amp: x half (2), residual fp32 (4), y fp32 (4), y's half copy (2); bwd: dy (4), the
+    # copy's gradient (2), z (4), dresidual (4), dx (2); 2 fp32 parameters read (8 w), + 1 written (12 w)
+    ("add_layernorm_amp", (2 + 4 + 4 + 2) * 10 * 8 + 8 * 8, (4 + 2 + 4 + 4 + 2) * 10 * 8 + 12 * 8),
+])
+def test_every_layernorm_family_formula_by_hand(op, fwd, bwd):
+    assert bench_layernorm.bytes_moved(op, 10, 8, 2, "fwd") == fwd
+    assert bench_layernorm.bytes_moved(op, 10, 8, 2, "bwd") == bwd
+    assert bench_layernorm.bytes_moved(op, 10, 8, 2, "fwd+bwd") == fwd + bwd  # both passes move their bytes
+
+
+def test_memory_bound_cases_count_bytes_of_their_own_dtype():
+    """A bf16 or fp16 case moves 2-byte elements: counted as 4 its GB/s (and % of copy) would double."""
+    cfg = harness.Settings.make(CPU, quick=True)
+    ln = {(c.op, str(c.dtype), c.mode): c.work for c in bench_layernorm.cases("budget", cfg, "none")
+          if c.label == "N16384 H768" and c.impl == "eager"}
+    assert ln["add_layernorm", "torch.bfloat16", "fwd"] == ln["add_layernorm", "torch.float16", "fwd"] == 75_500_544
+    span = {(c.label, str(c.dtype)): c.work for c in bench_span.cases("budget", cfg, "none") if c.impl == "eager"}
+    # SQuAD dev in bf16: 2 x 10570 x 384 x 2 logits + 10570 x 384 mask + 10570 x 20 x 20 top-k = 24,522,400
+    assert span["squad-dev B10570 L384 k20", "torch.bfloat16"] == 24_522_400
+    assert span["squad-dev B10570 L384 k20", "torch.float32"] == 40_757_920
 
 
 def test_e2e_flops_by_hand():
@@ -240,3 +286,163 @@ def test_pytest_benchmark_entry_runs_a_case(benchmark):
     harness.pytest_benchmark(benchmark, case, rounds=3)
     assert benchmark.stats.stats.rounds == 3
     assert benchmark.extra_info["impl"] == "python_nbest" and benchmark.extra_info["metric"] > 0
+    # a GB/s case: bytes / median seconds / 1e9 (not / 1e12, the TFLOP/s divisor)
+    assert benchmark.extra_info["metric"] == pytest.approx(case.work / benchmark.stats.stats.median / 1e9)
+
+
+# ----------------------------------------------------------------------------- measurement arithmetic (fake clock)
+
+class _CallClock:
+    """perf_counter that moves only when a timed call runs: each call advances it by the next of
+    `durations` (seconds), so the per-call times are known exactly."""
+
+    def __init__(self, durations):
+        self.t, self.durations = 0.0, list(durations)
+
+    def perf_counter(self):
+        return self.t
+
+    def monotonic(self):
+        return self.t
+
+    def call(self, k):
+        self.t += self.durations.pop(0)
+
+
+def test_time_calls_reports_the_median_and_quantiles_not_the_mean(monkeypatch):
+    clock = _CallClock([1.0, 0.001, 0.001, 0.010])  # a slow first call, then 1, 1 and 10 ms
+    monkeypatch.setattr(harness, "time", clock)
+    cfg = harness.Settings(CPU, warmup_ms=0.0, rep_ms=0.0, min_reps=3, max_reps=3)
+    t = harness.time_calls(clock.call, lambda k: None, 1, cfg, timer="host")
+    assert t.reps == 3 and t.first_call_s == pytest.approx(1.0)
+    # median of (1, 1, 10) ms is 1 (the mean, 4, would let one slow call move the published number);
+    # p80 interpolates 60% of the way from the 2nd to the 3rd sorted time: 1 + 0.6 * 9 = 6.4
+    assert t.ms == pytest.approx(1.0) and t.p20 == pytest.approx(1.0) and t.p80 == pytest.approx(6.4)
+
+
+def _timed(ms):
+    return lambda *a, **k: harness.Timing(ms=ms, p20=ms, p80=ms, reps=1, host_us=None, first_call_s=0.0)
+
+
+@pytest.mark.parametrize("unit, work, metric", [
+    (harness.GBPS, 4e9, 2000.0),       # 4e9 bytes in 2 ms = 2e12 B/s = 2000 GB/s
+    (harness.TFLOPS, 6e12, 3000.0),    # 6e12 FLOPs in 2 ms = 3e15 FLOP/s = 3000 TFLOP/s
+])
+def test_run_case_metric_is_work_over_median_time_in_its_unit(monkeypatch, unit, work, metric):
+    monkeypatch.setattr(harness, "time_calls", _timed(2.0))
+    case = dataclasses.replace(_case(lambda k: (torch.ones(4),)), work=work, unit=unit)
+    row = harness.run_case(case, harness.Settings.make(CPU, quick=True))
+    assert row["status"] == "ok" and row["ms"] == 2.0
+    assert row["metric"] == pytest.approx(metric)
+
+
+def test_ceilings_count_copy_bytes_read_and_written_and_matmul_2n3(monkeypatch):
+    """% of ceiling divides by these: a copy counted once (or n^3 FLOPs) would halve the ceiling and
+    double every published share of it."""
+    monkeypatch.setattr(harness, "time_calls", _timed(1.0))
+    c = harness.measure_ceilings(harness.Settings.make(CPU, quick=True))
+    # quick/CPU: a 2^22-element float32 copy (16 MiB read + 16 MiB written) in 1 ms
+    assert c["copy_bytes"] == 2 * 4 * 2**22
+    assert c["copy_GBps"] == pytest.approx(2 * 4 * 2**22 / 1e6)          # 33.55 GB/s
+    # a 256^3 matmul: 2 * 256^3 FLOPs in 1 ms
+    assert c["matmul_TFLOPs"] == pytest.approx(2 * 256**3 / 1e9) and c["matmul_shape"].startswith("256x256x256")
+
+
+def test_backward_modes_count_gradients_when_rotating_inputs(flushes):
+    """In bwd modes the output and input gradients move too (twice the forward's bytes per set), so
+    fewer sets reach rotate_bytes: 3 sets of 16 KiB in fwd, 2 in fwd+bwd."""
+    cfg = harness.Settings(CPU, rotate_bytes=3 * 4096 * 4, max_sets=8)
+    fwd = _case(lambda k: (torch.randn(4096),))
+    both = _case(lambda k: (torch.randn(4096),), mode="fwd+bwd", grad_idx=(0,))
+    assert harness._prepare(fwd, cfg)[2] == 3
+    assert harness._prepare(both, cfg)[2] == 2
+    assert flushes["n"] == 0
+
+
+# ----------------------------------------------------------------------------- README tables
+
+def _krow(op, impl, shape, unit, ms, tier=1, pct=None, speedup=None, mode="fwd"):
+    return dict(op=op, impl=impl, shape=shape, dims={}, dtype="bfloat16", mode=mode, status="ok", note="",
+                unit=unit, tier=tier, ms=ms, ms_p20=ms, ms_p80=ms, metric=1.0, pct_of_ceiling=pct,
+                speedup_vs_eager=speedup, peak_mib=None)
+
+
+def test_summary_table_shows_key_shapes_and_triton_share_of_the_right_ceiling():
+    data = {"env": {}, "rows": [
+        _krow("attention", "eager", "base", harness.TFLOPS, 4.0, pct=10.0, speedup=1.0),
+        _krow("attention", "triton", "base", harness.TFLOPS, 1.0, pct=40.0, speedup=4.0),
+        _krow("add_layernorm", "eager", "N H768", harness.GBPS, 3.0, pct=20.0, speedup=1.0),
+        _krow("add_layernorm", "triton", "N H768", harness.GBPS, 1.0, pct=80.0, speedup=3.0),
+        _krow("add_layernorm", "triton", "N H384", harness.GBPS, 1.0, tier=2, pct=70.0, speedup=2.0)]}
+    lines = report.summary_markdown(data).splitlines()
+    assert lines[-4] == "| op | shape | dtype | mode | triton | eager | triton % ceil |"
+    # only the key shapes (tier 1); the last column is triton's row (not eager's) and names its ceiling
+    assert lines[-2:] == ["| attention | base | bfloat16 | fwd | 1 ms (4x) | 4 ms | 40% of matmul |",
+                          "| add_layernorm | N H768 | bfloat16 | fwd | 1 ms (3x) | 3 ms | 80% of copy |"]
+
+
+def test_full_table_puts_each_number_in_its_column():
+    data = {"env": {}, "rows": [_krow("add_layernorm", "triton", "N H768", harness.GBPS, 1.0, pct=42.0,
+                                      speedup=3.0)]}
+    line = next(ln for ln in report.markdown(data).splitlines() if ln.startswith("| triton |"))
+    cells = [c.strip() for c in line.split("|")[1:-1]]
+    header = "impl | shape | dtype | mode | ms | metric | % ceil | x eager | peak MiB | note".split(" | ")
+    got = dict(zip(header, cells))
+    assert got["% ceil"] == "42.0" and got["x eager"] == "3.00" and got["ms"] == "1 [1, 1]"
+
+
+def test_a_target_met_exactly_counts_as_met():
+    """The targets say ">= target": a row exactly at the target meets it."""
+    kernels = {"rows": [dict(op="add_layernorm", impl="triton", shape="N H768", dtype="bfloat16", mode="fwd",
+                             status="ok", tier=1, dims={}, speedup_vs={}, pct_of_ceiling=85.0,
+                             speedup_vs_eager=3.0)]}
+    lines = report.targets_markdown(kernels, None).splitlines()[2:]
+    assert [(ln.split(" | ")[3], ln.split(" | ")[5].rstrip(" |")) for ln in lines] == [("85%", "yes"), ("3x", "yes")]
+
+
+# ----------------------------------------------------------------------------- e2e rows
+
+def _e2e_row(impl, ms, metric=None):
+    case = bench_e2e.E2ECase("base", "cls", "B8 S512", [[512] * 8], "train", impl, torch.bfloat16, 1)
+    row = bench_e2e._row(case)
+    row.update(ms=ms, ms_p20=ms, ms_p80=ms, metric=metric if metric is not None else case.work / (ms * 1e9))
+    return row
+
+
+def test_e2e_derived_ratios_and_mfu():
+    rows = [_e2e_row("hf_eager", 150.0), _e2e_row("hf_sdpa", 120.0), _e2e_row("hf_sdpa_compile", 100.0),
+            _e2e_row("fb_triton", 75.0, metric=350.0)]
+    bench_e2e.add_derived(rows, {"matmul_TFLOPs": 700.0})
+    fb = rows[-1]
+    assert fb["speedup_vs_eager"] == pytest.approx(2.0)              # hf_eager 150 ms / 75 ms
+    assert fb["speedup_vs_hf_compile"] == pytest.approx(100 / 75)    # hf_sdpa_compile, not hf_sdpa (120)
+    assert fb["mfu_pct"] == fb["pct_of_ceiling"] == pytest.approx(50.0)   # 350 of 700 TFLOP/s, in percent
+
+
+def test_e2e_summary_names_the_fastest_fastbert_implementation():
+    rows = [_e2e_row("hf_eager", 150.0), _e2e_row("fb_torch", 120.0), _e2e_row("fb_triton", 75.0)]
+    bench_e2e.add_derived(rows, {"matmul_TFLOPs": 700.0})
+    line = bench_e2e.summary_markdown({"env": {}, "rows": rows}, with_header=False).splitlines()[-1]
+    assert line.endswith(f"| {rows[-1]['mfu_pct']:.1f}% (fb_triton) |")
+
+
+def test_e2e_run_case_tokens_per_second_counts_real_tokens(monkeypatch):
+    """tokens_per_s is real tokens / median s: the padding of a real-length call is not throughput."""
+    monkeypatch.setattr(bench_e2e, "_prepare", lambda case, cfg, keep: (lambda k: None, lambda k: None, {}))
+    monkeypatch.setattr(harness, "time_calls", _timed(2.0))
+    case = bench_e2e.E2ECase("tiny", "cls", "sst2 B2x2", [[3, 5], [4, 4]], "train", "fb_torch", torch.float32, 2)
+    assert case.tokens == 16 and case.padded_tokens == 2 * 5 + 2 * 4
+    row = bench_e2e.run_case(case, harness.Settings.make(CPU, quick=True), {})
+    assert row["tokens_per_s"] == pytest.approx(16 / 2e-3)          # 8000 tokens/s
+    assert row["metric"] == pytest.approx(case.work / 2e9)
+
+
+def test_e2e_real_length_batches_are_distinct_draws():
+    """A call on real lengths is n batches of B different rows (a sample without replacement), not
+    one batch repeated."""
+    cfg = harness.Settings.make(CPU, quick=True)
+    for c in bench_e2e.cases("budget", cfg, "none"):
+        if c.label.startswith(("sst2", "squad")) and c.impl == "hf_eager" and c.mode == "train":
+            flat = [s for b in c.lengths for s in b]
+            assert len(c.lengths) == c.dims["batches"] > 1 and len({tuple(b) for b in c.lengths}) == len(c.lengths)
+            assert c.tokens == sum(flat) and len(flat) == c.dims["B"] * c.dims["batches"]

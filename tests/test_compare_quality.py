@@ -51,3 +51,12 @@ def test_report_only_writes_the_report_and_runs_nothing(cq, tmp_path, monkeypatc
     assert text.startswith("# Fine-tuning quality") and str(runs) in text
     assert "| stsb | f1 | 0.5000 (nan) | 0.4000 (nan) | +0.1000 | 1 |" in text
     assert "| stsb | transformers | 1 | train_loss 1.0000, f1 0.4000 | 100 | 1000 |" in text
+
+
+def test_only_seeds_both_sides_ran_are_compared_and_wall_times_stay_in_order(cq):
+    """A seed only one side finished (a run cut short) must not enter that side's mean: the difference
+    would compare different seeds. Wall times are listed fastbert / transformers, as the header says."""
+    results = [_record("stsb", "fastbert", 1, 0.80, wall=100.0), _record("stsb", "transformers", 1, 0.70, wall=300.0),
+               _record("stsb", "fastbert", 2, 0.20, wall=100.0)]   # seed 2: no transformers run
+    line = cq.summary_markdown(results).splitlines()[2]
+    assert line == "| stsb | f1 | 0.8000 (nan) | 0.7000 (nan) | +0.1000 | 1 | 100 / 300 |"
