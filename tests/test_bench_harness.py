@@ -147,6 +147,19 @@ def test_derived_ratios_name_the_targets_baselines():
     assert rows[-1]["speedup_vs_eager"] == 1.7  # an e2e row: bench_e2e.add_derived owns it
 
 
+def test_derived_ratios_never_cross_dtypes():
+    """bf16 and fp16 runs of one shape are separate groups: keyed without the dtype, each triton row
+    would be divided by whichever eager row came last (here fp16's 8 ms for bf16's 1 ms triton)."""
+    def row(impl, dtype, ms):
+        return dict(op="attention", impl=impl, shape="s", dtype=dtype, mode="fwd", status="ok", ms=ms, metric=1.0,
+                    unit=harness.TFLOPS, speedup_vs_eager=None, pct_of_ceiling=None)
+    rows = [row("eager", "bfloat16", 4.0), row("triton", "bfloat16", 1.0),
+            row("eager", "float16", 8.0), row("triton", "float16", 2.0)]
+    harness.add_derived(rows, {})
+    assert rows[1]["speedup_vs_eager"] == 4.0 and rows[1]["speedup_vs"] == {"eager": 4.0}
+    assert rows[3]["speedup_vs_eager"] == 4.0 and rows[3]["speedup_vs"] == {"eager": 4.0}
+
+
 # ----------------------------------------------------------------------------- work formulas, by hand
 
 def test_attention_flops_by_hand():
