@@ -33,6 +33,17 @@ CASES = [
 ]
 
 
+def _assert_same_logits_and_loss(ours, theirs, batch):
+    """Our head's output against transformers' (QA: its start/end logits stacked as our (B, S, 2)),
+    at real tokens only for per-token logits."""
+    logits_b = (torch.stack([theirs.start_logits, theirs.end_logits], -1) if hasattr(theirs, "start_logits")
+                else theirs.logits)
+    real = batch["attention_mask"].bool()
+    diff = (ours.logits - logits_b).abs()
+    assert (diff[real] if diff.dim() > 2 else diff).max() <= 1e-5
+    assert abs(ours.loss.item() - theirs.loss.item()) <= 1e-5
+
+
 @pytest.mark.parametrize("make_ours, hf_class, hf_kwargs, make_targets", CASES)
 def test_head_matches_transformers_both_ways(tmp_path, make_ours, hf_class, hf_kwargs, make_targets):
     torch.manual_seed(0)
@@ -43,11 +54,7 @@ def test_head_matches_transformers_both_ways(tmp_path, make_ours, hf_class, hf_k
     with torch.no_grad():
         a = ours(**batch, **targets)
         b = theirs(**batch, **targets)
-    logits_b = torch.stack([b.start_logits, b.end_logits], -1) if hasattr(b, "start_logits") else b.logits
-    real = batch["attention_mask"].bool()
-    diff = (a.logits - logits_b).abs()
-    assert (diff[real] if diff.dim() > 2 else diff).max() <= 1e-5
-    assert abs(a.loss.item() - b.loss.item()) <= 1e-5
+    _assert_same_logits_and_loss(a, b, batch)
 
     theirs.save_pretrained(str(tmp_path / "theirs"))
     again = type(ours).from_pretrained(tmp_path / "theirs").eval()
@@ -230,11 +237,7 @@ def test_training_mode_head_dropout_is_transformers(tmp_path, make_ours, hf_clas
     a = ours(**batch, **targets)
     torch.manual_seed(3)
     b = theirs(**batch, **targets)
-    logits_b = torch.stack([b.start_logits, b.end_logits], -1) if hasattr(b, "start_logits") else b.logits
-    real = batch["attention_mask"].bool()
-    diff = (a.logits - logits_b).abs()
-    assert (diff[real] if diff.dim() > 2 else diff).max() <= 1e-5
-    assert abs(a.loss.item() - b.loss.item()) <= 1e-5
+    _assert_same_logits_and_loss(a, b, batch)
     with torch.no_grad():
         dropped = not torch.allclose(ours.eval()(**batch).logits, a.logits, atol=1e-6)
     assert dropped == (hf_class is not transformers.BertForQuestionAnswering)   # the check above saw dropout
