@@ -96,11 +96,10 @@ def test_graph_capturing_is_true_only_for_a_gpu_tensor_under_capture(monkeypatch
     opposite would skip the range checks in eager GPU runs and sync under capture."""
     from types import SimpleNamespace
 
-    from fastbert.ops._backend import graph_capturing
     for capturing in (False, True):
         monkeypatch.setattr(torch.cuda, "is_current_stream_capturing", lambda capturing=capturing: capturing)
-        assert graph_capturing(SimpleNamespace(is_cuda=True)) is capturing
-        assert graph_capturing(torch.zeros(1)) is False
+        assert _backend.graph_capturing(SimpleNamespace(is_cuda=True)) is capturing
+        assert _backend.graph_capturing(torch.zeros(1)) is False
 
 
 @contextlib.contextmanager

@@ -18,7 +18,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from conftest import ON_GPU, poison
-from test_span import assert_same, brute_force, make_inputs
+from test_span import assert_same, brute_force, make_inputs, own_strides_inputs
 
 import fastbert.ops._cuda as C
 from fastbert.ops import use_backend
@@ -93,11 +93,7 @@ def test_strided_logits_from_qa_head(cuda_device):
 def test_each_input_keeps_its_own_strides(cuda_device):
     """start logits from a QA head's (B, L, 2) output, contiguous end logits and a mask with a
     non-unit stride (every other element of a wider mask): each read with its own strides."""
-    g = torch.Generator().manual_seed(8)
-    s = torch.randn(3, 45, 2, generator=g).to(cuda_device)[..., 0]
-    e = torch.randn(3, 45, generator=g).to(cuda_device)
-    mask = (torch.rand(3, 90, generator=g) > 0.3).to(cuda_device)[:, ::2]
-    assert s.stride() == (90, 2) and e.stride() == (45, 1) and mask.stride() == (90, 2)
+    s, e, mask = own_strides_inputs(cuda_device)
     assert_same(run_cuda(s, e, mask, 9, 11), brute_force(s, e, mask, 9, 11), "cuda own strides")
 
 

@@ -168,15 +168,22 @@ def test_strided_logits_from_qa_head():
         assert_same(span_score(s, e, mask, 9, 11), expected, "torch strided")
 
 
+def own_strides_inputs(device):
+    """(s, e, mask), each with its own strides: start logits from a QA head's (B, L, 2) output
+    (stride 2), contiguous end logits, and a mask taking every other element of a wider one."""
+    g = torch.Generator().manual_seed(8)
+    s = torch.randn(3, 45, 2, generator=g).to(device)[..., 0]
+    e = torch.randn(3, 45, generator=g).to(device)
+    mask = (torch.rand(3, 90, generator=g) > 0.3).to(device)[:, ::2]
+    assert s.stride() == (90, 2) and e.stride() == (45, 1) and mask.stride() == (90, 2)
+    return s, e, mask
+
+
 def test_each_input_keeps_its_own_strides():
     """start logits from a QA head's (B, L, 2) output, contiguous end logits and a mask with a
     position stride of 2: each read with its own strides (end logits with the start logits'
     stride, or the mask with a unit one, read other values)."""
-    g = torch.Generator().manual_seed(8)
-    s = torch.randn(3, 45, 2, generator=g).to(DEVICE)[..., 0]
-    e = torch.randn(3, 45, generator=g).to(DEVICE)
-    mask = (torch.rand(3, 90, generator=g) > 0.3).to(DEVICE)[:, ::2]
-    assert s.stride() == (90, 2) and e.stride() == (45, 1) and mask.stride() == (90, 2)
+    s, e, mask = own_strides_inputs(DEVICE)
     assert_same(run_kernel(s, e, mask, 9, 11), brute_force(s, e, mask, 9, 11), "triton own strides")
 
 
