@@ -1,6 +1,7 @@
 """The benchmark harness and report without running a suite (CPU, seconds): L2 handling of input sets,
 saving inside a case group, derived ratios, the work formulas checked by hand, the newest run, the
-targets table. No timing is asserted."""
+targets table, and the timing loops (the GPU one on a simulated stream) on fake clocks. No real
+timing is asserted."""
 import dataclasses
 import json
 import time
@@ -331,6 +332,142 @@ def test_time_calls_reports_the_median_and_quantiles_not_the_mean(monkeypatch):
     # median of (1, 1, 10) ms is 1 (the mean, 4, would let one slow call move the published number);
     # p80 interpolates 60% of the way from the 2nd to the 3rd sorted time: 1 + 0.6 * 9 = 6.4
     assert t.ms == pytest.approx(1.0) and t.p20 == pytest.approx(1.0) and t.p80 == pytest.approx(6.4)
+
+
+class _FakeStream:
+    """One CUDA stream and the host clock that feeds it, simulated: a kernel starts when the host
+    has issued it and the kernel before it has ended; an event is stamped when the stream reaches
+    it; synchronize makes the host wait for the stream. Patched in as harness's `time` and as
+    torch.cuda's Event, _sleep and synchronize, it runs time_calls' GPU path on a CPU."""
+
+    def __init__(self, cycles_per_us=1500.0):
+        self.host = 0.0      # seconds
+        self.tail = 0.0      # when the queued work ends, seconds
+        self.cycles_per_us = cycles_per_us
+        self.sleeps = []     # each _sleep's length, seconds
+
+    def perf_counter(self):
+        return self.host
+
+    def monotonic(self):
+        return self.host
+
+    def issue(self, host_s, kernel_s):
+        """The host spends host_s issuing a kernel that runs kernel_s on the GPU."""
+        self.host += host_s
+        self.tail = max(self.tail, self.host) + kernel_s
+
+    def sleep(self, cycles):
+        seconds = cycles / self.cycles_per_us * 1e-6
+        self.sleeps.append(seconds)
+        self.issue(0.0, seconds)
+
+    def synchronize(self, device=None):
+        self.host = max(self.host, self.tail)
+
+    def Event(self, enable_timing=False):
+        stream = self
+
+        class Event:
+            def record(self):
+                self.at = stream.tail = max(stream.tail, stream.host)
+
+            def elapsed_time(self, end):
+                return (end.at - self.at) * 1e3
+        return Event()
+
+
+@pytest.fixture
+def fake_gpu(monkeypatch):
+    stream = _FakeStream()
+    monkeypatch.setattr(harness, "time", stream)
+    monkeypatch.setattr(torch.cuda, "Event", stream.Event)
+    monkeypatch.setattr(torch.cuda, "_sleep", stream.sleep, raising=False)
+    monkeypatch.setattr(torch.cuda, "synchronize", stream.synchronize)
+    harness._sleep_cycles_per_us.cache_clear()  # calibrated against this stream, not a real one
+    yield stream
+    harness._sleep_cycles_per_us.cache_clear()
+
+
+def _host_bound_op(stream, kernels=3, issue_us=100.0, kernel_us=20.0, log=None):
+    """An op whose host issues `kernels` small kernels, each taking longer to issue than to run:
+    timed by events around an idle GPU it would look issue-bound (about kernels * issue_us)."""
+    def call(k):
+        if log is not None:
+            log.append(("call", k))
+        for _ in range(kernels):
+            stream.issue(issue_us * 1e-6, kernel_us * 1e-6)
+    return call
+
+
+def _flush_before(stream, flush_us=500.0, log=None):
+    """before(k): an L2 flush, queued on the GPU ahead of the timed call."""
+    def before(k):
+        if log is not None:
+            log.append(("before", k))
+        stream.issue(5e-6, flush_us * 1e-6)
+    return before
+
+
+def test_device_timing_measures_gpu_work_not_issue_time_or_the_flush(fake_gpu):
+    """The events around each call must time the GPU's 3 x 20 us, not the host's 3 x 100 us of
+    issuing (the _sleep spin keeps the GPU busy until the whole call is queued), nor the 500 us
+    flush queued before it; host_us keeps the issue time; the spin is calibrated against events
+    and covers 1.5x the issue time; the input sets take turns."""
+    cfg = harness.Settings(torch.device("cuda", 0), warmup_ms=2.0, rep_ms=20.0, min_reps=10, max_reps=2000)
+    log = []
+    t = harness.time_calls(_host_bound_op(fake_gpu, log=log), _flush_before(fake_gpu, log=log), 3, cfg)
+    assert harness._sleep_cycles_per_us(0) == pytest.approx(fake_gpu.cycles_per_us)
+    assert t.ms == pytest.approx(0.060) and t.p20 == pytest.approx(0.060) and t.p80 == pytest.approx(0.060)
+    assert t.host_us == pytest.approx(300.0)
+    # the estimate (issue, flush and run: about 0.8 ms a call) sets the count: 20 ms / 0.8 ms
+    assert 15 <= t.reps <= 40
+    timed_spins = fake_gpu.sleeps[-t.reps:]
+    assert all(s == pytest.approx(1.5 * 300e-6) for s in timed_spins)
+    # each timed call on input set k % 3, its flush queued just before it
+    assert log[-2 * t.reps:] == [(step, k % 3) for k in range(t.reps) for step in ("before", "call")]
+
+
+def test_device_timing_caps_the_spin_at_5_ms(fake_gpu):
+    """A call that takes 12 ms to issue would need an 18 ms spin; the spin stops at 5 ms (the GPU
+    idles for the rest, which the published median then includes: such calls are host-bound)."""
+    cfg = harness.Settings(torch.device("cuda", 0), warmup_ms=0.0, rep_ms=0.0, min_reps=4, max_reps=4)
+    t = harness.time_calls(_host_bound_op(fake_gpu, issue_us=4000.0), _flush_before(fake_gpu), 1, cfg)
+    assert t.reps == 4 and t.host_us == pytest.approx(12000.0)
+    assert all(s == pytest.approx(5e-3) for s in fake_gpu.sleeps[-4:])
+
+
+def test_host_timer_on_a_gpu_waits_for_the_flush_and_the_call(fake_gpu):
+    """timer="host" (the Python n-best loop) on a GPU: synchronize after before(k), so the flush
+    queued there is not timed, and after the call, so its last kernel is: 3 x 100 us of issuing
+    plus the last kernel's 20 us."""
+    cfg = harness.Settings(torch.device("cuda", 0), warmup_ms=0.0, rep_ms=0.0, min_reps=3, max_reps=3)
+    t = harness.time_calls(_host_bound_op(fake_gpu), _flush_before(fake_gpu), 1, cfg, timer="host")
+    assert t.reps == 3 and t.ms == pytest.approx(0.320)
+    assert not fake_gpu.sleeps, "no spin when the host times"
+
+
+def test_peak_memory_counts_the_call_not_its_inputs(monkeypatch):
+    """peak_mib: memory allocated by before(0) (inputs, a bwd mode's saved activations) is the base;
+    the peak above it during the call is reported, in MiB."""
+    allocated = {"now": 0, "peak": 0}
+
+    def alloc(nbytes):
+        allocated["now"] += nbytes
+        allocated["peak"] = max(allocated["peak"], allocated["now"])
+
+    monkeypatch.setattr(torch.cuda, "synchronize", lambda device=None: None)
+    monkeypatch.setattr(torch.cuda, "reset_peak_memory_stats",
+                        lambda device=None: allocated.update(peak=allocated["now"]))
+    monkeypatch.setattr(torch.cuda, "memory_allocated", lambda device=None: allocated["now"])
+    monkeypatch.setattr(torch.cuda, "max_memory_allocated", lambda device=None: allocated["peak"])
+
+    def call(k):  # a 3 MiB workspace, freed, then a 1 MiB output kept
+        alloc(3 * 2**20)
+        alloc(-3 * 2**20)
+        alloc(2**20)
+    assert harness.peak_mib(call, lambda k: alloc(64 * 2**20), torch.device("cuda", 0)) == pytest.approx(3.0)
+    assert harness.peak_mib(call, lambda k: None, CPU) is None
 
 
 def _timed(ms):
