@@ -2,10 +2,13 @@
 folder is prepared as for the device (float16 MiniLM, the data it needs), then
 scripts/gpu_finetune.py fine-tunes for a step with fastbert (bf16 autocast: the GPU default)
 and with transformers, and evaluates, SST-2 and SQuAD. And scripts/device_install.sh's
-choice between a carried prebuilt fastbert._C and compiling csrc/, with pip stubbed out."""
+choice between a carried prebuilt fastbert._C and compiling csrc/, with pip stubbed out; and
+scripts/gpu_check.sh's stages (what each command is given, which return codes fail the call, what
+is left in $OUT), with the GPU-only and slow commands stubbed out."""
 import importlib.util
 import json
 import os
+import re
 import shutil
 import subprocess
 import sys
@@ -127,3 +130,307 @@ def test_gpu_check_names_a_refused_sanitizer(tmp_path):
     assert "memcheck rc=1" in done.stdout and "racecheck rc=1" in done.stdout, context
     assert "compute-sanitizer refused this device" in done.stdout, context
     assert "Device not supported" in (out / "sanitizer.log").read_text()
+
+
+# gpu_check.sh's other stages on the CPU: the shell around pytest, `fastbert bench`, benchmarks.report and
+# benchmarks/tune_attention.py (what each is given, which return code counts, what is left in $OUT),
+# checked here because a slip there costs a call of scarce device time. Python is the stub below.
+
+# Python as gpu_check.sh calls it, with what needs a GPU or takes seconds replaced: the environment
+# report and the install's import check (the sanitizer test above runs those for real), the probes for
+# pytest plugins (present: the words of $STUB_MODULES), `-m pytest` (its run's rc is N where a
+# "FILE=N" of $STUB_PYTEST_RC names one of its arguments; N=hang sleeps) and `-m fastbert.bench`
+# (it leaves the files $STUB_BENCH_WRITES names, prints $STUB_BENCH_SAYS last, ends with
+# $STUB_BENCH_RC). Everything else, benchmarks.report and tune_attention included, is the real Python.
+# Every `-m` call's argv is recorded in $STUB_CALLS, stubbed or not.
+_STUB_PYTHON = """#!/usr/bin/env bash
+[ "$1" = -m ] && printf '%s\\0' "$@" >"$STUB_CALLS/$(date +%s%N).$$"
+case "$1 $2" in
+"- ")
+    cat >/dev/null
+    echo "python (stub: no environment report)"
+    exit 0 ;;
+"-c import fastbert, "*)
+    echo "fastbert (stub: no import check)"
+    exit 0 ;;
+"-c import xdist" | "-c import pytest_timeout")
+    [[ " ${{STUB_MODULES:-}} " == *" ${{2#import }} "* ]]
+    exit ;;
+"-m pytest")
+    rc=0
+    for arg in "$@"; do
+        for planted in ${{STUB_PYTEST_RC:-}}; do [ "$arg" = "${{planted%=*}}" ] && rc="${{planted#*=}}"; done
+    done
+    case "$rc" in
+        0) echo "12 passed, 3 skipped in 4.21s" ;;
+        5) echo "15 deselected in 0.52s" ;;
+        hang) exec sleep 60 ;;
+        *) echo "FAILED tests/test_attention.py::test_fwd[bfloat16] - AssertionError: max error 3.1e-02"
+           echo "1 failed, 11 passed in 4.02s" ;;
+    esac
+    exit "$rc" ;;
+"-m fastbert.bench")
+    args=("$@")
+    for ((i = 0; i + 1 < ${{#args[@]}}; i++)); do
+        case "${{args[i]}}" in --suite) suite="${{args[i + 1]}}" ;; --out) out="${{args[i + 1]}}" ;; esac
+    done
+    echo "fastbert bench: budget run of $suite on NVIDIA H100 80GB HBM3 (torch 2.13.0+cu128, triton 3.6.0," \\
+         "commit $FASTBERT_COMMIT) -> $out"
+    echo "ceilings: copy 3018.4 GB/s, matmul 701.22 TFLOP/s (8192x8192x8192 bfloat16)"
+    for leaves in ${{STUB_BENCH_WRITES:-}}; do
+        case "$leaves" in
+            json) cp "$STUB_RESULTS/$suite.json" "$out/$suite.json" ;;
+            tmp) cp "$STUB_RESULTS/$suite.json" "$out/$suite.tmp" ;;  # a save the kill cut short
+            md) echo "stub table, as fastbert bench wrote it" >"$out/$suite.md" ;;
+            png) echo "stub plot, as fastbert bench drew it" >"$out/$suite.png" ;;
+        esac
+    done
+    echo "${{STUB_BENCH_SAYS:-}}"
+    exit "${{STUB_BENCH_RC:-0}}" ;;
+esac
+exec {python} "$@"
+"""
+
+_H100 = {"gpu": "NVIDIA H100 80GB HBM3", "driver": "570.124.06", "torch": "2.13.0+cu128", "triton": "3.6.0",
+         "cuda": "12.8", "commit": "0123456789ab"}
+_CEILINGS = {"copy_GBps": 3018.4, "copy_bytes": 1 << 30, "matmul_TFLOPs": 701.2,
+             "matmul_shape": "8192x8192x8192 bfloat16"}
+
+
+def _bench_results(suite: str) -> dict:
+    """A results JSON as `fastbert bench --budget` saves it on an H100 (benchmarks/harness.py's row
+    format), cut to one key case: kernels, attention fwd+bwd against eager and SDPA; e2e, a BERT-base
+    fine-tuning step against transformers eager."""
+    def row(impl, ms, eager_ms, **extra):
+        tflops = extra.pop("work") / (ms * 1e9)
+        return {"impl": impl, "dtype": "bfloat16", "status": "ok", "note": "", "unit": "TFLOP/s", "tier": 1,
+                "ms": ms, "ms_p20": 0.99 * ms, "ms_p80": 1.01 * ms, "reps": 40, "host_us": None,
+                "first_call_s": 0.8, "metric": tflops, "pct_of_ceiling": 100 * tflops / _CEILINGS["matmul_TFLOPs"],
+                "speedup_vs_eager": eager_ms / ms, "peak_mib": 900.0, "utc": "2026-11-27T10:00:00Z", **_H100,
+                **extra}
+
+    if suite == "kernels":
+        case = dict(op="attention", shape="base B16 S512 H12 D64 nomask", mode="fwd+bwd", work=1.24e11,
+                    dims={"B": 16, "S": 512, "H": 12, "D": 64, "mask": "none"})
+        rows = [row(impl, ms, 2.9, **case, speedup_vs={"eager": 2.9 / ms, "sdpa_best": 0.47 / ms})
+                for impl, ms in (("triton", 0.41), ("eager", 2.9), ("sdpa_flash", 0.47))]
+    else:
+        case = dict(op="base-cls", shape="B8 S512", mode="train", work=2.2e12, tokens=4096, padded_tokens=4096,
+                    dims={"B": 8, "S": 512, "layers": 12, "hidden": 768, "head": "cls", "autocast": True})
+        rows = []
+        for impl, ms in (("hf_eager", 61.0), ("fb_triton", 35.0)):
+            r = row(impl, ms, 61.0, **case, speedup_vs_hf_compile=None, max_abs_diff=None)
+            rows.append(dict(r, tokens_per_s=4096 / (ms / 1e3), mfu_pct=r["pct_of_ceiling"]))
+    meta = {"suite": suite, "profile": "budget", "compile_scope": "key", "started_utc": "2026-11-27T10:00:00Z"}
+    return {"env": _H100, "ceilings": _CEILINGS, "settings": {}, "meta": meta, "skipped_for_time": [], "rows": rows}
+
+
+# The script's own settings: none may leak in from the environment of the test run.
+_GPU_CHECK_SETTINGS = ("GPU_CHECK_", "GPU_TEST", "INSTALL_S", "BENCH_", "E2E_", "TUNE_", "SANITIZER_S",
+                       "FASTBERT_COMMIT", "FASTBERT_CUDA")
+_INSTALL_SHIM = "install: fallback: PYTHONPATH + fastbert.kernels alias (see install.log)"
+
+
+def _gpu_check(tmp_path, **settings):
+    """(run, $OUT, `-m` calls in order) of gpu_check.sh with the stub Python, the shim install and
+    `settings` (the script's and the stub's) as its environment."""
+    bin_dir, out, calls, results = (tmp_path / name for name in ("bin", "out", "calls", "results"))
+    for folder in (bin_dir, calls, results):
+        folder.mkdir()
+    for suite in ("kernels", "e2e"):
+        (results / f"{suite}.json").write_text(json.dumps(_bench_results(suite), indent=1))
+    python = bin_dir / "python"
+    python.write_text(_STUB_PYTHON.format(python=sys.executable))
+    python.chmod(0o755)
+    env = {k: v for k, v in os.environ.items() if not k.startswith(_GPU_CHECK_SETTINGS)}
+    env.update(OUT=str(out), PYTHON=str(python), GPU_CHECK_INSTALL="shim", FASTBERT_COMMIT="0123456789ab",
+               STUB_CALLS=str(calls), STUB_RESULTS=str(results), **settings)
+    done = subprocess.run(["bash", str(REPO / "scripts" / "gpu_check.sh")], env=env, capture_output=True,
+                          text=True, timeout=300)
+    made = [p.read_text().split("\0")[:-1] for p in sorted(calls.iterdir(), key=lambda p: p.name)]
+    return done, out, made
+
+
+def _module_calls(calls, module):
+    return [call[2:] for call in calls if call[1] == module]
+
+
+def _stage_seconds(stdout, title) -> tuple[int, int]:
+    """(seconds given to the stage, seconds elapsed when it started), from its '== TITLE, Ns (Ms)' line."""
+    found = re.search(rf"^== {re.escape(title)}, (\d+)s \((\d+)s\)$", stdout, re.M)
+    assert found, f"no '== {title}' line in:\n{stdout}"
+    return int(found[1]), int(found[2])
+
+
+def _done_line(stdout) -> str:
+    lines = [line for line in stdout.splitlines() if line.startswith("== done in ")]
+    assert len(lines) == 1, stdout
+    return re.sub(r"^== done in \d+s", "== done", lines[0])
+
+
+def test_gpu_check_default_call_runs_pytest_in_xdist_workers_and_the_kernel_benchmark(tmp_path):
+    """The default call (stages "tests bench") where all goes well: pytest -m gpu in 8 xdist workers
+    that take tests one by one, with the plugin's per-test timeout; the kernel benchmark in --budget
+    mode with BENCH_ARGS split into words, for BENCH_MAX_S (less than what is left), told to stop
+    starting groups 45 s before its cap; its own table kept (no rebuild) and the key-shape summary
+    printed. Exit 0, the done line, and the 7 files the header promises in $OUT, check.log holding all
+    that was printed."""
+    done, out, calls = _gpu_check(tmp_path, STUB_MODULES="xdist pytest_timeout", BENCH_MAX_S="100",
+                                  BENCH_ARGS="--ops attention", STUB_BENCH_WRITES="json md png")
+    context = (done.stdout + done.stderr)[-6000:]
+    assert done.returncode == 0, context
+    assert _done_line(done.stdout) == f"== done: {_INSTALL_SHIM}; stages: tests bench; rc=0", context
+    assert _module_calls(calls, "pytest") == [
+        ["-m", "gpu", "tests", "-q", "-p", "no:cacheprovider", "-n", "8", "--dist", "load", "--maxfail=5",
+         "--timeout=120", "-rfE", "--durations=10"]], context
+    assert "12 passed, 3 skipped" in done.stdout and "gpu tests rc=0" in done.stdout, context
+    assert _stage_seconds(done.stdout, "fastbert bench --suite kernels --budget")[0] == 100, context
+    assert _module_calls(calls, "fastbert.bench") == [
+        ["--suite", "kernels", "--budget", "--out", str(out), "--time-limit", "55", "--compile", "key",
+         "--ops", "attention"]], context
+    assert "fastbert bench: budget run of kernels" in done.stdout and "ceilings: copy" in done.stdout, context
+    assert _module_calls(calls, "benchmarks.report") == [[str(out / "kernels.json"), "--summary"]], context
+    assert (out / "kernels.md").read_text() == "stub table, as fastbert bench wrote it\n"
+    assert "| attention | base B16 S512 H12 D64 nomask | bfloat16 | fwd+bwd |" in done.stdout, context
+    assert "bench kernels rc=0" in done.stdout, context
+    assert sorted(p.name for p in out.iterdir()) == ["bench.log", "check.log", "gpu_tests.log", "install.log",
+                                                     "kernels.json", "kernels.md", "kernels.png"]
+    assert (out / "check.log").read_text() == done.stdout
+
+
+@pytest.mark.parametrize("case", ["a shard fails", "a shard has no gpu test", "a shard passes the cap"])
+def test_gpu_check_sharded_tests_fail_only_for_a_shard_that_failed(tmp_path, case):
+    """Without xdist (or with GPU_TEST_WORKERS=1): GPU_TEST_SHARDS pytest processes over disjoint files
+    that together are every tests/test_*.py, the heaviest dealt first; every shard's output and rc in
+    gpu_tests.log, no shard's temporary log left. A shard that fails fails the call; one that selects no
+    test (pytest's rc 5: a file without gpu tests) does not; one stopped by GPU_TESTS_S says so and fails."""
+    settings = {"a shard fails": dict(STUB_MODULES="", STUB_PYTEST_RC="tests/test_attention.py=1"),
+                "a shard has no gpu test": dict(STUB_MODULES="xdist pytest_timeout", GPU_TEST_WORKERS="1",
+                                                STUB_PYTEST_RC="tests/test_attention.py=5"),
+                "a shard passes the cap": dict(STUB_MODULES="pytest_timeout", GPU_TESTS_S="1",
+                                               STUB_PYTEST_RC="tests/test_attention.py=hang")}[case]
+    done, out, calls = _gpu_check(tmp_path, GPU_CHECK_STAGES="tests", GPU_TEST_SHARDS="3", **settings)
+    context = (done.stdout + done.stderr)[-6000:]
+    log = (out / "gpu_tests.log").read_text()
+    shards = {int(m[1]): m[2].split() for m in re.finditer(r"^shard (\d+): (.*)$", done.stdout, re.M)}
+    every_file = sorted(str(p.relative_to(REPO)) for p in (REPO / "tests").glob("test_*.py"))
+    assert sorted(shards) == [0, 1, 2] and sorted(sum(shards.values(), [])) == every_file, context
+    assert max(map(len, shards.values())) - min(map(len, shards.values())) <= 1, shards
+    assert [files[0] for _, files in sorted(shards.items())] == \
+        ["tests/test_cuda_layernorm.py", "tests/test_attention.py", "tests/test_cuda_attention.py"], shards
+    pytest_calls = _module_calls(calls, "pytest")
+    assert sorted(call[2:call.index("-q")] for call in pytest_calls) == sorted(shards.values()), pytest_calls
+    with_timeout = "pytest_timeout" in settings["STUB_MODULES"]
+    for call in pytest_calls:
+        assert call[:2] == ["-m", "gpu"] and "-n" not in call and "--maxfail=5" in call, call
+        assert ("--timeout=120" in call) == with_timeout, call
+    rc = {"a shard fails": 1, "a shard has no gpu test": 5, "a shard passes the cap": 124}[case]
+    assert re.findall(r"^==== shard (\d) rc=(\d+)$", log, re.M) == [("0", "0"), ("1", str(rc)), ("2", "0")], log
+    assert log.count("12 passed, 3 skipped") == 2, log
+    shard_1_says = {1: "1 failed, 11 passed", 5: "15 deselected", 124: "(shard 1 stopped by the 1s cap)"}[rc]
+    assert shard_1_says in log, log
+    if rc != 5:  # the summary printed from the log shows what went wrong
+        assert shard_1_says in done.stdout, context
+    tests_rc = 0 if rc == 5 else rc
+    assert f"gpu tests rc={tests_rc} (" in done.stdout, context
+    assert done.returncode == (0 if tests_rc == 0 else 1), context
+    assert _done_line(done.stdout) == f"== done: {_INSTALL_SHIM}; stages: tests; rc={done.returncode}", context
+    assert sorted(p.name for p in out.iterdir()) == ["check.log", "gpu_tests.log", "install.log"]
+
+
+_BENCH_OUTCOMES = {  # what `fastbert bench` leaves, what it prints last, its rc
+    "killed by its cap": dict(STUB_BENCH_WRITES="json tmp", STUB_BENCH_RC="124",
+                              STUB_BENCH_SAYS="attention  triton  base B16 S512 H12 D64 nomask  bfloat16  fwd"),
+    "a kernel failed": dict(STUB_BENCH_WRITES="json md png", STUB_BENCH_RC="1",
+                            STUB_BENCH_SAYS="ERROR attention triton base B16 S512 H12 D64 nomask bfloat16 fwd+bwd: "
+                                            "RuntimeError: CUDA error: an illegal memory access was encountered"),
+    "no JSON": dict(STUB_BENCH_WRITES="", STUB_BENCH_RC="1",
+                    STUB_BENCH_SAYS="RuntimeError: CUDA error: no kernel image is available for execution"),
+}
+
+
+@pytest.mark.parametrize("outcome", list(_BENCH_OUTCOMES))
+def test_gpu_check_rebuilds_the_benchmark_table_unless_the_run_ended_well(tmp_path, outcome):
+    """A benchmark that did not end with rc 0 fails the call. Its table and plot are rebuilt from the JSON
+    by benchmarks.report (for real): after a kill only the JSON was written (and a save's .tmp, removed
+    here); after a kernel error the table was written but the JSON is what counts. Without a JSON there
+    is nothing to report: the log's tail says why. With the default BENCH_MAX_S the benchmark gets what
+    is left of GPU_CHECK_TOTAL_S less a 20 s margin."""
+    done, out, calls = _gpu_check(tmp_path, GPU_CHECK_STAGES="bench", GPU_CHECK_TOTAL_S="200",
+                                  **_BENCH_OUTCOMES[outcome])
+    context = (done.stdout + done.stderr)[-6000:]
+    rc = _BENCH_OUTCOMES[outcome]["STUB_BENCH_RC"]
+    secs, started_at = _stage_seconds(done.stdout, "fastbert bench --suite kernels --budget")
+    assert secs + started_at in (180, 181), context  # the second may tick between left_for and the line
+    assert _module_calls(calls, "fastbert.bench") == [
+        ["--suite", "kernels", "--budget", "--out", str(out), "--time-limit", str(secs - 45), "--compile", "key"]]
+    assert f"bench kernels rc={rc} (" in done.stdout, context
+    assert done.returncode == 1, context
+    assert _done_line(done.stdout) == f"== done: {_INSTALL_SHIM}; stages: bench; rc=1", context
+    left = sorted(p.name for p in out.iterdir())
+    if outcome == "no JSON":
+        assert _module_calls(calls, "benchmarks.report") == [], context
+        assert _BENCH_OUTCOMES[outcome]["STUB_BENCH_SAYS"] in done.stdout, context
+        assert left == ["bench.log", "check.log", "install.log"]
+        return
+    kernels_json = str(out / "kernels.json")
+    assert _module_calls(calls, "benchmarks.report") == [[kernels_json, "--out", str(out)],
+                                                         [kernels_json, "--summary"]], context
+    assert (out / "kernels.md").read_text().startswith("# Kernel benchmarks"), context
+    assert (out / "kernels.png").read_bytes().startswith(b"\x89PNG"), context
+    assert "| attention | base B16 S512 H12 D64 nomask | bfloat16 | fwd+bwd |" in done.stdout, context
+    if outcome == "a kernel failed":
+        assert "ERROR attention triton" in done.stdout, context
+    assert left == ["bench.log", "check.log", "install.log", "kernels.json", "kernels.md", "kernels.png"]
+
+
+def test_gpu_check_e2e_and_tune_stages(tmp_path):
+    """The second call's stages, e2e and tune, where little time is left (GPU_CHECK_TOTAL_S=30): each
+    still gets its 60 s floor, less its margin in --time-limit (45 s for the benchmark, 30 s for tune).
+    e2e: `fastbert bench --suite e2e` with E2E_ARGS split into words and no --compile, its own table
+    kept, the e2e summary and issue 6's e2e targets printed by benchmarks.report (no kernels.json in
+    $OUT). tune: the real benchmarks/tune_attention.py, --quick through TUNE_ARGS (Triton's
+    interpreter), its 'best per kernel' block printed and tune.json left."""
+    done, out, calls = _gpu_check(tmp_path, GPU_CHECK_STAGES="e2e tune", GPU_CHECK_TOTAL_S="30",
+                                  E2E_ARGS="--filter base-cls", TUNE_ARGS="--quick --dropout 0",
+                                  STUB_BENCH_WRITES="json md png")
+    context = (done.stdout + done.stderr)[-6000:]
+    assert done.returncode == 0, context
+    assert _done_line(done.stdout) == f"== done: {_INSTALL_SHIM}; stages: e2e tune; rc=0", context
+    assert _stage_seconds(done.stdout, "fastbert bench --suite e2e --budget")[0] == 60, context
+    assert _stage_seconds(done.stdout, "tune_attention")[0] == 60, context
+    assert _module_calls(calls, "fastbert.bench") == [
+        ["--suite", "e2e", "--budget", "--out", str(out), "--time-limit", "15", "--filter", "base-cls"]], context
+    assert _module_calls(calls, "benchmarks.report") == [[str(out / "e2e.json"), "--summary"]], context
+    assert (out / "e2e.md").read_text() == "stub table, as fastbert bench wrote it\n"
+    assert "| base-cls | B8 S512 | train |" in done.stdout, context
+    assert "| BERT-base fine-tuning step, S512, vs transformers eager | base-cls B8 S512 train" in done.stdout
+    assert "bench e2e rc=0" in done.stdout, context
+    assert _module_calls(calls, "benchmarks.tune_attention") == [
+        ["--time-limit", "30", "--out", str(out / "tune.json"), "--quick", "--dropout", "0"]], context
+    best = done.stdout[done.stdout.index("best per kernel"):done.stdout.index("tune rc=0")]
+    assert [line.split()[:3] for line in best.splitlines()[1:4]] == [["D16", "p=0", kernel]
+                                                                       for kernel in ("fwd", "bwd_dq", "bwd")], best
+    assert {r["kernel"] for r in json.loads((out / "tune.json").read_text())["rows"]} == {"fwd", "bwd_dq", "bwd"}
+    assert sorted(p.name for p in out.iterdir()) == ["check.log", "e2e.json", "e2e.log", "e2e.md", "e2e.png",
+                                                     "install.log", "tune.json", "tune.log"]
+    assert "WARNING" not in done.stdout, "8 files all come back"
+
+
+def test_gpu_check_warns_when_its_files_will_not_all_come_back(tmp_path):
+    """bench + e2e leave 10 files in $OUT and the device tool brings back 8: the call's own output
+    (which the tool returns whatever happens to the files) must say so."""
+    done, out, _ = _gpu_check(tmp_path, GPU_CHECK_STAGES="bench e2e", STUB_BENCH_WRITES="json md png")
+    assert len(list(out.iterdir())) == 10
+    assert "WARNING: 10 files in $OUT: the device tool brings back 8" in done.stdout, done.stdout[-3000:]
+
+
+def test_gpu_check_fails_when_tune_fails(tmp_path):
+    """A tune run that fails (here for real: TUNE_ARGS that tune_attention.py refuses) fails the call,
+    and its rc is shown; there is no 'best per kernel' block to show."""
+    done, out, _ = _gpu_check(tmp_path, GPU_CHECK_STAGES="tune", TUNE_ARGS="--dtype float64")
+    context = (done.stdout + done.stderr)[-6000:]
+    assert "tune rc=2 (" in done.stdout and "best per kernel" not in done.stdout, context
+    assert "invalid choice: 'float64'" in (out / "tune.log").read_text()
+    assert done.returncode == 1, context
+    assert _done_line(done.stdout) == f"== done: {_INSTALL_SHIM}; stages: tune; rc=1", context
