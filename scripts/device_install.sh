@@ -68,8 +68,8 @@ device_install() {
                >>"$OUT/install.log" 2>&1; then
         INSTALL="editable, no CUDA extension (its build failed or timed out: see install.log)"
     else
-        local shim=/tmp/fastbert_shim
-        mkdir -p "$shim"
+        local shim  # its own folder: two installs at once (tests in parallel) must not share a file
+        shim=$(mktemp -d "${TMPDIR:-/tmp}/fastbert_shim.XXXXXX")
         cat >"$shim/sitecustomize.py" <<'PYEOF'
 """Device fallback: alias fastbert.kernels to <repo>/kernels, as setup.py's package_dir does."""
 import importlib.util

@@ -29,7 +29,7 @@ export PYTHONUNBUFFERED=1
 
 REPO="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
 cd "$REPO"
-OUT="${OUT:-/tmp/fastbert_gpu_finetune}"
+OUT="${OUT:-/tmp/fastbert_gpu_finetune_out}"   # not the --work folder below
 mkdir -p "$OUT"
 PY="${PYTHON:-python3}"
 TOTAL="${FINETUNE_TOTAL_S:-480}"

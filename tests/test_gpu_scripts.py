@@ -4,7 +4,9 @@ scripts/gpu_finetune.py fine-tunes for a step with fastbert (bf16 autocast: the 
 and with transformers, and evaluates, SST-2 and SQuAD. And scripts/device_install.sh's
 choice between a carried prebuilt fastbert._C and compiling csrc/, with pip stubbed out; and
 scripts/gpu_check.sh's stages (what each command is given, which return codes fail the call, what
-is left in $OUT), with the GPU-only and slow commands stubbed out."""
+is left in $OUT), with the GPU-only and slow commands stubbed out; and scripts/gpu_finetune.sh's
+wiring around gpu_finetune.py (the carry check, the budget and arguments it passes, its return codes),
+with gpu_finetune.py stubbed out."""
 import importlib.util
 import json
 import os
@@ -122,7 +124,8 @@ def test_gpu_check_names_a_refused_sanitizer(tmp_path):
     (bin_dir / "compute-sanitizer").write_text(_FAKE_SANITIZER)
     (bin_dir / "compute-sanitizer").chmod(0o755)
     env = dict(os.environ, PATH=f"{bin_dir}:{os.environ['PATH']}", OUT=str(out), PYTHON=sys.executable,
-               GPU_CHECK_STAGES="sanitizer", GPU_CHECK_INSTALL="shim", GPU_CHECK_TOTAL_S="200", SANITIZER_S="60")
+               GPU_CHECK_STAGES="sanitizer", GPU_CHECK_INSTALL="shim", GPU_CHECK_TOTAL_S="200", SANITIZER_S="60",
+               TMPDIR=str(tmp_path))  # the shim install's mktemp folder goes with the test's
     done = subprocess.run(["bash", str(REPO / "scripts" / "gpu_check.sh")], env=env, capture_output=True,
                           text=True, timeout=600)
     context = (done.stdout + done.stderr)[-4000:]
@@ -136,23 +139,47 @@ def test_gpu_check_names_a_refused_sanitizer(tmp_path):
 # benchmarks/tune_attention.py (what each is given, which return code counts, what is left in $OUT),
 # checked here because a slip there costs a call of scarce device time. Python is the stub below.
 
-# Python as gpu_check.sh calls it, with what needs a GPU or takes seconds replaced: the environment
-# report and the install's import check (the sanitizer test above runs those for real), the probes for
-# pytest plugins (present: the words of $STUB_MODULES), `-m pytest` (its run's rc is N where a
-# "FILE=N" of $STUB_PYTEST_RC names one of its arguments; N=hang sleeps) and `-m fastbert.bench`
-# (it leaves the files $STUB_BENCH_WRITES names, prints $STUB_BENCH_SAYS last, ends with
-# $STUB_BENCH_RC). Everything else, benchmarks.report and tune_attention included, is the real Python.
-# Every `-m` call's argv is recorded in $STUB_CALLS, stubbed or not.
+# Python as gpu_check.sh and gpu_finetune.sh call it, with what needs a GPU or takes seconds replaced:
+# the environment reports and the install's import check (the sanitizer test above runs those for
+# real; the check takes $STUB_IMPORT_S seconds, as importing torch and triton does, and fails with the
+# error $STUB_IMPORT_FAILS where one is given), the probes for pytest plugins (present: the words of
+# $STUB_MODULES), `-m pytest` (its run's rc is N where a "FILE=N" of $STUB_PYTEST_RC names one of its
+# arguments; N=hang sleeps), `-m fastbert.bench` (it leaves the files $STUB_BENCH_WRITES names, prints
+# $STUB_BENCH_SAYS last, ends with $STUB_BENCH_RC) and scripts/gpu_finetune.py (it prints to stdout
+# and stderr, writes its --out and ends with $STUB_FINETUNE_RC; hang: it is stopped while it saves
+# again, leaving the .tmp it writes before the rename). Everything else, benchmarks.report and
+# tune_attention included, is the real Python. Every `-m` call's and script's argv is recorded in
+# $STUB_CALLS, stubbed or not.
 _STUB_PYTHON = """#!/usr/bin/env bash
-[ "$1" = -m ] && printf '%s\\0' "$@" >"$STUB_CALLS/$(date +%s%N).$$"
+case "$1" in -m | scripts/*.py) printf '%s\\0' "$@" >"$STUB_CALLS/$(date +%s%N).$$" ;; esac
 case "$1 $2" in
 "- ")
     cat >/dev/null
     echo "python (stub: no environment report)"
     exit 0 ;;
+"-c import torch, "*)
+    echo "torch (stub: no environment report)"
+    exit 0 ;;
 "-c import fastbert, "*)
+    sleep "${{STUB_IMPORT_S:-0}}"
+    if [ -n "${{STUB_IMPORT_FAILS:-}}" ]; then
+        echo "Traceback (most recent call last):" >&2
+        echo "$STUB_IMPORT_FAILS" >&2
+        exit 1
+    fi
     echo "fastbert (stub: no import check)"
     exit 0 ;;
+"scripts/gpu_finetune.py "*)
+    args=("$@")
+    for ((i = 0; i + 1 < ${{#args[@]}}; i++)); do [ "${{args[i]}}" = --out ] && out="${{args[i + 1]}}"; done
+    echo "sst2 triton: epoch 1/1, dev accuracy 0.912 (stub)"
+    echo "train: 100%|##########| 2105/2105 (stub progress bar, on stderr)" >&2
+    echo '{{"runs": [{{"task": "sst2", "impl": "triton", "status": "ok"}}]}}' >"$out"
+    if [ "${{STUB_FINETUNE_RC:-0}}" = hang ]; then
+        echo '{{"runs": [' >"${{out%.json}}.tmp"
+        exec sleep 30
+    fi
+    exit "${{STUB_FINETUNE_RC:-0}}" ;;
 "-c import xdist" | "-c import pytest_timeout")
     [[ " ${{STUB_MODULES:-}} " == *" ${{2#import }} "* ]]
     exit ;;
@@ -231,24 +258,35 @@ _GPU_CHECK_SETTINGS = ("GPU_CHECK_", "GPU_TEST", "INSTALL_S", "BENCH_", "E2E_", 
 _INSTALL_SHIM = "install: fallback: PYTHONPATH + fastbert.kernels alias (see install.log)"
 
 
-def _gpu_check(tmp_path, **settings):
-    """(run, $OUT, `-m` calls in order) of gpu_check.sh with the stub Python, the shim install and
-    `settings` (the script's and the stub's) as its environment."""
-    bin_dir, out, calls, results = (tmp_path / name for name in ("bin", "out", "calls", "results"))
-    for folder in (bin_dir, calls, results):
+def _stub_python(tmp_path) -> tuple[Path, Path]:
+    """(the stub Python, the folder where it records its calls), in tmp_path."""
+    bin_dir, calls = tmp_path / "bin", tmp_path / "calls"
+    for folder in (bin_dir, calls):
         folder.mkdir()
-    for suite in ("kernels", "e2e"):
-        (results / f"{suite}.json").write_text(json.dumps(_bench_results(suite), indent=1))
     python = bin_dir / "python"
     python.write_text(_STUB_PYTHON.format(python=sys.executable))
     python.chmod(0o755)
+    return python, calls
+
+
+def _recorded_calls(calls) -> list[list[str]]:
+    return [p.read_text().split("\0")[:-1] for p in sorted(calls.iterdir(), key=lambda p: p.name)]
+
+
+def _gpu_check(tmp_path, **settings):
+    """(run, $OUT, `-m` and script calls in order) of gpu_check.sh with the stub Python, the shim install and
+    `settings` (the script's and the stub's) as its environment."""
+    python, calls = _stub_python(tmp_path)
+    out, results = tmp_path / "out", tmp_path / "results"
+    results.mkdir()
+    for suite in ("kernels", "e2e"):
+        (results / f"{suite}.json").write_text(json.dumps(_bench_results(suite), indent=1))
     env = {k: v for k, v in os.environ.items() if not k.startswith(_GPU_CHECK_SETTINGS)}
     env.update(OUT=str(out), PYTHON=str(python), GPU_CHECK_INSTALL="shim", FASTBERT_COMMIT="0123456789ab",
-               STUB_CALLS=str(calls), STUB_RESULTS=str(results), **settings)
+               STUB_CALLS=str(calls), STUB_RESULTS=str(results), TMPDIR=str(tmp_path), **settings)
     done = subprocess.run(["bash", str(REPO / "scripts" / "gpu_check.sh")], env=env, capture_output=True,
                           text=True, timeout=300)
-    made = [p.read_text().split("\0")[:-1] for p in sorted(calls.iterdir(), key=lambda p: p.name)]
-    return done, out, made
+    return done, out, _recorded_calls(calls)
 
 
 def _module_calls(calls, module):
@@ -434,3 +472,157 @@ def test_gpu_check_fails_when_tune_fails(tmp_path):
     assert "invalid choice: 'float64'" in (out / "tune.log").read_text()
     assert done.returncode == 1, context
     assert _done_line(done.stdout) == f"== done: {_INSTALL_SHIM}; stages: tune; rc=1", context
+
+
+# gpu_finetune.sh on the CPU: the shell around scripts/gpu_finetune.py (the carry check, the install, the
+# budget, arguments and hard cap it is given, its return code, what is left in $OUT), with the stub
+# Python above, for the same reason: a slip there costs a call of scarce device time.
+
+_FINETUNE_SETTINGS = ("FINETUNE_", "CARRY", "INSTALL_S", "GPU_CHECK_", "FASTBERT_COMMIT", "FASTBERT_CUDA")
+_CARRIED = ("model/model.safetensors", "data/sst2/train.tsv")  # the two files gpu_finetune.sh checks
+
+
+def _gpu_finetune(tmp_path, carry_files=_CARRIED, carry_at=".gpu/carry", **settings):
+    """(run, $OUT, gpu_finetune.py's argv for each time it ran) of gpu_finetune.sh with the stub Python,
+    the shim install and `settings` (the script's and the stub's) as its environment. The script runs
+    from a bare checkout in tmp_path (it and device_install.sh copied there), so that its default carry,
+    .gpu/carry, is the test's (this checkout's may hold a prepared one); `carry_files` (empty files: the
+    stub reads none) are put in `carry_at`, relative to that checkout."""
+    python, calls = _stub_python(tmp_path)
+    repo, out = tmp_path / "repo", tmp_path / "out"
+    (repo / "scripts").mkdir(parents=True)
+    for script in ("gpu_finetune.sh", "device_install.sh"):
+        shutil.copy(REPO / "scripts" / script, repo / "scripts" / script)
+    for name in carry_files:
+        (repo / carry_at / name).parent.mkdir(parents=True, exist_ok=True)
+        (repo / carry_at / name).write_bytes(b"")
+    env = {k: v for k, v in os.environ.items() if not k.startswith(_FINETUNE_SETTINGS)}
+    # TMPDIR: the shim install's mktemp folder goes with the test's, not into /tmp for good.
+    env.update(OUT=str(out), PYTHON=str(python), GPU_CHECK_INSTALL="shim", FASTBERT_COMMIT="0123456789ab",
+               STUB_CALLS=str(calls), TMPDIR=str(tmp_path), **settings)
+    done = subprocess.run(["bash", str(repo / "scripts" / "gpu_finetune.sh")], env=env, capture_output=True,
+                          text=True, timeout=120)
+    runs = [call[1:] for call in _recorded_calls(calls) if call[0] == "scripts/gpu_finetune.py"]
+    return done, out, runs
+
+
+def _finetune_line(stdout) -> tuple[str, int]:
+    """(what the '== gpu_finetune.py ... (Ns)' line says it passes, N: seconds elapsed when it was printed)."""
+    found = re.search(r"^== gpu_finetune\.py (.*) \((\d+)s\)$", stdout, re.M)
+    assert found, f"no '== gpu_finetune.py' line in:\n{stdout}"
+    return found[1].strip(), int(found[2])
+
+
+def _finetune_done(stdout) -> tuple[int, str]:
+    """(seconds elapsed, the rest) of the '== done in Ns: ...' line."""
+    found = re.findall(r"^== done in (\d+)s: (.*)$", stdout, re.M)
+    assert len(found) == 1, stdout
+    return int(found[0][0]), found[0][1]
+
+
+_WORK = "/tmp/fastbert_gpu_finetune"  # gpu_finetune.py's scratch folder, as the script gives it
+
+
+@pytest.mark.parametrize("missing", ["the folder", "the model", "the SST-2 train split"])
+def test_gpu_finetune_stops_with_2_when_the_carry_is_missing(tmp_path, missing):
+    """A call made without carry [".gpu/carry"] (or with a carry prepared before the model or the data
+    was added) must stop before the install with rc 2 and say what to do, not spend its minutes on an
+    install and a gpu_finetune.py that fails to load: either file missing is enough."""
+    carried = {"the folder": (), "the model": _CARRIED[1:], "the SST-2 train split": _CARRIED[:1]}[missing]
+    done, out, runs = _gpu_finetune(tmp_path, carry_files=carried)
+    context = (done.stdout + done.stderr)[-4000:]
+    assert done.returncode == 2, context
+    assert "error: .gpu/carry is missing: run 'python scripts/prepare_gpu_carry.py'" in done.stdout, context
+    assert runs == [] and "== install" not in done.stdout, context
+    assert sorted(p.name for p in out.iterdir()) == ["run.log"]
+    assert (out / "run.log").read_text() == done.stdout
+
+
+def test_gpu_finetune_default_call_gives_gpu_finetune_py_what_is_left_less_30_s(tmp_path):
+    """The default call: the install (here 2 s of import check) counts against FINETUNE_TOTAL_S, and
+    gpu_finetune.py gets the carry, its output in $OUT, the scratch folder and --budget of what is left
+    less 30 s (the margin for its last save and the script's end), and no other argument. It ends with
+    gpu_finetune.py's rc 0; $OUT holds the three files the header names, run.log all that was printed,
+    gpu_finetune.py's stderr (its progress bars) included."""
+    done, out, runs = _gpu_finetune(tmp_path, FINETUNE_TOTAL_S="100", STUB_IMPORT_S="2")
+    context = (done.stdout + done.stderr)[-4000:]
+    assert done.returncode == 0, context
+    passed, started_at = _finetune_line(done.stdout)
+    assert started_at >= 2, context  # else "what is left" cannot be told from FINETUNE_TOTAL_S - 30
+    budget = int(passed.removeprefix("--budget "))
+    assert budget + started_at in (70, 71), context  # the second may tick between the budget and the line
+    assert runs == [["--carry", ".gpu/carry", "--out", str(out / "finetune.json"), "--work", _WORK,
+                     "--budget", str(budget)]], context
+    assert _finetune_done(done.stdout)[1] == f"{_INSTALL_SHIM}; gpu_finetune rc=0", context
+    assert sorted(p.name for p in out.iterdir()) == ["finetune.json", "install.log", "run.log"]
+    assert json.loads((out / "finetune.json").read_text())["runs"][0]["status"] == "ok"
+    assert "stub progress bar, on stderr" in done.stdout and done.stderr == "", context
+    assert (out / "run.log").read_text() == done.stdout
+
+
+@pytest.mark.parametrize("budget", ["200", "full"])
+def test_gpu_finetune_passes_the_budget_and_the_arguments_it_is_given(tmp_path, budget):
+    """FINETUNE_BUDGET_S replaces the computed budget; "full" passes none (gpu_finetune.py's full
+    epochs), and the line before the run says so. FINETUNE_ARGS are split into words (each its own
+    argument to gpu_finetune.py), after the budget."""
+    done, out, runs = _gpu_finetune(tmp_path, FINETUNE_BUDGET_S=budget,
+                                    FINETUNE_ARGS="--tasks sst2 --impls triton torch")
+    context = (done.stdout + done.stderr)[-4000:]
+    assert done.returncode == 0, context
+    budget_args = ["--budget", budget] if budget != "full" else []
+    assert runs == [["--carry", ".gpu/carry", "--out", str(out / "finetune.json"), "--work", _WORK, *budget_args,
+                     "--tasks", "sst2", "--impls", "triton", "torch"]], context
+    said = "--budget 200" if budget != "full" else "(no budget)"
+    assert _finetune_line(done.stdout)[0] == f"{said} --tasks sst2 --impls triton torch", context
+
+
+def test_gpu_finetune_reads_the_carry_from_CARRY(tmp_path):
+    """CARRY names the carried folder in place of .gpu/carry (absent here): it is the one checked and
+    the one given to gpu_finetune.py."""
+    carried = tmp_path / "carried elsewhere"  # a space: the path must stay one argument
+    done, out, runs = _gpu_finetune(tmp_path, carry_at=carried, CARRY=str(carried))
+    context = (done.stdout + done.stderr)[-4000:]
+    assert done.returncode == 0, context
+    assert not (tmp_path / "repo" / ".gpu").exists()
+    assert [run[:2] for run in runs] == [["--carry", str(carried)]], context
+
+
+@pytest.mark.parametrize("rc", [1, 2])
+def test_gpu_finetune_exits_with_gpu_finetune_py_rc(tmp_path, rc):
+    """gpu_finetune.py's rc (1: a run raised; 2: arguments it refused) is the call's, through tee, and
+    the done line shows it; what it printed is in run.log."""
+    done, out, runs = _gpu_finetune(tmp_path, STUB_FINETUNE_RC=str(rc))
+    context = (done.stdout + done.stderr)[-4000:]
+    assert done.returncode == rc, context
+    assert len(runs) == 1 and _finetune_done(done.stdout)[1].endswith(f"; gpu_finetune rc={rc}"), context
+    assert "sst2 triton: epoch 1/1" in (out / "run.log").read_text()
+
+
+def test_gpu_finetune_stopped_by_its_cap_says_so_and_exits_124(tmp_path):
+    """A gpu_finetune.py that overruns (here it hangs while it saves) is stopped by `timeout` 5 s before
+    FINETUNE_TOTAL_S, so that the script ends within it; the call says that finetune.json holds the runs
+    that finished, removes the .tmp the cut save left (the device tool brings back few files) and exits
+    with timeout's 124."""
+    total = 8
+    done, out, runs = _gpu_finetune(tmp_path, FINETUNE_TOTAL_S=str(total), STUB_FINETUNE_RC="hang")
+    context = (done.stdout + done.stderr)[-4000:]
+    assert done.returncode == 124, context
+    assert f"(stopped by the {total}s cap: finetune.json holds the runs that finished)" in done.stdout, context
+    seconds, rest = _finetune_done(done.stdout)
+    assert seconds < total and rest.endswith("; gpu_finetune rc=124"), context
+    assert len(runs) == 1, context
+    assert sorted(p.name for p in out.iterdir()) == ["finetune.json", "install.log", "run.log"]
+
+
+def test_gpu_finetune_stops_with_3_when_the_install_does_not_import(tmp_path):
+    """An install after which fastbert does not import (here the shim's import check fails as it does
+    on an image without triton) stops the call with rc 3 and "IMPORT FAILED", the import error shown,
+    before gpu_finetune.py would fail the same way in each of its runs."""
+    error = "ModuleNotFoundError: No module named 'triton'"
+    done, out, runs = _gpu_finetune(tmp_path, STUB_IMPORT_FAILS=error)
+    context = (done.stdout + done.stderr)[-4000:]
+    assert done.returncode == 3, context
+    assert error in done.stdout and _INSTALL_SHIM in done.stdout, context
+    assert done.stdout.rstrip().endswith("IMPORT FAILED"), context
+    assert runs == [], context
+    assert sorted(p.name for p in out.iterdir()) == ["install.log", "run.log"]
