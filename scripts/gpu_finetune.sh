@@ -63,7 +63,9 @@ BUDGET="${FINETUNE_BUDGET_S:-$LEFT}"
 BUDGET_ARG="--budget $BUDGET"
 [ "$BUDGET" = "full" ] && BUDGET_ARG=""
 echo "== gpu_finetune.py ${BUDGET_ARG:-(no budget)} ${FINETUNE_ARGS:-} ($(elapsed)s)"
-timeout -k 10 $(( TOTAL - $(elapsed) - 5 )) "$PY" scripts/gpu_finetune.py --carry "$CARRY" \
+CAP=$(( TOTAL - $(elapsed) - 5 ))
+[ "$CAP" -ge 1 ] || CAP=1   # `timeout 0` would mean no cap at all, a negative one fails with 125
+timeout -k 10 "$CAP" "$PY" scripts/gpu_finetune.py --carry "$CARRY" \
     --out "$OUT/finetune.json" --work /tmp/fastbert_gpu_finetune $BUDGET_ARG ${FINETUNE_ARGS:-}
 RC=$?
 [ "$RC" = 124 ] && echo "(stopped by the ${TOTAL}s cap: finetune.json holds the runs that finished)"

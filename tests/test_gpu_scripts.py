@@ -614,6 +614,16 @@ def test_gpu_finetune_stopped_by_its_cap_says_so_and_exits_124(tmp_path):
     assert sorted(p.name for p in out.iterdir()) == ["finetune.json", "install.log", "run.log"]
 
 
+def test_gpu_finetune_with_no_time_left_still_caps_the_run(tmp_path):
+    """FINETUNE_TOTAL_S=3 is spent before gpu_finetune.py starts (the install takes 2 s): the cap left
+    would be 0 (to `timeout`, no cap at all) or below; the run still gets a cap of its own and is
+    stopped by it, with rc 124, instead of running as long as it likes."""
+    done, out, runs = _gpu_finetune(tmp_path, FINETUNE_TOTAL_S="3", STUB_IMPORT_S="2", STUB_FINETUNE_RC="hang")
+    context = (done.stdout + done.stderr)[-4000:]
+    assert done.returncode == 124 and len(runs) == 1, context
+    assert _finetune_done(done.stdout)[0] < 10, context
+
+
 def test_gpu_finetune_stops_with_3_when_the_install_does_not_import(tmp_path):
     """An install after which fastbert does not import (here the shim's import check fails as it does
     on an image without triton) stops the call with rc 3 and "IMPORT FAILED", the import error shown,
