@@ -596,3 +596,67 @@ def test_e2e_real_length_batches_are_distinct_draws():
             flat = [s for b in c.lengths for s in b]
             assert len(c.lengths) == c.dims["batches"] > 1 and len({tuple(b) for b in c.lengths}) == len(c.lengths)
             assert c.tokens == sum(flat) and len(flat) == c.dims["B"] * c.dims["batches"]
+
+
+# ----------------------------------------------------------------------------- the GPU suites' case lists
+
+@pytest.fixture
+def gpu_case_lists(monkeypatch):
+    """The budget profile's cases (what gpu_check.sh's bench and e2e stages run) as a GPU with
+    fastbert._C would list them, built here without running any: the device is "cuda" and every
+    backend is usable (available_backends answers as it does there)."""
+    import fastbert.ops
+
+    everything = lambda device: ["torch", "triton", "cuda"]  # noqa: E731
+    for module in (bench_attention, bench_layernorm, bench_span, fastbert.ops):
+        monkeypatch.setattr(module, "available_backends", everything)
+    cfg = harness.Settings(torch.device("cuda", 0), rotate_bytes=150 * 2**20)
+    return {name: module.cases("budget", cfg, "key") for name, module in
+            (("attention", bench_attention), ("layernorm", bench_layernorm), ("span", bench_span), ("e2e", bench_e2e))}
+
+
+def test_gpu_budget_suites_hold_issue_6s_matrix(gpu_case_lists):
+    """Issue 6's suite, case by case: dropping a shape, a dtype, a mode or a peer from a case builder
+    would shrink the published comparison without failing any run, so the list is pinned here.
+    Attention: BERT-base and -large (heads 12/16, head_dim 64) at seqlen 128, 384 and 512, head_dim 32
+    and 128, fwd and fwd+bwd, bf16 and fp16, with and without padding; fastbert triton and cuda, eager,
+    torch.compile of eager, SDPA with each backend (flash takes no mask). LayerNorm family: the three
+    ops, fwd and backward, against eager and its compile. Span: eager outer-sum and the Python n-best
+    over 10,570 SQuAD windows of 384, n-best 20. End to end: base and large, classification and QA
+    heads, train step and inference, S128, S512 and real lengths, fastbert per backend (eager,
+    compiled) against transformers eager, sdpa and sdpa compiled."""
+    attention = gpu_case_lists["attention"]
+    assert {(c.shape["H"], c.shape["D"], c.shape["S"]) for c in attention if c.shape["D"] == 64} == \
+        {(h, 64, s) for h in (12, 16) for s in (128, 384, 512)}
+    assert {c.shape["D"] for c in attention} == {32, 64, 128}
+    assert {c.mode for c in attention} == {"fwd", "fwd+bwd"}
+    assert {c.dtype for c in attention} == {torch.bfloat16, torch.float16}
+    assert {c.shape["mask"] for c in attention} == {"none", "pad"}
+    status = {(c.impl, c.shape["mask"]): c.status for c in attention}
+    for impl in ("triton", "cuda", "eager", "compile", "sdpa_flash", "sdpa_efficient", "sdpa_cudnn", "sdpa_math"):
+        assert status[(impl, "none")] == "ok", impl
+        assert status[(impl, "pad")] == ("unsupported" if impl == "sdpa_flash" else "ok"), impl
+    by_key = {(c.label, str(c.dtype), c.mode) for c in attention if c.impl == "compile"}
+    assert ("base B16 S512 H12 D64 nomask", "torch.bfloat16", "fwd+bwd") in by_key
+
+    layernorm = gpu_case_lists["layernorm"]
+    assert {(c.op, c.impl, c.status) for c in layernorm} >= \
+        {(op, impl, "ok") for op in ("add_layernorm", "layernorm_gelu", "bias_gelu")
+         for impl in ("triton", "cuda", "eager", "compile")}
+    assert {(c.op, c.mode) for c in layernorm} >= \
+        {(op, mode) for op in ("add_layernorm", "layernorm_gelu", "bias_gelu") for mode in ("fwd", "fwd+bwd")}
+    assert {c.dtype for c in layernorm} == {torch.bfloat16, torch.float16}
+
+    span = {(c.impl, c.label) for c in gpu_case_lists["span"] if c.status == "ok"}
+    squad = "squad-dev B10570 L384 k20"
+    assert {(impl, squad) for impl in ("triton", "cuda", "eager", "outer_sum", "python_nbest")} <= span
+
+    e2e = gpu_case_lists["e2e"]
+    assert {(c.model, c.head, c.mode) for c in e2e} == \
+        {(m, h, mode) for m in ("base", "large") for h in ("cls", "qa") for mode in ("train", "infer")}
+    assert {c.label for c in e2e} == {"B32 S128", "B8 S512", "sst2 B32x8", "squad B16x4"}
+    ok = {(c.impl, c.model, c.head, c.label, c.mode) for c in e2e if c.status == "ok"}
+    key = ("base", "cls", "B8 S512", "train")
+    for impl in ("hf_eager", "hf_sdpa", "hf_sdpa_compile", "hf_fastbert", "fb_torch", "fb_triton", "fb_cuda",
+                 "fb_torch_compile", "fb_triton_compile", "fb_cuda_compile"):
+        assert (impl, *key) in ok, impl
