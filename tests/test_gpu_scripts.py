@@ -300,10 +300,11 @@ def _stage_seconds(stdout, title) -> tuple[int, int]:
     return int(found[1]), int(found[2])
 
 
-def _done_line(stdout) -> str:
-    lines = [line for line in stdout.splitlines() if line.startswith("== done in ")]
-    assert len(lines) == 1, stdout
-    return re.sub(r"^== done in \d+s", "== done", lines[0])
+def _done(stdout) -> tuple[int, str]:
+    """(seconds elapsed, the rest) of the script's one '== done in Ns: ...' line (both scripts end so)."""
+    found = re.findall(r"^== done in (\d+)s: (.*)$", stdout, re.M)
+    assert len(found) == 1, stdout
+    return int(found[0][0]), found[0][1]
 
 
 def test_gpu_check_default_call_runs_pytest_in_xdist_workers_and_the_kernel_benchmark(tmp_path):
@@ -317,7 +318,7 @@ def test_gpu_check_default_call_runs_pytest_in_xdist_workers_and_the_kernel_benc
                                   BENCH_ARGS="--ops attention", STUB_BENCH_WRITES="json md png")
     context = (done.stdout + done.stderr)[-6000:]
     assert done.returncode == 0, context
-    assert _done_line(done.stdout) == f"== done: {_INSTALL_SHIM}; stages: tests bench; rc=0", context
+    assert _done(done.stdout)[1] == f"{_INSTALL_SHIM}; stages: tests bench; rc=0", context
     assert _module_calls(calls, "pytest") == [
         ["-m", "gpu", "tests", "-q", "-p", "no:cacheprovider", "-n", "8", "--dist", "load", "--maxfail=5",
          "--timeout=120", "-rfE", "--durations=10"]], context
@@ -372,7 +373,7 @@ def test_gpu_check_sharded_tests_fail_only_for_a_shard_that_failed(tmp_path, cas
     tests_rc = 0 if rc == 5 else rc
     assert f"gpu tests rc={tests_rc} (" in done.stdout, context
     assert done.returncode == (0 if tests_rc == 0 else 1), context
-    assert _done_line(done.stdout) == f"== done: {_INSTALL_SHIM}; stages: tests; rc={done.returncode}", context
+    assert _done(done.stdout)[1] == f"{_INSTALL_SHIM}; stages: tests; rc={done.returncode}", context
     assert sorted(p.name for p in out.iterdir()) == ["check.log", "gpu_tests.log", "install.log"]
 
 
@@ -404,7 +405,7 @@ def test_gpu_check_rebuilds_the_benchmark_table_unless_the_run_ended_well(tmp_pa
         ["--suite", "kernels", "--budget", "--out", str(out), "--time-limit", str(secs - 45), "--compile", "key"]]
     assert f"bench kernels rc={rc} (" in done.stdout, context
     assert done.returncode == 1, context
-    assert _done_line(done.stdout) == f"== done: {_INSTALL_SHIM}; stages: bench; rc=1", context
+    assert _done(done.stdout)[1] == f"{_INSTALL_SHIM}; stages: bench; rc=1", context
     left = sorted(p.name for p in out.iterdir())
     if outcome == "no JSON":
         assert _module_calls(calls, "benchmarks.report") == [], context
@@ -434,7 +435,7 @@ def test_gpu_check_e2e_and_tune_stages(tmp_path):
                                   STUB_BENCH_WRITES="json md png")
     context = (done.stdout + done.stderr)[-6000:]
     assert done.returncode == 0, context
-    assert _done_line(done.stdout) == f"== done: {_INSTALL_SHIM}; stages: e2e tune; rc=0", context
+    assert _done(done.stdout)[1] == f"{_INSTALL_SHIM}; stages: e2e tune; rc=0", context
     assert _stage_seconds(done.stdout, "fastbert bench --suite e2e --budget")[0] == 60, context
     assert _stage_seconds(done.stdout, "tune_attention")[0] == 60, context
     assert _module_calls(calls, "fastbert.bench") == [
@@ -471,7 +472,7 @@ def test_gpu_check_fails_when_tune_fails(tmp_path):
     assert "tune rc=2 (" in done.stdout and "best per kernel" not in done.stdout, context
     assert "invalid choice: 'float64'" in (out / "tune.log").read_text()
     assert done.returncode == 1, context
-    assert _done_line(done.stdout) == f"== done: {_INSTALL_SHIM}; stages: tune; rc=1", context
+    assert _done(done.stdout)[1] == f"{_INSTALL_SHIM}; stages: tune; rc=1", context
 
 
 # gpu_finetune.sh on the CPU: the shell around scripts/gpu_finetune.py (the carry check, the install, the
@@ -513,13 +514,6 @@ def _finetune_line(stdout) -> tuple[str, int]:
     return found[1].strip(), int(found[2])
 
 
-def _finetune_done(stdout) -> tuple[int, str]:
-    """(seconds elapsed, the rest) of the '== done in Ns: ...' line."""
-    found = re.findall(r"^== done in (\d+)s: (.*)$", stdout, re.M)
-    assert len(found) == 1, stdout
-    return int(found[0][0]), found[0][1]
-
-
 _WORK = "/tmp/fastbert_gpu_finetune"  # gpu_finetune.py's scratch folder, as the script gives it
 
 
@@ -553,7 +547,7 @@ def test_gpu_finetune_default_call_gives_gpu_finetune_py_what_is_left_less_30_s(
     assert budget + started_at in (70, 71), context  # the second may tick between the budget and the line
     assert runs == [["--carry", ".gpu/carry", "--out", str(out / "finetune.json"), "--work", _WORK,
                      "--budget", str(budget)]], context
-    assert _finetune_done(done.stdout)[1] == f"{_INSTALL_SHIM}; gpu_finetune rc=0", context
+    assert _done(done.stdout)[1] == f"{_INSTALL_SHIM}; gpu_finetune rc=0", context
     assert sorted(p.name for p in out.iterdir()) == ["finetune.json", "install.log", "run.log"]
     assert json.loads((out / "finetune.json").read_text())["runs"][0]["status"] == "ok"
     assert "stub progress bar, on stderr" in done.stdout and done.stderr == "", context
@@ -594,7 +588,7 @@ def test_gpu_finetune_exits_with_gpu_finetune_py_rc(tmp_path, rc):
     done, out, runs = _gpu_finetune(tmp_path, STUB_FINETUNE_RC=str(rc))
     context = (done.stdout + done.stderr)[-4000:]
     assert done.returncode == rc, context
-    assert len(runs) == 1 and _finetune_done(done.stdout)[1].endswith(f"; gpu_finetune rc={rc}"), context
+    assert len(runs) == 1 and _done(done.stdout)[1].endswith(f"; gpu_finetune rc={rc}"), context
     assert "sst2 triton: epoch 1/1" in (out / "run.log").read_text()
 
 
@@ -608,7 +602,7 @@ def test_gpu_finetune_stopped_by_its_cap_says_so_and_exits_124(tmp_path):
     context = (done.stdout + done.stderr)[-4000:]
     assert done.returncode == 124, context
     assert f"(stopped by the {total}s cap: finetune.json holds the runs that finished)" in done.stdout, context
-    seconds, rest = _finetune_done(done.stdout)
+    seconds, rest = _done(done.stdout)
     assert seconds < total and rest.endswith("; gpu_finetune rc=124"), context
     assert len(runs) == 1, context
     assert sorted(p.name for p in out.iterdir()) == ["finetune.json", "install.log", "run.log"]
@@ -621,7 +615,7 @@ def test_gpu_finetune_with_no_time_left_still_caps_the_run(tmp_path):
     done, out, runs = _gpu_finetune(tmp_path, FINETUNE_TOTAL_S="3", STUB_IMPORT_S="2", STUB_FINETUNE_RC="hang")
     context = (done.stdout + done.stderr)[-4000:]
     assert done.returncode == 124 and len(runs) == 1, context
-    assert _finetune_done(done.stdout)[0] < 10, context
+    assert _done(done.stdout)[0] < 10, context
 
 
 def test_gpu_finetune_stops_with_3_when_the_install_does_not_import(tmp_path):
