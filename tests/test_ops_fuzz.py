@@ -367,7 +367,7 @@ def test_the_replayed_fixes_cover_values_sharing_a_mean():
 
 
 def test_the_float64_replay_of_the_attention_backward_models_the_kernel():
-    """scripts/attention_delta_precision.py (the table in ARCHITECTURE.md) replays the backward's
+    """scripts/attention_delta_precision.py (the table in HISTORY.md, "Precision fixes") replays the backward's
     formulas in float64: on the sharp-softmax case its "o_lo" row must be what the Triton kernels
     compute through attention() (D_i from out + its residual), its "fa2" row what the launchers
     compute without the residual, and both fixes must bring the case inside the tolerance."""
