@@ -7,7 +7,9 @@
 # Stages (GPU_CHECK_STAGES, default "tests bench"). The device tool returns at most 8 files from
 # $OUT, and check.log and install.log are two of them: pick stages whose files fit (tests + bench 7,
 # sanitizer + e2e 7, e2e + tune 8; bench + e2e would leave 10):
-#   tests      pytest -m gpu tests                       -> gpu_tests.log
+#   tests      pytest -m gpu tests                       -> gpu_tests.log (-v: a line per test as it ends;
+#              a run the cap stops still names its failures; GPU_TESTS_FROM=FILE runs the node ids
+#              that scripts/gpu_tests_left.py listed from a capped run's log instead of all)
 #   bench      fastbert bench --suite kernels --budget   -> bench.log, kernels.json/.md/.png
 #   sanitizer  compute-sanitizer memcheck and racecheck over scripts/sanitize_csrc.py (every csrc kernel variant)
 #                                                        -> sanitizer.log
@@ -96,18 +98,44 @@ left_for() {  # seconds for a stage: what is left of TOTAL (minus a margin), at 
 
 # ---------------------------------------------------------------- GPU tests
 if stage tests; then
+# A run the cap stops gets SIGINT, not timeout's SIGTERM: pytest (xdist too) then still prints its
+# summary, the names of the failures among it; SIGTERM leaves only the progress letters. With -v each
+# test's line is in the log as it ends, so what the cap cut off can be listed afterwards (the GPU tests
+# collect on any machine: pytest -m gpu --collect-only -q tests).
+per_test() {  # the -v line of a test that ended with outcome $1 (xdist's form, then plain pytest's)
+    echo "^\[gw[0-9]+\] \[ *[0-9]+%\] $1 |::.* $1( \(.*\))? +\[ *[0-9]+%\]$"
+}
+tally() {  # "N passed, N failed, ..." from the -v lines of a pytest log
+    local outcome n said=""
+    for outcome in PASSED FAILED ERROR SKIPPED XFAIL XPASS; do
+        n=$(grep -cE "$(per_test "$outcome")" "$1")
+        [ "$n" = 0 ] || said="${said:+$said, }$n ${outcome,,}"
+    done
+    echo "${said:-no test ended}"
+}
 TIMEOUT_ARG=""
 "$PY" -c "import pytest_timeout" 2>/dev/null && TIMEOUT_ARG="--timeout=${GPU_TEST_TIMEOUT_S:-120}"
 TESTS_RC=0
-if [ "${GPU_TEST_WORKERS:-8}" -gt 1 ] && "$PY" -c "import xdist" 2>/dev/null; then
+TARGETS=(tests)
+if [ -n "${GPU_TESTS_FROM:-}" ]; then  # the node ids scripts/gpu_tests_left.py listed after a capped run
+    TARGETS=()
+    [ -f "$GPU_TESTS_FROM" ] && mapfile -t TARGETS < <(grep -v '^[[:space:]]*$' "$GPU_TESTS_FROM")
+    echo "GPU_TESTS_FROM=$GPU_TESTS_FROM: ${#TARGETS[@]} tests"
+fi
+if [ ${#TARGETS[@]} = 0 ]; then
+echo "GPU_TESTS_FROM=$GPU_TESTS_FROM is no file of node ids: no GPU test run" | tee "$OUT/gpu_tests.log"
+TESTS_RC=2
+elif [ "${GPU_TEST_WORKERS:-8}" -gt 1 ] && "$PY" -c "import xdist" 2>/dev/null; then
 # Triton's JIT compiles (CPU-bound, one per kernel specialisation) dominate a first GPU run, and
 # most of them sit in a few files: workers that take single tests spread them over the cores.
 echo "== pytest -m gpu tests, ${GPU_TEST_WORKERS:-8} xdist workers ($(elapsed)s)"
 # shellcheck disable=SC2086  # TIMEOUT_ARG is empty or one word
-timeout -k 10 "${GPU_TESTS_S:-200}" "$PY" -m pytest -m gpu tests -q -p no:cacheprovider -n "${GPU_TEST_WORKERS:-8}" \
-    --dist load --maxfail="${GPU_TESTS_MAXFAIL:-5}" $TIMEOUT_ARG -rfE --durations=10 >"$OUT/gpu_tests.log" 2>&1
+timeout -s INT -k 10 "${GPU_TESTS_S:-200}" "$PY" -m pytest -m gpu "${TARGETS[@]}" -v -p no:cacheprovider \
+    -n "${GPU_TEST_WORKERS:-8}" --dist load --maxfail="${GPU_TESTS_MAXFAIL:-5}" $TIMEOUT_ARG -rfE --durations=10 \
+    >"$OUT/gpu_tests.log" 2>&1
 TESTS_RC=$?
-[ "$TESTS_RC" = 124 ] && echo "(stopped by the ${GPU_TESTS_S:-200}s cap)" >>"$OUT/gpu_tests.log"
+[ "$TESTS_RC" = 124 ] && echo "(stopped by the ${GPU_TESTS_S:-200}s cap; before it: $(tally "$OUT/gpu_tests.log"))" \
+    >>"$OUT/gpu_tests.log"
 else
 echo "== pytest -m gpu tests, ${GPU_TEST_SHARDS:-4} processes ($(elapsed)s)"
 # Without xdist: N pytest processes over disjoint files use N of the machine's cores.
@@ -118,6 +146,7 @@ for f in test_cuda_layernorm test_attention test_cuda_attention test_layernorm t
     [ -f "tests/$f.py" ] && ORDERED+=("tests/$f.py")
 done
 for f in tests/test_*.py; do [[ " ${ORDERED[*]} " == *" $f "* ]] || ORDERED+=("$f"); done
+[ "${TARGETS[*]}" = tests ] || ORDERED=("${TARGETS[@]}")  # GPU_TESTS_FROM's node ids, dealt the same way
 PIDS=()
 for ((i = 0; i < SHARDS; i++)); do
     FILES=()
@@ -125,7 +154,7 @@ for ((i = 0; i < SHARDS; i++)); do
     [ ${#FILES[@]} -gt 0 ] || continue
     echo "shard $i: ${FILES[*]}"
     # shellcheck disable=SC2086  # TIMEOUT_ARG is empty or one word
-    timeout -k 10 "${GPU_TESTS_S:-200}" "$PY" -m pytest -m gpu "${FILES[@]}" -q -p no:cacheprovider \
+    timeout -s INT -k 10 "${GPU_TESTS_S:-200}" "$PY" -m pytest -m gpu "${FILES[@]}" -v -p no:cacheprovider \
         --maxfail="${GPU_TESTS_MAXFAIL:-5}" $TIMEOUT_ARG -rfE --durations=5 >"$OUT/gpu_tests.$i.tmp" 2>&1 &
     PIDS+=($!)
 done
@@ -133,12 +162,15 @@ for ((i = 0; i < ${#PIDS[@]}; i++)); do
     wait "${PIDS[i]}"
     rc=$?
     { echo "==== shard $i rc=$rc"; cat "$OUT/gpu_tests.$i.tmp"; } >>"$OUT/gpu_tests.log"
-    [ "$rc" = 124 ] && echo "(shard $i stopped by the ${GPU_TESTS_S:-200}s cap)" >>"$OUT/gpu_tests.log"
+    [ "$rc" = 124 ] && echo "(shard $i stopped by the ${GPU_TESTS_S:-200}s cap; before it:" \
+        "$(tally "$OUT/gpu_tests.$i.tmp"))" >>"$OUT/gpu_tests.log"
     [ "$rc" = 0 ] || [ "$rc" = 5 ] || TESTS_RC=$rc   # 5: no test selected in that shard
     rm -f "$OUT/gpu_tests.$i.tmp"
 done
 fi
-grep -E "^==== shard|passed|failed|error|FAILED|ERROR|stopped by" "$OUT/gpu_tests.log" | tail -n 60
+# -v gives a line per test as it ends: the summary keeps the failures and totals, not those lines.
+grep -E "^==== shard|passed|failed|error|FAILED|ERROR|stopped by" "$OUT/gpu_tests.log" \
+    | grep -vE "$(per_test "(PASSED|SKIPPED|XFAIL|XPASS)")" | tail -n 60
 echo "gpu tests rc=$TESTS_RC ($(elapsed)s)"
 [ "$TESTS_RC" = 0 ] || RC=1
 fi

@@ -184,15 +184,29 @@ case "$1 $2" in
     [[ " ${{STUB_MODULES:-}} " == *" ${{2#import }} "* ]]
     exit ;;
 "-m pytest")
-    rc=0
+    rc=0 xdist=0
     for arg in "$@"; do
+        [ "$arg" = -n ] && xdist=1
         for planted in ${{STUB_PYTEST_RC:-}}; do [ "$arg" = "${{planted%=*}}" ] && rc="${{planted#*=}}"; done
     done
+    ended() {{  # a test's -v line, in xdist's form or plain pytest's
+        if [ "$xdist" = 1 ]; then echo "[gw1] [ 50%] $1 $2 "; else printf '%-70s [ 50%%]\n' "$2 $1${{3:+ ($3)}}"; fi
+    }}
+    failure="FAILED tests/test_attention.py::test_fwd[bfloat16] - AssertionError: max error 3.1e-02"
     case "$rc" in
-        0) echo "12 passed, 3 skipped in 4.21s" ;;
+        0) ended PASSED "tests/test_attention.py::test_fwd[float16]"
+           ended SKIPPED "tests/test_cuda_attention.py::test_bad_input_error[cuda]" "needs a GPU with bf16"
+           echo "12 passed, 3 skipped in 4.21s" ;;
         5) echo "15 deselected in 0.52s" ;;
-        hang) exec sleep 60 ;;
-        *) echo "FAILED tests/test_attention.py::test_fwd[bfloat16] - AssertionError: max error 3.1e-02"
+        hang)  # pytest stopped by SIGINT still prints its summary; SIGTERM kills it where it is
+           ended PASSED "tests/test_attention.py::test_fwd[float16]"
+           ended FAILED "tests/test_attention.py::test_fwd[bfloat16]"
+           sleep 60 &
+           trap 'kill $!; echo "$failure"; echo "!!! KeyboardInterrupt !!!"; echo "1 failed, 1 passed in 1.02s"; exit 2' INT
+           wait
+           exit 0 ;;
+        *) ended FAILED "tests/test_attention.py::test_fwd[bfloat16]"
+           echo "$failure"
            echo "1 failed, 11 passed in 4.02s" ;;
     esac
     exit "$rc" ;;
@@ -320,9 +334,13 @@ def test_gpu_check_default_call_runs_pytest_in_xdist_workers_and_the_kernel_benc
     assert done.returncode == 0, context
     assert _done(done.stdout)[1] == f"{_INSTALL_SHIM}; stages: tests bench; rc=0", context
     assert _module_calls(calls, "pytest") == [
-        ["-m", "gpu", "tests", "-q", "-p", "no:cacheprovider", "-n", "8", "--dist", "load", "--maxfail=5",
+        ["-m", "gpu", "tests", "-v", "-p", "no:cacheprovider", "-n", "8", "--dist", "load", "--maxfail=5",
          "--timeout=120", "-rfE", "--durations=10"]], context
     assert "12 passed, 3 skipped" in done.stdout and "gpu tests rc=0" in done.stdout, context
+    # each test's -v line stays in the log; the summary printed leaves out those of tests that did not fail
+    log = (out / "gpu_tests.log").read_text()
+    assert "[gw1] [ 50%] SKIPPED tests/test_cuda_attention.py::test_bad_input_error[cuda]" in log, log
+    assert "test_fwd[float16]" not in done.stdout and "test_bad_input_error" not in done.stdout, context
     assert _stage_seconds(done.stdout, "fastbert bench --suite kernels --budget")[0] == 100, context
     assert _module_calls(calls, "fastbert.bench") == [
         ["--suite", "kernels", "--budget", "--out", str(out), "--time-limit", "55", "--compile", "key",
@@ -358,7 +376,7 @@ def test_gpu_check_sharded_tests_fail_only_for_a_shard_that_failed(tmp_path, cas
     assert [files[0] for _, files in sorted(shards.items())] == \
         ["tests/test_cuda_layernorm.py", "tests/test_attention.py", "tests/test_cuda_attention.py"], shards
     pytest_calls = _module_calls(calls, "pytest")
-    assert sorted(call[2:call.index("-q")] for call in pytest_calls) == sorted(shards.values()), pytest_calls
+    assert sorted(call[2:call.index("-v")] for call in pytest_calls) == sorted(shards.values()), pytest_calls
     with_timeout = "pytest_timeout" in settings["STUB_MODULES"]
     for call in pytest_calls:
         assert call[:2] == ["-m", "gpu"] and "-n" not in call and "--maxfail=5" in call, call
@@ -366,15 +384,128 @@ def test_gpu_check_sharded_tests_fail_only_for_a_shard_that_failed(tmp_path, cas
     rc = {"a shard fails": 1, "a shard has no gpu test": 5, "a shard passes the cap": 124}[case]
     assert re.findall(r"^==== shard (\d) rc=(\d+)$", log, re.M) == [("0", "0"), ("1", str(rc)), ("2", "0")], log
     assert log.count("12 passed, 3 skipped") == 2, log
-    shard_1_says = {1: "1 failed, 11 passed", 5: "15 deselected", 124: "(shard 1 stopped by the 1s cap)"}[rc]
+    assert "test_bad_input_error[cuda] SKIPPED (needs a GPU with bf16)" in log, log
+    assert "test_bad_input_error" not in done.stdout, context  # a line of a test that did not fail
+    shard_1_says = {1: "1 failed, 11 passed", 5: "15 deselected",
+                    124: "(shard 1 stopped by the 1s cap; before it: 1 passed, 1 failed)"}[rc]
     assert shard_1_says in log, log
-    if rc != 5:  # the summary printed from the log shows what went wrong
+    if rc != 5:  # the summary printed from the log shows what went wrong, the failure's name too
         assert shard_1_says in done.stdout, context
+        assert "FAILED tests/test_attention.py::test_fwd[bfloat16] - AssertionError" in done.stdout, context
     tests_rc = 0 if rc == 5 else rc
     assert f"gpu tests rc={tests_rc} (" in done.stdout, context
     assert done.returncode == (0 if tests_rc == 0 else 1), context
     assert _done(done.stdout)[1] == f"{_INSTALL_SHIM}; stages: tests; rc={done.returncode}", context
     assert sorted(p.name for p in out.iterdir()) == ["check.log", "gpu_tests.log", "install.log"]
+
+
+def test_gpu_check_tests_stopped_by_the_cap_still_name_their_failures(tmp_path):
+    """The first `pytest -m gpu` may not fit its cap. The cap sends SIGINT, on which pytest (xdist too)
+    prints its summary before it exits; SIGTERM, timeout's default, kills it with only the progress
+    letters written, so a failure would go unnamed (both seen with pytest 9.2 and xdist 3.8 on a file
+    of one failing and six 3-second tests cut at 5 s). The stub prints its summary on SIGINT only. What
+    the -v lines show had ended before the cap is counted in the log and in what the call prints."""
+    done, out, calls = _gpu_check(tmp_path, GPU_CHECK_STAGES="tests", STUB_MODULES="xdist pytest_timeout",
+                                  GPU_TESTS_S="1", STUB_PYTEST_RC="tests=hang")
+    context = (done.stdout + done.stderr)[-6000:]
+    log = (out / "gpu_tests.log").read_text()
+    assert len(_module_calls(calls, "pytest")) == 1, calls
+    assert "(stopped by the 1s cap; before it: 1 passed, 1 failed)" in log, log
+    assert "1 failed, 1 passed in 1.02s" in log and "KeyboardInterrupt" in log, log
+    for said in ("(stopped by the 1s cap; before it: 1 passed, 1 failed)",
+                 "FAILED tests/test_attention.py::test_fwd[bfloat16] - AssertionError", "gpu tests rc=124 ("):
+        assert said in done.stdout, context
+    assert done.returncode == 1, context
+
+
+# What the next call runs after a capped one: scripts/gpu_tests_left.py lists the GPU tests the log shows
+# no end for; gpu_check.sh runs that list (GPU_TESTS_FROM). The log lines are pytest 9.2's -v forms,
+# xdist 3.8's first, as read from real runs (tests/test_gpu_scripts.py's cap test says which).
+_LEFT_LOG = """bringing up nodes...
+[gw0] [ 12%] FAILED tests/test_attention.py::test_gpu_bert_size[0.0-dtype0] \n\
+[gw1] [ 25%] PASSED tests/test_attention.py::test_gpu_bert_size[0.0-dtype1] \n\
+tests/test_span.py::test_gpu_topk[20] SKIPPED (no bf16 here)                     [ 37%]
+tests/test_span.py::test_gpu_topk[32] ERROR                                      [ 50%]
+FAILED tests/test_attention.py::test_gpu_bert_size[0.0-dtype0] - AssertionError: max error 3.1e-02
+PASSED tests/test_span.py::test_gpu_nothing_ended_this - a summary line, not a test's
+"""
+_LEFT_COLLECTED = ["tests/test_attention.py::test_gpu_bert_size[0.0-dtype0]",
+                   "tests/test_attention.py::test_gpu_bert_size[0.0-dtype1]",
+                   "tests/test_attention.py::test_gpu_bert_size[0.1-dtype0]",
+                   "tests/test_span.py::test_gpu_topk[20]", "tests/test_span.py::test_gpu_topk[32]",
+                   "tests/test_span.py::test_gpu_nothing_ended_this"]
+
+
+def _gpu_tests_left():
+    spec = importlib.util.spec_from_file_location("gpu_tests_left", REPO / "scripts" / "gpu_tests_left.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_gpu_tests_left_lists_what_the_log_shows_no_end_for(tmp_path, capsys):
+    """Every test line of either -v form counts as ended, summary lines do not; what is left keeps the
+    collection's order; --with-failed adds the failures and errors; a log without a test line is refused."""
+    left = _gpu_tests_left()
+    assert left.ended_tests(_LEFT_LOG) == {
+        "tests/test_attention.py::test_gpu_bert_size[0.0-dtype0]": "FAILED",
+        "tests/test_attention.py::test_gpu_bert_size[0.0-dtype1]": "PASSED",
+        "tests/test_span.py::test_gpu_topk[20]": "SKIPPED", "tests/test_span.py::test_gpu_topk[32]": "ERROR"}
+    log, collected, out = tmp_path / "gpu_tests.log", tmp_path / "collected.txt", tmp_path / "left.txt"
+    log.write_text(_LEFT_LOG)
+    collected.write_text("\n".join(_LEFT_COLLECTED) + "\n")
+    assert left.main([str(log), "--collected", str(collected), "--out", str(out)]) == 0
+    assert out.read_text().split() == [_LEFT_COLLECTED[2], _LEFT_COLLECTED[5]]
+    assert "6 GPU tests collected; the log ended 4 (1 passed, 1 failed, 1 error, 1 skipped); 2 left" \
+        in capsys.readouterr().err
+    assert left.main([str(log), "--collected", str(collected), "--with-failed"]) == 0
+    assert capsys.readouterr().out.split() == [_LEFT_COLLECTED[i] for i in (0, 2, 4, 5)]
+    log.write_text("12 passed in 3.1s\n")
+    assert left.main([str(log), "--collected", str(collected)]) == 1
+
+
+def test_gpu_tests_left_reads_real_pytest_output(tmp_path):
+    """Against pytest itself: the GPU tests' collection here (they collect without a GPU), and the -v
+    lines of a real run that was stopped part way (-x after a failure) are read as what ended."""
+    left = _gpu_tests_left()
+    collected = left.collected_gpu_tests()
+    assert len(collected) > 100 and all("::" in node for node in collected), collected[:5]
+    assert "tests/test_attention.py::test_gpu_bert_size[0.0-dtype0]" in collected
+    (tmp_path / "test_probe.py").write_text("import pytest\n"
+                                            "@pytest.mark.parametrize('i', [1, 2])\ndef test_a(i): pass\n"
+                                            "def test_b(): pytest.skip('why')\n"
+                                            "@pytest.mark.xfail(reason='known')\ndef test_c(): assert 0\n"
+                                            "def test_d(): assert 0\ndef test_e(): pass\n")
+    run = subprocess.run([sys.executable, "-m", "pytest", "-v", "-x", "-p", "no:cacheprovider", "test_probe.py"],
+                         cwd=tmp_path, capture_output=True, text=True, timeout=120)
+    assert run.returncode == 1, run.stdout
+    assert left.ended_tests(run.stdout) == {"test_probe.py::test_a[1]": "PASSED", "test_probe.py::test_a[2]": "PASSED",
+                                            "test_probe.py::test_b": "SKIPPED", "test_probe.py::test_c": "XFAIL",
+                                            "test_probe.py::test_d": "FAILED"}, run.stdout
+
+
+@pytest.mark.parametrize("workers", ["xdist", "shards"])
+def test_gpu_check_runs_the_tests_gpu_tests_from_lists(tmp_path, workers):
+    """GPU_TESTS_FROM=FILE: pytest gets the file's node ids (blank lines dropped) in place of `tests`, all
+    of them, in xdist workers or dealt over the shards; a missing or empty file runs nothing and fails."""
+    ids = [_LEFT_COLLECTED[2], "", _LEFT_COLLECTED[5], "tests/test_layernorm.py::test_gpu_rows[4096-x y]"]
+    (tmp_path / "left.txt").write_text("\n".join(ids) + "\n")
+    settings = dict(GPU_CHECK_STAGES="tests", GPU_TESTS_FROM=str(tmp_path / "left.txt"),
+                    **(dict(STUB_MODULES="xdist") if workers == "xdist" else dict(STUB_MODULES="", GPU_TEST_SHARDS="2")))
+    done, out, calls = _gpu_check(tmp_path, **settings)
+    context = (done.stdout + done.stderr)[-6000:]
+    assert done.returncode == 0 and "3 tests" in done.stdout, context
+    pytest_calls = _module_calls(calls, "pytest")
+    given = [call[2:call.index("-v")] for call in pytest_calls]
+    assert sorted(sum(given, [])) == sorted(i for i in ids if i), given
+    assert len(given) == (1 if workers == "xdist" else 2), given
+    (tmp_path / "blank.txt").write_text("\n \n")
+    for stale in ("blank.txt", "missing.txt"):
+        (tmp_path / stale.replace(".txt", "")).mkdir()
+        done, out, calls = _gpu_check(tmp_path / stale.replace(".txt", ""),
+                                      **dict(settings, GPU_TESTS_FROM=str(tmp_path / stale)))
+        assert done.returncode == 1 and not _module_calls(calls, "pytest"), done.stdout
+        assert "no GPU test run" in done.stdout and "gpu tests rc=2" in done.stdout, done.stdout
 
 
 _BENCH_OUTCOMES = {  # what `fastbert bench` leaves, what it prints last, its rc
