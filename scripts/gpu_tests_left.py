@@ -37,9 +37,9 @@ def ended_tests(log: str) -> dict[str, str]:
     return ended
 
 
-def collected_gpu_tests(python: str = sys.executable) -> list[str]:
+def collected_gpu_tests() -> list[str]:
     """Node ids of `pytest -m gpu tests`, in collection order, collected on this machine."""
-    done = subprocess.run([python, "-m", "pytest", "-m", "gpu", "tests", "--collect-only", "-q",
+    done = subprocess.run([sys.executable, "-m", "pytest", "-m", "gpu", "tests", "--collect-only", "-q",
                            "-p", "no:cacheprovider"], cwd=REPO, capture_output=True, text=True)
     ids = [line for line in done.stdout.splitlines() if "::" in line and not line.startswith(" ")]
     if done.returncode != 0 or not ids:
@@ -67,7 +67,8 @@ def main(argv=None) -> int:
     if not ended:
         print(f"gpu_tests_left.py: {args.log} holds no test line of pytest -v", file=sys.stderr)
         return 1
-    collected = (args.collected.read_text().split() if args.collected else collected_gpu_tests())
+    collected = ([line for line in args.collected.read_text().splitlines() if line.strip()] if args.collected
+                 else collected_gpu_tests())
     rest = left(collected, ended, args.with_failed)
     unknown = sorted(set(ended) - set(collected))
     counts = {o: sum(v == o for v in ended.values()) for o in OUTCOMES.split("|")}

@@ -420,7 +420,7 @@ def test_gpu_check_tests_stopped_by_the_cap_still_name_their_failures(tmp_path):
 
 # What the next call runs after a capped one: scripts/gpu_tests_left.py lists the GPU tests the log shows
 # no end for; gpu_check.sh runs that list (GPU_TESTS_FROM). The log lines are pytest 9.2's -v forms,
-# xdist 3.8's first, as read from real runs (tests/test_gpu_scripts.py's cap test says which).
+# xdist 3.8's first, as read from real runs (the cap test above says which).
 _LEFT_LOG = """bringing up nodes...
 [gw0] [ 12%] FAILED tests/test_attention.py::test_gpu_bert_size[0.0-dtype0] \n\
 [gw1] [ 25%] PASSED tests/test_attention.py::test_gpu_bert_size[0.0-dtype1] \n\
@@ -501,9 +501,9 @@ def test_gpu_check_runs_the_tests_gpu_tests_from_lists(tmp_path, workers):
     assert len(given) == (1 if workers == "xdist" else 2), given
     (tmp_path / "blank.txt").write_text("\n \n")
     for stale in ("blank.txt", "missing.txt"):
-        (tmp_path / stale.replace(".txt", "")).mkdir()
-        done, out, calls = _gpu_check(tmp_path / stale.replace(".txt", ""),
-                                      **dict(settings, GPU_TESTS_FROM=str(tmp_path / stale)))
+        run_dir = tmp_path / Path(stale).stem
+        run_dir.mkdir()
+        done, out, calls = _gpu_check(run_dir, **dict(settings, GPU_TESTS_FROM=str(tmp_path / stale)))
         assert done.returncode == 1 and not _module_calls(calls, "pytest"), done.stdout
         assert "no GPU test run" in done.stdout and "gpu tests rc=2" in done.stdout, done.stdout
 
