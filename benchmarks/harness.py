@@ -115,11 +115,9 @@ def git_commit() -> str:
         return os.environ["FASTBERT_COMMIT"]
     if IN_CHECKOUT:
         return "unknown"
-    import importlib.metadata as md
-    try:
-        return f"fastbert {md.version('fastbert')}"
-    except md.PackageNotFoundError:
-        return "unknown"
+    import fastbert
+
+    return f"fastbert {fastbert.__version__}"
 
 
 def environment(device: torch.device) -> dict:

@@ -68,8 +68,8 @@ def _suites():
             from fastbert import benchmarks
         importlib.import_module(f"{benchmarks.__name__}.bench_attention")  # pytest, for its entry points
     except ImportError as err:
-        raise RuntimeError(f"the benchmark suites need the 'bench' extra (pip install 'fastbert[bench]'): "
-                           f"{err}") from None
+        raise RuntimeError("the benchmark suites need the 'bench' extra of fastbert-kernels (pytest-benchmark, "
+                           f"matplotlib, transformers: pip install '<our wheel or checkout>[bench]'): {err}") from None
     return benchmarks
 
 

@@ -157,6 +157,8 @@ def build_interpreter(python: str, tag: str) -> str:
 
 
 DEFAULT_MANYLINUX = "2_28"
+# setup.py's name, as a wheel file spells it (PEP 427: "-" becomes "_"); the import name stays fastbert.
+WHEEL_PATTERN = "fastbert_kernels-*.whl"
 
 
 def manylinux_version(platform: str) -> tuple[int, int] | None:
@@ -185,7 +187,7 @@ def build_wheel(python: str, out: Path, manylinux: str = DEFAULT_MANYLINUX) -> t
             raise SystemExit(f"error: pip wheel with {python} failed:\n{done.stdout[-3000:]}\n{done.stderr[-5000:]}")
         stamp = subprocess.run([python, "csrc/build_ext.py", "stamp"], cwd=src, capture_output=True, text=True,
                                env=env, check=True).stdout.strip()
-    (wheel,) = out.glob("fastbert-*.whl")
+    (wheel,) = out.glob(WHEEL_PATTERN)
     return wheel, stamp
 
 

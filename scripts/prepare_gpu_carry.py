@@ -13,7 +13,7 @@ Writes (the folder is git-ignored through /.gpu/ in .gitignore):
     model/tokenizer.json, tokenizer_config.json, vocab.txt   copied from the embedded model
     data/sst2/train.tsv                            GLUE SST-2 train (67,349 rows)
     data/squad/train-from-dev-v1.1.json            the 24 SQuAD v1.1 articles of ../shared/data
-    prebuilt/fastbert-*.whl, *.whl.stamp           with --prebuilt DIR: the wheels of DIR and their build
+    prebuilt/*.whl, *.whl.stamp                   with --prebuilt DIR: the wheels of DIR and their build
                                                    stamps, written there by `scripts/build_wheels.py
                                                    --python <the GPU image's python 3.12> --prebuilt DIR`
                                                    (~8 MiB); scripts/device_install.sh takes fastbert._C
@@ -82,7 +82,7 @@ def main(argv=None) -> int:
     parser.add_argument("--prebuilt", type=Path, metavar="DIR",
                         help="a folder of wheels with their .stamp files (scripts/build_wheels.py --prebuilt DIR)")
     args = parser.parse_args(argv)
-    prebuilt = sorted(args.prebuilt.glob("fastbert-*.whl")) if args.prebuilt else []
+    prebuilt = sorted(args.prebuilt.glob("*.whl")) if args.prebuilt else []
     if args.prebuilt and (not prebuilt or not all(w.with_name(w.name + ".stamp").is_file() for w in prebuilt)):
         print(f"error: {args.prebuilt} should hold fastbert wheels, each with its .stamp: "
               "make it with scripts/build_wheels.py --prebuilt", file=sys.stderr)

@@ -69,7 +69,7 @@ def test_device_install_uses_a_prebuilt_extension_only_when_its_stamp_matches(tm
     prebuilt.mkdir()
     out.mkdir()
     module = Path(spec.origin).read_bytes() if case != "broken" else b"not an ELF file"
-    wheel = prebuilt / "fastbert-0.1.0-cp3-cp3-manylinux_2_34_x86_64.whl"  # as build_wheels.py --prebuilt leaves it
+    wheel = prebuilt / "fastbert_kernels-0.1.0-cp3-cp3-manylinux_2_34_x86_64.whl"  # as build_wheels.py --prebuilt leaves it
     with zipfile.ZipFile(wheel, "w") as zf:
         zf.writestr("fastbert/__init__.py", "")
         zf.writestr(f"fastbert/{Path(spec.origin).name}", module)

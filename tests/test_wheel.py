@@ -23,6 +23,8 @@ from pathlib import Path
 import pytest
 import torch
 
+import fastbert
+
 ROOT = Path(__file__).resolve().parents[1]
 WITH_EXTENSION = shutil.which("nvcc") is not None and os.environ.get("FASTBERT_CUDA") != "0"
 
@@ -48,7 +50,7 @@ def wheel(tmp_path_factory):
     done = subprocess.run([sys.executable, "-m", "pip", "wheel", str(src), "--no-deps", "--no-build-isolation",
                            "-w", str(out), "-q"], capture_output=True, text=True, timeout=1500, env=env)
     assert done.returncode == 0, f"pip wheel failed:\n{done.stdout[-2000:]}\n{done.stderr[-4000:]}"
-    (found,) = out.glob("fastbert-*.whl")
+    (found,) = out.glob(build_wheels.WHEEL_PATTERN)
     return found
 
 
@@ -78,7 +80,7 @@ def test_wheel_holds_the_package_and_nothing_else(wheel):
     names = set(zipfile.ZipFile(wheel).namelist())
     missing = _expected_files() - names
     assert not missing, f"the wheel lacks {sorted(missing)}"
-    info = "fastbert-0.1.0.dist-info/"
+    info = f"fastbert_kernels-{fastbert.__version__}.dist-info/"
     stray = sorted(n for n in names if not (n.startswith("fastbert/") or n.startswith(info)))
     assert not stray, f"the wheel carries files outside the package: {stray[:10]}"
     assert not any(n.startswith(("fastbert/tests", "fastbert/benchmarks/results", "fastbert/csrc")) for n in names)
