@@ -14,13 +14,19 @@
 #   TWIN_TORCH_INDEX=         an extra index for torch, e.g. https://download.pytorch.org/whl/cpu for a +cpu
 #                             wheel where pip does not already find one (our machines: /opt/wheels has 2.13.0+cpu)
 #   TWIN_AOT=0                1: after the suite, also compile every Triton kernel for sm_90 (tests/triton_aot.py --quick)
-# torch's Linux CUDA wheels on PyPI pin one Triton (2.11.0: 3.6.0; 2.12.1 and 2.13.0: 3.7.1); the +cpu
-# wheels pin none, so any other pair needs a +cpu torch, e.g. (a venv per set, a CUDA torch is ~3 GB):
+# torch's Linux CUDA wheels on PyPI pin one Triton (2.11.0: 3.6.0; 2.12.1 and 2.13.0: 3.7.1; 2.14.1: 3.8.0;
+# 2.15.0: 3.9.0); the +cpu wheels pin none, so any other pair needs a +cpu torch, e.g. (a venv per set, a
+# CUDA torch is ~3 GB):
 #   TWIN_PYTHON=3.11 TWIN_TORCH=2.12.1 TWIN_TRITON=3.7.1 TWIN_TRANSFORMERS=5.24.0 TWIN_NUMPY="<2.5" \
 #       bash scripts/image_twin.sh /work/venvs/t212
 #   TWIN_PYTHON=3.11 TWIN_TORCH=2.13.0+cpu TWIN_TRITON=3.8.0 TWIN_TRANSFORMERS=5.24.0 TWIN_NUMPY="<2.5" \
 #       bash scripts/image_twin.sh /work/venvs/t213
 # The venv is built once (VENV_DIR/.installed holds the versions asked for; another set will not reuse it).
+# Our machines' pip config caps torch at 2.14.1 (/etc/xdg/pip); past it (torch 2.15.0 with its pin, Triton
+# 3.9.0, ~6 GB), give pip no config file and the local indexes by hand:
+#   PIP_CONFIG_FILE=/dev/null PIP_EXTRA_INDEX_URL="file:///opt/pypi/simple file:///opt/pypi-more/simple" \
+#       TWIN_PYTHON=3.11 TWIN_TORCH=2.15.0 TWIN_TRITON="" TWIN_TRANSFORMERS=5.24.0 TWIN_NUMPY="<2.5" \
+#       bash scripts/image_twin.sh /work/venvs/t215
 #
 # Why: `make test` runs the newest releases we support (torch 2.13, Triton 3.9); the device runs
 # the oldest. A difference between them found here costs nothing; found in a device call it costs
