@@ -13,7 +13,7 @@ Writes (the folder is git-ignored through /.gpu/ in .gitignore):
     model/tokenizer.json, tokenizer_config.json, vocab.txt   copied from the embedded model
     data/sst2/train.tsv                            GLUE SST-2 train (67,349 rows)
     data/squad/train-from-dev-v1.1.json            the 24 SQuAD v1.1 articles of ../shared/data
-    prebuilt/*.whl, *.whl.stamp                   with --prebuilt DIR: the wheels of DIR and their build
+    prebuilt/*.whl, *.whl.stamp                    with --prebuilt DIR: the wheels of DIR and their build
                                                    stamps, written there by `scripts/build_wheels.py
                                                    --python <the GPU image's python 3.12> --prebuilt DIR`
                                                    (~8 MiB); scripts/device_install.sh takes fastbert._C
