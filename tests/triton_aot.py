@@ -9,11 +9,13 @@ constexpr flags) and the recorder keeps (kernel, arguments, options) instead of
 launching. Each distinct signature is then compiled ahead of time for sm_80 and
 sm_90 with `triton.compile`, down to cubin (ptxas included).
 
-    python tests/triton_aot.py [--arch 90 80] [--quick] [--resources FILE.md]
+    python tests/triton_aot.py [--arch 90 80] [--quick] [--resources FILE.md] [--jobs N]
 
 --resources writes, per compiled kernel and architecture, what ptxas gave it (registers,
 stack and local memory per thread: spills land there; Triton's dynamic shared memory),
-read from the cubin with the cuobjdump that Triton's NVIDIA backend ships.
+read from the cubin with the cuobjdump that Triton's NVIDIA backend ships. --jobs N compiles in N
+processes (default: the CPUs this process may use); each compile is one thread of Python and LLVM,
+so on 2 cores one process left the other idle.
 
 Must run without TRITON_INTERPRET (the kernels are then JITFunctions). Exits 1
 naming every kernel and signature that failed. tests/test_triton_compile.py runs it.
@@ -21,6 +23,8 @@ naming every kernel and signature that failed. tests/test_triton_compile.py runs
 from __future__ import annotations
 
 import argparse
+import concurrent.futures
+import multiprocessing
 import os
 import re
 import subprocess
@@ -235,32 +239,66 @@ def resources_markdown(rows) -> str:
     return "\n".join(out) + "\n"
 
 
+def to_compile(archs, dtypes, quick) -> list:
+    """(arch, kernel, signature, constexprs, attrs, options) for every compile, in a fixed order."""
+    compiled = distinct(record(dtypes, quick))
+    return [(arch, *launch) for arch in archs for launch in compiled]
+
+
+_TO_COMPILE: list = []  # a worker's copy of to_compile(...): JITFunctions do not pickle, so each rebuilds it
+
+
+def _start_worker(archs, dtype_names, quick):
+    global _TO_COMPILE
+    _TO_COMPILE = to_compile(archs, [getattr(torch, name) for name in dtype_names], quick)
+
+
+def _compile_one(index: int, kernel_name: str, with_resources: bool):
+    """Compile _TO_COMPILE[index]: its resources row (a tuple), None, or the failure's text."""
+    arch, kernel, signature, constexprs, attrs, options = _TO_COMPILE[index]
+    assert kernel.__name__ == kernel_name, "a worker recorded the launches in another order"
+    try:
+        binary = triton.compile(ASTSource(fn=kernel, signature=signature, constexprs=constexprs, attrs=attrs),
+                                target=GPUTarget("cuda", arch, 32), options=dict(options))
+        if with_resources:
+            return (arch, kernel.__name__, _specialisation(signature, constexprs), options,
+                    resource_usage(binary.asm["cubin"]), binary.metadata.shared)
+        return None
+    except Exception as error:  # report all, then fail
+        return (f"sm_{arch} {kernel.__name__} {constexprs} {options}:\n"
+                + "".join(traceback.format_exception_only(error))[-2000:])
+
+
 def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--arch", nargs="+", type=int, default=[90, 80])
     parser.add_argument("--quick", action="store_true", help="fewer head dims and hidden sizes")
     parser.add_argument("--dtypes", nargs="+", default=["float16", "bfloat16", "float32"])
     parser.add_argument("--resources", metavar="FILE.md", help="write registers/stack/local/shared per kernel")
+    parser.add_argument("--jobs", type=int, default=len(os.sched_getaffinity(0)),
+                        help="compile in this many processes (default: the CPUs this process may use)")
     args = parser.parse_args(argv)
     dtypes = [getattr(torch, name) for name in args.dtypes]
     started = time.perf_counter()
-    compiled = distinct(record(dtypes, args.quick))
-    kernels = sorted({k.__name__ for k, *_ in compiled})
-    print(f"triton {triton.__version__}: {len(compiled)} distinct launches of {len(kernels)} kernels: "
-          f"{', '.join(kernels)}", flush=True)
-    failures, resources = [], []
-    for arch in args.arch:
-        for kernel, signature, constexprs, attrs, options in compiled:
-            try:
-                binary = triton.compile(ASTSource(fn=kernel, signature=signature, constexprs=constexprs, attrs=attrs),
-                                        target=GPUTarget("cuda", arch, 32), options=dict(options))
-                if args.resources:
-                    resources.append((arch, kernel.__name__, _specialisation(signature, constexprs), options,
-                                      resource_usage(binary.asm["cubin"]), binary.metadata.shared))
-            except Exception as error:  # report all, then fail
-                failures.append(f"sm_{arch} {kernel.__name__} {constexprs} {options}:\n"
-                                + "".join(traceback.format_exception_only(error))[-2000:])
-    print(f"compiled {len(compiled) * len(args.arch) - len(failures)} of {len(compiled) * len(args.arch)} "
+    global _TO_COMPILE
+    _TO_COMPILE = to_compile(args.arch, dtypes, args.quick)
+    kernels = sorted({k.__name__ for _, k, *_ in _TO_COMPILE})
+    print(f"triton {triton.__version__}: {len(_TO_COMPILE) // len(args.arch)} distinct launches of {len(kernels)} "
+          f"kernels: {', '.join(kernels)}", flush=True)
+    tasks = [(i, entry[1].__name__, args.resources is not None) for i, entry in enumerate(_TO_COMPILE)]
+    jobs = max(1, min(args.jobs, len(tasks)))
+    if jobs == 1:
+        outcomes = [_compile_one(*task) for task in tasks]
+    else:
+        # spawn, not fork: this process holds torch's threads. A worker that dies (a compiler crash)
+        # raises BrokenProcessPool here instead of hanging. map keeps the order of the rows.
+        with concurrent.futures.ProcessPoolExecutor(jobs, mp_context=multiprocessing.get_context("spawn"),
+                                                    initializer=_start_worker,
+                                                    initargs=(args.arch, args.dtypes, args.quick)) as pool:
+            outcomes = list(pool.map(_compile_one, *zip(*tasks)))
+    failures = [o for o in outcomes if isinstance(o, str)]
+    resources = [o for o in outcomes if isinstance(o, tuple)]
+    print(f"compiled {len(tasks) - len(failures)} of {len(tasks)} "
           f"for sm_{', sm_'.join(map(str, args.arch))} in {time.perf_counter() - started:.0f} s")
     for failure in failures:
         print("FAILED", failure, file=sys.stderr)
