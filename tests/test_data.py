@@ -292,6 +292,9 @@ def test_conllu_synthetic_ranges_empty_nodes_no_final_blank(tmp_path):
     ("1\tword\tword\tNOUN\n", r"bad\.conllu:3: a CoNLL-U token line has 10"),
     ("x\tword\tword\tNOUN\tNN\t_\t0\troot\t_\t_\n", r"bad\.conllu:3: bad token id 'x'"),
     ("1-b\tword\t_\t_\t_\t_\t_\t_\t_\t_\n", r"bad\.conllu:3: bad token id '1-b'"),
+    # the next sentence without the blank line before it: read as one, it would have merged the two
+    ("# sent_id = 2\n1\tGo\tgo\tVERB\tVB\t_\t0\troot\t_\t_\n", r"bad\.conllu:4: token id 1 where word 2"),
+    ("3\tgap\tgap\tNOUN\tNN\t_\t1\tdep\t_\t_\n", r"bad\.conllu:3: token id 3 where word 2"),
 ])
 def test_conllu_malformed(tmp_path, bad, match):
     path = write(tmp_path, "bad.conllu", "# c\n1\tok\tok\tADJ\tJJ\t_\t0\troot\t_\t_\n" + bad)

@@ -73,6 +73,12 @@ def read_conllu(path: str | os.PathLike, tag: str = "upos", max_sentences: int |
                 continue  # multiword token range or empty node
             if not ident.isdigit():
                 raise DataFormatError(f"{path}:{line_no}: bad token id {ident!r}")
+            if int(ident) != len(words) + 1:
+                # ids run 1, 2, ... within a sentence; a restart means a missing blank line, which would
+                # otherwise merge two sentences silently
+                raise DataFormatError(f"{path}:{line_no}: token id {ident} where word {len(words) + 1} of the "
+                                      "sentence was expected (CoNLL-U words are numbered from 1 and every "
+                                      "sentence ends with a blank line)")
             if not words:
                 first = line_no
             words.append(fields[1])
