@@ -329,7 +329,9 @@ def _read_inputs(path, fields: int, what: str) -> list[list[str]]:
     except UnicodeDecodeError:
         raise ValueError(f"--file {str(path)!r} is not UTF-8 text") from None
     rows = []
-    for number, line in enumerate(text.splitlines(), 1):
+    # split("\n"), not splitlines(): read_text has made \r\n and \r into \n, and splitlines() would also
+    # cut a text at U+2028, U+0085, form feeds and the like, which are characters of its line
+    for number, line in enumerate(text.split("\n"), 1):
         if not line.strip():
             continue
         row = line.split("\t")

@@ -278,6 +278,11 @@ def test_predict_inputs_by_kind(tmp_path, capsys, untrained_models):
     pairs.write_text("A man plays.\tA man is playing.\n\nA dog runs.\tA cat sleeps.\n")
     code, out, _ = _predict(capsys, m["stsb"], "--file", pairs)
     assert code == 0 and len(out) == 2 and out[1].split("\t")[1:] == ["A dog runs.", "A cat sleeps."]
+    # lines end at \n, \r\n or \r only: splitlines() cut this text at its U+2028 and called the line short
+    pairs.write_bytes("A man\u2028plays.\tA man is playing.\r\nA dog runs.\tA cat sleeps.\r\n".encode())
+    code, out, err = _predict(capsys, m["stsb"], "--file", pairs)
+    assert code == 0, err
+    assert out[-1].split("\t")[1:] == ["A dog runs.", "A cat sleeps."]
     empty = tmp_path / "empty.txt"
     empty.write_text("\n")
     code, _, err = _predict(capsys, m["sst2"], "--file", empty)
