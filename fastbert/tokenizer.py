@@ -60,7 +60,16 @@ class Tokenizer:
             if (missing := [t for t in ("[CLS]", "[SEP]") if t not in tokens]):
                 raise ValueError(f"tokenizer: {path} has no {' or '.join(missing)} token; a BERT WordPiece "
                                  "vocabulary holds both")
-            backend = BertWordPieceTokenizer(str(path), lowercase=bool(config.get("do_lower_case", True)))._tokenizer
+            # transformers' BertTokenizer settings; strip_accents None follows do_lower_case
+            settings = {key: config.get(key, default) for key, default in
+                        (("do_lower_case", True), ("strip_accents", None), ("tokenize_chinese_chars", True))}
+            for key, value in settings.items():
+                if not isinstance(value, bool) and not (value is None and key == "strip_accents"):
+                    raise ValueError(f"tokenizer: {key} in {folder / 'tokenizer_config.json'} must be true or false"
+                                     f"{' or null' if key == 'strip_accents' else ''}, got {value!r}")
+            backend = BertWordPieceTokenizer(str(path), lowercase=settings["do_lower_case"],
+                                             strip_accents=settings["strip_accents"],
+                                             handle_chinese_chars=settings["tokenize_chinese_chars"])._tokenizer
             cls_id, sep_id = backend.token_to_id("[CLS]"), backend.token_to_id("[SEP]")
             backend.post_processor = processors.BertProcessing(("[SEP]", sep_id), ("[CLS]", cls_id))
         else:

@@ -1,5 +1,6 @@
 """fastbert.Tokenizer against transformers' BertTokenizerFast on the MiniLM vocabulary."""
 import csv
+import json
 from pathlib import Path
 
 import pytest
@@ -103,6 +104,21 @@ def test_vocab_txt_fallback_matches(tmp_path, both):
     _same(from_vocab(firsts, seconds, max_length=48), ours(firsts, seconds, max_length=48))
 
 
+@pytest.mark.parametrize("settings", [{"do_lower_case": True}, {"do_lower_case": True, "strip_accents": False},
+                                      {"do_lower_case": False}, {"do_lower_case": False, "strip_accents": True},
+                                      {"tokenize_chinese_chars": False}])
+def test_vocab_txt_fallback_follows_tokenizer_config_like_transformers(tmp_path, settings):
+    """Every BertTokenizer setting of tokenizer_config.json counts, not do_lower_case alone: with
+    strip_accents false, accented words are other tokens (here [UNK]) than their stripped forms."""
+    folder = fastbert.default_model_path()
+    (tmp_path / "vocab.txt").write_bytes((folder / "vocab.txt").read_bytes())
+    (tmp_path / "tokenizer_config.json").write_text(json.dumps({"tokenizer_class": "BertTokenizer", **settings}))
+    theirs = transformers.AutoTokenizer.from_pretrained(str(tmp_path))
+    ours = fastbert.Tokenizer.from_pretrained(tmp_path)
+    for text in ("Café naïve RÉSUMÉ", "Cafe\u0301 au lait", "北京大学 in Beijing", "Ünïcödé ß and İstanbul"):
+        assert ours.tokenize(text) == theirs.tokenize(text), text
+
+
 def test_malformed_tokenizer_files_raise_value_errors_naming_the_file(tmp_path):
     folder = fastbert.default_model_path()
     (tmp_path / "config.json").write_bytes((folder / "config.json").read_bytes())
@@ -116,7 +132,9 @@ def test_malformed_tokenizer_files_raise_value_errors_naming_the_file(tmp_path):
     (tmp_path / "vocab.txt").write_bytes((folder / "vocab.txt").read_bytes())
     for text, message in (("{oops", "is not valid JSON"), ("[1, 2]", "must hold a JSON object"),
                           ('{"model_max_length": "long"}', "model_max_length .* must be a positive number"),
-                          ('{"model_max_length": 0}', "model_max_length .* must be a positive number")):
+                          ('{"model_max_length": 0}', "model_max_length .* must be a positive number"),
+                          ('{"strip_accents": "no"}', "strip_accents .* must be true or false or null, got 'no'"),
+                          ('{"do_lower_case": 1}', "do_lower_case .* must be true or false, got 1")):
         (tmp_path / "tokenizer_config.json").write_text(text)
         with pytest.raises(ValueError, match=message):
             fastbert.Tokenizer.from_pretrained(tmp_path)
