@@ -621,6 +621,33 @@ def test_predict_answers_from_gold_positions(tok, squad):
     assert {i: c[0][0] for i, c in n_best.items() if i in expected} == expected
 
 
+@pytest.mark.parametrize("context, answer", [
+    ("We met at the Cafe\u0301 yesterday.", "Cafe\u0301"),                     # NFD: e + combining acute
+    ("We met at the Cafe\u0301", "Cafe\u0301"),                               # ... ending the passage
+    ("\u092f\u0947 \u0915\u093f\u0924\u093e\u092c\u0947\u0902 \u0939\u0948\u0902", "\u0939\u0948\u0902"),  # Hindi, vowel signs
+    ("Les mots " * 12 + "de\u0301ja\u0300 vu\u0327 et fin", "de\u0301ja\u0300 vu\u0327"),  # several windows
+])
+def test_squad_answers_keep_the_combining_marks_the_normaliser_drops(tok, context, answer):
+    """The uncased normaliser strips combining marks, and the tokenizer's offsets stop before a
+    trailing one: answers came back without it (EM 0 for a perfect model), and an answer ending a
+    window or passage was labelled as not in it. Every window that holds all of the answer's
+    tokens labels them; logits at those labels give the gold text back exactly."""
+    example = SquadExample("q", "", "Where?", context, [answer], [context.index(answer)])
+    feats = build_squad_features([example], tok, max_length=24, stride=4, max_question_tokens=4)
+    char_start, char_end = example.answer_starts[0], example.answer_starts[0] + len(answer)
+    labelled = 0
+    for f in feats:
+        ctx = [t for t, inside in enumerate(f["context_mask"]) if inside]
+        holds = f["offsets"][ctx[0]][0] <= char_start and char_end <= f["offsets"][ctx[-1]][1]
+        assert (f["start_positions"] > 0) == holds
+        if holds:
+            labelled += 1
+            start, end = torch.full((1, len(f["input_ids"])), -9.0), torch.full((1, len(f["input_ids"])), -9.0)
+            start[0, f["start_positions"]] = end[0, f["end_positions"]] = 9.0
+            assert predict_answers([example], [f], start, end) == {"q": answer}
+    assert labelled >= 1
+
+
 def test_squad_empty_answer_text_is_refused(tmp_path, tok):
     """An empty answer text matches the context at any answer_start (even past its end): the reader took
     it, then build_squad_features raised a bare StopIteration (answer at the passage end) or labelled the

@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import json
 import os
+import unicodedata
 import warnings
 from dataclasses import dataclass
 from pathlib import Path
@@ -156,6 +157,8 @@ def build_squad_features(examples: Sequence[SquadExample], tokenizer, max_length
             seq_ids = enc["sequence_ids"][w]
             offsets = [tuple(o) if s == 1 else (0, 0) for o, s in zip(enc["offsets"][w], seq_ids)]
             context_mask = [s == 1 for s in seq_ids]
+            if not ex.context.isascii():
+                offsets = _cover_dropped_marks(ex.context, offsets, context_mask)
             start_tok, end_tok = 0, 0
             if ex.answers:
                 char_start = ex.answer_starts[0]
@@ -171,6 +174,24 @@ def build_squad_features(examples: Sequence[SquadExample], tokenizer, max_length
                       "--max-question-len` sets it; a longer question leaves less of the passage per window)",
                       stacklevel=2)
     return feats
+
+
+def _cover_dropped_marks(context: str, offsets: list, context_mask: list) -> list:
+    """Offsets whose passage tokens also cover the combining marks that follow them.
+
+    An uncased BERT normaliser strips combining marks (the accents of NFD text, Indic and Thai
+    vowel signs), so the tokenizer's offsets stop before them (as transformers' do): an answer
+    ending in one lost it ('Cafe\u0301' came back 'Cafe', 'हैं' as 'ह'), and one ending a window
+    was labelled as not in it. A mark belongs to the character before it, so to that token."""
+    passage = [t for t, inside in enumerate(context_mask) if inside]
+    out = list(offsets)
+    for t, after in zip(passage, passage[1:] + [None]):
+        start, end = offsets[t]
+        limit = offsets[after][0] if after is not None else len(context)
+        while end < limit and unicodedata.category(context[end]) in ("Mn", "Me"):
+            end += 1
+        out[t] = (start, end)
+    return out
 
 
 def _answer_tokens(offsets, context_mask, char_start: int, char_end: int) -> tuple[int, int]:
