@@ -105,6 +105,14 @@ def main(argv=None) -> int:
         print(f"fastbert bench: error: {err}", file=sys.stderr)
         return 2
     harness = importlib.import_module(f"{suites.__name__}.harness")
+    if args.out is not None:
+        from .checkpoint import check_writable
+
+        try:  # before any timing: the results are written at the end
+            check_writable("--out", args.out, folder=True)
+        except ValueError as err:
+            print(f"fastbert bench: error: {err}", file=sys.stderr)
+            return 2
 
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     if device.type != "cuda" and not args.quick:

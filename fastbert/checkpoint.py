@@ -148,6 +148,19 @@ def _read_shards(index: Path) -> dict[str, torch.Tensor]:
     return state
 
 
+def check_writable(flag: str, path, folder: bool) -> None:
+    """Refuse, before any work, an output path that cannot be made: a file where the folder `path`
+    should be (or a folder where the file should be), or a file where a folder above it should be.
+    The ValueError names the command-line flag."""
+    path = Path(path)
+    if path.exists() and path.is_dir() != folder:
+        raise ValueError(f"{flag} {str(path)!r} is a {'file' if folder else 'folder'}; "
+                         + ("it must be a folder (made if missing)" if folder else "give a file name"))
+    above = next(p for p in path.absolute().parents if p.exists())
+    if not above.is_dir():
+        raise ValueError(f"{flag} {str(path)!r}: {str(above)!r} is a file, not a folder")
+
+
 def atomic_write_bytes(path: Path, data: bytes) -> None:
     """Write to a temporary file beside `path`, then rename: a reader never sees half a file."""
     path = Path(path)

@@ -174,10 +174,11 @@ def cmd_finetune(args) -> int:
     _check_file("--train", args.train)
     if args.dev:
         _check_file("--dev", args.dev)
-    if Path(args.out).exists() and not Path(args.out).is_dir():
-        raise ValueError(f"--out {args.out!r} is a file; it must be a folder (made if missing)")
-    if args.metrics_json and Path(args.metrics_json).is_dir():
-        raise ValueError(f"--metrics-json {args.metrics_json!r} is a folder; give a file name")
+    from fastbert.checkpoint import check_writable
+
+    check_writable("--out", args.out, folder=True)
+    if args.metrics_json:
+        check_writable("--metrics-json", args.metrics_json, folder=False)
     device = _device(args.device)
     overrides = dict(max_seq_len=args.max_seq_len, doc_stride=args.doc_stride, max_answer_len=args.max_answer_len,
                      max_question_len=args.max_question_len,
@@ -234,6 +235,7 @@ def cmd_finetune(args) -> int:
     metrics_file = Path(args.metrics_json or Path(args.out) / "metrics.json")
     from fastbert.checkpoint import atomic_write_text
 
+    metrics_file.parent.mkdir(parents=True, exist_ok=True)  # as --out is
     atomic_write_text(metrics_file, metrics_json(summary, indent=2) + "\n")
     print(f"final: {_describe_scores(summary['final_metrics'])}\nmodel saved to {final}; metrics in {metrics_file}")
     return 0

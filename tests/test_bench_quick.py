@@ -133,3 +133,15 @@ def test_unknown_op_is_refused(tmp_path, capsys):
 
     assert main(["--quick", "--ops", "layernorm,attn", "--out", str(tmp_path)]) == 2
     assert "unknown --ops ['attn']" in capsys.readouterr().err
+
+
+def test_out_that_cannot_be_a_folder_is_refused_before_timing(tmp_path, capsys):
+    """--out naming a file: a FileExistsError traceback when the results were saved, after every timing."""
+    from fastbert.bench import main
+
+    a_file = tmp_path / "taken"
+    a_file.write_text("")
+    for out, message in ((a_file, "is a file; it must be a folder"), (a_file / "sub", "is a file, not a folder")):
+        assert main(["--quick", "--ops", "span", "--out", str(out)]) == 2
+        err = capsys.readouterr().err
+        assert f"fastbert bench: error: --out {str(out)!r}" in err and message in err, err

@@ -199,6 +199,10 @@ def sst2_slice(tmp_path):
     (["--dev", "{tmp}/missing.tsv"], "--dev '.*missing.tsv': no such file"),
     (["--train", "{tmp}"], "--train '.*' is not a file"),                           # IsADirectoryError traceback before
     (["--out", "{train}"], "--out '.*train.tsv' is a file"),                        # FileExistsError after training before
+    (["--out", "{train}/run"], "--out '.*train.tsv/run': '.*train.tsv' is a file, not a folder"),
+    (["--metrics-json", "{tmp}"], "--metrics-json '.*' is a folder; give a file name"),
+    (["--metrics-json", "{train}/m.json"],                                          # failed after training before
+     "--metrics-json '.*train.tsv/m.json': '.*train.tsv' is a file, not a folder"),
     (["--dev", "{header_only}"], "--dev '.*header.tsv' holds no examples"),         # crashed after training before
 ])
 def test_finetune_argument_errors(tmp_path, capsys, sst2_slice, extra, match):
@@ -393,7 +397,7 @@ def test_finetune_metrics_json_null_for_constant_gold(tmp_path, capsys):
     train.write_text("A man plays.\t4.5\nA dog runs.\t0.5\nIt rains.\t3.0\nA cat sleeps.\t1.0\n")
     dev = tmp_path / "dev.tsv"
     dev.write_text("A man plays.\t2.0\nA dog runs.\t2.0\nIt rains.\t2.0\n")
-    metrics = tmp_path / "scores.json"
+    metrics = tmp_path / "not" / "yet" / "scores.json"       # made as --out is (it failed after training before)
     assert fastbert.cli.main(["finetune", "--task-type", "regression", "--text-cols", "0", "--label-col", "1",
                               "--no-header", "--train", str(train), "--dev", str(dev), "--out", str(tmp_path / "run"),
                               "--metrics-json", str(metrics), "--max-steps", "1", "--batch-size", "2",
