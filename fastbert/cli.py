@@ -156,6 +156,8 @@ def cmd_finetune(args) -> int:
         raise ValueError(f"--weight-decay must be >= 0, got {args.weight_decay}")
     if not 0 <= args.warmup_ratio <= 1:
         raise ValueError(f"--warmup-ratio must be in [0, 1], got {args.warmup_ratio}")
+    if not 0 <= args.seed < 2**32:
+        raise ValueError(f"--seed must be in [0, 2**32), got {args.seed}")
     kind = args.task_type or tasks.PRESETS.get(args.task)
     if args.task is None and kind in ("single", "pair", "regression"):
         wanted = {"single": "one", "pair": "two", "regression": "one or two"}[kind]

@@ -12,6 +12,7 @@ stopped (tests/test_train.py).
 from __future__ import annotations
 
 import dataclasses
+import hashlib
 import inspect
 import io
 import json
@@ -70,6 +71,10 @@ class TrainConfig:
             raise ValueError(f"precision must be auto, fp32, bf16 or fp16, got {self.precision!r}")
         if not self.lr > 0:
             raise ValueError(f"lr must be > 0, got {self.lr}")
+        if isinstance(self.seed, bool) or not isinstance(self.seed, int) or not 0 <= self.seed < 2**32:
+            # numpy's range, as transformers' set_seed; the batch-order generator's seed (seed * 1000003 +
+            # epoch) left torch's 64 bits above about 1.8e13, after the data was read
+            raise ValueError(f"seed must be an int in [0, 2**32), got {self.seed!r}")
         if self.compile is not None and self.compile not in torch.compiler.list_backends(exclude_tags=()):
             raise ValueError(f"compile must be a torch.compile backend {torch.compiler.list_backends()} or None, "
                              f"got {self.compile!r}")
@@ -145,6 +150,19 @@ def _length(feature) -> int:
         raise ValueError("bucket_by_length needs lengths=... or examples with an 'input_ids' sequence") from None
 
 
+def _token_ids_digest(features) -> str:
+    """sha256 of every example's input_ids, in order (\"\" for examples without them)."""
+    digest = hashlib.sha256()
+    for feature in features:
+        try:
+            ids = feature["input_ids"]
+        except (TypeError, KeyError, IndexError):
+            return ""
+        ids = ids.numpy() if isinstance(ids, torch.Tensor) else np.asarray(ids)
+        digest.update(ids.astype(np.int64).tobytes() + b"|")
+    return digest.hexdigest()[:16]
+
+
 def _numpy_rng_state() -> list:
     name, keys, pos, has_gauss, cached = np.random.get_state()
     return [name, keys.tolist(), pos, has_gauss, cached]
@@ -197,6 +215,9 @@ class Trainer:
         if config.bucket_by_length and lengths is None:
             # bucketing asked for without lengths would silently not bucket: measure them instead
             lengths = [_length(f) for f in features]
+        if lengths is not None and len(lengths) != len(features):
+            raise ValueError(f"lengths must hold one length per feature: {len(features)} features, "
+                             f"{len(lengths)} lengths")
         self.evaluate_fn, self.lengths = evaluate, (lengths if config.bucket_by_length else None)
         self.device = next(model.parameters()).device
         self.batches_per_epoch = math.ceil(len(features) / config.batch_size)
@@ -211,6 +232,7 @@ class Trainer:
         self.scaler = torch.amp.GradScaler("cuda") if self.autocast == torch.float16 else None
         self.step, self.epoch, self.batch_in_epoch = 0, 0, 0
         self.history: list[dict] = []
+        self._token_ids_digest: str | None = None  # _run_identity's, computed at the first checkpoint
         self._running: list[float] = []  # this epoch's batch losses so far (checkpointed: a resumed epoch's mean is whole)
         # The training forward (and so its backward) through torch.compile; the model itself stays
         # eager for evaluation and checkpoints (the compiled module shares its parameters). The
@@ -246,10 +268,16 @@ class Trainer:
         # Each rename is durable (its folder fsynced) before the next step relies on it, so a power
         # cut cannot leave `latest` naming a folder whose rename was lost, with the previous one deleted.
         _fsync_dir(staging)
+        previous = self._latest()
+        if previous == folder:
+            # The step `latest` names is saved again (a resumed run that reaches a save at the step it
+            # resumed from): point `latest` at the complete staging copy while the old folder goes, so
+            # that it never names a missing one.
+            atomic_write_text(self.cfg.out / "latest", staging.name + "\n")
+            _fsync_dir(self.cfg.out)
         shutil.rmtree(folder, ignore_errors=True)
         os.replace(staging, folder)
         _fsync_dir(self.cfg.out)
-        previous = self._latest()
         atomic_write_text(self.cfg.out / "latest", folder.name + "\n")
         _fsync_dir(self.cfg.out)
         if previous is not None and previous != folder:
@@ -261,9 +289,14 @@ class Trainer:
     def _run_identity(self) -> dict:
         """What fixes the batch order and the updates: a resume with other values would not continue the
         same run. total_steps (epochs or max_steps) sets the schedule's length: the scheduler state
-        restores only its step, so a changed total would bend the rest of the learning-rate curve."""
-        return {"examples": len(self.features), "batch_size": self.cfg.batch_size, "grad_accum": self.cfg.grad_accum,
-                "seed": self.cfg.seed, "bucket_by_length": self.cfg.bucket_by_length,
+        restores only its step, so a changed total would bend the rest of the learning-rate curve.
+        The token ids' digest tells other data of the same size apart, and the same data cut to
+        another --max-seq-len or read by another tokenizer."""
+        if self._token_ids_digest is None:
+            self._token_ids_digest = _token_ids_digest(self.features)
+        return {"examples": len(self.features), "token_ids": self._token_ids_digest,
+                "batch_size": self.cfg.batch_size, "grad_accum": self.cfg.grad_accum, "seed": self.cfg.seed,
+                "bucket_by_length": self.cfg.bucket_by_length,
                 "total_steps": self.total_steps, "lr": self.cfg.lr, "warmup_ratio": self.cfg.warmup_ratio,
                 "weight_decay": self.cfg.weight_decay, "max_grad_norm": self.cfg.max_grad_norm}
 
@@ -278,10 +311,12 @@ class Trainer:
         folder = self._latest()
         if folder is None:
             return False
+        if folder.parent != self.cfg.out or not folder.is_dir():  # an empty name gives cfg.out itself
+            pointer = self.cfg.out / "latest"
+            raise FileNotFoundError(f"cannot resume: {pointer} must name a checkpoint folder in {self.cfg.out}, "
+                                    f"holds {pointer.read_text().strip()!r}")
         if not (folder / "trainer_state.pt").exists():
             raise FileNotFoundError(f"checkpoint {folder} has no trainer_state.pt")
-        loaded = type(self.model).from_pretrained(folder)
-        self.model.load_state_dict(loaded.state_dict())
         path = folder / "trainer_state.pt"
         try:
             state = torch.load(path, map_location="cpu", weights_only=True)
@@ -300,8 +335,12 @@ class Trainer:
                                  f"({'; '.join(changed)}); resume with the same ones, or train into a fresh folder "
                                  "(from these weights: the checkpoint folder is a model folder, `fastbert "
                                  "finetune --model` takes it)")
+        # Everything is checked before anything is loaded: a refused resume leaves the model as it was
+        # (a caller who catches the error and trains afresh would have started from these weights).
+        loaded = type(self.model).from_pretrained(folder)
         self.optimizer.load_state_dict(state["optimizer"])
         self.scheduler.load_state_dict(state["scheduler"])
+        self.model.load_state_dict(loaded.state_dict())
         self.step, self.epoch, self.batch_in_epoch = state["step"], state["epoch"], state["batch_in_epoch"]
         self.history = json.loads(state["history"])
         self._running = json.loads(state.get("running", "[]"))

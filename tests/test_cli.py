@@ -194,6 +194,7 @@ def sst2_slice(tmp_path):
     (["--save-every", "0"], "--save-every must be >= 1, got 0"),                   # never checkpointed before
     (["--eval-batch-size", "0"], "--eval-batch-size must be >= 1, got 0"),         # failed after training before
     (["--warmup-ratio", "2"], r"--warmup-ratio must be in \[0, 1\], got 2.0"),      # silently accepted before
+    (["--seed", str(2**45)], r"--seed must be in \[0, 2\*\*32\), got 35184372088832"),  # overflowed after reading
     (["--max-seq-len", "1000"], "--max-seq-len 1000 is more than the model's 512 positions"),  # saved, broke predict
     (["--device", "nonsense"], "--device must be cpu or cuda"),
     (["--dev", "{tmp}/missing.tsv"], "--dev '.*missing.tsv': no such file"),

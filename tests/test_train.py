@@ -1,4 +1,6 @@
 """The training loop: schedule, decay groups, reproducibility and an exact resume."""
+import re
+
 import pytest
 import torch
 
@@ -86,6 +88,64 @@ def test_resume_with_other_settings_is_refused(tmp_path):
             _trainer(tmp_path, **change).resume()
     assert _trainer(tmp_path).resume()  # the same settings still resume
 
+
+
+def test_a_refused_resume_leaves_the_model_as_it_was(tmp_path):
+    """The checkpoint's weights were copied in before its state was checked: a caller who caught the
+    refusal and trained afresh started from them."""
+    _trainer(tmp_path).train(stop_after_step=3)
+    other = _trainer(tmp_path, batch_size=4)
+    before = {k: v.clone() for k, v in other.model.state_dict().items()}
+    with pytest.raises(ValueError, match="cannot resume"):
+        other.resume()
+    assert all(torch.equal(before[k], v) for k, v in other.model.state_dict().items())
+    assert other.step == 0 and not other.optimizer.state
+
+
+def test_resume_on_other_token_ids_of_the_same_count_is_refused(tmp_path):
+    """Only the number of examples was compared: other data of the same size, or the same data cut
+    to another --max-seq-len or read by another tokenizer, resumed as if it were the run's."""
+    _trainer(tmp_path).train(stop_after_step=3)
+    cut = _trainer(tmp_path)
+    cut.features = [{**f, "input_ids": f["input_ids"][:8]} for f in cut.features]  # a shorter max length
+    with pytest.raises(ValueError, match=r"cannot resume .*token_ids='[0-9a-f]{16}' there, '[0-9a-f]{16}' now"):
+        cut.resume()
+    assert _trainer(tmp_path).resume()
+
+
+@pytest.mark.parametrize("pointer", ["", "checkpoint-99", "../elsewhere", "."])
+def test_a_latest_naming_no_checkpoint_folder_is_named(tmp_path, pointer):
+    _trainer(tmp_path).train(stop_after_step=3)
+    (tmp_path / "latest").write_text(pointer + "\n")
+    with pytest.raises(FileNotFoundError, match=rf"cannot resume: .*latest must name a checkpoint folder in "
+                                                rf".*, holds '{re.escape(pointer)}'"):
+        _trainer(tmp_path).resume()
+
+
+def test_saving_again_the_step_latest_names_never_leaves_it_naming_a_missing_folder(tmp_path, monkeypatch):
+    """A resumed run can save the step it resumed from again: the old folder was deleted while
+    `latest` still named it, so a crash before the new one was renamed in left nothing to resume."""
+    import os
+
+    _trainer(tmp_path).train(stop_after_step=3)
+    again = _trainer(tmp_path)
+    assert again.resume() and again.step == 3
+    real_replace = os.replace
+
+    def crash_on_the_checkpoint_rename(src, dst):
+        if os.path.basename(dst) == "checkpoint-3":
+            raise KeyboardInterrupt("killed between deleting checkpoint-3 and renaming its new copy in")
+        return real_replace(src, dst)
+
+    monkeypatch.setattr(os, "replace", crash_on_the_checkpoint_rename)
+    with pytest.raises(KeyboardInterrupt):
+        again.save_checkpoint()
+    monkeypatch.setattr(os, "replace", real_replace)
+    after_crash = _trainer(tmp_path)
+    assert after_crash.resume() and after_crash.step == 3
+    assert (tmp_path / again.save_checkpoint()).name == "checkpoint-3"   # the next save completes it
+    assert (tmp_path / "latest").read_text().strip() == "checkpoint-3" and not list(tmp_path.glob(".staging-*"))
+    assert _trainer(tmp_path).resume()
 
 
 def test_resume_from_a_broken_trainer_state_names_the_file(tmp_path):
@@ -180,6 +240,10 @@ def test_bad_config(tmp_path):
         train.TrainConfig(out=tmp_path, warmup_ratio=-0.5)
     with pytest.raises(ValueError, match="weight_decay must be >= 0"):
         train.TrainConfig(out=tmp_path, weight_decay=-1.0)
+    for seed in (-1, 2**32, 2**45, 1.5, True):  # 2**45 overflowed torch's seed after the data was read
+        with pytest.raises(ValueError, match=r"seed must be an int in \[0, 2\*\*32\)"):
+            train.TrainConfig(out=tmp_path, seed=seed)
+    assert train.TrainConfig(out=tmp_path, seed=2**32 - 1).seed == 2**32 - 1
     (tmp_path / "a_file").write_text("")
     with pytest.raises(ValueError, match="is a file; checkpoints need a folder"):
         train.TrainConfig(out=tmp_path / "a_file")
@@ -499,6 +563,9 @@ def test_bucketing_without_lengths_measures_them(tmp_path):
     assert measured.lengths == given.lengths
     with pytest.raises(ValueError, match="bucket_by_length needs lengths"):
         train.Trainer(model, [{"text": "no ids"}] * 4, _collate, cfg)
+    for wrong in (given.lengths[:-1], given.lengths + [3]):  # an IndexError mid-epoch, or silently ignored, before
+        with pytest.raises(ValueError, match=f"one length per feature: 40 features, {len(wrong)} lengths"):
+            train.Trainer(model, features, _collate, cfg, lengths=wrong)
 
 
 def test_a_staging_folder_left_by_a_killed_run_is_removed(tmp_path):
