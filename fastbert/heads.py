@@ -6,8 +6,11 @@
     BertForQuestionAnswering       every token -> dense to (start, end); loss = mean of the two
                                    cross-entropies; spans predicted by fastbert.ops.span_score
 
-State-dict names equal transformers' classes of the same names (bert.*,
-classifier.*, qa_outputs.*), so checkpoints move both ways.
+Checkpoints move both ways: the files save_pretrained writes (and from_pretrained reads) use the
+names of transformers' classes of the same names (bert.*, classifier.*, qa_outputs.*, through
+fastbert.checkpoint's key map). In memory the encoder keeps its own shorter names
+(model.state_dict() has bert.layers.0.attention.query.weight): go through the files, not
+load_state_dict, to move weights into a transformers model.
 
 Losses equal transformers' on the same weights and targets (tests/test_heads_fuzz.py):
 -100 labels ignored, (B, 1) labels and positions taken for (B,), answer positions
@@ -253,14 +256,19 @@ def _check_labels(labels, shape, num_labels, regression=False, column_ok=False):
 
 
 def _resolve_labels(config: BertConfig, num_labels, labels):
-    """num_labels from the argument, the label names, or the checkpoint's id2label; recorded in the config."""
+    """num_labels from the argument, the label names, or the checkpoint's id2label (else its num_labels,
+    as transformers reads a config that gives only that); recorded in the config as id2label."""
     if labels is not None:
         if num_labels is not None and num_labels != len(labels):
             raise ValueError(f"num_labels={num_labels} but {len(labels)} label names were given")
         num_labels = len(labels)
     saved = config.extra.get("id2label")
+    saved_count = config.extra.pop("num_labels", None)  # id2label says it from here on
+    if saved_count is not None and (isinstance(saved_count, bool) or not isinstance(saved_count, int)
+                                    or saved_count < 1):
+        raise ValueError(f"config.json's num_labels must be a positive int, got {saved_count!r}")
     if num_labels is None:
-        num_labels = len(saved) if saved else 2
+        num_labels = len(saved) if saved else saved_count or 2
     if labels is not None:
         config.extra["id2label"] = {str(i): name for i, name in enumerate(labels)}
         config.extra["label2id"] = {name: i for i, name in enumerate(labels)}

@@ -180,6 +180,32 @@ def test_saved_heads_load_in_transformers_auto_classes(tmp_path):
     assert (a.logits - b.logits).abs().max() <= 1e-5 and abs(a.loss.item() - b.loss.item()) <= 1e-5
 
 
+def test_a_config_with_num_labels_and_no_id2label_sizes_the_head_as_in_transformers(tmp_path):
+    """A hand-written config.json may give num_labels alone: transformers builds that many labels
+    and loads the head; fastbert built 2 and replaced the fine-tuned 3-label head by a random one."""
+    import json
+    import warnings
+
+    transformers.logging.set_verbosity_error()
+    ours = heads.BertForSequenceClassification(fastbert.BertConfig(**CONFIG), num_labels=3)
+    ours.save_pretrained(tmp_path)
+    config = json.loads((tmp_path / "config.json").read_text())
+    del config["id2label"], config["label2id"]
+    (tmp_path / "config.json").write_text(json.dumps({**config, "num_labels": 3}))
+    theirs = transformers.AutoModelForSequenceClassification.from_pretrained(str(tmp_path))
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")                                  # the head fits: no warning
+        again = heads.BertForSequenceClassification.from_pretrained(tmp_path)
+    assert again.num_labels == theirs.num_labels == 3
+    assert torch.equal(again.classifier.weight, ours.classifier.weight)
+    again.save_pretrained(tmp_path / "again")                          # id2label says it from here on
+    saved = json.loads((tmp_path / "again" / "config.json").read_text())
+    assert "num_labels" not in saved and len(saved["id2label"]) == 3
+    (tmp_path / "config.json").write_text(json.dumps({**config, "num_labels": "3"}))
+    with pytest.raises(ValueError, match="config.json's num_labels must be a positive int, got '3'"):
+        heads.BertForSequenceClassification.from_pretrained(tmp_path)
+
+
 def test_head_weights_that_do_not_fit_are_reported(tmp_path):
     """A fine-tuned head of another shape (num_labels other than the checkpoint's), half a head or
     another task's head was replaced by a random one without a word; transformers says so too."""
