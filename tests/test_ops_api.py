@@ -375,3 +375,40 @@ def test_layernorm_takes_eps_zero(backend):
         return torch.nn.functional.layer_norm(h.double(), h.shape[-1:], weight.double(), bias.double(), eps=0.0)
     assert torch.allclose(y.double(), layer_norm_eps0(x + residual), atol=1e-5)
     assert torch.allclose(z.double(), torch.nn.functional.gelu(layer_norm_eps0(x)), atol=1e-5)
+
+
+# -- double backward -----------------------------------------------------------------------------
+
+
+def _op_cases():
+    g = torch.Generator().manual_seed(3)
+
+    def rand(*shape):
+        return torch.randn(*shape, generator=g).requires_grad_()
+
+    q, k, v = _qkv()
+    return {
+        "attention": ([q.requires_grad_(), k.requires_grad_(), v.requires_grad_()], ops.attention),
+        "add_layernorm": ([rand(4, 16), rand(4, 16), rand(16), rand(16)],
+                          lambda x, r, w, b: ops.add_layernorm(x, r, w, b, 1e-5)),
+        "layernorm_gelu": ([rand(4, 16), rand(16), rand(16)], lambda x, w, b: ops.layernorm_gelu(x, w, b, 1e-5)),
+        "bias_gelu": ([rand(4, 16), rand(16)], ops.bias_gelu),
+    }
+
+
+@pytest.mark.parametrize("op", ["attention", "add_layernorm", "layernorm_gelu", "bias_gelu"])
+def test_kernel_gradients_refuse_to_be_differentiated_again(op):
+    """A kernel's gradient carries no graph: a gradient penalty through one (create_graph=True, then
+    a loss on the gradient) took every second-order term through the op as zero, silently (off by
+    up to 8 against the torch backend on add_layernorm). Now it is a clear error; an ordinary
+    gradient, and the torch backend's double backward, are untouched."""
+    inputs, fn = _op_cases()[op]
+    with ops.use_backend("triton"):
+        with pytest.raises(RuntimeError, match=f"{op}: the gradient of this fused kernel is not differentiable "
+                                               r"again .*use_backend\('torch'\)"):
+            torch.autograd.grad(fn(*inputs).square().sum(), inputs[0], create_graph=True)
+        assert torch.autograd.grad(fn(*inputs).square().sum(), inputs[0])[0].isfinite().all()
+    if op != "attention":  # PyTorch's CPU attention has no double backward of its own
+        with ops.use_backend("torch"):
+            grad = torch.autograd.grad(fn(*inputs).square().sum(), inputs[0], create_graph=True)[0]
+            assert torch.autograd.grad(grad.square().sum(), inputs[0])[0].abs().sum() > 0

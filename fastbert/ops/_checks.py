@@ -1,4 +1,4 @@
-"""Argument checks the ops share: scalars a user passes (dropout_p, eps, softmax_scale)."""
+"""Checks the ops share: scalars a user passes (dropout_p, eps, softmax_scale); double backward."""
 from __future__ import annotations
 
 import numbers
@@ -18,3 +18,18 @@ def check_dropout(op: str, dropout_p) -> None:
         raise TypeError(f"{op}: dropout_p must be a float in [0, 1), got {type(dropout_p).__name__}")
     if not 0.0 <= dropout_p < 1.0:
         raise ValueError(f"{op}: dropout_p must be in [0, 1), got {dropout_p}")
+
+
+def refuse_double_backward(ctx, op: str, *grads) -> None:
+    """Called first in each kernel backward. The kernels' gradients carry no graph of their own, so a
+    gradient of a gradient (create_graph=True, then differentiating the result: gradient penalties,
+    Hessian-vector products) would treat every second-order term through the op as zero, silently.
+    torch.autograd.function.once_differentiable misses the common case (it looks at the incoming
+    gradients only, not at the saved inputs). Compiled graphs need no check: AOTAutograd refuses
+    double backward itself."""
+    if not torch.is_grad_enabled() or torch.compiler.is_compiling():
+        return  # an ordinary backward (create_graph=False) runs with grad mode off
+    if any(isinstance(t, torch.Tensor) and t.requires_grad for t in (*ctx.saved_tensors, *grads)):
+        raise RuntimeError(f"{op}: the gradient of this fused kernel is not differentiable again "
+                           "(backward with create_graph=True); for higher-order gradients run it on the "
+                           "'torch' backend: fastbert.ops.use_backend('torch')")

@@ -30,7 +30,7 @@ from torch import Tensor
 
 from . import _cuda
 from ._backend import available_backends, get_backend, interpreter_on, resolve, triton_importable
-from ._checks import check_dropout, is_real
+from ._checks import check_dropout, is_real, refuse_double_backward
 
 try:  # the Triton kernels; without triton the "triton" backend is off and the rest still imports
     from fastbert.kernels import attention as _kernels
@@ -289,6 +289,7 @@ class AttentionFunction(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, dout):
+        refuse_double_backward(ctx, "attention", dout)
         q, k, v, out, lse, mask, cu_seqlens, seed_t, out_residual = ctx.saved_tensors
         max_seqlen, dropout_p, softmax_scale, launchers = ctx.args
         seed = seed_t if seed_t is not None else ctx.seed

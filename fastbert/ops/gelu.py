@@ -20,6 +20,7 @@ import torch.nn.functional as F
 
 from . import _cuda
 from ._backend import interpreter_on, resolve
+from ._checks import refuse_double_backward
 
 try:
     from fastbert.kernels import gelu as _triton_gelu
@@ -45,6 +46,7 @@ class BiasGeluFunction(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, dy):
+        refuse_double_backward(ctx, "bias_gelu", dy)
         x, bias = ctx.saved_tensors
         dx, dbias = _launchers(ctx.backend).bias_gelu_bwd(dy, x, bias, ctx.approximate)
         return dx, dbias, None, None

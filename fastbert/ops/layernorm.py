@@ -25,7 +25,7 @@ import torch.nn.functional as F
 
 from . import _cuda
 from ._backend import interpreter_on, resolve
-from ._checks import check_dropout, is_real
+from ._checks import check_dropout, is_real, refuse_double_backward
 
 try:
     from fastbert.kernels import layernorm as _triton_layernorm
@@ -159,6 +159,7 @@ class AddLayerNormFunction(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, dy, dy_copy=None):
+        refuse_double_backward(ctx, "add_layernorm", dy, dy_copy)
         x, residual, weight, mean, rstd, seed = ctx.saved_tensors
         if dy is None and dy_copy is None:
             return (None,) * 8
@@ -183,6 +184,7 @@ class LayerNormGeluFunction(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, dy):
+        refuse_double_backward(ctx, "layernorm_gelu", dy)
         x, weight, bias, mean, rstd = ctx.saved_tensors
         dx, dweight, dbias = _launchers(ctx.backend).layernorm_gelu_bwd(dy, x, weight, bias, mean, rstd)
         return dx, dweight, dbias, None, None
