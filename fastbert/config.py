@@ -63,6 +63,13 @@ class BertConfig:
         position_type = self.extra.get("position_embedding_type", "absolute")
         if position_type != "absolute":
             raise ValueError(f"BertConfig: position_embedding_type must be 'absolute' (the only kind supported), got {position_type!r}")
+        for key in ("is_decoder", "add_cross_attention"):
+            # transformers runs such a BERT with causal (or cross-) attention; the encoder here is bidirectional
+            # only and would compute something else without a word
+            if self.extra.get(key):
+                raise ValueError(f"BertConfig: {key} is true: that BERT is a decoder (causal attention"
+                                 f"{', cross-attention' if key == 'add_cross_attention' else ''}); fastbert's "
+                                 "encoder is bidirectional self-attention only")
 
     @property
     def head_dim(self) -> int:
