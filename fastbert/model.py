@@ -133,6 +133,9 @@ class BertModel(nn.Module):
     positions of last_hidden_state are zeros, and no GEMM or kernel spends time on padding.
     It costs one host sync per forward (the token count) and is skipped under torch.compile,
     whose graphs need static shapes, and in a CUDA graph capture, which cannot take the sync.
+    The pooler reads position 0 in both: for rows padded on the right, as BERT's tokenizers and
+    fastbert.data.collate pad, that is [CLS] either way; a row that starts with padding pools a
+    padding token's vector in the padded model and zeros here (neither means anything).
 
     A CUDA graph (torch.cuda.make_graphed_callables, torch.cuda.graph) can capture the model's
     training step: under capture the input-id range check (a host sync) is left to the warm-up
