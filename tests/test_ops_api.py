@@ -412,3 +412,50 @@ def test_kernel_gradients_refuse_to_be_differentiated_again(op):
         with ops.use_backend("torch"):
             grad = torch.autograd.grad(fn(*inputs).square().sum(), inputs[0], create_graph=True)[0]
             assert torch.autograd.grad(grad.square().sum(), inputs[0])[0].abs().sum() > 0
+
+
+# -- "auto" on a GPU: inputs no kernel takes ---------------------------------------------------
+
+
+def test_auto_runs_inputs_no_kernel_takes_on_the_torch_backend(monkeypatch):
+    """On a GPU "auto" picks cuda, then triton for what cuda cannot take; inputs neither takes
+    (float64, head_dim 8 as in transformers' tiny test BERTs, head_dim 256, rows past 4096) raised
+    the triton or cuda error there, where "auto" should run them on torch. Simulated without a GPU:
+    resolve() answers under "auto" what it answers for a CUDA tensor with fastbert._C built, so
+    every case here must fall through to the torch backend (no kernel can run on these tensors)."""
+    import sys
+
+    from fastbert.ops import _backend
+    import fastbert.ops.gelu as gelu_module
+    import fastbert.ops.layernorm as layernorm_module
+    attention_module = sys.modules["fastbert.ops.attention"]
+    for module in (attention_module, layernorm_module, gelu_module):
+        monkeypatch.setattr(module, "resolve", lambda device, real=module.resolve:
+                            "cuda" if _backend.get_backend() == "auto" else real(device))
+    monkeypatch.setattr(attention_module, "available_backends", lambda device: ["torch", "triton", "cuda"])
+    g = torch.Generator().manual_seed(4)
+
+    def rand(*shape, dtype=torch.float32):
+        return torch.randn(*shape, generator=g, dtype=dtype)
+
+    w64, b64 = rand(8, dtype=torch.float64), rand(8, dtype=torch.float64)
+    wide = rand(2, 5000)
+    cases = {
+        "attention head_dim 8": lambda: ops.attention(*[rand(1, 4, 2, 8) for _ in range(3)]),
+        "attention head_dim 256": lambda: ops.attention(*[rand(1, 4, 1, 256) for _ in range(3)]),
+        "attention float64": lambda: ops.attention(*[rand(1, 4, 2, 64, dtype=torch.float64) for _ in range(3)]),
+        "add_layernorm float64": lambda: ops.add_layernorm(rand(2, 8, dtype=torch.float64),
+                                                          rand(2, 8, dtype=torch.float64), w64, b64, 1e-5),
+        "add_layernorm hidden 5000": lambda: ops.add_layernorm(wide, wide, torch.ones(5000), torch.zeros(5000), 1e-5),
+        "layernorm_gelu float64": lambda: ops.layernorm_gelu(rand(2, 8, dtype=torch.float64), w64, b64, 1e-5),
+        "bias_gelu float64": lambda: ops.bias_gelu(rand(2, 8, dtype=torch.float64), b64),
+    }
+    for name, call in cases.items():
+        state = g.get_state()
+        got = call()
+        g.set_state(state)
+        with ops.use_backend("torch"):
+            expected = call()
+        assert got.dtype == expected.dtype and torch.equal(got, expected), name
+    with ops.use_backend("triton"), pytest.raises(ValueError, match="head_dim = 8 is not supported by the Triton"):
+        ops.attention(*[rand(1, 4, 2, 8) for _ in range(3)])       # asked for by name: its own error

@@ -4,7 +4,9 @@ anywhere), "triton" (kernels/, GPU or the Triton interpreter) or "cuda"
 
 The choice is made once per call from the tensor's device, never inside the
 model: `use_backend("triton")` scopes it, `set_backend` sets the process
-default, and "auto" picks the fastest backend that can run on the device.
+default, and "auto" picks the fastest backend that can run on the device and whose
+kernels take the inputs (on a GPU: cuda, then triton, then torch for float64, a head dim
+or a row width past the kernels').
 """
 from __future__ import annotations
 
@@ -173,6 +175,13 @@ def _resolve(requested: str, device: torch.device) -> str:
     if requested == "triton" and device.type != "cuda" and (problem := interpreter_problem()):
         raise RuntimeError(f"fastbert backend 'triton' on {device.type} tensors: {problem}")
     return requested
+
+
+def auto_fallback(backend: str) -> str:
+    """For inputs that `backend`'s kernels do not take (float64, a head dim or width past them):
+    under "auto", "torch", which runs anything (as SDPA falls back to its math kernel); a backend
+    asked for by name is kept, and its checks then raise the error naming what it cannot take."""
+    return "torch" if get_backend() == "auto" else backend
 
 
 def describe_default(device: torch.device | str = "cuda") -> str:

@@ -29,7 +29,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from . import _cuda
-from ._backend import available_backends, get_backend, interpreter_on, resolve, triton_importable
+from ._backend import auto_fallback, available_backends, get_backend, interpreter_on, resolve, triton_importable
 from ._checks import check_dropout, is_real, refuse_double_backward
 
 try:  # the Triton kernels; without triton the "triton" backend is off and the rest still imports
@@ -362,6 +362,24 @@ def _check_cuda(q, k, v, op):
                              f"backend, got strides {tuple(t.stride())}")
 
 
+def _triton_supports(q, k, v):
+    """Can the Triton kernels take these inputs (dtype, head dim, unit last stride)? _check_triton's terms."""
+    return (q.dtype in _TRITON_DTYPES and q.shape[-1] in TRITON_HEAD_DIMS
+            and all(t.shape[-1] <= 1 or t.stride(-1) == 1 for t in (q, k, v))
+            and not (q.dtype == torch.bfloat16 and interpreter_on()))
+
+
+def _kernel_backend(q, k, v) -> str:
+    """The backend for these inputs: the one asked for by name, or under "auto" the fastest usable one
+    whose kernels take them (cuda, then triton, then torch)."""
+    backend = resolve(q.device)
+    if backend == "cuda" and not _cuda_supports(q, k, v):
+        backend = _cuda_fallback(q.device)
+    if backend == "triton" and not _triton_supports(q, k, v):
+        backend = auto_fallback(backend)
+    return backend
+
+
 def _cuda_supports(q, k, v):
     """Can the CUDA kernels take these inputs (dtype, head dim, unit last stride)?"""
     return (q.dtype in _CUDA_DTYPE_CODES and q.shape[-1] in CUDA_HEAD_DIMS
@@ -645,9 +663,7 @@ def attention(q, k, v, mask=None, dropout_p=0.0, softmax_scale=None, *, seed=Non
     _check(q, k, v, mask)
     check_dropout("attention", dropout_p)
     _check_scale(softmax_scale, "attention")
-    backend = resolve(q.device)
-    if backend == "cuda" and not _cuda_supports(q, k, v):
-        backend = _cuda_fallback(q.device)
+    backend = _kernel_backend(q, k, v)
     if backend == "torch":
         return _attention_torch(q, k, v, mask, dropout_p, softmax_scale)
     if backend == "cuda":
@@ -668,9 +684,7 @@ def attention_varlen(q, k, v, cu_seqlens, max_seqlen, dropout_p=0.0, softmax_sca
     _check_varlen(q, k, v, cu_seqlens, max_seqlen)
     check_dropout("attention_varlen", dropout_p)
     _check_scale(softmax_scale, "attention_varlen")
-    backend = resolve(q.device)
-    if backend == "cuda" and not _cuda_supports(q, k, v):
-        backend = _cuda_fallback(q.device)
+    backend = _kernel_backend(q, k, v)
     if backend == "torch":
         return _attention_varlen_torch(q, k, v, cu_seqlens, dropout_p, softmax_scale)
     if backend == "cuda":

@@ -19,7 +19,7 @@ import torch
 import torch.nn.functional as F
 
 from . import _cuda
-from ._backend import interpreter_on, resolve
+from ._backend import auto_fallback, interpreter_on, resolve
 from ._checks import refuse_double_backward
 
 try:
@@ -154,6 +154,8 @@ def bias_gelu(x, bias, approximate="none"):
     if approximate not in ("none", "tanh"):
         raise ValueError(f"bias_gelu: approximate must be 'none' or 'tanh', got {approximate!r}")
     backend = resolve(x.device)
+    if backend != "torch" and x.dtype not in _cuda.DTYPES:  # both backends' kernels take the same dtypes
+        backend = auto_fallback(backend)
     if backend == "torch" or x.shape[-1] == 0:  # no features: an empty result, no kernel to launch
         return bias_gelu_ref(x, bias, approximate).to(x.dtype)
     if backend == "cuda":

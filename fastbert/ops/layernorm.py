@@ -24,7 +24,7 @@ import torch
 import torch.nn.functional as F
 
 from . import _cuda
-from ._backend import interpreter_on, resolve
+from ._backend import auto_fallback, interpreter_on, resolve
 from ._checks import check_dropout, is_real, refuse_double_backward
 
 try:
@@ -127,6 +127,14 @@ def _check_kernel_rows(op, x):
     if not 1 <= x.shape[-1] <= MAX_HIDDEN:
         raise ValueError(f"{op}: the triton backend takes hidden sizes 1..{MAX_HIDDEN} "
                          f"(x's last dimension), got {x.shape[-1]}")
+
+
+def _rows_backend(x) -> str:
+    """resolve(), with "auto" taking "torch" for rows no kernel takes (both backends' terms are the same)."""
+    backend = resolve(x.device)
+    if backend != "torch" and not (x.dtype in _cuda.DTYPES and 1 <= x.shape[-1] <= MAX_HIDDEN):
+        backend = auto_fallback(backend)
+    return backend
 
 
 def _draw_seed(device):
@@ -372,7 +380,7 @@ def add_layernorm(x, residual, weight, bias, eps, dropout_p=0.0, *, copy_in_x_dt
     _check_rows("add_layernorm", x, weight, bias, residual, mixed_ok=mixed)
     _check_eps("add_layernorm", eps)
     check_dropout("add_layernorm", dropout_p)
-    backend = resolve(x.device)
+    backend = _rows_backend(x)
     if backend == "torch":
         y = _torch_backend(add_layernorm_ref, (x, residual, weight, bias), eps, dropout_p)
         return (y, y.to(x_dtype)) if copy_in_x_dtype else y
@@ -396,7 +404,7 @@ def layernorm_gelu(x, weight, bias, eps):
     """
     _check_rows("layernorm_gelu", x, weight, bias)
     _check_eps("layernorm_gelu", eps)
-    backend = resolve(x.device)
+    backend = _rows_backend(x)
     if backend == "torch":
         return _torch_backend(layernorm_gelu_ref, (x, weight, bias), eps)
     if backend == "cuda":
