@@ -126,9 +126,14 @@ def _pearson(x: np.ndarray, y: np.ndarray) -> float:
     # 0.2), and their rounding noise gave a correlation of about 1e-17 instead.
     if (x == x[0]).all() or (y == y[0]).all():
         return float("nan")
+    if not (np.isfinite(x).all() and np.isfinite(y).all()):
+        return float("nan")  # inf values (scipy: nan too)
+    # Scaled to at most 1 first (the correlation does not change): the sums of squares of values
+    # near 1e80 overflowed to inf (giving 0.0) and of values near 1e-90 underflowed to 0 (nan).
+    x, y = x / np.abs(x).max(), y / np.abs(y).max()
     dx, dy = x - x.mean(), y - y.mean()
-    denom = np.sqrt((dx @ dx) * (dy @ dy))
-    if not denom > 0:  # underflow of values that differ by a few ulps; inf: overflow or inf values
+    denom = np.sqrt(dx @ dx) * np.sqrt(dy @ dy)
+    if not denom > 0:  # values that differ by a few ulps
         return float("nan")
     return float(np.clip((dx @ dy) / denom, -1.0, 1.0))
 

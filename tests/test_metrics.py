@@ -1,5 +1,6 @@
 """fastbert.metrics against sklearn/scipy, hand-computed cases, and the official SQuAD v1.1 scorer."""
 import collections
+import math
 import re
 import string
 
@@ -198,6 +199,16 @@ def test_glue_metrics_values_are_each_tasks_official_metric():
     pred, gold = [0.3, 2.0, 1.1, 4.5, 3.9], [0.4, 1.8, 2.0, 5.0, 3.2]
     assert glue_metrics("stsb", pred, gold) == {"pearson": pytest.approx(scipy.stats.pearsonr(pred, gold)[0], abs=1e-12),
                                                 "spearman": pytest.approx(scipy.stats.spearmanr(pred, gold)[0], abs=1e-12)}
+
+
+@pytest.mark.parametrize("x_scale, y_scale", [(1e80, 1e80), (1e155, 1.0), (1e-90, 1e-90), (1e-170, 1.0), (1e300, 1e-300)])
+def test_pearson_of_very_large_or_small_values_is_scipys(x_scale, y_scale):
+    """A diverged regression model's huge outputs: the sums of squares overflowed to inf and the
+    correlation came out 0.0 (tiny values: underflow, nan), where it is well defined."""
+    x, y = np.array([1.0, 2.0, 3.0, 5.0]) * x_scale, np.array([1.0, 2.0, 3.0, 4.0]) * y_scale
+    assert pearson(x, y) == pytest.approx(scipy.stats.pearsonr(x, y)[0], abs=1e-12)
+    assert pearson(x, y) == pytest.approx(pearson([1.0, 2.0, 3.0, 5.0], [1.0, 2.0, 3.0, 4.0]), abs=1e-12)
+    assert math.isnan(pearson([1.0, float("inf"), 2.0], [1.0, 2.0, 3.0]))
 
 
 def test_pearson_of_exactly_linear_values_stays_within_minus_one_one():
