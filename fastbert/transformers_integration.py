@@ -149,17 +149,25 @@ def register() -> None:
 
 def _add_layernorm_forward(self, hidden_states, input_tensor):
     # transformers: LayerNorm(dropout(dense(hidden_states)) + input_tensor)
+    if not (_plain(self.LayerNorm, torch.nn.LayerNorm) and _plain(self.dropout, torch.nn.Dropout)):
+        return type(self).forward(self, hidden_states, input_tensor)
     dropout_p = self.dropout.p if self.training else 0.0
     with _backend_scope(self):
         return ops.add_layernorm(self.dense(hidden_states), input_tensor, self.LayerNorm.weight,
                                  self.LayerNorm.bias, self.LayerNorm.eps, dropout_p)
 
 
+def _plain(module, cls) -> bool:
+    # Fusing reads a module's weights and skips its forward: only right for a `cls` as it is. A LoRA
+    # wrapper (peft: weight is the base layer's, its forward adds the adapter), a quantised subclass,
+    # a hook (pruning's recomputes the weight; probes and steering change the output) or a forward
+    # replaced by another library would be silently dropped: such a module runs unfused.
+    return (type(module) is cls and not module._forward_pre_hooks and not module._forward_hooks
+            and "forward" not in vars(module))
+
+
 def _plain_linear(linear):
-    # Fusing reads linear.weight/bias and skips linear's forward: only right for an nn.Linear as
-    # it is. A LoRA wrapper (peft: weight is the base layer's, its forward adds the adapter), a
-    # quantised subclass or a hook (pruning's recomputes the weight) would be silently dropped.
-    return type(linear) is torch.nn.Linear and not linear._forward_pre_hooks and not linear._forward_hooks
+    return _plain(linear, torch.nn.Linear)
 
 
 def _bias_gelu_forward(self, hidden_states):
@@ -211,12 +219,16 @@ def _family_classes(model_type):
 
 def _distilbert_block_forward(self, hidden_states, attention_mask=None, **kwargs):
     # transformers' TransformerBlock: a = LN(attention(h) + h); LN(dropout(lin2(act(lin1(a)))) + a)
-    attention_output, _ = self.attention(hidden_states, attention_mask=attention_mask, **kwargs)
     sa_norm, out_norm, ffn = self.sa_layer_norm, self.output_layer_norm, self.ffn
+    if not (_plain(sa_norm, torch.nn.LayerNorm) and _plain(out_norm, torch.nn.LayerNorm)):
+        return type(self).forward(self, hidden_states, attention_mask=attention_mask, **kwargs)
+    attention_output, _ = self.attention(hidden_states, attention_mask=attention_mask, **kwargs)
     with _backend_scope(self):
         attended = ops.add_layernorm(attention_output, hidden_states, sa_norm.weight, sa_norm.bias, sa_norm.eps)
-        if self.fastbert_gelu_approximate is None or not (_plain_linear(ffn.lin1) and _plain_linear(ffn.lin2)):
-            # another activation, or wrapped linears: the FFN as it is, its dropout inside
+        if self.fastbert_gelu_approximate is None or not (
+                _plain(ffn, self.fastbert_ffn_type) and _plain_linear(ffn.lin1) and _plain_linear(ffn.lin2)
+                and _plain(ffn.dropout, torch.nn.Dropout)):
+            # another activation, or a wrapped or hooked FFN: the FFN as it is, its dropout inside
             return ops.add_layernorm(ffn(attended), attended, out_norm.weight, out_norm.bias, out_norm.eps)
         inner = ops.bias_gelu(F.linear(attended, ffn.lin1.weight), ffn.lin1.bias, self.fastbert_gelu_approximate)
         dropout_p = ffn.dropout.p if self.training else 0.0
@@ -236,6 +248,7 @@ def _patch_distilbert(model, config, backend):
     approximate = _GELU_APPROXIMATE.get(config.activation) if isinstance(config.activation, str) else None
     for block in blocks:
         block.fastbert_gelu_approximate = approximate
+        block.fastbert_ffn_type = distilbert.FFN
         block.forward = _PatchedForward(_distilbert_block_forward, block)
         block.fastbert_backend = block.attention.fastbert_backend = backend
 

@@ -273,6 +273,33 @@ def test_a_wrapped_ffn_linear_keeps_its_forward(family):
     torch.testing.assert_close(logits[1], logits[0], atol=1e-5, rtol=1e-5)
 
 
+@pytest.mark.parametrize("family, path", [("bert", "bert.encoder.layer.0.output.LayerNorm"),
+                                          ("bert", "bert.encoder.layer.1.attention.output.LayerNorm"),
+                                          ("bert", "bert.encoder.layer.0.output.dropout"),
+                                          ("distilbert", "distilbert.transformer.layer.0.ffn"),
+                                          ("distilbert", "distilbert.transformer.layer.0.sa_layer_norm"),
+                                          ("distilbert", "distilbert.transformer.layer.1.output_layer_norm")])
+def test_a_hooked_fused_submodule_keeps_its_hook(family, path):
+    """A fused step reads its submodules' weights instead of calling them: a forward hook there (a
+    probe, activation steering) was dropped without a word. Such a module now runs unfused."""
+    config = _tiny_config(family)
+    ids, mask = _batch(DEVICE)
+    logits = []
+    for patch in (False, True):
+        model = _classifier(config, DEVICE).eval()
+        if patch:
+            fastbert.patch_transformers(model, backend="torch")
+        # features moved along one place: a change the next LayerNorm cannot undo (a scale it would)
+        model.get_submodule(path).register_forward_hook(lambda module, args, out: out.roll(1, dims=-1))
+        with torch.no_grad():
+            logits.append(model(input_ids=ids, attention_mask=mask).logits)
+    unhooked = _classifier(config, DEVICE).eval()
+    with torch.no_grad():
+        hook_effect = (unhooked(input_ids=ids, attention_mask=mask).logits - logits[0]).abs().max()
+    assert hook_effect > 1e-4, "the hook must change the logits well past the tolerance below"
+    torch.testing.assert_close(logits[1], logits[0], atol=1e-5, rtol=1e-5)
+
+
 def test_patched_model_survives_pickling():
     """torch.save(model) / torch.load: the patched forwards come back bound to the loaded modules
     (a bound method pickles as a lookup of its name, which the module does not have)."""
