@@ -90,7 +90,9 @@ _ADDITIVE_MASKED = -1e4
 
 def _key_padding_bool(mask, batch, kv_length):
     """(batch, kv_length) bool, True = real, from a 2D mask (bool or 0/1) or a 4D
-    (batch, 1, 1, kv_length) mask (bool, or additive float where 0 keeps a key)."""
+    (batch, 1, 1, kv_length) mask (bool, or additive float where 0 keeps a key); a batch
+    dimension of 1 is broadcast over the batch, as transformers' attention does."""
+    given = tuple(mask.shape)
     if mask.dim() == 4 and mask.shape[1:3] == (1, 1):
         mask = mask[:, 0, 0, :]
         if mask.dtype != torch.bool:
@@ -106,10 +108,12 @@ def _key_padding_bool(mask, batch, kv_length):
                                  f"[{mask.min().item():g}, {mask.max().item():g}]; pass a 2D 0/1 or bool mask "
                                  "(True/1 = real token) instead")
             mask = keep
+    if mask.dim() == 2 and mask.shape[0] == 1 and batch > 1:
+        mask = mask.expand(batch, -1)
     if mask.dim() != 2 or tuple(mask.shape) != (batch, kv_length):
         raise ValueError(f"fastbert attention: attention_mask must be a key padding mask (batch, kv_length) = "
-                         f"{(batch, kv_length)} or (batch, 1, 1, kv_length), got {tuple(mask.shape)}: "
-                         "per-query masks (causal, custom 4D) are not supported")
+                         f"{(batch, kv_length)} or (batch, 1, 1, kv_length), got {given}: per-query masks "
+                         "(causal, custom 4D) are not supported")
     return mask if mask.dtype == torch.bool else mask != 0
 
 

@@ -115,6 +115,12 @@ def test_key_padding_masks_of_every_form():
         assert torch.equal(_key_padding_bool(mask, 2, 3), real), mask
     assert torch.equal(key_padding_mask(2, 3, 3, attention_mask=real.long()), real)
     assert key_padding_mask(2, 3, 3) is None
+    # one mask for every row, broadcast as transformers' attention broadcasts it (refused before, as
+    # a "per-query" mask, naming the shape after slicing)
+    for shared in (real[:1], real[:1, None, None, :]):
+        assert torch.equal(_key_padding_bool(shared, 2, 3), real[:1].expand(2, 3))
+    with pytest.raises(ValueError, match=r"got \(3, 1, 1, 3\): per-query masks"):
+        _key_padding_bool(torch.ones(3, 1, 1, 3, dtype=torch.bool), 2, 3)
 
 
 def test_patched_distilbert_with_another_activation():
