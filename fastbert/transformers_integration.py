@@ -292,6 +292,11 @@ def patch_transformers(model: torch.nn.Module, backend: str | None = None) -> to
     if getattr(config, "is_decoder", False) or getattr(config, "add_cross_attention", False):
         raise ValueError("patch_transformers: fastbert attention is bidirectional encoder self-attention; "
                          "this model is configured as a decoder (is_decoder / add_cross_attention)")
+    if getattr(config, "position_embedding_type", None) not in (None, "absolute"):
+        # relative_key(_query) adds position scores inside the attention (transformers < 5.17 still has
+        # them): the attention function here would leave them out without a word
+        raise ValueError(f"patch_transformers: position_embedding_type {config.position_embedding_type!r} is not "
+                         "supported; fastbert attention takes absolute position embeddings only")
     register()
     (_patch_distilbert if model_type == "distilbert" else _patch_family)(model, config, backend)
     model.set_attn_implementation(ATTN_IMPLEMENTATION)

@@ -215,6 +215,10 @@ def test_bad_uses_raise():
         fastbert.patch_transformers(torch.nn.Linear(2, 2))
     with pytest.raises(ValueError, match="chunk_size_feed_forward"):
         fastbert.patch_transformers(_classifier(_tiny_config("distilbert", chunk_size_feed_forward=4), DEVICE))
+    relative = _classifier(_tiny_config(), DEVICE)
+    relative.config.position_embedding_type = "relative_key"   # what transformers before 5.17 could run
+    with pytest.raises(ValueError, match="position_embedding_type 'relative_key' is not supported"):
+        fastbert.patch_transformers(relative)
     with pytest.raises(ValueError, match="model_type 'gpt2'"):
         fastbert.patch_transformers(transformers.GPT2Model(transformers.GPT2Config(n_layer=1, n_embd=32, n_head=2)))
     model = fastbert.patch_transformers(_classifier(_tiny_config(), DEVICE).eval(), backend="torch")
