@@ -278,19 +278,13 @@ def _tag_words(model, spec, tokenizer, word_lists, batch_size):
     from fastbert import data, tasks
 
     tags = [[None] * len(words) for words in word_lists]
-    pending = [(i, 0) for i, words in enumerate(word_lists) if words]        # (sentence, its first untagged word)
-    while pending:
-        features = data.encode_words(tokenizer, [word_lists[i][first:] for i, first in pending], spec.max_seq_len)
-        following = []
-        for (i, first), feat, logits in zip(pending, features, tasks.predict_logits(model, features, batch_size)):
-            last = -1
-            for pos, w in enumerate(feat["word_ids"]):
-                if w is not None and w > last:                            # a word's first piece
-                    tags[i][first + w] = spec.labels[int(logits[pos].argmax())]
-                    last = w
-            if last >= 0 and first + last + 1 < len(word_lists[i]):
-                following.append((i, first + last + 1))
-        pending = following
+    features = data.encode_words_in_pieces(tokenizer, word_lists, spec.max_seq_len)
+    for feat, logits in zip(features, tasks.predict_logits(model, features, batch_size)):
+        last = -1
+        for pos, w in enumerate(feat["word_ids"]):
+            if w is not None and w > last:                                # a word's first piece
+                tags[feat["sentence"]][feat["first_word"] + w] = spec.labels[int(logits[pos].argmax())]
+                last = w
     return tags
 
 

@@ -402,24 +402,38 @@ def test_tagging_format_edge_cases(tmp_path):
 # --- tagging encoder --------------------------------------------------------------------------
 
 def test_tagging_first_subword_matches_transformers(tok, hf_tok):
+    """Each feature is transformers' encoding (is_split_into_words, truncated to max_length) of
+    the words it starts at; a sentence cut there goes on in a next feature from the word after
+    the last one it holds, so every word carries its tag once (truncation dropped the rest)."""
     sents = read_conllu(shared("ud_ewt/en_ewt-ud-dev.conllu"), max_sentences=300)
-    feats = encode_tagging(sents, tok, UPOS_TAGS, max_length=32)  # 32: some sentences get cut
+    feats = encode_tagging(sents, tok, UPOS_TAGS, max_length=32)  # 32: some sentences are cut
     ids = {t: i for i, t in enumerate(UPOS_TAGS)}
-    truncated = 0
-    for sent, feat in zip(sents, feats):
-        ref = hf_tok(sent.words, is_split_into_words=True, truncation=True, max_length=32)
+    assert [f["sentence"] for f in feats] == sorted(f["sentence"] for f in feats)
+    tagged = {i: [] for i in range(len(sents))}
+    for feat in feats:
+        sent, first = sents[feat["sentence"]], feat["first_word"]
+        ref = hf_tok(sent.words[first:], is_split_into_words=True, truncation=True, max_length=32)
         assert feat["input_ids"] == ref["input_ids"]
         assert feat["word_ids"] == ref.word_ids()
         expected, seen = [], set()
         for w in ref.word_ids():
-            expected.append(-100 if w is None or w in seen else ids[sent.tags[w]])
+            expected.append(-100 if w is None or w in seen else ids[sent.tags[first + w]])
             seen.add(w)
         assert feat["labels"] == expected
-        labelled = sum(x != -100 for x in feat["labels"])
-        truncated += labelled < len(sent.words)
-        assert labelled == len({w for w in feat["word_ids"] if w is not None})
-    assert truncated > 0
-    assert any(len(feat["input_ids"]) > len(sent.words) + 2 for sent, feat in zip(sents, feats))  # real sub-words
+        tagged[feat["sentence"]] += [first + w for w in sorted(seen - {None})]
+    assert all(tagged[i] == list(range(len(s.words))) for i, s in enumerate(sents))   # each word once, in order
+    assert len(feats) > len(sents)                                                       # some were cut
+    assert any(len(f["input_ids"]) > len(sents[f["sentence"]].words) + 2 for f in feats)  # real sub-words
+
+
+def test_a_word_longer_than_a_piece_keeps_its_first_pieces_and_the_next_piece_goes_on(tok):
+    words = ["a", "antidisestablishmentarianism" * 3, "b", "c"]
+    feats = encode_tagging([TaggedSentence(words, ["DET", "NOUN", "X", "X"], 1)], tok, UPOS_TAGS, max_length=6)
+    labelled = [(f["first_word"] + w, label) for f in feats for w, label in zip(f["word_ids"], f["labels"])
+                if label != -100]
+    assert labelled == [(0, UPOS_TAGS.index("DET")), (1, UPOS_TAGS.index("NOUN")), (2, UPOS_TAGS.index("X")),
+                        (3, UPOS_TAGS.index("X"))]
+    assert all(len(f["input_ids"]) <= 6 for f in feats)
 
 
 def test_encode_words_and_unknown_tag(tok):

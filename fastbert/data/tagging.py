@@ -242,6 +242,30 @@ def encode_words(tokenizer, word_lists: Sequence[Sequence[str]], max_length: int
             for e in encodings]
 
 
+def encode_words_in_pieces(tokenizer, word_lists: Sequence[Sequence[str]], max_length: int = 128) -> list[dict]:
+    """encode_words over every word: a sentence longer than max_length tokens becomes consecutive
+    pieces, each a feature of its own, instead of losing its last words to truncation (those
+    would be neither trained on nor scored). A word cut at the end of a piece keeps its first
+    pieces there (they carry its label) and the next piece starts at the word after it.
+
+    Features come sentence by sentence, each sentence's pieces in order; each also holds
+    `sentence` (its index in word_lists) and `first_word` (the sentence's index of its word 0).
+    """
+    pieces: list[list[dict]] = [[] for _ in word_lists]
+    pending = [(i, 0) for i in range(len(word_lists))]            # (sentence, its first word not yet encoded)
+    while pending:
+        features = encode_words(tokenizer, [list(word_lists[i])[first:] for i, first in pending], max_length)
+        following = []
+        for (i, first), feat in zip(pending, features):
+            feat.update(sentence=i, first_word=first)
+            pieces[i].append(feat)
+            last = max((w for w in feat["word_ids"] if w is not None), default=-1)
+            if last >= 0 and first + last + 1 < len(word_lists[i]):
+                following.append((i, first + last + 1))
+        pending = following
+    return [feat for sentence in pieces for feat in sentence]
+
+
 def first_subword_labels(word_ids: Sequence[int | None], word_labels: Sequence[int]) -> list[int]:
     """Label of each token: its word's label on the word's first piece, IGNORE_INDEX elsewhere."""
     out, previous = [], None
@@ -254,18 +278,21 @@ def first_subword_labels(word_ids: Sequence[int | None], word_labels: Sequence[i
 def encode_tagging(sentences: Sequence[TaggedSentence], tokenizer, labels: Sequence[str],
                    max_length: int = 128) -> list[dict]:
     """Features for token classification: `input_ids`, `token_type_ids`, `labels`
-    (one per token: the tag id on each word's first piece, -100 elsewhere) and `word_ids`.
+    (one per token: the tag id on each word's first piece, -100 elsewhere) and `word_ids`
+    (relative to the feature's first word). A sentence longer than max_length tokens gives
+    several features (encode_words_in_pieces), so every word is trained on and scored.
 
     labels: the tag list (tag id = position), e.g. UPOS_TAGS or tag_names(train).
     """
     ids = {t: i for i, t in enumerate(labels)}
-    feats = encode_words(tokenizer, [s.words for s in sentences], max_length)
-    for sent, feat in zip(sentences, feats):
+    feats = encode_words_in_pieces(tokenizer, [s.words for s in sentences], max_length)
+    for feat in feats:
+        sent = sentences[feat["sentence"]]
         try:
             tag_ids = [ids[t] for t in sent.tags]
         except KeyError as e:
             where = f"{sent.source}:{sent.line}: the sentence starting here" if sent.source else \
                 f"the sentence at line {sent.line}"
             raise DataFormatError(f"{where} has tag {e.args[0]!r}, not in labels {list(labels)}") from None
-        feat["labels"] = first_subword_labels(feat["word_ids"], tag_ids)
+        feat["labels"] = first_subword_labels(feat["word_ids"], tag_ids[feat["first_word"]:])
     return feats
