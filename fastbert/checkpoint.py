@@ -217,12 +217,14 @@ def load_encoder(model, hf_state: dict[str, torch.Tensor], source="checkpoint") 
     is an error.
     """
     own = model.state_dict()
-    found, unexpected, not_encoder = {}, [], []
+    found, unexpected, not_encoder, twice = {}, [], [], []
     for key, tensor in hf_state.items():
         bare = key[len("bert."):] if key.startswith("bert.") else key
         bare = LEGACY_LAYERNORM.sub(lambda m: f"{m[1]}.{'weight' if m[2] == 'gamma' else 'bias'}", bare)
         ours = from_hf_key(bare)
         if ours is not None and ours in own:
+            if ours in found:  # with and without "bert.", or a legacy gamma beside its weight: which one?
+                twice.append(f"{found[ours][0]} and {key}")
             found[ours] = (key, tensor)
         elif IGNORED.search(bare) or (bare.startswith("pooler.") and model.pooler is None):
             continue
@@ -234,7 +236,7 @@ def load_encoder(model, hf_state: dict[str, torch.Tensor], source="checkpoint") 
     fresh = [k for k in missing if k.startswith("pooler.")]        # a new pooler: initialised, not an error
     misshaped = [f"{key}: checkpoint {tuple(t.shape)}, model {tuple(own[ours].shape)}"
                  for ours, (key, t) in sorted(found.items()) if t.shape != own[ours].shape]
-    if len(missing) > len(fresh) or unexpected or misshaped:
+    if len(missing) > len(fresh) or unexpected or misshaped or twice:
         lines = [f"checkpoint {source} does not match the model's config:"]
         if missing:
             lines.append("  missing: " + ", ".join(to_hf_key(k) for k in missing))
@@ -242,10 +244,13 @@ def load_encoder(model, hf_state: dict[str, torch.Tensor], source="checkpoint") 
             lines.append("  unexpected: " + ", ".join(sorted(unexpected)))
         if misshaped:
             lines.append("  mis-shaped: " + "; ".join(misshaped))
+        if twice:
+            lines.append("  one weight given twice: " + "; ".join(twice))
         raise ValueError("\n".join(lines))
+    for key, tensor in found.values():  # every weight checked before any is copied: no half-loaded model
+        check_weight(key, tensor, source)
     with torch.no_grad():
         for ours, (key, tensor) in found.items():
-            check_weight(key, tensor, source)
             own[ours].copy_(tensor)
     if fresh:
         _init_pooler(model, fresh, source)

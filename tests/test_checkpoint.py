@@ -1,5 +1,6 @@
 """Checkpoints move both ways between fastbert and transformers; broken ones fail clearly."""
 import json
+import re
 
 import pytest
 from hypothesis import given, settings, strategies as st
@@ -94,6 +95,28 @@ def test_unexpected_tensor_is_named(tmp_path):
     save_file(state, str(path))
     with pytest.raises(ValueError, match=r"unexpected: encoder\.layer\.2\.output\.dense\.weight"):
         fastbert.BertModel.from_pretrained(tmp_path)
+
+
+def test_one_weight_given_twice_is_named_and_nothing_is_half_loaded(tmp_path):
+    """The same weight with and without "bert.", or a legacy gamma beside its weight: the last one
+    read won silently. And a NaN found partway through the copy left a model half loaded."""
+    path = _saved(tmp_path)
+    state = load_file(str(path))
+    state["bert.embeddings.word_embeddings.weight"] = torch.zeros_like(state["embeddings.word_embeddings.weight"])
+    state["encoder.layer.0.output.LayerNorm.gamma"] = state["encoder.layer.0.output.LayerNorm.weight"].clone()
+    save_file(state, str(path))
+    with pytest.raises(ValueError, match=r"one weight given twice: bert\.embeddings\.word_embeddings\.weight and "
+                                         r"embeddings\.word_embeddings\.weight; encoder\.layer\.0\.output\."
+                                         r"LayerNorm\.gamma and encoder\.layer\.0\.output\.LayerNorm\.weight"):
+        fastbert.BertModel.from_pretrained(tmp_path)
+    model = fastbert.BertModel(fastbert.BertConfig(**CONFIG))
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    state = load_file(str(_saved(tmp_path / "nan")))
+    last = sorted(state)[-1]
+    state[last] = torch.full_like(state[last], float("nan"))
+    with pytest.raises(ValueError, match=f"tensor {re.escape(last)} holds NaN"):
+        checkpoint.load_encoder(model, state)
+    assert all(torch.equal(v, before[k]) for k, v in model.state_dict().items())
 
 
 def test_corrupt_safetensors(tmp_path):
