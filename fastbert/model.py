@@ -140,6 +140,9 @@ class BertModel(nn.Module):
     A CUDA graph (torch.cuda.make_graphed_callables, torch.cuda.graph) can capture the model's
     training step: under capture the input-id range check (a host sync) is left to the warm-up
     runs, and attention draws its dropout seed on the device, so every replay draws new masks.
+    torch.compile leaves out the same value checks (ids inside the vocabulary and type vocabulary,
+    an integer mask of 0/1 only; they would break the graph): the shapes, dtypes and devices are
+    still checked, and one eager call on a batch checks its values.
 
     gradient_checkpointing=True keeps only each layer's input during training and recomputes the
     layer in the backward: activation memory of one layer instead of all, for about a third
