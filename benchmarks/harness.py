@@ -20,6 +20,13 @@ What one measurement is (METHOD.md, "Time properly"):
     Python dispatch (the host's issue time per call is kept as `host_us`;
     triton.testing.do_bench gets the same effect from its L2-flush memset).
     Reported: median, p20 and p80 of the N per-call times.
+  - timing (loop): for whole training steps (bench_e2e), the same CUDA events
+    around each of N back-to-back calls, without the spin: a call's time is then
+    what a training loop sees, max(GPU work, the host's dispatch), host syncs
+    inside the step included. The spin would hide up to 5 ms of host time, but
+    only for calls that never wait for the GPU (compiled, CUDA graphs), not for
+    eager steps that read a value back: their ratios would not compare like with
+    like. No `host_us` (the issue time there includes the waits).
   - timing (host): for CPU runs and host-bound implementations (the Python
     n-best loop), synchronize, perf_counter, call, synchronize.
   - quick (smoke test, CPU too): the first call and one timed call, nothing more.
@@ -232,10 +239,11 @@ def time_calls(call: Callable[[int], object], before: Callable[[int], None], n_s
     _sync(device)
 
     times, issues = [], []
-    if timer == "device" and device.type == "cuda":
-        cycles_per_us = _sleep_cycles_per_us(device.index or 0)
-        # Keep the GPU busy while the host issues the call (capped at 5 ms of spinning).
-        spin = int(cycles_per_us * min(max(1.5 * (host_us or 50.0), 20.0), 5000.0))
+    if timer in ("device", "loop") and device.type == "cuda":
+        spin = 0
+        if timer == "device":
+            # Keep the GPU busy while the host issues the call (capped at 5 ms of spinning).
+            spin = int(_sleep_cycles_per_us(device.index or 0) * min(max(1.5 * (host_us or 50.0), 20.0), 5000.0))
         events = [(torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)) for _ in range(n_rep)]
         for k, (start, end) in enumerate(events):
             before(k % n_sets)
@@ -259,6 +267,8 @@ def time_calls(call: Callable[[int], object], before: Callable[[int], None], n_s
     ms, p20, p80 = _quantiles(times)
     if issues:
         host_us = sorted(issues)[len(issues) // 2] * 1e6
+    if timer == "loop":
+        host_us = None
     return Timing(ms, p20, p80, len(times), host_us, first_call_s)
 
 
@@ -431,6 +441,10 @@ def run_case(case: Case, cfg: Settings) -> dict:
                first_call_s=timing.first_call_s, peak_mib=timing.peak_mib, n_sets=n_sets)
     if timing.ms > 0 and case.work:
         row["metric"] = case.work / (timing.ms * 1e6) if case.unit == GBPS else case.work / (timing.ms * 1e9)
+    if case.timer == "device" and timing.host_us and timing.host_us > 1e3 * timing.ms:
+        # ms is the GPU's time; a loop of such calls runs at the host's pace instead
+        row["note"] = "; ".join(filter(None, [row["note"], f"host-bound: {timing.host_us / 1e3:.3g} ms to issue a "
+                                                           "call, more than the GPU's time"]))
     return row
 
 

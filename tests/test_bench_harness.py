@@ -437,6 +437,31 @@ def test_device_timing_caps_the_spin_at_5_ms(fake_gpu):
     assert all(s == pytest.approx(5e-3) for s in fake_gpu.sleeps[-4:])
 
 
+def test_loop_timing_is_the_step_a_training_loop_sees_whether_or_not_it_waits(fake_gpu):
+    """timer="loop" (bench_e2e's steps): no spin, so a host-bound step takes its host time (3 x 100
+    us), and one that reads a value back mid-step (an eager model's id check: a synchronize) takes
+    the same. Under the spin the first looked like 60 us of GPU work and the second like 300 us:
+    compiled against eager ratios came out up to 5 ms a step in the compiled one's favour."""
+    cfg = harness.Settings(torch.device("cuda", 0), warmup_ms=1.0, rep_ms=10.0, min_reps=10, max_reps=100)
+    plain = _host_bound_op(fake_gpu)
+
+    def waits(k):
+        fake_gpu.issue(100e-6, 20e-6)
+        fake_gpu.synchronize()                                  # a value read back on the host
+        fake_gpu.issue(100e-6, 20e-6)
+        fake_gpu.issue(100e-6, 20e-6)
+
+    looped = [harness.time_calls(op, lambda k: None, 1, cfg, timer="loop") for op in (plain, waits)]
+    assert not fake_gpu.sleeps
+    for t in looped:
+        assert t.ms == pytest.approx(0.300, abs=0.025) and t.host_us is None
+    spun = [harness.time_calls(op, lambda k: None, 1, cfg) for op in (plain, waits)]
+    assert spun[0].ms == pytest.approx(0.060) and spun[1].ms > 3 * spun[0].ms  # why e2e does not spin
+    gpu_bound = harness.time_calls(_host_bound_op(fake_gpu, issue_us=5.0, kernel_us=200.0), lambda k: None, 1, cfg,
+                                   timer="loop")
+    assert gpu_bound.ms == pytest.approx(0.600, abs=0.02)
+
+
 def test_host_timer_on_a_gpu_waits_for_the_flush_and_the_call(fake_gpu):
     """timer="host" (the Python n-best loop) on a GPU: synchronize after before(k), so the flush
     queued there is not timed, and after the call, so its last kernel is: 3 x 100 us of issuing
@@ -484,6 +509,19 @@ def test_run_case_metric_is_work_over_median_time_in_its_unit(monkeypatch, unit,
     row = harness.run_case(case, harness.Settings.make(CPU, quick=True))
     assert row["status"] == "ok" and row["ms"] == 2.0
     assert row["metric"] == pytest.approx(metric)
+
+
+def test_a_kernel_row_that_takes_longer_to_issue_than_to_run_says_so(monkeypatch):
+    """The kernel suite publishes GPU time (the spin hides dispatch); a call whose host issue time
+    is longer (the eager attention() at short lengths) runs at the host's pace in a loop: noted."""
+    timed = lambda host_us: (lambda *a, **k: harness.Timing(ms=0.1, p20=0.1, p80=0.1, reps=1, host_us=host_us,
+                                                            first_call_s=0.0))
+    case = dataclasses.replace(_case(lambda k: (torch.ones(4),)), note="")
+    monkeypatch.setattr(harness, "time_calls", timed(450.0))
+    assert harness.run_case(case, harness.Settings.make(CPU, quick=True))["note"] == \
+        "host-bound: 0.45 ms to issue a call, more than the GPU's time"
+    monkeypatch.setattr(harness, "time_calls", timed(50.0))
+    assert not harness.run_case(case, harness.Settings.make(CPU, quick=True))["note"]
 
 
 def test_ceilings_count_copy_bytes_read_and_written_and_matmul_2n3(monkeypatch):
