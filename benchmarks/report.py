@@ -554,7 +554,14 @@ def readme_block(data: dict, source: Path, e2e_path: Path | None = None) -> str:
     if e2e is not None:
         parts += ["", "### End to end", "", bench_e2e.summary_markdown(e2e), "",
                   f"Full table: `{_shown(e2e_path).with_suffix('.md')}`."]
-    parts += ["", "### Issue 6's targets (set for an H100) against this run", "", targets_markdown(data, e2e)]
+    against = "this run"
+    if e2e is not None and Path(e2e_path).resolve().parent != Path(source).resolve().parent:
+        # e2e_beside fell back to another run's e2e.json: say which numbers come from where
+        def run(path, env):
+            return f"`{_shown(path).parent}` ({env.get('gpu')}, commit `{env.get('commit')}`)"
+        against = (f"two runs: kernels from {run(source, data.get('env', {}))}, end to end from "
+                   f"{run(e2e_path, e2e.get('env', {}))}")
+    parts += ["", f"### Issue 6's targets (set for an H100) against {against}", "", targets_markdown(data, e2e)]
     return "\n".join(parts)
 
 

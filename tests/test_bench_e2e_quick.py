@@ -3,6 +3,7 @@ fine-tuning step and an inference pass of a tiny BERT per implementation (fastbe
 transformers eager/sdpa, torch.compile of both) on the CPU, and writes the JSON rows, the
 markdown table and the plot. No timing is asserted."""
 import json
+import re
 
 import pytest
 import torch
@@ -89,7 +90,15 @@ def test_report_rebuilds_e2e_tables_and_readme_block(quick_run, tmp_path):
     assert report.main([str(out / "kernels.json"), "--readme", str(readme)]) == 0
     text = readme.read_text()
     assert "### End to end" in text and "| tiny-cls | B2 S32 | train |" in text
+    assert "### Issue 6's targets (set for an H100) against this run" in text
     (out / "kernels.json").unlink()
+    # a kernels run without an e2e.json beside it takes another run's: the targets' heading names both
+    other = tmp_path / "kernels-only"
+    other.mkdir()
+    (other / "kernels.json").write_text(json.dumps({**kernels, "env": {**data["env"], "commit": "abc1234"}}))
+    block = report.readme_block(report.load(other / "kernels.json"), other / "kernels.json", out / "e2e.json")
+    assert re.search(r"### Issue 6's targets \(set for an H100\) against two runs: kernels from `.*kernels-only` "
+                     r"\(.*, commit `abc1234`\), end to end from `.*` \(", block), block
 
 
 @pytest.mark.parametrize("head", ["cls", "qa"])
