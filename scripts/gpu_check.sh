@@ -21,7 +21,9 @@
 # so pass the commit in FASTBERT_COMMIT (it is recorded in every benchmark row).
 #
 # Time budget (seconds; environment overrides), sized for a call of about 8 minutes:
-#   GPU_CHECK_TOTAL_S=420   the whole script ends by then
+#   GPU_CHECK_TOTAL_S=420   the whole script ends by then: each stage gets at most its cap below and
+#                           at most what is left (minus 20 s); one that the total leaves less than it
+#                           needs (tests, bench, e2e, tune 60 s, sanitizer 30 s) is skipped and says so (rc 1)
 #   INSTALL_S=150           pip install -e . (builds the CUDA extension when csrc/ has sources
 #                           and nvcc is found; FASTBERT_CUDA=0 skips it). A call that carries
 #                           [".gpu/carry/prebuilt"] (prepare_gpu_carry.py --prebuilt) skips the
@@ -60,6 +62,14 @@ elapsed() { echo $(( $(date +%s) - T0 )); }
 
 main() {
 echo "== fastbert gpu_check, $(date -u +%Y-%m-%dT%H:%M:%SZ), commit ${FASTBERT_COMMIT:-unknown}, budget ${TOTAL}s"
+local name
+for name in ${GPU_CHECK_STAGES:-tests bench}; do  # a misspelt stage would run nothing and exit 0
+    case "$name" in
+        tests|bench|sanitizer|e2e|tune) ;;
+        *) echo "GPU_CHECK_STAGES: unknown stage '$name' (tests bench sanitizer e2e tune, space-separated)"
+           return 2 ;;
+    esac
+done
 nvidia-smi || echo "nvidia-smi failed"
 nvidia-smi --query-gpu=name,driver_version,memory.total,memory.used,clocks.sm,clocks.max.sm,temperature.gpu,power.draw \
     --format=csv 2>/dev/null || true
@@ -90,14 +100,23 @@ device_install "${INSTALL_S:-150}" || echo "IMPORT FAILED"
 
 RC=0
 stage() { [[ " ${GPU_CHECK_STAGES:-tests bench} " == *" $1 "* ]]; }
-left_for() {  # seconds for a stage: what is left of TOTAL (minus a margin), at most $1, at least 60
+left_for() {  # seconds for a stage: what is left of TOTAL (minus a margin), at most $1 (0 when nothing is)
     local left=$(( TOTAL - $(elapsed) - 20 ))
     local s=$(( left > $1 ? $1 : left ))
-    echo $(( s < 60 ? 60 : s ))
+    echo $(( s < 0 ? 0 : s ))
+}
+too_short() {  # too_short STAGE SECS MIN CAP: a stage that the total leaves less than MIN seconds (and less
+    # than its own CAP) is skipped, said and counted. Before, every stage got at least 60 s, past TOTAL
+    # and so past the call's limit, which then cut the end of check.log.
+    [ "$2" -ge "$3" ] || [ "$2" -ge "$4" ] && return 1
+    echo "== $1 SKIPPED: ${2}s left of GPU_CHECK_TOTAL_S=$TOTAL, it needs ${3}s ($(elapsed)s)"
+    RC=1
+    return 0
 }
 
 # ---------------------------------------------------------------- GPU tests
-if stage tests; then
+if stage tests && ! too_short tests "$(left_for "${GPU_TESTS_S:-200}")" 60 "${GPU_TESTS_S:-200}"; then
+TESTS_S=$(left_for "${GPU_TESTS_S:-200}")
 # A run the cap stops gets SIGINT, not timeout's SIGTERM: pytest (xdist too) then still prints its
 # summary, the names of the failures among it; SIGTERM leaves only the progress letters. With -v each
 # test's line is in the log as it ends, so what the cap cut off can be listed afterwards (the GPU tests
@@ -130,11 +149,11 @@ elif [ "${GPU_TEST_WORKERS:-8}" -gt 1 ] && "$PY" -c "import xdist" 2>/dev/null; 
 # most of them sit in a few files: workers that take single tests spread them over the cores.
 echo "== pytest -m gpu tests, ${GPU_TEST_WORKERS:-8} xdist workers ($(elapsed)s)"
 # shellcheck disable=SC2086  # TIMEOUT_ARG is empty or one word
-timeout -s INT -k 10 "${GPU_TESTS_S:-200}" "$PY" -m pytest -m gpu "${TARGETS[@]}" -v -p no:cacheprovider \
+timeout -s INT -k 10 "$TESTS_S" "$PY" -m pytest -m gpu "${TARGETS[@]}" -v -p no:cacheprovider \
     -n "${GPU_TEST_WORKERS:-8}" --dist load --maxfail="${GPU_TESTS_MAXFAIL:-5}" $TIMEOUT_ARG -rfE --durations=10 \
     >"$OUT/gpu_tests.log" 2>&1
 TESTS_RC=$?
-[ "$TESTS_RC" = 124 ] && echo "(stopped by the ${GPU_TESTS_S:-200}s cap; before it: $(tally "$OUT/gpu_tests.log"))" \
+[ "$TESTS_RC" = 124 ] && echo "(stopped by the ${TESTS_S}s cap; before it: $(tally "$OUT/gpu_tests.log"))" \
     >>"$OUT/gpu_tests.log"
 else
 echo "== pytest -m gpu tests, ${GPU_TEST_SHARDS:-4} processes ($(elapsed)s)"
@@ -154,7 +173,7 @@ for ((i = 0; i < SHARDS; i++)); do
     [ ${#FILES[@]} -gt 0 ] || continue
     echo "shard $i: ${FILES[*]}"
     # shellcheck disable=SC2086  # TIMEOUT_ARG is empty or one word
-    timeout -s INT -k 10 "${GPU_TESTS_S:-200}" "$PY" -m pytest -m gpu "${FILES[@]}" -v -p no:cacheprovider \
+    timeout -s INT -k 10 "$TESTS_S" "$PY" -m pytest -m gpu "${FILES[@]}" -v -p no:cacheprovider \
         --maxfail="${GPU_TESTS_MAXFAIL:-5}" $TIMEOUT_ARG -rfE --durations=5 >"$OUT/gpu_tests.$i.tmp" 2>&1 &
     PIDS+=($!)
 done
@@ -162,7 +181,7 @@ for ((i = 0; i < ${#PIDS[@]}; i++)); do
     wait "${PIDS[i]}"
     rc=$?
     { echo "==== shard $i rc=$rc"; cat "$OUT/gpu_tests.$i.tmp"; } >>"$OUT/gpu_tests.log"
-    [ "$rc" = 124 ] && echo "(shard $i stopped by the ${GPU_TESTS_S:-200}s cap; before it:" \
+    [ "$rc" = 124 ] && echo "(shard $i stopped by the ${TESTS_S}s cap; before it:" \
         "$(tally "$OUT/gpu_tests.$i.tmp"))" >>"$OUT/gpu_tests.log"
     [ "$rc" = 0 ] || [ "$rc" = 5 ] || TESTS_RC=$rc   # 5: no test selected in that shard
     rm -f "$OUT/gpu_tests.$i.tmp"
@@ -181,6 +200,7 @@ bench_suite() {  # bench_suite kernels|e2e MAX_S LOG EXTRA_ARGS...
     shift 3
     local secs
     secs=$(left_for "$max_s")
+    too_short "bench --suite $suite" "$secs" 60 "$max_s" && return
     echo "== fastbert bench --suite $suite --budget, ${secs}s ($(elapsed)s)"
     timeout -k 10 "$secs" "$PY" -m fastbert.bench --suite "$suite" --budget --out "$OUT" \
         --time-limit $(( secs - 45 )) "$@" >"$OUT/$log" 2>&1
@@ -201,7 +221,7 @@ bench_suite() {  # bench_suite kernels|e2e MAX_S LOG EXTRA_ARGS...
 stage bench && bench_suite kernels "${BENCH_MAX_S:-300}" bench.log --compile "${BENCH_COMPILE:-key}" ${BENCH_ARGS:-}
 
 # ---------------------------------------------------------------- compute-sanitizer
-if stage sanitizer; then
+if stage sanitizer && ! too_short sanitizer "$(left_for "${SANITIZER_S:-240}")" 30 "${SANITIZER_S:-240}"; then
 secs=$(left_for "${SANITIZER_S:-240}")
 echo "== compute-sanitizer memcheck + racecheck over every csrc kernel variant, ${secs}s ($(elapsed)s)"
 {
@@ -229,7 +249,7 @@ fi
 stage e2e && bench_suite e2e "${E2E_MAX_S:-300}" e2e.log ${E2E_ARGS:-}
 
 # ---------------------------------------------------------------- Triton attention tiles
-if stage tune; then
+if stage tune && ! too_short tune "$(left_for "${TUNE_S:-180}")" 60 "${TUNE_S:-180}"; then
 secs=$(left_for "${TUNE_S:-180}")
 echo "== tune_attention, ${secs}s ($(elapsed)s)"
 # shellcheck disable=SC2086  # TUNE_ARGS is a word list

@@ -25,8 +25,12 @@ FLOOR = {
     torch.bfloat16: 1.6e-2,
 }
 
-# The interpreter has no bf16 (FIELD-NOTES): bf16 kernel tests run on the GPU only.
-KERNEL_DTYPES = [torch.float32, torch.float16] + ([torch.bfloat16] if ON_GPU else [])
+# The interpreter has no bf16 (FIELD-NOTES): bf16 kernel tests run on the GPU only. Skipped, not left out,
+# elsewhere: the test ids are the same on every machine, so scripts/gpu_tests_left.py, which lists here the
+# GPU tests a capped device run did not reach, lists the bf16 ones too.
+KERNEL_DTYPES = [torch.float32, torch.float16,
+                 pytest.param(torch.bfloat16, marks=pytest.mark.skipif(
+                     not ON_GPU, reason="bfloat16 kernel tests run on a GPU (the Triton interpreter has none)"))]
 
 DEVICE = torch.device("cuda" if ON_GPU else "cpu")
 

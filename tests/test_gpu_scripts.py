@@ -555,14 +555,14 @@ def test_gpu_check_rebuilds_the_benchmark_table_unless_the_run_ended_well(tmp_pa
 
 
 def test_gpu_check_e2e_and_tune_stages(tmp_path):
-    """The second call's stages, e2e and tune, where little time is left (GPU_CHECK_TOTAL_S=30): each
-    still gets its 60 s floor, less its margin in --time-limit (45 s for the benchmark, 30 s for tune).
+    """The second call's stages, e2e and tune, each capped at 60 s (E2E_MAX_S, TUNE_S) with time left
+    over: each gets its cap, less its margin in --time-limit (45 s for the benchmark, 30 s for tune).
     e2e: `fastbert bench --suite e2e` with E2E_ARGS split into words and no --compile, its own table
     kept, the e2e summary and issue 6's e2e targets printed by benchmarks.report (no kernels.json in
     $OUT). tune: the real benchmarks/tune_attention.py, --quick through TUNE_ARGS (Triton's
     interpreter), its 'best per kernel' block printed and tune.json left."""
-    done, out, calls = _gpu_check(tmp_path, GPU_CHECK_STAGES="e2e tune", GPU_CHECK_TOTAL_S="30",
-                                  E2E_ARGS="--filter base-cls", TUNE_ARGS="--quick --dropout 0",
+    done, out, calls = _gpu_check(tmp_path, GPU_CHECK_STAGES="e2e tune", GPU_CHECK_TOTAL_S="300", E2E_MAX_S="60",
+                                  TUNE_S="60", E2E_ARGS="--filter base-cls", TUNE_ARGS="--quick --dropout 0",
                                   STUB_BENCH_WRITES="json md png")
     context = (done.stdout + done.stderr)[-6000:]
     assert done.returncode == 0, context
@@ -585,6 +585,26 @@ def test_gpu_check_e2e_and_tune_stages(tmp_path):
     assert sorted(p.name for p in out.iterdir()) == ["check.log", "e2e.json", "e2e.log", "e2e.md", "e2e.png",
                                                      "install.log", "tune.json", "tune.log"]
     assert "WARNING" not in done.stdout, "8 files all come back"
+
+
+def test_gpu_check_skips_a_stage_the_total_leaves_too_little_time_and_says_so(tmp_path):
+    """GPU_CHECK_TOTAL_S=30 leaves 10 s after the 20 s margin: e2e and tune (60 s each at least) are
+    skipped, named and counted (rc 1), and nothing runs past the total. Before, each got a 60 s floor
+    past the total, so past the call's timeout_s, which then cut the end of check.log."""
+    done, out, calls = _gpu_check(tmp_path, GPU_CHECK_STAGES="e2e tune", GPU_CHECK_TOTAL_S="30")
+    context = (done.stdout + done.stderr)[-6000:]
+    assert re.search(r"== bench --suite e2e SKIPPED: \d+s left of GPU_CHECK_TOTAL_S=30, it needs 60s", done.stdout), context
+    assert re.search(r"== tune SKIPPED: \d+s left of GPU_CHECK_TOTAL_S=30, it needs 60s", done.stdout), context
+    assert _module_calls(calls, "fastbert.bench") == [] and _module_calls(calls, "benchmarks.tune_attention") == []
+    assert done.returncode == 1 and _done(done.stdout)[1] == f"{_INSTALL_SHIM}; stages: e2e tune; rc=1", context
+
+
+def test_gpu_check_refuses_an_unknown_stage_before_installing(tmp_path):
+    """"sanitizer,e2e" (a comma) or a misspelt name ran no stage and exited 0."""
+    done, out, calls = _gpu_check(tmp_path, GPU_CHECK_STAGES="sanitizer,e2e")
+    assert done.returncode == 2, done.stdout[-3000:]
+    assert "GPU_CHECK_STAGES: unknown stage 'sanitizer,e2e'" in done.stdout
+    assert "== install" not in done.stdout and not calls
 
 
 def test_gpu_check_warns_when_its_files_will_not_all_come_back(tmp_path):
