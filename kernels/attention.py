@@ -217,9 +217,11 @@ def _attention_fwd_kernel(
     PHILOX_ROUNDS: tl.constexpr,   # Philox rounds for dropout
     STORE_RESIDUAL: tl.constexpr,  # also write OutRes = out_fp32 - out (for the backward's D_i)
 ):
-    # This program owns query rows [start_m * BLOCK_M, +BLOCK_M) of one (batch, head).
-    start_m = tl.program_id(0)
-    off_bh = tl.program_id(1)
+    # This program owns query rows [start_m * BLOCK_M, +BLOCK_M) of one (batch, head); one grid axis
+    # (_grid), the blocks of one (batch, head) next to each other.
+    n_blocks = tl.cdiv(seqlen, BLOCK_M)
+    start_m = tl.program_id(0) % n_blocks
+    off_bh = tl.program_id(0) // n_blocks
     off_b = off_bh // num_heads
     off_h = off_bh % num_heads
     seq_start, seqlen = _sequence(off_b, CuSeqlens, seqlen, IS_VARLEN)
@@ -406,6 +408,40 @@ def _dropout_args(dropout_p, seed):
     return int(seed), False, thresh, 1.0 / (1.0 - dropout_p)
 
 
+# Offsets inside one sequence (rows x heads x head_dim from its first element) are 32-bit in the kernels;
+# the batch and sequence starts are 64-bit. Ordinary layouts stay far below this; a sequence-first or
+# head-major view of a large batch does not.
+_INT32_MAX = 2**31 - 1
+
+
+def _sequence_span(t, rows):
+    """The largest element offset the kernels form inside one sequence of t (B, S, H, D) or (T, H, D)."""
+    return (rows - 1) * abs(t.stride(-3)) + (t.shape[-2] - 1) * abs(t.stride(-2)) + (t.shape[-1] - 1)
+
+
+def _with_small_offsets(t, rows):
+    """t, or a contiguous copy of it where its strides would take the 32-bit offsets past 2**31."""
+    return t if rows <= 0 or _sequence_span(t, rows) <= _INT32_MAX else t.contiguous()
+
+
+def _check_small_offsets(rows, **buffers):
+    """Buffers given to write into cannot be copied: refuse one whose strides the offsets cannot reach."""
+    for name, t in buffers.items():
+        if t is not None and rows > 0 and _sequence_span(t, rows) > _INT32_MAX:
+            raise ValueError(f"attention: {name}'s strides {tuple(t.stride())} put elements of one sequence more "
+                             f"than 2**31 apart, past the kernels' 32-bit offsets; pass a contiguous {name}")
+
+
+def _grid(rows, block, B, H):
+    """One grid axis: query (or key) blocks x batch x heads, (batch, head) major. Axis y, where B * H
+    stood, stops at 65,535 programs (B >= 5,462 at 12 heads); axis x takes 2**31 - 1."""
+    programs = _cdiv(rows, block) * B * H
+    if programs > _INT32_MAX:
+        raise ValueError(f"attention: {B} sequences x {H} heads x {_cdiv(rows, block)} blocks of {block} rows is "
+                         f"more programs than one launch takes (2**31 - 1); split the batch")
+    return (programs,)
+
+
 def _check_residual(out_residual, out):
     """out's residual shares out's shape, dtype, device and strides (the kernels step both with out's)."""
     if out_residual is None:
@@ -443,10 +479,12 @@ def attention_fwd(q, k, v, mask=None, cu_seqlens=None, max_seqlen=None, dropout_
     wrap: torch.library.wrap_triton inside the registered custom op, else None.
     """
     B, S, H, D, varlen = _problem(q, cu_seqlens, max_seqlen)
+    q, k, v = (_with_small_offsets(t, S) for t in (q, k, v))
     scale = softmax_scale if softmax_scale is not None else 1.0 / math.sqrt(D)
     if out is None:
         out = torch.empty(q.shape, dtype=q.dtype, device=q.device)
     _check_residual(out_residual, out)
+    _check_small_offsets(S, out=out)
     if lse is None:
         lse_shape = (H, q.shape[0]) if varlen else (B, H, S)
         lse = torch.empty(lse_shape, dtype=torch.float32, device=q.device)
@@ -455,9 +493,9 @@ def attention_fwd(q, k, v, mask=None, cu_seqlens=None, max_seqlen=None, dropout_
     seed_arg, seed_ptr, thresh, dscale = _dropout_args(dropout_p, seed)
     cfg = _fwd_config(D, q.dtype)
     BLOCK_M, BLOCK_N = cfg["BLOCK_M"], cfg["BLOCK_N"]
-    grid = (_cdiv(S, BLOCK_M), B * H)
+    grid = _grid(S, BLOCK_M, B, H)
     kernel = _launch(_attention_fwd_kernel, wrap, q)
-    if kernel is None or grid[0] * grid[1] == 0:
+    if kernel is None or grid[0] == 0:
         return out, lse
     kernel[grid](
         # no residual: q fills its pointer slot (never touched), as it does for an absent mask; not out,
@@ -532,8 +570,9 @@ def _attention_bwd_dq_kernel(
     HAS_RESIDUAL: tl.constexpr,    # D_i from O + OutRes (the forward's fp32 O) instead of O
 ):
     # This program owns query rows [start_m * BLOCK_M, +BLOCK_M) of one (batch, head): their delta and dQ.
-    start_m = tl.program_id(0)
-    off_bh = tl.program_id(1)
+    n_blocks = tl.cdiv(seqlen, BLOCK_M)
+    start_m = tl.program_id(0) % n_blocks
+    off_bh = tl.program_id(0) // n_blocks
     off_b = off_bh // num_heads
     off_h = off_bh % num_heads
     seq_start, seqlen = _sequence(off_b, CuSeqlens, seqlen, IS_VARLEN)
@@ -652,9 +691,10 @@ def _attention_bwd_kernel(
     IEEE: tl.constexpr,
     PHILOX_ROUNDS: tl.constexpr,
 ):
-    # This program owns keys [start_n * BLOCK_N, +BLOCK_N) of one (batch, head): their dK and dV.
-    start_n = tl.program_id(0) * BLOCK_N
-    off_bh = tl.program_id(1)
+    # This program owns keys [start_n, +BLOCK_N) of one (batch, head): their dK and dV.
+    n_blocks = tl.cdiv(seqlen, BLOCK_N)
+    start_n = (tl.program_id(0) % n_blocks) * BLOCK_N
+    off_bh = tl.program_id(0) // n_blocks
     off_b = off_bh // num_heads
     off_h = off_bh % num_heads
     seq_start, seqlen = _sequence(off_b, CuSeqlens, seqlen, IS_VARLEN)
@@ -743,6 +783,8 @@ def attention_bwd(do, q, k, v, out, lse, mask=None, cu_seqlens=None, max_seqlen=
     """
     B, S, H, D, varlen = _problem(q, cu_seqlens, max_seqlen)
     _check_residual(out_residual, out)
+    _check_small_offsets(S, out=out, dq=dq, dk=dk, dv=dv)
+    do, q, k, v = (_with_small_offsets(t, S) for t in (do, q, k, v))
     scale = softmax_scale if softmax_scale is not None else 1.0 / math.sqrt(D)
     dq = torch.empty(q.shape, dtype=q.dtype, device=q.device) if dq is None else dq
     dk = torch.empty(k.shape, dtype=k.dtype, device=k.device) if dk is None else dk
@@ -766,7 +808,7 @@ def attention_bwd(do, q, k, v, out, lse, mask=None, cu_seqlens=None, max_seqlen=
     cu = cu_seqlens if varlen else q
 
     cfg = _bwd_dq_config(D, q.dtype)
-    grid = (_cdiv(S, cfg["BLOCK_M"]), B * H)
+    grid = _grid(S, cfg["BLOCK_M"], B, H)
     kernel = _launch(_attention_bwd_dq_kernel, wrap, q)
     kernel[grid](
         q, k, v, out, out if out_residual is None else out_residual, do, lse, delta, dq, mask_t, cu, seed_arg,
@@ -785,7 +827,7 @@ def attention_bwd(do, q, k, v, out, lse, mask=None, cu_seqlens=None, max_seqlen=
     )
 
     cfg = _bwd_config(D, q.dtype)
-    grid = (_cdiv(S, cfg["BLOCK_N"]), B * H)
+    grid = _grid(S, cfg["BLOCK_N"], B, H)
     kernel = _launch(_attention_bwd_kernel, wrap, q)
     kernel[grid](
         q, k, v, do, lse, delta, dk, dv, mask_t, cu, seed_arg,
@@ -820,8 +862,9 @@ def _attention_dropout_mask_kernel(
     PHILOX_ROUNDS: tl.constexpr,
 ):
     # This program owns rows [start_m * BLOCK_M, +BLOCK_M) of one (batch, head) of the mask.
-    start_m = tl.program_id(0)
-    off_bh = tl.program_id(1)
+    n_blocks = tl.cdiv(seqlen, BLOCK_M)
+    start_m = tl.program_id(0) % n_blocks
+    off_bh = tl.program_id(0) // n_blocks
     off_b = off_bh // num_heads
     off_h = off_bh % num_heads
     offs_m = start_m * BLOCK_M + tl.arange(0, BLOCK_M)
@@ -842,7 +885,7 @@ def attention_dropout_mask(batch, heads, seqlen, dropout_p, seed, device):
     """
     keep = torch.empty((batch, heads, seqlen, seqlen), dtype=torch.uint8, device=device)
     _, _, thresh, _ = _dropout_args(dropout_p, seed)
-    grid = (_cdiv(seqlen, 32), batch * heads)
+    grid = _grid(seqlen, 32, batch, heads)
     if keep.numel():
         _attention_dropout_mask_kernel[grid](keep, int(seed), heads, seqlen, thresh,
                                              BLOCK_M=32, BLOCK_N=32, PHILOX_ROUNDS=PHILOX_ROUNDS)

@@ -622,6 +622,38 @@ def test_gpu_head_dims(D, dtype):
 
 
 @pytest.mark.gpu
+@pytest.mark.parametrize("dropout_p", [0.0, 0.1])
+def test_gpu_more_than_65535_batch_heads(dropout_p):
+    """B * H = 4,097 x 16 = 65,552 (batch x heads) stood on grid axis y, which stops at 65,535 programs: the
+    launch failed ("invalid argument"). One grid axis now; short rows keep this at a few MB."""
+    gen = torch.Generator().manual_seed(43)
+    q, k, v = qkv((4097, 3, 16, 16), torch.float16, gen)
+    _check_all(q, k, v, key_mask("lengths", 4097, 3, gen), dropout_p=dropout_p, seed=5)
+
+
+def test_launch_grid_is_one_axis_and_large_strides_are_copied_to_small_ones():
+    """The grid stays within CUDA's limits (axis x: 2**31 - 1 programs; y and z stop at 65,535), and the
+    kernels' 32-bit offsets inside a sequence never see a stride product past 2**31: such an input is
+    made contiguous, such an output buffer refused. Shapes and strides only (meta tensors: no memory)."""
+    import fastbert.kernels.attention as KA
+
+    assert KA._grid(512, 64, 5462, 12) == (8 * 5462 * 12,)
+    with pytest.raises(ValueError, match="more programs than one launch takes"):
+        KA._grid(2**20, 16, 2**12, 16)
+    B, S, H, D = 1369, 512, 16, 64          # a sequence-first fused qkv: row stride 3 * B * H * D
+    assert KA._sequence_span(torch.empty(S, B - 1, 3, H, D, device="meta")[:, :, 0].transpose(0, 1), S) <= 2**31 - 1
+    seq_first = torch.empty(S, B, 3, H, D, dtype=torch.float16, device="meta")[:, :, 0].transpose(0, 1)
+    assert KA._sequence_span(seq_first, S) > 2**31 - 1 >= KA._sequence_span(seq_first.contiguous(), S)
+    assert KA._with_small_offsets(seq_first, S).is_contiguous()
+    small = torch.empty(2, S, H, D, device="meta")
+    assert KA._with_small_offsets(small, S) is small
+    with pytest.raises(ValueError, match="out's strides .* past the kernels' 32-bit offsets"):
+        KA._check_small_offsets(S, out=seq_first)
+    head_major = torch.empty(H, 2185, S, 128, device="meta").permute(1, 2, 0, 3)  # (B, S, H, D) view
+    assert KA._sequence_span(head_major, S) > 2**31 - 1
+
+
+@pytest.mark.gpu
 def test_gpu_varlen_bf16():
     gen = torch.Generator().manual_seed(41)
     lens = [128, 77, 512, 3, 300]
