@@ -1,4 +1,6 @@
-"""The wheel users ship, built from this checkout (`pip wheel . --no-deps`): it holds the
+"""The wheel users ship, built as `python -m build` and pip building from source do: an sdist of
+this checkout first (which must carry every csrc/ file, or a wheel built from it has no
+fastbert._C), then `pip wheel` of the unpacked sdist. The wheel holds the
 package and nothing of the repository around it (fastbert, its Triton kernels as
 fastbert.kernels, the data samples, fastbert._C wherever nvcc built it, the `fastbert`
 command), and installed away from the checkout it imports and runs the embedded model.
@@ -17,6 +19,7 @@ import shutil
 import json
 import subprocess
 import sys
+import tarfile
 import zipfile
 from pathlib import Path
 
@@ -40,12 +43,35 @@ build_wheels = _load_build_wheels()
 
 
 @pytest.fixture(scope="module")
-def wheel(tmp_path_factory):
-    src, out = tmp_path_factory.mktemp("checkout"), tmp_path_factory.mktemp("wheel")
+def sdist(tmp_path_factory):
+    src, out = tmp_path_factory.mktemp("checkout"), tmp_path_factory.mktemp("sdist")
     try:
         build_wheels.copy_checkout(ROOT, src)
     except RuntimeError as err:
         pytest.skip(str(err))
+    done = subprocess.run([sys.executable, "setup.py", "-q", "sdist", "-d", str(out)], cwd=src, capture_output=True,
+                          text=True, timeout=300, env=dict(os.environ, FASTBERT_CUDA="0"))
+    assert done.returncode == 0, f"sdist failed:\n{done.stdout[-2000:]}\n{done.stderr[-4000:]}"
+    (found,) = out.glob("fastbert_kernels-*.tar.gz")
+    return found
+
+
+def test_sdist_carries_everything_a_build_and_the_tests_need(sdist):
+    """Without MANIFEST.in the sdist held csrc/'s .cu and .cpp files only where nvcc was found, and none
+    of its headers or build helpers: a wheel built from it (python -m build) crashed or had no fastbert._C."""
+    names = {name.split("/", 1)[1] for name in tarfile.open(sdist).getnames() if "/" in name}
+    wanted = {str(p.relative_to(ROOT)) for folder in ("csrc", "tests") for p in (ROOT / folder).rglob("*")
+              if p.is_file() and "__pycache__" not in p.parts and p.suffix not in (".so", ".o", ".pyc")}
+    assert wanted <= names, sorted(wanted - names)
+    assert not [n for n in names if n.endswith((".so", ".o", ".pyc"))]
+
+
+@pytest.fixture(scope="module")
+def wheel(sdist, tmp_path_factory):
+    unpacked, out = tmp_path_factory.mktemp("unpacked"), tmp_path_factory.mktemp("wheel")
+    with tarfile.open(sdist) as archive:
+        archive.extractall(unpacked, filter="data")
+    (src,) = unpacked.iterdir()
     env = dict(os.environ, FASTBERT_MANYLINUX=build_wheels.DEFAULT_MANYLINUX)  # as build_wheels.py links it
     done = subprocess.run([sys.executable, "-m", "pip", "wheel", str(src), "--no-deps", "--no-build-isolation",
                            "-w", str(out), "-q"], capture_output=True, text=True, timeout=1500, env=env)
