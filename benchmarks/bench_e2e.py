@@ -803,7 +803,7 @@ def run(args, device: torch.device, out_dir: Path, started: float, argv: Sequenc
     pattern = getattr(args, "filter", None)
     if pattern:
         todo = [c for c in todo if re.search(pattern, f"{c.op} {c.label} {c.mode} {c.impl}")]
-    deadline = started + args.time_limit if args.time_limit else None
+    deadline = started + args.time_limit if args.time_limit is not None else None
     threads = torch.get_num_threads()
     if device.type != "cuda":
         # Tiny matrices: one intra-op thread is faster, and far faster on busy shared cores (CI).

@@ -30,6 +30,8 @@ from __future__ import annotations
 import argparse
 import datetime
 import importlib
+import importlib.util
+import math
 import os
 import re
 import sys
@@ -92,7 +94,22 @@ def parse_args(argv):
     parser.add_argument("--compile", dest="compile_scope", choices=["none", "key", "all"], default="key")
     parser.add_argument("--time-limit", type=float, default=None, help="seconds; see above")
     parser.add_argument("--filter", default=None, help="e2e: regex over '<model>-<head> <shape> <mode> <impl>'")
-    return parser.parse_args(argv)
+    args = parser.parse_args(argv)
+    # Every argument is checked here, before a suite starts: a bad one found after the kernel suite of
+    # `--suite all` had run (or a 0 read as "no limit") cost the whole run.
+    if args.time_limit is not None and not (math.isfinite(args.time_limit) and args.time_limit > 0):
+        parser.error(f"--time-limit must be a number of seconds > 0, got {args.time_limit}")
+    if args.filter is not None:
+        try:
+            re.compile(args.filter)
+        except re.error as err:
+            parser.error(f"--filter {args.filter!r} is not a regular expression: {err}")
+    if args.ops is not None:
+        ops = [o.strip() for o in args.ops.split(",") if o.strip()]
+        if not ops or any(o not in MODULES for o in ops):
+            parser.error(f"--ops must name one or more of {', '.join(MODULES)} (comma-separated), got {args.ops!r}")
+        args.ops = ",".join(ops)
+    return args
 
 
 def main(argv=None) -> int:
@@ -105,13 +122,19 @@ def main(argv=None) -> int:
         print(f"fastbert bench: error: {err}", file=sys.stderr)
         return 2
     harness = importlib.import_module(f"{suites.__name__}.harness")
+    if args.suite in ("e2e", "all") and importlib.util.find_spec("transformers") is None:
+        print("fastbert bench: error: the e2e suite compares against transformers, which is not installed "
+              "(the 'bench' extra of fastbert-kernels brings it)", file=sys.stderr)
+        return 2
     if args.out is not None:
         from .checkpoint import check_writable
 
         try:  # before any timing: the results are written at the end
             check_writable("--out", args.out, folder=True)
-        except ValueError as err:
-            print(f"fastbert bench: error: {err}", file=sys.stderr)
+            args.out.mkdir(parents=True, exist_ok=True)
+        except (ValueError, OSError) as err:
+            print(f"fastbert bench: error: --out {str(args.out)!r} cannot be made: {err}"
+                  if isinstance(err, OSError) else f"fastbert bench: error: {err}", file=sys.stderr)
             return 2
 
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
@@ -161,7 +184,7 @@ def _kernels(args, argv, repo, device, started, suites) -> int:
     cases = []
     for op in ops:
         cases += importlib.import_module(f"{suites.__name__}.{MODULES[op]}").cases(profile, cfg, args.compile_scope)
-    deadline = started + args.time_limit if args.time_limit else None
+    deadline = started + args.time_limit if args.time_limit is not None else None
     harness.run_cases(cases, cfg, results, deadline, log=lambda line: print(line, flush=True))
     results.meta["finished_utc"] = harness.utc_now()
     results.meta["wall_s"] = round(time.monotonic() - started, 1)

@@ -412,7 +412,7 @@ def cmd_demo(args) -> int:
     finetune = ["finetune", "--task", "sst2", "--train", str(data.sample_path("sst2_sample.tsv")),
                 "--dev", str(data.sample_path("sst2_sample_dev.tsv")), "--epochs", "1", "--batch-size", "32",
                 "--lr", "8e-5", "--max-seq-len", "128", "--out", str(out)]
-    if args.max_train_examples:
+    if args.max_train_examples is not None:  # 0 went unsaid and trained on all 4,000; finetune refuses it
         finetune += ["--max-train-examples", str(args.max_train_examples)]
     code = main(finetune)
     if code:

@@ -2,6 +2,7 @@
 benchmark once at tiny sizes (Triton through the interpreter on a CPU) and writes
 the results JSON, the markdown table and the plot. No timing is asserted."""
 import json
+import re
 
 import pytest
 import torch
@@ -128,11 +129,36 @@ def test_exit_status_and_time_limit_of_a_run(tmp_path, monkeypatch, impl, rc):
     assert {(r["impl"], r["shape"]): r["status"] for r in rows}[impl, "s"] == "error"
 
 
-def test_unknown_op_is_refused(tmp_path, capsys):
+@pytest.mark.parametrize("args, said", [
+    (["--ops", "layernorm,attn"], "--ops must name one or more of attention, layernorm, span .*got 'layernorm,attn'"),
+    (["--ops", ","], "--ops must name one or more"),                       # ran nothing and exited 0 before
+    (["--suite", "all", "--ops", "bogus"], "--ops must name"),             # ran the e2e suite anyway before
+    (["--time-limit", "0"], r"--time-limit must be a number of seconds > 0, got 0\.0"),   # 0 meant no limit
+    (["--time-limit", "-5"], r"--time-limit must be .* got -5\.0"),       # skipped every case silently
+    (["--time-limit", "nan"], "--time-limit must be"),
+    (["--suite", "e2e", "--filter", "["], "--filter '\\[' is not a regular expression"),  # a traceback before
+])
+def test_bad_arguments_are_refused_before_any_suite_runs(tmp_path, capsys, args, said):
     from fastbert.bench import main
 
-    assert main(["--quick", "--ops", "layernorm,attn", "--out", str(tmp_path)]) == 2
-    assert "unknown --ops ['attn']" in capsys.readouterr().err
+    with pytest.raises(SystemExit) as exited:
+        main(["--quick", "--out", str(tmp_path / "run"), *args])
+    assert exited.value.code == 2
+    err = capsys.readouterr().err
+    assert re.search(f"fastbert bench: error: {said}", err) and "Traceback" not in err, err
+    assert not (tmp_path / "run").exists()
+
+
+def test_e2e_without_transformers_is_refused_up_front(tmp_path, capsys, monkeypatch):
+    import importlib.util
+
+    from fastbert.bench import main
+
+    real = importlib.util.find_spec
+    monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: None if name == "transformers" else real(name, *a))
+    assert main(["--quick", "--suite", "all", "--out", str(tmp_path / "run")]) == 2
+    assert "the e2e suite compares against transformers, which is not installed" in capsys.readouterr().err
+    assert not (tmp_path / "run").exists()
 
 
 def test_out_that_cannot_be_a_folder_is_refused_before_timing(tmp_path, capsys):

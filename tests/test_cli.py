@@ -457,3 +457,10 @@ def test_finetune_settings_reach_the_trainer_and_metrics_json(tmp_path, capsys, 
         "steps": 1, "final_metrics": summary["epochs"][-1]}
     assert summary["epochs"][-1]["train_loss"] > 0 and summary["total_wall_time_s"] >= summary["wall_time_s"] > 0
     assert summary["tokens_per_s"] > 0 and 0 < summary["train_time_s"] <= summary["wall_time_s"]
+
+
+def test_demo_refuses_zero_training_examples(tmp_path, capsys):
+    """`demo --max-train-examples 0` trained on all 4,000 sentences (0 read as "not given")."""
+    assert fastbert.cli.main(["demo", "--out", str(tmp_path / "demo"), "--max-train-examples", "0"]) == 2
+    assert "--max-train-examples must be >= 1, got 0" in capsys.readouterr().err
+    assert not (tmp_path / "demo" / "latest").exists()
