@@ -17,6 +17,8 @@ HERE = Path(__file__).parent.resolve()
 
 def _cuda_extension():
     want = os.environ.get("FASTBERT_CUDA", "")
+    if want not in ("", "0", "1"):  # "false" or "off" read as unset would build where nvcc is found
+        sys.exit(f"FASTBERT_CUDA must be 0 (no CUDA extension) or 1 (required), got {want!r}")
     sources = sorted(str(p.relative_to(HERE)) for p in (HERE / "csrc").glob("*.cu")) + \
         sorted(str(p.relative_to(HERE)) for p in (HERE / "csrc").glob("*.cpp"))
     if want == "0":

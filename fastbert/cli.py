@@ -459,10 +459,15 @@ def _sentence_transformers_max_len(folder, limit, tokenizer_max_len):
     tokenizer's limit. Refuses a folder whose modules.json asks for more than the encoder, mean
     pooling and normalisation (which cosine similarities do not see): its embeddings would differ."""
     if (path := folder / "modules.json").exists():
-        for module in _read_json(path):
+        modules = _read_json(path)
+        if not isinstance(modules, list) or not all(isinstance(m, dict) for m in modules):
+            raise ValueError(f"{path} must hold a JSON list of module objects, as sentence-transformers writes it")
+        for module in modules:
             kind = str(module.get("type", "")).rsplit(".", 1)[-1]
             if kind == "Pooling":
-                pooling = _read_json(folder / module.get("path", "") / "config.json")
+                pooling = _read_json(folder / str(module.get("path", "")) / "config.json")
+                if not isinstance(pooling, dict):
+                    raise ValueError(f"{folder / str(module.get('path', ''))}/config.json must hold a JSON object")
                 modes = sorted(k for k, v in pooling.items() if k.startswith("pooling_mode_") and v is True)
                 if modes != ["pooling_mode_mean_tokens"]:
                     raise ValueError(f"{folder}: the model pools by {modes}; fastbert encode pools by the mean of "
@@ -517,6 +522,9 @@ def _common(p, dev=True):
 
 def build_parser():
     parser = argparse.ArgumentParser(prog="fastbert", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    from fastbert import __version__
+
+    parser.add_argument("--version", action="version", version=f"fastbert-kernels {__version__}")
     sub = parser.add_subparsers(dest="command", required=True)
 
     ft = sub.add_parser("finetune", help="fine-tune a pretrained BERT on a task",

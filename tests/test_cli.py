@@ -62,6 +62,14 @@ def test_encode_refuses_a_pooling_it_does_not_run(capsys, tmp_path):
         {"word_embedding_dimension": 384, "pooling_mode_cls_token": True, "pooling_mode_mean_tokens": False}))
     assert fastbert.cli.main(["encode", "--device", "cpu", "--model", str(tmp_path), "x"]) == 2
     assert "pools by ['pooling_mode_cls_token']" in capsys.readouterr().err
+    # malformed files: an AttributeError traceback before
+    (tmp_path / "1_Pooling" / "config.json").write_text("[]")
+    assert fastbert.cli.main(["encode", "--device", "cpu", "--model", str(tmp_path), "x"]) == 2
+    assert "1_Pooling/config.json must hold a JSON object" in capsys.readouterr().err
+    (tmp_path / "modules.json").unlink()
+    (tmp_path / "modules.json").write_text('{"0": "Transformer"}')
+    assert fastbert.cli.main(["encode", "--device", "cpu", "--model", str(tmp_path), "x"]) == 2
+    assert "modules.json must hold a JSON list of module objects" in capsys.readouterr().err
 
 
 def test_bad_model_path_is_a_clear_error(capsys, tmp_path):
@@ -464,3 +472,9 @@ def test_demo_refuses_zero_training_examples(tmp_path, capsys):
     assert fastbert.cli.main(["demo", "--out", str(tmp_path / "demo"), "--max-train-examples", "0"]) == 2
     assert "--max-train-examples must be >= 1, got 0" in capsys.readouterr().err
     assert not (tmp_path / "demo" / "latest").exists()
+
+
+def test_version(capsys):
+    with pytest.raises(SystemExit) as exited:
+        fastbert.cli.main(["--version"])
+    assert exited.value.code == 0 and capsys.readouterr().out == f"fastbert-kernels {fastbert.__version__}\n"
