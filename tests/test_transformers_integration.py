@@ -261,10 +261,9 @@ class _LoraLinear(torch.nn.Module):
         return self.base_layer(x) + self.lora_B(self.lora_A(x))
 
 
-@pytest.mark.parametrize("family", ["bert", "distilbert"])
-def test_a_wrapped_ffn_linear_keeps_its_forward(family):
-    """LoRA on the FFN's linears (peft's "all-linear"), put in after patching: the fused
-    bias + GELU must not take the wrapper's weight and skip its forward."""
+def _unpatched_and_patched_logits(family, change):
+    """Logits of the unpatched and of the patched classifier, change(model) applied to each after
+    patching (a wrapper, a hook: what a user may add to a patched model)."""
     config = _tiny_config(family)
     ids, mask = _batch(DEVICE)
     logits = []
@@ -272,15 +271,26 @@ def test_a_wrapped_ffn_linear_keeps_its_forward(family):
         model = _classifier(config, DEVICE).eval()
         if patch:
             fastbert.patch_transformers(model, backend="torch")
+        change(model)
+        with torch.no_grad():
+            logits.append(model(input_ids=ids, attention_mask=mask).logits)
+    return logits
+
+
+@pytest.mark.parametrize("family", ["bert", "distilbert"])
+def test_a_wrapped_ffn_linear_keeps_its_forward(family):
+    """LoRA on the FFN's linears (peft's "all-linear"), put in after patching: the fused
+    bias + GELU must not take the wrapper's weight and skip its forward."""
+    def wrap(model):
         torch.manual_seed(2)
         for module in list(model.modules()):
             if hasattr(module, "intermediate_act_fn"):  # BERT's Intermediate
                 module.dense = _LoraLinear(module.dense)
             elif hasattr(module, "lin1"):  # DistilBERT's FFN
                 module.lin1, module.lin2 = _LoraLinear(module.lin1), _LoraLinear(module.lin2)
-        with torch.no_grad():
-            logits.append(model(input_ids=ids, attention_mask=mask).logits)
-    torch.testing.assert_close(logits[1], logits[0], atol=1e-5, rtol=1e-5)
+
+    unpatched, patched = _unpatched_and_patched_logits(family, wrap)
+    torch.testing.assert_close(patched, unpatched, atol=1e-5, rtol=1e-5)
 
 
 @pytest.mark.parametrize("family, path", [("bert", "bert.encoder.layer.0.output.LayerNorm"),
@@ -292,22 +302,14 @@ def test_a_wrapped_ffn_linear_keeps_its_forward(family):
 def test_a_hooked_fused_submodule_keeps_its_hook(family, path):
     """A fused step reads its submodules' weights instead of calling them: a forward hook there (a
     probe, activation steering) was dropped without a word. Such a module now runs unfused."""
-    config = _tiny_config(family)
-    ids, mask = _batch(DEVICE)
-    logits = []
-    for patch in (False, True):
-        model = _classifier(config, DEVICE).eval()
-        if patch:
-            fastbert.patch_transformers(model, backend="torch")
+    def hook(model):
         # features moved along one place: a change the next LayerNorm cannot undo (a scale it would)
         model.get_submodule(path).register_forward_hook(lambda module, args, out: out.roll(1, dims=-1))
-        with torch.no_grad():
-            logits.append(model(input_ids=ids, attention_mask=mask).logits)
-    unhooked = _classifier(config, DEVICE).eval()
-    with torch.no_grad():
-        hook_effect = (unhooked(input_ids=ids, attention_mask=mask).logits - logits[0]).abs().max()
-    assert hook_effect > 1e-4, "the hook must change the logits well past the tolerance below"
-    torch.testing.assert_close(logits[1], logits[0], atol=1e-5, rtol=1e-5)
+
+    unpatched, patched = _unpatched_and_patched_logits(family, hook)
+    unhooked = _unpatched_and_patched_logits(family, lambda model: None)[0]
+    assert (unhooked - unpatched).abs().max() > 1e-4, "the hook must change the logits well past the tolerance below"
+    torch.testing.assert_close(patched, unpatched, atol=1e-5, rtol=1e-5)
 
 
 def test_patched_model_survives_pickling():
