@@ -104,6 +104,10 @@ def parse_args(argv):
             re.compile(args.filter)
         except re.error as err:
             parser.error(f"--filter {args.filter!r} is not a regular expression: {err}")
+    if args.suite == "kernels" and args.filter is not None:
+        parser.error("--filter selects end-to-end cases: it goes with --suite e2e or all (the kernel suite takes --ops)")
+    if args.suite == "e2e" and args.ops is not None:
+        parser.error("--ops selects kernel benchmarks: it goes with --suite kernels or all (e2e takes --filter)")
     if args.ops is not None:
         ops = [o.strip() for o in args.ops.split(",") if o.strip()]
         if not ops or any(o not in MODULES for o in ops):

@@ -137,6 +137,8 @@ def test_exit_status_and_time_limit_of_a_run(tmp_path, monkeypatch, impl, rc):
     (["--time-limit", "-5"], r"--time-limit must be .* got -5\.0"),       # skipped every case silently
     (["--time-limit", "nan"], "--time-limit must be"),
     (["--suite", "e2e", "--filter", "["], "--filter '\\[' is not a regular expression"),  # a traceback before
+    (["--filter", "base"], "--filter selects end-to-end cases"),          # the kernel suite ignored it
+    (["--suite", "e2e", "--ops", "span"], "--ops selects kernel benchmarks"),  # the e2e suite ignored it
 ])
 def test_bad_arguments_are_refused_before_any_suite_runs(tmp_path, capsys, args, said):
     from fastbert.bench import main
