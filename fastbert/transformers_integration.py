@@ -166,6 +166,8 @@ def _plain(module, cls) -> bool:
     # wrapper (peft: weight is the base layer's, its forward adds the adapter), a quantised subclass,
     # a hook (pruning's recomputes the weight; probes and steering change the output) or a forward
     # replaced by another library would be silently dropped: such a module runs unfused.
+    if not isinstance(module, torch.nn.Module):  # an activation given as a plain function: no hooks to skip
+        return type(module) is cls
     return (type(module) is cls and not module._forward_pre_hooks and not module._forward_hooks
             and "forward" not in vars(module))
 
@@ -176,7 +178,7 @@ def _plain_linear(linear):
 
 def _bias_gelu_forward(self, hidden_states):
     # transformers: act(dense(hidden_states)); the bias joins the activation's pass.
-    if not _plain_linear(self.dense):
+    if not (_plain_linear(self.dense) and _plain(self.intermediate_act_fn, self.fastbert_act_type)):
         return self.intermediate_act_fn(self.dense(hidden_states))
     with _backend_scope(self):
         return ops.bias_gelu(F.linear(hidden_states, self.dense.weight), self.dense.bias,
@@ -231,7 +233,7 @@ def _distilbert_block_forward(self, hidden_states, attention_mask=None, **kwargs
         attended = ops.add_layernorm(attention_output, hidden_states, sa_norm.weight, sa_norm.bias, sa_norm.eps)
         if self.fastbert_gelu_approximate is None or not (
                 _plain(ffn, self.fastbert_ffn_type) and _plain_linear(ffn.lin1) and _plain_linear(ffn.lin2)
-                and _plain(ffn.dropout, torch.nn.Dropout)):
+                and _plain(ffn.dropout, torch.nn.Dropout) and _plain(ffn.activation, self.fastbert_act_type)):
             # another activation, or a wrapped or hooked FFN: the FFN as it is, its dropout inside
             return ops.add_layernorm(ffn(attended), attended, out_norm.weight, out_norm.bias, out_norm.eps)
         inner = ops.bias_gelu(F.linear(attended, ffn.lin1.weight), ffn.lin1.bias, self.fastbert_gelu_approximate)
@@ -253,6 +255,7 @@ def _patch_distilbert(model, config, backend):
     for block in blocks:
         block.fastbert_gelu_approximate = approximate
         block.fastbert_ffn_type = distilbert.FFN
+        block.fastbert_act_type = type(block.ffn.activation)  # the GELU the config names, as patched
         block.forward = _PatchedForward(_distilbert_block_forward, block)
         block.fastbert_backend = block.attention.fastbert_backend = backend
 
@@ -267,6 +270,7 @@ def _patch_family(model, config, backend):
             module.forward = _PatchedForward(_add_layernorm_forward, module)
         elif isinstance(module, family.Intermediate) and approximate is not None:
             module.fastbert_gelu_approximate = approximate
+            module.fastbert_act_type = type(module.intermediate_act_fn)  # the GELU the config names, as patched
             module.forward = _PatchedForward(_bias_gelu_forward, module)
         elif not isinstance(module, family.SelfAttention):
             continue

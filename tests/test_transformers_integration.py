@@ -296,6 +296,8 @@ def test_a_wrapped_ffn_linear_keeps_its_forward(family):
 @pytest.mark.parametrize("family, path", [("bert", "bert.encoder.layer.0.output.LayerNorm"),
                                           ("bert", "bert.encoder.layer.1.attention.output.LayerNorm"),
                                           ("bert", "bert.encoder.layer.0.output.dropout"),
+                                          ("bert", "bert.encoder.layer.0.intermediate.intermediate_act_fn"),
+                                          ("distilbert", "distilbert.transformer.layer.1.ffn.activation"),
                                           ("distilbert", "distilbert.transformer.layer.0.ffn"),
                                           ("distilbert", "distilbert.transformer.layer.0.sa_layer_norm"),
                                           ("distilbert", "distilbert.transformer.layer.1.output_layer_norm")])
