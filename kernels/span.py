@@ -97,17 +97,21 @@ def _span_score_fwd_kernel(
 
     for i0 in range(0, L, BLOCK_I):
         ii = i0 + tl.arange(0, BLOCK_I)  # (BLOCK_I,) start positions
+        # Element offsets in 64 bits: position x stride passes 2**31 for column-major
+        # logits of a few million windows (stride = B).
+        ii64 = ii.to(tl.int64)
         ok_i = ii < L
-        s = tl.load(s_row + ii * stride_sl, mask=ok_i, other=0.0).to(tl.float32)
+        s = tl.load(s_row + ii64 * stride_sl, mask=ok_i, other=0.0).to(tl.float32)
         if HAS_MASK:
-            ok_i = ok_i & (tl.load(m_row + ii * stride_ml, mask=ok_i, other=0) != 0)
+            ok_i = ok_i & (tl.load(m_row + ii64 * stride_ml, mask=ok_i, other=0) != 0)
         for d0 in range(0, D, BLOCK_D):
             dd = d0 + tl.arange(0, BLOCK_D)  # (BLOCK_D,) offsets j - i
             jj = ii[:, None] + dd[None, :]  # (BLOCK_I, BLOCK_D) end positions
+            jj64 = jj.to(tl.int64)
             ok = ok_i[:, None] & (dd[None, :] < D) & (jj < L)
-            e = tl.load(e_row + jj * stride_el, mask=ok, other=0.0).to(tl.float32)
+            e = tl.load(e_row + jj64 * stride_el, mask=ok, other=0.0).to(tl.float32)
             if HAS_MASK:
-                ok = ok & (tl.load(m_row + jj * stride_ml, mask=ok, other=0) != 0)
+                ok = ok & (tl.load(m_row + jj64 * stride_ml, mask=ok, other=0) != 0)
             score = s[:, None] + e  # (BLOCK_I, BLOCK_D) fp32, the one add
             ok = ok & (score != float("-inf"))
             score = tl.where(score == 0.0, 0.0, score)  # -0.0 ties with +0.0

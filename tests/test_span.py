@@ -187,6 +187,21 @@ def test_each_input_keeps_its_own_strides():
     assert_same(run_kernel(s, e, mask, 9, 11), brute_force(s, e, mask, 9, 11), "triton own strides")
 
 
+def test_position_strides_past_int32_offsets():
+    """A mask whose position stride puts its last element past 2**31 (column-major logits of a few
+    million windows look like this): the kernel's offsets are 64-bit, not wrapped. Only the bytes it
+    reads are touched; the rest of the 2 GiB storage is never faulted in."""
+    L, stride = 3, 2**30 + 1  # element 2 at 2**31 + 2
+    storage = torch.empty((L - 1) * stride + 1, dtype=torch.bool, device=DEVICE)
+    mask = storage.as_strided((1, L), (1, stride))
+    mask[0] = torch.tensor([False, True, True])
+    s = torch.tensor([[5.0, 1.0, 2.0]], device=DEVICE)
+    e = torch.tensor([[0.0, 3.0, 7.0]], device=DEVICE)
+    expected = brute_force(s, e, mask, 3, 4)
+    assert expected[0].tolist() == [[2, 1, 1, -1]] and expected[1].tolist() == [[2, 2, 1, -1]]
+    assert_same(run_kernel(s, e, mask, 3, 4), expected, "triton, mask stride past 2**31")
+
+
 @pytest.mark.filterwarnings("ignore:invalid value encountered:RuntimeWarning")  # inf - inf in the interpreter
 def test_nan_inf_and_signed_zero_agree_across_backends():
     """NaN spans rank first (as torch.sort ranks NaN), -inf spans are "no span", -0.0 ties +0.0."""
