@@ -781,3 +781,18 @@ def test_gpu_finetune_stops_with_3_when_the_install_does_not_import(tmp_path):
     assert done.stdout.rstrip().endswith("IMPORT FAILED"), context
     assert runs == [], context
     assert sorted(p.name for p in out.iterdir()) == ["install.log", "run.log"]
+
+
+@pytest.mark.parametrize("args, env, message", [
+    (["--carry"], {}, "unknown argument --carry"),
+    ([], {"PYTHON312": sys.executable}, "need a Python 3.12"),
+])
+def test_gpu_prep_refuses_before_building(args, env, message):
+    """scripts/gpu_prep.sh (run for real at stop 23: 72 s once .venv was made) stops with 2 and says why
+    on a bad argument or an interpreter other than the GPU image's 3.12, before make or any build."""
+    if env.get("PYTHON312") and sys.version_info[:2] == (3, 12):
+        pytest.skip("this Python is a 3.12")
+    done = subprocess.run(["bash", str(REPO / "scripts" / "gpu_prep.sh"), *args], env={**os.environ, **env},
+                          capture_output=True, text=True, timeout=60)
+    assert done.returncode == 2 and message in done.stderr, done.stdout + done.stderr
+    assert "ready in" not in done.stdout
