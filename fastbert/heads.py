@@ -74,7 +74,7 @@ class _TaskModel(nn.Module):
         """Load a BertModel or task checkpoint; the head is loaded when the checkpoint has
         one of the right shape, and initialised as BERT does otherwise. `config_overrides`
         replace config.json's values (hidden_dropout_prob=0.2, classifier_dropout=0.0, ...) and
-        are checked as config.json's are."""
+        are checked as config.json's are. Returned in eval mode, as transformers returns it."""
         folder = checkpoint.resolve_model_path(name_or_path)
         config = BertConfig.from_json(folder / "config.json")
         if config_overrides:  # through from_dict: checked, and keys it has no field for go to `extra`
@@ -96,7 +96,7 @@ class _TaskModel(nn.Module):
             warnings.warn(f"checkpoint {folder}: its head weights ({shapes}) do not fit this model's head ({wanted}); "
                           f"the head is newly initialised (normal, std={config.initializer_range}; zero bias). "
                           "Fine-tune it before use.", stacklevel=2)
-        return model
+        return model.eval()  # as transformers returns it (BertModel.from_pretrained says why)
 
     @classmethod
     def _build(cls, config, num_labels, labels, backend):

@@ -287,11 +287,14 @@ class BertModel(nn.Module):
     def from_pretrained(cls, name_or_path: str | os.PathLike = "default", backend: str | None = None,
                         dtype: torch.dtype | None = None, device: str | torch.device | None = None) -> "BertModel":
         """Load an HF-layout folder (config.json + model.safetensors or pytorch_model.bin, or shards of either);
-        "default" is the embedded all-MiniLM-L6-v2."""
+        "default" is the embedded all-MiniLM-L6-v2. Returned in eval mode, as transformers returns it:
+        call .train() before a training loop of your own (fastbert's Trainer does)."""
         folder = checkpoint.resolve_model_path(name_or_path)
         model = cls(BertConfig.from_json(folder / "config.json"), backend=backend)
         checkpoint.load_encoder(model, checkpoint.read_state_dict(folder), source=folder)
-        return model.to(device=device, dtype=dtype)
+        # In eval mode, as transformers returns it: a loaded model is used before it is trained, and
+        # dropout left on gave other outputs on every call. Trainer.train() switches it to training.
+        return model.to(device=device, dtype=dtype).eval()
 
     def save_pretrained(self, folder: str | os.PathLike) -> None:
         """Write config.json and model.safetensors with transformers' key names, each atomically."""

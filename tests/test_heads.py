@@ -267,3 +267,17 @@ def test_training_mode_head_dropout_is_transformers(tmp_path, make_ours, hf_clas
     with torch.no_grad():
         dropped = not torch.allclose(ours.eval()(**batch).logits, a.logits, atol=1e-6)
     assert dropped == (hf_class is not transformers.BertForQuestionAnswering)   # the check above saw dropout
+
+
+def test_from_pretrained_returns_the_model_in_eval_mode_as_transformers_does(tmp_path):
+    """transformers' from_pretrained calls eval(); a model left training ran dropout, so the README's
+    first example gave other embeddings on every call (2.3 apart at MiniLM's 0.1)."""
+    encoder = fastbert.BertModel.from_pretrained("default")
+    assert not encoder.training
+    ids = torch.tensor([[101, 7592, 2088, 102]])
+    with torch.no_grad():
+        assert torch.equal(encoder(ids).last_hidden_state, encoder(ids).last_hidden_state)
+    head = heads.BertForSequenceClassification.from_pretrained("default", num_labels=2)
+    assert not any(m.training for m in head.modules())
+    head.save_pretrained(tmp_path)
+    assert not heads.BertForSequenceClassification.from_pretrained(tmp_path).training
