@@ -52,25 +52,33 @@ class TrainConfig:
 
     def __post_init__(self):
         self.out = Path(self.out)
-        for name in ("epochs", "batch_size", "grad_accum"):
-            if getattr(self, name) < 1:
-                raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
-        if self.max_steps is not None and self.max_steps < 1:
-            raise ValueError(f"max_steps must be >= 1, got {self.max_steps}")
-        if self.save_every is not None and self.save_every < 1:
-            raise ValueError(f"save_every must be >= 1 (or None: each epoch), got {self.save_every}")
+        for name in ("epochs", "batch_size", "grad_accum", "max_steps", "save_every"):
+            value = getattr(self, name)
+            if value is None and name in ("max_steps", "save_every"):
+                continue
+            # 2.5 failed later as a slice index, naming nothing; True passed as 1
+            if isinstance(value, bool) or not isinstance(value, int):
+                raise TypeError(f"{name} must be an int, got {value!r}")
+            if value < 1:
+                raise ValueError(f"{name} must be >= 1" + (" (or None: each epoch)" if name == "save_every" else "")
+                                 + f", got {value}")
+        for name in ("lr", "weight_decay", "warmup_ratio", "max_grad_norm"):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, (int, float)):
+                raise TypeError(f"{name} must be a number, got {value!r}")
         if not 0.0 <= self.warmup_ratio <= 1.0:
             raise ValueError(f"warmup_ratio must be in [0, 1], got {self.warmup_ratio}")
-        if not self.weight_decay >= 0.0:
-            raise ValueError(f"weight_decay must be >= 0, got {self.weight_decay}")
+        # inf passed the range checks and trained to NaN weights, saved without a word
+        if not 0.0 <= self.weight_decay < math.inf:
+            raise ValueError(f"weight_decay must be finite and >= 0, got {self.weight_decay}")
         if not self.max_grad_norm > 0.0:
             raise ValueError(f"max_grad_norm must be > 0, got {self.max_grad_norm}")
         if self.out.exists() and not self.out.is_dir():
             raise ValueError(f"out {str(self.out)!r} is a file; checkpoints need a folder")
         if self.precision not in ("auto", "fp32", "bf16", "fp16"):
             raise ValueError(f"precision must be auto, fp32, bf16 or fp16, got {self.precision!r}")
-        if not self.lr > 0:
-            raise ValueError(f"lr must be > 0, got {self.lr}")
+        if not 0 < self.lr < math.inf:
+            raise ValueError(f"lr must be finite and > 0, got {self.lr}")
         if isinstance(self.seed, bool) or not isinstance(self.seed, int) or not 0 <= self.seed < 2**32:
             # numpy's range, as transformers' set_seed; the batch-order generator's seed (seed * 1000003 +
             # epoch) left torch's 64 bits above about 1.8e13, after the data was read

@@ -1,4 +1,5 @@
 """The training loop: schedule, decay groups, reproducibility and an exact resume."""
+import math
 import re
 
 import pytest
@@ -238,8 +239,21 @@ def test_bad_config(tmp_path):
         train.TrainConfig(out=tmp_path, save_every=0)
     with pytest.raises(ValueError, match=r"warmup_ratio must be in \[0, 1\]"):
         train.TrainConfig(out=tmp_path, warmup_ratio=-0.5)
-    with pytest.raises(ValueError, match="weight_decay must be >= 0"):
-        train.TrainConfig(out=tmp_path, weight_decay=-1.0)
+    # inf passed both range checks and trained to NaN weights, saved without a word
+    for name, value in (("weight_decay", -1.0), ("weight_decay", math.inf), ("weight_decay", math.nan)):
+        with pytest.raises(ValueError, match="weight_decay must be finite and >= 0"):
+            train.TrainConfig(out=tmp_path, **{name: value})
+    for lr in (0.0, -1e-3, math.inf, math.nan):
+        with pytest.raises(ValueError, match="lr must be finite and > 0"):
+            train.TrainConfig(out=tmp_path, lr=lr)
+    for name, value in (("lr", "1e-3"), ("weight_decay", None), ("max_grad_norm", True)):
+        with pytest.raises(TypeError, match=f"{name} must be a number"):
+            train.TrainConfig(out=tmp_path, **{name: value})
+    # 2.5 failed later as a slice index, naming nothing
+    for name, value in (("batch_size", 2.5), ("grad_accum", 1.5), ("epochs", True), ("max_steps", 3.0),
+                        ("save_every", "2")):
+        with pytest.raises(TypeError, match=f"{name} must be an int"):
+            train.TrainConfig(out=tmp_path, **{name: value})
     for seed in (-1, 2**32, 2**45, 1.5, True):  # 2**45 overflowed torch's seed after the data was read
         with pytest.raises(ValueError, match=r"seed must be an int in \[0, 2\*\*32\)"):
             train.TrainConfig(out=tmp_path, seed=seed)
