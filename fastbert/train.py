@@ -251,9 +251,21 @@ class Trainer:
 
     # -- checkpoints -----------------------------------------------------------
 
+    def _check_weights_finite(self) -> None:
+        """The loss is checked before each update, but the update itself can still overflow (the last
+        one is never followed by a loss): a checkpoint of NaN weights would be written as if it were
+        good, and refused only when loaded. One device sync per checkpoint."""
+        params = [(name, p) for name, p in self.model.named_parameters() if p.is_floating_point()]
+        finite = torch.stack([torch.isfinite(p).all() for _, p in params]).cpu() if params else torch.ones(0)
+        bad = [name for (name, _), ok in zip(params, finite.tolist()) if not ok]
+        if bad:
+            raise FloatingPointError(f"weights became non-finite at step {self.step} ({', '.join(bad[:3])}"
+                                     f"{', ...' if len(bad) > 3 else ''}): not saved; lower --lr or use fp32")
+
     def save_checkpoint(self) -> Path:
         """Write checkpoint-<step>/ (model in HF layout + trainer_state.pt), then point
         `latest` at it atomically; a crash mid-write leaves the previous one intact."""
+        self._check_weights_finite()
         self.cfg.out.mkdir(parents=True, exist_ok=True)
         folder = self.cfg.out / f"checkpoint-{self.step}"
         staging = self.cfg.out / f".staging-checkpoint-{self.step}"

@@ -671,3 +671,21 @@ def test_resume_refuses_code_even_where_torch_would_unpickle_it(tmp_path, monkey
     monkeypatch.setenv("TORCH_FORCE_NO_WEIGHTS_ONLY_LOAD", "1")
     with pytest.raises(ValueError, match="could not be loaded with weights_only=True"):
         _trainer(tmp_path).resume()
+
+
+def test_weights_made_non_finite_by_the_last_update_are_not_saved(tmp_path):
+    """The loss is checked before each update; the update before a checkpoint is followed by no loss, so
+    NaN weights from it were written as a good checkpoint (and refused only when loaded)."""
+    trainer = _trainer(tmp_path, save_every=3)
+    updates = []
+
+    def poison_the_third_update(optimizer, args, kwargs):
+        updates.append(1)
+        if len(updates) == 3:
+            with torch.no_grad():
+                trainer.model.head.weight[0, 0] = float("nan")
+
+    trainer.optimizer.register_step_post_hook(poison_the_third_update)
+    with pytest.raises(FloatingPointError, match=r"weights became non-finite at step 3 \(classifier.weight\)"):
+        trainer.train()
+    assert not any(p.name.startswith(("checkpoint-", ".staging")) for p in tmp_path.iterdir())
