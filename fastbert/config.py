@@ -42,6 +42,14 @@ class BertConfig:
             value = getattr(self, name)
             if isinstance(value, bool) or not isinstance(value, (int, float)) or not 0.0 <= value < 1.0:
                 raise ValueError(f"BertConfig: {name} must be a probability in [0, 1), got {value!r}")
+        # transformers' head dropout (None: hidden_dropout_prob), as checked as the encoder's: True ran as
+        # p=1 (a head fed zeros) and 1.5 failed at the first forward in torch's words
+        classifier_dropout = self.extra.get("classifier_dropout")
+        if classifier_dropout is not None and (isinstance(classifier_dropout, bool)
+                                               or not isinstance(classifier_dropout, (int, float))
+                                               or not 0.0 <= classifier_dropout < 1.0):
+            raise ValueError(f"BertConfig: classifier_dropout must be a probability in [0, 1) or null, "
+                             f"got {classifier_dropout!r}")
         # layer_norm_eps below float32's smallest normal number rounds to 0 in the kernels, and a
         # row of equal values then normalises to NaN; initializer_range is the std of newly
         # initialised weights (BERT: 0.02): above 1 a model built from the config overflows.

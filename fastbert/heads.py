@@ -126,6 +126,7 @@ class BertForSequenceClassification(_TaskModel):
     architecture = "BertForSequenceClassification"
 
     def __init__(self, config: BertConfig, num_labels: int = 2, backend: str | None = None):
+        _check_num_labels(num_labels)
         if num_labels < 1:
             raise ValueError(f"num_labels must be >= 1 (1 means regression), got {num_labels}")
         self.num_labels = num_labels
@@ -150,9 +151,9 @@ class BertForSequenceClassification(_TaskModel):
     def forward(self, input_ids, attention_mask=None, token_type_ids=None, labels=None) -> TaskOutput:
         if labels is not None:
             if self.num_labels == 1:
-                _check_labels(labels, input_ids.shape[:1], None, regression=True)
+                _check_labels(labels, _ids_shape(input_ids)[:1], None, regression=True)
             else:
-                _check_labels(labels, input_ids.shape[:1], self.num_labels, column_ok=True)
+                _check_labels(labels, _ids_shape(input_ids)[:1], self.num_labels, column_ok=True)
         pooled = self.bert(input_ids, attention_mask, token_type_ids).pooler_output      # (B, hidden)
         logits = self.classifier(self._dropout(pooled))                                 # (B, num_labels)
         loss = None
@@ -171,6 +172,7 @@ class BertForTokenClassification(_TaskModel):
     uses_pooler = False
 
     def __init__(self, config: BertConfig, num_labels: int = 2, backend: str | None = None):
+        _check_num_labels(num_labels)
         if num_labels < 2:
             raise ValueError(f"num_labels must be >= 2 for tagging, got {num_labels}")
         self.num_labels = num_labels
@@ -182,7 +184,7 @@ class BertForTokenClassification(_TaskModel):
 
     def forward(self, input_ids, attention_mask=None, token_type_ids=None, labels=None) -> TaskOutput:
         if labels is not None:
-            _check_labels(labels, input_ids.shape, self.num_labels)
+            _check_labels(labels, _ids_shape(input_ids), self.num_labels)
         hidden = self.bert(input_ids, attention_mask, token_type_ids).last_hidden_state  # (B, S, hidden)
         logits = self.classifier(self._dropout(hidden))                                 # (B, S, num_labels)
         loss = None
@@ -202,8 +204,8 @@ class BertForQuestionAnswering(_TaskModel):
     def forward(self, input_ids, attention_mask=None, token_type_ids=None,
                 start_positions=None, end_positions=None) -> TaskOutput:
         if start_positions is not None and end_positions is not None:
-            start_positions = _check_positions(start_positions, input_ids.shape[0], "start_positions")
-            end_positions = _check_positions(end_positions, input_ids.shape[0], "end_positions")
+            start_positions = _check_positions(start_positions, _ids_shape(input_ids)[0], "start_positions")
+            end_positions = _check_positions(end_positions, _ids_shape(input_ids)[0], "end_positions")
         hidden = self.bert(input_ids, attention_mask, token_type_ids).last_hidden_state  # (B, S, hidden)
         logits = self.qa_outputs(hidden)                                                # (B, S, 2)
         loss = None
@@ -214,6 +216,21 @@ class BertForQuestionAnswering(_TaskModel):
             loss = (F.cross_entropy(start_logits, start_positions.clamp(0, ignored), ignore_index=ignored)
                     + F.cross_entropy(end_logits, end_positions.clamp(0, ignored), ignore_index=ignored)) / 2
         return TaskOutput(loss, logits)
+
+
+def _check_num_labels(num_labels) -> None:
+    if isinstance(num_labels, bool) or not isinstance(num_labels, int):
+        raise TypeError(f"num_labels must be an int, got {num_labels!r}")
+
+
+def _ids_shape(input_ids) -> torch.Size:
+    """input_ids' (batch, seqlen), read to check labels before the encoder checks the ids: the encoder's
+    own messages, so a list or a 1-D tensor is not an AttributeError or a label-shape error."""
+    if not isinstance(input_ids, torch.Tensor):
+        raise TypeError(f"input_ids must be a torch.Tensor, got {type(input_ids).__name__}")
+    if input_ids.dim() != 2:
+        raise ValueError(f"input_ids must be (batch, seqlen), got shape {tuple(input_ids.shape)}")
+    return input_ids.shape
 
 
 def _check_positions(positions, batch: int, name: str) -> torch.Tensor:
@@ -242,6 +259,10 @@ def _check_labels(labels, shape, num_labels, regression=False, column_ok=False):
     if regression:
         if not labels.is_floating_point():
             raise TypeError(f"labels of a regression head (num_labels=1) must be floating point, got {labels.dtype}")
+        # A NaN or inf target made the loss NaN, which the Trainer blamed on the learning rate.
+        if labels.numel() and host_sync_allowed(labels) and not bool(torch.isfinite(labels).all()):
+            raise ValueError("labels of a regression head (num_labels=1) must be finite, got "
+                             f"{labels[~torch.isfinite(labels)][0].item()}")
         return
     if labels.is_floating_point() or labels.is_complex() or labels.dtype == torch.bool:
         raise TypeError(f"labels must be integer class ids, got {labels.dtype}")
@@ -258,11 +279,19 @@ def _check_labels(labels, shape, num_labels, regression=False, column_ok=False):
 def _resolve_labels(config: BertConfig, num_labels, labels):
     """num_labels from the argument, the label names, or the checkpoint's id2label (else its num_labels,
     as transformers reads a config that gives only that); recorded in the config as id2label."""
+    if num_labels is not None:
+        _check_num_labels(num_labels)
     if labels is not None:
+        # A string gave one label per character; repeated names collapsed label2id.
+        if not isinstance(labels, (list, tuple)) or len(set(labels)) != len(labels) or \
+                not all(isinstance(name, str) for name in labels):
+            raise ValueError(f"labels must be a list of distinct label names (str), got {labels!r}")
         if num_labels is not None and num_labels != len(labels):
             raise ValueError(f"num_labels={num_labels} but {len(labels)} label names were given")
         num_labels = len(labels)
     saved = config.extra.get("id2label")
+    if saved is not None and not isinstance(saved, dict):
+        raise ValueError(f"config.json's id2label must be an object of label names by id, got {saved!r}")
     saved_count = config.extra.pop("num_labels", None)  # id2label says it from here on
     if saved_count is not None and (isinstance(saved_count, bool) or not isinstance(saved_count, int)
                                     or saved_count < 1):

@@ -1,4 +1,6 @@
 """Task heads against transformers' classes of the same names: logits, losses and checkpoints both ways."""
+import json
+
 import pytest
 import torch
 import transformers
@@ -281,3 +283,55 @@ def test_from_pretrained_returns_the_model_in_eval_mode_as_transformers_does(tmp
     assert not any(m.training for m in head.modules())
     head.save_pretrained(tmp_path)
     assert not heads.BertForSequenceClassification.from_pretrained(tmp_path).training
+
+
+def test_non_finite_regression_labels_are_named():
+    """A NaN target made the loss NaN, which the Trainer blamed on the learning rate."""
+    reg = heads.BertForSequenceClassification(fastbert.BertConfig(**CONFIG), num_labels=1)
+    ids = torch.randint(1, CONFIG["vocab_size"], (2, 5))
+    for bad in (float("nan"), float("inf")):
+        with pytest.raises(ValueError, match=r"regression head \(num_labels=1\) must be finite, got (nan|inf)"):
+            reg(ids, labels=torch.tensor([bad, 1.0]))
+
+
+@pytest.mark.parametrize("value", [True, 1.0, 1.5, -0.5, float("nan"), "0.1"])
+def test_bad_classifier_dropout_is_refused_when_loaded(value):
+    """True ran as p=1 (the head saw zeros, loss ln 2), 1.5 and NaN failed at the first forward in
+    torch's words, "0.1" as a str comparison."""
+    with pytest.raises(ValueError, match="classifier_dropout must be a probability in"):
+        heads.BertForSequenceClassification.from_pretrained("default", num_labels=2, classifier_dropout=value)
+
+
+def test_heads_name_input_ids_that_are_not_a_batch_of_ids():
+    """The heads read input_ids' shape to check labels before the encoder checks the ids."""
+    config = fastbert.BertConfig(**CONFIG)
+    cases = [(heads.BertForSequenceClassification(config, 3), dict(labels=torch.tensor([0]))),
+             (heads.BertForTokenClassification(config, 3), dict(labels=torch.tensor([[0, 1, 2]]))),
+             (heads.BertForQuestionAnswering(config), dict(start_positions=torch.tensor([0]),
+                                                           end_positions=torch.tensor([1])))]
+    for model, targets in cases:
+        with pytest.raises(TypeError, match="input_ids must be a torch.Tensor, got list"):
+            model([[1, 2, 3]], **targets)
+        with pytest.raises(ValueError, match=r"input_ids must be \(batch, seqlen\), got shape \(3,\)"):
+            model(torch.tensor([1, 2, 3]), **targets)
+
+
+def test_num_labels_and_label_names_are_checked(tmp_path):
+    config = fastbert.BertConfig(**CONFIG)
+    for make in (heads.BertForSequenceClassification, heads.BertForTokenClassification):
+        for bad in (2.5, 2.0, True, "3"):
+            with pytest.raises(TypeError, match="num_labels must be an int"):
+                make(config, bad)
+    with pytest.raises(TypeError, match="num_labels must be an int"):
+        heads.BertForSequenceClassification.from_pretrained("default", num_labels=2.5)
+    # "abc" gave three labels a, b, c; repeated names collapsed label2id
+    for bad in ("abc", ["a", "a"], [1, 2]):
+        with pytest.raises(ValueError, match="labels must be a list of distinct label names"):
+            heads.BertForSequenceClassification.from_pretrained("default", labels=bad)
+    model = heads.BertForSequenceClassification(config, 2)
+    model.save_pretrained(tmp_path)
+    saved = json.loads((tmp_path / "config.json").read_text())
+    for bad in (5, "abc", ["x", "y"]):
+        (tmp_path / "config.json").write_text(json.dumps({**saved, "id2label": bad}))
+        with pytest.raises(ValueError, match="id2label must be an object of label names by id"):
+            heads.BertForSequenceClassification.from_pretrained(tmp_path)
