@@ -262,6 +262,15 @@ def test_negative_dropout_is_refused_by_every_op(backend):
             ops.attention_varlen(qp, kp, vp, cu, 4, dropout_p=-0.1)
         with pytest.raises(ValueError, match=r"add_layernorm: dropout_p must be in \[0, 1\), got -0.1"):
             ops.add_layernorm(x, residual, weight, bias, 1e-5, -0.1)
+        # p that float32 rounds to 0 or 1: the CUDA add_layernorm backward returned uninitialised dx for 1e-46
+        for p, p32 in ((1e-46, "0.0"), (1 - 1e-9, "1.0")):
+            with pytest.raises(ValueError, match=f"attention: dropout_p = {p!r} rounds to {p32} in float32"):
+                ops.attention(q, k, v, dropout_p=p)
+            with pytest.raises(ValueError, match=f"attention_varlen: dropout_p = {p!r} rounds to {p32} in float32"):
+                ops.attention_varlen(qp, kp, vp, cu, 4, dropout_p=p)
+            with pytest.raises(ValueError, match=f"add_layernorm: dropout_p = {p!r} rounds to {p32} in float32"):
+                ops.add_layernorm(x, residual, weight, bias, 1e-5, p)
+        assert ops.add_layernorm(x, residual, weight, bias, 1e-5, 1e-40).shape == x.shape  # a float32 subnormal
 
 
 def test_backend_choice_default_scopes_and_nesting():

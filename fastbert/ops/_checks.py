@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import numbers
+import struct
 
 import torch
 
@@ -18,6 +19,14 @@ def check_dropout(op: str, dropout_p) -> None:
         raise TypeError(f"{op}: dropout_p must be a float in [0, 1), got {type(dropout_p).__name__}")
     if not 0.0 <= dropout_p < 1.0:
         raise ValueError(f"{op}: dropout_p must be in [0, 1), got {dropout_p}")
+    if isinstance(dropout_p, numbers.Real) and dropout_p > 0.0:
+        # The kernels take p as a float32, the launchers decide "dropout or not" on the Python float:
+        # 1e-46 became 0.0f, the CUDA backward then skipped the dx it was asked for (uninitialised
+        # memory came back as x.grad), and 1 - 1e-9 became 1.0f, refused deep in the extension.
+        p32 = struct.unpack("f", struct.pack("f", dropout_p))[0]
+        if not 0.0 < p32 < 1.0:
+            raise ValueError(f"{op}: dropout_p = {dropout_p!r} rounds to {p32} in float32, which the kernels "
+                             "compute in: use 0 or a value float32 holds in (0, 1)")
 
 
 def refuse_double_backward(ctx, op: str, *grads) -> None:
