@@ -226,6 +226,27 @@ def test_bad_inputs_cpu_checks():
         A._check_cuda(qt, qt.contiguous(), qt.contiguous(), "attention")
 
 
+def test_grid_limits_are_checked_in_python():
+    """Sequence blocks stand on grid axis y (65,535 blocks of 64 rows) and batch x heads on x: past
+    either the extension raised a RuntimeError, which "auto" did not fall back from (a packed batch
+    with max_seqlen given as the total token count of a few million); now "auto" takes triton and a
+    named "cuda" raises a ValueError that says which limit."""
+    packed = torch.empty(8, 2, 64, dtype=torch.float16)
+    assert A.CUDA_MAX_SEQLEN == 4_194_240
+    assert A._cuda_supports(packed, packed, packed, 4_194_240, 2)
+    assert not A._cuda_supports(packed, packed, packed, 4_194_241, 2)
+    with pytest.raises(ValueError, match=r"attention_varlen: max_seqlen = 4194241 is more than the 'cuda' "
+                                         r"backend's grid takes \(4194240\); use the 'triton' backend"):
+        A._check_cuda(packed, packed, packed, "attention_varlen", 4_194_241, 2)
+    wide = torch.empty(1, 1, 1, 64, dtype=torch.float16).expand(2**30, 4, 3, 64)    # no memory behind it
+    assert A._cuda_batch_heads(wide) == 3 * 2**30
+    assert not A._cuda_supports(wide, wide, wide, 4, 3 * 2**30)
+    with pytest.raises(ValueError, match=r"attention: batch x heads = 3221225472 is more than"):
+        A._check_cuda(wide, wide, wide, "attention", 4, 3 * 2**30)
+    cu = torch.tensor([0, 3, 8], dtype=torch.int32)
+    assert A._cuda_batch_heads(packed, cu) == 4
+
+
 def test_auto_backend_falls_back_for_unsupported_inputs():
     """Under "auto", inputs the CUDA kernels cannot take go to the next backend; asked for by
     name, "cuda" stays and its checks raise the clear error."""

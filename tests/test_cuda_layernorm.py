@@ -336,6 +336,12 @@ def test_bias_gelu_extreme_inputs_fp32_bias_and_layouts(cuda_device):
         _, (dx0, db0) = run_with_grads(lambda x, b: bias_gelu(x, b), [torch.randn(0, 384, device=cuda_device), bias.float()],
                              torch.zeros(0, 384, device=cuda_device))
         assert torch.equal(db0, torch.zeros_like(db0))
+    # no features: the launchers themselves (the public op sends n == 0 to torch) made view(-1, 0) of it
+    from fastbert.ops import _cuda
+    x0, b0 = torch.empty(3, 0, device=cuda_device, dtype=torch.float16), torch.empty(0, device=cuda_device)
+    assert _cuda.bias_gelu_fwd(x0, b0).shape == (3, 0)
+    dx0, db0 = _cuda.bias_gelu_bwd(x0, x0, b0)
+    assert dx0.shape == (3, 0) and db0.shape == (0,)
 
 
 # ----------------------------------------------------------------------------- torch.compile

@@ -142,7 +142,8 @@ def _rows(op, x, max_cols=None):
     if max_cols is not None and not 1 <= n <= max_cols:
         raise ValueError(f"{op}: the cuda backend takes hidden sizes 1..{max_cols} (x's last dimension), got {n}")
     x = x.contiguous()
-    return x, x.view(-1, n)
+    # reshape, not view(-1, n): no -1 can be inferred from 0 elements when n == 0
+    return x, x.reshape(math.prod(x.shape[:-1]), n)
 
 
 def _params(op, x, *params):

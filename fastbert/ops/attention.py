@@ -345,8 +345,19 @@ CUDA_HEAD_DIMS = (32, 64, 128)
 _CUDA_DTYPE_CODES = {d: code for d, code in _cuda.DTYPES.items() if d != torch.float32}  # fastbert.h DType
 
 
-def _check_cuda(q, k, v, op):
-    """What the CUDA kernels need beyond the common checks."""
+# The CUDA kernels' grid: x = batch * heads (2**31 - 1 at most), y = blocks of 64 rows of one sequence
+# (65,535 at most). The Triton kernels put all on one axis and take more.
+CUDA_MAX_SEQLEN = 65535 * 64
+CUDA_MAX_BATCH_HEADS = 2**31 - 1
+
+
+def _cuda_batch_heads(q, cu_seqlens=None) -> int:
+    return (cu_seqlens.shape[0] - 1) * q.shape[1] if cu_seqlens is not None else q.shape[0] * q.shape[2]
+
+
+def _check_cuda(q, k, v, op, seqlen=None, batch_heads=None):
+    """What the CUDA kernels need beyond the common checks. seqlen / batch_heads (the launch's, from
+    the public op): checked against the grid's limits when given."""
     if q.dtype == torch.float32:
         raise NotImplementedError(f"{op}: the 'cuda' backend has float16 and bfloat16 kernels only, got float32 "
                                   "inputs; use the 'triton' or 'torch' backend for float32 "
@@ -360,6 +371,12 @@ def _check_cuda(q, k, v, op):
         if t.shape[-1] > 1 and t.stride(-1) != 1:
             raise ValueError(f"{op}: {name} must have a contiguous last dimension (stride 1) on the 'cuda' "
                              f"backend, got strides {tuple(t.stride())}")
+    if seqlen is not None and seqlen > CUDA_MAX_SEQLEN:
+        raise ValueError(f"{op}: {'max_seqlen' if op.endswith('varlen') else 'seqlen'} = {seqlen} is more than the "
+                         f"'cuda' backend's grid takes ({CUDA_MAX_SEQLEN}); use the 'triton' backend")
+    if batch_heads is not None and batch_heads > CUDA_MAX_BATCH_HEADS:
+        raise ValueError(f"{op}: batch x heads = {batch_heads} is more than the 'cuda' backend's grid takes "
+                         f"(2**31 - 1); split the batch")
 
 
 def _triton_supports(q, k, v):
@@ -369,21 +386,22 @@ def _triton_supports(q, k, v):
             and not (q.dtype == torch.bfloat16 and interpreter_on()))
 
 
-def _kernel_backend(q, k, v) -> str:
+def _kernel_backend(q, k, v, seqlen, batch_heads) -> str:
     """The backend for these inputs: the one asked for by name, or under "auto" the fastest usable one
     whose kernels take them (cuda, then triton, then torch)."""
     backend = resolve(q.device)
-    if backend == "cuda" and not _cuda_supports(q, k, v):
+    if backend == "cuda" and not _cuda_supports(q, k, v, seqlen, batch_heads):
         backend = _cuda_fallback(q.device)
     if backend == "triton" and not _triton_supports(q, k, v):
         backend = auto_fallback(backend)
     return backend
 
 
-def _cuda_supports(q, k, v):
-    """Can the CUDA kernels take these inputs (dtype, head dim, unit last stride)?"""
+def _cuda_supports(q, k, v, seqlen=0, batch_heads=0):
+    """Can the CUDA kernels take these inputs (dtype, head dim, unit last stride, grid limits)?"""
     return (q.dtype in _CUDA_DTYPE_CODES and q.shape[-1] in CUDA_HEAD_DIMS
-            and all(t.shape[-1] <= 1 or t.stride(-1) == 1 for t in (q, k, v)))
+            and all(t.shape[-1] <= 1 or t.stride(-1) == 1 for t in (q, k, v))
+            and seqlen <= CUDA_MAX_SEQLEN and batch_heads <= CUDA_MAX_BATCH_HEADS)
 
 
 @torch.compiler.assume_constant_result
@@ -663,11 +681,12 @@ def attention(q, k, v, mask=None, dropout_p=0.0, softmax_scale=None, *, seed=Non
     _check(q, k, v, mask)
     check_dropout("attention", dropout_p)
     _check_scale(softmax_scale, "attention")
-    backend = _kernel_backend(q, k, v)
+    seqlen, batch_heads = q.shape[1], _cuda_batch_heads(q)
+    backend = _kernel_backend(q, k, v, seqlen, batch_heads)
     if backend == "torch":
         return _attention_torch(q, k, v, mask, dropout_p, softmax_scale)
     if backend == "cuda":
-        _check_cuda(q, k, v, "attention")
+        _check_cuda(q, k, v, "attention", seqlen, batch_heads)
         return _attention_cuda(q, k, v, mask, None, q.shape[1], dropout_p, softmax_scale, seed)
     _check_triton(q, k, v, "attention")
     return _attention_triton(q, k, v, mask, None, q.shape[1], dropout_p, softmax_scale, seed)
@@ -684,11 +703,12 @@ def attention_varlen(q, k, v, cu_seqlens, max_seqlen, dropout_p=0.0, softmax_sca
     _check_varlen(q, k, v, cu_seqlens, max_seqlen)
     check_dropout("attention_varlen", dropout_p)
     _check_scale(softmax_scale, "attention_varlen")
-    backend = _kernel_backend(q, k, v)
+    batch_heads = _cuda_batch_heads(q, cu_seqlens)
+    backend = _kernel_backend(q, k, v, max_seqlen, batch_heads)
     if backend == "torch":
         return _attention_varlen_torch(q, k, v, cu_seqlens, dropout_p, softmax_scale)
     if backend == "cuda":
-        _check_cuda(q, k, v, "attention_varlen")
+        _check_cuda(q, k, v, "attention_varlen", max_seqlen, batch_heads)
         return _attention_cuda(q, k, v, None, cu_seqlens.contiguous(), max_seqlen, dropout_p, softmax_scale, seed)
     _check_triton(q, k, v, "attention_varlen")
     return _attention_triton(q, k, v, None, cu_seqlens.contiguous(), max_seqlen, dropout_p, softmax_scale, seed)
