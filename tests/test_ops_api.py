@@ -468,3 +468,27 @@ def test_auto_runs_inputs_no_kernel_takes_on_the_torch_backend(monkeypatch):
         assert got.dtype == expected.dtype and torch.equal(got, expected), name
     with ops.use_backend("triton"), pytest.raises(ValueError, match="head_dim = 8 is not supported by the Triton"):
         ops.attention(*[rand(1, 4, 2, 8) for _ in range(3)])       # asked for by name: its own error
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_bad_seeds_are_named(backend):
+    """seed: None, an int in [0, 2**31) or a one-element int64 tensor. "abc" failed in int(), 1.5 was
+    truncated, 2**64 overflowed in the launcher, and 2**31 gave the mask of 2**63 - 1 on triton."""
+    q, k, v = _qkv()
+    qp, kp, vp, cu = _packed()
+    with ops.use_backend(backend):
+        for seed, error, message in (("abc", TypeError, "seed must be None or an int in"),
+                                     (1.5, TypeError, "seed must be None or an int in"),
+                                     (True, TypeError, "seed must be None or an int in"),
+                                     (-1, ValueError, r"seed must be in \[0, 2\*\*31\), got -1"),
+                                     (2**31, ValueError, r"seed must be in \[0, 2\*\*31\), got 2147483648"),
+                                     (torch.tensor([1.0]), ValueError, "a tensor seed must hold one int64"),
+                                     (torch.tensor([1, 2]), ValueError, "a tensor seed must hold one int64")):
+            with pytest.raises(error, match=f"attention: {message}"):
+                ops.attention(q, k, v, dropout_p=0.1, seed=seed)
+            with pytest.raises(error, match=f"attention_varlen: {message}"):
+                ops.attention_varlen(qp, kp, vp, cu, 4, dropout_p=0.1, seed=seed)
+        assert ops.attention(q, k, v, dropout_p=0.1, seed=2**31 - 1).shape == q.shape
+        if backend != "torch":  # whose dropout draws from torch's generator (the seed is the kernels')
+            assert torch.equal(ops.attention(q, k, v, dropout_p=0.5, seed=torch.tensor([7])),
+                               ops.attention(q, k, v, dropout_p=0.5, seed=7))

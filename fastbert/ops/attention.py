@@ -154,6 +154,22 @@ def _check_scale(softmax_scale, op):
                          f"got {softmax_scale}")
 
 
+def _check_seed(seed, op):
+    """seed: None (drawn), an int in [0, 2**31) (the range seeds are drawn from; the kernels' Philox
+    keys gave one mask for 2**31 and 2**63 - 1, and 2**64 overflowed in the launcher), or an int64
+    tensor of one element (read by the kernels, as under torch.compile)."""
+    if seed is None:
+        return
+    if isinstance(seed, torch.Tensor):
+        if seed.dtype != torch.int64 or seed.numel() != 1:
+            raise ValueError(f"{op}: a tensor seed must hold one int64, got {seed.dtype} of shape {tuple(seed.shape)}")
+        return
+    if isinstance(seed, bool) or not isinstance(seed, (int, torch.SymInt)):
+        raise TypeError(f"{op}: seed must be None or an int in [0, 2**31), got {type(seed).__name__}")
+    if not 0 <= seed < 2**31:
+        raise ValueError(f"{op}: seed must be in [0, 2**31), got {seed}")
+
+
 def _check_varlen(q, k, v, cu_seqlens, max_seqlen):
     _check_qkv(q, k, v, 3, "(total_tokens, heads, head_dim)", "attention_varlen")
     if not isinstance(cu_seqlens, torch.Tensor):
@@ -680,6 +696,7 @@ def attention(q, k, v, mask=None, dropout_p=0.0, softmax_scale=None, *, seed=Non
     """
     _check(q, k, v, mask)
     check_dropout("attention", dropout_p)
+    _check_seed(seed, "attention")
     _check_scale(softmax_scale, "attention")
     seqlen, batch_heads = q.shape[1], _cuda_batch_heads(q)
     backend = _kernel_backend(q, k, v, seqlen, batch_heads)
@@ -702,6 +719,7 @@ def attention_varlen(q, k, v, cu_seqlens, max_seqlen, dropout_p=0.0, softmax_sca
     """
     _check_varlen(q, k, v, cu_seqlens, max_seqlen)
     check_dropout("attention_varlen", dropout_p)
+    _check_seed(seed, "attention_varlen")
     _check_scale(softmax_scale, "attention_varlen")
     batch_heads = _cuda_batch_heads(q, cu_seqlens)
     backend = _kernel_backend(q, k, v, max_seqlen, batch_heads)
