@@ -492,3 +492,19 @@ def test_bad_seeds_are_named(backend):
         if backend != "torch":  # whose dropout draws from torch's generator (the seed is the kernels')
             assert torch.equal(ops.attention(q, k, v, dropout_p=0.5, seed=torch.tensor([7])),
                                ops.attention(q, k, v, dropout_p=0.5, seed=7))
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("varlen", [False, True])
+def test_attention_under_autocast_returns_q_dtype_on_every_backend(backend, varlen):
+    """autocast ran the torch backend's SDPA in float16 for float32 q, k, v (float16 out, 2e-3 off),
+    while the kernel backends return q's dtype."""
+    q, k, v = _qkv()
+    qp, kp, vp, cu = _packed()
+    call = (lambda: ops.attention_varlen(qp, kp, vp, cu, 4)) if varlen else (lambda: ops.attention(q, k, v))
+    with ops.use_backend(backend):
+        plain = call()
+        with torch.autocast("cpu", dtype=torch.float16):
+            autocast = call()
+    assert autocast.dtype == plain.dtype == torch.float32
+    assert torch.equal(autocast, plain)

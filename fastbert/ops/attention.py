@@ -90,10 +90,13 @@ def _attention_torch(q, k, v, mask, dropout_p, softmax_scale):
         # A finite bias (not -inf) keeps fully masked rows finite; they are zeroed below.
         bias = torch.zeros(mask.shape, dtype=q.dtype, device=q.device)
         bias = bias.masked_fill(~mask, torch.finfo(q.dtype).min)[:, None, None, :]  # (B, 1, 1, S)
-    out = F.scaled_dot_product_attention(
-        q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2),
-        attn_mask=bias, dropout_p=dropout_p, scale=scale,
-    ).transpose(1, 2)                                                # (B, S, H, D)
+    # In q's dtype, as the kernels compute it: autocast would run float32 inputs in half here only,
+    # and the backends would return different dtypes and values for one call.
+    with torch.autocast(q.device.type, enabled=False):
+        out = F.scaled_dot_product_attention(
+            q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2),
+            attn_mask=bias, dropout_p=dropout_p, scale=scale,
+        ).transpose(1, 2)                                            # (B, S, H, D)
     if mask is not None:
         out = out * mask.any(dim=1)[:, None, None, None].to(out.dtype)
     return out
