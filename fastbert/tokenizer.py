@@ -137,6 +137,9 @@ class Tokenizer:
                     raise TypeError(f"{name}[{i}] must be a str, got {type(t).__name__}")
         if max_length is not None and (isinstance(max_length, bool) or not isinstance(max_length, int)):
             raise TypeError(f"max_length must be an int or None, got {type(max_length).__name__}")
+        if isinstance(stride, bool) or not isinstance(stride, int) or stride < 0:
+            # -1 came back as an OverflowError from tokenizers, 1.5 as a TypeError naming neither
+            raise ValueError(f"stride must be an int >= 0 (tokens shared by consecutive windows), got {stride!r}")
         max_length = self.model_max_length if max_length is None else max_length
         if max_length < 3 + (pairs is not None):
             raise ValueError(f"max_length must leave room for the special tokens, got {max_length}")

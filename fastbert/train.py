@@ -380,7 +380,10 @@ class Trainer:
     # -- the loop ----------------------------------------------------------------
 
     def _forward_backward(self, batch, scale: float) -> tuple[float, int]:
-        tokens = int(batch["attention_mask"].sum())  # on the host still: no device sync
+        # on the host still: no device sync. A collate of its own may leave the mask out (the model
+        # takes None: every token real)
+        mask = batch.get("attention_mask")
+        tokens = int(mask.sum()) if mask is not None else batch["input_ids"].numel()
         batch = {k: v.to(self.device, non_blocking=True) for k, v in batch.items() if k in self._model_inputs}
         with torch.autocast(self.device.type, dtype=self.autocast, enabled=self.autocast is not None):
             loss = self._train_forward(**batch).loss

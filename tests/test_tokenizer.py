@@ -78,6 +78,9 @@ def test_padding_to_max_length_and_bad_calls(both):
         ours(["a"], truncation="middle")
     with pytest.raises(ValueError, match="enable truncation"):
         ours(["word " * 600], truncation=False)
+    for stride in (-1, 1.5, "2", True):  # -1: tokenizers' OverflowError; 1.5: a TypeError naming nothing
+        with pytest.raises(ValueError, match=r"stride must be an int >= 0 \(tokens shared by consecutive windows\)"):
+            ours(["a b c"], ["d e f"], max_length=6, truncation="only_second", stride=stride, return_overflowing=True)
 
 
 def test_decode_bounds_and_pair_room(both):

@@ -689,3 +689,21 @@ def test_weights_made_non_finite_by_the_last_update_are_not_saved(tmp_path):
     with pytest.raises(FloatingPointError, match=r"weights became non-finite at step 3 \(classifier.weight\)"):
         trainer.train()
     assert not any(p.name.startswith(("checkpoint-", ".staging")) for p in tmp_path.iterdir())
+
+
+def test_a_collate_without_attention_mask_trains(tmp_path):
+    """The model takes attention_mask=None (every token real); the Trainer's token count read the
+    mask and failed with a bare KeyError."""
+    def collate_unpadded(examples):
+        batch = _collate(examples)
+        assert bool(batch.pop("attention_mask").all())  # one length: nothing padded
+        return batch
+
+    generator = torch.Generator().manual_seed(0)
+    features = [{"input_ids": torch.randint(1, 64, (6,), generator=generator), "label": i % 2} for i in range(8)]
+    torch.manual_seed(0)
+    model = heads.BertForSequenceClassification(fastbert.BertConfig(**CONFIG), num_labels=2)
+    cfg = train.TrainConfig(out=tmp_path, max_steps=2, batch_size=4, lr=1e-3, progress=False)
+    before = model.classifier.weight.detach().clone()
+    summary = train.Trainer(model, features, collate_unpadded, cfg).train()
+    assert summary["tokens_per_s"] > 0 and not torch.equal(before, model.classifier.weight)
