@@ -112,6 +112,22 @@ def test_torch_backend_under_autocast_promotes(copy):
         assert y_copy.dtype == dtype and torch.equal(y_copy, y.to(dtype))
 
 
+@pytest.mark.parametrize("backend", ["torch", "triton"])
+def test_half_weights_with_the_autocast_mix_are_taken_by_every_backend(backend):
+    """x in the autocast dtype, the float32 residual stream and weights in x's dtype (a model cast to
+    half, its LayerNorm run under autocast): the kernel backends took them and the torch backend refused
+    them, because it checked the weights against the promoted x. Both take them now, within float32's
+    error of the float64 reference (the weights are exact in either dtype)."""
+    dtype = torch.bfloat16 if ON_GPU else torch.float16
+    (x, r, w, b), _ = layernorm_inputs((4, 64), torch.float32, seed=11)
+    x, w, b = x.to(dtype), w.to(dtype), b.to(dtype)
+    with use_backend(backend), torch.autocast(DEVICE.type, dtype=dtype):
+        y = add_layernorm(x, r, w, b, EPS)
+    assert y.dtype == torch.float32
+    ref = add_layernorm_ref(*(t.double() for t in (x, r, w, b)), EPS)
+    assert_close_to_ref(y, ref, add_layernorm_ref(x.float(), r, w.float(), b.float(), EPS), "y")
+
+
 def test_references_normalise_half_activations_with_fp32_params_using_eps():
     """The references' mixed-precision path (float16 x, float32 weight/bias: the torch backend on a
     GPU, and the kernel tests' reference) normalises in float32 with the eps given. A large eps

@@ -374,10 +374,14 @@ def add_layernorm(x, residual, weight, bias, eps, dropout_p=0.0, *, copy_in_x_dt
     """
     x_dtype = x.dtype if isinstance(x, torch.Tensor) else None
     mixed = _autocast_mixed(x, residual)
+    # Checked on the dtypes given (weight: x's or float32), on every backend alike: after the
+    # promotion below half weights no longer matched x, and only the torch backend refused them.
+    _check_rows("add_layernorm", x, weight, bias, residual, mixed_ok=mixed)
     if mixed and not (x.dtype in _HALF_DTYPES and residual.dtype == torch.float32 and resolve(x.device) != "torch"):
         x, residual = _promote(x, residual)
+        if weight.dtype not in (x.dtype, torch.float32):
+            weight, bias = weight.float(), bias.float()
         mixed = False
-    _check_rows("add_layernorm", x, weight, bias, residual, mixed_ok=mixed)
     _check_eps("add_layernorm", eps)
     check_dropout("add_layernorm", dropout_p)
     backend = _rows_backend(x)
