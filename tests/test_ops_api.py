@@ -245,6 +245,24 @@ def test_argument_checks_trace_under_compile_with_dynamic_floats():
             assert torch.allclose(compiled(q, k, v, scale, 1e-5), f(q, k, v, scale, 1e-5))
 
 
+def test_a_second_dropout_value_traces_under_compile():
+    """A second dropout_p makes it a SymFloat in the trace; dropout_p's float32 check (struct.pack)
+    sent Dynamo into a RecursionError there (a dropout sweep in one process with --compile)."""
+    q, k, v = _qkv()
+    x, residual, weight, bias = _rows()
+
+    def f(p):
+        return ops.attention(q, k, v, dropout_p=p).sum() + ops.add_layernorm(x, residual, weight, bias, 1e-5, p).sum()
+
+    compiled = torch.compile(f, fullgraph=True, backend="eager")
+    with ops.use_backend("torch"):
+        for p in (0.1, 0.2, 0.3):
+            torch.manual_seed(0)
+            expected = f(p)
+            torch.manual_seed(0)
+            assert torch.allclose(compiled(p), expected), p
+
+
 # -- dropout_p range, backend dispatch ----------------------------------------------------------
 
 

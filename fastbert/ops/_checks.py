@@ -19,7 +19,9 @@ def check_dropout(op: str, dropout_p) -> None:
         raise TypeError(f"{op}: dropout_p must be a float in [0, 1), got {type(dropout_p).__name__}")
     if not 0.0 <= dropout_p < 1.0:
         raise ValueError(f"{op}: dropout_p must be in [0, 1), got {dropout_p}")
-    if isinstance(dropout_p, numbers.Real) and dropout_p > 0.0:
+    # Not while tracing: a second dropout value makes p a SymFloat there, and Dynamo's stand-in for
+    # struct.pack recursed until it crashed. The eager call before the trace has checked the value.
+    if not torch.compiler.is_compiling() and isinstance(dropout_p, numbers.Real) and dropout_p > 0.0:
         # The kernels take p as a float32, the launchers decide "dropout or not" on the Python float:
         # 1e-46 became 0.0f, the CUDA backward then skipped the dx it was asked for (uninitialised
         # memory came back as x.grad), and 1 - 1e-9 became 1.0f, refused deep in the extension.

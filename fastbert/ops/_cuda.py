@@ -28,6 +28,7 @@ from __future__ import annotations
 import contextlib
 import functools
 import math
+import struct
 
 import torch
 
@@ -181,6 +182,11 @@ def _check_residual(op, name, t, x, like=None):
         raise ValueError(f"{op}: {name} must be {tuple(x.shape)} {want}, got {tuple(t.shape)} {t.dtype}")
 
 
+def _float32(value: float) -> float:
+    """value as the extension receives it (a C float)."""
+    return struct.unpack("f", struct.pack("f", value))[0]
+
+
 def add_layernorm_fwd(x, residual, weight, bias, eps, dropout_p=0.0, seed=None, copy=False):
     """y = LayerNorm(dropout(x) + residual) over the last dimension (csrc/layernorm.cuh).
 
@@ -198,7 +204,7 @@ def add_layernorm_fwd(x, residual, weight, bias, eps, dropout_p=0.0, seed=None, 
     residual = residual.contiguous()
     (weight, bias), param_code = _params(op, x, ("weight", weight), ("bias", bias))
     m, n = x2.shape
-    has_dropout = dropout_p > 0.0
+    has_dropout = _float32(dropout_p) > 0.0  # as the extension sees p (ops check it, but not in a trace)
     if has_dropout:
         if seed is None:
             raise ValueError(f"{op}: dropout_p > 0 needs a seed")
@@ -241,7 +247,7 @@ def add_layernorm_bwd(dy, x, residual, weight, mean, rstd, dropout_p=0.0, seed=N
     (weight,), param_code = _params(op, x, ("weight", weight))
     m, n = x2.shape
     mean, rstd = _stats(op, "mean", mean, m), _stats(op, "rstd", rstd, m)
-    has_dropout = dropout_p > 0.0
+    has_dropout = _float32(dropout_p) > 0.0  # as the extension sees p (ops check it, but not in a trace)
     if has_dropout:
         if seed is None:
             raise ValueError(f"{op}: dropout_p > 0 needs the forward's seed")
