@@ -90,9 +90,22 @@ class Tokenizer:
         from .checkpoint import atomic_write_text
 
         folder = Path(folder)
+        folder.mkdir(parents=True, exist_ok=True)
         atomic_write_text(folder / "tokenizer.json", self._tok.to_str())
-        atomic_write_text(folder / "tokenizer_config.json",
-                          json.dumps({"tokenizer_class": "BertTokenizer", "model_max_length": self.model_max_length}) + "\n")
+        config = {"tokenizer_class": "BertTokenizer", "model_max_length": self.model_max_length,
+                  **self._normalizer_settings()}
+        atomic_write_text(folder / "tokenizer_config.json", json.dumps(config) + "\n")
+
+    def _normalizer_settings(self) -> dict:
+        """BertTokenizer's settings as the normaliser in use has them. transformers 5 rebuilds a
+        BertTokenizer's normaliser from tokenizer_config.json, defaulting to lower case: a cased
+        model's tokenizer saved without them tokenised lower-cased and accent-stripped there."""
+        normalizer = json.loads(self._tok.to_str()).get("normalizer") or {}
+        if normalizer.get("type") != "BertNormalizer":
+            return {}
+        return {"do_lower_case": bool(normalizer.get("lowercase", True)),
+                "strip_accents": normalizer.get("strip_accents"),
+                "tokenize_chinese_chars": bool(normalizer.get("handle_chinese_chars", True))}
 
     def tokenize(self, text: str) -> list[str]:
         return self._tok.encode(text, add_special_tokens=False).tokens

@@ -122,6 +122,25 @@ def test_vocab_txt_fallback_follows_tokenizer_config_like_transformers(tmp_path,
         assert ours.tokenize(text) == theirs.tokenize(text), text
 
 
+@pytest.mark.parametrize("settings", [{"do_lower_case": False}, {"do_lower_case": True, "strip_accents": False},
+                                      {"tokenize_chinese_chars": False}, {}])
+def test_saved_tokenizer_tokenises_the_same_in_transformers(tmp_path, settings):
+    """Tokenizer.save wrote tokenizer_config.json without BertTokenizer's settings; transformers 5
+    rebuilds the normaliser from that file and took a cased model's tokenizer as lower-cased."""
+    folder = fastbert.default_model_path()
+    source, saved = tmp_path / "source", tmp_path / "saved" / "new"       # save makes its folder
+    source.mkdir()
+    (source / "vocab.txt").write_bytes((folder / "vocab.txt").read_bytes())
+    (source / "tokenizer_config.json").write_text(json.dumps({"tokenizer_class": "BertTokenizer", **settings}))
+    ours = fastbert.Tokenizer.from_pretrained(source)
+    ours.save(saved)
+    theirs = transformers.AutoTokenizer.from_pretrained(str(saved))
+    reloaded = fastbert.Tokenizer.from_pretrained(saved)
+    for text in ("Hello World", "Café naïve RÉSUMÉ", "北京大学 in Beijing"):
+        ids = ours([text])["input_ids"][0].tolist()
+        assert ids == theirs(text)["input_ids"] == reloaded([text])["input_ids"][0].tolist(), text
+
+
 def test_malformed_tokenizer_files_raise_value_errors_naming_the_file(tmp_path):
     folder = fastbert.default_model_path()
     (tmp_path / "config.json").write_bytes((folder / "config.json").read_bytes())
