@@ -57,6 +57,7 @@ class _TaskModel(nn.Module):
     def __init__(self, config: BertConfig, num_outputs: int, backend: str | None = None):
         super().__init__()
         self.config = config
+        self.head_loaded = False  # from_pretrained: True when the checkpoint's head weights were loaded
         self.bert = BertModel(config, backend=backend, add_pooling_layer=self.uses_pooler)
         classifier_dropout = config.extra.get("classifier_dropout")  # 0.0 is a setting, as in transformers
         self.dropout_p = config.hidden_dropout_prob if classifier_dropout is None else classifier_dropout
@@ -84,18 +85,26 @@ class _TaskModel(nn.Module):
         head_keys = checkpoint.load_encoder(model.bert, state, source=folder)
         head_state = {k.split(".", 1)[1]: state[k] for k in head_keys if k.startswith(model.head_name + ".")}
         own = model.head.state_dict()
-        if head_state and all(k in head_state and head_state[k].shape == v.shape for k, v in own.items()):
+        model.head_loaded = bool(head_state) and all(k in head_state and head_state[k].shape == v.shape
+                                                     for k, v in own.items())
+        if model.head_loaded:
             for key in own:
                 checkpoint.check_weight(f"{model.head_name}.{key}", head_state[key], folder)
             model.head.load_state_dict({k: head_state[k] for k in own})
-        elif head_keys:
+        elif not head_keys:
+            # as transformers says it: an encoder checkpoint is the usual start of a fine-tuning, and a
+            # model used for predictions before it is trained is random where its head is
+            warnings.warn(f"checkpoint {folder} has no head weights: {model.head_name} is newly initialised "
+                          f"(normal, std={config.initializer_range}; zero bias). Fine-tune it before use.",
+                          NewHeadWarning, stacklevel=2)
+        else:
             # A fine-tuned head dropped without a word (num_labels other than the checkpoint's, another
             # task's head) would leave a random one in its place: said, as transformers says it.
             shapes = ", ".join(f"{k} {tuple(state[k].shape)}" for k in sorted(head_keys))
             wanted = ", ".join(f"{model.head_name}.{k} {tuple(v.shape)}" for k, v in own.items())
             warnings.warn(f"checkpoint {folder}: its head weights ({shapes}) do not fit this model's head ({wanted}); "
                           f"the head is newly initialised (normal, std={config.initializer_range}; zero bias). "
-                          "Fine-tune it before use.", stacklevel=2)
+                          "Fine-tune it before use.", NewHeadWarning, stacklevel=2)
         return model.eval()  # as transformers returns it (BertModel.from_pretrained says why)
 
     @classmethod
@@ -120,6 +129,10 @@ class _TaskModel(nn.Module):
 
     def _dropout(self, x):
         return F.dropout(x, self.dropout_p, self.training)
+
+
+class NewHeadWarning(UserWarning):
+    """from_pretrained initialised the head (none, or none that fits, in the checkpoint)."""
 
 
 class BertForSequenceClassification(_TaskModel):

@@ -301,5 +301,14 @@ class BertModel(nn.Module):
         folder = Path(folder)
         folder.mkdir(parents=True, exist_ok=True)
         checkpoint.record_dtype(self.config, self)
-        self.config.to_json(folder / "config.json")
+        self.encoder_config().to_json(folder / "config.json")
         checkpoint.save_state_dict(checkpoint.encoder_to_hf(self), folder / "model.safetensors")
+
+    # What a task model's config adds: a task model's encoder shares its config, and an encoder saved
+    # with them was taken for the task model (by transformers' Auto classes and by `fastbert predict`).
+    TASK_CONFIG_KEYS = ("fastbert_task", "id2label", "label2id", "problem_type", "num_labels")
+
+    def encoder_config(self) -> BertConfig:
+        """A copy of the config for this encoder alone: architectures BertModel, no task keys."""
+        extra = {k: v for k, v in self.config.extra.items() if k not in self.TASK_CONFIG_KEYS}
+        return dataclasses.replace(self.config, extra={**extra, "architectures": ["BertModel"]})

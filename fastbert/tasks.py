@@ -10,6 +10,7 @@ on the encoder and how to score it.
 from __future__ import annotations
 
 import dataclasses
+import warnings
 from typing import Sequence
 
 import torch
@@ -100,7 +101,21 @@ def read(spec: TaskSpec, path, tokenizer, max_examples: int | None = None, label
                                               max_question_tokens=spec.max_question_len), examples)
 
 
-def build_model(spec: TaskSpec, model_path, backend=None):
+def build_model(spec: TaskSpec, model_path, backend=None, fine_tuned=False):
+    """The task's head on the checkpoint at model_path. fine_tuned: the checkpoint must hold that head
+    (predict, evaluate); otherwise a new head is what fine-tuning starts from, and not warned about."""
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", heads.NewHeadWarning)  # expected, or refused below
+        model = _build_head(spec, model_path, backend)
+    if fine_tuned and not model.head_loaded:
+        raise ValueError(f"{model_path} holds no {model.head_name} weights for its task ({spec.kind}, "
+                         f"{model.head.out_features} outputs): an encoder saved without its head is no fine-tuned "
+                         "model (save the task model, as `fastbert finetune` does)")
+    model.config.extra["fastbert_task"] = dataclasses.asdict(spec)
+    return model
+
+
+def _build_head(spec: TaskSpec, model_path, backend):
     if spec.kind == "qa":
         model = heads.BertForQuestionAnswering.from_pretrained(model_path, backend=backend)
     elif spec.kind == "tagging":
@@ -109,7 +124,6 @@ def build_model(spec: TaskSpec, model_path, backend=None):
         model = heads.BertForSequenceClassification.from_pretrained(model_path, num_labels=1, backend=backend)
     else:
         model = heads.BertForSequenceClassification.from_pretrained(model_path, labels=spec.labels, backend=backend)
-    model.config.extra["fastbert_task"] = dataclasses.asdict(spec)
     return model
 
 
@@ -123,7 +137,7 @@ def load_finetuned(model_dir, backend=None):
     if not saved:
         raise ValueError(f"{folder} was not saved by `fastbert finetune` (its config.json has no fastbert_task)")
     spec = TaskSpec(**saved)
-    return build_model(spec, folder, backend), spec
+    return build_model(spec, folder, backend, fine_tuned=True), spec
 
 
 @torch.no_grad()

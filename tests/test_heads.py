@@ -225,7 +225,10 @@ def test_head_weights_that_do_not_fit_are_reported(tmp_path):
         heads.BertForSequenceClassification.from_pretrained(tmp_path, num_labels=3)
     import warnings
     with warnings.catch_warnings():
-        warnings.simplefilter("error")                                  # a head that fits, or none at all: silent
+        warnings.simplefilter("error")                                  # a head that fits: silent
+        heads.BertForSequenceClassification(fastbert.BertConfig(**CONFIG), num_labels=2).save_pretrained(tmp_path / "b")
+        assert heads.BertForSequenceClassification.from_pretrained(tmp_path / "b").head_loaded
+    with pytest.warns(heads.NewHeadWarning, match="has no head weights"):  # none at all: said, as transformers does
         heads.BertForSequenceClassification.from_pretrained("default", num_labels=3)
 
 
@@ -335,3 +338,30 @@ def test_num_labels_and_label_names_are_checked(tmp_path):
         (tmp_path / "config.json").write_text(json.dumps({**saved, "id2label": bad}))
         with pytest.raises(ValueError, match="id2label must be an object of label names by id"):
             heads.BertForSequenceClassification.from_pretrained(tmp_path)
+
+
+def test_an_encoder_saved_alone_is_no_task_model(tmp_path):
+    """model.bert.save_pretrained wrote the task model's config (fastbert_task, id2label, architectures
+    BertForSequenceClassification), so `fastbert predict` and transformers' Auto classes took the folder
+    for a fine-tuned model and ran a new random head on it, silently."""
+    from fastbert import tasks
+
+    spec = tasks.TaskSpec(name="x", kind="single", labels=["no", "yes"])
+    model = tasks.build_model(spec, "default")        # fine-tuning starts from an encoder: no warning here
+    assert not model.head_loaded
+    model.save_pretrained(tmp_path / "task")
+    loaded, _ = tasks.load_finetuned(tmp_path / "task")
+    assert loaded.head_loaded
+    model.bert.save_pretrained(tmp_path / "encoder")
+    saved = json.loads((tmp_path / "encoder" / "config.json").read_text())
+    assert saved["architectures"] == ["BertModel"]
+    assert not {"fastbert_task", "id2label", "label2id", "problem_type"} & saved.keys()
+    assert "fastbert_task" in model.config.extra                        # the task model's config is untouched
+    with pytest.raises(ValueError, match="was not saved by `fastbert finetune`"):
+        tasks.load_finetuned(tmp_path / "encoder")
+    with pytest.warns(heads.NewHeadWarning, match="has no head weights: classifier is newly initialised"):
+        heads.BertForSequenceClassification.from_pretrained(tmp_path / "encoder", num_labels=2)
+    # a task config over encoder-only weights (hand-assembled): refused, not run with a random head
+    (tmp_path / "encoder" / "config.json").write_text((tmp_path / "task" / "config.json").read_text())
+    with pytest.raises(ValueError, match="holds no classifier weights for its task"):
+        tasks.load_finetuned(tmp_path / "encoder")
