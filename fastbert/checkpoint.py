@@ -161,11 +161,20 @@ def check_writable(flag: str, path, folder: bool) -> None:
         raise ValueError(f"{flag} {str(path)!r}: {str(above)!r} is a file, not a folder")
 
 
+def _umask() -> int:
+    mask = os.umask(0o022)  # reading it means setting it; put back at once
+    os.umask(mask)
+    return mask
+
+
 def atomic_write_bytes(path: Path, data: bytes) -> None:
     """Write to a temporary file beside `path`, then rename: a reader never sees half a file."""
     path = Path(path)
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
     try:
+        # mkstemp makes the file 0600: give it the mode open() would, so that another user (a serving
+        # container, a shared group folder) can read the model as with any other file written here
+        os.fchmod(fd, 0o666 & ~_umask())
         with os.fdopen(fd, "wb") as f:
             f.write(data)
             f.flush()

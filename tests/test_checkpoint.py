@@ -1,6 +1,8 @@
 """Checkpoints move both ways between fastbert and transformers; broken ones fail clearly."""
 import json
+import os
 import re
+import stat
 
 import pytest
 from hypothesis import given, settings, strategies as st
@@ -389,3 +391,17 @@ def test_pickle_with_code_is_refused_even_where_torch_would_unpickle_it(tmp_path
     monkeypatch.setenv("TORCH_FORCE_NO_WEIGHTS_ONLY_LOAD", "1")
     with pytest.raises(ValueError, match="could not be loaded with weights_only=True"):
         fastbert.BertModel.from_pretrained(tmp_path)
+
+
+@pytest.mark.parametrize("umask", [0o022, 0o077])
+def test_saved_files_get_the_mode_the_umask_gives(tmp_path, umask):
+    """mkstemp's 0600 reached every saved file (config, weights, tokenizer, metrics): another user
+    could not read the model whatever the umask."""
+    from fastbert.checkpoint import atomic_write_text
+
+    old = os.umask(umask)
+    try:
+        atomic_write_text(tmp_path / "config.json", "{}\n")
+    finally:
+        os.umask(old)
+    assert stat.S_IMODE((tmp_path / "config.json").stat().st_mode) == 0o666 & ~umask
