@@ -136,7 +136,15 @@ def load_finetuned(model_dir, backend=None):
     saved = BertConfig.from_json(folder / "config.json").extra.get("fastbert_task")
     if not saved:
         raise ValueError(f"{folder} was not saved by `fastbert finetune` (its config.json has no fastbert_task)")
-    spec = TaskSpec(**saved)
+    known = {f.name for f in dataclasses.fields(TaskSpec)}
+    if not isinstance(saved, dict) or (unknown := sorted(set(saved) - known)):
+        what = f"fields {unknown}" if isinstance(saved, dict) else f"a {type(saved).__name__}"
+        raise ValueError(f"{folder / 'config.json'}: fastbert_task holds {what} this fastbert does not know "
+                         f"(known: {sorted(known)}); was it saved by another version?")
+    try:
+        spec = TaskSpec(**saved)
+    except TypeError as err:  # a required field missing
+        raise ValueError(f"{folder / 'config.json'}: fastbert_task is incomplete: {err}") from None
     return build_model(spec, folder, backend, fine_tuned=True), spec
 
 

@@ -231,3 +231,18 @@ def test_evaluate_multiclass_reports_accuracy_only():
     preds = torch.stack(_logits(model, feats)).argmax(-1).numpy()
     expected = sklearn.metrics.accuracy_score([f["labels"] for f in feats], preds)
     assert tasks.evaluate(model, spec, tasks.TaskData(feats)) == {"accuracy": pytest.approx(expected)}
+
+
+def test_a_saved_task_spec_this_version_does_not_know_is_named(tmp_path):
+    """An unknown fastbert_task field (a newer fastbert's, an edited file) ended predict/evaluate in a
+    TypeError traceback."""
+    spec = tasks.TaskSpec(name="x", kind="single", labels=["no", "yes"])
+    tasks.build_model(spec, "default").save_pretrained(tmp_path)
+    config = json.loads((tmp_path / "config.json").read_text())
+    assert tasks.load_finetuned(tmp_path)[1] == spec
+    for task, message in (({**config["fastbert_task"], "new_field": 1}, r"fields \['new_field'\] this fastbert does not know"),
+                          ("single", "holds a str this fastbert does not know"),
+                          ({"name": "x"}, "fastbert_task is incomplete")):
+        (tmp_path / "config.json").write_text(json.dumps({**config, "fastbert_task": task}))
+        with pytest.raises(ValueError, match=message):
+            tasks.load_finetuned(tmp_path)
