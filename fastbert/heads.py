@@ -80,6 +80,7 @@ class _TaskModel(nn.Module):
         config = BertConfig.from_json(folder / "config.json")
         if config_overrides:  # through from_dict: checked, and keys it has no field for go to `extra`
             config = BertConfig.from_dict({**config.to_dict(), **config_overrides})
+        saved_names = _label_names(config.extra.get("id2label"))  # before _build records the new ones
         model = cls._build(config, num_labels, labels, backend)
         state = checkpoint.read_state_dict(folder)
         head_keys = checkpoint.load_encoder(model.bert, state, source=folder)
@@ -91,6 +92,8 @@ class _TaskModel(nn.Module):
             for key in own:
                 checkpoint.check_weight(f"{model.head_name}.{key}", head_state[key], folder)
             model.head.load_state_dict({k: head_state[k] for k in own})
+            if labels is not None and saved_names is not None:
+                _follow_label_order(model, saved_names, list(labels), folder)
         elif not head_keys:
             # as transformers says it: an encoder checkpoint is the usual start of a fine-tuning, and a
             # model used for predictions before it is trained is random where its head is
@@ -287,6 +290,31 @@ def _check_labels(labels, shape, num_labels, regression=False, column_ok=False):
     if low < 0 or high >= num_labels:
         raise ValueError(f"labels must lie in [0, num_labels={num_labels}) or be {IGNORE_INDEX} (ignored), "
                          f"got values in [{low}, {high}]")
+
+
+def _label_names(id2label) -> list | None:
+    """A checkpoint's label names by row, or None where its id2label does not name every row 0..n-1."""
+    if not isinstance(id2label, dict):
+        return None
+    names = [id2label.get(str(i), id2label.get(i)) for i in range(len(id2label))]
+    return names if None not in names else None
+
+
+def _follow_label_order(model, saved_names: list, names: list, folder) -> None:
+    """A loaded head's row i scores the checkpoint's label saved_names[i]. Labels given in another order
+    (fastbert reads a dataset's labels sorted; an NLI checkpoint's are contradiction, neutral,
+    entailment) relabelled the rows without moving them: the rows follow their names now, as
+    transformers' run_glue maps them through the checkpoint's label2id."""
+    if saved_names == names:
+        return
+    if sorted(map(str, saved_names)) != sorted(map(str, names)) or len(set(saved_names)) != len(saved_names):
+        warnings.warn(f"checkpoint {folder}: its head's labels {saved_names} are not the labels given {names}; "
+                      "its rows are kept in order and named by the labels given", stacklevel=3)
+        return
+    order = torch.tensor([saved_names.index(name) for name in names])
+    with torch.no_grad():
+        for param in model.head.parameters():
+            param.copy_(param[order.to(param.device)])
 
 
 def _resolve_labels(config: BertConfig, num_labels, labels):

@@ -365,3 +365,26 @@ def test_an_encoder_saved_alone_is_no_task_model(tmp_path):
     (tmp_path / "encoder" / "config.json").write_text((tmp_path / "task" / "config.json").read_text())
     with pytest.raises(ValueError, match="holds no classifier weights for its task"):
         tasks.load_finetuned(tmp_path / "encoder")
+
+
+@pytest.mark.parametrize("make", [heads.BertForSequenceClassification, heads.BertForTokenClassification])
+def test_a_loaded_head_follows_its_label_names(tmp_path, make):
+    """Labels given in another order than the checkpoint's (fastbert reads a dataset's labels sorted)
+    renamed the head's rows without moving them: each label scored as another one."""
+    torch.manual_seed(0)
+    saved = make(fastbert.BertConfig(**CONFIG), 3)
+    saved.config.extra["id2label"] = {"0": "contradiction", "1": "neutral", "2": "entailment"}
+    saved.config.extra["label2id"] = {"contradiction": 0, "neutral": 1, "entailment": 2}
+    saved.save_pretrained(tmp_path)
+    ids = torch.randint(1, CONFIG["vocab_size"], (2, 6))
+    before = saved.eval()(ids).logits
+    names = ["contradiction", "entailment", "neutral"]                   # sorted, as a TSV's labels are read
+    loaded = make.from_pretrained(tmp_path, labels=names)
+    after = loaded(ids).logits
+    for new, name in enumerate(names):
+        old = ["contradiction", "neutral", "entailment"].index(name)
+        assert torch.allclose(after[..., new], before[..., old], atol=1e-6), name
+    assert loaded.config.extra["id2label"] == {"0": "contradiction", "1": "entailment", "2": "neutral"}
+    with pytest.warns(UserWarning, match=r"its head's labels \['contradiction', 'neutral', 'entailment'\] are not"):
+        kept = make.from_pretrained(tmp_path, labels=["a", "b", "c"])
+    assert torch.allclose(kept(ids).logits, before, atol=1e-6)                # rows kept in order
