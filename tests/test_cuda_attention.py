@@ -253,9 +253,8 @@ def test_auto_backend_falls_back_for_unsupported_inputs():
     assert A._cuda_supports(*[torch.empty(1, 4, 2, 64, dtype=torch.float16)] * 3)
     assert not A._cuda_supports(*[torch.empty(1, 4, 2, 64)] * 3)                       # float32
     assert not A._cuda_supports(*[torch.empty(1, 4, 2, 48, dtype=torch.bfloat16)] * 3)  # head dim
-    assert A._cuda_fallback(torch.device("cuda")) == "triton"
-    with use_backend("cuda"):
-        assert A._cuda_fallback(torch.device("cuda")) == "cuda"
+    assert A._cuda_fallback("auto", torch.device("cuda")) == "triton"
+    assert A._cuda_fallback("cuda", torch.device("cuda")) == "cuda"
 
 
 def test_extension_bindings_and_no_gpu_error():

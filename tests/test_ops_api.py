@@ -526,3 +526,29 @@ def test_attention_under_autocast_returns_q_dtype_on_every_backend(backend, varl
             autocast = call()
     assert autocast.dtype == plain.dtype == torch.float32
     assert torch.equal(autocast, plain)
+
+
+def test_a_compiled_call_follows_a_later_backend_choice():
+    """The backend asked for outside a compiled region was read once while tracing, unguarded:
+    set_backend or use_backend around a compiled model changed nothing, silently (a check against
+    the "torch" reference ran the kernels). It is guarded now: another choice re-traces. Here the
+    choice "cuda" on CPU tensors must raise as in eager mode, and "auto" run again."""
+    x, residual, weight, bias = _rows()
+    q, k, v = _qkv()
+
+    def f(x):
+        return ops.add_layernorm(x, residual, weight, bias, 1e-5).sum() + ops.attention(q, k, v).sum()
+
+    compiled = torch.compile(f, fullgraph=True, backend="eager")
+    expected = f(x)
+    assert torch.allclose(compiled(x), expected)
+    try:
+        ops.set_backend("cuda")
+        with pytest.raises(Exception, match="fastbert backend 'cuda' cannot run on a cpu tensor"):
+            compiled(x)
+    finally:
+        ops.set_backend("auto")
+    assert torch.allclose(compiled(x), expected)
+    with ops.use_backend("cuda"), pytest.raises(Exception, match="fastbert backend 'cuda' cannot run on a cpu tensor"):
+        compiled(x)
+    assert torch.allclose(compiled(x), expected)

@@ -110,6 +110,7 @@ def set_backend(name: str) -> None:
     """Set the process-wide default backend ("auto" restores the automatic choice)."""
     global _default
     _default = check_backend_name(name)
+    _mirror_for_compile()
 
 
 # Scopes opened inside a torch.compile'd region (a model built with backend=...): Dynamo
@@ -117,18 +118,25 @@ def set_backend(name: str) -> None:
 # reads them while tracing, so the compiled graph keeps the scoped choice.
 _compiled_scopes: list[str] = []
 
+# What compiled code reads for the backend asked for outside it: `_scoped.get() or _default`, kept
+# in step by set_backend and use_backend. Dynamo cannot trace the ContextVar, but it guards a module
+# global it reads, so a compiled graph is re-traced when the choice changes. (It was read once as an
+# unguarded constant: set_backend or use_backend around a compiled model changed nothing, silently.)
+# One value for the process: under torch.compile, threads that ask for different backends at once
+# see the latest choice.
+_for_compile = "auto"
 
-@torch.compiler.assume_constant_result
-def _ambient_backend() -> str:
-    # Dynamo cannot trace the ContextVar lookup either: read once while tracing, kept as a constant.
-    return _scoped.get() or _default
+
+def _mirror_for_compile() -> None:
+    global _for_compile
+    _for_compile = _scoped.get() or _default
 
 
 def get_backend() -> str:
     """The backend requested right now (may be "auto")."""
-    if torch.compiler.is_compiling() and _compiled_scopes:
-        return _compiled_scopes[-1]
-    return _ambient_backend()
+    if torch.compiler.is_compiling():
+        return _compiled_scopes[-1] if _compiled_scopes else _for_compile
+    return _scoped.get() or _default
 
 
 @contextlib.contextmanager
@@ -143,10 +151,12 @@ def use_backend(name: str):
             _compiled_scopes.pop()
         return
     token = _scoped.set(name)
+    _mirror_for_compile()
     try:
         yield name
     finally:
         _scoped.reset(token)
+        _mirror_for_compile()
 
 
 # Fastest first: "auto" takes the first of these that can run on the device.
@@ -158,7 +168,8 @@ def resolve(device: torch.device) -> str:
     return _resolve(get_backend(), device)
 
 
-# Under torch.compile the choice is made once while tracing and the compiled graph keeps it.
+# Under torch.compile the choice is made while tracing and the compiled graph keeps it; `requested`
+# comes from get_backend's guarded global, so another request re-traces.
 @torch.compiler.assume_constant_result
 def _resolve(requested: str, device: torch.device) -> str:
     usable = available_backends(device)

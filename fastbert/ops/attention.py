@@ -410,7 +410,7 @@ def _kernel_backend(q, k, v, seqlen, batch_heads) -> str:
     whose kernels take them (cuda, then triton, then torch)."""
     backend = resolve(q.device)
     if backend == "cuda" and not _cuda_supports(q, k, v, seqlen, batch_heads):
-        backend = _cuda_fallback(q.device)
+        backend = _cuda_fallback(get_backend(), q.device)
     if backend == "triton" and not _triton_supports(q, k, v):
         backend = auto_fallback(backend)
     return backend
@@ -424,11 +424,12 @@ def _cuda_supports(q, k, v, seqlen=0, batch_heads=0):
 
 
 @torch.compiler.assume_constant_result
-def _cuda_fallback(device: torch.device) -> str:
+def _cuda_fallback(requested: str, device: torch.device) -> str:
     """The backend for inputs the CUDA kernels cannot take: under "auto" the next usable one
     (so float32 or an odd head dim keeps working on a GPU), "cuda" when it was asked for by
-    name (its checks then raise the clear error)."""
-    if get_backend() != "auto":
+    name (its checks then raise the clear error). `requested`: get_backend()'s, read outside this
+    constant-folded function, where torch.compile guards it."""
+    if requested != "auto":
         return "cuda"
     return "triton" if "triton" in available_backends(device) else "torch"
 
