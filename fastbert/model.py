@@ -216,6 +216,11 @@ class BertModel(nn.Module):
         # the kernels regenerate the same masks: gradients equal the run without checkpointing.
         # The rerun happens inside backward(), outside any use_backend scope of this forward:
         # it reopens the scope in force now, or it could run other kernels with other masks.
+        if torch.compiler.is_compiling():
+            # A compiled backward reruns the traced graph, not this Python, so the scope need not be
+            # reopened; and opening it inside the checkpointed region (a list push) is a side effect
+            # Dynamo refuses there: fullgraph=True failed, and without it every layer ran uncompiled.
+            return torch.utils.checkpoint.checkpoint(layer, *args, use_reentrant=False)
         backend = ops.get_backend()
 
         def rerunnable(*layer_args):
