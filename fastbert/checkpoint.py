@@ -170,19 +170,34 @@ def _umask() -> int:
 def atomic_write_bytes(path: Path, data: bytes) -> None:
     """Write to a temporary file beside `path`, then rename: a reader never sees half a file."""
     path = Path(path)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    atomic_write_files(path.parent, {path.name: data})
+
+
+def atomic_write_files(folder: Path, files: dict[str, bytes]) -> None:
+    """Write every file to a temporary beside it first, then rename them all, in the order given: a
+    failed write (a full disk, an interrupt) leaves every old file in place, not a new config.json
+    beside the old weights. Only a crash between two renames can mix them."""
+    folder = Path(folder)
+    written: list[tuple[str, Path]] = []
     try:
-        # mkstemp makes the file 0600: give it the mode open() would, so that another user (a serving
-        # container, a shared group folder) can read the model as with any other file written here
-        os.fchmod(fd, 0o666 & ~_umask())
-        with os.fdopen(fd, "wb") as f:
-            f.write(data)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
+        for name, data in files.items():
+            fd, tmp = tempfile.mkstemp(dir=folder, prefix=f".{name}.", suffix=".tmp")
+            written.append((tmp, folder / name))
+            # mkstemp makes the file 0600: give it the mode open() would, so that another user (a
+            # serving container, a shared group folder) can read the model as any file written here
+            os.fchmod(fd, 0o666 & ~_umask())
+            with os.fdopen(fd, "wb") as f:
+                f.write(data)
+                f.flush()
+                os.fsync(f.fileno())
+        while written:
+            tmp, path = written[0]
+            os.replace(tmp, path)
+            written.pop(0)
     except BaseException:
-        with contextlib.suppress(FileNotFoundError):
-            os.unlink(tmp)
+        for tmp, _ in written:
+            with contextlib.suppress(FileNotFoundError):
+                os.unlink(tmp)
         raise
 
 
@@ -190,11 +205,22 @@ def atomic_write_text(path: Path, text: str) -> None:
     atomic_write_bytes(path, text.encode())
 
 
-def save_state_dict(state: dict[str, torch.Tensor], path: Path) -> None:
+def safetensors_bytes(state: dict[str, torch.Tensor]) -> bytes:
     from safetensors.torch import save
 
     tensors = {k: v.detach().contiguous().cpu() for k, v in state.items()}
-    atomic_write_bytes(Path(path), save(tensors, metadata={"format": "pt"}))
+    return save(tensors, metadata={"format": "pt"})
+
+
+def save_state_dict(state: dict[str, torch.Tensor], path: Path) -> None:
+    atomic_write_bytes(Path(path), safetensors_bytes(state))
+
+
+def save_model_files(folder: Path, config, state: dict[str, torch.Tensor]) -> None:
+    """config.json and model.safetensors of one model, written together (atomic_write_files): the
+    weights renamed in first, then the config that describes them."""
+    atomic_write_files(Path(folder), {"model.safetensors": safetensors_bytes(state),
+                                      "config.json": config.to_json_text().encode()})
 
 
 def record_dtype(config, model) -> None:

@@ -116,7 +116,10 @@ class BertConfig:
         values.setdefault("architectures", ["BertModel"])
         return values
 
+    def to_json_text(self) -> str:
+        return json.dumps(self.to_dict(), indent=2, sort_keys=True) + "\n"
+
     def to_json(self, path: str | os.PathLike) -> None:
         from .checkpoint import atomic_write_text
 
-        atomic_write_text(Path(path), json.dumps(self.to_dict(), indent=2, sort_keys=True) + "\n")
+        atomic_write_text(Path(path), self.to_json_text())

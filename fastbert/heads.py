@@ -125,10 +125,9 @@ class _TaskModel(nn.Module):
         if self.problem_type is not None:
             self.config.extra["problem_type"] = self.problem_type
         checkpoint.record_dtype(self.config, self)
-        self.config.to_json(folder / "config.json")
         state = checkpoint.encoder_to_hf(self.bert, prefix="bert.")
         state.update({f"{self.head_name}.{k}": v for k, v in self.head.state_dict().items()})
-        checkpoint.save_state_dict(state, folder / "model.safetensors")
+        checkpoint.save_model_files(folder, self.config, state)
 
     def _dropout(self, x):
         return F.dropout(x, self.dropout_p, self.training)

@@ -302,12 +302,11 @@ class BertModel(nn.Module):
         return model.to(device=device, dtype=dtype).eval()
 
     def save_pretrained(self, folder: str | os.PathLike) -> None:
-        """Write config.json and model.safetensors with transformers' key names, each atomically."""
+        """Write config.json and model.safetensors with transformers' key names, together atomically."""
         folder = Path(folder)
         folder.mkdir(parents=True, exist_ok=True)
         checkpoint.record_dtype(self.config, self)
-        self.encoder_config().to_json(folder / "config.json")
-        checkpoint.save_state_dict(checkpoint.encoder_to_hf(self), folder / "model.safetensors")
+        checkpoint.save_model_files(folder, self.encoder_config(), checkpoint.encoder_to_hf(self))
 
     # What a task model's config adds: a task model's encoder shares its config, and an encoder saved
     # with them was taken for the task model (by transformers' Auto classes and by `fastbert predict`).

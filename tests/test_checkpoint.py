@@ -405,3 +405,24 @@ def test_saved_files_get_the_mode_the_umask_gives(tmp_path, umask):
     finally:
         os.umask(old)
     assert stat.S_IMODE((tmp_path / "config.json").stat().st_mode) == 0o666 & ~umask
+
+
+@pytest.mark.parametrize("save", ["task", "encoder"])
+def test_a_failed_save_pretrained_keeps_the_previous_model_whole(tmp_path, monkeypatch, save):
+    """config.json was renamed in before the weights were written: a full disk then left a config of
+    2 labels in float16 beside the old 3-label float32 weights. Both files are written first now."""
+    old = heads.BertForSequenceClassification(fastbert.BertConfig(**CONFIG), num_labels=3)
+    (old if save == "task" else old.bert).save_pretrained(tmp_path)
+    before = {p.name: p.read_bytes() for p in tmp_path.iterdir()}
+    new = heads.BertForSequenceClassification(fastbert.BertConfig(**CONFIG), num_labels=2).half()
+    calls = []
+
+    def full_on_the_second_file(fd):
+        calls.append(fd)
+        if len(calls) == 2:
+            raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr(os, "fsync", full_on_the_second_file)
+    with pytest.raises(OSError, match="No space left"):
+        (new if save == "task" else new.bert).save_pretrained(tmp_path)
+    assert {p.name: p.read_bytes() for p in tmp_path.iterdir()} == before
