@@ -63,7 +63,7 @@ import torch
 import triton
 import triton.language as tl
 
-from .gelu import _cdiv, _next_pow2
+from .gelu import _cdiv, _next_pow2, on_input_device
 
 LOG2E = 1.4426950408889634
 # Head dims the kernels take: any multiple of 16 up to 128 (the tile's head
@@ -463,6 +463,7 @@ def _mask_args(mask, q, wrap):
     return m8, m8.stride(0), m8.stride(1)
 
 
+@on_input_device
 def attention_fwd(q, k, v, mask=None, cu_seqlens=None, max_seqlen=None, dropout_p=0.0,
                   softmax_scale=None, seed=0, out=None, lse=None, out_residual=None, *, wrap=None):
     """Forward launcher. Returns (out, lse).
@@ -772,6 +773,7 @@ def _attention_bwd_kernel(
                 offs_n, seqlen, offs_d, HEAD_DIM, BLOCK_D, EVEN_N)
 
 
+@on_input_device
 def attention_bwd(do, q, k, v, out, lse, mask=None, cu_seqlens=None, max_seqlen=None, dropout_p=0.0,
                   softmax_scale=None, seed=0, dq=None, dk=None, dv=None, out_residual=None, *, wrap=None):
     """Backward launcher. Returns (dq, dk, dv) in the layouts of q, k, v (contiguous).

@@ -75,6 +75,24 @@ def _gelu_tanh_grad(u):
 
 # ----------------------------------------------------------------------------- launch settings
 
+def on_input_device(launcher):
+    """Run `launcher` with its first tensor argument's GPU as the current device. Triton launches on
+    the current device and its current stream, whatever the tensors' device: a model on cuda:1 while
+    cuda:0 is current had its kernels run on cuda:0 (an illegal address, or with peer access a
+    kernel on another device's stream, out of order with torch's work on cuda:1). Compiled graphs
+    set the device themselves."""
+    @functools.wraps(launcher)
+    def launch(*args, **kwargs):
+        device = next((a.device for a in args if isinstance(a, torch.Tensor)), None)
+        if (device is None or device.type != "cuda" or device.index is None or torch.compiler.is_compiling()
+                or not torch.cuda.is_available()  # fake CUDA tensors (tests/triton_aot.py): nothing launches
+                or device.index == torch.cuda.current_device()):
+            return launcher(*args, **kwargs)
+        with torch.cuda.device(device.index):
+            return launcher(*args, **kwargs)
+    return launch
+
+
 def _direct(kernel):
     """Launch a kernel as is; torch.library.wrap_triton is passed instead inside the custom op."""
     return kernel
@@ -163,6 +181,7 @@ def _bias_gelu_fwd_kernel(
     tl.store(Y + rows64[:, None] * stride_ym + cols[None, :], y.to(Y.dtype.element_ty), mask=mask)
 
 
+@on_input_device
 def bias_gelu_fwd(x, bias, approximate="none", *, wrap=_direct):
     """y = GELU(x + bias).
 
@@ -235,6 +254,7 @@ def _bias_gelu_bwd_kernel(
     tl.store(DBiasPartial + pid_m * N + cols, dbias, mask=col_mask)
 
 
+@on_input_device
 def bias_gelu_bwd(dy, x, bias, approximate="none", *, wrap=_direct):
     """Gradients of y = GELU(x + bias).
 

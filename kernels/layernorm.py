@@ -47,7 +47,7 @@ import torch
 import triton
 import triton.language as tl
 
-from .gelu import _cdiv, _direct, _empty, _gelu_erf, _gelu_erf_grad, _next_pow2, _programs
+from .gelu import _cdiv, _direct, _empty, _gelu_erf, _gelu_erf_grad, _next_pow2, _programs, on_input_device
 
 MAX_HIDDEN = 4096  # one row lives in registers; wider rows would spill
 
@@ -186,6 +186,7 @@ def _add_layernorm_fwd_kernel(
     tl.store(Rstd + rows, rstd, mask=row_mask)
 
 
+@on_input_device
 def add_layernorm_fwd(x, residual, weight, bias, eps, dropout_p=0.0, seed=None, copy=False, *, wrap=_direct):
     """y = LayerNorm(dropout(x) + residual) over the last dimension.
 
@@ -300,6 +301,7 @@ def _add_layernorm_bwd_kernel(
     tl.store(DBPartial + pid * N + cols, db, mask=col_mask)
 
 
+@on_input_device
 def add_layernorm_bwd(dy, x, residual, weight, mean, rstd, dropout_p=0.0, seed=None, dy_copy=None, *,
                       wrap=_direct):
     """Gradients of add_layernorm from the saved mean/rstd (and seed).
@@ -366,6 +368,7 @@ def _add_layernorm_keep_kernel(
     tl.store(Keep + rows64[:, None] * N + cols[None, :], keep.to(tl.int8), mask=mask)
 
 
+@on_input_device
 def add_layernorm_keep_mask(shape, dropout_p, seed, packed=None):
     """The kept-mask add_layernorm uses with this seed and p, regenerated at the same offsets.
 
@@ -426,6 +429,7 @@ def _layernorm_gelu_fwd_kernel(
     tl.store(Rstd + rows, rstd, mask=row_mask)
 
 
+@on_input_device
 def layernorm_gelu_fwd(x, weight, bias, eps, *, wrap=_direct):
     """y = GELU(LayerNorm(x)) over the last dimension (erf GELU).
 
@@ -508,6 +512,7 @@ def _layernorm_gelu_bwd_kernel(
     tl.store(DBPartial + pid * N + cols, db, mask=col_mask)
 
 
+@on_input_device
 def layernorm_gelu_bwd(dy, x, weight, bias, mean, rstd, *, wrap=_direct):
     """Gradients of layernorm_gelu from the saved mean/rstd.
 

@@ -49,7 +49,7 @@ import torch
 import triton
 import triton.language as tl
 
-from .gelu import _cdiv, _next_pow2
+from .gelu import _cdiv, _next_pow2, on_input_device
 
 # The key puts 31 bits of flat index under the score: rows must satisfy L * D < 2^31.
 MAX_FLAT = 2**31 - 1
@@ -157,6 +157,7 @@ def _launch_config(D, on_interpreter):
     return block_i, block_d, 1
 
 
+@on_input_device
 def span_score_fwd(start_logits, end_logits, mask, max_answer_len, topk, out=None,
                    block_i=None, block_d=None, launch=None):
     """Top-`topk` spans per row. Inputs are validated by fastbert.ops.span.span_score.

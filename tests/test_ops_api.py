@@ -552,3 +552,41 @@ def test_a_compiled_call_follows_a_later_backend_choice():
     with ops.use_backend("cuda"), pytest.raises(Exception, match="fastbert backend 'cuda' cannot run on a cpu tensor"):
         compiled(x)
     assert torch.allclose(compiled(x), expected)
+
+
+def test_triton_launchers_run_on_their_tensors_device(monkeypatch):
+    """Triton launches on the current device and its stream: tensors on cuda:1 while cuda:0 is current
+    ran their kernels on cuda:0. Each public launcher makes the tensors' device current first (here
+    with fake cuda tensors and the device switch recorded: nothing runs)."""
+    pytest.importorskip("triton")
+    import fastbert.kernels.attention as KA
+    import fastbert.kernels.gelu as KG
+    import fastbert.kernels.layernorm as KL
+    import fastbert.kernels.span as KS
+    from torch._subclasses.fake_tensor import FakeTensorMode
+
+    launchers = [KA.attention_fwd, KA.attention_bwd, KG.bias_gelu_fwd, KG.bias_gelu_bwd, KL.add_layernorm_fwd,
+                 KL.add_layernorm_bwd, KL.layernorm_gelu_fwd, KL.layernorm_gelu_bwd, KL.add_layernorm_keep_mask,
+                 KS.span_score_fwd]
+    assert all(getattr(f, "__wrapped__", None) is not None for f in launchers)   # each goes through on_input_device
+    switched = []
+
+    class Recorder:
+        def __init__(self, index):
+            self.index = index
+
+        def __enter__(self):
+            switched.append(self.index)
+
+        def __exit__(self, *exc):
+            return False
+
+    monkeypatch.setattr(torch.cuda, "current_device", lambda: 0)
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "device", Recorder)
+    ran = KG.on_input_device(lambda *args, **kwargs: "ran")
+    with FakeTensorMode():
+        on_1, on_0 = torch.empty(2, device="cuda:1"), torch.empty(2, device="cuda:0")
+        assert ran(3, on_1, wrap=None) == "ran" and switched == [1]
+        assert ran(on_0) == "ran" and switched == [1]
+    assert ran(torch.empty(2)) == "ran" and ran() == "ran" and switched == [1]
