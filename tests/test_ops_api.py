@@ -554,6 +554,7 @@ def test_a_compiled_call_follows_a_later_backend_choice():
     assert torch.allclose(compiled(x), expected)
 
 
+@pytest.mark.skipif(torch.cuda.is_available(), reason="fakes a second GPU; a real one would be used instead")
 def test_triton_launchers_run_on_their_tensors_device(monkeypatch):
     """Triton launches on the current device and its stream: tensors on cuda:1 while cuda:0 is current
     ran their kernels on cuda:0. Each public launcher makes the tensors' device current first (here
@@ -581,12 +582,13 @@ def test_triton_launchers_run_on_their_tensors_device(monkeypatch):
         def __exit__(self, *exc):
             return False
 
-    monkeypatch.setattr(torch.cuda, "current_device", lambda: 0)
-    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
-    monkeypatch.setattr(torch.cuda, "device", Recorder)
     ran = KG.on_input_device(lambda *args, **kwargs: "ran")
     with FakeTensorMode():
         on_1, on_0 = torch.empty(2, device="cuda:1"), torch.empty(2, device="cuda:0")
+        # after making them: a CUDA build of torch would initialise CUDA for a fake tensor if told it had one
+        monkeypatch.setattr(torch.cuda, "current_device", lambda: 0)
+        monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+        monkeypatch.setattr(torch.cuda, "device", Recorder)
         assert ran(3, on_1, wrap=None) == "ran" and switched == [1]
         assert ran(on_0) == "ran" and switched == [1]
     assert ran(torch.empty(2)) == "ran" and ran() == "ran" and switched == [1]
