@@ -31,6 +31,12 @@ def _device(name):
         raise ValueError(f"--device {name}: this torch build or machine has no usable CUDA device; use --device cpu")
     if device.type not in ("cpu", "cuda"):
         raise ValueError(f"--device must be cpu or cuda (or cuda:N), got {name!r}")
+    if device.type == "cuda" and device.index is not None:
+        if device.index >= torch.cuda.device_count():
+            raise ValueError(f"--device {name}: this machine has {torch.cuda.device_count()} CUDA device(s)")
+        # Kernels a graph runs itself (a --compile backend other than inductor) launch on the current
+        # device: make it the one asked for, for the whole command
+        torch.cuda.set_device(device)
     return device
 
 

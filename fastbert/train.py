@@ -11,6 +11,7 @@ stopped (tests/test_train.py).
 """
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import hashlib
 import inspect
@@ -201,9 +202,17 @@ def _autocast_dtype(precision: str, device: torch.device):
     if device.type != "cuda":
         raise ValueError(f"precision fp16 needs a CUDA device (a gradient scaler), got {device}; "
                          "use bf16 or fp32 on the CPU")
-    if precision == "fp16" or not torch.cuda.is_bf16_supported():
+    # the training device's capability (is_bf16_supported asks the current device's)
+    if precision == "fp16" or torch.cuda.get_device_capability(device) < (8, 0):
         return torch.float16
     return torch.bfloat16
+
+
+def on_device(device: torch.device):
+    """`device` made the current CUDA device for a block (nothing for the CPU or an unindexed "cuda")."""
+    if device.type == "cuda" and device.index is not None:
+        return torch.cuda.device(device)
+    return contextlib.nullcontext()
 
 
 class Trainer:
@@ -419,6 +428,12 @@ class Trainer:
 
     def train(self, stop_after_step: int | None = None) -> dict:
         """Run to the end (or to `stop_after_step`, to simulate an interruption); returns the summary."""
+        # The training device current throughout: kernels that a compiled graph launches itself (any
+        # torch.compile backend but inductor) run on the current device, whatever their tensors' device.
+        with on_device(self.device):
+            return self._train(stop_after_step)
+
+    def _train(self, stop_after_step: int | None) -> dict:
         from tqdm.auto import tqdm
 
         self.model.train()

@@ -887,8 +887,13 @@ def attention_dropout_mask(batch, heads, seqlen, dropout_p, seed, device):
     """
     keep = torch.empty((batch, heads, seqlen, seqlen), dtype=torch.uint8, device=device)
     _, _, thresh, _ = _dropout_args(dropout_p, seed)
-    grid = _grid(seqlen, 32, batch, heads)
     if keep.numel():
-        _attention_dropout_mask_kernel[grid](keep, int(seed), heads, seqlen, thresh,
-                                             BLOCK_M=32, BLOCK_N=32, PHILOX_ROUNDS=PHILOX_ROUNDS)
+        _fill_dropout_mask(keep, int(seed), thresh)
     return keep.bool()
+
+
+@on_input_device
+def _fill_dropout_mask(keep, seed, thresh):
+    batch, heads, seqlen, _ = keep.shape
+    _attention_dropout_mask_kernel[_grid(seqlen, 32, batch, heads)](keep, seed, heads, seqlen, thresh, BLOCK_M=32,
+                                                                  BLOCK_N=32, PHILOX_ROUNDS=PHILOX_ROUNDS)

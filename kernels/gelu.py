@@ -79,8 +79,10 @@ def on_input_device(launcher):
     """Run `launcher` with its first tensor argument's GPU as the current device. Triton launches on
     the current device and its current stream, whatever the tensors' device: a model on cuda:1 while
     cuda:0 is current had its kernels run on cuda:0 (an illegal address, or with peer access a
-    kernel on another device's stream, out of order with torch's work on cuda:1). Compiled graphs
-    set the device themselves."""
+    kernel on another device's stream, out of order with torch's work on cuda:1). Under torch.compile
+    this is skipped: inductor's code sets the device itself, but other backends (aot_eager, export)
+    launch the traced kernels on the current device, so make the model's device current there
+    (torch.cuda.set_device; the Trainer and the CLI do)."""
     @functools.wraps(launcher)
     def launch(*args, **kwargs):
         device = next((a.device for a in args if isinstance(a, torch.Tensor)), None)

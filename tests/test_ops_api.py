@@ -568,7 +568,7 @@ def test_triton_launchers_run_on_their_tensors_device(monkeypatch):
 
     launchers = [KA.attention_fwd, KA.attention_bwd, KG.bias_gelu_fwd, KG.bias_gelu_bwd, KL.add_layernorm_fwd,
                  KL.add_layernorm_bwd, KL.layernorm_gelu_fwd, KL.layernorm_gelu_bwd, KL.add_layernorm_keep_mask,
-                 KS.span_score_fwd]
+                 KS.span_score_fwd, KA._fill_dropout_mask]
     assert all(getattr(f, "__wrapped__", None) is not None for f in launchers)   # each goes through on_input_device
     switched = []
 

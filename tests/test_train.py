@@ -207,6 +207,17 @@ def test_precision_choice():
     assert train._autocast_dtype("fp16", gpu) == torch.float16
 
 
+def test_auto_precision_asks_the_training_device(monkeypatch):
+    """is_bf16_supported() asks the current device (cuda:0) and says yes on pre-Ampere GPUs too (its
+    emulation check): "auto" on a V100 as cuda:1 beside an H100 as cuda:0 took bf16."""
+    capabilities = {0: (9, 0), 1: (7, 0)}
+    monkeypatch.setattr(torch.cuda, "get_device_capability", lambda device=None: capabilities[
+        device.index if isinstance(device, torch.device) and device.index is not None else 0])
+    assert train._autocast_dtype("auto", torch.device("cuda:1")) == torch.float16
+    assert train._autocast_dtype("auto", torch.device("cuda:0")) == torch.bfloat16
+    assert train._autocast_dtype("auto", torch.device("cuda")) == torch.bfloat16
+
+
 def test_decay_groups_and_schedule():
     model = heads.BertForSequenceClassification(fastbert.BertConfig(**CONFIG), num_labels=2)
     decay, exempt = train.parameter_groups(model, 0.01)

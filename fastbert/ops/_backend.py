@@ -141,7 +141,10 @@ def get_backend() -> str:
 
 @contextlib.contextmanager
 def use_backend(name: str):
-    """Run the ops called inside the block on backend `name` (also inside torch.compile)."""
+    """Run the ops called inside the block on backend `name` (also inside torch.compile).
+
+    The scope is a context variable: threads started inside the block (nn.DataParallel's replicas)
+    do not see it. There, build the model with BertModel(backend=...) or use set_backend."""
     check_backend_name(name)
     if torch.compiler.is_compiling():
         _compiled_scopes.append(name)
