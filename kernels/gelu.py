@@ -75,6 +75,11 @@ def _gelu_tanh_grad(u):
 
 # ----------------------------------------------------------------------------- launch settings
 
+@functools.lru_cache(maxsize=None)
+def _cuda_present() -> bool:
+    return torch.cuda.is_available()  # about 1 us a call, and launches are host-bound at short lengths
+
+
 def on_input_device(launcher):
     """Run `launcher` with its first tensor argument's GPU as the current device. Triton launches on
     the current device and its current stream, whatever the tensors' device: a model on cuda:1 while
@@ -87,7 +92,7 @@ def on_input_device(launcher):
     def launch(*args, **kwargs):
         device = next((a.device for a in args if isinstance(a, torch.Tensor)), None)
         if (device is None or device.type != "cuda" or device.index is None or torch.compiler.is_compiling()
-                or not torch.cuda.is_available()  # fake CUDA tensors (tests/triton_aot.py): nothing launches
+                or not _cuda_present()  # fake CUDA tensors (tests/triton_aot.py): nothing launches
                 or device.index == torch.cuda.current_device()):
             return launcher(*args, **kwargs)
         with torch.cuda.device(device.index):

@@ -587,7 +587,7 @@ def test_triton_launchers_run_on_their_tensors_device(monkeypatch):
         on_1, on_0 = torch.empty(2, device="cuda:1"), torch.empty(2, device="cuda:0")
         # after making them: a CUDA build of torch would initialise CUDA for a fake tensor if told it had one
         monkeypatch.setattr(torch.cuda, "current_device", lambda: 0)
-        monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+        monkeypatch.setattr(KG, "_cuda_present", lambda: True)
         monkeypatch.setattr(torch.cuda, "device", Recorder)
         assert ran(3, on_1, wrap=None) == "ran" and switched == [1]
         assert ran(on_0) == "ran" and switched == [1]
