@@ -436,6 +436,20 @@ def test_a_word_longer_than_a_piece_keeps_its_first_pieces_and_the_next_piece_go
     assert all(len(f["input_ids"]) <= 6 for f in feats)
 
 
+def test_words_without_a_wordpiece_token_after_the_last_real_word_add_no_empty_piece(tok, hf_tok):
+    """U+200B and the soft hyphen vanish in BERT's normaliser. A sentence that fits stays one feature
+    (it used to gain a second, [CLS] [SEP] only), and a cut sentence whose remaining words are all
+    such words ends with the piece that was cut."""
+    fits = TaggedSentence(["Hello", "world", "\u200b"], ["INTJ", "NOUN", "X"], 1)
+    feats = encode_tagging([fits], tok, UPOS_TAGS, max_length=128)
+    ref = hf_tok(fits.words, is_split_into_words=True, truncation=True, max_length=128)
+    assert [f["input_ids"] for f in feats] == [ref["input_ids"]]
+    cut = TaggedSentence(["a", "b", "c", "d", "\u00ad", "\u200b"], ["X"] * 6, 2)
+    feats = encode_tagging([cut], tok, UPOS_TAGS, max_length=4)
+    assert [f["first_word"] for f in feats] == [0, 2]
+    assert all(any(label != -100 for label in f["labels"]) for f in feats)
+
+
 def test_encode_words_and_unknown_tag(tok):
     out = encode_words(tok, [["Unbelievably", "fine"], []], max_length=16)
     assert out[0]["word_ids"][0] is None and out[0]["word_ids"][-1] is None

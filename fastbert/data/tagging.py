@@ -257,10 +257,15 @@ def encode_words_in_pieces(tokenizer, word_lists: Sequence[Sequence[str]], max_l
         features = encode_words(tokenizer, [list(word_lists[i])[first:] for i, first in pending], max_length)
         following = []
         for (i, first), feat in zip(pending, features):
+            last = max((w for w in feat["word_ids"] if w is not None), default=-1)
+            if last < 0 and first > 0:
+                continue        # the words left after a cut have no WordPiece token: nothing to tag
             feat.update(sentence=i, first_word=first)
             pieces[i].append(feat)
-            last = max((w for w in feat["word_ids"] if w is not None), default=-1)
-            if last >= 0 and first + last + 1 < len(word_lists[i]):
+            # Only a full piece was cut: words after `last` in one that is not full have no
+            # WordPiece token at all (U+200B, a soft hyphen) and need no piece of their own.
+            cut = len(feat["input_ids"]) >= max_length
+            if cut and last >= 0 and first + last + 1 < len(word_lists[i]):
                 following.append((i, first + last + 1))
         pending = following
     return [feat for sentence in pieces for feat in sentence]
