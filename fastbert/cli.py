@@ -263,6 +263,17 @@ def _load_finetuned(args):
     return model.to(device), spec, fastbert.Tokenizer.from_pretrained(folder)
 
 
+def _inference_autocast(args, model):
+    """The autocast finetune trains under for --precision (auto: bf16 on a GPU, fp32 on the CPU),
+    so evaluate reproduces the scores finetune printed and the half-precision-only "cuda"
+    backend runs."""
+    from fastbert import train
+
+    device = next(model.parameters()).device
+    dtype = train._autocast_dtype(args.precision, device)
+    return torch.autocast(device.type, dtype=dtype, enabled=dtype is not None)
+
+
 def cmd_evaluate(args) -> int:
     from fastbert import tasks
 
@@ -271,7 +282,8 @@ def cmd_evaluate(args) -> int:
     model, spec, tokenizer = _load_finetuned(args)
     dev = tasks.read(spec, args.dev, tokenizer, args.max_dev_examples)
     _check_dev(args.dev, spec, dev)
-    scores = tasks.evaluate(model, spec, dev, args.eval_batch_size)
+    with _inference_autocast(args, model):
+        scores = tasks.evaluate(model, spec, dev, args.eval_batch_size)
     print(metrics_json(scores, indent=2))          # stdout stays JSON (null where undefined)
     if (note := _undefined_note(scores)):
         print(f"fastbert evaluate: note: {note}", file=sys.stderr)
@@ -366,6 +378,11 @@ def cmd_predict(args) -> int:
         if args.texts:
             raise ValueError("give TEXT arguments or --file FILE, not both")
     model, spec, tokenizer = _load_finetuned(args)
+    with _inference_autocast(args, model):
+        return _predict(args, model, spec, tokenizer)
+
+
+def _predict(args, model, spec, tokenizer) -> int:
     described = f"{args.model} is a {spec.kind} model ({spec.name})"
     if spec.kind == "qa":
         if args.texts:
@@ -515,12 +532,15 @@ def cmd_encode(args) -> int:
 # -- parser -------------------------------------------------------------------------------
 
 
-def _common(p, dev=True):
+def _common(p, dev=True, inference=True):
     p.add_argument("--backend", choices=["torch", "triton", "cuda"], default=None,
                    help="kernel backend (default: the fastest available on the device)")
     p.add_argument("--device", default=None, help="cuda or cpu (default: cuda if available)")
     p.add_argument("--eval-batch-size", type=int, default=64, metavar="N",
                    help="examples per forward when evaluating or predicting (default 64)")
+    if inference:
+        p.add_argument("--precision", default="auto", choices=["auto", "fp32", "bf16", "fp16"],
+                       help="autocast as finetune's --precision (auto: bf16 on a GPU, fp32 on the CPU)")
     if dev:
         p.add_argument("--max-dev-examples", type=int, default=None, metavar="N",
                        help="read only the first N dev examples (questions, sentences)")
@@ -594,7 +614,7 @@ def build_parser():
                     help="continue from the latest checkpoint in --out (same data and settings)")
     ft.add_argument("--no-bucket", action="store_true", help="do not batch examples of similar length together")
     ft.add_argument("--no-progress", action="store_true", help="no progress bar")
-    _common(ft)
+    _common(ft, inference=False)
     ft.set_defaults(run=cmd_finetune)
 
     ev = sub.add_parser("evaluate", help="score a fine-tuned model on a dev file")

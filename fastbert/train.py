@@ -218,7 +218,8 @@ def on_device(device: torch.device):
 class Trainer:
     """Trains `model` on `features` (a list of examples) batched by `collate`.
 
-    evaluate(model) -> dict of metrics, called after each epoch. `save_model(model, folder)`
+    evaluate(model) -> dict of metrics, called after each epoch under the training autocast
+    (precision bf16/fp16 evaluates in it too, as transformers' Trainer does). `save_model(model, folder)`
     writes the model in HF layout (default: model.save_pretrained).
     """
 
@@ -388,13 +389,22 @@ class Trainer:
 
     # -- the loop ----------------------------------------------------------------
 
+    def _autocast(self):
+        return torch.autocast(self.device.type, dtype=self.autocast, enabled=self.autocast is not None)
+
+    def _evaluate(self) -> dict:
+        # Under the training autocast, as transformers' Trainer evaluates: the scores are those of
+        # the model as it trains, and a backend with half-precision kernels only ("cuda") runs.
+        with self._autocast():
+            return self.evaluate_fn(self.model)
+
     def _forward_backward(self, batch, scale: float) -> tuple[float, int]:
         # on the host still: no device sync. A collate of its own may leave the mask out (the model
         # takes None: every token real)
         mask = batch.get("attention_mask")
         tokens = int(mask.sum()) if mask is not None else batch["input_ids"].numel()
         batch = {k: v.to(self.device, non_blocking=True) for k, v in batch.items() if k in self._model_inputs}
-        with torch.autocast(self.device.type, dtype=self.autocast, enabled=self.autocast is not None):
+        with self._autocast():
             loss = self._train_forward(**batch).loss
         (self.scaler.scale(loss * scale) if self.scaler else loss * scale).backward()
         # One sync a step, after the backward is queued; a bad loss stops the run before the
@@ -493,7 +503,7 @@ class Trainer:
             record = {"epoch": self.epoch + 1, "step": self.step,
                       "train_loss": sum(running) / max(1, len(running))}
             if self.evaluate_fn is not None:
-                record.update(aside(self.evaluate_fn, self.model))
+                record.update(aside(self._evaluate))
                 self.model.train()
             self.history.append(record)
             bar.write(to_json(record))  # null, not NaN, for an undefined metric: the line stays JSON

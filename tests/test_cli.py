@@ -478,3 +478,29 @@ def test_version(capsys):
     with pytest.raises(SystemExit) as exited:
         fastbert.cli.main(["--version"])
     assert exited.value.code == 0 and capsys.readouterr().out == f"fastbert-kernels {fastbert.__version__}\n"
+
+
+def test_evaluate_and_predict_run_under_the_precision_asked_for(tmp_path, capsys, untrained_models, monkeypatch):
+    """--precision as finetune's: evaluate reproduces the scores finetune printed under its autocast
+    (the default on a GPU is bf16), and the half-precision-only cuda backend can run."""
+    from fastbert import tasks
+
+    seen = []
+    real = tasks.predict_logits
+
+    def predict_logits(*args, **kwargs):
+        seen.append(torch.get_autocast_dtype("cpu") if torch.is_autocast_enabled("cpu") else None)
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(tasks, "predict_logits", predict_logits)
+    dev = tmp_path / "dev.tsv"
+    dev.write_text("sentence\tlabel\na fine film\t1\na dull one\t0\n")
+    for precision, expected in (("auto", None), ("fp32", None), ("bf16", torch.bfloat16)):
+        code = fastbert.cli.main(["evaluate", "--model", str(untrained_models["sst2"]), "--dev", str(dev),
+                                  "--device", "cpu", "--precision", precision])
+        assert code == 0 and seen.pop() == expected and '"accuracy"' in capsys.readouterr().out
+        code, out, _ = _predict(capsys, untrained_models["sst2"], "--precision", precision, "a great movie")
+        assert code == 0 and len(out) == 1 and seen.pop() == expected
+    code = fastbert.cli.main(["evaluate", "--model", str(untrained_models["sst2"]), "--dev", str(dev),
+                              "--device", "cpu", "--precision", "fp16"])
+    assert code == 2 and "precision fp16 needs a CUDA device" in capsys.readouterr().err

@@ -358,3 +358,32 @@ def test_gradient_checkpointing_keeps_gradients_and_saves_memory(backend, unpad)
     for name, g in plain.items():
         torch.testing.assert_close(ckpt[name], g, atol=0, rtol=0, msg=lambda m, name=name: f"{name}: {m}")
     assert ckpt_bytes < 0.6 * plain_bytes, (ckpt_bytes, plain_bytes)
+
+
+def test_finetuning_on_the_cuda_backend_evaluates_each_epoch_under_the_training_autocast(cuda_device, monkeypatch,
+                                                                                      tmp_path):
+    """`fastbert finetune --backend cuda` trains under autocast; the evaluation after each epoch ran
+    in float32, where the cuda backend has no attention kernel, and the run died before its first
+    checkpoint. The Trainer now evaluates under its training autocast (as transformers' does)."""
+    from fastbert import data, tasks, train
+
+    _cuda_attention_on(cuda_device, monkeypatch)
+    config = fastbert.BertConfig(vocab_size=100, hidden_size=64, num_hidden_layers=2, num_attention_heads=2,
+                                 intermediate_size=128, max_position_embeddings=32)
+    torch.manual_seed(0)
+    model = heads.BertForSequenceClassification(config, num_labels=2, backend="cuda").to(cuda_device)
+    gen = torch.Generator().manual_seed(0)
+    feats = [{"input_ids": torch.randint(1, 100, (int(n),), generator=gen).tolist(), "labels": i % 2}
+             for i, n in enumerate(torch.randint(3, 20, (8,), generator=gen).tolist())]
+    spec, dev = tasks.TaskSpec.preset("sst2"), tasks.TaskData(feats[:4])
+    seen = []
+
+    def evaluate(m):
+        seen.append((torch.is_autocast_enabled(cuda_device.type), torch.get_autocast_dtype(cuda_device.type)))
+        return tasks.evaluate(m, spec, dev, 4)
+
+    cfg = train.TrainConfig(out=tmp_path, epochs=2, batch_size=4, precision="bf16", progress=False)
+    summary = train.Trainer(model, feats, data.collate, cfg, evaluate=evaluate).train()
+    assert seen == [(True, torch.bfloat16)] * 2
+    assert [sorted(e) for e in summary["epochs"]] == [["accuracy", "epoch", "f1", "matthews", "step",
+                                                        "train_loss"]] * 2
