@@ -133,7 +133,9 @@ def tune(head_dim: int, dropout_p: float, args, device: torch.device, deadline: 
             if ms_default and row["ms"]:
                 row["vs_default"] = ms_default / row["ms"]
             log(f"D{head_dim} p={dropout_p:g} {kernel:6s} {row['label']:16s} "
-                + (f"{1e3 * row['ms']:9.1f} us  x{row['vs_default']:.3f} vs default" if row["ms"] else "")
+                + (f"{1e3 * row['ms']:9.1f} us" if row["ms"] else "")
+                # the default itself may have failed (out of shared memory): no ratio then
+                + (f"  x{row['vs_default']:.3f} vs default" if row["vs_default"] else "")
                 + f"  {row['status']}" + (f" ({row['note']})" if row["note"] else "")
                 + (" [default]" if row["default"] else ""))
         ok = [r for r in rows if r["kernel"] == kernel and r["head_dim"] == head_dim and r["status"] == "ok"
@@ -141,6 +143,12 @@ def tune(head_dim: int, dropout_p: float, args, device: torch.device, deadline: 
         if ok:
             best[kernel] = min(ok, key=lambda r: r["ms"])["config"]
     return rows
+
+
+def _write_json(path: Path, record: dict) -> None:
+    staging = path.with_name(path.name + ".tmp")
+    staging.write_text(json.dumps(record, indent=1))
+    os.replace(staging, path)
 
 
 def main(argv=None) -> int:
@@ -181,7 +189,9 @@ def main(argv=None) -> int:
     for head_dim in args.head_dims:
         for p in args.dropout:
             rows += tune(head_dim, p, args, device, deadline, log=lambda line: print(line, flush=True))
-    meta["wall_s"] = round(time.monotonic() - started, 1)
+            meta["wall_s"] = round(time.monotonic() - started, 1)
+            if args.out:  # after each pair: what was measured survives a run cut short
+                _write_json(args.out, {"meta": meta, "rows": rows})
     print("\nbest per kernel (ms; x = speed-up over the current default, same run):")
     for head_dim in args.head_dims:
         for p in args.dropout:
@@ -193,7 +203,6 @@ def main(argv=None) -> int:
                     print(f"  D{head_dim} p={p:g} {kernel:6s} {top['label']:16s} x{top['vs_default'] or 0:.3f}"
                           + ("  (the default)" if top["default"] else ""))
     if args.out:
-        args.out.write_text(json.dumps({"meta": meta, "rows": rows}, indent=1))
         print(f"wrote {args.out}")
     bad = [r for r in rows if r["status"] == "mismatch" or (r["default"] and r["status"] != "ok"
                                                               and r["status"] != "skipped")]

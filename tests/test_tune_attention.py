@@ -41,3 +41,29 @@ def test_a_candidate_that_disagrees_is_a_mismatch(tmp_path, monkeypatch):
     assert tune_attention.main(["--quick", "--dropout", "0", "--out", str(out)]) == 1
     rows = json.loads(out.read_text())["rows"]
     assert {r["status"] for r in rows} == {"mismatch"}
+
+
+def test_a_default_tile_that_fails_is_reported_and_the_run_goes_on(tmp_path, monkeypatch, capsys):
+    """The default tile may fail on some GPU (out of shared memory): its row says so, the other
+    candidates are timed without a ratio (the log line formatted None and killed the run, losing
+    every row), the JSON is written, and the run fails since the default must work."""
+    pytest.importorskip("triton")
+    from benchmarks import tune_attention
+    from fastbert.kernels import attention as KA
+
+    real = KA.attention_fwd
+    default = dict(BLOCK_M=32, BLOCK_N=16, num_warps=1, num_stages=1)
+
+    def attention_fwd(*args, **kwargs):
+        if KA.CONFIG_OVERRIDE.get("fwd") == default:
+            raise RuntimeError("out of resource: shared memory (simulated)")
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(KA, "attention_fwd", attention_fwd)
+    out = tmp_path / "tune.json"
+    assert tune_attention.main(["--quick", "--dropout", "0", "--out", str(out)]) == 1
+    rows = [r for r in json.loads(out.read_text())["rows"] if r["kernel"] == "fwd"]
+    assert [r["status"] for r in rows if r["default"]] == ["error"], rows
+    others = [r for r in rows if not r["default"]]
+    assert others and all(r["status"] == "ok" and r["ms"] > 0 and r["vs_default"] is None for r in others)
+    assert "out of resource" in capsys.readouterr().out
