@@ -45,7 +45,8 @@ _DTYPES = (torch.float16, torch.bfloat16, torch.float32)
 
 
 def span_score_ref(start_logits, end_logits, mask=None, max_answer_len=30, topk=1):
-    """Plain-PyTorch reference (the "torch" backend); same outputs, bit for bit, as the kernel.
+    """Plain-PyTorch reference (the "torch" backend); same outputs, bit for bit, as the kernels
+    (a NaN score is NaN in both; its payload bits may differ).
 
     Builds the (B, L, D) candidate grid cand[b, i, d] = s[b, i] + e[b, i + d], D =
     min(max_answer_len, L), flattens it in (i, d) order (which is (i, j) order)
