@@ -365,12 +365,15 @@ def _prepare(case: Case, cfg: Settings):
         dys.append(tuple(torch.randn(o.shape, dtype=o.dtype, device=o.device, generator=gen) for o in outs_of))
     del shape_of, outs_of
 
-    def backward(out, dy):
-        torch.autograd.backward(out if isinstance(out, tuple) else (out,), dy)
+    def backward(out, dy, k):
+        # autograd.grad, not .backward(): accumulating into leaves' .grad copies a gradient that two
+        # leaves share (add_layernorm's dx = dresidual without dropout) or whose layout differs from
+        # its leaf's; in a model these inputs are not leaves and nothing is copied.
+        torch.autograd.grad(out if isinstance(out, tuple) else (out,), leaves[k], dy, allow_unused=True)
 
     if case.mode == "fwd+bwd":
         def call(k):
-            backward(fn(*sets[k]), dys[k])
+            backward(fn(*sets[k]), dys[k], k)
         return call, before, n_sets
 
     # "bwd": the forward runs untimed in before(k); then the L2 is flushed, so the backward reads
@@ -386,7 +389,7 @@ def _prepare(case: Case, cfg: Settings):
 
     def call(k):
         out, outs[k] = outs[k], None
-        backward(out, dys[k])
+        backward(out, dys[k], k)
     return call, before_bwd, n_sets
 
 

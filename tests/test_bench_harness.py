@@ -698,3 +698,22 @@ def test_gpu_budget_suites_hold_issue_6s_matrix(gpu_case_lists):
     for impl in ("hf_eager", "hf_sdpa", "hf_sdpa_compile", "hf_fastbert", "fb_torch", "fb_triton", "fb_cuda",
                  "fb_torch_compile", "fb_triton_compile", "fb_cuda_compile"):
         assert (impl, *key) in ok, impl
+
+
+def test_timed_backwards_copy_no_gradient_a_model_would_not():
+    """add_layernorm's dx and dresidual are one tensor without dropout; taken into two leaves'
+    .grad, autograd copied it inside the timed backward (a third of the bytes the kernel moves).
+    The harness takes gradients with autograd.grad, as a model's non-leaf inputs get them."""
+    from torch.profiler import ProfilerActivity, profile
+
+    cfg = harness.Settings.make(torch.device("cpu"), quick=True)
+    for case in bench_layernorm.cases("quick", cfg, "none"):
+        if case.impl != "eager" or case.op != "add_layernorm":
+            continue
+        for mode in ("bwd", "fwd+bwd"):
+            call, before, _ = harness._prepare(dataclasses.replace(case, mode=mode), cfg)
+            before(0)
+            with profile(activities=[ProfilerActivity.CPU]) as prof:
+                call(0)
+            copies = [e.key for e in prof.key_averages() if e.key in ("aten::copy_", "aten::clone")]
+            assert copies == [], (mode, copies)
