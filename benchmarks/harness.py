@@ -412,7 +412,7 @@ def run_case(case: Case, cfg: Settings) -> dict:
         "op": case.op, "impl": case.impl, "shape": case.label, "dims": case.shape,
         "dtype": str(case.dtype).replace("torch.", ""), "mode": case.mode,
         "status": case.status, "note": case.note, "unit": case.unit, "work": case.work, "tier": case.tier,
-        "ms": None, "ms_p20": None, "ms_p80": None, "reps": None, "host_us": None, "first_call_s": None,
+        "timer": case.timer, "ms": None, "ms_p20": None, "ms_p80": None, "reps": None, "host_us": None, "first_call_s": None,
         "metric": None, "pct_of_ceiling": None, "speedup_vs_eager": None, "peak_mib": None,
         "utc": utc_now(),
     }

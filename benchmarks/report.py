@@ -88,8 +88,17 @@ def group_by_case(rows) -> dict:
     return groups
 
 
+HOST_BOUND = "host-bound:"        # what harness.run_case puts in the note of such a row
+
+
+def host_bound(r: dict) -> bool:
+    """The row's GPU time is shorter than the host's time to issue the call."""
+    return HOST_BOUND in (r.get("note") or "")
+
+
 def timing_cells(by_impl, impls, baseline, speedup_format=".3g") -> list[str]:
-    """One table cell per impl: "ms (x baseline)", the row's status when it did not run, or ""."""
+    """One table cell per impl: "ms (x baseline)", marked † when host-bound, the row's status when it
+    did not run, or ""."""
     cells = []
     for impl in impls:
         r = by_impl.get(impl)
@@ -100,8 +109,14 @@ def timing_cells(by_impl, impls, baseline, speedup_format=".3g") -> list[str]:
         else:
             speed = (f" ({r['speedup_vs_eager']:{speedup_format}}x)"
                      if r["speedup_vs_eager"] is not None and impl != baseline else "")
-            cells.append(f"{r['ms']:.3g} ms{speed}")
+            cells.append(f"{r['ms']:.3g} ms{speed}" + (" †" if host_bound(r) else ""))
     return cells
+
+
+def legend(baseline: str) -> str:
+    return (f"Each cell: the median time of one call and, in brackets, the speed-up over {baseline} measured "
+            f"in the same run. † host-bound: issuing the call takes the host longer than the GPU takes to "
+            f"run it, so a loop of such calls runs at the host's pace (the full table gives the issue time).")
 
 
 def header(data: dict) -> str:
@@ -122,7 +137,8 @@ def header(data: dict) -> str:
 def markdown(data: dict) -> str:
     """Every row, one table per op."""
     out = ["# Kernel benchmarks", "", header(data), "",
-           "ms: median [p20, p80] of CUDA-event times per call; metric: GB/s (memory-bound ops) or TFLOP/s "
+           "ms: median [p20, p80] of CUDA-event times per call (rows noted \"host timer\": host "
+           "wall-clock time, the Python n-best); metric: GB/s (memory-bound ops) or TFLOP/s "
            "(attention), from each op's bytes/FLOPs formula (benchmarks/bench_*.py); % ceil: of the measured "
            "copy bandwidth or matmul rate; x eager: eager ms / ms, same run.", ""]
     rows = _sorted_rows(data["rows"])
@@ -132,7 +148,12 @@ def markdown(data: dict) -> str:
                 "|---|---|---|---|---|---|---|---|---|---|"]
         for r in (r for r in rows if r["op"] == op):
             metric = f"{r['metric']:.4g} {r['unit']}" if r["metric"] is not None else ""
-            note = r["note"].replace("|", "/")[:140] if r["status"] != "ok" else ""
+            if r["status"] != "ok":
+                note = r["note"]
+            else:  # an ok row's note only describes the implementation: show what bears on its number
+                note = "; ".join(filter(None, ["host timer" if r.get("timer") == "host" else "",
+                                               *(part for part in r["note"].split("; ") if part.startswith(HOST_BOUND))]))
+            note = note.replace("|", "/")[:140]
             out.append(f"| {r['impl']} | {r['shape']} | {r['dtype']} | {r['mode']} | {_ms(r)} | {metric} | "
                        f"{_num(r['pct_of_ceiling'], '.1f')} | {_num(r['speedup_vs_eager'], '.2f')} | "
                        f"{_num(r['peak_mib'], '.0f')} | {note} |")
@@ -178,7 +199,7 @@ E2E_TARGETS = [
     ("BERT-base fine-tuning step, S512, vs transformers eager", lambda r: r.get("speedup_vs_eager"), 1.6, "x"),
     ("BERT-base fine-tuning step, S512, vs transformers + torch.compile",
      lambda r: r.get("speedup_vs_hf_compile"), 1.15, "x"),
-    ("BERT-base fine-tuning step, S512, MFU", lambda r: r.get("mfu_pct"), 55.0, "%"),
+    ("BERT-base fine-tuning step, S512, MFU (of the measured bf16 matmul rate)", lambda r: r.get("mfu_pct"), 55.0, "%"),
 ]
 
 
@@ -550,10 +571,16 @@ def readme_block(data: dict, source: Path, e2e_path: Path | None = None) -> str:
     from . import bench_e2e
 
     e2e = load(e2e_path) if e2e_path else None
-    parts = ["### Kernels", "", summary_markdown(data), "", f"Full table: `{_shown(source).with_suffix('.md')}`."]
+    parts = ["### Kernels", "", summary_markdown(data), "",
+             legend("eager PyTorch (fastbert's plain-PyTorch reference of the op, `fastbert.ops.*_ref`); GPU time "
+                    "from CUDA events"),
+             "", f"Full table: `{_shown(source).with_suffix('.md')}`."]
     if e2e is not None:
         parts += ["", "### End to end", "", bench_e2e.summary_markdown(e2e), "",
-                  f"Full table: `{_shown(e2e_path).with_suffix('.md')}`."]
+                  legend("transformers with eager attention (hf_eager); steps timed back to back as a "
+                         "training loop runs them") + " MFU: model FLOPs per second over the bf16 matmul "
+                  "rate measured in the same run, not the GPU's datasheet peak.",
+                  "", f"Full table: `{_shown(e2e_path).with_suffix('.md')}`."]
     against = "this run"
     if e2e is not None and Path(e2e_path).resolve().parent != Path(source).resolve().parent:
         # e2e_beside fell back to another run's e2e.json: say which numbers come from where

@@ -717,3 +717,28 @@ def test_timed_backwards_copy_no_gradient_a_model_would_not():
                 call(0)
             copies = [e.key for e in prof.key_averages() if e.key in ("aten::copy_", "aten::clone")]
             assert copies == [], (mode, copies)
+
+
+def test_host_bound_rows_are_marked_in_every_table_and_the_host_timer_is_named():
+    """run_case notes a row whose issue time exceeds its GPU time; the full table blanked the notes
+    of rows that ran and the summary/README showed nothing, so such a time read as the GPU's."""
+    env = {"gpu": "G", "driver": "1", "torch": "t", "triton": "3", "cuda": "13", "commit": "abc"}
+
+    def row(impl, ms, note="", timer="device", op="attention"):
+        return {"op": op, "impl": impl, "shape": "B1 S128", "dims": {}, "dtype": "bfloat16", "mode": "fwd",
+                "status": "ok", "note": note, "unit": "TFLOP/s", "work": 1e9, "tier": 1, "timer": timer,
+                "ms": ms, "ms_p20": ms, "ms_p80": ms, "reps": 10, "host_us": None, "first_call_s": 0.1,
+                "metric": 1.0, "pct_of_ceiling": 1.0, "speedup_vs_eager": 0.5 if impl != "eager" else None,
+                "peak_mib": None}
+
+    bound = "fastbert kernels; host-bound: 0.449 ms to issue a call, more than the GPU's time"
+    data = {"env": env, "meta": {}, "rows": [row("eager", 0.05, "attention_ref"), row("triton", 0.1, bound),
+                                            row("python_nbest", 900.0, "n-best loop", "host", "span_score")]}
+    full = report.markdown(data)
+    triton_line = next(line for line in full.splitlines() if line.startswith("| triton"))
+    assert "host-bound: 0.449 ms" in triton_line and "fastbert kernels" not in triton_line
+    assert "attention_ref" not in full and "| host timer |" in full
+    summary = report.summary_markdown(data)
+    assert "0.1 ms (0.5x) †" in summary and "0.05 ms |" in summary
+    block = report.readme_block(data, harness.Path("benchmarks/results/x/kernels.json"))
+    assert "† host-bound" in block
