@@ -160,7 +160,10 @@ __device__ __forceinline__ void fwd_row(const LayerNormFwdParams& p) {
   const float2 sums = row_sum2<TPR>(rest, sq, scratch);
   const float residue = sums.x / static_cast<float>(n);
   const float mean = mean1 + residue;
-  const float var = fmaxf(sums.y / static_cast<float>(n) - residue * residue, 0.0f);
+  // Rounding may leave the difference a little below 0; a NaN (inf - inf: squares past float32's
+  // range) must stay NaN, as torch's LayerNorm gives, where fmaxf would make it 0 and rstd 1e6.
+  const float var_raw = sums.y / static_cast<float>(n) - residue * residue;
+  const float var = var_raw < 0.0f ? 0.0f : var_raw;
   const float rstd = 1.0f / sqrtf(var + p.eps);
 
   R* y = static_cast<R*>(p.y) + row * p.stride_y;

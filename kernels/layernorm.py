@@ -129,7 +129,10 @@ def _centre_rows(
     mean = tl.sum(h, axis=1) / N
     centered = tl.where(mask, h - mean[:, None], 0.0)
     residue = tl.sum(centered, axis=1) / N
-    var = tl.maximum(tl.sum(centered * centered, axis=1) / N - residue * residue, 0.0)
+    var = tl.sum(centered * centered, axis=1) / N - residue * residue
+    # below 0 by rounding only; a NaN (inf - inf: squares past float32's range) stays NaN, as in
+    # torch's LayerNorm, where tl.maximum would make it 0 and rstd 1e6 (a huge finite output)
+    var = tl.where(var < 0.0, 0.0, var)
     return mean + residue, tl.where(mask, centered - residue[:, None], 0.0), var
 
 

@@ -161,3 +161,27 @@ def check_autocast_mix(backend, device, shape, dtype, dropout_p=0.0, keep_mask=N
         assert ours_g.dtype == t.dtype and ours_g.shape == t.shape, name
         assert_close_to_ref(ours_g, ref_g, base_g, name)
     return out, grads
+
+
+def check_overflowing_squares_give_nan(backend, device):
+    """float32 rows whose centred squares pass float32's range (|h - mean| ~ 1e30): the corrected
+    variance is inf - inf = NaN. It stays NaN, as torch's LayerNorm gives; clamped to 0 it made
+    rstd 1/sqrt(eps) and outputs of 1e34 that looked like numbers. Ordinary rows beside it are
+    untouched."""
+    from fastbert.ops import use_backend
+    from fastbert.ops.layernorm import add_layernorm, layernorm_gelu
+
+    n = 256
+    gen = torch.Generator().manual_seed(0)
+    huge = 1e30 * (0.9 + 0.1 * torch.rand(2, n, generator=gen, dtype=torch.float64))
+    x = torch.cat([huge[:1], torch.randn(1, n, generator=gen, dtype=torch.float64)]).float().to(device)
+    r = torch.cat([huge[1:], torch.randn(1, n, generator=gen, dtype=torch.float64)]).float().to(device)
+    w, b = torch.ones(n, device=device), torch.zeros(n, device=device)
+    with use_backend(backend):
+        outs = {"add_layernorm": add_layernorm(x, r, w, b, 1e-12), "layernorm_gelu": layernorm_gelu(x + r, w, b, 1e-12)}
+    with use_backend("torch"):
+        refs = {"add_layernorm": add_layernorm(x, r, w, b, 1e-12), "layernorm_gelu": layernorm_gelu(x + r, w, b, 1e-12)}
+    for name, y in outs.items():
+        assert torch.isnan(y[0]).all(), f"{name}: a row of overflowing squares gave {y[0, :3].tolist()}"
+        assert torch.isnan(refs[name][0]).all()                     # what torch's LayerNorm gives
+        torch.testing.assert_close(y[1], refs[name][1], atol=1e-5, rtol=1e-5)

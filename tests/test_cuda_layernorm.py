@@ -19,7 +19,8 @@ import torch
 
 from conftest import DEVICE, ON_GPU, assert_close_to_ref, guarded_allocations
 from layernorm_cases import (
-    check_autocast_mix, check_compiled_block, compare_to_reference, gelu_inputs, layernorm_inputs, run_with_grads,
+    check_autocast_mix, check_compiled_block, check_overflowing_squares_give_nan, compare_to_reference, gelu_inputs,
+    layernorm_inputs, run_with_grads,
 )
 
 import fastbert.ops._cuda as C
@@ -259,6 +260,10 @@ def test_layernorm_gelu_matches_reference(cuda_device, shape, dtype):
     _compare(lambda x, w, b: layernorm_gelu(x, w, b, EPS),
              lambda x, w, b: layernorm_gelu_ref(x, w, b, EPS),
              tensors, dy, ["dx", "dweight", "dbias"])
+
+
+def test_rows_of_overflowing_squares_give_nan_as_torch_does(cuda_device):
+    check_overflowing_squares_give_nan("cuda", cuda_device)
 
 
 def test_layernorm_gelu_fp32_params_and_misaligned(cuda_device):

@@ -8,7 +8,9 @@ import pytest
 import torch
 
 from conftest import DEVICE, KERNEL_DTYPES, ON_GPU, assert_close_to_ref, guarded_allocations
-from layernorm_cases import check_autocast_mix, compare_to_reference, layernorm_inputs, run_with_grads
+from layernorm_cases import (
+    check_autocast_mix, check_overflowing_squares_give_nan, compare_to_reference, layernorm_inputs, run_with_grads,
+)
 
 import fastbert.kernels.layernorm as K
 from fastbert.ops import use_backend
@@ -233,6 +235,10 @@ def test_layernorm_gelu_matches_reference(shape, dtype):
 
 
 # ----------------------------------------------------------------------------- bad input
+
+def test_rows_of_overflowing_squares_give_nan_as_torch_does():
+    check_overflowing_squares_give_nan("triton", DEVICE)
+
 
 def test_badlayernorm_inputs():
     (x, r, w, b), _ = layernorm_inputs((3, 8), torch.float32)
