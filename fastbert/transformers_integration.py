@@ -303,5 +303,63 @@ def patch_transformers(model: torch.nn.Module, backend: str | None = None) -> to
                          "supported; fastbert attention takes absolute position embeddings only")
     register()
     (_patch_distilbert if model_type == "distilbert" else _patch_family)(model, config, backend)
+    _checkpoint_reruns_keep_the_backend(model)
     model.set_attn_implementation(ATTN_IMPLEMENTATION)
     return model
+
+
+# -- gradient checkpointing ----------------------------------------------------------------------
+# transformers' gradient checkpointing reruns each layer inside backward(), where a use_backend
+# scope around the forward alone has closed: the rerun would pick the backend again ("auto" gives
+# other kernels, with other dropout masks) and the gradients came out wrong (use_reentrant=True)
+# or checkpoint refused the recomputed values (False). Each checkpoint call now reopens the scope
+# its forward ran in, as BertModel._run_layer does; patched modules with a backend of their own
+# reopen theirs anyway.
+
+class _CheckpointKeepingTheBackend:
+    """A layer's checkpoint function (transformers': a partial of torch.utils.checkpoint) whose
+    reruns run in the backend scope of the forward. A class, not a closure: patched models pickle."""
+
+    def __init__(self, checkpoint_func):
+        self.checkpoint_func = checkpoint_func
+
+    def __call__(self, function, *args, **kwargs):
+        if torch.compiler.is_compiling():
+            # a compiled backward reruns the traced graph, not this Python (and a scope opened in
+            # the checkpointed region is a side effect Dynamo refuses)
+            return self.checkpoint_func(function, *args, **kwargs)
+        backend = ops.get_backend()
+
+        def rerunnable(*fn_args, **fn_kwargs):
+            with ops.use_backend(backend):
+                return function(*fn_args, **fn_kwargs)
+        return self.checkpoint_func(rerunnable, *args, **kwargs)
+
+
+def _wrap_checkpoint_funcs(model: torch.nn.Module) -> None:
+    for module in model.modules():
+        func = module.__dict__.get("_gradient_checkpointing_func")
+        if func is not None and not isinstance(func, _CheckpointKeepingTheBackend):
+            module._gradient_checkpointing_func = _CheckpointKeepingTheBackend(func)
+
+
+class _SetCheckpointingKeepingTheBackend:
+    """The instance's _set_gradient_checkpointing: the class's, then the wrap. Holds its module
+    (pickle and deepcopy carry the reference over to the copy)."""
+
+    def __init__(self, module):
+        self.module = module
+
+    def __call__(self, *args, **kwargs):
+        type(self.module)._set_gradient_checkpointing(self.module, *args, **kwargs)
+        _wrap_checkpoint_funcs(self.module)
+
+
+def _checkpoint_reruns_keep_the_backend(model: torch.nn.Module) -> None:
+    """Checkpointing enabled before the patch is wrapped now; enabled later (gradient_ or
+    activation_checkpointing_enable, on the model or a submodel: both reach
+    _set_gradient_checkpointing), as it is set."""
+    _wrap_checkpoint_funcs(model)
+    for module in model.modules():
+        if callable(getattr(type(module), "_set_gradient_checkpointing", None)):
+            module._set_gradient_checkpointing = _SetCheckpointingKeepingTheBackend(module)

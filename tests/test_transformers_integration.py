@@ -427,6 +427,50 @@ def test_gradient_checkpointing_reruns_the_same_dropout(backend):
         torch.testing.assert_close(grads[1][name], g, atol=0, rtol=0, msg=lambda m, name=name: f"{name}: {m}")
 
 
+@pytest.mark.parametrize("reentrant", [False, True])
+def test_gradient_checkpointing_reruns_on_the_backend_of_the_forward(reentrant):
+    """Patched with no backend of its own, the model follows use_backend; a scope around the forward
+    alone has closed when checkpointing reruns the layers in backward(). The reruns went to the
+    backend chosen then (here torch where the forward ran triton: other dropout masks): gradients
+    2x off with use_reentrant=True, a CheckpointError without. Checkpointing enabled before the
+    patch, after it, on a deep copy and on a pickled copy."""
+    pytest.importorskip("triton")
+    import copy
+    import pickle
+
+    config = _tiny_config(hidden_dropout_prob=0.1, attention_probs_dropout_prob=0.1)
+    ids, mask = _batch(DEVICE)
+    labels = torch.tensor([0, 1, 1, 0], device=DEVICE)
+
+    def grads(model):
+        model.zero_grad()
+        torch.manual_seed(3)
+        with fastbert.ops.use_backend("triton"):
+            loss = model(input_ids=ids, attention_mask=mask, labels=labels).loss
+        loss.backward()                                   # outside the scope, as a training loop may
+        return {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
+
+    def enable(model):
+        if hasattr(model, "activation_checkpointing_enable"):  # transformers >= 5.2x; the old name warns
+            model.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": reentrant})
+        else:
+            model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": reentrant})
+        return model
+
+    reference = grads(fastbert.patch_transformers(_classifier(config, DEVICE)).train())
+    before = fastbert.patch_transformers(enable(_classifier(config, DEVICE)).train())
+    after = enable(fastbert.patch_transformers(_classifier(config, DEVICE)).train())
+    copied = enable(copy.deepcopy(fastbert.patch_transformers(_classifier(config, DEVICE)).train()))
+    # torch.save of a whole model pickles it (transformers' own hooks leave a checkpointing one unpicklable)
+    unpickled = enable(pickle.loads(pickle.dumps(fastbert.patch_transformers(_classifier(config, DEVICE)).train())))
+    for model in (before, after, copied, unpickled):
+        assert getattr(model, "is_activation_checkpointing", None) or model.is_gradient_checkpointing
+        got = grads(model)
+        assert got.keys() == reference.keys()
+        for name, g in reference.items():
+            torch.testing.assert_close(got[name], g, atol=0, rtol=0, msg=lambda m, name=name: f"{name}: {m}")
+
+
 @pytest.mark.parametrize("family", ["bert", "distilbert"])
 def test_fused_dropout_is_the_models(family, monkeypatch):
     """In training the fused add_layernorm gets the dropout transformers applies before that

@@ -144,7 +144,10 @@ def use_backend(name: str):
     """Run the ops called inside the block on backend `name` (also inside torch.compile).
 
     The scope is a context variable: threads started inside the block (nn.DataParallel's replicas)
-    do not see it. There, build the model with BertModel(backend=...) or use set_backend."""
+    do not see it. There, build the model with BertModel(backend=...) or use set_backend.
+    Nor does a backward run after the block: BertModel's and patch_transformers' gradient
+    checkpointing reopen the forward's scope for their reruns; a torch.utils.checkpoint of your
+    own must run its backward inside the block, or reopen it in the checkpointed function."""
     check_backend_name(name)
     if torch.compiler.is_compiling():
         _compiled_scopes.append(name)
