@@ -387,3 +387,41 @@ def test_finetuning_on_the_cuda_backend_evaluates_each_epoch_under_the_training_
     assert seen == [(True, torch.bfloat16)] * 2
     assert [sorted(e) for e in summary["epochs"]] == [["accuracy", "epoch", "f1", "matthews", "step",
                                                         "train_loss"]] * 2
+
+
+def test_one_tensor_given_twice_traces_fullgraph_on_a_kernel_backend(cuda_device, monkeypatch):
+    """attention(x, x, x), add_layernorm(y, y, w, w), layernorm_gelu(y, w, w) under
+    torch.compile(fullgraph=True): Dynamo refused an autograd.Function given one tensor twice.
+    Values and gradients as eager (the cuda backend; the emulation without a GPU)."""
+    _cuda_attention_on(cuda_device, monkeypatch)
+    device = cuda_device
+    if device.type == "cpu":
+        import fastbert.ops.layernorm as L
+        for module in (A, L):
+            monkeypatch.setattr(module, "resolve", torch.compiler.assume_constant_result(module.resolve))
+    dtype = torch.bfloat16 if device.type == "cuda" else torch.float16
+    gen = torch.Generator().manual_seed(0)
+    x = torch.randn(2, 8, 2, 32, generator=gen).to(device, dtype).requires_grad_()
+    y = torch.randn(2, 8, 64, generator=gen).to(device, dtype).requires_grad_()
+    w = (1 + 0.1 * torch.randn(64, generator=gen)).to(device, dtype).requires_grad_()
+    weights = [torch.randn(shape, generator=gen).to(device) for shape in ((2, 8, 2, 32), (2, 8, 64), (2, 8, 64))]
+
+    def f(x, y, w):
+        outs = (fastbert.ops.attention(x, x, x), fastbert.ops.add_layernorm(y, y, w, w, 1e-12),
+                fastbert.ops.layernorm_gelu(y, w, w, 1e-12))
+        return sum((o.float() * g).sum() for o, g in zip(outs, weights))
+
+    def run(fn):
+        with fastbert.ops.use_backend("cuda"):
+            loss = fn(x, y, w)
+        return loss.detach(), torch.autograd.grad(loss, (x, y, w))
+
+    torch._dynamo.reset()
+    try:
+        compiled = run(torch.compile(f, fullgraph=True, backend="inductor" if device.type == "cuda" else "eager"))
+    finally:
+        torch._dynamo.reset()
+    eager = run(f)
+    torch.testing.assert_close(compiled[0], eager[0], rtol=1e-3, atol=1e-2)
+    for name, got, want in zip("xyw", compiled[1], eager[1]):
+        torch.testing.assert_close(got.float(), want.float(), rtol=2e-2, atol=2e-2, msg=lambda m, n=name: f"d{n}: {m}")

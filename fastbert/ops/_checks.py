@@ -44,3 +44,18 @@ def refuse_double_backward(ctx, op: str, *grads) -> None:
         raise RuntimeError(f"{op}: the gradient of this fused kernel is not differentiable again "
                            "(backward with create_graph=True); for higher-order gradients run it on the "
                            "'torch' backend: fastbert.ops.use_backend('torch')")
+
+
+def distinct_for_compile(*tensors):
+    """The tensors, each repeat of one made a view of it while torch.compile traces: Dynamo refuses
+    an autograd.Function given one tensor twice (attention(x, x, x), add_layernorm(y, y, ...)),
+    which broke fullgraph=True. A view holds the same values and its gradient flows back to the
+    tensor; eager calls take the tensors as they are."""
+    if not torch.compiler.is_compiling():
+        return tensors
+    out = []
+    for t in tensors:
+        if isinstance(t, torch.Tensor) and any(t is u for u in out):
+            t = t.view_as(t)
+        out.append(t)
+    return tuple(out)

@@ -30,7 +30,7 @@ from torch import Tensor
 
 from . import _cuda
 from ._backend import auto_fallback, available_backends, get_backend, interpreter_on, resolve, triton_importable
-from ._checks import check_dropout, is_real, refuse_double_backward
+from ._checks import check_dropout, distinct_for_compile, is_real, refuse_double_backward
 
 try:  # the Triton kernels; without triton the "triton" backend is off and the rest still imports
     from fastbert.kernels import attention as _kernels
@@ -339,6 +339,7 @@ def _attention_kernels(q, k, v, mask, cu_seqlens, max_seqlen, dropout_p, softmax
                 else torch.full((1,), int(seed), dtype=torch.int64, device=q.device))
     else:   # torch.manual_seed reproduces a drawn one
         seed = int(torch.randint(0, 2**31 - 1, (1,))) if seed is None else int(seed)
+    q, k, v = distinct_for_compile(q, k, v)
     return AttentionFunction.apply(q, k, v, mask, cu_seqlens, max_seqlen, dropout_p, scale, seed,
                                    compiled if compiling else eager, residual)
 

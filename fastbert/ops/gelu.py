@@ -20,7 +20,7 @@ import torch.nn.functional as F
 
 from . import _cuda
 from ._backend import auto_fallback, interpreter_on, resolve
-from ._checks import refuse_double_backward
+from ._checks import distinct_for_compile, refuse_double_backward
 
 try:
     from fastbert.kernels import gelu as _triton_gelu
@@ -161,11 +161,11 @@ def bias_gelu(x, bias, approximate="none"):
     if backend == "cuda":
         if x.dtype not in _cuda.DTYPES:
             raise TypeError(f"bias_gelu: the cuda backend takes float32, float16 or bfloat16 x, got {x.dtype}")
-        return BiasGeluFunction.apply(x, bias, approximate, backend)
+        return BiasGeluFunction.apply(*distinct_for_compile(x, bias), approximate, backend)
     if x.dtype not in (torch.float32, torch.float16, torch.bfloat16):
         raise TypeError(f"bias_gelu: the triton backend takes float32, float16 or bfloat16 x, got {x.dtype}")
     if x.dtype == torch.bfloat16 and interpreter_on():
         # The Triton interpreter computes bf16 wrongly without an error (FIELD-NOTES.md).
         raise TypeError("bias_gelu: bfloat16 is not supported by the Triton interpreter (TRITON_INTERPRET=1); "
                         "use float32/float16 or a GPU")
-    return BiasGeluFunction.apply(x, bias, approximate, backend)
+    return BiasGeluFunction.apply(*distinct_for_compile(x, bias), approximate, backend)

@@ -25,7 +25,7 @@ import torch.nn.functional as F
 
 from . import _cuda
 from ._backend import auto_fallback, interpreter_on, resolve
-from ._checks import check_dropout, is_real, refuse_double_backward
+from ._checks import check_dropout, distinct_for_compile, is_real, refuse_double_backward
 
 try:
     from fastbert.kernels import layernorm as _triton_layernorm
@@ -392,6 +392,7 @@ def add_layernorm(x, residual, weight, bias, eps, dropout_p=0.0, *, copy_in_x_dt
         _check_cuda_rows("add_layernorm", x)
     else:
         _check_kernel_rows("add_layernorm", x)
+    x, residual, weight, bias = distinct_for_compile(x, residual, weight, bias)
     if copy_in_x_dtype and mixed:  # the kernels write both
         return AddLayerNormFunction.apply(x, residual, weight, bias, float(eps), float(dropout_p), backend, True)
     y = AddLayerNormFunction.apply(x, residual, weight, bias, float(eps), float(dropout_p), backend, False)
@@ -415,4 +416,5 @@ def layernorm_gelu(x, weight, bias, eps):
         _check_cuda_rows("layernorm_gelu", x)
     else:
         _check_kernel_rows("layernorm_gelu", x)
+    x, weight, bias = distinct_for_compile(x, weight, bias)
     return LayerNormGeluFunction.apply(x, weight, bias, float(eps), backend)
