@@ -441,6 +441,31 @@ def test_kernel_gradients_refuse_to_be_differentiated_again(op):
             assert torch.autograd.grad(grad.square().sum(), inputs[0])[0].abs().sum() > 0
 
 
+@pytest.mark.parametrize("op", ["attention", "add_layernorm", "layernorm_gelu", "bias_gelu"])
+def test_batched_gradients_are_named_not_a_storage_error(op, cuda_device, monkeypatch):
+    """jacobian(vectorize=True) and autograd.grad(is_grads_batched=True) vmap the backward: a kernel
+    cannot read a batched gradient, and the error was "Cannot access storage of BatchedTensorImpl"
+    (triton) or "...doesn't have storage" (cuda). The torch backend computes it."""
+    from test_model_backends import _cuda_attention_on
+
+    _cuda_attention_on(cuda_device, monkeypatch)
+    inputs, fn = _op_cases()[op]
+    if op == "attention":  # a head_dim the cuda kernels take
+        gen = torch.Generator().manual_seed(0)
+        inputs = [torch.randn(1, 5, 2, 32, generator=gen).requires_grad_() for _ in range(3)]
+    dtype = torch.float16 if cuda_device.type == "cpu" else torch.bfloat16
+    first = inputs[0].detach()
+    for backend, x in (("triton", first), ("cuda", first.to(cuda_device, dtype))):
+        rest = [t.detach().to(x.device, x.dtype) for t in inputs[1:]]
+        if backend == "triton" and cuda_device.type == "cuda":
+            rest, x = [t.to(cuda_device) for t in rest], first.to(cuda_device)
+        with ops.use_backend(backend), pytest.raises(RuntimeError, match=f"{op}: a batched gradient .*'torch'"):
+            torch.autograd.functional.jacobian(lambda t: fn(t, *rest), x, vectorize=True)
+    with ops.use_backend("torch"):
+        jac = torch.autograd.functional.jacobian(lambda t: fn(t, *inputs[1:]), first, vectorize=True)
+    assert jac.isfinite().all() and jac.abs().sum() > 0
+
+
 # -- "auto" on a GPU: inputs no kernel takes ---------------------------------------------------
 
 

@@ -1,6 +1,7 @@
 """Checks the ops share: scalars a user passes (dropout_p, eps, softmax_scale); double backward."""
 from __future__ import annotations
 
+import contextlib
 import numbers
 import struct
 
@@ -59,3 +60,20 @@ def distinct_for_compile(*tensors):
             t = t.view_as(t)
         out.append(t)
     return tuple(out)
+
+
+@contextlib.contextmanager
+def plain_gradients(op: str):
+    """Around a kernel backward's launch: a batched gradient (autograd.grad(is_grads_batched=True),
+    jacobian(vectorize=True) vmap the backward) has no storage for a kernel to read, and failed
+    with "Cannot access storage of BatchedTensorImpl". Caught here, not checked before each
+    launch: no test is cheap enough for every backward, and nothing else fails this way."""
+    try:
+        yield
+    except (NotImplementedError, RuntimeError) as err:
+        text = str(err)
+        if "BatchedTensorImpl" not in text and "doesn't have storage" not in text:
+            raise
+        raise RuntimeError(f"{op}: a batched gradient (autograd.grad(..., is_grads_batched=True), "
+                           "jacobian(vectorize=True)) cannot go through this fused kernel; run it on the "
+                           "'torch' backend (fastbert.ops.use_backend('torch')) or loop over the gradients") from None

@@ -30,7 +30,7 @@ from torch import Tensor
 
 from . import _cuda
 from ._backend import auto_fallback, available_backends, get_backend, interpreter_on, resolve, triton_importable
-from ._checks import check_dropout, distinct_for_compile, is_real, refuse_double_backward
+from ._checks import check_dropout, distinct_for_compile, is_real, plain_gradients, refuse_double_backward
 
 try:  # the Triton kernels; without triton the "triton" backend is off and the rest still imports
     from fastbert.kernels import attention as _kernels
@@ -312,10 +312,11 @@ class AttentionFunction(torch.autograd.Function):
         q, k, v, out, lse, mask, cu_seqlens, seed_t, out_residual = ctx.saved_tensors
         max_seqlen, dropout_p, softmax_scale, launchers = ctx.args
         seed = seed_t if seed_t is not None else ctx.seed
-        if dout.stride(-1) != 1:
-            dout = dout.contiguous()
-        dq, dk, dv = _LAUNCHERS[launchers].attention_bwd(dout, q, k, v, out, lse, mask, cu_seqlens, max_seqlen,
-                                                         dropout_p, softmax_scale, seed, out_residual)
+        with plain_gradients("attention"):
+            if dout.stride(-1) != 1:
+                dout = dout.contiguous()
+            dq, dk, dv = _LAUNCHERS[launchers].attention_bwd(dout, q, k, v, out, lse, mask, cu_seqlens,
+                                                             max_seqlen, dropout_p, softmax_scale, seed, out_residual)
         return dq, dk, dv, None, None, None, None, None, None, None, None
 
 

@@ -20,7 +20,7 @@ import torch.nn.functional as F
 
 from . import _cuda
 from ._backend import auto_fallback, interpreter_on, resolve
-from ._checks import distinct_for_compile, refuse_double_backward
+from ._checks import distinct_for_compile, plain_gradients, refuse_double_backward
 
 try:
     from fastbert.kernels import gelu as _triton_gelu
@@ -48,7 +48,8 @@ class BiasGeluFunction(torch.autograd.Function):
     def backward(ctx, dy):
         refuse_double_backward(ctx, "bias_gelu", dy)
         x, bias = ctx.saved_tensors
-        dx, dbias = _launchers(ctx.backend).bias_gelu_bwd(dy, x, bias, ctx.approximate)
+        with plain_gradients("bias_gelu"):
+            dx, dbias = _launchers(ctx.backend).bias_gelu_bwd(dy, x, bias, ctx.approximate)
         return dx, dbias, None, None
 
 

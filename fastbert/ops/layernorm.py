@@ -25,7 +25,7 @@ import torch.nn.functional as F
 
 from . import _cuda
 from ._backend import auto_fallback, interpreter_on, resolve
-from ._checks import check_dropout, distinct_for_compile, is_real, refuse_double_backward
+from ._checks import check_dropout, distinct_for_compile, is_real, plain_gradients, refuse_double_backward
 
 try:
     from fastbert.kernels import layernorm as _triton_layernorm
@@ -173,8 +173,9 @@ class AddLayerNormFunction(torch.autograd.Function):
             return (None,) * 8
         if dy is None:
             dy = torch.zeros(residual.shape, dtype=residual.dtype, device=residual.device)
-        dx, dresidual, dweight, dbias = _launchers(ctx.backend).add_layernorm_bwd(
-            dy, x, residual, weight, mean, rstd, ctx.dropout_p, seed, dy_copy)
+        with plain_gradients("add_layernorm"):
+            dx, dresidual, dweight, dbias = _launchers(ctx.backend).add_layernorm_bwd(
+                dy, x, residual, weight, mean, rstd, ctx.dropout_p, seed, dy_copy)
         if ctx.dropout_p == 0.0 and x.dtype == residual.dtype:
             dx = dresidual  # without dropout dL/dx == dL/dresidual; the kernel wrote it once
         return dx, dresidual, dweight, dbias, None, None, None, None
@@ -194,7 +195,8 @@ class LayerNormGeluFunction(torch.autograd.Function):
     def backward(ctx, dy):
         refuse_double_backward(ctx, "layernorm_gelu", dy)
         x, weight, bias, mean, rstd = ctx.saved_tensors
-        dx, dweight, dbias = _launchers(ctx.backend).layernorm_gelu_bwd(dy, x, weight, bias, mean, rstd)
+        with plain_gradients("layernorm_gelu"):
+            dx, dweight, dbias = _launchers(ctx.backend).layernorm_gelu_bwd(dy, x, weight, bias, mean, rstd)
         return dx, dweight, dbias, None, None
 
 
