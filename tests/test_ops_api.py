@@ -617,3 +617,31 @@ def test_triton_launchers_run_on_their_tensors_device(monkeypatch):
         assert ran(3, on_1, wrap=None) == "ran" and switched == [1]
         assert ran(on_0) == "ran" and switched == [1]
     assert ran(torch.empty(2)) == "ran" and ran() == "ran" and switched == [1]
+
+
+def test_registered_triton_ops_trace_on_the_cpu_and_refuse_a_graph_capture():
+    """Interpreted Triton kernels cannot run on Dynamo's fake tensors: the LayerNorm, GELU and span
+    ops failed with "Attempted to set the storage of a tensor on device meta" (attention already
+    skipped the launch there). Now they trace with fullgraph=True and backend="eager" runs them; a
+    graph capture (aot_eager), which would lose the kernel, is a named error."""
+    pytest.importorskip("triton")
+    gen = torch.Generator().manual_seed(0)
+    x, r = torch.randn(3, 16, generator=gen), torch.randn(3, 16, generator=gen)
+    w, b = 1 + 0.1 * torch.randn(16, generator=gen), torch.randn(16, generator=gen)
+    s, e = torch.randn(2, 12, generator=gen), torch.randn(2, 12, generator=gen)
+    calls = {
+        "add_layernorm": lambda: torch.ops.fastbert.add_layernorm_fwd(x, r, w, b, 1e-5, 0.0, None, False)[0],
+        "layernorm_gelu": lambda: torch.ops.fastbert.layernorm_gelu_fwd(x, w, b, 1e-5)[0],
+        "bias_gelu": lambda: torch.ops.fastbert.bias_gelu_fwd(x, b, "none"),
+        "span_score": lambda: torch.ops.fastbert.span_score_triton(s, e, None, 4, 3)[2],
+    }
+    for op, call in calls.items():
+        eager = call()
+        torch._dynamo.reset()
+        try:
+            torch.testing.assert_close(torch.compile(call, fullgraph=True, backend="eager")(), eager, msg=op)
+            torch._dynamo.reset()
+            with pytest.raises(Exception, match=f"{op}: interpreted Triton kernels .* cannot be captured"):
+                torch.compile(call, fullgraph=True, backend="aot_eager")()
+        finally:
+            torch._dynamo.reset()

@@ -30,6 +30,37 @@ def interpreter_on() -> bool:
     return os.environ.get("TRITON_INTERPRET", "0") == "1"
 
 
+class _NoLaunch:
+    """kernel[grid](...) that launches nothing: Dynamo's shape propagation on fake tensors."""
+
+    def __getitem__(self, grid):
+        return lambda *args, **kwargs: None
+
+
+def triton_wrap(t: torch.Tensor, op: str):
+    """The `wrap` a launcher inside a registered triton_op launches its kernels through, given
+    one of the op's input tensors: torch.library.wrap_triton on a GPU. Interpreted kernels
+    (TRITON_INTERPRET=1) run eagerly only (torch 2.13's wrap_triton leaves them unwrapped,
+    2.11's raises): on real tensors the kernel itself; on Dynamo's fake tensors no launch (the
+    launcher's outputs have their shapes: a model traces with fullgraph=True and
+    backend="eager" runs it); a graph capture (AOTAutograd) would lose the kernel, so it raises,
+    as kernels/attention.py's _launch does for attention."""
+    from torch.library import wrap_triton
+
+    if not interpreter_on():
+        return wrap_triton
+    from torch._subclasses.fake_tensor import FakeTensor
+    from torch._subclasses.functional_tensor import FunctionalTensor
+    from torch.fx.experimental.proxy_tensor import get_proxy_mode
+
+    if isinstance(t, FunctionalTensor) or get_proxy_mode() is not None:
+        raise RuntimeError(f"{op}: interpreted Triton kernels (TRITON_INTERPRET=1) cannot be captured in a "
+                           "compiled graph; use torch.compile(backend='eager') on the CPU or run on a GPU")
+    if isinstance(t, FakeTensor):
+        return lambda kernel: _NoLaunch()
+    return lambda kernel: kernel
+
+
 def graph_capturing(t: torch.Tensor) -> bool:
     """True while a CUDA graph captures the current stream (t on a GPU): no host sync may run
     then, and a value drawn on the host now would be replayed unchanged at every launch."""

@@ -19,7 +19,7 @@ import torch
 import torch.nn.functional as F
 
 from . import _cuda
-from ._backend import auto_fallback, interpreter_on, resolve
+from ._backend import auto_fallback, interpreter_on, resolve, triton_wrap
 from ._checks import distinct_for_compile, plain_gradients, refuse_double_backward
 
 try:
@@ -55,19 +55,19 @@ class BiasGeluFunction(torch.autograd.Function):
 
 # ----------------------------------------------------------------------------- custom ops (torch.compile)
 # triton_op traces its body with fake tensors: the launchers allocate from shapes only and
-# launch through wrap_triton, so the fake (meta) behaviour is the launcher itself.
+# launch through wrap_triton (_backend.triton_wrap), so the fake (meta) behaviour is the launcher itself.
 
 if _triton_gelu is not None:
     from torch import Tensor
-    from torch.library import triton_op, wrap_triton
+    from torch.library import triton_op
 
     @triton_op("fastbert::bias_gelu_fwd", mutates_args=())
     def _bias_gelu_fwd_op(x: Tensor, bias: Tensor, approximate: str) -> Tensor:
-        return _triton_gelu.bias_gelu_fwd(x, bias, approximate, wrap=wrap_triton)
+        return _triton_gelu.bias_gelu_fwd(x, bias, approximate, wrap=triton_wrap(x, "bias_gelu"))
 
     @triton_op("fastbert::bias_gelu_bwd", mutates_args=())
     def _bias_gelu_bwd_op(dy: Tensor, x: Tensor, bias: Tensor, approximate: str) -> tuple[Tensor, Tensor]:
-        return _triton_gelu.bias_gelu_bwd(dy, x, bias, approximate, wrap=wrap_triton)
+        return _triton_gelu.bias_gelu_bwd(dy, x, bias, approximate, wrap=triton_wrap(x, "bias_gelu"))
 
 
 class _TritonCustomOps:

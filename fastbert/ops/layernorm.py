@@ -24,7 +24,7 @@ import torch
 import torch.nn.functional as F
 
 from . import _cuda
-from ._backend import auto_fallback, interpreter_on, resolve
+from ._backend import auto_fallback, interpreter_on, resolve, triton_wrap
 from ._checks import check_dropout, distinct_for_compile, is_real, plain_gradients, refuse_double_backward
 
 try:
@@ -202,35 +202,36 @@ class LayerNormGeluFunction(torch.autograd.Function):
 
 # ----------------------------------------------------------------------------- custom ops (torch.compile)
 # triton_op traces its body with fake tensors: the launchers allocate from shapes only and
-# launch through wrap_triton, so the fake (meta) behaviour is the launcher itself.
+# launch through wrap_triton (_backend.triton_wrap), so the fake (meta) behaviour is the launcher itself.
 
 if _triton_layernorm is not None:
     from torch import Tensor
-    from torch.library import triton_op, wrap_triton
+    from torch.library import triton_op
 
     @triton_op("fastbert::add_layernorm_fwd", mutates_args=())
     def _add_layernorm_fwd_op(x: Tensor, residual: Tensor, weight: Tensor, bias: Tensor, eps: float,
                               dropout_p: float, seed: Optional[Tensor],
                               copy: bool) -> tuple[Tensor, Tensor, Tensor, Tensor]:
         return _triton_layernorm.add_layernorm_fwd(x, residual, weight, bias, eps, dropout_p, seed, copy,
-                                                   wrap=wrap_triton)
+                                                   wrap=triton_wrap(x, "add_layernorm"))
 
     @triton_op("fastbert::add_layernorm_bwd", mutates_args=())
     def _add_layernorm_bwd_op(dy: Tensor, x: Tensor, residual: Tensor, weight: Tensor, mean: Tensor,
                               rstd: Tensor, dropout_p: float, seed: Optional[Tensor],
                               dy_copy: Optional[Tensor]) -> tuple[Tensor, Tensor, Tensor, Tensor]:
         return _triton_layernorm.add_layernorm_bwd(dy, x, residual, weight, mean, rstd, dropout_p, seed, dy_copy,
-                                                   wrap=wrap_triton)
+                                                   wrap=triton_wrap(x, "add_layernorm"))
 
     @triton_op("fastbert::layernorm_gelu_fwd", mutates_args=())
     def _layernorm_gelu_fwd_op(x: Tensor, weight: Tensor, bias: Tensor,
                                eps: float) -> tuple[Tensor, Tensor, Tensor]:
-        return _triton_layernorm.layernorm_gelu_fwd(x, weight, bias, eps, wrap=wrap_triton)
+        return _triton_layernorm.layernorm_gelu_fwd(x, weight, bias, eps, wrap=triton_wrap(x, "layernorm_gelu"))
 
     @triton_op("fastbert::layernorm_gelu_bwd", mutates_args=())
     def _layernorm_gelu_bwd_op(dy: Tensor, x: Tensor, weight: Tensor, bias: Tensor, mean: Tensor,
                                rstd: Tensor) -> tuple[Tensor, Tensor, Tensor]:
-        return _triton_layernorm.layernorm_gelu_bwd(dy, x, weight, bias, mean, rstd, wrap=wrap_triton)
+        return _triton_layernorm.layernorm_gelu_bwd(dy, x, weight, bias, mean, rstd,
+                                                    wrap=triton_wrap(x, "layernorm_gelu"))
 
 
 class _TritonCustomOps:

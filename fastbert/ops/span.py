@@ -38,7 +38,7 @@ import torch
 import torch.nn.functional as F
 
 from . import _cuda
-from ._backend import interpreter_on, resolve, triton_importable
+from ._backend import interpreter_on, resolve, triton_importable, triton_wrap
 
 MAX_TOPK = 32
 _DTYPES = (torch.float16, torch.bfloat16, torch.float32)
@@ -131,7 +131,7 @@ def _check_triton(start_logits, max_answer_len):
 # also runs on fake tensors, so it only reads shapes). Eager calls skip it: the
 # custom-op dispatch costs 10-30 us per call.
 if triton_importable():
-    from torch.library import triton_op, wrap_triton
+    from torch.library import triton_op
 
     @triton_op("fastbert::span_score_triton", mutates_args=())
     def _span_score_triton_op(
@@ -143,7 +143,8 @@ if triton_importable():
     ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         from fastbert.kernels.span import span_score_fwd
 
-        return span_score_fwd(start_logits, end_logits, mask, max_answer_len, topk, launch=wrap_triton)
+        return span_score_fwd(start_logits, end_logits, mask, max_answer_len, topk,
+                              launch=triton_wrap(start_logits, "span_score"))
 
 
 def _triton_span_score(start_logits, end_logits, mask, max_answer_len, topk):
