@@ -144,10 +144,16 @@ def epoch_batches(num_examples: int, batch_size: int, seed: int, epoch: int,
 
 def loss_items(batch: dict) -> int:
     """How many terms the model's mean loss averages over: labels other than -100 for class
-    labels (every labelled token for tagging), examples for regression and span positions."""
+    labels (every labelled token for tagging), examples for regression, and for span positions
+    the examples whose answer start lies in the window (the QA head ignores the others; a batch
+    where none does has no loss term and is skipped: its mean would be 0/0)."""
     labels = batch.get("labels")
     if isinstance(labels, torch.Tensor) and not labels.is_floating_point():
         return int((labels != IGNORE_INDEX).sum())
+    starts = batch.get("start_positions")
+    if isinstance(starts, torch.Tensor):
+        window = batch["input_ids"].shape[-1]
+        return int(((starts >= 0) & (starts < window)).sum())
     return len(batch["input_ids"])
 
 
