@@ -3,7 +3,7 @@
     fastbert finetune --task {sst2,cola,mrpc,rte,stsb,pos,squad} --train FILE --dev FILE --out DIR [...]
     fastbert evaluate --model DIR --dev FILE
     fastbert predict  --model DIR (TEXT [TEXT_B] | --question Q --context C | --file FILE)
-    fastbert encode   [--model default|PATH] TEXT [TEXT ...]
+    fastbert encode   [--model default|PATH] [TEXT ...]   (no TEXT: four example sentences)
     fastbert bench    [--suite kernels|e2e|all] [--quick] [--out DIR]
     fastbert demo     fine-tune the embedded MiniLM on the shipped SST-2 sample, evaluate, predict
 """
@@ -540,7 +540,8 @@ def _common(p, dev=True, inference=True):
                    help="examples per forward when evaluating or predicting (default 64)")
     if inference:
         p.add_argument("--precision", default="auto", choices=["auto", "fp32", "bf16", "fp16"],
-                       help="autocast as finetune's --precision (auto: bf16 on a GPU, fp32 on the CPU)")
+                       help="autocast as finetune's --precision (auto: bf16 on a GPU, fp16 before sm_80, fp32 on "
+                            "the CPU)")
     if dev:
         p.add_argument("--max-dev-examples", type=int, default=None, metavar="N",
                        help="read only the first N dev examples (questions, sentences)")
@@ -556,7 +557,7 @@ def build_parser():
     ft = sub.add_parser("finetune", help="fine-tune a pretrained BERT on a task",
                         description="Fine-tune a pretrained BERT: a task preset (--task) or your own data "
                                     "(--task-type with --text-cols/--label-col). The model, tokenizer and the "
-                                    "task's settings go to OUT/model; checkpoints to OUT/checkpoint-STEP.")
+                                    "task's settings go to OUT/model; the newest checkpoint to OUT/checkpoint-STEP.")
     ft.add_argument("--task", choices=sorted(__import__("fastbert.tasks", fromlist=["PRESETS"]).PRESETS),
                     help="a preset: reader, head and metric (GLUE TSV for sst2/cola/mrpc/rte/stsb, CoNLL-U "
                          "UPOS for pos, SQuAD v1.1 JSON for squad)")
@@ -580,7 +581,9 @@ def build_parser():
     ft.add_argument("--max-steps", type=int, default=None, metavar="N",
                     help="stop after N optimizer steps (overrides --epochs)")
     ft.add_argument("--unpad", action="store_true",
-                    help="run the encoder on the real tokens only (packed; no work on padding)")
+                    help="run the encoder on the real tokens only (packed; no work on padding). Padded "
+                         "positions come out as zeros: a qa loss, whose span softmax runs over every "
+                         "position, differs a little from the padded run's")
     ft.add_argument("--compile", nargs="?", const="inductor", default=None, metavar="BACKEND",
                     help="train through torch.compile (default backend inductor; the kernels stay "
                          "in the graph as registered ops). Not with --unpad, whose shapes vary")
@@ -606,10 +609,11 @@ def build_parser():
     ft.add_argument("--max-question-len", type=int, default=None, metavar="N",
                     help="qa: question tokens kept; longer questions are cut, with a warning (default 64)")
     ft.add_argument("--precision", default="auto", choices=["auto", "fp32", "bf16", "fp16"],
-                    help="auto: bf16 autocast on a GPU, fp32 on the CPU")
+                    help="auto: bf16 autocast on a GPU (fp16 before sm_80), fp32 on the CPU; fp16 needs a GPU")
     ft.add_argument("--seed", type=int, default=42, help="seed of the batch order, dropout and new head weights")
     ft.add_argument("--save-every", type=int, default=None, metavar="N",
-                    help="optimizer steps between checkpoints (default: each epoch)")
+                    help="optimizer steps between checkpoints (default: each epoch); each replaces the "
+                         "previous one: only the newest is kept, for --resume")
     ft.add_argument("--resume", action="store_true",
                     help="continue from the latest checkpoint in --out (same data and settings)")
     ft.add_argument("--no-bucket", action="store_true", help="do not batch examples of similar length together")
@@ -638,18 +642,21 @@ def build_parser():
     pr.set_defaults(run=cmd_predict)
 
     en = sub.add_parser("encode", help="embed texts with the encoder and print their cosine similarities")
-    en.add_argument("texts", nargs="*")
-    en.add_argument("--model", default="default")
+    en.add_argument("texts", nargs="*", metavar="TEXT", help="texts to embed (none: four example sentences)")
+    en.add_argument("--model", default="default",
+                    help="'default' (embedded all-MiniLM-L6-v2) or an HF-layout folder")
     en.add_argument("--max-seq-len", type=int, default=None,
                     help="tokens per text, longer ones truncated (default: as sentence-transformers does for the "
                     "model, 256 for the embedded all-MiniLM-L6-v2)")
-    en.add_argument("--backend", choices=["torch", "triton", "cuda"], default=None)
-    en.add_argument("--device", default=None)
+    en.add_argument("--backend", choices=["torch", "triton", "cuda"], default=None,
+                    help="kernel backend (default: the fastest available on the device)")
+    en.add_argument("--device", default=None, help="cuda or cpu (default: cuda if available)")
     en.set_defaults(run=cmd_encode)
 
     de = sub.add_parser("demo", help="fine-tune the embedded MiniLM on the shipped SST-2 sample, evaluate, predict")
-    de.add_argument("--out", default="runs/demo")
-    de.add_argument("--max-train-examples", type=int, default=None)
+    de.add_argument("--out", default="runs/demo", metavar="DIR", help="output folder (default runs/demo)")
+    de.add_argument("--max-train-examples", type=int, default=None, metavar="N",
+                    help="train on the first N of the sample's 4,000 sentences (default: all)")
     de.set_defaults(run=cmd_demo)
 
     sub.add_parser("bench", help="kernel benchmarks against eager PyTorch, torch.compile and SDPA "

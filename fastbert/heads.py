@@ -6,6 +6,11 @@
     BertForQuestionAnswering       every token -> dense to (start, end); loss = mean of the two
                                    cross-entropies; spans predicted by fastbert.ops.span_score
 
+Each forward returns a TaskOutput dataclass (.loss, .logits; QA logits are (B, S, 2), start
+then end), not a transformers ModelOutput: no indexing or to_tuple(). A key padding mask row
+with no real token gives that row zero attention context, never NaN (transformers' sdpa path
+agrees; its eager path attends evenly instead).
+
 Checkpoints move both ways: the files save_pretrained writes (and from_pretrained reads) use the
 names of transformers' classes of the same names (bert.*, classifier.*, qa_outputs.*, through
 fastbert.checkpoint's key map). In memory the encoder keeps its own shorter names
@@ -270,7 +275,9 @@ def _check_labels(labels, shape, num_labels, regression=False, column_ok=False):
         raise TypeError(f"labels must be a tensor, got {type(labels).__name__}")
     if tuple(labels.shape) != tuple(shape) and not ((regression or column_ok) and tuple(labels.shape) == (*shape, 1)):
         column = f" or {(*shape, 1)}" if regression or column_ok else ""
-        raise ValueError(f"labels must be shaped {tuple(shape)}{column}, got {tuple(labels.shape)}")
+        multi = (" (multi-hot labels: multi-label classification is not supported; one class id per example)"
+                 if column_ok and labels.dim() == 2 and labels.shape[0] == shape[0] else "")
+        raise ValueError(f"labels must be shaped {tuple(shape)}{column}, got {tuple(labels.shape)}{multi}")
     if regression:
         if not labels.is_floating_point():
             raise TypeError(f"labels of a regression head (num_labels=1) must be floating point, got {labels.dtype}")

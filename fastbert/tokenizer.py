@@ -131,7 +131,7 @@ class Tokenizer:
         """Encode a batch of texts (or text pairs).
 
         Returns a dict with input_ids, token_type_ids, attention_mask: (batch, seqlen)
-        int64 tensors (lists if return_tensors=False); with return_offsets,
+        int64 tensors (lists if return_tensors=False or padding=False); with return_offsets,
         `offsets` (batch, seqlen, 2) character spans and `sequence_ids` (None for
         special tokens and padding); with return_overflowing, every window of every
         input and `sample_index` naming the input each window came from.

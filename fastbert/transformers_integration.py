@@ -12,7 +12,7 @@ What changes, module by module (weights, parameter names and state dicts stay tr
   AttentionInterface; q/k/v go to `fastbert.ops.attention` with the key padding mask and the
   attention dropout, as the flash kernels take them. The mask comes from our entry in
   AttentionMaskInterface: without one transformers hands a custom attention function no
-  padding mask at all (FIELD-NOTES), and padding would silently attend.
+  padding mask at all, and padding would silently attend.
 - <Family>SelfOutput / <Family>Output: dense -> `fastbert.ops.add_layernorm` (dropout, residual add and
   LayerNorm in one pass, mean/rstd saved for the backward).
 - <Family>Intermediate: dense without its bias -> `fastbert.ops.bias_gelu` (bias + erf GELU; the

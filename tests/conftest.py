@@ -25,7 +25,7 @@ FLOOR = {
     torch.bfloat16: 1.6e-2,
 }
 
-# The interpreter has no bf16 (FIELD-NOTES): bf16 kernel tests run on the GPU only. Skipped, not left out,
+# The interpreter computes bf16 wrongly, without an error: bf16 kernel tests run on the GPU only. Skipped, not left out,
 # elsewhere: the test ids are the same on every machine, so scripts/gpu_tests_left.py, which lists here the
 # GPU tests a capped device run did not reach, lists the bf16 ones too.
 KERNEL_DTYPES = [torch.float32, torch.float16,

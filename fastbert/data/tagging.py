@@ -5,8 +5,9 @@
 
 A word becomes one or more WordPiece tokens; only the first carries the word's
 tag id. The other pieces, [CLS], [SEP] and (after collate) padding carry -100,
-which cross-entropy and token_accuracy ignore. Words cut off by max_length lose
-their labels.
+which cross-entropy and token_accuracy ignore. A sentence longer than max_length
+tokens becomes consecutive pieces (encode_words_in_pieces), so every word keeps its
+label; encode_words alone truncates.
 """
 from __future__ import annotations
 

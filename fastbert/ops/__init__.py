@@ -1,8 +1,8 @@
 """fastbert.ops: every fusable step of BERT, each with three backends.
 
-    attention(q, k, v, mask=None, dropout_p=0.0, softmax_scale=None)
-    attention_varlen(q, k, v, cu_seqlens, max_seqlen, dropout_p=0.0, softmax_scale=None)
-    bias_gelu(x, bias)
+    attention(q, k, v, mask=None, dropout_p=0.0, softmax_scale=None, *, seed=None)
+    attention_varlen(q, k, v, cu_seqlens, max_seqlen, dropout_p=0.0, softmax_scale=None, *, seed=None)
+    bias_gelu(x, bias, approximate="none")              # "tanh": the tanh approximation
     add_layernorm(x, residual, weight, bias, eps, dropout_p=0.0, *, copy_in_x_dtype=False)
     layernorm_gelu(x, weight, bias, eps)
     span_score(start_logits, end_logits, mask=None, max_answer_len=30, topk=1)

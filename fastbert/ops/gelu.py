@@ -132,7 +132,8 @@ def _launchers(backend):
 # ----------------------------------------------------------------------------- public function
 
 def bias_gelu(x, bias, approximate="none"):
-    """GELU(x + bias). Returns x's shape and dtype.
+    """GELU(x + bias): erf GELU, BERT's; approximate="tanh" for the tanh form (gelu_new,
+    gelu_pytorch_tanh). Returns x's shape and dtype.
 
     x: (..., features); bias: (features,), x's dtype or float32 (mixed precision; the
     sum is then formed in float32). The triton backend takes float32/float16/bfloat16 x
@@ -166,7 +167,7 @@ def bias_gelu(x, bias, approximate="none"):
     if x.dtype not in (torch.float32, torch.float16, torch.bfloat16):
         raise TypeError(f"bias_gelu: the triton backend takes float32, float16 or bfloat16 x, got {x.dtype}")
     if x.dtype == torch.bfloat16 and interpreter_on():
-        # The Triton interpreter computes bf16 wrongly without an error (FIELD-NOTES.md).
+        # The Triton interpreter computes bf16 wrongly without an error.
         raise TypeError("bias_gelu: bfloat16 is not supported by the Triton interpreter (TRITON_INTERPRET=1); "
                         "use float32/float16 or a GPU")
     return BiasGeluFunction.apply(*distinct_for_compile(x, bias), approximate, backend)

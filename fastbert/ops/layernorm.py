@@ -121,7 +121,7 @@ def _check_kernel_rows(op, x):
     if x.dtype not in (torch.float32, torch.float16, torch.bfloat16):
         raise TypeError(f"{op}: the triton backend takes float32, float16 or bfloat16 x, got {x.dtype}")
     if x.dtype == torch.bfloat16 and interpreter_on():
-        # The Triton interpreter computes bf16 wrongly without an error (FIELD-NOTES.md).
+        # The Triton interpreter computes bf16 wrongly without an error.
         raise TypeError(f"{op}: bfloat16 is not supported by the Triton interpreter (TRITON_INTERPRET=1); "
                         "use float32/float16 or a GPU")
     if not 1 <= x.shape[-1] <= MAX_HIDDEN:

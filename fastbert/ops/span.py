@@ -122,7 +122,7 @@ def _check_triton(start_logits, max_answer_len):
         raise ValueError(f"span_score: triton backend needs L * min(max_answer_len, L) < 2^31, "
                          f"got L={L}, max_answer_len={max_answer_len}")
     if start_logits.dtype == torch.bfloat16 and start_logits.device.type != "cuda" and interpreter_on():
-        # FIELD-NOTES: the interpreter computes bf16 wrongly without an error.
+        # The Triton interpreter computes bf16 wrongly without an error.
         raise TypeError("span_score: bfloat16 is not supported by the Triton interpreter; "
                         "use float16/float32 on CPU or run on a GPU")
 
