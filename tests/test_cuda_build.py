@@ -250,6 +250,7 @@ EMU_HEADER = r'''// A CPU emulation of the CUDA execution model, enough for the 
 
 #include <cmath>
 #include <cstdint>
+#include <cstdlib>
 #include <cstring>
 #include <functional>
 #include <memory>
@@ -385,15 +386,27 @@ inline void run_block(Block& b) {
     f.ctx.uc_link = &b.sched;
     makecontext(&f.ctx, reinterpret_cast<void (*)()>(entry), 1, i);
   }
+  // FBEMU_SCHEDULE: "" round robin (every warp one collective a pass: warps move in step, so a
+  // race between warps through shared memory goes unseen); "greedy" / "greedy_desc": the first
+  // runnable thread in ascending / descending order runs again after each yield, so one warp runs
+  // as far ahead of the others as the barriers let it (a missing __syncthreads shows).
+  const char* schedule = std::getenv("FBEMU_SCHEDULE");
+  const bool greedy = schedule && std::strncmp(schedule, "greedy", 6) == 0;
+  const bool descending = schedule && std::strcmp(schedule, "greedy_desc") == 0;
   for (;;) {
     bool all_done = true, progress = false;
-    for (int i = 0; i < b.n; ++i) {
+    for (int k = 0; k < b.n; ++k) {
+      const int i = descending ? b.n - 1 - k : k;
       if (b.fibers[i].done) continue;
       all_done = false;
       if (!runnable(b, i)) continue;
       b.current = i;
       swapcontext(&b.sched, &b.fibers[i].ctx);
       progress = true;
+      if (greedy) {
+        all_done = false;
+        break;
+      }
     }
     if (all_done) break;
     if (!progress) {

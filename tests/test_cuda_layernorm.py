@@ -391,3 +391,43 @@ def test_missing_extension_is_a_clear_error(monkeypatch):
     monkeypatch.setattr(B, "cuda_extension", lambda: None)
     with pytest.raises(RuntimeError, match="needs the compiled extension fastbert._C"):
         C.ext()
+
+
+def test_warps_running_ahead_of_each_other_change_no_bit(cuda_device, monkeypatch):
+    """The emulation's round robin moves every warp one collective a pass, in step, so a race
+    between warps through shared memory (a missing __syncthreads before scratch is reused) gave
+    the right answer and passed. FBEMU_SCHEDULE=greedy / greedy_desc lets one warp run ahead as
+    far as the barriers allow; every output and gradient must be bitwise the round robin's.
+    Shapes whose rows span several warps (the block-wide row reductions), and the span score."""
+    if cuda_device.type != "cpu":
+        pytest.skip("the emulation's thread schedules")
+    from fastbert.ops.span import span_score
+
+    gen = torch.Generator().manual_seed(0)
+
+    def leaf(*shape, dtype=torch.float32):
+        return torch.randn(*shape, generator=gen).to(dtype).requires_grad_()
+
+    cases = []
+    for hidden, dtype in ((384, torch.float32), (768, torch.float16), (4096, torch.float32)):
+        x, r, w, b = leaf(3, hidden, dtype=dtype), leaf(3, hidden, dtype=dtype), leaf(hidden), leaf(hidden)
+        cases += [(lambda x=x, r=r, w=w, b=b: add_layernorm(x, r, w, b, 1e-12), (x, r, w, b)),
+                  (lambda x=x, w=w, b=b: layernorm_gelu(x, w, b, 1e-12), (x, w, b)),
+                  (lambda x=x, b=b: bias_gelu(x, b), (x, b))]
+    s, e = torch.randn(3, 200, generator=gen), torch.randn(3, 200, generator=gen)
+
+    def run():
+        outs = []
+        with use_backend("cuda"):
+            for fn, inputs in cases:
+                y = fn()
+                outs += [y.detach(), *torch.autograd.grad(y, inputs, torch.ones_like(y))]
+            outs += list(span_score(s, e, None, 30, 20))
+        return outs
+
+    monkeypatch.delenv("FBEMU_SCHEDULE", raising=False)
+    expected = run()
+    for schedule in ("greedy", "greedy_desc"):
+        monkeypatch.setenv("FBEMU_SCHEDULE", schedule)
+        for k, (got, want) in enumerate(zip(run(), expected)):
+            assert torch.equal(got, want), f"{schedule}: output {k} differs from the round robin's"
