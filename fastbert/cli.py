@@ -270,8 +270,7 @@ def _inference_autocast(args, model):
     from fastbert import train
 
     device = next(model.parameters()).device
-    dtype = train._autocast_dtype(args.precision, device)
-    return torch.autocast(device.type, dtype=dtype, enabled=dtype is not None)
+    return train.autocast(device, train._autocast_dtype(args.precision, device))
 
 
 def cmd_evaluate(args) -> int:

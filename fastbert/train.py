@@ -214,6 +214,11 @@ def _autocast_dtype(precision: str, device: torch.device):
     return torch.bfloat16
 
 
+def autocast(device: torch.device, dtype):
+    """torch.autocast at `dtype` (from _autocast_dtype) on `device`; None: off (float32)."""
+    return torch.autocast(device.type, dtype=dtype, enabled=dtype is not None)
+
+
 def on_device(device: torch.device):
     """`device` made the current CUDA device for a block (nothing for the CPU or an unindexed "cuda")."""
     if device.type == "cuda" and device.index is not None:
@@ -396,7 +401,7 @@ class Trainer:
     # -- the loop ----------------------------------------------------------------
 
     def _autocast(self):
-        return torch.autocast(self.device.type, dtype=self.autocast, enabled=self.autocast is not None)
+        return autocast(self.device, self.autocast)
 
     def _evaluate(self) -> dict:
         # Under the training autocast, as transformers' Trainer evaluates: the scores are those of

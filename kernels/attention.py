@@ -63,7 +63,7 @@ import torch
 import triton
 import triton.language as tl
 
-from .gelu import _cdiv, _next_pow2, on_input_device
+from .gelu import _cdiv, _next_pow2, interpreter_launchable, on_input_device
 
 LOG2E = 1.4426950408889634
 # Head dims the kernels take: any multiple of 16 up to 128 (the tile's head
@@ -360,24 +360,13 @@ def _bwd_config(head_dim: int, dtype: torch.dtype) -> dict:
 def _launch(kernel, wrap, q):
     """The kernel to launch: wrap_triton(kernel) inside the custom op, else the kernel itself.
 
-    Interpreted kernels (TRITON_INTERPRET=1) can only run eagerly, so they are launched
-    unwrapped (torch 2.13's wrap_triton does the same; 2.11's raises on them) and never on fake
-    tensors: when Dynamo only propagates shapes (plain fake tensors) this returns None and the
-    launcher skips the launch, so CPU tests can check that a model traces with fullgraph=True; a
-    graph capture (AOTAutograd) would lose the kernel, so it raises.
+    Interpreted kernels (TRITON_INTERPRET=1): gelu.interpreter_launchable (None on fake tensors: the
+    launcher skips the launch).
     """
     if wrap is None:
         return kernel
     if _interpreting():
-        from torch._subclasses.fake_tensor import FakeTensor
-        from torch._subclasses.functional_tensor import FunctionalTensor
-        from torch.fx.experimental.proxy_tensor import get_proxy_mode
-        if isinstance(q, FunctionalTensor) or get_proxy_mode() is not None:
-            raise RuntimeError("attention: interpreted Triton kernels (TRITON_INTERPRET=1) cannot be captured "
-                               "in a compiled graph; use torch.compile(backend='eager') on the CPU or run on a GPU")
-        if isinstance(q, FakeTensor):
-            return None
-        return kernel
+        return interpreter_launchable(kernel, q, "attention")
     return wrap(kernel)
 
 

@@ -100,6 +100,22 @@ def on_input_device(launcher):
     return launch
 
 
+def interpreter_launchable(kernel, t, op):
+    """Inside a registered op, what an interpreted (TRITON_INTERPRET=1) kernel launches as, given one
+    of the op's input tensors. Interpreted kernels run eagerly only (torch 2.13's wrap_triton leaves
+    them unwrapped, 2.11's raises): on real tensors the kernel itself; on Dynamo's fake tensors None,
+    no launch (the launcher's outputs have their shapes, so a model traces with fullgraph=True and
+    backend="eager" runs it); a graph capture (AOTAutograd) would lose the kernel, so it raises."""
+    from torch._subclasses.fake_tensor import FakeTensor
+    from torch._subclasses.functional_tensor import FunctionalTensor
+    from torch.fx.experimental.proxy_tensor import get_proxy_mode
+
+    if isinstance(t, FunctionalTensor) or get_proxy_mode() is not None:
+        raise RuntimeError(f"{op}: interpreted Triton kernels (TRITON_INTERPRET=1) cannot be captured in a "
+                           "compiled graph; use torch.compile(backend='eager') on the CPU or run on a GPU")
+    return None if isinstance(t, FakeTensor) else kernel
+
+
 def _direct(kernel):
     """Launch a kernel as is; torch.library.wrap_triton is passed instead inside the custom op."""
     return kernel

@@ -39,26 +39,19 @@ class _NoLaunch:
 
 def triton_wrap(t: torch.Tensor, op: str):
     """The `wrap` a launcher inside a registered triton_op launches its kernels through, given
-    one of the op's input tensors: torch.library.wrap_triton on a GPU. Interpreted kernels
-    (TRITON_INTERPRET=1) run eagerly only (torch 2.13's wrap_triton leaves them unwrapped,
-    2.11's raises): on real tensors the kernel itself; on Dynamo's fake tensors no launch (the
-    launcher's outputs have their shapes: a model traces with fullgraph=True and
-    backend="eager" runs it); a graph capture (AOTAutograd) would lose the kernel, so it raises,
-    as kernels/attention.py's _launch does for attention."""
+    one of the op's input tensors: torch.library.wrap_triton on a GPU; with the interpreter,
+    kernels.gelu.interpreter_launchable's rule (the kernel, no launch on fake tensors, or an error
+    in a graph capture), the one kernels/attention.py's _launch follows."""
     from torch.library import wrap_triton
 
     if not interpreter_on():
         return wrap_triton
-    from torch._subclasses.fake_tensor import FakeTensor
-    from torch._subclasses.functional_tensor import FunctionalTensor
-    from torch.fx.experimental.proxy_tensor import get_proxy_mode
+    from fastbert.kernels.gelu import interpreter_launchable
 
-    if isinstance(t, FunctionalTensor) or get_proxy_mode() is not None:
-        raise RuntimeError(f"{op}: interpreted Triton kernels (TRITON_INTERPRET=1) cannot be captured in a "
-                           "compiled graph; use torch.compile(backend='eager') on the CPU or run on a GPU")
-    if isinstance(t, FakeTensor):
-        return lambda kernel: _NoLaunch()
-    return lambda kernel: kernel
+    def wrap(kernel):
+        launchable = interpreter_launchable(kernel, t, op)
+        return _NoLaunch() if launchable is None else launchable
+    return wrap
 
 
 def graph_capturing(t: torch.Tensor) -> bool:
