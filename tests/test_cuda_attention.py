@@ -570,6 +570,41 @@ def test_emulated_autograd_function(emu):
 
 
 @pytest.mark.slow
+def test_emulated_warps_running_ahead_of_each_other_change_no_bit(emu, monkeypatch):
+    """The emulation's round robin moves every warp one collective a pass, in step, so a missing
+    block barrier between one warp's plain shared-memory writes (the dQ kernel's s_delta, the
+    dK/dV kernel's s_lse2 and s_delta stages) and another warp's reads gave the right answer.
+    FBEMU_SCHEDULE=greedy / greedy_desc lets one warp run as far ahead as the barriers allow:
+    every output and gradient must be bitwise the round robin's. Forward, dQ and dK/dV kernels,
+    each head dim, both dtypes, dropout, padding and a packed (varlen) launch."""
+    gen = torch.Generator().manual_seed(31)
+    cases = []
+    for (B, S, H, D, dtype, mask_kind, p) in ((2, 70, 1, 32, torch.float16, "random", 0.2),
+                                               (1, 129, 1, 64, torch.bfloat16, "lengths", 0.0),
+                                               (1, 40, 1, 128, torch.float16, None, 0.1)):
+        q, k, v = qkv((B, S, H, D), dtype, gen, "cpu")
+        do = torch.randn(q.shape, generator=gen).to(dtype)
+        cases.append(((q, k, v, do, key_mask(mask_kind, B, S, gen, "cpu"), p, None, 7), {}))
+    lens = (5, 0, 40)
+    q, k, v, do = (pack(t, lens) for t in (*qkv((3, 40, 2, 64), torch.float16, gen, "cpu"),
+                                             torch.randn((3, 40, 2, 64), generator=gen).half()))
+    cu = torch.tensor([0, 5, 5, 45], dtype=torch.int32)
+    cases.append(((q, k, v, do, None, 0.0, None, 3), dict(cu=cu, max_seqlen=40)))
+
+    def run():
+        return [t for args, kw in cases for t in _launch(*args, **kw)]
+
+    monkeypatch.delenv("FBEMU_SCHEDULE", raising=False)
+    expected = run()
+    for schedule in ("greedy", "greedy_desc"):
+        monkeypatch.setenv("FBEMU_SCHEDULE", schedule)
+        for n, (got, want) in enumerate(zip(run(), expected)):
+            case, name = divmod(n, 5)
+            assert torch.equal(got, want), \
+                f"{schedule}: case {case} {('out', 'lse', 'dq', 'dk', 'dv')[name]} differs from the round robin's"
+
+
+@pytest.mark.slow
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
 def test_emulated_residual_is_kept_for_a_16_bit_gradient(emu, monkeypatch, dtype):
     """The cuda backend takes bfloat16 (the interpreter cannot): a gradient of a bfloat16 attention,

@@ -2,8 +2,8 @@
 // machine without a GPU (tests/test_cuda_attention.py builds it with g++).
 //
 // Each CUDA thread of a block is a fiber (ucontext) in one OS thread; the scheduler
-// runs them round-robin and switches only at warp or block barriers, so the kernel
-// code runs unchanged as plain C++. The warp-level primitives of attention.cuh
+// runs them round-robin (or lets one warp run ahead: FBEMU_SCHEDULE, see run_block) and
+// switches only at warp or block barriers, so the kernel code runs unchanged as plain C++. The warp-level primitives of attention.cuh
 // (ldmatrix, mma.sync m16n8k16, shfl.xor, cp.async) are emulated element by element
 // from the PTX ISA's definitions, so the fragment bookkeeping of the kernels is
 // checked against an independent statement of the layouts.
@@ -25,6 +25,7 @@
 
 #include <cstdint>
 #include <cstdio>
+#include <cstdlib>
 #include <cstring>
 #include <deque>
 #include <functional>
@@ -170,15 +171,25 @@ inline void run_block(Block& b) {
         t.ctx.uc_link = &b.sched;
         makecontext(&t.ctx, reinterpret_cast<void (*)()>(fiber_entry), 1, i);
     }
+    // FBEMU_SCHEDULE (as the LayerNorm/GELU/span emulation in tests/test_cuda_build.py): ""
+    // round robin, where every warp moves one collective a pass, in step with the others, so a
+    // missing barrier between one warp's shared-memory writes and another's reads goes unseen;
+    // "greedy" / "greedy_desc": after each yield the first runnable thread in ascending /
+    // descending order runs again, so one warp runs as far ahead as the barriers let it.
+    const char* schedule = std::getenv("FBEMU_SCHEDULE");
+    const bool greedy = schedule && std::strncmp(schedule, "greedy", 6) == 0;
+    const bool descending = schedule && std::strcmp(schedule, "greedy_desc") == 0;
     for (;;) {
         bool all_done = true, progress = false;
-        for (int i = 0; i < b.nthreads; ++i) {
+        for (int k = 0; k < b.nthreads; ++k) {
+            const int i = descending ? b.nthreads - 1 - k : k;
             if (b.threads[i].done) continue;
             all_done = false;
             if (!runnable(b, i)) continue;
             b.current = i;
             swapcontext(&b.sched, &b.threads[i].ctx);
             progress = true;
+            if (greedy) break;
         }
         if (all_done) break;
         if (!progress) {
