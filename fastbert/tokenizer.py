@@ -9,6 +9,8 @@ from __future__ import annotations
 
 import json
 import os
+import threading
+from collections import OrderedDict
 from pathlib import Path
 
 import torch
@@ -24,7 +26,9 @@ class Tokenizer:
         # to 128) would override the per-call choices: start from none.
         backend.no_truncation()
         backend.no_padding()
-        self._tok = backend
+        self._tok = backend  # never changed after this: threads share it
+        self._lock = threading.Lock()
+        self._truncators: OrderedDict[tuple, _HFTokenizer] = OrderedDict()
         self.model_max_length = model_max_length
         self.pad_token_id = self.token_id("[PAD]")
         self.cls_token_id = self.token_id("[CLS]")
@@ -75,6 +79,38 @@ class Tokenizer:
         else:
             raise FileNotFoundError(f"no tokenizer.json or vocab.txt in {folder}")
         return cls(backend, max_length)
+
+    # tokenizers keeps truncation as state of the Tokenizer object, and encode_batch releases the
+    # GIL: setting it per call on one shared object let a thread's call run with another's
+    # max_length, or with none (an inference server's threads, a DataLoader's). Each setting gets
+    # a copy of its own, set once and never changed.
+    _MAX_TRUNCATORS = 16
+
+    def truncating(self, max_length: int, stride: int = 0, strategy: str = "longest_first") -> _HFTokenizer:
+        """The tokenizers.Tokenizer that truncates to max_length (windows sharing `stride` tokens)."""
+        key = (max_length, stride, strategy)
+        with self._lock:
+            backend = self._truncators.get(key)
+            if backend is not None:
+                self._truncators.move_to_end(key)
+                return backend
+        backend = _HFTokenizer.from_str(self._tok.to_str())
+        backend.enable_truncation(max_length, stride=stride, strategy=strategy)
+        with self._lock:
+            self._truncators[key] = backend
+            while len(self._truncators) > self._MAX_TRUNCATORS:
+                self._truncators.popitem(last=False)
+        return backend
+
+    def __getstate__(self):
+        state = dict(self.__dict__)
+        del state["_lock"], state["_truncators"]
+        return state
+
+    def __setstate__(self, state):
+        self.__dict__.update(state)
+        self._lock = threading.Lock()
+        self._truncators = OrderedDict()
 
     def token_id(self, token: str) -> int:
         found = self._tok.token_to_id(token)
@@ -162,15 +198,12 @@ class Tokenizer:
                 raise ValueError(f"truncation must be one of {sorted(TRUNCATION)} or False, got {truncation!r}")
             if strategy == "only_second" and pairs is None:
                 raise ValueError("truncation='only_second' truncates the second text of each pair: pass pairs")
-            self._tok.enable_truncation(max_length, stride=stride, strategy=TRUNCATION[strategy])
-        else:
-            self._tok.no_truncation()
         if padding not in (False, "longest", "max_length", True):
             raise ValueError(f"padding must be 'longest', 'max_length' or False, got {padding!r}")
-        self._tok.no_padding()
+        backend = self.truncating(max_length, stride, TRUNCATION[strategy]) if truncation else self._tok
         try:
             inputs = list(zip(texts, pairs)) if pairs is not None else texts
-            encodings = self._tok.encode_batch(inputs)
+            encodings = backend.encode_batch(inputs)
         except BaseException as err:
             # Inputs that cannot be cut to max_length: tokenizers raises a bare Exception (the kept text alone
             # is too long) or panics (a sequence cut to no more than `stride` tokens). Its PanicException is a
@@ -180,8 +213,6 @@ class Tokenizer:
             raise ValueError(f"cannot cut the inputs to max_length={max_length} with truncation={truncation!r} and "
                              f"stride={stride} ({err}): raise max_length, lower stride, or truncate the other "
                              "text") from None
-        finally:
-            self._tok.no_truncation()
         windows, sample_index = [], []
         for i, enc in enumerate(encodings):
             for window in [enc] + (list(enc.overflowing) if return_overflowing else []):

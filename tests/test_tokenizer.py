@@ -254,3 +254,49 @@ def test_impossible_cut_is_a_value_error(both):
                                  stride=0, overflow=True, padding="longest") == "refused"  # bare Exception before
     assert _same_as_transformers(ours, theirs, ["a b c"], ["x y z w v u"], max_length=8, truncation="only_second",
                                  stride=1, overflow=True, padding="longest") == "same"
+
+
+def test_threads_sharing_a_tokenizer_each_get_their_own_cut():
+    """An inference server's threads share one Tokenizer. tokenizers keeps truncation as state of
+    its Tokenizer and encode_batch releases the GIL, so a per-call setting on one shared object
+    let a call run with another thread's max_length or with none (203-token rows asked for 16).
+    Three threads, three lengths, words cut and pre-split (tagging), and tokenize() beside them."""
+    import sys
+    import threading
+
+    from fastbert.data.tagging import encode_words
+
+    old = sys.getswitchinterval()
+    sys.setswitchinterval(1e-6)  # switch threads often, as a loaded server would
+    tok = fastbert.Tokenizer.from_pretrained("default")
+    text, words = " ".join(["word"] * 200), ["word"] * 200
+    wrong = []
+
+    def worker(max_length, calls=60):
+        for _ in range(calls):
+            width = tok([text] * 8, max_length=max_length)["input_ids"].shape[1]
+            pieces = {len(f["input_ids"]) for f in encode_words(tok, [words] * 4, max_length)}
+            if width != max_length or pieces != {max_length}:
+                wrong.append((max_length, width, pieces))
+
+    def plain(calls=200):
+        for _ in range(calls):
+            if len(tok.tokenize(text)) != 200:
+                wrong.append(("tokenize", len(tok.tokenize(text))))
+
+    try:
+        threads = [threading.Thread(target=worker, args=(m,)) for m in (16, 128, 64)]
+        threads.append(threading.Thread(target=plain))
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join()
+    finally:
+        sys.setswitchinterval(old)
+    assert not wrong, f"{len(wrong)} calls cut to another thread's length, e.g. {wrong[:3]}"
+    assert tok([text], max_length=20)["input_ids"].shape[1] == 20
+    assert tok([text], truncation=False, max_length=512)["input_ids"].shape[1] == 202
+    import pickle  # spawn DataLoader workers get the tokenizer pickled: its lock and copies stay behind
+
+    again = pickle.loads(pickle.dumps(tok))
+    assert torch.equal(again([text], max_length=16)["input_ids"], tok([text], max_length=16)["input_ids"])

@@ -233,12 +233,8 @@ def encode_words(tokenizer, word_lists: Sequence[Sequence[str]], max_length: int
         for j, w in enumerate(words):
             if not isinstance(w, str):
                 raise TypeError(f"word_lists[{i}][{j}] must be a str, got {type(w).__name__}")
-    tok = tokenizer._tok  # the tokenizers.Tokenizer: fastbert.Tokenizer has no pre-split entry point
-    tok.enable_truncation(max_length, strategy="longest_first")
-    try:
-        encodings = tok.encode_batch(word_lists, is_pretokenized=True)
-    finally:
-        tok.no_truncation()
+    # the tokenizers.Tokenizer: fastbert.Tokenizer has no pre-split entry point
+    encodings = tokenizer.truncating(max_length).encode_batch(word_lists, is_pretokenized=True)
     return [{"input_ids": list(e.ids), "token_type_ids": list(e.type_ids), "word_ids": list(e.word_ids)}
             for e in encodings]
 
