@@ -10,7 +10,7 @@ import contextlib
 import json
 import os
 import re
-import tempfile
+import secrets
 import warnings
 from pathlib import Path
 
@@ -161,10 +161,19 @@ def check_writable(flag: str, path, folder: bool) -> None:
         raise ValueError(f"{flag} {str(path)!r}: {str(above)!r} is a file, not a folder")
 
 
-def _umask() -> int:
-    mask = os.umask(0o022)  # reading it means setting it; put back at once
-    os.umask(mask)
-    return mask
+def _create_beside(folder: Path, name: str) -> tuple[int, str]:
+    """A new file for writing, named after `name`, hidden, in `folder`. Created with mode 0666 so
+    that the kernel applies the umask as open() does: another user (a serving container, a shared
+    group folder) can read the model as any file written here. (mkstemp makes 0600, and reading
+    the umask means setting it, process-wide: a thread writing a file meanwhile got the wrong mode,
+    and two such reads at once could leave the process with 0022 for good.)"""
+    for _ in range(100):
+        tmp = os.path.join(folder, f".{name}.{secrets.token_hex(6)}.tmp")
+        try:
+            return os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | getattr(os, "O_CLOEXEC", 0), 0o666), tmp
+        except FileExistsError:
+            continue
+    raise FileExistsError(f"no free temporary name for {name} in {folder}")
 
 
 def atomic_write_bytes(path: Path, data: bytes) -> None:
@@ -181,11 +190,8 @@ def atomic_write_files(folder: Path, files: dict[str, bytes]) -> None:
     written: list[tuple[str, Path]] = []
     try:
         for name, data in files.items():
-            fd, tmp = tempfile.mkstemp(dir=folder, prefix=f".{name}.", suffix=".tmp")
+            fd, tmp = _create_beside(folder, name)
             written.append((tmp, folder / name))
-            # mkstemp makes the file 0600: give it the mode open() would, so that another user (a
-            # serving container, a shared group folder) can read the model as any file written here
-            os.fchmod(fd, 0o666 & ~_umask())
             with os.fdopen(fd, "wb") as f:
                 f.write(data)
                 f.flush()

@@ -407,6 +407,27 @@ def test_saved_files_get_the_mode_the_umask_gives(tmp_path, umask):
     assert stat.S_IMODE((tmp_path / "config.json").stat().st_mode) == 0o666 & ~umask
 
 
+def test_saving_never_sets_the_process_umask(tmp_path, monkeypatch):
+    """The umask is process-wide and reading it means setting it: a save that read it changed, for
+    a moment, the mode of every file another thread created (a private 0600 file came out 0644),
+    and two at once could leave the process with 0022 for good. The kernel applies it instead."""
+    from fastbert.checkpoint import atomic_write_files
+
+    def no_umask(mask):
+        raise AssertionError(f"os.umask({mask:#o}) called while saving")
+
+    old = os.umask(0o027)
+    try:
+        monkeypatch.setattr(os, "umask", no_umask)
+        atomic_write_files(tmp_path, {"a.json": b"{}", "b.bin": b"x"})
+        monkeypatch.undo()
+    finally:
+        os.umask(old)
+    for name in ("a.json", "b.bin"):
+        assert stat.S_IMODE((tmp_path / name).stat().st_mode) == 0o640, name
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["a.json", "b.bin"], "temporary files left behind"
+
+
 @pytest.mark.parametrize("save", ["task", "encoder"])
 def test_a_failed_save_pretrained_keeps_the_previous_model_whole(tmp_path, monkeypatch, save):
     """config.json was renamed in before the weights were written: a full disk then left a config of
