@@ -10,6 +10,7 @@
 from __future__ import annotations
 
 import argparse
+import contextlib
 import math
 import sys
 import time
@@ -38,6 +39,18 @@ def _device(name):
         # device: make it the one asked for, for the whole command
         torch.cuda.set_device(device)
     return device
+
+
+@contextlib.contextmanager
+def _callers_cuda_device_kept():
+    """`--device cuda:N` makes N current for the command (_device); a program that calls main()
+    gets its own current device back (the CUDA default, 0, where CUDA was not started before)."""
+    before = torch.cuda.current_device() if torch.cuda.is_initialized() else 0
+    try:
+        yield
+    finally:
+        if torch.cuda.is_initialized() and torch.cuda.current_device() != before:
+            torch.cuda.set_device(before)
 
 
 # -- argument checks: a user's mistake is an error naming the argument, before any work ----------
@@ -671,7 +684,8 @@ def main(argv=None) -> int:
         return bench_main(argv[1:])
     args = build_parser().parse_args(argv)
     try:
-        return args.run(args)
+        with _callers_cuda_device_kept():
+            return args.run(args)
     except (ValueError, OSError, RuntimeError, FloatingPointError) as err:
         # A user's mistake (argument, file, data, model folder) or a stopped run: the message, no traceback.
         message = f"{err.strerror}: {err.filename!r}" if isinstance(err, OSError) and err.filename and err.strerror \

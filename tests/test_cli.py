@@ -504,3 +504,30 @@ def test_evaluate_and_predict_run_under_the_precision_asked_for(tmp_path, capsys
     code = fastbert.cli.main(["evaluate", "--model", str(untrained_models["sst2"]), "--dev", str(dev),
                               "--device", "cpu", "--precision", "fp16"])
     assert code == 2 and "precision fp16 needs a CUDA device" in capsys.readouterr().err
+
+
+def test_device_flag_leaves_the_callers_current_device(monkeypatch, capsys):
+    """`--device cuda:1` makes cuda:1 current for the command (kernels a graph launches itself run
+    there); a program calling cli.main() got cuda:1 as its current device for good. No GPU here:
+    torch.cuda answers as a two-GPU machine would, and the command stops after choosing its device."""
+    from fastbert import cli
+
+    current = [0]
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "is_initialized", lambda: True)
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 2)
+    monkeypatch.setattr(torch.cuda, "current_device", lambda: current[0])
+    monkeypatch.setattr(torch.cuda, "set_device",
+                        lambda d: current.__setitem__(0, d if isinstance(d, int) else torch.device(d).index))
+    seen = []
+
+    def stop_after_device(name):
+        device = real_device(name)
+        seen.append(current[0])
+        raise ValueError("stopped after choosing the device")
+
+    real_device = cli._device
+    monkeypatch.setattr(cli, "_device", stop_after_device)
+    assert cli.main(["encode", "--device", "cuda:1", "some text"]) == 2
+    assert seen == [1], "the command must run with --device current"
+    assert current[0] == 0, "cli.main left cuda:1 current"
