@@ -57,12 +57,12 @@ delta are fp32 (batch, heads, seqlen), or (heads, total_tokens) in varlen mode.
 from __future__ import annotations
 
 import math
-import os
 
 import torch
 import triton
 import triton.language as tl
 
+from . import gelu as _gelu
 from .gelu import _cdiv, _next_pow2, interpreter_launchable, on_input_device
 
 LOG2E = 1.4426950408889634
@@ -74,7 +74,7 @@ PHILOX_ROUNDS = 7
 
 
 def _interpreting() -> bool:
-    return os.environ.get("TRITON_INTERPRET", "0") == "1"
+    return _gelu.BUILT_FOR_INTERPRETER
 
 
 # ---------------------------------------------------------------------------

@@ -75,6 +75,11 @@ def _gelu_tanh_grad(u):
 
 # ----------------------------------------------------------------------------- launch settings
 
+# What triton.jit built the kernels as. It reads TRITON_INTERPRET when a kernel is decorated, at
+# import, not at launch: set later, the variable names an interpreter these kernels do not use.
+BUILT_FOR_INTERPRETER = type(_gelu_erf).__name__ == "InterpretedFunction"
+
+
 @functools.lru_cache(maxsize=None)
 def _cuda_present() -> bool:
     return torch.cuda.is_available()  # about 1 us a call, and launches are host-bound at short lengths

@@ -645,3 +645,33 @@ def test_registered_triton_ops_trace_on_the_cpu_and_refuse_a_graph_capture():
                 torch.compile(call, fullgraph=True, backend="aot_eager")()
         finally:
             torch._dynamo.reset()
+
+
+def test_interpreter_asked_for_after_import_is_named():
+    """triton.jit reads TRITON_INTERPRET when it builds a kernel, at `import fastbert`. A notebook
+    that set it in a later cell was told the triton backend was usable on the CPU, then got
+    Triton's "0 active drivers" from the first launch. The kernels' own build decides now, and the
+    error says to set the variable first. (A fresh interpreter: this one imported fastbert already.)"""
+    import os
+    import subprocess
+    import sys
+
+    script = """
+import os
+import torch
+import fastbert
+from fastbert.ops import _backend, bias_gelu, use_backend
+os.environ["TRITON_INTERPRET"] = "1"
+print(_backend.available_backends("cpu"), _backend.interpreter_on())
+try:
+    with use_backend("triton"):
+        bias_gelu(torch.randn(2, 8), torch.randn(8))
+except RuntimeError as err:
+    print("RuntimeError:", err)
+"""
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    run = subprocess.run([sys.executable, "-c", script], env=env, capture_output=True, text=True, timeout=300)
+    assert run.returncode == 0, run.stderr[-2000:]
+    lines = run.stdout.splitlines()
+    assert lines[0] == "['torch'] False", run.stdout
+    assert lines[1].startswith("RuntimeError:") and "set before fastbert is imported" in lines[1], run.stdout

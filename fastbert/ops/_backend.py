@@ -15,6 +15,7 @@ import contextvars
 import functools
 import importlib.util
 import os
+import sys
 
 import torch
 
@@ -26,7 +27,13 @@ _default = "auto"
 
 
 def interpreter_on() -> bool:
-    """True when Triton kernels run on the CPU through TRITON_INTERPRET=1."""
+    """True when fastbert's Triton kernels run on the CPU through the interpreter: built with
+    TRITON_INTERPRET=1 set, which triton.jit reads when `import fastbert` imports them."""
+    built = sys.modules.get("fastbert.kernels.gelu")
+    return built.BUILT_FOR_INTERPRETER if built is not None else _interpreter_asked()
+
+
+def _interpreter_asked() -> bool:
     return os.environ.get("TRITON_INTERPRET", "0") == "1"
 
 
@@ -147,7 +154,7 @@ _compiled_scopes: list[str] = []
 # global it reads, so a compiled graph is re-traced when the choice changes. (It was read once as an
 # unguarded constant: set_backend or use_backend around a compiled model changed nothing, silently.)
 # One value for the process: under torch.compile, threads that ask for different backends at once
-# see the latest choice.
+# see the latest choice (a block closing in one thread puts back that thread's outer choice for all).
 _for_compile = "auto"
 
 
@@ -171,7 +178,10 @@ def use_backend(name: str):
     do not see it. There, build the model with BertModel(backend=...) or use set_backend.
     Nor does a backward run after the block: BertModel's and patch_transformers' gradient
     checkpointing reopen the forward's scope for their reruns; a torch.utils.checkpoint of your
-    own must run its backward inside the block, or reopen it in the checkpointed function."""
+    own must run its backward inside the block, or reopen it in the checkpointed function.
+    Under torch.compile the choice a compiled function reads from outside it is one value for the
+    process: the last use_backend entered or left, in any thread, or set_backend. Threads that run
+    compiled code on different backends at once: give each model its own (BertModel(backend=...))."""
     check_backend_name(name)
     if torch.compiler.is_compiling():
         _compiled_scopes.append(name)
@@ -212,6 +222,9 @@ def _resolve(requested: str, device: torch.device) -> str:
             "triton": "needs a CUDA tensor (or TRITON_INTERPRET=1 for CPU tensors) and the triton package",
             "cuda": "needs a CUDA tensor and the compiled extension fastbert._C",
         }[requested]
+        if requested == "triton" and device.type != "cuda" and _interpreter_asked() and not interpreter_on():
+            why = ("needs TRITON_INTERPRET=1 set before fastbert is imported: triton.jit reads it when it builds "
+                   "the kernels, and these were built for a GPU")
         raise RuntimeError(f"fastbert backend {requested!r} cannot run on a {device.type} tensor: it {why}")
     if requested == "triton" and device.type != "cuda" and (problem := interpreter_problem()):
         raise RuntimeError(f"fastbert backend 'triton' on {device.type} tensors: {problem}")
