@@ -20,6 +20,7 @@ import json
 import math
 import os
 import random
+import re
 import shutil
 import time
 from pathlib import Path
@@ -88,6 +89,10 @@ class TrainConfig:
             raise ValueError(f"compile must be a torch.compile backend {torch.compiler.list_backends()} or None, "
                              f"got {self.compile!r}")
 
+
+# The folders a save writes and `latest` may name (the staging copy only while a save of the same
+# step moves it into place).
+_CHECKPOINT_NAME = re.compile(r"(\.staging-)?checkpoint-\d+")
 
 _NORM_TYPES = (torch.nn.LayerNorm, torch.nn.GroupNorm, torch.nn.modules.batchnorm._NormBase) + \
     ((torch.nn.RMSNorm,) if hasattr(torch.nn, "RMSNorm") else ())
@@ -288,6 +293,7 @@ class Trainer:
         `latest` at it atomically; a crash mid-write leaves the previous one intact."""
         self._check_weights_finite()
         self.cfg.out.mkdir(parents=True, exist_ok=True)
+        self._finish_interrupted_save()
         folder = self.cfg.out / f"checkpoint-{self.step}"
         staging = self.cfg.out / f".staging-checkpoint-{self.step}"
         shutil.rmtree(staging, ignore_errors=True)
@@ -322,7 +328,12 @@ class Trainer:
         atomic_write_text(self.cfg.out / "latest", folder.name + "\n")
         _fsync_dir(self.cfg.out)
         if previous is not None and previous != folder:
-            shutil.rmtree(previous, ignore_errors=True)
+            # Renamed first (atomic), so that a delete cut short leaves a staging folder, which the
+            # loop below clears at the next save, not half a checkpoint kept for good.
+            trash = self.cfg.out / f".staging-{previous.name}-old"
+            shutil.rmtree(trash, ignore_errors=True)
+            with contextlib.suppress(FileNotFoundError):
+                os.replace(previous, trash)
         for stale in self.cfg.out.glob(".staging-checkpoint-*"):  # left by a run killed mid-write
             shutil.rmtree(stale, ignore_errors=True)
         return folder
@@ -341,18 +352,43 @@ class Trainer:
                 "total_steps": self.total_steps, "lr": self.cfg.lr, "warmup_ratio": self.cfg.warmup_ratio,
                 "weight_decay": self.cfg.weight_decay, "max_grad_norm": self.cfg.max_grad_norm}
 
-    def _latest(self) -> Path | None:
+    def _pointer(self) -> str | None:
+        """What `latest` holds, or None when there is none."""
         pointer = self.cfg.out / "latest"
-        if not pointer.exists():
+        return pointer.read_text().strip() if pointer.is_file() else None
+
+    def _latest(self) -> Path | None:
+        """The checkpoint folder `latest` names, or None: no pointer, or one that names no checkpoint
+        of ours (another tool's `latest`, DeepSpeed's "global_step100", "..", an absolute path). Only
+        a folder named here is ever deleted by a save."""
+        name = self._pointer()
+        if name is None or not _CHECKPOINT_NAME.fullmatch(name) or not (self.cfg.out / name).is_dir():
             return None
-        return self.cfg.out / pointer.read_text().strip()
+        return self.cfg.out / name
+
+    def _finish_interrupted_save(self) -> None:
+        """A save of the step `latest` names points `latest` at its staging copy while it replaces the
+        folder. Interrupted there, `latest` names the staging folder (complete) or, after the rename,
+        a staging folder that is gone beside the complete checkpoint: finish the move either way."""
+        name = self._pointer()
+        if name is None or not (match := _CHECKPOINT_NAME.fullmatch(name)) or not match.group(1):
+            return
+        staging, folder = self.cfg.out / name, self.cfg.out / name.removeprefix(".staging-")
+        if staging.is_dir():
+            shutil.rmtree(folder, ignore_errors=True)
+            os.replace(staging, folder)
+            _fsync_dir(self.cfg.out)
+        if (folder / "trainer_state.pt").is_file():
+            atomic_write_text(self.cfg.out / "latest", folder.name + "\n")
+            _fsync_dir(self.cfg.out)
 
     def resume(self) -> bool:
         """Load the latest checkpoint under cfg.out, if there is one."""
-        folder = self._latest()
-        if folder is None:
+        if self._pointer() is None:
             return False
-        if folder.parent != self.cfg.out or not folder.is_dir():  # an empty name gives cfg.out itself
+        self._finish_interrupted_save()
+        folder = self._latest()
+        if folder is None or folder.name.startswith("."):
             pointer = self.cfg.out / "latest"
             raise FileNotFoundError(f"cannot resume: {pointer} must name a checkpoint folder in {self.cfg.out}, "
                                     f"holds {pointer.read_text().strip()!r}")

@@ -149,6 +149,76 @@ def test_saving_again_the_step_latest_names_never_leaves_it_naming_a_missing_fol
     assert _trainer(tmp_path).resume()
 
 
+@pytest.mark.parametrize("pointer", ["global_step100", "..", "ABSOLUTE"])
+def test_a_save_deletes_no_folder_but_its_own_checkpoints(tmp_path, pointer):
+    """A save deleted whatever folder `latest` named: another tool's (DeepSpeed writes `latest` =
+    "global_step100"), an absolute path, or ".." (the folder above --out, the new checkpoint in it)."""
+    out, victim = tmp_path / "project" / "run", tmp_path / "victim"
+    for folder in (out / "global_step100", victim):
+        folder.mkdir(parents=True)
+        (folder / "notes.txt").write_text("keep me")
+    (out.parent / "notes.txt").write_text("keep me")
+    (out / "latest").write_text((str(victim) if pointer == "ABSOLUTE" else pointer) + "\n")
+    _trainer(out).train(stop_after_step=3)
+    for kept in (out / "global_step100", victim, out.parent):
+        assert (kept / "notes.txt").read_text() == "keep me", kept
+    assert (out / "latest").read_text().strip() == "checkpoint-3" and _trainer(out).resume()
+
+
+def test_a_save_cut_short_after_moving_its_copy_in_still_resumes(tmp_path, monkeypatch):
+    """Saving again the step `latest` names points `latest` at the staging copy, moves it into
+    place, then points `latest` back. Killed before that last write, `latest` named a staging
+    folder that was gone, beside the complete checkpoint, and --resume refused."""
+    from fastbert.checkpoint import atomic_write_text as real_write
+
+    _trainer(tmp_path).train(stop_after_step=3)
+    again = _trainer(tmp_path)
+    assert again.resume() and again.step == 3
+
+    def crash_on_the_pointer_back(path, text):
+        if path.name == "latest" and text.strip() == "checkpoint-3" and (tmp_path / "checkpoint-3").is_dir() \
+                and not (tmp_path / ".staging-checkpoint-3").exists():
+            raise KeyboardInterrupt("killed after the rename, before `latest` names it")
+        return real_write(path, text)
+
+    monkeypatch.setattr(train, "atomic_write_text", crash_on_the_pointer_back)
+    with pytest.raises(KeyboardInterrupt):
+        again.save_checkpoint()
+    monkeypatch.setattr(train, "atomic_write_text", real_write)
+    assert (tmp_path / "latest").read_text().strip() == ".staging-checkpoint-3"
+    resumed = _trainer(tmp_path)
+    assert resumed.resume() and resumed.step == 3
+    assert (tmp_path / "latest").read_text().strip() == "checkpoint-3"
+
+
+def test_an_old_checkpoint_whose_delete_was_cut_short_goes_at_the_next_save(tmp_path, monkeypatch):
+    """The previous checkpoint was deleted in place: killed mid-delete, a folder of half its files
+    (weights, no trainer state) stayed beside the new one for good, against "only the newest is kept"."""
+    import shutil
+
+    t = _trainer(tmp_path)
+    t.train(stop_after_step=3)
+    real_rmtree = shutil.rmtree
+
+    def killed_mid_delete(path, *args, **kwargs):
+        path = train.Path(path)
+        if path.name.endswith("checkpoint-3-old") and path.exists():
+            (path / "trainer_state.pt").unlink()
+            raise KeyboardInterrupt("killed while deleting the old checkpoint")
+        return real_rmtree(path, *args, **kwargs)
+
+    t.step = 6
+    monkeypatch.setattr(shutil, "rmtree", killed_mid_delete)
+    with pytest.raises(KeyboardInterrupt):
+        t.save_checkpoint()
+    monkeypatch.setattr(shutil, "rmtree", real_rmtree)
+    assert (tmp_path / "latest").read_text().strip() == "checkpoint-6"
+    assert not (tmp_path / "checkpoint-3").exists(), "half a checkpoint kept under a checkpoint's name"
+    t.step = 9
+    t.save_checkpoint()
+    assert sorted(p.name for p in tmp_path.iterdir() if p.is_dir()) == ["checkpoint-9"]
+
+
 def test_resume_from_a_broken_trainer_state_names_the_file(tmp_path):
     _trainer(tmp_path).train(stop_after_step=3)
     path = tmp_path / (tmp_path / "latest").read_text().strip() / "trainer_state.pt"
