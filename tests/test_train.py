@@ -562,7 +562,9 @@ def test_checkpoint_is_durable_before_the_previous_one_is_removed(tmp_path, monk
     monkeypatch.setattr(shutil, "rmtree", rmtree)
     out = tmp_path.resolve()
     _trainer(out).train(stop_after_step=6)   # checkpoint-3, then checkpoint-6 replaces it
-    removed = max(i for i, e in enumerate(events) if e == ("rmtree", str(out / "checkpoint-3")))  # the deletion
+    # the deletion: checkpoint-3 renamed out of the way, then deleted
+    removed = events.index(("replace", str(out / ".staging-checkpoint-3-old")))
+    assert ("rmtree", str(out / ".staging-checkpoint-3-old")) in events[removed:]
     pointer = max(i for i, e in enumerate(events[:removed]) if e == ("replace", str(out / "latest")))
     moved = events.index(("replace", str(out / "checkpoint-6")))
     assert ("fsync", str(out)) in events[pointer:removed]                       # `latest` -> 6 is on disk
