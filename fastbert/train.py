@@ -253,6 +253,7 @@ class Trainer:
             raise ValueError(f"lengths must hold one length per feature: {len(features)} features, "
                              f"{len(lengths)} lengths")
         self.evaluate_fn, self.lengths = evaluate, (lengths if config.bucket_by_length else None)
+        self._out_lock = None  # the open lock file while this Trainer holds cfg.out (_hold_out)
         self.device = next(model.parameters()).device
         self.batches_per_epoch = math.ceil(len(features) / config.batch_size)
         steps_per_epoch = math.ceil(self.batches_per_epoch / config.grad_accum)
@@ -338,19 +339,47 @@ class Trainer:
             shutil.rmtree(stale, ignore_errors=True)
         return folder
 
+    def _hold_out(self) -> None:
+        """Hold cfg.out for this Trainer (from resume() or train() to the end of train()): two runs
+        writing one folder shared the staging names, and could leave a checkpoint of one run's
+        weights beside the other's optimizer state, which a resume accepted. flock is released by
+        the kernel when the process dies, so a killed run never leaves the folder locked."""
+        if self._out_lock is not None:
+            return
+        try:
+            import fcntl
+        except ImportError:  # pragma: no cover - not POSIX: no lock
+            return
+        self.cfg.out.mkdir(parents=True, exist_ok=True)
+        lock = open(self.cfg.out / ".lock", "a")
+        try:
+            fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            lock.close()
+            raise RuntimeError(f"out {str(self.cfg.out)!r} is in use by another fastbert run (it holds "
+                               f"{self.cfg.out / '.lock'}); wait for it to end or train into another folder") from None
+        self._out_lock = lock
+
+    def _release_out(self) -> None:
+        if self._out_lock is not None:
+            self._out_lock.close()  # closing the file releases the flock
+            self._out_lock = None
+
     def _run_identity(self) -> dict:
         """What fixes the batch order and the updates: a resume with other values would not continue the
         same run. total_steps (epochs or max_steps) sets the schedule's length: the scheduler state
         restores only its step, so a changed total would bend the rest of the learning-rate curve.
         The token ids' digest tells other data of the same size apart, and the same data cut to
-        another --max-seq-len or read by another tokenizer."""
+        another --max-seq-len or read by another tokenizer. precision is the autocast dtype in use
+        (fp32 without one): a run resumed in another matches neither."""
         if self._token_ids_digest is None:
             self._token_ids_digest = _token_ids_digest(self.features)
         return {"examples": len(self.features), "token_ids": self._token_ids_digest,
                 "batch_size": self.cfg.batch_size, "grad_accum": self.cfg.grad_accum, "seed": self.cfg.seed,
                 "bucket_by_length": self.cfg.bucket_by_length,
                 "total_steps": self.total_steps, "lr": self.cfg.lr, "warmup_ratio": self.cfg.warmup_ratio,
-                "weight_decay": self.cfg.weight_decay, "max_grad_norm": self.cfg.max_grad_norm}
+                "weight_decay": self.cfg.weight_decay, "max_grad_norm": self.cfg.max_grad_norm,
+                "precision": str(self.autocast or torch.float32).removeprefix("torch.")}
 
     def _pointer(self) -> str | None:
         """What `latest` holds, or None when there is none."""
@@ -383,7 +412,16 @@ class Trainer:
             _fsync_dir(self.cfg.out)
 
     def resume(self) -> bool:
-        """Load the latest checkpoint under cfg.out, if there is one."""
+        """Load the latest checkpoint under cfg.out, if there is one. The Trainer holds cfg.out from
+        here to the end of train(); a refused resume lets it go."""
+        self._hold_out()
+        try:
+            return self._resume()
+        except BaseException:
+            self._release_out()
+            raise
+
+    def _resume(self) -> bool:
         if self._pointer() is None:
             return False
         self._finish_interrupted_save()
@@ -487,8 +525,12 @@ class Trainer:
         """Run to the end (or to `stop_after_step`, to simulate an interruption); returns the summary."""
         # The training device current throughout: kernels that a compiled graph launches itself (any
         # torch.compile backend but inductor) run on the current device, whatever their tensors' device.
-        with on_device(self.device):
-            return self._train(stop_after_step)
+        self._hold_out()
+        try:
+            with on_device(self.device):
+                return self._train(stop_after_step)
+        finally:
+            self._release_out()
 
     def _train(self, stop_after_step: int | None) -> dict:
         from tqdm.auto import tqdm

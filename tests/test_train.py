@@ -90,6 +90,28 @@ def test_resume_with_other_settings_is_refused(tmp_path):
     assert _trainer(tmp_path).resume()  # the same settings still resume
 
 
+def test_resume_in_another_precision_is_refused(tmp_path):
+    """An fp32 checkpoint resumed under bf16 autocast (or the other way) continued as neither run."""
+    _trainer(tmp_path).train(stop_after_step=3)
+    with pytest.raises(ValueError, match=r"cannot resume .*precision='float32' there, 'bfloat16' now"):
+        _trainer(tmp_path, precision="bf16").resume()
+    assert _trainer(tmp_path, precision="fp32").resume()
+
+
+def test_two_trainers_never_write_one_folder_at_once(tmp_path):
+    """Two runs writing one --out shared its staging names: the second died on the first's
+    temporary files, or left a checkpoint of one's weights beside the other's optimizer state,
+    which a resume accepted. The folder is held from resume() (or train()) to the end of train()."""
+    first, second = _trainer(tmp_path), _trainer(tmp_path)
+    assert not first.resume()                               # holds the folder, nothing to load yet
+    with pytest.raises(RuntimeError, match=r"is in use by another fastbert run .*\.lock"):
+        second.train()
+    with pytest.raises(RuntimeError, match="is in use by another fastbert run"):
+        second.resume()
+    first.train(stop_after_step=3)                          # lets it go at the end
+    assert second.resume() and second.step == 3
+    second.train()
+    assert second.step == 10
 
 def test_a_refused_resume_leaves_the_model_as_it_was(tmp_path):
     """The checkpoint's weights were copied in before its state was checked: a caller who caught the
@@ -142,10 +164,12 @@ def test_saving_again_the_step_latest_names_never_leaves_it_naming_a_missing_fol
     with pytest.raises(KeyboardInterrupt):
         again.save_checkpoint()
     monkeypatch.setattr(os, "replace", real_replace)
+    again._release_out()  # killed: the kernel lets its lock go
     after_crash = _trainer(tmp_path)
     assert after_crash.resume() and after_crash.step == 3
     assert (tmp_path / again.save_checkpoint()).name == "checkpoint-3"   # the next save completes it
     assert (tmp_path / "latest").read_text().strip() == "checkpoint-3" and not list(tmp_path.glob(".staging-*"))
+    after_crash._release_out()
     assert _trainer(tmp_path).resume()
 
 
@@ -186,6 +210,7 @@ def test_a_save_cut_short_after_moving_its_copy_in_still_resumes(tmp_path, monke
         again.save_checkpoint()
     monkeypatch.setattr(train, "atomic_write_text", real_write)
     assert (tmp_path / "latest").read_text().strip() == ".staging-checkpoint-3"
+    again._release_out()  # killed: the kernel lets its lock go
     resumed = _trainer(tmp_path)
     assert resumed.resume() and resumed.step == 3
     assert (tmp_path / "latest").read_text().strip() == "checkpoint-3"
