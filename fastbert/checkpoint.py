@@ -11,6 +11,7 @@ import json
 import os
 import re
 import secrets
+import tempfile
 import warnings
 from pathlib import Path
 
@@ -159,6 +160,16 @@ def check_writable(flag: str, path, folder: bool) -> None:
     above = next(p for p in path.absolute().parents if p.exists())
     if not above.is_dir():
         raise ValueError(f"{flag} {str(path)!r}: {str(above)!r} is a file, not a folder")
+    # A read-only or foreign folder showed only when the first file was written: after an epoch
+    # of training for --out, after the whole run for --metrics-json (its numbers lost).
+    folder_made = path if folder else path.parent
+    try:
+        folder_made.mkdir(parents=True, exist_ok=True)
+        with tempfile.TemporaryFile(dir=folder_made):
+            pass
+    except OSError as err:
+        raise ValueError(f"{flag} {str(path)!r}: cannot write into {str(folder_made)!r} "
+                         f"({err.strerror or err})") from None
 
 
 def _create_beside(folder: Path, name: str) -> tuple[int, str]:

@@ -228,6 +228,24 @@ def test_finetune_argument_errors(tmp_path, capsys, sst2_slice, extra, match):
     assert not (tmp_path / "run" / "latest").exists()
 
 
+@pytest.mark.parametrize("flag,value", [("--out", "/sys/fastbert-run"), ("--metrics-json", "/sys/fastbert-m.json")])
+def test_an_output_that_cannot_be_written_is_refused_before_training(tmp_path, capsys, sst2_slice, monkeypatch,
+                                                                      flag, value):
+    """A read-only --out was found after an epoch of training, a read-only --metrics-json after the
+    whole run (its numbers lost). sysfs takes no new files, not even root's (which file modes do not
+    stop): the refusal must come before the Trainer is built."""
+    from fastbert import train
+
+    if not Path("/sys").is_dir():
+        pytest.skip("needs sysfs at /sys (a folder no one can create files in)")
+    monkeypatch.setattr(train, "Trainer", lambda *a, **k: pytest.fail("the Trainer was built"))
+    args = ["finetune", "--task", "sst2", "--train", str(sst2_slice), "--out", str(tmp_path / "run"),
+            "--max-steps", "1", "--batch-size", "2", "--no-progress", "--device", "cpu", flag, value]
+    assert fastbert.cli.main(args) == 2
+    err = capsys.readouterr().err
+    assert re.search(rf"{flag} '{value}': cannot write into '/sys", err) and "Traceback" not in err, err
+
+
 def test_finetune_custom_tsv_columns(tmp_path, capsys):
     """--task-type needs --text-cols (as many as the kind reads) and --label-col; indices given on
     the command line ("1") are column indices even in a file with a header."""
