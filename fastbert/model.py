@@ -208,25 +208,33 @@ class BertModel(nn.Module):
         width = tokens.shape[-1]
         return tokens.new_zeros(batch * seqlen, width).index_copy(0, real, tokens).view(batch, seqlen, width)
 
-    def _run_layer(self, layer, *args):
+    def _run_layer(self, layer, hidden, hidden_in, *rest):
         if not (self.gradient_checkpointing and self.training and torch.is_grad_enabled()):
-            return layer(*args)
+            return layer(hidden, hidden_in, *rest)
         # Keep only each layer's inputs; the backward runs the layer again. The dropout seeds are
         # drawn from torch's generators, whose states checkpoint restores before the rerun, so
         # the kernels regenerate the same masks: gradients equal the run without checkpointing.
-        # The rerun happens inside backward(), outside any use_backend scope of this forward:
-        # it reopens the scope in force now, or it could run other kernels with other masks.
+        # Of the two inputs only the float32 stream is kept: under autocast hidden_in is
+        # hidden.to(its dtype) bit for bit (add_layernorm's copy), so the rerun casts it again
+        # instead of keeping half as many bytes more per layer. The first run takes the copy given.
+        given, in_dtype, same = [hidden_in], hidden_in.dtype, hidden_in is hidden
+
+        def inputs(hidden):
+            return given.pop() if given else (hidden if same else hidden.to(in_dtype))
+
         if torch.compiler.is_compiling():
             # A compiled backward reruns the traced graph, not this Python, so the scope need not be
             # reopened; and opening it inside the checkpointed region (a list push) is a side effect
             # Dynamo refuses there: fullgraph=True failed, and without it every layer ran uncompiled.
-            return torch.utils.checkpoint.checkpoint(layer, *args, use_reentrant=False)
+            return torch.utils.checkpoint.checkpoint(layer, hidden, hidden_in, *rest, use_reentrant=False)
+        # The rerun happens inside backward(), outside any use_backend scope of this forward:
+        # it reopens the scope in force now, or it could run other kernels with other masks.
         backend = ops.get_backend()
 
-        def rerunnable(*layer_args):
+        def rerunnable(hidden, *layer_args):
             with ops.use_backend(backend):
-                return layer(*layer_args)
-        return torch.utils.checkpoint.checkpoint(rerunnable, *args, use_reentrant=False)
+                return layer(hidden, inputs(hidden), *layer_args)
+        return torch.utils.checkpoint.checkpoint(rerunnable, hidden, *rest, use_reentrant=False)
 
     def _checked_inputs(self, input_ids, attention_mask, token_type_ids):
         device = self.embeddings.word.weight.device

@@ -358,6 +358,52 @@ def test_gradient_checkpointing_keeps_gradients_and_saves_memory(backend, unpad)
     assert ckpt_bytes < 0.6 * plain_bytes, (ckpt_bytes, plain_bytes)
 
 
+@pytest.mark.parametrize("backend,dtype", [("torch", torch.bfloat16), ("triton", torch.float16)])
+def test_gradient_checkpointing_under_autocast_keeps_only_the_float32_stream(backend, dtype, monkeypatch):
+    """Under autocast each layer hands the next both the float32 stream and its copy in the GEMMs'
+    dtype; checkpointing kept both per layer (6 bytes an element where transformers keeps 4). The
+    copy is the stream cast, bit for bit, so the rerun casts it again: no copy outlives its layer's
+    forward, and every gradient is still the one without checkpointing."""
+    import gc
+    import weakref
+
+    config = fastbert.BertConfig(vocab_size=100, hidden_size=64, num_hidden_layers=3, num_attention_heads=2,
+                                 intermediate_size=128, max_position_embeddings=32,
+                                 hidden_dropout_prob=0.1, attention_probs_dropout_prob=0.1)
+    torch.manual_seed(0)
+    model = heads.BertForSequenceClassification(config, num_labels=2).to(DEVICE).train()
+    ids = torch.randint(1, 100, (3, 17), device=DEVICE)
+    mask = torch.ones_like(ids)
+    mask[1, 9:] = 0
+    labels = torch.tensor([0, 1, 1], device=DEVICE)
+    copies, real_forward = [], fastbert.model.BertLayer.forward
+
+    def forward(self, *args, **kwargs):
+        hidden, hidden_in = real_forward(self, *args, **kwargs)
+        if hidden_in.dtype != hidden.dtype:
+            copies.append(weakref.ref(hidden_in))
+        return hidden, hidden_in
+
+    monkeypatch.setattr(fastbert.model.BertLayer, "forward", forward)
+    grads = {}
+    for checkpointing in (False, True):
+        model.bert.gradient_checkpointing = checkpointing
+        model.zero_grad()
+        copies.clear()
+        torch.manual_seed(7)
+        with fastbert.ops.use_backend(backend), torch.autocast(DEVICE.type, dtype=dtype):
+            loss = model(ids, mask, labels=labels).loss
+        gc.collect()
+        assert len(copies) == config.num_hidden_layers, "every layer hands on a copy under autocast"
+        alive = sum(ref() is not None for ref in copies)
+        if checkpointing:
+            assert alive == 0, f"checkpointing keeps {alive} of the layers' {dtype} copies until the backward"
+        loss.backward()
+        grads[checkpointing] = {n: p.grad.detach().clone() for n, p in model.named_parameters()}
+    for name, g in grads[False].items():
+        torch.testing.assert_close(grads[True][name], g, atol=0, rtol=0, msg=lambda m, name=name: f"{name}: {m}")
+
+
 def test_finetuning_on_the_cuda_backend_evaluates_each_epoch_under_the_training_autocast(cuda_device, monkeypatch,
                                                                                       tmp_path):
     """`fastbert finetune --backend cuda` trains under autocast; the evaluation after each epoch ran
