@@ -128,3 +128,40 @@ def test_launch_size_helpers_equal_tritons():
     from fastbert.kernels.gelu import _cdiv, _next_pow2
     assert all(_next_pow2(n) == triton.next_power_of_2(n) for n in range(1, 8193))
     assert all(_cdiv(a, b) == triton.cdiv(a, b) for a in range(0, 600) for b in range(1, 130))
+
+
+@pytest.mark.parametrize("approximate", ["none", "tanh"])
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+def test_torch_backend_mixed_bias_keeps_x_not_the_float32_sum(dtype, approximate):
+    """A half x with a float32 bias (a BERT layer under autocast) on the torch backend: GELU kept its
+    float32 input for the backward, twice x's bytes. Now x and bias are kept, and the output and
+    both gradients are eager PyTorch's, bit for bit (the float32 sum recomputed in the backward)."""
+    gen = torch.Generator().manual_seed(5)
+    x = (torch.randn(4, 9, 96, generator=gen) * 3).to(dtype).requires_grad_()
+    bias = torch.randn(96, generator=gen).requires_grad_()
+    dy = torch.randn(4, 9, 96, generator=gen).to(dtype)
+    kept = []
+
+    def pack(t):
+        kept.append((t.dtype, tuple(t.shape)))
+        return t
+
+    with use_backend("torch"), torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        y = bias_gelu(x, bias, approximate)
+    assert (torch.float32, tuple(x.shape)) not in kept, kept
+    assert sum(torch.Size(s).numel() * torch.empty((), dtype=d).element_size() for d, s in kept) <= \
+        x.numel() * x.element_size() + bias.numel() * 4
+    grads = torch.autograd.grad(y, (x, bias), dy)
+    ref = bias_gelu_ref(x, bias, approximate).to(dtype)
+    ref_grads = torch.autograd.grad(ref, (x, bias), dy)
+    assert torch.equal(y, ref)
+    for name, ours, theirs in zip(("dx", "dbias"), grads, ref_grads):
+        assert ours.dtype == theirs.dtype and torch.equal(ours, theirs), name
+    # a second derivative still flows (the backward is made of differentiable ops)
+    with use_backend("torch"):
+        y = bias_gelu(x, bias, approximate)
+    (dx,) = torch.autograd.grad(y, x, dy, create_graph=True)
+    (ddx,) = torch.autograd.grad(dx.float().sum(), x)
+    ref = bias_gelu_ref(x, bias, approximate).to(dtype)
+    (ref_dx,) = torch.autograd.grad(ref, x, dy, create_graph=True)
+    assert torch.equal(ddx, torch.autograd.grad(ref_dx.float().sum(), x)[0])
