@@ -28,6 +28,7 @@ from __future__ import annotations
 import contextlib
 import functools
 import types
+import warnings
 
 import torch
 import torch.nn.functional as F
@@ -102,11 +103,17 @@ def _key_padding_bool(mask, batch, kv_length):
             # (transformers 5 hands this module bool masks from key_padding_mask below); none under a
             # CUDA graph capture, which refuses syncs (the eager warm-up runs check).
             keep = mask == 0
-            if host_sync_allowed(mask) and not bool((keep | (mask <= _ADDITIVE_MASKED)).all()):
-                raise ValueError("fastbert attention: a non-bool (batch, 1, 1, kv_length) attention_mask is additive "
-                                 f"and must hold 0 (keep) or values <= {_ADDITIVE_MASKED:g} (masked), got values in "
-                                 f"[{mask.min().item():g}, {mask.max().item():g}]; pass a 2D 0/1 or bool mask "
-                                 "(True/1 = real token) instead")
+            additive = (keep | (mask <= _ADDITIVE_MASKED)).all()
+            refused = ("fastbert attention: a non-bool (batch, 1, 1, kv_length) attention_mask is additive and must "
+                       f"hold 0 (keep) or values <= {_ADDITIVE_MASKED:g} (masked)")
+            if host_sync_allowed(mask):
+                if not bool(additive):
+                    raise ValueError(f"{refused}, got values in [{mask.min().item():g}, {mask.max().item():g}]; "
+                                     "pass a 2D 0/1 or bool mask (True/1 = real token) instead")
+            elif torch.compiler.is_compiling():
+                # no host read in a graph: the check runs where the mask is (a 0/1 mask read as
+                # additive masked the real tokens and kept the padding, silently)
+                torch._assert_async(additive, refused)
             mask = keep
     if mask.dim() == 2 and mask.shape[0] == 1 and batch > 1:
         mask = mask.expand(batch, -1)
@@ -170,6 +177,22 @@ def _plain(module, cls) -> bool:
         return type(module) is cls
     return (type(module) is cls and not module._forward_pre_hooks and not module._forward_hooks
             and "forward" not in vars(module))
+
+
+def _fusable(module, cls) -> bool:
+    """A module whose forward the patch replaces: `cls` itself (a subclass's forward, as adapter
+    libraries add, would be skipped) without a forward of its own set on it by another library
+    (one of ours, from patching before, is replaced again). Hooks still run around the patched forward."""
+    own = vars(module).get("forward")
+    return type(module) is cls and (own is None or isinstance(own, _PatchedForward))
+
+
+def _warn_unfused(model, unfused) -> None:
+    if unfused:
+        names = [name or type(model).__name__ for name, m in model.named_modules() if any(m is u for u in unfused)]
+        warnings.warn(f"patch_transformers: {len(names)} module(s) left unfused, running their own forward (a "
+                      f"subclass or a forward set by another library, which fusing would skip): "
+                      f"{', '.join(names[:4])}{', ...' if len(names) > 4 else ''}", stacklevel=4)
 
 
 def _plain_linear(linear):
@@ -252,12 +275,17 @@ def _patch_distilbert(model, config, backend):
     if not blocks:
         raise ValueError(f"patch_transformers: {type(model).__name__} holds no TransformerBlock")
     approximate = _GELU_APPROXIMATE.get(config.activation) if isinstance(config.activation, str) else None
+    _warn_unfused(model, [b for b in blocks if not _fusable(b, distilbert.TransformerBlock)])
     for block in blocks:
+        block.attention.fastbert_backend = backend
+        if not _fusable(block, distilbert.TransformerBlock):
+            continue
         block.fastbert_gelu_approximate = approximate
         block.fastbert_ffn_type = distilbert.FFN
         block.fastbert_act_type = type(block.ffn.activation)  # the GELU the config names, as patched
         block.forward = _PatchedForward(_distilbert_block_forward, block)
-        block.fastbert_backend = block.attention.fastbert_backend = backend
+        block.fastbert_backend = backend
+    return [block.attention for block in blocks]
 
 
 def _patch_family(model, config, backend):
@@ -265,7 +293,12 @@ def _patch_family(model, config, backend):
     if not any(isinstance(m, family.Layer) for m in model.modules()):
         raise ValueError(f"patch_transformers: {type(model).__name__} holds no {family.Layer.__name__}")
     approximate = _GELU_APPROXIMATE.get(config.hidden_act) if isinstance(config.hidden_act, str) else None
+    unfused = [m for m in model.modules() if isinstance(m, (family.SelfOutput, family.Output, family.Intermediate))
+               and not any(_fusable(m, cls) for cls in (family.SelfOutput, family.Output, family.Intermediate))]
+    _warn_unfused(model, unfused)
     for module in model.modules():
+        if any(module is m for m in unfused):
+            continue
         if isinstance(module, (family.SelfOutput, family.Output)):
             module.forward = _PatchedForward(_add_layernorm_forward, module)
         elif isinstance(module, family.Intermediate) and approximate is not None:
@@ -275,6 +308,7 @@ def _patch_family(model, config, backend):
         elif not isinstance(module, family.SelfAttention):
             continue
         module.fastbert_backend = backend
+    return [m for m in model.modules() if isinstance(m, family.SelfAttention)]
 
 
 def patch_transformers(model: torch.nn.Module, backend: str | None = None) -> torch.nn.Module:
@@ -287,6 +321,14 @@ def patch_transformers(model: torch.nn.Module, backend: str | None = None) -> to
     for a transformers without the attention hooks. Patching twice is harmless."""
     if backend is not None:
         check_backend_name(backend)
+    import transformers
+
+    if not isinstance(model, transformers.PreTrainedModel):
+        # a submodule (model.bert.encoder) has a config too, but no set_attn_implementation: it was
+        # half patched (its FFNs fused, its attention not) before an AttributeError
+        raise ValueError(f"patch_transformers expects a transformers model of the BERT family (a PreTrainedModel such "
+                         f"as BertModel or one of its head models), got {type(model).__name__}; patch the model "
+                         "that holds it")
     config = getattr(model, "config", None)
     model_type = getattr(config, "model_type", None)
     if model_type not in FAMILY and model_type != "distilbert":
@@ -302,9 +344,17 @@ def patch_transformers(model: torch.nn.Module, backend: str | None = None) -> to
         raise ValueError(f"patch_transformers: position_embedding_type {config.position_embedding_type!r} is not "
                          "supported; fastbert attention takes absolute position embeddings only")
     register()
-    (_patch_distilbert if model_type == "distilbert" else _patch_family)(model, config, backend)
+    attentions = (_patch_distilbert if model_type == "distilbert" else _patch_family)(model, config, backend)
     _checkpoint_reruns_keep_the_backend(model)
     model.set_attn_implementation(ATTN_IMPLEMENTATION)
+    # The mask is built from the model's config and each attention module dispatches on its own:
+    # an EncoderDecoderModel's encoder gets a config of its own while its layers keep the one they
+    # were built with, so the layers stayed on SDPA and read fastbert's (batch, seqlen) key mask as
+    # (1, 1, batch, seqlen). Every attention module's config names the implementation the mask is for.
+    for module in attentions:
+        module_config = getattr(module, "config", None)
+        if module_config is not None and module_config._attn_implementation != ATTN_IMPLEMENTATION:
+            module_config._attn_implementation_internal = ATTN_IMPLEMENTATION
     return model
 
 

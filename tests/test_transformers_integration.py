@@ -360,6 +360,107 @@ def test_patched_model_loads_in_a_fresh_process(tmp_path, family):
     assert run.returncode == 0 and run.stdout.split() == ["ok", "fastbert"], run.stderr[-2000:]
 
 
+@pytest.mark.parametrize("family, kind", [("bert", "subclass"), ("bert", "instance"), ("distilbert", "subclass")])
+def test_a_module_with_a_forward_of_its_own_is_left_unfused(family, kind):
+    """Adapter libraries swap in subclasses of BertOutput & co whose forward adds the adapter, and
+    others set a forward on the instance: the patch replaced that forward with the fused one, so
+    the adapter vanished without a word. Such a module keeps its forward (and is named in a warning)."""
+    import warnings
+
+    def steer(hidden):
+        return hidden.roll(1, dims=-1)  # a change the next LayerNorm cannot undo
+
+    def change(model, patch):
+        for name, module in list(model.named_modules()):
+            cls = type(module).__name__
+            if cls not in ("BertOutput", "BertIntermediate", "TransformerBlock"):
+                continue
+            if kind == "subclass":
+                steered = type(f"Steered{cls}", (type(module),),
+                               {"forward": lambda self, *a, **k: _steered(super(type(self), self).forward(*a, **k))})
+                module.__class__ = steered
+            else:
+                module.forward = lambda *a, _m=module, _f=module.forward, **k: _steered(_f(*a, **k))
+
+    def _steered(out):
+        return (steer(out[0]), *out[1:]) if isinstance(out, tuple) else steer(out)
+
+    config = _tiny_config(family)
+    ids, mask = _batch(DEVICE)
+    logits = []
+    for patch in (False, True):
+        model = _classifier(config, DEVICE).eval()
+        change(model, patch)
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            if patch:
+                fastbert.patch_transformers(model, backend="torch")
+        if patch:
+            assert any("left unfused" in str(w.message) and w.filename == __file__ for w in caught), caught
+        with torch.no_grad():
+            logits.append(model(input_ids=ids, attention_mask=mask).logits)
+    plain = _unpatched_and_patched_logits(family, lambda model: None)[0]
+    assert (plain - logits[0]).abs().max() > 1e-4, "the steering must change the logits well past the tolerance"
+    torch.testing.assert_close(logits[1], logits[0], atol=1e-5, rtol=1e-5)
+
+
+def test_the_encoder_of_an_encoder_decoder_model():
+    """EncoderDecoderModel gives its encoder a config of its own while the layers keep the one they
+    were built with: the patch switched the mask to fastbert's (batch, seqlen) key mask and left
+    the layers on SDPA, which read it as (1, 1, batch, seqlen): other rows' padding when batch ==
+    seqlen, a shape error otherwise. Every attention module now follows."""
+    c = dict(vocab_size=100, hidden_size=32, num_hidden_layers=2, num_attention_heads=2, intermediate_size=64,
+             max_position_embeddings=40, hidden_dropout_prob=0.0, attention_probs_dropout_prob=0.0)
+    torch.manual_seed(0)
+    model = transformers.EncoderDecoderModel(
+        encoder=transformers.BertModel(transformers.BertConfig(**c)),
+        decoder=transformers.BertLMHeadModel(transformers.BertConfig(**c, is_decoder=True, add_cross_attention=True)))
+    model = model.to(DEVICE).eval()
+    for batch, seqlen in ((4, 4), (3, 5)):
+        ids = torch.randint(3, 100, (batch, seqlen), device=DEVICE)
+        mask = torch.ones_like(ids)
+        mask[1, 2:] = 0
+        with torch.no_grad():
+            expected = model.encoder(input_ids=ids, attention_mask=mask).last_hidden_state
+        import copy
+
+        patched = copy.deepcopy(model)
+        fastbert.patch_transformers(patched.encoder, backend="torch")
+        with torch.no_grad():
+            got = patched.encoder(input_ids=ids, attention_mask=mask).last_hidden_state
+        real = mask.bool()
+        torch.testing.assert_close(got[real], expected[real], atol=1e-5, rtol=1e-5)
+
+
+def test_a_submodule_is_refused_before_anything_is_patched():
+    """model.bert.encoder has a config too: its FFNs were fused and its backend set before an
+    AttributeError (no set_attn_implementation) stopped the patch half way."""
+    model = _classifier(_tiny_config(), DEVICE)
+    with pytest.raises(ValueError, match="expects a transformers model of the BERT family .*got BertEncoder"):
+        fastbert.patch_transformers(model.bert.encoder, backend="torch")
+    assert not any(hasattr(m, "fastbert_backend") or "forward" in vars(m) for m in model.modules())
+
+
+def test_a_compiled_model_refuses_a_mask_that_is_not_additive():
+    """A float (batch, 1, 1, seqlen) mask of 0/1 is refused in eager mode (read as additive it masks
+    the real tokens); under torch.compile the check (a host read) was skipped and the 0/1 mask
+    silently read that way. The compiled graph now checks it where the mask is."""
+    model = fastbert.patch_transformers(_classifier(_tiny_config(), DEVICE).eval(), backend="torch")
+    ids, mask = _batch(DEVICE)
+    zero_one = mask[:, None, None, :].float()
+    additive = (1.0 - zero_one) * torch.finfo(torch.float32).min
+    torch._dynamo.reset()
+    try:
+        compiled = torch.compile(model, backend="eager")
+        with torch.no_grad():
+            torch.testing.assert_close(compiled(input_ids=ids, attention_mask=additive).logits,
+                                       model(input_ids=ids, attention_mask=mask).logits, atol=1e-6, rtol=1e-6)
+            with pytest.raises(RuntimeError, match="attention_mask is additive and must hold 0"):
+                compiled(input_ids=ids, attention_mask=zero_one)
+    finally:
+        torch._dynamo.reset()
+
+
 def test_patched_model_compiles_with_fullgraph():
     """torch.compile(fullgraph=True) of the patched model: no graph break in the hooks, the
     patched modules' backend kept (around the call, a scope that cannot run on the CPU), the
