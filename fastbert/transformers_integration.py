@@ -316,9 +316,11 @@ def patch_transformers(model: torch.nn.Module, backend: str | None = None) -> to
     DistilBertModel, ... or any of their head models) on fastbert's kernels, in place.
     Returns the model.
 
-    Raises ValueError for a model outside FAMILY and DistilBERT or without encoder layers, a
-    decoder (causal) or cross-attention configuration, or an unknown backend name; ImportError
-    for a transformers without the attention hooks. Patching twice is harmless."""
+    Raises ValueError for a model outside FAMILY and DistilBERT or without encoder layers (or not
+    a PreTrainedModel: a submodule), a decoder (causal) or cross-attention configuration, or an
+    unknown backend name; ImportError for a transformers without the attention hooks. Patching
+    twice is harmless. A module of a subclass (adapters) or with a forward set on it keeps that
+    forward, unfused, and a warning names it."""
     if backend is not None:
         check_backend_name(backend)
     import transformers
