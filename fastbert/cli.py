@@ -353,7 +353,8 @@ def predict_texts(model, spec, tokenizer, texts, pairs=None, question=None, cont
 def _read_inputs(path, fields: int, what: str) -> list[list[str]]:
     """The non-blank lines of a predict --file, each split at tabs into `fields` fields."""
     try:
-        text = Path(path).read_text(encoding="utf-8-sig")
+        text = (sys.stdin.buffer.read() if path == "-" else Path(path).read_bytes()).decode("utf-8-sig")
+        text = text.replace("\r\n", "\n").replace("\r", "\n")  # as read_text's universal newlines
     except UnicodeDecodeError:
         raise ValueError(f"--file {str(path)!r} is not UTF-8 text") from None
     rows = []
@@ -386,7 +387,11 @@ def _takes_pair(spec) -> bool:
 def cmd_predict(args) -> int:
     _check_counts(args, positive=("eval_batch_size",))
     if args.file:
-        _check_file("--file", args.file)
+        if args.file != "-":  # a pipe (<(...), /dev/stdin) is no regular file but reads as one
+            if not Path(args.file).exists():
+                raise FileNotFoundError(f"--file {args.file!r}: no such file")
+            if Path(args.file).is_dir():
+                raise ValueError(f"--file {args.file!r} is a folder, not a file")
         if args.texts:
             raise ValueError("give TEXT arguments or --file FILE, not both")
     model, spec, tokenizer = _load_finetuned(args)
@@ -515,10 +520,22 @@ def _sentence_transformers_max_len(folder, limit, tokenizer_max_len):
     return min(limit, tokenizer_max_len)
 
 
+def _sentence_transformers_lower_cases(folder) -> bool:
+    """sentence_bert_config.json's do_lower_case: sentence-transformers lower-cases each text
+    before its tokenizer sees it (a cased tokenizer then gets lower-cased text)."""
+    path = folder / "sentence_bert_config.json"
+    return path.exists() and _read_json(path).get("do_lower_case") is True
+
+
 def cmd_encode(args) -> int:
     import fastbert
+    from fastbert import train
 
     device = _device(args.device)
+    dtype = train._autocast_dtype(args.precision, device)
+    if args.backend == "cuda" and dtype is None:
+        raise ValueError("--backend cuda has float16 and bfloat16 kernels only: add --precision bf16 (or fp16, or "
+                         "auto on a GPU), or choose another backend")
     folder = _model_folder("--model", args.model)
     model = fastbert.BertModel.from_pretrained(folder, backend=args.backend).to(device).eval()
     limit = model.config.max_position_embeddings
@@ -530,10 +547,13 @@ def cmd_encode(args) -> int:
         max_seq_len = args.max_seq_len
     print(fastbert.ops.describe_default(device) if args.backend is None else f"fastbert: backend {args.backend!r}")
     texts = args.texts or DEMO_TEXTS
-    batch = {k: v.to(device) for k, v in tokenizer(texts, max_length=max_seq_len).items()}
-    with torch.no_grad():
+    lower = _sentence_transformers_lower_cases(folder)
+    batch = {k: v.to(device) for k, v in tokenizer([t.lower() for t in texts] if lower else texts,
+                                                  max_length=max_seq_len).items()}
+    with torch.no_grad(), train.autocast(device, dtype):
         out = model(**batch)
-    embeddings = torch.nn.functional.normalize(_mean_pool(out.last_hidden_state, batch["attention_mask"]), dim=-1)
+    pooled = _mean_pool(out.last_hidden_state.float(), batch["attention_mask"])
+    embeddings = torch.nn.functional.normalize(pooled, dim=-1)
     similarity = embeddings @ embeddings.T
     width = min(max(len(t) for t in texts), 60)
     for i, text in enumerate(texts):
@@ -649,7 +669,7 @@ def build_parser():
     pr.add_argument("texts", nargs="*", metavar="TEXT", help="the input text(s)")
     pr.add_argument("--question", help="question-answering models: the question")
     pr.add_argument("--context", help="question-answering models: the passage to find the answer in")
-    pr.add_argument("--file", metavar="FILE", help="one input per line; a pair separated by a tab")
+    pr.add_argument("--file", metavar="FILE", help="one input per line; a pair separated by a tab ('-': stdin)")
     _common(pr, dev=False)
     pr.set_defaults(run=cmd_predict)
 
@@ -663,6 +683,9 @@ def build_parser():
     en.add_argument("--backend", choices=["torch", "triton", "cuda"], default=None,
                     help="kernel backend (default: the fastest available on the device)")
     en.add_argument("--device", default=None, help="cuda or cpu (default: cuda if available)")
+    en.add_argument("--precision", default="fp32", choices=["auto", "fp32", "bf16", "fp16"],
+                    help="autocast for the forward (default fp32: sentence-transformers' embeddings; the cuda "
+                         "backend needs bf16 or fp16)")
     en.set_defaults(run=cmd_encode)
 
     de = sub.add_parser("demo", help="fine-tune the embedded MiniLM on the shipped SST-2 sample, evaluate, predict")

@@ -549,3 +549,56 @@ def test_device_flag_leaves_the_callers_current_device(monkeypatch, capsys):
     assert cli.main(["encode", "--device", "cuda:1", "some text"]) == 2
     assert seen == [1], "the command must run with --device current"
     assert current[0] == 0, "cli.main left cuda:1 current"
+
+
+def test_predict_reads_stdin_and_pipes(tmp_path, capsys, monkeypatch, untrained_models):
+    """`--file -` reads stdin, and a pipe (<(...), /dev/stdin) is read like a file: "is not a file"
+    refused them, and there was no way to stream inputs in. A folder is still refused by name."""
+    import io
+    import os
+
+    lines = "a great movie\r\nsome dull one\n\n"
+    path = tmp_path / "inputs.txt"
+    path.write_bytes(lines.encode())
+    code, from_file, _ = _predict(capsys, untrained_models["sst2"], "--file", path)
+    assert code == 0 and len(from_file) == 2
+
+    monkeypatch.setattr("sys.stdin", io.TextIOWrapper(io.BytesIO(("\ufeff" + lines).encode())))
+    code, from_stdin, _ = _predict(capsys, untrained_models["sst2"], "--file", "-")
+    assert code == 0 and from_stdin == from_file
+
+    read, write = os.pipe()
+    os.write(write, lines.encode())
+    os.close(write)
+    try:
+        code, from_pipe, err = _predict(capsys, untrained_models["sst2"], "--file", f"/dev/fd/{read}")
+    finally:
+        os.close(read)
+    assert code == 0 and from_pipe == from_file, err
+    code, _, err = _predict(capsys, untrained_models["sst2"], "--file", tmp_path)
+    assert code == 2 and "is a folder, not a file" in err
+
+
+def test_encode_lower_cases_as_sentence_transformers_says(tmp_path, capsys):
+    """sentence_bert_config.json's do_lower_case: sentence-transformers lower-cases each text before
+    a cased tokenizer sees it. encode took the file's max_seq_length but not this: "A Man Is
+    Playing" and "a man is playing" came out different sentences (cosine -0.05, not 1)."""
+    import json
+
+    src = fastbert.default_model_path()
+    for item in src.iterdir():
+        if item.name not in ("tokenizer.json", "sentence_bert_config.json"):
+            (tmp_path / item.name).symlink_to(item)
+    tokenizer_json = json.loads((src / "tokenizer.json").read_text())
+    tokenizer_json["normalizer"]["lowercase"] = False               # a cased tokenizer
+    (tmp_path / "tokenizer.json").write_text(json.dumps(tokenizer_json))
+    texts = ["A Man Is Playing A Guitar.", "a man is playing a guitar."]
+    for lower, expected in ((False, None), (True, "+1.000")):
+        (tmp_path / "sentence_bert_config.json").write_text(json.dumps({"max_seq_length": 256,
+                                                                        "do_lower_case": lower}))
+        assert fastbert.cli.main(["encode", "--device", "cpu", "--model", str(tmp_path), *texts]) == 0
+        first = capsys.readouterr().out.splitlines()[-2].split()
+        if expected:
+            assert first[-1] == expected, first
+        else:
+            assert float(first[-1]) < 0.9, "the cased tokenizer must tell the two apart without do_lower_case"

@@ -8,6 +8,7 @@ import pytest
 import torch
 
 import fastbert
+import fastbert.cli
 import fastbert.ops._cuda as C
 from conftest import DEVICE, assert_close_to_ref
 from fastbert import heads
@@ -145,6 +146,26 @@ def _cuda_attention_on(device, monkeypatch):
         monkeypatch.setattr(A, "resolve", lambda device, real=A.resolve:
                             "cuda" if _backend.get_backend() == "cuda" else real(device))
     return A
+
+
+def test_encode_runs_on_the_cuda_backend_under_half_precision(cuda_device, monkeypatch, capsys):
+    """`fastbert encode --backend cuda` ran the encoder in float32, which the cuda backend has no
+    kernels for: it could never run. --precision bf16 runs it (the similarities close to float32's),
+    and --backend cuda in float32 (encode's default, sentence-transformers' numbers) is refused
+    before any work, naming the flag."""
+    _cuda_attention_on(cuda_device, monkeypatch)
+    texts = ["A man is playing a guitar.", "Someone is strumming a musical instrument.", "The cat sleeps."]
+
+    def similarities(*flags):
+        assert fastbert.cli.main(["encode", "--device", str(cuda_device), *flags, *texts]) == 0
+        rows = capsys.readouterr().out.splitlines()[-len(texts):]
+        return torch.tensor([[float(v) for v in row[-len(texts) * 8:].split()] for row in rows])
+
+    reference = similarities("--backend", "torch")
+    half = similarities("--backend", "cuda", "--precision", "bf16")
+    assert (half - reference).abs().max() <= 0.02, (half, reference)
+    assert fastbert.cli.main(["encode", "--device", str(cuda_device), "--backend", "cuda", *texts]) == 2
+    assert "--backend cuda has float16 and bfloat16 kernels only: add --precision bf16" in capsys.readouterr().err
 
 
 def test_triton_under_autocast_matches_torch():
