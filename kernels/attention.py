@@ -62,8 +62,7 @@ import torch
 import triton
 import triton.language as tl
 
-from . import gelu as _gelu
-from .gelu import _cdiv, _next_pow2, interpreter_launchable, on_input_device
+from .gelu import BUILT_FOR_INTERPRETER, _cdiv, _next_pow2, interpreter_launchable, on_input_device
 
 LOG2E = 1.4426950408889634
 # Head dims the kernels take: any multiple of 16 up to 128 (the tile's head
@@ -74,7 +73,7 @@ PHILOX_ROUNDS = 7
 
 
 def _interpreting() -> bool:
-    return _gelu.BUILT_FOR_INTERPRETER
+    return BUILT_FOR_INTERPRETER
 
 
 # ---------------------------------------------------------------------------
