@@ -181,7 +181,7 @@ def _create_beside(folder: Path, name: str) -> tuple[int, str]:
     for _ in range(100):
         tmp = os.path.join(folder, f".{name}.{secrets.token_hex(6)}.tmp")
         try:
-            return os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | getattr(os, "O_CLOEXEC", 0), 0o666), tmp
+            return os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | getattr(os, "O_CLOEXEC", 0) | getattr(os, "O_BINARY", 0), 0o666), tmp
         except FileExistsError:
             continue
     raise FileExistsError(f"no free temporary name for {name} in {folder}")

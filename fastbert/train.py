@@ -23,6 +23,7 @@ import random
 import re
 import shutil
 import time
+import warnings
 from pathlib import Path
 from typing import Callable, Sequence
 
@@ -358,6 +359,11 @@ class Trainer:
             lock.close()
             raise RuntimeError(f"out {str(self.cfg.out)!r} is in use by another fastbert run (it holds "
                                f"{self.cfg.out / '.lock'}); wait for it to end or train into another folder") from None
+        except OSError as err:  # a filesystem without flock (NFS without lockd, Lustre without -o flock)
+            lock.close()
+            warnings.warn(f"cannot lock {self.cfg.out / '.lock'} ({err.strerror or err}): this run is not "
+                          "protected against a second one writing the same folder", stacklevel=3)
+            return
         self._out_lock = lock
 
     def _release_out(self) -> None:

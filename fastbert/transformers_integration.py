@@ -325,7 +325,8 @@ def patch_transformers(model: torch.nn.Module, backend: str | None = None) -> to
         check_backend_name(backend)
     import transformers
 
-    if not isinstance(model, transformers.PreTrainedModel):
+    if not isinstance(model, transformers.PreTrainedModel) and not callable(getattr(model, "set_attn_implementation",
+                                                                                  None)):
         # a submodule (model.bert.encoder) has a config too, but no set_attn_implementation: it was
         # half patched (its FFNs fused, its attention not) before an AttributeError
         raise ValueError(f"patch_transformers expects a transformers model of the BERT family (a PreTrainedModel such "

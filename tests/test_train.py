@@ -835,3 +835,16 @@ def test_a_collate_without_attention_mask_trains(tmp_path):
     before = model.classifier.weight.detach().clone()
     summary = train.Trainer(model, features, collate_unpadded, cfg).train()
     assert summary["tokens_per_s"] > 0 and not torch.equal(before, model.classifier.weight)
+
+
+def test_a_folder_that_cannot_be_locked_still_trains(tmp_path, monkeypatch):
+    """NFS without lockd answers flock with ENOLCK: training died before its first step there."""
+    import errno
+    import fcntl
+
+    def no_locks(fd, op):
+        raise OSError(errno.ENOLCK, "No locks available")
+
+    monkeypatch.setattr(fcntl, "flock", no_locks)
+    with pytest.warns(UserWarning, match="cannot lock .*No locks available"):
+        assert _trainer(tmp_path).train(stop_after_step=1) == {"stopped_at_step": 1}

@@ -603,3 +603,16 @@ def test_older_transformers_is_refused(monkeypatch):
     monkeypatch.setattr(sys.modules["transformers"], "__version__", "4.50.3")
     with pytest.raises(ImportError, match="transformers >= 5"):
         fastbert.patch_transformers(_classifier(_tiny_config(), DEVICE))
+
+
+def test_a_compiled_wrapper_is_patched():
+    """torch.compile(model) forwards config and set_attn_implementation to the model: it was patched
+    before the PreTrainedModel check refused it."""
+    model = _classifier(_tiny_config(), DEVICE).eval()
+    torch._dynamo.reset()
+    try:
+        wrapper = torch.compile(model, backend="eager")
+        fastbert.patch_transformers(wrapper, backend="torch")
+        assert model.config._attn_implementation == "fastbert"
+    finally:
+        torch._dynamo.reset()
