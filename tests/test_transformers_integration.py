@@ -595,14 +595,27 @@ def test_fused_dropout_is_the_models(family, monkeypatch):
     assert seen == [0.0, 0.0] * config.num_hidden_layers
 
 
-def test_older_transformers_is_refused(monkeypatch):
+@pytest.mark.parametrize("version", ["4.50.3", "5.0.0", "5.3.1"])
+def test_older_transformers_is_refused(monkeypatch, version):
+    """5.0 to 5.3 call the mask hook with another signature: they were taken, and failed inside
+    transformers with a TypeError at the first forward."""
     import sys
 
-    # sys.modules' entry, which `import transformers` inside fastbert finds (transformers' lazy
-    # module can leave it a different object from the one importorskip returned).
-    monkeypatch.setattr(sys.modules["transformers"], "__version__", "4.50.3")
-    with pytest.raises(ImportError, match="transformers >= 5"):
-        fastbert.patch_transformers(_classifier(_tiny_config(), DEVICE))
+    # Built first: the first model built in a process can put another module object in
+    # sys.modules["transformers"]. The version is then set on sys.modules' entry, which
+    # `import transformers` inside fastbert finds.
+    model = _classifier(_tiny_config(), DEVICE)
+    monkeypatch.setattr(sys.modules["transformers"], "__version__", version)
+    with pytest.raises(ImportError, match=r"transformers >= 5\.4 \(found " + version.replace(".", r"\.")):
+        fastbert.patch_transformers(model)
+
+
+@pytest.mark.parametrize("version", ["5.4.0", "5.10.2", "5.24.0.dev0", "6.0.0"])
+def test_supported_transformers_versions(monkeypatch, version):
+    import sys
+
+    monkeypatch.setattr(sys.modules["transformers"], "__version__", version)
+    assert fastbert.transformers_integration.transformers_supported()
 
 
 def test_a_compiled_wrapper_is_patched():
