@@ -36,7 +36,7 @@ import torch
 import torch.nn.functional as F
 
 from . import harness
-from fastbert.ops import attention, available_backends, use_backend
+from fastbert.ops import attention, use_backend
 from fastbert.ops.attention import attention_ref
 
 OP = "attention"
@@ -134,19 +134,11 @@ def _impls(device, masked, compile_here, cfg, residual_cost=False):
     """name -> (fn or None, status, note)."""
     from torch.nn.attention import SDPBackend
 
-    usable = available_backends(device)
-    impls = {
-        "triton": (_fastbert("triton"), "ok", "") if "triton" in usable else
-                  (None, "skipped", "triton backend not usable here (needs CUDA or TRITON_INTERPRET=1)"),
-    }
-    if "cuda" in usable:
-        impls["cuda"] = (_fastbert("cuda"), "ok", "")
-    elif device.type == "cuda":
-        impls["cuda"] = (None, "skipped", "fastbert cuda backend not usable here (fastbert._C not built)")
+    impls = harness.kernel_rows(device, _fastbert)
     if residual_cost:
         note = "fastbert kernels without the output residual (FlashAttention-2's D_i)"
         for name, backend in (("triton_fa2d", "triton"), ("cuda_fa2d", "cuda")):
-            if backend in usable:
+            if harness.backend_unusable(backend, device) is None:
                 impls[name] = (_fastbert_fa2_delta(backend), "ok", note)
     impls["eager"] = (attention_ref, "ok", "fastbert.ops.attention.attention_ref")
     if compile_here:

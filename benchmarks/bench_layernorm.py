@@ -38,7 +38,7 @@ import pytest
 import torch
 
 from . import harness
-from fastbert.ops import add_layernorm, available_backends, bias_gelu, layernorm_gelu, use_backend
+from fastbert.ops import add_layernorm, bias_gelu, layernorm_gelu, use_backend
 from fastbert.ops.gelu import bias_gelu_ref
 from fastbert.ops.layernorm import add_layernorm_ref, layernorm_gelu_ref
 
@@ -127,7 +127,6 @@ def _on(backend, fn):
 
 def cases(profile: str, cfg: harness.Settings, compile_scope: str = "key") -> list[harness.Case]:
     device = cfg.device
-    usable = available_backends(device)
     quick = profile == "quick"
     dtypes = [torch.bfloat16 if device.type == "cuda" else torch.float32] if quick else [torch.bfloat16, torch.float16]
     out = []
@@ -141,12 +140,7 @@ def cases(profile: str, cfg: harness.Settings, compile_scope: str = "key") -> li
             for width in widths:
                 key = quick or width == KEY[op]
                 first_dtype = run_dtype == dtypes[0]
-                impls = {"triton": (_on("triton", public), "ok", "") if "triton" in usable else
-                         (None, "skipped", "triton backend not usable here (needs CUDA or TRITON_INTERPRET=1)")}
-                if "cuda" in usable:
-                    impls["cuda"] = (_on("cuda", public), "ok", "")
-                elif device.type == "cuda":
-                    impls["cuda"] = (None, "skipped", "fastbert cuda backend not usable here (fastbert._C not built)")
+                impls = harness.kernel_rows(device, lambda backend: _on(backend, public))
                 impls["eager"] = (ref, "ok", f"{ref.__name__.lstrip('_')} from fastbert.ops")
                 if compile_scope == "all" or (compile_scope == "key" and key and first_dtype):
                     impls["compile"] = (harness.compiled(ref, cfg.compile_backend), "ok",

@@ -29,7 +29,7 @@ import pytest
 import torch
 
 from . import harness
-from fastbert.ops import available_backends, use_backend
+from fastbert.ops import use_backend
 from fastbert.ops.span import span_score, span_score_ref
 
 OP = "span_score"
@@ -104,7 +104,6 @@ def _ref(start, end, mask):
 
 def cases(profile: str, cfg: harness.Settings, compile_scope: str = "key") -> list[harness.Case]:
     device = cfg.device
-    usable = available_backends(device)
     if profile == "quick":
         shapes, dtypes = [QUICK], [torch.float32]
     else:
@@ -113,12 +112,7 @@ def cases(profile: str, cfg: harness.Settings, compile_scope: str = "key") -> li
     for dtype in dtypes:
         for name, B, L in shapes:
             key = (name, B, L) in (SQUAD, QUICK) and dtype == dtypes[0]
-            impls = {"triton": (_on("triton"), "ok", "") if "triton" in usable else
-                     (None, "skipped", "triton backend not usable here (needs CUDA or TRITON_INTERPRET=1)")}
-            if "cuda" in usable:
-                impls["cuda"] = (_on("cuda"), "ok", "")
-            elif device.type == "cuda":
-                impls["cuda"] = (None, "skipped", "fastbert cuda backend not usable here (fastbert._C not built)")
+            impls = harness.kernel_rows(device, _on)
             impls["eager"] = (_ref, "ok", "span_score_ref from fastbert.ops.span")
             compile_here = compile_scope == "all" or (compile_scope == "key" and key)
             if compile_here:

@@ -401,6 +401,39 @@ def _l2_flusher(device: torch.device) -> Callable[[], None]:
     return buf.zero_
 
 
+def backend_unusable(backend: str, device: torch.device) -> Optional[str]:
+    """Why fastbert's `backend` ("triton" or "cuda") cannot run the kernel suites on `device`, or
+    None. The rows that call a kernel Function directly (attention's *_fa2d) pass no backend check
+    of the ops, so this is theirs too: a triton that fails to import, or an interpreter that cannot
+    run with this numpy, is a skip with its reason, not an error from deep inside a launch."""
+    from fastbert.ops import _backend
+
+    if backend == "cuda":
+        return None if "cuda" in _backend.available_backends(device) else \
+            "fastbert cuda backend not usable here (fastbert._C not built)"
+    if problem := _backend.triton_problem():
+        return f"triton backend not usable here: {problem}"
+    if device.type != "cuda":
+        if not _backend.interpreter_on():
+            return "triton backend not usable here (needs CUDA or TRITON_INTERPRET=1)"
+        if problem := _backend.interpreter_problem():
+            return f"triton backend not usable here: {problem}"
+    return None
+
+
+def kernel_rows(device: torch.device, make: Callable[[str], Callable]) -> dict:
+    """The "triton" and "cuda" rows of a kernel suite: impl -> (fn or None, status, note), with
+    make(backend) the timed function. No cuda row on a CPU (it never could run there)."""
+    rows = {}
+    for backend in ("triton", "cuda"):
+        why = backend_unusable(backend, device)
+        if why is None:
+            rows[backend] = (make(backend), "ok", "")
+        elif backend == "triton" or device.type == "cuda":
+            rows[backend] = (None, "skipped", why)
+    return rows
+
+
 def _short(err: BaseException, limit: int = 300) -> str:
     msg = " ".join(f"{type(err).__name__}: {err}".split())
     return msg if len(msg) <= limit else msg[:limit - 3] + "..."

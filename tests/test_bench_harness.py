@@ -644,10 +644,12 @@ def gpu_case_lists(monkeypatch):
     fastbert._C would list them, built here without running any: the device is "cuda" and every
     backend is usable (available_backends answers as it does there)."""
     import fastbert.ops
+    from fastbert.ops import _backend
 
     everything = lambda device: ["torch", "triton", "cuda"]  # noqa: E731
-    for module in (bench_attention, bench_layernorm, bench_span, fastbert.ops):
+    for module in (fastbert.ops, _backend):
         monkeypatch.setattr(module, "available_backends", everything)
+    monkeypatch.setattr(_backend, "triton_problem", lambda: None)
     cfg = harness.Settings(torch.device("cuda", 0), rotate_bytes=150 * 2**20)
     return {name: module.cases("budget", cfg, "key") for name, module in
             (("attention", bench_attention), ("layernorm", bench_layernorm), ("span", bench_span), ("e2e", bench_e2e))}
@@ -742,3 +744,34 @@ def test_host_bound_rows_are_marked_in_every_table_and_the_host_timer_is_named()
     assert "0.1 ms (0.5x) †" in summary and "0.05 ms |" in summary
     block = report.readme_block(data, harness.Path("benchmarks/results/x/kernels.json"))
     assert "† host-bound" in block
+
+
+@pytest.mark.parametrize("problem", ["triton", "interpreter"])
+def test_triton_rows_skip_with_the_reason_the_backend_is_off(monkeypatch, problem):
+    """A triton that failed to import, or an interpreter that cannot run with this numpy: the rows
+    said "needs CUDA or TRITON_INTERPRET=1" (wrong) or timed an error, and the *_fa2d rows, which
+    call the kernel Function directly, died inside the interpreter instead of skipping."""
+    from fastbert.ops import _backend
+
+    said = {"triton": "the triton package is not installed",
+            "interpreter": "the Triton 3.6.0 interpreter (TRITON_INTERPRET=1) cannot run with numpy 2.4.1"}[problem]
+    monkeypatch.setattr(_backend, "interpreter_on", lambda: True)
+    monkeypatch.setattr(_backend, "triton_problem", lambda: said if problem == "triton" else None)
+    monkeypatch.setattr(_backend, "interpreter_problem", lambda: said if problem == "interpreter" else None)
+    cfg = harness.Settings.make(CPU, quick=True)
+    for suite in (bench_attention, bench_layernorm, bench_span):
+        rows = suite.cases("quick", cfg, compile_scope="none")
+        triton = [c for c in rows if c.impl.startswith("triton")]
+        assert triton and all(c.status == "skipped" and c.note == f"triton backend not usable here: {said}"
+                              for c in triton), [(c.impl, c.status, c.note) for c in triton]
+        assert not [c for c in rows if c.impl.startswith("cuda")]
+
+
+def test_triton_rows_run_where_the_interpreter_can(monkeypatch):
+    from fastbert.ops import _backend
+
+    monkeypatch.setattr(_backend, "interpreter_on", lambda: True)
+    monkeypatch.setattr(_backend, "triton_problem", lambda: None)
+    monkeypatch.setattr(_backend, "interpreter_problem", lambda: None)
+    rows = bench_attention.cases("quick", harness.Settings.make(CPU, quick=True), compile_scope="none")
+    assert {c.impl for c in rows if c.status == "ok"} >= {"triton", "triton_fa2d", "eager", "sdpa_math"}

@@ -675,3 +675,62 @@ except RuntimeError as err:
     lines = run.stdout.splitlines()
     assert lines[0] == "['torch'] False", run.stdout
     assert lines[1].startswith("RuntimeError:") and "set before fastbert is imported" in lines[1], run.stdout
+
+
+def test_a_triton_that_fails_to_import_turns_the_backend_off_with_its_reason(tmp_path):
+    """An installed triton whose import fails (its compiled part missing): the backend was listed
+    usable (find_spec found the package), and use_backend("triton") then died with "'NoneType'
+    object has no attribute 'bias_gelu_fwd'". (Other failures stop torch._dynamo's own import.)"""
+    init, error = 'raise ImportError("libtriton.so: cannot open shared object file")\n', "ImportError: libtriton.so"
+    import os
+    import subprocess
+    import sys
+
+    (tmp_path / "triton").mkdir()
+    (tmp_path / "triton" / "__init__.py").write_text(init)
+    script = """
+import warnings
+warnings.simplefilter("always")
+import torch
+import fastbert
+from fastbert.ops import _backend, bias_gelu, use_backend
+print(_backend.available_backends("cpu"), _backend.available_backends("cuda"))
+try:
+    with use_backend("triton"):
+        bias_gelu(torch.randn(2, 8), torch.randn(8))
+except RuntimeError as err:
+    print("RuntimeError:", err)
+with use_backend("torch"):
+    print(tuple(bias_gelu(torch.randn(2, 8), torch.randn(8)).shape))
+"""
+    env = dict(os.environ, TRITON_INTERPRET="1",
+               PYTHONPATH=os.pathsep.join([str(tmp_path)] + [p for p in [os.environ.get("PYTHONPATH")] if p]))
+    run = subprocess.run([sys.executable, "-c", script], env=env, capture_output=True, text=True, timeout=300)
+    assert run.returncode == 0, run.stderr[-2000:]
+    lines = run.stdout.splitlines()
+    assert lines[0] == "['torch'] ['torch']", run.stdout
+    assert lines[1].startswith("RuntimeError: fastbert backend 'triton' cannot run on a cpu tensor: it needs "
+                               "fastbert's Triton kernels, and triton is installed but fastbert's Triton kernels "
+                               "fail to import"), run.stdout
+    assert error in lines[1], run.stdout
+    assert lines[2] == "(2, 8)", run.stdout
+    assert "the 'triton' backend is off" in run.stderr, run.stderr[-2000:]
+
+
+def test_interpreter_check_reads_versions_without_package_metadata(monkeypatch):
+    """pytorch-triton wheels install the import name triton under another distribution name:
+    importlib.metadata.version("triton") raised PackageNotFoundError there, so every interpreted
+    call died on the check meant to explain a version clash."""
+    import importlib.metadata
+
+    import numpy
+
+    from fastbert.ops import _backend
+
+    triton = pytest.importorskip("triton")
+
+    def no_metadata(name):
+        raise importlib.metadata.PackageNotFoundError(name)
+
+    monkeypatch.setattr(importlib.metadata, "version", no_metadata)
+    assert _backend._installed_versions() == (triton.__version__, numpy.__version__)

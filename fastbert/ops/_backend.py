@@ -74,9 +74,39 @@ def host_sync_allowed(t: torch.Tensor) -> bool:
     return not torch.compiler.is_compiling() and not graph_capturing(t)
 
 
+TRITON_KERNEL_MODULES = ("gelu", "layernorm", "attention", "span")
+
+
 @functools.lru_cache(maxsize=None)
+def triton_problem() -> str | None:
+    """Why fastbert's Triton kernels cannot be used here, or None.
+
+    "Installed" is not enough: a triton whose compiled part is missing or built for another
+    Python or torch raises on import (often something other than ImportError), and a backend
+    listed as usable on the strength of find_spec alone then died in the ops with
+    AttributeError on a None module. The kernels' own import decides, and its error is kept."""
+    if importlib.util.find_spec("triton") is None:
+        return "the triton package is not installed"
+    try:
+        for name in TRITON_KERNEL_MODULES:
+            importlib.import_module(f"fastbert.kernels.{name}")
+    except Exception as err:  # noqa: BLE001 - any failure turns the backend off, with its reason
+        import warnings
+
+        problem = f"triton is installed but fastbert's Triton kernels fail to import ({type(err).__name__}: {err})"
+        warnings.warn(f"fastbert: {problem}; the 'triton' backend is off, 'torch' (and 'cuda') remain.",
+                      stacklevel=2)
+        return problem
+    return None
+
+
 def triton_importable() -> bool:
-    return importlib.util.find_spec("triton") is not None
+    return triton_problem() is None
+
+
+def triton_kernels(name: str):
+    """The module fastbert.kernels.<name>, or None when the Triton kernels cannot be used here."""
+    return sys.modules[f"fastbert.kernels.{name}"] if triton_importable() else None
 
 
 @functools.lru_cache(maxsize=None)
@@ -93,16 +123,18 @@ def cuda_extension():
     return _C
 
 
-def _release(version: str) -> tuple[int, int]:
+def release(version: str) -> tuple[int, int]:
     major, minor = (version.split("+")[0].split(".") + ["0"])[:2]
     return int(major), int("".join(ch for ch in minor if ch.isdigit()) or 0)
 
 
 def _installed_versions() -> tuple[str, str]:
-    """(triton, numpy) versions, as installed."""
-    import importlib.metadata as md
+    """(triton, numpy) versions, from the modules themselves: a pytorch-triton wheel installs the
+    import name triton under another distribution name, so package metadata does not find it."""
+    import numpy
+    import triton
 
-    return md.version("triton"), md.version("numpy")
+    return triton.__version__, numpy.__version__
 
 
 @functools.lru_cache(maxsize=None)
@@ -114,7 +146,7 @@ def interpreter_problem() -> str | None:
     loop bound is a runtime length fails. Triton 3.7 squeezes the array first.
     """
     triton_version, numpy_version = _installed_versions()
-    if _release(triton_version) < (3, 7) and _release(numpy_version) >= (2, 4):
+    if release(triton_version) < (3, 7) and release(numpy_version) >= (2, 4):
         return (f"the Triton {triton_version} interpreter (TRITON_INTERPRET=1) cannot run with numpy "
                 f"{numpy_version}: install numpy<2.4 or triton>=3.7")
     return None
@@ -222,6 +254,8 @@ def _resolve(requested: str, device: torch.device) -> str:
             "triton": "needs a CUDA tensor (or TRITON_INTERPRET=1 for CPU tensors) and the triton package",
             "cuda": "needs a CUDA tensor and the compiled extension fastbert._C",
         }[requested]
+        if requested == "triton" and (problem := triton_problem()):
+            why = f"needs fastbert's Triton kernels, and {problem}"
         if requested == "triton" and device.type != "cuda" and _interpreter_asked() and not interpreter_on():
             why = ("needs TRITON_INTERPRET=1 set before fastbert is imported: triton.jit reads it when it builds "
                    "the kernels, and these were built for a GPU")

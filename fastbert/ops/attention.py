@@ -29,13 +29,13 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from . import _cuda
-from ._backend import auto_fallback, available_backends, get_backend, interpreter_on, resolve, triton_importable
+from ._backend import (auto_fallback, available_backends, get_backend, interpreter_on, resolve, triton_importable,
+                       triton_kernels)
 from ._checks import check_dropout, distinct_for_compile, is_real, plain_gradients, refuse_double_backward
 
-try:  # the Triton kernels; without triton the "triton" backend is off and the rest still imports
-    from fastbert.kernels import attention as _kernels
-except ImportError:  # pragma: no cover - triton missing
-    _kernels = None
+# The Triton kernels; None without usable ones (_backend.triton_problem says why): the "triton"
+# backend is off and the rest still imports.
+_kernels = triton_kernels("attention")
 
 # Head dims the Triton kernels take (multiples of 16 up to 128).
 TRITON_HEAD_DIMS = _kernels.SUPPORTED_HEAD_DIMS if _kernels is not None else ()

@@ -19,13 +19,12 @@ import torch
 import torch.nn.functional as F
 
 from . import _cuda
-from ._backend import auto_fallback, interpreter_on, resolve, triton_wrap
+from ._backend import auto_fallback, interpreter_on, resolve, triton_kernels, triton_wrap
 from ._checks import distinct_for_compile, plain_gradients, refuse_double_backward
 
-try:
-    from fastbert.kernels import gelu as _triton_gelu
-except ImportError:  # triton is not installed: the "triton" backend is off, the rest works
-    _triton_gelu = None
+# None without usable Triton kernels (_backend.triton_problem says why): the "triton" backend
+# is off, the rest works.
+_triton_gelu = triton_kernels("gelu")
 
 
 def bias_gelu_ref(x, bias, approximate="none"):

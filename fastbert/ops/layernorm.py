@@ -24,13 +24,12 @@ import torch
 import torch.nn.functional as F
 
 from . import _cuda
-from ._backend import auto_fallback, interpreter_on, resolve, triton_wrap
+from ._backend import auto_fallback, interpreter_on, resolve, triton_kernels, triton_wrap
 from ._checks import check_dropout, distinct_for_compile, is_real, plain_gradients, refuse_double_backward
 
-try:
-    from fastbert.kernels import layernorm as _triton_layernorm
-except ImportError:  # triton is not installed: the "triton" backend is off, the rest works
-    _triton_layernorm = None
+# None without usable Triton kernels (_backend.triton_problem says why): the "triton" backend
+# is off, the rest works.
+_triton_layernorm = triton_kernels("layernorm")
 
 MAX_HIDDEN = 4096  # the Triton kernels hold a whole row in registers
 
