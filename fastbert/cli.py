@@ -238,16 +238,18 @@ def cmd_finetune(args) -> int:
         model.save_pretrained(folder)
         tokenizer.save(folder)
 
-    trainer = train.Trainer(model, train_data.features, data.collate, cfg, evaluate, train_data.lengths, save_model)
-    if args.resume:
-        if trainer.resume():
-            print(f"resumed from step {trainer.step}")
-        else:
-            print(f"--resume: no checkpoint in {args.out} yet; starting from the beginning")
-    summary = trainer.train()
     final = Path(args.out) / "model"
-    model.save_pretrained(final)
-    tokenizer.save(final)
+    # The block holds --out through the final model's save, which a second run could interleave with.
+    with train.Trainer(model, train_data.features, data.collate, cfg, evaluate, train_data.lengths,
+                       save_model) as trainer:
+        if args.resume:
+            if trainer.resume():
+                print(f"resumed from step {trainer.step}")
+            else:
+                print(f"--resume: no checkpoint in {args.out} yet; starting from the beginning")
+        summary = trainer.train()
+        model.save_pretrained(final)
+        tokenizer.save(final)
     summary.update(task=spec.name, kind=spec.kind, model=str(args.model), device=str(device),
                    backend=args.backend or "auto", unpad=args.unpad,
                    gradient_checkpointing=args.gradient_checkpointing, compile=args.compile, train_features=len(train_data.features),

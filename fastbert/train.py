@@ -255,6 +255,7 @@ class Trainer:
                              f"{len(lengths)} lengths")
         self.evaluate_fn, self.lengths = evaluate, (lengths if config.bucket_by_length else None)
         self._out_lock = None  # the open lock file while this Trainer holds cfg.out (_hold_out)
+        self._held_by_with = False  # inside `with trainer:`, which holds cfg.out to its end
         self.device = next(model.parameters()).device
         self.batches_per_epoch = math.ceil(len(features) / config.batch_size)
         steps_per_epoch = math.ceil(self.batches_per_epoch / config.grad_accum)
@@ -341,7 +342,8 @@ class Trainer:
         return folder
 
     def _hold_out(self) -> None:
-        """Hold cfg.out for this Trainer (from resume() or train() to the end of train()): two runs
+        """Hold cfg.out for this Trainer (from resume() or train() to the end of train(), or for a
+        `with` block; close() lets it go): two runs
         writing one folder shared the staging names, and could leave a checkpoint of one run's
         weights beside the other's optimizer state, which a resume accepted. flock is released by
         the kernel when the process dies, so a killed run never leaves the folder locked."""
@@ -367,9 +369,25 @@ class Trainer:
         self._out_lock = lock
 
     def _release_out(self) -> None:
-        if self._out_lock is not None:
+        if self._out_lock is not None and not self._held_by_with:
             self._out_lock.close()  # closing the file releases the flock
             self._out_lock = None
+
+    def close(self) -> None:
+        """Let cfg.out go now: a Trainer that resumed and will not train kept it until it was
+        garbage-collected, and another run on the folder was refused meanwhile."""
+        self._held_by_with = False
+        self._release_out()
+
+    def __enter__(self) -> "Trainer":
+        """`with Trainer(...) as trainer:` holds cfg.out for the whole block, not only to the end of
+        train(): what the caller writes there afterwards (the final model) is covered too."""
+        self._hold_out()
+        self._held_by_with = True
+        return self
+
+    def __exit__(self, *exc_info) -> None:
+        self.close()
 
     def _run_identity(self) -> dict:
         """What fixes the batch order and the updates: a resume with other values would not continue the

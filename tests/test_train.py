@@ -113,6 +113,35 @@ def test_two_trainers_never_write_one_folder_at_once(tmp_path):
     second.train()
     assert second.step == 10
 
+
+def test_a_trainer_that_will_not_train_lets_the_folder_go(tmp_path):
+    """A Trainer that resumed (to inspect a run) and never trained held --out until garbage
+    collection: another run on the folder was refused meanwhile. close() lets it go."""
+    _trainer(tmp_path).train(stop_after_step=3)
+    looked = _trainer(tmp_path)
+    assert looked.resume() and looked.step == 3
+    with pytest.raises(RuntimeError, match="is in use by another fastbert run"):
+        _trainer(tmp_path).resume()
+    looked.close()
+    looked.close()                                          # twice is harmless
+    assert _trainer(tmp_path).resume()
+
+
+def test_a_with_block_holds_the_folder_past_train(tmp_path):
+    """train() lets --out go at its end; the CLI then wrote the final model there unheld. A `with`
+    block holds it to the block's end, through what the caller writes after train()."""
+    with _trainer(tmp_path) as first:
+        first.train(stop_after_step=3)
+        with pytest.raises(RuntimeError, match="is in use by another fastbert run"):
+            _trainer(tmp_path).resume()
+    assert _trainer(tmp_path).resume()
+    with pytest.raises(ZeroDivisionError):
+        with _trainer(tmp_path) as failed:
+            failed.resume()
+            raise ZeroDivisionError
+    assert _trainer(tmp_path).resume()                      # let go on the way out of an error too
+
+
 def test_a_refused_resume_leaves_the_model_as_it_was(tmp_path):
     """The checkpoint's weights were copied in before its state was checked: a caller who caught the
     refusal and trained afresh started from them."""
