@@ -83,8 +83,9 @@ class Tokenizer:
     # tokenizers keeps truncation as state of the Tokenizer object, and encode_batch releases the
     # GIL: setting it per call on one shared object let a thread's call run with another's
     # max_length, or with none (an inference server's threads, a DataLoader's). Each setting gets
-    # a copy of its own, set once and never changed.
-    _MAX_TRUNCATORS = 16
+    # a copy of its own, set once and never changed. A copy holds the whole vocabulary (about 6 MB
+    # for BERT's 30k WordPieces), and a program uses one or two settings: a few are kept.
+    _MAX_TRUNCATORS = 4
 
     def truncating(self, max_length: int, stride: int = 0, strategy: str = "longest_first") -> _HFTokenizer:
         """The tokenizers.Tokenizer that truncates to max_length (windows sharing `stride` tokens)."""

@@ -300,3 +300,16 @@ def test_threads_sharing_a_tokenizer_each_get_their_own_cut():
 
     again = pickle.loads(pickle.dumps(tok))
     assert torch.equal(again([text], max_length=16)["input_ids"], tok([text], max_length=16)["input_ids"])
+
+
+def test_truncating_copies_are_reused_and_few():
+    """Each truncation setting holds a whole copy of the vocabulary (about 6 MB for BERT): one per
+    setting is reused, and only the few most recent settings are kept."""
+    tok = fastbert.Tokenizer.from_pretrained("default")
+    first = tok.truncating(16)
+    assert tok.truncating(16) is first and tok.truncating(16, stride=4) is not first
+    for max_length in range(20, 40):
+        tok.truncating(max_length)
+    assert len(tok._truncators) == tok._MAX_TRUNCATORS <= 4
+    assert tok.truncating(39) is tok.truncating(39)
+    assert tok([" ".join(["word"] * 50)], max_length=16)["input_ids"].shape[1] == 16
