@@ -498,6 +498,18 @@ def test_version(capsys):
     assert exited.value.code == 0 and capsys.readouterr().out == f"fastbert-kernels {fastbert.__version__}\n"
 
 
+def test_python_dash_m_fastbert_is_the_command():
+    """Where pip's scripts folder is not on PATH (a user install, some notebooks), `python -m
+    fastbert` is the way in; it said "No module named fastbert.__main__"."""
+    import subprocess
+    import sys
+
+    run = subprocess.run([sys.executable, "-m", "fastbert", "--version"], capture_output=True, text=True, timeout=120)
+    assert run.returncode == 0 and run.stdout == f"fastbert-kernels {fastbert.__version__}\n", run.stderr[-2000:]
+    bad = subprocess.run([sys.executable, "-m", "fastbert", "finetune"], capture_output=True, text=True, timeout=120)
+    assert bad.returncode == 2 and "usage: fastbert finetune" in bad.stderr, bad.stderr[-2000:]
+
+
 def test_evaluate_and_predict_run_under_the_precision_asked_for(tmp_path, capsys, untrained_models, monkeypatch):
     """--precision as finetune's: evaluate reproduces the scores finetune printed under its autocast
     (the default on a GPU is bf16), and the half-precision-only cuda backend can run."""
