@@ -165,3 +165,16 @@ def test_torch_backend_mixed_bias_keeps_x_not_the_float32_sum(dtype, approximate
     ref = bias_gelu_ref(x, bias, approximate).to(dtype)
     (ref_dx,) = torch.autograd.grad(ref, x, dy, create_graph=True)
     assert torch.equal(ddx, torch.autograd.grad(ref_dx.float().sum(), x)[0])
+
+
+def test_torch_backend_mixed_bias_takes_torch_func():
+    """torch.func (jacrev, vmap: per-sample gradients) ran through the torch backend's bias_gelu, plain
+    PyTorch; its mixed-dtype Function, without setup_context, refused every functorch transform."""
+    gen = torch.Generator().manual_seed(2)
+    x = torch.randn(3, 8, generator=gen).to(torch.bfloat16)
+    bias = torch.randn(8, generator=gen)
+    with use_backend("torch"):
+        ours = torch.func.jacrev(lambda t: bias_gelu(t, bias))(x)
+        per_row = torch.vmap(torch.func.grad(lambda row: bias_gelu(row, bias).float().sum()))(x)
+    assert torch.equal(ours, torch.func.jacrev(lambda t: bias_gelu_ref(t, bias).to(t.dtype))(x))
+    assert torch.equal(per_row, torch.vmap(torch.func.grad(lambda row: bias_gelu_ref(row, bias).to(row.dtype).float().sum()))(x))

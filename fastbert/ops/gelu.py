@@ -58,11 +58,17 @@ class _TorchMixedBiasGelu(torch.autograd.Function):
     and bias for the backward, as the kernels do, not the float32 sum GELU keeps (twice x's bytes:
     25 MB a BERT-base layer at 32 x 128 tokens)."""
 
+    generate_vmap_rule = True  # torch.func (grad, jacrev, vmap) takes it, as it takes bias_gelu_ref
+
     @staticmethod
-    def forward(ctx, x, bias, approximate):
+    def forward(x, bias, approximate):
+        return F.gelu(x + bias, approximate=approximate).to(x.dtype)
+
+    @staticmethod
+    def setup_context(ctx, inputs, output):
+        x, bias, approximate = inputs
         ctx.save_for_backward(x, bias)
         ctx.approximate = approximate
-        return F.gelu(x + bias, approximate=approximate).to(x.dtype)
 
     @staticmethod
     def backward(ctx, dy):
