@@ -117,8 +117,15 @@ def _key_padding_bool(mask, batch, kv_length):
                     raise ValueError(f"{refused}, got values in [{mask.min().item():g}, {mask.max().item():g}]; "
                                      "pass a 2D 0/1 or bool mask (True/1 = real token) instead")
             elif torch.compiler.is_compiling():
-                # no host read in a graph: the check runs where the mask is (a 0/1 mask read as
-                # additive masked the real tokens and kept the padding, silently)
+                # no host read in a graph (a 0/1 mask read as additive masked the real tokens and
+                # kept the padding, silently). On the CPU the graph checks it where the mask is. On a
+                # GPU that check is a device-side assert: no message, and the CUDA context is dead
+                # for the rest of the process. There the float form is refused while tracing.
+                if mask.device.type != "cpu":
+                    raise ValueError(
+                        "fastbert attention: under torch.compile a (batch, 1, 1, kv_length) attention_mask "
+                        f"on {mask.device.type} must be bool (True = real token), got {mask.dtype}: its values "
+                        "cannot be checked inside the graph there. Pass a 2D 0/1 or bool mask instead")
                 torch._assert_async(additive, refused)
             mask = keep
     if mask.dim() == 2 and mask.shape[0] == 1 and batch > 1:

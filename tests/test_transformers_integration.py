@@ -444,9 +444,11 @@ def test_a_submodule_is_refused_before_anything_is_patched():
 def test_a_compiled_model_refuses_a_mask_that_is_not_additive():
     """A float (batch, 1, 1, seqlen) mask of 0/1 is refused in eager mode (read as additive it masks
     the real tokens); under torch.compile the check (a host read) was skipped and the 0/1 mask
-    silently read that way. The compiled graph now checks it where the mask is."""
-    model = fastbert.patch_transformers(_classifier(_tiny_config(), DEVICE).eval(), backend="torch")
-    ids, mask = _batch(DEVICE)
+    silently read that way. The compiled graph now checks it where the mask is, on the CPU (on a GPU
+    the float form is refused while tracing: the next tests)."""
+    cpu = torch.device("cpu")
+    model = fastbert.patch_transformers(_classifier(_tiny_config(), cpu).eval(), backend="torch")
+    ids, mask = _batch(cpu)
     zero_one = mask[:, None, None, :].float()
     additive = (1.0 - zero_one) * torch.finfo(torch.float32).min
     torch._dynamo.reset()
@@ -457,6 +459,39 @@ def test_a_compiled_model_refuses_a_mask_that_is_not_additive():
                                        model(input_ids=ids, attention_mask=mask).logits, atol=1e-6, rtol=1e-6)
             with pytest.raises(RuntimeError, match="attention_mask is additive and must hold 0"):
                 compiled(input_ids=ids, attention_mask=zero_one)
+    finally:
+        torch._dynamo.reset()
+
+
+def test_a_float_4d_mask_off_the_cpu_is_refused_while_tracing(monkeypatch):
+    """Off the CPU the in-graph check is a device-side assert: torch._assert_async on a CUDA tensor
+    neither raises nor names the problem, and leaves the CUDA context dead for the process. Under
+    compile a float (batch, 1, 1, seqlen) mask there is refused at trace time, naming what to pass;
+    a bool one goes through. (meta stands in for the GPU here; the next test compiles on one.)"""
+    key_padding_bool = fastbert.transformers_integration._key_padding_bool
+    monkeypatch.setattr(torch.compiler, "is_compiling", lambda: True)
+    additive = torch.zeros(2, 1, 1, 5, device="meta")
+    with pytest.raises(ValueError, match=r"under torch.compile a \(batch, 1, 1, kv_length\) attention_mask on meta "
+                                         r"must be bool .*got torch.float32.*Pass a 2D 0/1 or bool mask"):
+        key_padding_bool(additive, 2, 5)
+    assert key_padding_bool(additive.bool(), 2, 5).shape == (2, 5)
+
+
+@pytest.mark.gpu
+def test_a_compiled_model_on_the_gpu_refuses_a_float_4d_mask_and_lives_on():
+    """On the GPU, compiled, a float 4D mask raises a Python error at trace time (not a device-side
+    assert), and CUDA still works afterwards; a bool 4D mask gives the 2D mask's logits."""
+    model = fastbert.patch_transformers(_classifier(_tiny_config(), DEVICE).eval(), backend="torch")
+    ids, mask = _batch(DEVICE)
+    torch._dynamo.reset()
+    try:
+        compiled = torch.compile(model, backend="eager")
+        with torch.no_grad():
+            with pytest.raises(Exception, match="must be bool"):
+                compiled(input_ids=ids, attention_mask=mask[:, None, None, :].float())
+            torch.testing.assert_close(compiled(input_ids=ids, attention_mask=mask[:, None, None, :].bool()).logits,
+                                       model(input_ids=ids, attention_mask=mask).logits, atol=1e-5, rtol=1e-5)
+        assert torch.ones(1, device=DEVICE).item() == 1.0
     finally:
         torch._dynamo.reset()
 
