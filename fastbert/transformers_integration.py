@@ -118,14 +118,10 @@ def _key_padding_bool(mask, batch, kv_length):
                                      "pass a 2D 0/1 or bool mask (True/1 = real token) instead")
             elif torch.compiler.is_compiling():
                 # no host read in a graph (a 0/1 mask read as additive masked the real tokens and
-                # kept the padding, silently). On the CPU the graph checks it where the mask is. On a
-                # GPU that check is a device-side assert: no message, and the CUDA context is dead
-                # for the rest of the process. There the float form is refused while tracing.
-                if mask.device.type != "cpu":
-                    raise ValueError(
-                        "fastbert attention: under torch.compile a (batch, 1, 1, kv_length) attention_mask "
-                        f"on {mask.device.type} must be bool (True = real token), got {mask.dtype}: its values "
-                        "cannot be checked inside the graph there. Pass a 2D 0/1 or bool mask instead")
+                # kept the padding, silently): the graph checks it where the mask is. On the CPU that
+                # is a RuntimeError with this message; on a GPU a device-side assert, which ends the
+                # process (as PyTorch's own index checks do). A Python raise here was no better: with
+                # graph breaks allowed, Dynamo ran on past it (stop 27, torch 2.13).
                 torch._assert_async(additive, refused)
             mask = keep
     if mask.dim() == 2 and mask.shape[0] == 1 and batch > 1:

@@ -2,6 +2,9 @@
 transformers model unpatched (in float64: the reference), forward and every gradient, with
 padding honoured; every kernel is really called; bad uses raise."""
 import os
+import subprocess
+import sys
+from pathlib import Path
 
 import pytest
 import torch
@@ -445,7 +448,7 @@ def test_a_compiled_model_refuses_a_mask_that_is_not_additive():
     """A float (batch, 1, 1, seqlen) mask of 0/1 is refused in eager mode (read as additive it masks
     the real tokens); under torch.compile the check (a host read) was skipped and the 0/1 mask
     silently read that way. The compiled graph now checks it where the mask is, on the CPU (on a GPU
-    the float form is refused while tracing: the next tests)."""
+    a device-side assert: the next test)."""
     cpu = torch.device("cpu")
     model = fastbert.patch_transformers(_classifier(_tiny_config(), cpu).eval(), backend="torch")
     ids, mask = _batch(cpu)
@@ -463,37 +466,33 @@ def test_a_compiled_model_refuses_a_mask_that_is_not_additive():
         torch._dynamo.reset()
 
 
-def test_a_float_4d_mask_off_the_cpu_is_refused_while_tracing(monkeypatch):
-    """Off the CPU the in-graph check is a device-side assert: torch._assert_async on a CUDA tensor
-    neither raises nor names the problem, and leaves the CUDA context dead for the process. Under
-    compile a float (batch, 1, 1, seqlen) mask there is refused at trace time, naming what to pass;
-    a bool one goes through. (meta stands in for the GPU here; the next test compiles on one.)"""
-    key_padding_bool = fastbert.transformers_integration._key_padding_bool
-    monkeypatch.setattr(torch.compiler, "is_compiling", lambda: True)
-    additive = torch.zeros(2, 1, 1, 5, device="meta")
-    with pytest.raises(ValueError, match=r"under torch.compile a \(batch, 1, 1, kv_length\) attention_mask on meta "
-                                         r"must be bool .*got torch.float32.*Pass a 2D 0/1 or bool mask"):
-        key_padding_bool(additive, 2, 5)
-    assert key_padding_bool(additive.bool(), 2, 5).shape == (2, 5)
+_GPU_MASK_SCRIPT = """
+import torch, fastbert
+from test_transformers_integration import DEVICE, _batch, _classifier, _tiny_config
+model = fastbert.patch_transformers(_classifier(_tiny_config(), DEVICE).eval(), backend="torch")
+ids, mask = _batch(DEVICE)
+zero_one = mask[:, None, None, :].float()
+compiled = torch.compile(model, backend="eager")
+with torch.no_grad():
+    torch.testing.assert_close(compiled(input_ids=ids, attention_mask=(1.0 - zero_one) * -1e9).logits,
+                               model(input_ids=ids, attention_mask=mask).logits, atol=1e-5, rtol=1e-5)
+    print("additive mask: the 2D mask's logits", flush=True)
+    compiled(input_ids=ids, attention_mask=zero_one)
+    torch.cuda.synchronize()
+print("ran on with a 0/1 mask", flush=True)
+"""
 
 
 @pytest.mark.gpu
-def test_a_compiled_model_on_the_gpu_refuses_a_float_4d_mask_and_lives_on():
-    """On the GPU, compiled, a float 4D mask raises a Python error at trace time (not a device-side
-    assert), and CUDA still works afterwards; a bool 4D mask gives the 2D mask's logits."""
-    model = fastbert.patch_transformers(_classifier(_tiny_config(), DEVICE).eval(), backend="torch")
-    ids, mask = _batch(DEVICE)
-    torch._dynamo.reset()
-    try:
-        compiled = torch.compile(model, backend="eager")
-        with torch.no_grad():
-            with pytest.raises(Exception, match="must be bool"):
-                compiled(input_ids=ids, attention_mask=mask[:, None, None, :].float())
-            torch.testing.assert_close(compiled(input_ids=ids, attention_mask=mask[:, None, None, :].bool()).logits,
-                                       model(input_ids=ids, attention_mask=mask).logits, atol=1e-5, rtol=1e-5)
-        assert torch.ones(1, device=DEVICE).item() == 1.0
-    finally:
-        torch._dynamo.reset()
+def test_a_compiled_model_on_the_gpu_stops_at_a_mask_that_is_not_additive():
+    """On a GPU the compiled check is a device-side assert (it ends the CUDA context, so it runs in a
+    subprocess): the process must fail rather than return logits with the real tokens masked; an
+    additive mask gives the 2D mask's logits."""
+    run = subprocess.run([sys.executable, "-c", _GPU_MASK_SCRIPT], cwd=Path(__file__).parent,
+                         capture_output=True, text=True, timeout=300)
+    assert "additive mask: the 2D mask's logits" in run.stdout, run.stderr[-3000:]
+    assert "ran on with a 0/1 mask" not in run.stdout and run.returncode != 0, run.stderr[-3000:]
+    assert "device-side assert" in run.stderr, run.stderr[-3000:]
 
 
 def test_patched_model_compiles_with_fullgraph():
