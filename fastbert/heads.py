@@ -282,13 +282,13 @@ def _check_labels(labels, shape, num_labels, regression=False, column_ok=False):
         if not labels.is_floating_point():
             raise TypeError(f"labels of a regression head (num_labels=1) must be floating point, got {labels.dtype}")
         # A NaN or inf target made the loss NaN, which the Trainer blamed on the learning rate.
-        if labels.numel() and host_sync_allowed(labels) and not bool(torch.isfinite(labels).all()):
+        if labels.numel() and host_sync_allowed(labels, torch.compiler.is_compiling()) and not bool(torch.isfinite(labels).all()):
             raise ValueError("labels of a regression head (num_labels=1) must be finite, got "
                              f"{labels[~torch.isfinite(labels)][0].item()}")
         return
     if labels.is_floating_point() or labels.is_complex() or labels.dtype == torch.bool:
         raise TypeError(f"labels must be integer class ids, got {labels.dtype}")
-    if labels.numel() == 0 or not host_sync_allowed(labels):
+    if labels.numel() == 0 or not host_sync_allowed(labels, torch.compiler.is_compiling()):
         return  # the range check needs a host sync: eager runs (a graph's warm-up runs included) make it
     wide = labels.long()  # uint8 would wrap IGNORE_INDEX to 156 and let a label 156 pass as "ignored"
     counted = torch.where(wide == IGNORE_INDEX, 0, wide)        # one host sync below, no boolean indexing

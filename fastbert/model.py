@@ -182,7 +182,7 @@ class BertModel(nn.Module):
         input_ids, mask, token_type_ids = self._checked_inputs(input_ids, attention_mask, token_type_ids)
         scope = ops.use_backend(self.backend) if self.backend else contextlib.nullcontext()
         with scope:
-            if self.unpad and mask is not None and host_sync_allowed(input_ids):
+            if self.unpad and mask is not None and host_sync_allowed(input_ids, torch.compiler.is_compiling()):
                 hidden = self._encode_packed(input_ids, token_type_ids, mask)
             else:
                 hidden = self.embeddings(input_ids, token_type_ids)
@@ -273,7 +273,7 @@ class BertModel(nn.Module):
             raise ValueError(f"token_type_ids is on {token_type_ids.device} but the model is on {device}")
         elif token_type_ids.dtype not in (torch.int64, torch.int32):
             raise TypeError(f"token_type_ids must be int64 or int32 segment ids, got {token_type_ids.dtype}")
-        if host_sync_allowed(input_ids):
+        if host_sync_allowed(input_ids, torch.compiler.is_compiling()):
             # Out-of-range ids would index past the embedding tables: a device-side assert
             # on the GPU, garbage elsewhere. The check costs small reductions and one copy to
             # the host (one sync on a GPU, not four), which a CUDA graph capture cannot take:

@@ -112,11 +112,12 @@ def _key_padding_bool(mask, batch, kv_length):
             additive = (keep | (mask <= _ADDITIVE_MASKED)).all()
             refused = ("fastbert attention: a non-bool (batch, 1, 1, kv_length) attention_mask is additive and must "
                        f"hold 0 (keep) or values <= {_ADDITIVE_MASKED:g} (masked)")
-            if host_sync_allowed(mask):
+            compiling = torch.compiler.is_compiling()  # read once, here: host_sync_allowed says why
+            if host_sync_allowed(mask, compiling):
                 if not bool(additive):
                     raise ValueError(f"{refused}, got values in [{mask.min().item():g}, {mask.max().item():g}]; "
                                      "pass a 2D 0/1 or bool mask (True/1 = real token) instead")
-            elif torch.compiler.is_compiling():
+            elif compiling:
                 # no host read in a graph (a 0/1 mask read as additive masked the real tokens and
                 # kept the padding, silently): the graph checks it where the mask is. On the CPU that
                 # is a RuntimeError with this message; on a GPU a device-side assert, which ends the

@@ -164,6 +164,21 @@ def test_bad_input_ids(tiny, make_ids, match):
         tiny(make_ids())
 
 
+def test_id_check_holds_where_dynamo_runs_the_checking_frame_eagerly(tiny):
+    """Dynamo runs a frame eagerly when it gives up on it (a graph break it cannot resume, the
+    recompile limit) and still compiles the frames that one calls. host_sync_allowed, compiled on its
+    own, read is_compiling() as True there: the id check of an eager frame was skipped and the ids
+    reached the embedding unchecked (garbage on the CPU, a device-side assert on a GPU)."""
+    checked_inputs = torch._dynamo.disable(tiny._checked_inputs, recursive=False)
+    torch._dynamo.reset()
+    try:
+        run = torch.compile(lambda ids: checked_inputs(ids, None, None)[0] + 0, backend="eager")
+        with pytest.raises(ValueError, match="vocab_size=50"):
+            run(torch.full((2, 4), 50))
+    finally:
+        torch._dynamo.reset()
+
+
 def test_bad_masks_and_types(tiny):
     ids = torch.ones(2, 4, dtype=torch.long)
     with pytest.raises(ValueError, match="attention_mask must be"):

@@ -466,6 +466,22 @@ def test_a_compiled_model_refuses_a_mask_that_is_not_additive():
         torch._dynamo.reset()
 
 
+def test_the_mask_check_holds_where_dynamo_runs_the_checking_frame_eagerly():
+    """Dynamo runs a frame eagerly when it gives up on it (a graph break it cannot resume, the
+    recompile limit) and still compiles the frames that one calls. host_sync_allowed, compiled on its
+    own, read is_compiling() as True while the frame's own read was False: both the host check and
+    the in-graph one were skipped, and a 0/1 float mask masked the real tokens, silently."""
+    key_padding_bool = torch._dynamo.disable(fastbert.transformers_integration._key_padding_bool, recursive=False)
+    zero_one = torch.tensor([[1.0, 1, 1, 0, 0], [1, 1, 0, 0, 0]])[:, None, None, :]
+    torch._dynamo.reset()
+    try:
+        run = torch.compile(lambda mask: key_padding_bool(mask, 2, 5).float() * 2, backend="eager")
+        with pytest.raises(ValueError, match="attention_mask is additive and must hold 0"):
+            run(zero_one)
+    finally:
+        torch._dynamo.reset()
+
+
 _GPU_MASK_SCRIPT = """
 import torch, fastbert
 from test_transformers_integration import DEVICE, _batch, _classifier, _tiny_config

@@ -67,11 +67,17 @@ def graph_capturing(t: torch.Tensor) -> bool:
     return t.is_cuda and torch.cuda.is_current_stream_capturing()
 
 
-def host_sync_allowed(t: torch.Tensor) -> bool:
+def host_sync_allowed(t: torch.Tensor, compiling: bool) -> bool:
     """May a check read t's values on the host now? Not while torch.compile traces (a graph
     break) nor during a CUDA graph capture (refused): the eager runs, a graph's warm-up runs
-    included, make such checks."""
-    return not torch.compiler.is_compiling() and not graph_capturing(t)
+    included, make such checks.
+
+    compiling: `torch.compiler.is_compiling()` read by the caller, in its own frame. Read here, it
+    could be True while the caller runs eagerly: Dynamo compiles the frames a skipped frame calls
+    (a frame it fell back to eager on, or past its recompile limit), and in a compiled frame of
+    this function it folds to True. The caller's check was then skipped, and so was an in-graph
+    check guarded by its own `is_compiling()`, which was False."""
+    return not compiling and not graph_capturing(t)
 
 
 TRITON_KERNEL_MODULES = ("gelu", "layernorm", "attention", "span")
