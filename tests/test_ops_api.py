@@ -266,6 +266,21 @@ def test_a_second_dropout_value_traces_under_compile():
 # -- dropout_p range, backend dispatch ----------------------------------------------------------
 
 
+def test_dropout_rounding_check_holds_where_dynamo_runs_the_op_eagerly():
+    """Dynamo runs a frame eagerly when it gives up on it (a graph break it cannot resume, the
+    recompile limit) and still compiles the frames that one calls: check_dropout, compiled on its
+    own, read is_compiling() as True and skipped the float32 rounding check of an eager call."""
+    q, k, v = _qkv()
+    attention = torch._dynamo.disable(ops.attention, recursive=False)
+    torch._dynamo.reset()
+    try:
+        run = torch.compile(lambda p: attention(q, k, v, dropout_p=p) + 0, backend="eager")
+        with ops.use_backend("torch"), pytest.raises(ValueError, match="rounds to 0.0 in float32"):
+            run(1e-46)
+    finally:
+        torch._dynamo.reset()
+
+
 @pytest.mark.parametrize("backend", BACKENDS)
 def test_negative_dropout_is_refused_by_every_op(backend):
     """dropout_p must be in [0, 1): a negative p is refused like p = 1 (the kernels would treat it

@@ -15,14 +15,15 @@ def is_real(value) -> bool:
     return isinstance(value, REAL) and not isinstance(value, bool)
 
 
-def check_dropout(op: str, dropout_p) -> None:
+def check_dropout(op: str, dropout_p, compiling: bool) -> None:
+    """compiling: the caller's own `torch.compiler.is_compiling()` (host_sync_allowed says why)."""
     if not is_real(dropout_p):
         raise TypeError(f"{op}: dropout_p must be a float in [0, 1), got {type(dropout_p).__name__}")
     if not 0.0 <= dropout_p < 1.0:
         raise ValueError(f"{op}: dropout_p must be in [0, 1), got {dropout_p}")
     # Not while tracing: a second dropout value makes p a SymFloat there, and Dynamo's stand-in for
     # struct.pack recursed until it crashed. The eager call before the trace has checked the value.
-    if not torch.compiler.is_compiling() and isinstance(dropout_p, numbers.Real) and dropout_p > 0.0:
+    if not compiling and isinstance(dropout_p, numbers.Real) and dropout_p > 0.0:
         # The kernels take p as a float32, the launchers decide "dropout or not" on the Python float:
         # 1e-46 became 0.0f, the CUDA backward then skipped the dx it was asked for (uninitialised
         # memory came back as x.grad), and 1 - 1e-9 became 1.0f, refused deep in the extension.

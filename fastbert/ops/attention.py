@@ -701,7 +701,7 @@ def attention(q, k, v, mask=None, dropout_p=0.0, softmax_scale=None, *, seed=Non
     redraw), so torch.manual_seed reproduces a run.
     """
     _check(q, k, v, mask)
-    check_dropout("attention", dropout_p)
+    check_dropout("attention", dropout_p, torch.compiler.is_compiling())
     _check_seed(seed, "attention")
     _check_scale(softmax_scale, "attention")
     seqlen, batch_heads = q.shape[1], _cuda_batch_heads(q)
@@ -724,7 +724,7 @@ def attention_varlen(q, k, v, cu_seqlens, max_seqlen, dropout_p=0.0, softmax_sca
     `attention` uses for the same sequences padded to a batch.
     """
     _check_varlen(q, k, v, cu_seqlens, max_seqlen)
-    check_dropout("attention_varlen", dropout_p)
+    check_dropout("attention_varlen", dropout_p, torch.compiler.is_compiling())
     _check_seed(seed, "attention_varlen")
     _check_scale(softmax_scale, "attention_varlen")
     batch_heads = _cuda_batch_heads(q, cu_seqlens)

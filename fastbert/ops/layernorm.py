@@ -385,7 +385,7 @@ def add_layernorm(x, residual, weight, bias, eps, dropout_p=0.0, *, copy_in_x_dt
             weight, bias = weight.float(), bias.float()
         mixed = False
     _check_eps("add_layernorm", eps)
-    check_dropout("add_layernorm", dropout_p)
+    check_dropout("add_layernorm", dropout_p, torch.compiler.is_compiling())
     backend = _rows_backend(x)
     if backend == "torch":
         y = _torch_backend(add_layernorm_ref, (x, residual, weight, bias), eps, dropout_p)
