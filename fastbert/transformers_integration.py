@@ -121,8 +121,7 @@ def _key_padding_bool(mask, batch, kv_length):
                 # no host read in a graph (a 0/1 mask read as additive masked the real tokens and
                 # kept the padding, silently): the graph checks it where the mask is. On the CPU that
                 # is a RuntimeError with this message; on a GPU a device-side assert, which ends the
-                # process (as PyTorch's own index checks do). A Python raise here was no better: with
-                # graph breaks allowed, Dynamo ran on past it (stop 27, torch 2.13).
+                # process (as PyTorch's own index checks do).
                 torch._assert_async(additive, refused)
             mask = keep
     if mask.dim() == 2 and mask.shape[0] == 1 and batch > 1:
