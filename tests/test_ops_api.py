@@ -749,3 +749,34 @@ def test_interpreter_check_reads_versions_without_package_metadata(monkeypatch):
 
     monkeypatch.setattr(importlib.metadata, "version", no_metadata)
     assert _backend._installed_versions() == (triton.__version__, numpy.__version__)
+
+
+@pytest.mark.parametrize("capability, name, kernels", [((7, 5), "Tesla T4", False), ((7, 0), "Tesla V100-SXM2-16GB", False),
+                                                       ((8, 0), "NVIDIA A100-SXM4-80GB", True),
+                                                       ((9, 0), "NVIDIA H200", True), ((12, 0), "NVIDIA RTX 5090", True)])
+def test_a_gpu_older_than_ampere_runs_on_the_torch_backend(monkeypatch, capability, name, kernels):
+    """csrc/ is built for sm_80/sm_90 (+ compute_90 PTX, which a pre-Ampere device cannot load) and
+    Triton supports 8.0+: on a T4 or V100, "auto" picked cuda and the first launch failed ("no kernel
+    image"). Simulated without a GPU: the device's capability, an importable triton and a built _C."""
+    from fastbert.ops import _backend
+
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "current_device", lambda: 1)
+    monkeypatch.setattr(_backend, "_device_capability", lambda index: (*capability, name))
+    monkeypatch.setattr(_backend, "triton_importable", lambda: True)
+    monkeypatch.setattr(_backend, "triton_problem", lambda: None)
+    monkeypatch.setattr(_backend, "cuda_extension", lambda: object())
+    for device in (torch.device("cuda"), torch.device("cuda:1")):
+        if kernels:
+            assert _backend.available_backends(device) == ["torch", "triton", "cuda"]
+            assert _backend._resolve("auto", device) == "cuda" and _backend._resolve("triton", device) == "triton"
+            assert _backend.describe_default(device).endswith("(usable: torch, triton, cuda)")
+            continue
+        assert _backend.available_backends(device) == ["torch"]
+        assert _backend._resolve("auto", device) == "torch"
+        for requested in ("cuda", "triton"):
+            with pytest.raises(RuntimeError, match=rf"'{requested}' cannot run .* cuda:1 \({name}\) has compute "
+                                                   rf"capability {capability[0]}\.{capability[1]}.* 8\.0 or newer"):
+                _backend._resolve(requested, device)
+        assert "backend 'torch'" in _backend.describe_default(device) and f"{capability[0]}.{capability[1]}" in _backend.describe_default(device)
+    assert _backend.available_backends("cpu") == ["torch"] + (["triton"] if _backend.interpreter_on() else [])

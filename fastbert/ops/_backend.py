@@ -158,10 +158,36 @@ def interpreter_problem() -> str | None:
     return None
 
 
+# fastbert's kernels need compute capability 8.0 (Ampere) or newer: csrc/ is built for sm_80 and sm_90
+# plus compute_90 PTX, which an older device cannot load ("no kernel image"), and its attention uses
+# Ampere's mma.sync shapes and bfloat16; Triton supports 8.0 and newer.
+MIN_CAPABILITY = (8, 0)
+
+
+@functools.lru_cache(maxsize=None)
+def _device_capability(index: int) -> tuple[int, int, str]:
+    return (*torch.cuda.get_device_capability(index), torch.cuda.get_device_name(index))
+
+
+def capability_problem(device: torch.device | str) -> str | None:
+    """Why fastbert's kernels cannot run on the GPU `device` (a T4, a V100), or None."""
+    device = torch.device(device)
+    if device.type != "cuda" or not torch.cuda.is_available():
+        return None
+    index = device.index if device.index is not None else torch.cuda.current_device()
+    major, minor, name = _device_capability(index)
+    if (major, minor) >= MIN_CAPABILITY:
+        return None
+    return (f"cuda:{index} ({name}) has compute capability {major}.{minor}, and fastbert's kernels need "
+            f"{MIN_CAPABILITY[0]}.{MIN_CAPABILITY[1]} or newer (Ampere and later); the 'torch' backend runs there")
+
+
 def available_backends(device: torch.device | str = "cuda") -> list[str]:
     """Backends that can run an op on tensors of `device`."""
     device = torch.device(device)
     found = ["torch"]
+    if capability_problem(device):
+        return found
     if triton_importable() and (device.type == "cuda" or interpreter_on()):
         found.append("triton")
     if device.type == "cuda" and torch.cuda.is_available() and cuda_extension() is not None:
@@ -262,6 +288,8 @@ def _resolve(requested: str, device: torch.device) -> str:
         }[requested]
         if requested == "triton" and (problem := triton_problem()):
             why = f"needs fastbert's Triton kernels, and {problem}"
+        if problem := capability_problem(device):
+            why = f"needs a newer GPU: {problem}"
         if requested == "triton" and device.type != "cuda" and _interpreter_asked() and not interpreter_on():
             why = ("needs TRITON_INTERPRET=1 set before fastbert is imported: triton.jit reads it when it builds "
                    "the kernels, and these were built for a GPU")
@@ -283,4 +311,6 @@ def describe_default(device: torch.device | str = "cuda") -> str:
     device = torch.device(device)
     usable = available_backends(device)
     chosen = "torch" if device.type != "cuda" else next(n for n in _PREFERENCE if n in usable)
-    return f"fastbert: ops on {device.type} run on backend {chosen!r} (usable: {', '.join(usable)})"
+    line = f"fastbert: ops on {device.type} run on backend {chosen!r} (usable: {', '.join(usable)})"
+    problem = capability_problem(device)
+    return f"{line}: {problem}" if problem else line
