@@ -84,8 +84,9 @@ def tune(head_dim: int, dropout_p: float, args, device: torch.device, deadline: 
     q, k, v, do = (torch.randn(shape, dtype=dtype, device=device, generator=g) for _ in range(4))
     seed = 12345
     KA.CONFIG_OVERRIDE.clear()
-    defaults = {"fwd": KA._fwd_config(head_dim, dtype), "bwd_dq": KA._bwd_dq_config(head_dim, dtype),
-                "bwd": KA._bwd_config(head_dim, dtype)}
+    shared = KA._max_shared(device)  # the tiles the launchers pick on this GPU
+    defaults = {"fwd": KA._fwd_config(head_dim, dtype, shared), "bwd_dq": KA._bwd_dq_config(head_dim, dtype, shared),
+                "bwd": KA._bwd_config(head_dim, dtype, shared)}
     out_ref, lse_ref = KA.attention_fwd(q, k, v, None, None, None, dropout_p, None, seed)
     grads_ref = KA.attention_bwd(do, q, k, v, out_ref, lse_ref, None, None, None, dropout_p, None, seed)
     timer = _timer(device, args.quick)

@@ -56,6 +56,7 @@ delta are fp32 (batch, heads, seqlen), or (heads, total_tokens) in varlen mode.
 """
 from __future__ import annotations
 
+import functools
 import math
 
 import torch
@@ -315,8 +316,42 @@ CONFIG_OVERRIDE: dict[str, dict] = {}
 _FP32_TILE = dict(BLOCK_M=32, BLOCK_N=32, num_warps=8, num_stages=2)
 
 
-def _fwd_config(head_dim: int, dtype: torch.dtype) -> dict:
-    """BLOCK_M, BLOCK_N, num_warps, num_stages of the forward kernel."""
+# Shared memory a program may take, per GPU: 227 KB on sm_90, 163 KB on sm_80, but 99 KB on sm_86,
+# sm_89 and sm_120 (RTX 30/40/50, A10, L4, L40S). The half-precision tiles past head_dim 64 take up
+# to 136 KB on sm_90 and 104 KB on sm_89, which Triton refuses at launch ("out of resource: shared
+# memory"); where a program gets less than BIG_TILES_SHARED they halve the dimension that sizes the
+# shared buffers: at most 57 KB on sm_89 (Triton 3.9), no spills on 8 warps (4 spilled up to 48 B),
+# not yet timed. Every tile at head_dim <= 64, and float32's, fits in 99 KB. tests/triton_aot.py
+# records each target's launches with its limit and fails a kernel past it.
+BIG_TILES_SHARED = 140 * 1024
+
+
+@functools.lru_cache(maxsize=None)
+def _max_shared_of(device_index: int) -> int:
+    props = torch.cuda.get_device_properties(device_index)
+    optin = getattr(props, "shared_memory_per_block_optin", None)
+    if optin is None:  # what Triton compares a kernel's shared memory with at launch
+        from triton.runtime import driver
+
+        optin = driver.active.utils.get_device_properties(device_index)["max_shared_mem"]
+    return int(optin)
+
+
+def _max_shared(device: torch.device) -> int | None:
+    """Bytes of shared memory a program may take on the GPU `device` (opted in above 48 KB, as Triton
+    does); None for the interpreter's CPU tensors."""
+    if device.type != "cuda":
+        return None
+    return _max_shared_of(device.index if device.index is not None else torch.cuda.current_device())
+
+
+def _small_shared(head_dim: int, dtype: torch.dtype, max_shared: int | None) -> bool:
+    return max_shared is not None and max_shared < BIG_TILES_SHARED and head_dim > 64 and dtype != torch.float32
+
+
+def _fwd_config(head_dim: int, dtype: torch.dtype, max_shared: int | None = None) -> dict:
+    """BLOCK_M, BLOCK_N, num_warps, num_stages of the forward kernel; max_shared: the device's
+    shared memory per program (None: as much as the tiles want, an sm_80 or sm_90)."""
     if "fwd" in CONFIG_OVERRIDE:
         return dict(CONFIG_OVERRIDE["fwd"])
     if _interpreting():  # small unequal tiles: many blocks per test, and BLOCK_M/BLOCK_N mix-ups show
@@ -328,10 +363,12 @@ def _fwd_config(head_dim: int, dtype: torch.dtype) -> dict:
         return dict(_FP32_TILE)
     if head_dim <= 64:  # H200, B=32 H=12 D=64 fp16: 18 us at S=128, 100 us at S=512 (128x64: 43, 114)
         return dict(BLOCK_M=64, BLOCK_N=64, num_warps=4, num_stages=3)
+    if _small_shared(head_dim, dtype, max_shared):  # see BIG_TILES_SHARED
+        return dict(BLOCK_M=64, BLOCK_N=64, num_warps=8, num_stages=2)
     return dict(BLOCK_M=128, BLOCK_N=64, num_warps=8, num_stages=3)
 
 
-def _bwd_dq_config(head_dim: int, dtype: torch.dtype) -> dict:
+def _bwd_dq_config(head_dim: int, dtype: torch.dtype, max_shared: int | None = None) -> dict:
     if "bwd_dq" in CONFIG_OVERRIDE:
         return dict(CONFIG_OVERRIDE["bwd_dq"])
     if _interpreting():
@@ -340,10 +377,12 @@ def _bwd_dq_config(head_dim: int, dtype: torch.dtype) -> dict:
         return dict(_FP32_TILE)
     if head_dim <= 64:  # H200 sweep: within 2% of the best of 128x32/4, 128x64/8
         return dict(BLOCK_M=64, BLOCK_N=64, num_warps=4, num_stages=3)
+    if _small_shared(head_dim, dtype, max_shared):
+        return dict(BLOCK_M=64, BLOCK_N=32, num_warps=8, num_stages=2)
     return dict(BLOCK_M=128, BLOCK_N=32, num_warps=8, num_stages=2)
 
 
-def _bwd_config(head_dim: int, dtype: torch.dtype) -> dict:
+def _bwd_config(head_dim: int, dtype: torch.dtype, max_shared: int | None = None) -> dict:
     """dK/dV kernel: BLOCK_N keys owned per program, BLOCK_M queries per loop step."""
     if "bwd" in CONFIG_OVERRIDE:
         return dict(CONFIG_OVERRIDE["bwd"])
@@ -353,6 +392,8 @@ def _bwd_config(head_dim: int, dtype: torch.dtype) -> dict:
         return dict(_FP32_TILE)
     if head_dim <= 64:  # H200 sweep: best of 32x128/4, 64x128/8, 64x64/4, 32x128/8
         return dict(BLOCK_M=32, BLOCK_N=128, num_warps=4, num_stages=3)
+    if _small_shared(head_dim, dtype, max_shared):
+        return dict(BLOCK_M=32, BLOCK_N=64, num_warps=8, num_stages=2)
     return dict(BLOCK_M=32, BLOCK_N=128, num_warps=8, num_stages=2)
 
 
@@ -480,7 +521,7 @@ def attention_fwd(q, k, v, mask=None, cu_seqlens=None, max_seqlen=None, dropout_
     lse_strides = (0, lse.stride(0)) if varlen else (lse.stride(0), lse.stride(1))
     mask_t, stride_mb, stride_ms = _mask_args(mask, q, wrap)
     seed_arg, seed_ptr, thresh, dscale = _dropout_args(dropout_p, seed)
-    cfg = _fwd_config(D, q.dtype)
+    cfg = _fwd_config(D, q.dtype, _max_shared(q.device))
     BLOCK_M, BLOCK_N = cfg["BLOCK_M"], cfg["BLOCK_N"]
     grid = _grid(S, BLOCK_M, B, H)
     kernel = _launch(_attention_fwd_kernel, wrap, q)
@@ -797,7 +838,7 @@ def attention_bwd(do, q, k, v, out, lse, mask=None, cu_seqlens=None, max_seqlen=
         return dq, dk, dv
     cu = cu_seqlens if varlen else q
 
-    cfg = _bwd_dq_config(D, q.dtype)
+    cfg = _bwd_dq_config(D, q.dtype, _max_shared(q.device))
     grid = _grid(S, cfg["BLOCK_M"], B, H)
     kernel = _launch(_attention_bwd_dq_kernel, wrap, q)
     kernel[grid](
@@ -816,7 +857,7 @@ def attention_bwd(do, q, k, v, out, lse, mask=None, cu_seqlens=None, max_seqlen=
         **common,
     )
 
-    cfg = _bwd_config(D, q.dtype)
+    cfg = _bwd_config(D, q.dtype, _max_shared(q.device))
     grid = _grid(S, cfg["BLOCK_N"], B, H)
     kernel = _launch(_attention_bwd_kernel, wrap, q)
     kernel[grid](

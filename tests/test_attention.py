@@ -100,6 +100,28 @@ def test_forward_backward(B, S, H, D, dtype, mask_kind):
     _check_all(q, k, v, mask)
 
 
+@pytest.mark.skipif(ON_GPU, reason="runs the GPU tiles of a 99 KB GPU through the interpreter")
+@pytest.mark.parametrize("D, dropout_p", [(128, 0.0), (96, 0.2)])
+def test_the_tiles_for_gpus_with_99_kb_of_shared_memory(monkeypatch, D, dropout_p):
+    """sm_86/sm_89/sm_120 (RTX 30/40/50, A10, L4) give a program 99 KB of shared memory, which the
+    half-precision tiles past head_dim 64 overran (Triton refused them at launch; tests/triton_aot.py
+    --arch 89 checks the size). Their smaller tiles, never run before, against float64 here."""
+    import fastbert.kernels.attention as KA
+
+    pick = {"fwd": KA._fwd_config, "bwd_dq": KA._bwd_dq_config, "bwd": KA._bwd_config}
+    with monkeypatch.context() as m:
+        m.setattr(KA, "_interpreting", lambda: False)
+        small = {name: f(D, torch.float16, 101376) for name, f in pick.items()}
+        big = {name: f(D, torch.float16, 166912) for name, f in pick.items()}
+        assert all(small[name] != big[name] for name in pick)
+        assert {name: f(64, torch.float16, 101376) for name, f in pick.items()} == \
+               {name: f(64, torch.float16, None) for name, f in pick.items()}   # head_dim <= 64: unchanged
+    monkeypatch.setattr(KA, "CONFIG_OVERRIDE", small)
+    gen = torch.Generator().manual_seed(D)
+    q, k, v = qkv((2, 75, 1, D), torch.float16, gen)   # 75: not a multiple of 32 or 64
+    _check_all(q, k, v, key_mask("lengths", 2, 75, gen), dropout_p=dropout_p, seed=9)
+
+
 def test_trailing_padding_across_blocks():
     """Rows padded past whole key blocks (the key loops stop at the last real key, a block of
     padding keys skips its dK/dV loop), a fully padded row, with dropout: against float64."""

@@ -54,6 +54,11 @@ import fastbert.kernels.span as KS
 POINTER_TYPES = {torch.float16: "*fp16", torch.bfloat16: "*bf16", torch.float32: "*fp32", torch.uint8: "*u8",
                  torch.int8: "*i8", torch.bool: "*i1", torch.int32: "*i32", torch.int64: "*i64"}
 OPTIONS = ("num_warps", "num_stages", "num_ctas")
+# Shared memory a program may opt in to, in bytes, per target (CUDA's sharedMemPerBlockOptin): sm_86, sm_89
+# and sm_120 (RTX 30/40/50, A10, L4, L40S) give 99 KB where sm_80 gives 163 KB and sm_90 227 KB.
+# Each target's launches are recorded with its limit (the attention tiles depend on it) and a
+# kernel past it fails here, as Triton would refuse it at launch.
+SHARED_LIMIT = {80: 166912, 86: 101376, 87: 166912, 89: 101376, 90: 232448, 100: 232448, 120: 101376}
 
 
 class Recorder:
@@ -119,9 +124,9 @@ def _t(shape, dtype):
     return torch.zeros(shape, dtype=dtype, device="cuda")
 
 
-def launch_all(dtypes, quick=False):
+def launch_all(dtypes, quick=False, head_dims=None):
     """Call every launcher over the cases that select distinct kernel specialisations."""
-    head_dims = (32, 64) if quick else (16, 32, 48, 64, 96, 128)
+    head_dims = head_dims or ((32, 64) if quick else (16, 32, 48, 64, 96, 128))
     KA.attention_dropout_mask(2, 2, 129, 0.1, 7, "cuda")  # the tests' mask regenerator
     for dtype in dtypes:
         for D in head_dims:
@@ -170,17 +175,18 @@ def launch_all(dtypes, quick=False):
             KS.span_score_fwd(s, e, None, max_len, topk)
 
 
-def record(dtypes, quick=False):
+def record(dtypes, quick=False, arch=90, head_dims=None):
     recorder = Recorder()
-    original, sm_count = JITFunction.run, KG._sm_count
+    original, sm_count, max_shared = JITFunction.run, KG._sm_count, KA._max_shared
     JITFunction.run = lambda self, *a, **kw: recorder(self, *a, **kw)
     KG._sm_count = lambda index: 132  # an H100 SXM's; it only sizes the backward's grid
+    KA._max_shared = lambda device: SHARED_LIMIT[arch]
     try:
         # Fake CUDA tensors: the launchers pick their GPU tiles and nothing is allocated.
         with FakeTensorMode():
-            launch_all(dtypes, quick)
+            launch_all(dtypes, quick, head_dims)
     finally:
-        JITFunction.run, KG._sm_count = original, sm_count
+        JITFunction.run, KG._sm_count, KA._max_shared = original, sm_count, max_shared
     return recorder.launches
 
 
@@ -239,18 +245,19 @@ def resources_markdown(rows) -> str:
     return "\n".join(out) + "\n"
 
 
-def to_compile(archs, dtypes, quick) -> list:
-    """(arch, kernel, signature, constexprs, attrs, options) for every compile, in a fixed order."""
-    compiled = distinct(record(dtypes, quick))
-    return [(arch, *launch) for arch in archs for launch in compiled]
+def to_compile(archs, dtypes, quick, head_dims=None, only=None) -> list:
+    """(arch, kernel, signature, constexprs, attrs, options) for every compile, in a fixed order;
+    only: the kernels whose name holds this text."""
+    return [(arch, *launch) for arch in archs for launch in distinct(record(dtypes, quick, arch, head_dims))
+            if only is None or only in launch[0].__name__]
 
 
 _TO_COMPILE: list = []  # a worker's copy of to_compile(...): JITFunctions do not pickle, so each rebuilds it
 
 
-def _start_worker(archs, dtype_names, quick):
+def _start_worker(archs, dtype_names, quick, head_dims, only):
     global _TO_COMPILE
-    _TO_COMPILE = to_compile(archs, [getattr(torch, name) for name in dtype_names], quick)
+    _TO_COMPILE = to_compile(archs, [getattr(torch, name) for name in dtype_names], quick, head_dims, only)
 
 
 def _compile_one(index: int, kernel_name: str, with_resources: bool):
@@ -260,6 +267,9 @@ def _compile_one(index: int, kernel_name: str, with_resources: bool):
     try:
         binary = triton.compile(ASTSource(fn=kernel, signature=signature, constexprs=constexprs, attrs=attrs),
                                 target=GPUTarget("cuda", arch, 32), options=dict(options))
+        if binary.metadata.shared > SHARED_LIMIT[arch]:
+            return (f"sm_{arch} {kernel.__name__} {constexprs} {options}: needs {binary.metadata.shared} bytes of "
+                    f"shared memory, and sm_{arch} gives a program {SHARED_LIMIT[arch]}")
         if with_resources:
             return (arch, kernel.__name__, _specialisation(signature, constexprs), options,
                     resource_usage(binary.asm["cubin"]), binary.metadata.shared)
@@ -271,8 +281,10 @@ def _compile_one(index: int, kernel_name: str, with_resources: bool):
 
 def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--arch", nargs="+", type=int, default=[90, 80])
+    parser.add_argument("--arch", nargs="+", type=int, default=[90, 80], choices=sorted(SHARED_LIMIT))
     parser.add_argument("--quick", action="store_true", help="fewer head dims and hidden sizes")
+    parser.add_argument("--head-dims", nargs="+", type=int, help="the attention head dims (default: by --quick)")
+    parser.add_argument("--only", help="compile only the kernels whose name holds this text")
     parser.add_argument("--dtypes", nargs="+", default=["float16", "bfloat16", "float32"])
     parser.add_argument("--resources", metavar="FILE.md", help="write registers/stack/local/shared per kernel")
     parser.add_argument("--jobs", type=int, default=len(os.sched_getaffinity(0)),
@@ -281,10 +293,10 @@ def main(argv=None):
     dtypes = [getattr(torch, name) for name in args.dtypes]
     started = time.perf_counter()
     global _TO_COMPILE
-    _TO_COMPILE = to_compile(args.arch, dtypes, args.quick)
+    _TO_COMPILE = to_compile(args.arch, dtypes, args.quick, args.head_dims, args.only)
     kernels = sorted({k.__name__ for _, k, *_ in _TO_COMPILE})
-    print(f"triton {triton.__version__}: {len(_TO_COMPILE) // len(args.arch)} distinct launches of {len(kernels)} "
-          f"kernels: {', '.join(kernels)}", flush=True)
+    print(f"triton {triton.__version__}: {len(_TO_COMPILE)} launches to compile (each target's distinct ones) of "
+          f"{len(kernels)} kernels: {', '.join(kernels)}", flush=True)
     tasks = [(i, entry[1].__name__, args.resources is not None) for i, entry in enumerate(_TO_COMPILE)]
     jobs = max(1, min(args.jobs, len(tasks)))
     if jobs == 1:
@@ -294,7 +306,8 @@ def main(argv=None):
         # raises BrokenProcessPool here instead of hanging. map keeps the order of the rows.
         with concurrent.futures.ProcessPoolExecutor(jobs, mp_context=multiprocessing.get_context("spawn"),
                                                     initializer=_start_worker,
-                                                    initargs=(args.arch, args.dtypes, args.quick)) as pool:
+                                                    initargs=(args.arch, args.dtypes, args.quick, args.head_dims,
+                                                              args.only)) as pool:
             outcomes = list(pool.map(_compile_one, *zip(*tasks)))
     failures = [o for o in outcomes if isinstance(o, str)]
     resources = [o for o in outcomes if isinstance(o, tuple)]
