@@ -780,3 +780,19 @@ def test_a_gpu_older_than_ampere_runs_on_the_torch_backend(monkeypatch, capabili
                 _backend._resolve(requested, device)
         assert "backend 'torch'" in _backend.describe_default(device) and f"{capability[0]}.{capability[1]}" in _backend.describe_default(device)
     assert _backend.available_backends("cpu") == ["torch"] + (["triton"] if _backend.interpreter_on() else [])
+
+
+def test_an_amd_gpu_runs_on_the_torch_backend(monkeypatch):
+    """A ROCm build of torch calls its GPUs "cuda" and gives an MI300 capability 9.4: "auto" took
+    fastbert's kernels there, built and tested for NVIDIA GPUs only."""
+    from fastbert.ops import _backend
+
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "current_device", lambda: 0)
+    monkeypatch.setattr(torch.version, "hip", "6.2.41133")
+    monkeypatch.setattr(_backend, "_device_capability", lambda index: (9, 4, "AMD Instinct MI300X"))
+    monkeypatch.setattr(_backend, "triton_importable", lambda: True)
+    monkeypatch.setattr(_backend, "cuda_extension", lambda: object())
+    assert _backend.available_backends("cuda") == ["torch"] and _backend._resolve("auto", torch.device("cuda")) == "torch"
+    with pytest.raises(RuntimeError, match=r"'triton' cannot run .*MI300X\) is an AMD GPU"):
+        _backend._resolve("triton", torch.device("cuda"))

@@ -176,6 +176,9 @@ def capability_problem(device: torch.device | str) -> str | None:
         return None
     index = device.index if device.index is not None else torch.cuda.current_device()
     major, minor, name = _device_capability(index)
+    if torch.version.hip:  # a ROCm build of torch calls its GPUs "cuda" too
+        return (f"cuda:{index} ({name}) is an AMD GPU (ROCm), and fastbert's kernels are built and tested for "
+                "NVIDIA GPUs only; the 'torch' backend runs there")
     if (major, minor) >= MIN_CAPABILITY:
         return None
     return (f"cuda:{index} ({name}) has compute capability {major}.{minor}, and fastbert's kernels need "
