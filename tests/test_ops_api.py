@@ -751,6 +751,15 @@ def test_interpreter_check_reads_versions_without_package_metadata(monkeypatch):
     assert _backend._installed_versions() == (triton.__version__, numpy.__version__)
 
 
+class _WorkingExtension:
+    """Stands in for a fastbert._C whose CUDA runtime works with the driver."""
+    CUDART_VERSION = 13000
+
+    @staticmethod
+    def device_count():
+        return 2
+
+
 @pytest.mark.parametrize("capability, name, kernels", [((7, 5), "Tesla T4", False), ((7, 0), "Tesla V100-SXM2-16GB", False),
                                                        ((8, 0), "NVIDIA A100-SXM4-80GB", True),
                                                        ((9, 0), "NVIDIA H200", True), ((12, 0), "NVIDIA RTX 5090", True)])
@@ -765,7 +774,7 @@ def test_a_gpu_older_than_ampere_runs_on_the_torch_backend(monkeypatch, capabili
     monkeypatch.setattr(_backend, "_device_capability", lambda index: (*capability, name))
     monkeypatch.setattr(_backend, "triton_importable", lambda: True)
     monkeypatch.setattr(_backend, "triton_problem", lambda: None)
-    monkeypatch.setattr(_backend, "cuda_extension", lambda: object())
+    monkeypatch.setattr(_backend, "cuda_extension", lambda: _WorkingExtension)
     for device in (torch.device("cuda"), torch.device("cuda:1")):
         if kernels:
             assert _backend.available_backends(device) == ["torch", "triton", "cuda"]
@@ -792,7 +801,35 @@ def test_an_amd_gpu_runs_on_the_torch_backend(monkeypatch):
     monkeypatch.setattr(torch.version, "hip", "6.2.41133")
     monkeypatch.setattr(_backend, "_device_capability", lambda index: (9, 4, "AMD Instinct MI300X"))
     monkeypatch.setattr(_backend, "triton_importable", lambda: True)
-    monkeypatch.setattr(_backend, "cuda_extension", lambda: object())
+    monkeypatch.setattr(_backend, "cuda_extension", lambda: _WorkingExtension)
     assert _backend.available_backends("cuda") == ["torch"] and _backend._resolve("auto", torch.device("cuda")) == "torch"
     with pytest.raises(RuntimeError, match=r"'triton' cannot run .*MI300X\) is an AMD GPU"):
         _backend._resolve("triton", torch.device("cuda"))
+
+
+def test_a_driver_older_than_the_extensions_cuda_turns_the_cuda_backend_off(monkeypatch):
+    """fastbert._C carries its CUDA runtime (CUDA 13 in our wheels); on a driver for CUDA 12, where
+    torch's cu126/cu128 wheels run, "auto" took the cuda backend and its first launch failed. Now the
+    backend is off there, with the driver's own message, and the Triton kernels serve."""
+    from fastbert.ops import _backend
+
+    class OldDriver(_WorkingExtension):
+        @staticmethod
+        def device_count():
+            raise RuntimeError("CUDA error: CUDA driver version is insufficient for CUDA runtime version "
+                               "(cudaGetDeviceCount)")
+
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "current_device", lambda: 0)
+    monkeypatch.setattr(_backend, "_device_capability", lambda index: (9, 0, "NVIDIA H100 80GB HBM3"))
+    monkeypatch.setattr(_backend, "triton_importable", lambda: True)
+    monkeypatch.setattr(_backend, "triton_problem", lambda: None)
+    monkeypatch.setattr(_backend, "cuda_extension", lambda: OldDriver)
+    with pytest.warns(UserWarning, match="the 'cuda' backend is off"):
+        assert _backend.available_backends("cuda") == ["torch", "triton"]
+    assert _backend._resolve("auto", torch.device("cuda")) == "triton"
+    with pytest.raises(RuntimeError, match=r"newer NVIDIA driver: fastbert._C, built with CUDA 13.0, cannot use .*"
+                                           r"driver version is insufficient"):
+        _backend._resolve("cuda", torch.device("cuda"))
+    monkeypatch.setattr(_backend, "cuda_extension", lambda: _WorkingExtension)
+    assert _backend.available_backends("cuda") == ["torch", "triton", "cuda"]

@@ -129,6 +129,31 @@ def cuda_extension():
     return _C
 
 
+def cuda_runtime_problem() -> str | None:
+    """Why fastbert._C cannot use this machine's GPUs though torch can, or None. The module carries its
+    CUDA runtime (static, the toolkit it was built with: CUDA 13 for our wheels), which needs a driver
+    at least that new; torch's CUDA 12 wheels run on older drivers, where every launch of ours failed."""
+    ext = cuda_extension()
+    if ext is None or not torch.cuda.is_available():
+        return None
+    return _runtime_problem(ext)
+
+
+@functools.lru_cache(maxsize=None)
+def _runtime_problem(ext) -> str | None:
+    try:
+        ext.device_count()
+    except RuntimeError as err:
+        version = getattr(ext, "CUDART_VERSION", 0)
+        problem = (f"fastbert._C, built with CUDA {version // 1000}.{version % 1000 // 10}, cannot use this "
+                   f"machine's GPUs ({err}): its CUDA runtime needs an NVIDIA driver at least that new")
+        import warnings
+
+        warnings.warn(f"fastbert: {problem}; the 'cuda' backend is off, 'triton' and 'torch' remain.", stacklevel=3)
+        return problem
+    return None
+
+
 def release(version: str) -> tuple[int, int]:
     major, minor = (version.split("+")[0].split(".") + ["0"])[:2]
     return int(major), int("".join(ch for ch in minor if ch.isdigit()) or 0)
@@ -193,7 +218,8 @@ def available_backends(device: torch.device | str = "cuda") -> list[str]:
         return found
     if triton_importable() and (device.type == "cuda" or interpreter_on()):
         found.append("triton")
-    if device.type == "cuda" and torch.cuda.is_available() and cuda_extension() is not None:
+    if device.type == "cuda" and torch.cuda.is_available() and cuda_extension() is not None \
+            and cuda_runtime_problem() is None:
         found.append("cuda")
     return found
 
@@ -291,6 +317,8 @@ def _resolve(requested: str, device: torch.device) -> str:
         }[requested]
         if requested == "triton" and (problem := triton_problem()):
             why = f"needs fastbert's Triton kernels, and {problem}"
+        if requested == "cuda" and device.type == "cuda" and (problem := cuda_runtime_problem()):
+            why = f"needs a newer NVIDIA driver: {problem}"
         if problem := capability_problem(device):
             why = f"needs a newer GPU: {problem}"
         if requested == "triton" and device.type != "cuda" and _interpreter_asked() and not interpreter_on():
