@@ -408,9 +408,12 @@ def backend_unusable(backend: str, device: torch.device) -> Optional[str]:
     run with this numpy, is a skip with its reason, not an error from deep inside a launch."""
     from fastbert.ops import _backend
 
+    if problem := _backend.capability_problem(device):    # a T4, a V100, an AMD GPU
+        return f"{backend} backend not usable here: {problem}"
     if backend == "cuda":
-        return None if "cuda" in _backend.available_backends(device) else \
-            "fastbert cuda backend not usable here (fastbert._C not built)"
+        if "cuda" in _backend.available_backends(device):
+            return None
+        return f"fastbert cuda backend not usable here: {_backend.cuda_runtime_problem() or 'fastbert._C not built'}"
     if problem := _backend.triton_problem():
         return f"triton backend not usable here: {problem}"
     if device.type != "cuda":

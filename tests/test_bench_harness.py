@@ -2,6 +2,7 @@
 saving inside a case group, derived ratios, the work formulas checked by hand, the newest run, the
 targets table, and the timing loops (the GPU one on a simulated stream) on fake clocks. No real
 timing is asserted."""
+import contextlib
 import dataclasses
 import json
 import time
@@ -775,3 +776,41 @@ def test_triton_rows_run_where_the_interpreter_can(monkeypatch):
     monkeypatch.setattr(_backend, "interpreter_problem", lambda: None)
     rows = bench_attention.cases("quick", harness.Settings.make(CPU, quick=True), compile_scope="none")
     assert {c.impl for c in rows if c.status == "ok"} >= {"triton", "triton_fa2d", "eager", "sdpa_math"}
+
+
+@pytest.mark.parametrize("gpu", ["old", "old driver"])
+def test_kernel_rows_on_a_gpu_the_kernels_cannot_use_skip_with_the_reason(monkeypatch, gpu):
+    """A T4 (compute capability 7.5): the triton rows ran (and the *_fa2d rows call the kernels
+    directly) and the cuda row said "fastbert._C not built". A driver older than _C's CUDA: the cuda
+    row said the same. Each row now skips with the reason fastbert.ops gives."""
+    import torch
+    from fastbert.ops import _backend
+
+    class Extension:
+        CUDART_VERSION = 13000
+
+        @staticmethod
+        def device_count():
+            if gpu == "old driver":
+                raise RuntimeError("CUDA driver version is insufficient for CUDA runtime version")
+            return 1
+
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "current_device", lambda: 0)
+    monkeypatch.setattr(_backend, "_device_capability",
+                        lambda index: (7, 5, "Tesla T4") if gpu == "old" else (9, 0, "NVIDIA H100"))
+    monkeypatch.setattr(_backend, "triton_importable", lambda: True)
+    monkeypatch.setattr(_backend, "triton_problem", lambda: None)
+    monkeypatch.setattr(_backend, "cuda_extension", lambda: Extension)
+    cuda = torch.device("cuda")
+    rows = pytest.warns(UserWarning) if gpu == "old driver" else contextlib.nullcontext()
+    with rows:
+        got = harness.kernel_rows(cuda, lambda backend: f"run {backend}")
+    if gpu == "old":
+        for backend in ("triton", "cuda"):
+            fn, status, note = got[backend]
+            assert fn is None and status == "skipped" and "Tesla T4) has compute capability 7.5" in note, note
+    else:
+        assert got["triton"] == ("run triton", "ok", "")
+        fn, status, note = got["cuda"]
+        assert fn is None and status == "skipped" and "built with CUDA 13.0" in note and "insufficient" in note, note
