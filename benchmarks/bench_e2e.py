@@ -362,7 +362,7 @@ def _impls(device: torch.device, compile_here: bool, key: bool, real_lengths: bo
     """impl -> (status, note) for one case (key: a tier-1 case; real_lengths: padded batches, where
     the unpadded encoder runs too)."""
     from fastbert.ops import available_backends
-    from fastbert.ops._backend import interpreter_on, resolve
+    from fastbert.ops._backend import capability_problem, cuda_runtime_problem, interpreter_on, resolve
 
     usable = available_backends(device)
     out = {name: ("ok", "") for name in ("hf_eager", "hf_sdpa")}
@@ -377,7 +377,9 @@ def _impls(device: torch.device, compile_here: bool, key: bool, real_lengths: bo
         if backend not in usable:
             if backend == "cuda" and device.type != "cuda":
                 continue
-            out[name] = ("skipped", f"fastbert backend {backend!r} not usable here (usable: {', '.join(usable)})")
+            why = capability_problem(device) or (cuda_runtime_problem() if backend == "cuda" else None)
+            out[name] = ("skipped", f"fastbert backend {backend!r} not usable here (usable: {', '.join(usable)})"
+                         + (f": {why}" if why else ""))
             continue
         interpreted = backend == "triton" and device.type != "cuda"
         out[name] = ("ok", "") if key or not interpreted else \

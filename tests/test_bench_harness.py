@@ -810,6 +810,9 @@ def test_kernel_rows_on_a_gpu_the_kernels_cannot_use_skip_with_the_reason(monkey
         for backend in ("triton", "cuda"):
             fn, status, note = got[backend]
             assert fn is None and status == "skipped" and "Tesla T4) has compute capability 7.5" in note, note
+        impls = bench_e2e._impls(cuda, compile_here=False, key=True)
+        assert all(impls[f"fb_{b}"][0] == "skipped" and "compute capability 7.5" in impls[f"fb_{b}"][1]
+                   for b in ("triton", "cuda")) and impls["fb_torch"] == ("ok", ""), impls
     else:
         assert got["triton"] == ("run triton", "ok", "")
         fn, status, note = got["cuda"]
