@@ -320,7 +320,7 @@ def _resolve(requested: str, device: torch.device) -> str:
         if requested == "cuda" and device.type == "cuda" and (problem := cuda_runtime_problem()):
             why = f"needs a newer NVIDIA driver: {problem}"
         if problem := capability_problem(device):
-            why = f"needs a newer GPU: {problem}"
+            why = f"needs an NVIDIA GPU of compute capability 8.0 or newer: {problem}"
         if requested == "triton" and device.type != "cuda" and _interpreter_asked() and not interpreter_on():
             why = ("needs TRITON_INTERPRET=1 set before fastbert is imported: triton.jit reads it when it builds "
                    "the kernels, and these were built for a GPU")
