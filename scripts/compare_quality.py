@@ -249,7 +249,8 @@ steps rounded up, from lr 0; clipping at 1.0; weight decay 0.01 off biases and L
 length-grouped sampler; its seeding and data order), scored by the same evaluation. fastbert's
 Trainer warms up over int(10% of the steps) starting at lr / (warm-up + 1), and buckets by length
 with its own sampler, so these runs differ from fastbert's in schedule and batch order as well as
-in the model code.
+in the model code. The transformers' Trainer runs date from 2026-11-29, the others from 2026-11-26:
+their wall times compare even less than the first table's.
 
 """
 
