@@ -647,6 +647,23 @@ def test_gpu_head_dims(D, dtype):
 
 
 @pytest.mark.gpu
+@pytest.mark.parametrize("D", [128, 80])
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+def test_gpu_tiles_for_99_kb_of_shared_memory(monkeypatch, D, dtype):
+    """The tiles an sm_86/sm_89/sm_120 GPU gets past head_dim 64 (they fit any GPU of 8.0+), run here
+    at real sizes: never timed or run on a GPU before a lent H100/H200 runs this."""
+    import fastbert.kernels.attention as KA
+
+    small = {"fwd": KA._fwd_config(D, dtype, 101376), "bwd_dq": KA._bwd_dq_config(D, dtype, 101376),
+             "bwd": KA._bwd_config(D, dtype, 101376)}
+    assert small["fwd"] != KA._fwd_config(D, dtype, None)
+    monkeypatch.setattr(KA, "CONFIG_OVERRIDE", small)
+    gen = torch.Generator().manual_seed(41)
+    q, k, v = qkv((4, 300, 4, D), dtype, gen)
+    _check_all(q, k, v, key_mask("random", 4, 300, gen), dropout_p=0.1, seed=5)
+
+
+@pytest.mark.gpu
 @pytest.mark.parametrize("dropout_p", [0.0, 0.1])
 def test_gpu_more_than_65535_batch_heads(dropout_p):
     """B * H = 4,097 x 16 = 65,552 (batch x heads) stood on grid axis y, which stops at 65,535 programs: the
