@@ -76,7 +76,8 @@ def test_hf_trainer_arguments_are_the_budget_in_transformers_terms(cq, tmp_path)
     args = cq.hf_trainer_arguments(tmp_path, budget, seed=2, total_steps=25, device=torch.device("cpu"))
     assert (args.learning_rate, args.per_device_train_batch_size, args.num_train_epochs, args.seed) == (8e-5, 32, 3, 2)
     assert args.warmup_steps == 3   # transformers rounds 10% of 25 steps up; fastbert's Trainer takes int(2.5)
-    assert (args.weight_decay, args.max_grad_norm, str(args.lr_scheduler_type)) == (0.01, 1.0, "SchedulerType.LINEAR")
+    schedule = getattr(args.lr_scheduler_type, "value", args.lr_scheduler_type)
+    assert (args.weight_decay, args.max_grad_norm, schedule) == (0.01, 1.0, "linear")
     sampler = getattr(args, "train_sampling_strategy", None) or ("group_by_length" if args.group_by_length else None)
     assert sampler == "group_by_length"
 
