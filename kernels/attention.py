@@ -345,8 +345,8 @@ def _max_shared(device: torch.device) -> int | None:
     return _max_shared_of(device.index if device.index is not None else torch.cuda.current_device())
 
 
-def _small_shared(head_dim: int, dtype: torch.dtype, max_shared: int | None) -> bool:
-    return max_shared is not None and max_shared < BIG_TILES_SHARED and head_dim > 64 and dtype != torch.float32
+def _small_shared(max_shared: int | None) -> bool:
+    return max_shared is not None and max_shared < BIG_TILES_SHARED
 
 
 def _fwd_config(head_dim: int, dtype: torch.dtype, max_shared: int | None = None) -> dict:
@@ -363,7 +363,7 @@ def _fwd_config(head_dim: int, dtype: torch.dtype, max_shared: int | None = None
         return dict(_FP32_TILE)
     if head_dim <= 64:  # H200, B=32 H=12 D=64 fp16: 18 us at S=128, 100 us at S=512 (128x64: 43, 114)
         return dict(BLOCK_M=64, BLOCK_N=64, num_warps=4, num_stages=3)
-    if _small_shared(head_dim, dtype, max_shared):  # see BIG_TILES_SHARED
+    if _small_shared(max_shared):  # see BIG_TILES_SHARED
         return dict(BLOCK_M=64, BLOCK_N=64, num_warps=8, num_stages=2)
     return dict(BLOCK_M=128, BLOCK_N=64, num_warps=8, num_stages=3)
 
@@ -377,7 +377,7 @@ def _bwd_dq_config(head_dim: int, dtype: torch.dtype, max_shared: int | None = N
         return dict(_FP32_TILE)
     if head_dim <= 64:  # H200 sweep: within 2% of the best of 128x32/4, 128x64/8
         return dict(BLOCK_M=64, BLOCK_N=64, num_warps=4, num_stages=3)
-    if _small_shared(head_dim, dtype, max_shared):
+    if _small_shared(max_shared):
         return dict(BLOCK_M=64, BLOCK_N=32, num_warps=8, num_stages=2)
     return dict(BLOCK_M=128, BLOCK_N=32, num_warps=8, num_stages=2)
 
@@ -392,7 +392,7 @@ def _bwd_config(head_dim: int, dtype: torch.dtype, max_shared: int | None = None
         return dict(_FP32_TILE)
     if head_dim <= 64:  # H200 sweep: best of 32x128/4, 64x128/8, 64x64/4, 32x128/8
         return dict(BLOCK_M=32, BLOCK_N=128, num_warps=4, num_stages=3)
-    if _small_shared(head_dim, dtype, max_shared):
+    if _small_shared(max_shared):
         return dict(BLOCK_M=32, BLOCK_N=64, num_warps=8, num_stages=2)
     return dict(BLOCK_M=32, BLOCK_N=128, num_warps=8, num_stages=2)
 

@@ -121,20 +121,6 @@ def hf_trainer_arguments(out_dir, budget, seed, total_steps, device):
     return transformers.TrainingArguments(**kwargs)
 
 
-class _Features(torch.utils.data.Dataset):
-    """The features as transformers' Trainer wants a dataset: items with input_ids (its length
-    grouping reads them), collated by fastbert.data.collate."""
-
-    def __init__(self, features):
-        self.features = features
-
-    def __len__(self):
-        return len(self.features)
-
-    def __getitem__(self, i):
-        return self.features[i]
-
-
 def _hf_collate(features):
     batch = data.collate(features)
     return {k: v for k, v in batch.items() if k in HF_INPUTS}
@@ -144,7 +130,8 @@ def train_with_hf_trainer(model, train_data, dev_eval, out_dir, budget, seed, de
     """Fine-tune transformers' model with transformers' own Trainer; the summary fastbert's Trainer gives."""
     total_steps = math.ceil(len(train_data.features) / budget["batch_size"]) * budget["epochs"]
     args = hf_trainer_arguments(out_dir, budget, seed, total_steps, device)
-    trainer = transformers.Trainer(model=model, args=args, train_dataset=_Features(train_data.features),
+    # The feature list is the dataset: its dicts hold the input_ids the length grouping reads.
+    trainer = transformers.Trainer(model=model, args=args, train_dataset=train_data.features,
                                    data_collator=_hf_collate)
     started = time.perf_counter()
     result = trainer.train()

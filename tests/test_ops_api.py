@@ -760,6 +760,18 @@ class _WorkingExtension:
         return 2
 
 
+def _simulate_gpu(monkeypatch, capability, name, extension=_WorkingExtension, current=0):
+    """torch.cuda answers as a machine with this GPU would; triton imports and fastbert._C is `extension`."""
+    from fastbert.ops import _backend
+
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "current_device", lambda: current)
+    monkeypatch.setattr(_backend, "_device_capability", lambda index: (*capability, name))
+    monkeypatch.setattr(_backend, "triton_importable", lambda: True)
+    monkeypatch.setattr(_backend, "triton_problem", lambda: None)
+    monkeypatch.setattr(_backend, "cuda_extension", lambda: extension)
+
+
 @pytest.mark.parametrize("capability, name, kernels", [((7, 5), "Tesla T4", False), ((7, 0), "Tesla V100-SXM2-16GB", False),
                                                        ((8, 0), "NVIDIA A100-SXM4-80GB", True),
                                                        ((9, 0), "NVIDIA H200", True), ((12, 0), "NVIDIA RTX 5090", True)])
@@ -769,12 +781,7 @@ def test_a_gpu_older_than_ampere_runs_on_the_torch_backend(monkeypatch, capabili
     image"). Simulated without a GPU: the device's capability, an importable triton and a built _C."""
     from fastbert.ops import _backend
 
-    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
-    monkeypatch.setattr(torch.cuda, "current_device", lambda: 1)
-    monkeypatch.setattr(_backend, "_device_capability", lambda index: (*capability, name))
-    monkeypatch.setattr(_backend, "triton_importable", lambda: True)
-    monkeypatch.setattr(_backend, "triton_problem", lambda: None)
-    monkeypatch.setattr(_backend, "cuda_extension", lambda: _WorkingExtension)
+    _simulate_gpu(monkeypatch, capability, name, current=1)
     for device in (torch.device("cuda"), torch.device("cuda:1")):
         if kernels:
             assert _backend.available_backends(device) == ["torch", "triton", "cuda"]
@@ -796,12 +803,8 @@ def test_an_amd_gpu_runs_on_the_torch_backend(monkeypatch):
     fastbert's kernels there, built and tested for NVIDIA GPUs only."""
     from fastbert.ops import _backend
 
-    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
-    monkeypatch.setattr(torch.cuda, "current_device", lambda: 0)
+    _simulate_gpu(monkeypatch, (9, 4), "AMD Instinct MI300X")
     monkeypatch.setattr(torch.version, "hip", "6.2.41133")
-    monkeypatch.setattr(_backend, "_device_capability", lambda index: (9, 4, "AMD Instinct MI300X"))
-    monkeypatch.setattr(_backend, "triton_importable", lambda: True)
-    monkeypatch.setattr(_backend, "cuda_extension", lambda: _WorkingExtension)
     assert _backend.available_backends("cuda") == ["torch"] and _backend._resolve("auto", torch.device("cuda")) == "torch"
     with pytest.raises(RuntimeError, match=r"'triton' cannot run .*MI300X\) is an AMD GPU"):
         _backend._resolve("triton", torch.device("cuda"))
@@ -819,12 +822,7 @@ def test_a_driver_older_than_the_extensions_cuda_turns_the_cuda_backend_off(monk
             raise RuntimeError("CUDA error: CUDA driver version is insufficient for CUDA runtime version "
                                "(cudaGetDeviceCount)")
 
-    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
-    monkeypatch.setattr(torch.cuda, "current_device", lambda: 0)
-    monkeypatch.setattr(_backend, "_device_capability", lambda index: (9, 0, "NVIDIA H100 80GB HBM3"))
-    monkeypatch.setattr(_backend, "triton_importable", lambda: True)
-    monkeypatch.setattr(_backend, "triton_problem", lambda: None)
-    monkeypatch.setattr(_backend, "cuda_extension", lambda: OldDriver)
+    _simulate_gpu(monkeypatch, (9, 0), "NVIDIA H100 80GB HBM3", OldDriver)
     with pytest.warns(UserWarning, match="the 'cuda' backend is off"):
         assert _backend.available_backends("cuda") == ["torch", "triton"]
     assert _backend._resolve("auto", torch.device("cuda")) == "triton"

@@ -218,8 +218,8 @@ def available_backends(device: torch.device | str = "cuda") -> list[str]:
         return found
     if triton_importable() and (device.type == "cuda" or interpreter_on()):
         found.append("triton")
-    if device.type == "cuda" and torch.cuda.is_available() and cuda_extension() is not None \
-            and cuda_runtime_problem() is None:
+    if device.type == "cuda" and torch.cuda.is_available() and (ext := cuda_extension()) is not None \
+            and _runtime_problem(ext) is None:
         found.append("cuda")
     return found
 
