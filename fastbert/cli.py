@@ -154,10 +154,27 @@ def _undefined_note(scores: dict) -> str | None:
 
 
 def cmd_finetune(args) -> int:
+    from fastbert import distributed
+
+    if not distributed.launched_by_torchrun():
+        return _finetune(args, _device(args.device))
+    # torchrun: one process per GPU (or a few on the CPU, over gloo); rank 0 reports and writes.
+    joined = not torch.distributed.is_initialized()
+    device = distributed.init_from_env(args.device)
+    try:
+        return _finetune(args, device)
+    finally:
+        if joined:
+            torch.distributed.destroy_process_group()
+
+
+def _finetune(args, device) -> int:
     import fastbert
-    from fastbert import data, tasks, train
+    from fastbert import data, distributed, tasks, train
     from fastbert.config import BertConfig
 
+    rank, world = distributed.rank_and_world()
+    say = print if rank == 0 else (lambda *_, **__: None)
     if args.task is None and args.task_type is None:
         raise ValueError("give --task (a preset) or --task-type")
     if args.compile and args.unpad:
@@ -200,7 +217,6 @@ def cmd_finetune(args) -> int:
     check_writable("--out", args.out, folder=True)
     if args.metrics_json:
         check_writable("--metrics-json", args.metrics_json, folder=False)
-    device = _device(args.device)
     overrides = dict(max_seq_len=args.max_seq_len, doc_stride=args.doc_stride, max_answer_len=args.max_answer_len,
                      max_question_len=args.max_question_len,
                      text_cols=args.text_cols, label_col=args.label_col, header=False if args.no_header else None)
@@ -230,9 +246,10 @@ def cmd_finetune(args) -> int:
     model = tasks.build_model(spec, args.model, args.backend).to(device)
     model.bert.unpad = args.unpad
     model.bert.gradient_checkpointing = args.gradient_checkpointing
-    print(fastbert.ops.describe_default(device) if args.backend is None else f"fastbert: backend {args.backend!r}")
-    print(f"task {spec.name} ({spec.kind}): {len(train_data.features)} training features"
-          + (f", {len(dev_data.features)} dev features" if dev_data else ""))
+    say(fastbert.ops.describe_default(device) if args.backend is None else f"fastbert: backend {args.backend!r}")
+    say(f"task {spec.name} ({spec.kind}): {len(train_data.features)} training features"
+        + (f", {len(dev_data.features)} dev features" if dev_data else "")
+        + (f"; {world} processes, {args.batch_size} examples a batch each" if world > 1 else ""))
     evaluate = (lambda m: tasks.evaluate(m, spec, dev_data, args.eval_batch_size)) if dev_data else None
     def save_model(model, folder):  # checkpoints with the tokenizer: each is a --model folder too
         model.save_pretrained(folder)
@@ -244,14 +261,16 @@ def cmd_finetune(args) -> int:
                        save_model) as trainer:
         if args.resume:
             if trainer.resume():
-                print(f"resumed from step {trainer.step}")
+                say(f"resumed from step {trainer.step}")
             else:
-                print(f"--resume: no checkpoint in {args.out} yet; starting from the beginning")
+                say(f"--resume: no checkpoint in {args.out} yet; starting from the beginning")
         summary = trainer.train()
+        if rank != 0:
+            return 0
         model.save_pretrained(final)
         tokenizer.save(final)
     summary.update(task=spec.name, kind=spec.kind, model=str(args.model), device=str(device),
-                   backend=args.backend or "auto", unpad=args.unpad,
+                   backend=args.backend or "auto", unpad=args.unpad, processes=world,
                    gradient_checkpointing=args.gradient_checkpointing, compile=args.compile, train_features=len(train_data.features),
                    total_wall_time_s=time.perf_counter() - started, saved_to=str(final),
                    final_metrics=summary["epochs"][-1] if summary["epochs"] else {})
@@ -591,7 +610,9 @@ def build_parser():
     ft = sub.add_parser("finetune", help="fine-tune a pretrained BERT on a task",
                         description="Fine-tune a pretrained BERT: a task preset (--task) or your own data "
                                     "(--task-type with --text-cols/--label-col). The model, tokenizer and the "
-                                    "task's settings go to OUT/model; the newest checkpoint to OUT/checkpoint-STEP.")
+                                    "task's settings go to OUT/model; the newest checkpoint to OUT/checkpoint-STEP. "
+                                    "On several GPUs: torchrun --nproc-per-node N -m fastbert finetune ... (each "
+                                    "process takes --batch-size examples a batch; their gradients are summed).")
     ft.add_argument("--task", choices=sorted(__import__("fastbert.tasks", fromlist=["PRESETS"]).PRESETS),
                     help="a preset: reader, head and metric (GLUE TSV for sst2/cola/mrpc/rte/stsb, CoNLL-U "
                          "UPOS for pos, SQuAD v1.1 JSON for squad)")
@@ -709,6 +730,12 @@ def main(argv=None) -> int:
         return bench_main(argv[1:])
     args = build_parser().parse_args(argv)
     try:
+        from fastbert.distributed import launched_by_torchrun
+
+        if args.command != "finetune" and launched_by_torchrun():
+            # each process would do the whole job and print it again
+            raise ValueError("only finetune runs over several processes (WORLD_SIZE > 1); run "
+                             f"{args.command} as one process")
         with _callers_cuda_device_kept():
             return args.run(args)
     except (ValueError, OSError, RuntimeError, FloatingPointError) as err:

@@ -8,6 +8,9 @@ position inside the epoch and the RNG states (torch's, which dropout draws from,
 and numpy's, which a collate that augments may draw from), so an
 interrupted CPU run that resumes ends with the same weights as one that never
 stopped (tests/test_train.py).
+
+Under torchrun the processes split each optimizer step's batches and sum their gradients
+(fastbert/distributed.py): N processes with batch b update as one with batch b and grad_accum N.
 """
 from __future__ import annotations
 
@@ -30,6 +33,7 @@ from typing import Callable, Sequence
 import numpy as np
 import torch
 
+from . import distributed
 from .checkpoint import atomic_write_bytes, atomic_write_text
 from .heads import IGNORE_INDEX
 from .metrics import to_json
@@ -257,8 +261,13 @@ class Trainer:
         self._out_lock = None  # the open lock file while this Trainer holds cfg.out (_hold_out)
         self._held_by_with = False  # inside `with trainer:`, which holds cfg.out to its end
         self.device = next(model.parameters()).device
+        # Under torchrun: each optimizer step takes grad_accum batches per process (fastbert/distributed.py).
+        self.rank, self.world = distributed.rank_and_world()
+        if self.world > 1:
+            distributed.check_device(self.device)
+            distributed.broadcast_model(model)
         self.batches_per_epoch = math.ceil(len(features) / config.batch_size)
-        steps_per_epoch = math.ceil(self.batches_per_epoch / config.grad_accum)
+        steps_per_epoch = math.ceil(self.batches_per_epoch / (config.grad_accum * self.world))
         self.total_steps = config.max_steps or steps_per_epoch * config.epochs
         self.epochs = math.ceil(self.total_steps / steps_per_epoch)
         # On a GPU the fused AdamW: one kernel for every parameter's update instead of a few per tensor.
@@ -295,23 +304,28 @@ class Trainer:
         """Write checkpoint-<step>/ (model in HF layout + trainer_state.pt), then point
         `latest` at it atomically; a crash mid-write leaves the previous one intact."""
         self._check_weights_finite()
+        folder = self.cfg.out / f"checkpoint-{self.step}"
+        rng = self._rng_states()
+        if self.world > 1:
+            # Each process's generators (dropout differs between them); rank 0 writes them all.
+            ranks = distributed.gather_to_first(rng)
+            if self.rank != 0:
+                distributed.barrier()
+                return folder
         self.cfg.out.mkdir(parents=True, exist_ok=True)
         self._finish_interrupted_save()
-        folder = self.cfg.out / f"checkpoint-{self.step}"
         staging = self.cfg.out / f".staging-checkpoint-{self.step}"
         shutil.rmtree(staging, ignore_errors=True)
         self.save_model(self.model, staging)
         state = {
             "optimizer": self.optimizer.state_dict(), "scheduler": self.scheduler.state_dict(),
             "step": self.step, "epoch": self.epoch, "batch_in_epoch": self.batch_in_epoch,
-            "cpu_rng": torch.get_rng_state(), "history": json.dumps(self.history),
+            "history": json.dumps(self.history),
             "running": json.dumps(self._running), "run": json.dumps(self._run_identity()),
-            # The training device's generator (cuda:1's dropout seeds), not the current device's.
-            "cuda_rng": torch.cuda.get_rng_state(self.device) if self.device.type == "cuda" else torch.empty(0, dtype=torch.uint8),
-            "scaler": self.scaler.state_dict() if self.scaler else {},
-            # as JSON text, which torch.load(weights_only=True) reads back (a numpy array it refuses)
-            "py_rng": json.dumps(random.getstate()), "np_rng": json.dumps(_numpy_rng_state()),
+            "scaler": self.scaler.state_dict() if self.scaler else {}, **rng,
         }
+        if self.world > 1:
+            state["ranks"] = ranks
         buffer = io.BytesIO()
         torch.save(state, buffer)
         atomic_write_bytes(staging / "trainer_state.pt", buffer.getvalue())
@@ -339,7 +353,18 @@ class Trainer:
                 os.replace(previous, trash)
         for stale in self.cfg.out.glob(".staging-checkpoint-*"):  # left by a run killed mid-write
             shutil.rmtree(stale, ignore_errors=True)
+        if self.world > 1:
+            distributed.barrier()
         return folder
+
+    def _rng_states(self) -> dict:
+        return {
+            "cpu_rng": torch.get_rng_state(),
+            # The training device's generator (cuda:1's dropout seeds), not the current device's.
+            "cuda_rng": torch.cuda.get_rng_state(self.device) if self.device.type == "cuda" else torch.empty(0, dtype=torch.uint8),
+            # as JSON text, which torch.load(weights_only=True) reads back (a numpy array it refuses)
+            "py_rng": json.dumps(random.getstate()), "np_rng": json.dumps(_numpy_rng_state()),
+        }
 
     def _hold_out(self) -> None:
         """Hold cfg.out for this Trainer (from resume() or train() to the end of train(), or for a
@@ -347,7 +372,7 @@ class Trainer:
         writing one folder shared the staging names, and could leave a checkpoint of one run's
         weights beside the other's optimizer state, which a resume accepted. flock is released by
         the kernel when the process dies, so a killed run never leaves the folder locked."""
-        if self._out_lock is not None:
+        if self._out_lock is not None or self.rank != 0:  # under torchrun only rank 0 writes
             return
         try:
             import fcntl
@@ -403,7 +428,9 @@ class Trainer:
                 "bucket_by_length": self.cfg.bucket_by_length,
                 "total_steps": self.total_steps, "lr": self.cfg.lr, "warmup_ratio": self.cfg.warmup_ratio,
                 "weight_decay": self.cfg.weight_decay, "max_grad_norm": self.cfg.max_grad_norm,
-                "precision": str(self.autocast or torch.float32).removeprefix("torch.")}
+                "precision": str(self.autocast or torch.float32).removeprefix("torch."),
+                # each process keeps its own generators: a checkpoint holds as many as wrote it
+                "world_size": self.world}
 
     def _pointer(self) -> str | None:
         """What `latest` holds, or None when there is none."""
@@ -448,7 +475,10 @@ class Trainer:
     def _resume(self) -> bool:
         if self._pointer() is None:
             return False
-        self._finish_interrupted_save()
+        if self.rank == 0:
+            self._finish_interrupted_save()
+        if self.world > 1:  # the others read `latest` once rank 0 has settled it
+            distributed.barrier()
         folder = self._latest()
         if folder is None or folder.name.startswith("."):
             pointer = self.cfg.out / "latest"
@@ -467,13 +497,16 @@ class Trainer:
             raise ValueError(f"cannot resume: {path} is not a fastbert trainer state (it lacks "
                              f"{lacking if isinstance(state, dict) else needed}; holds {got})")
         if "run" in state:
-            saved, now = json.loads(state["run"]), self._run_identity()
+            saved, now = {"world_size": 1, **json.loads(state["run"])}, self._run_identity()
             changed = [f"{k}={saved[k]!r} there, {now[k]!r} now" for k in now if k in saved and saved[k] != now[k]]
             if changed:
                 raise ValueError(f"cannot resume from {folder}: it was written by a run with other data or settings "
                                  f"({'; '.join(changed)}); resume with the same ones, or train into a fresh folder "
                                  "(from these weights: the checkpoint folder is a model folder, `fastbert "
                                  "finetune --model` takes it)")
+        if self.world > 1 and len(state.get("ranks", ())) != self.world:
+            raise ValueError(f"cannot resume: {path} holds the generators of {len(state.get('ranks', ())) or 1} "
+                             f"process(es), this run has {self.world}")
         # Everything is checked before anything is loaded: a refused resume leaves the model as it was
         # (a caller who catches the error and trains afresh would have started from these weights).
         loaded = type(self.model).from_pretrained(folder)
@@ -483,16 +516,17 @@ class Trainer:
         self.step, self.epoch, self.batch_in_epoch = state["step"], state["epoch"], state["batch_in_epoch"]
         self.history = json.loads(state["history"])
         self._running = json.loads(state.get("running", "[]"))
-        torch.set_rng_state(state["cpu_rng"])
-        if self.device.type == "cuda" and state["cuda_rng"].numel():
-            torch.cuda.set_rng_state(state["cuda_rng"], self.device)
         if self.scaler and state["scaler"]:
             self.scaler.load_state_dict(state["scaler"])
-        if "py_rng" in state:  # checkpoints written before these were saved lack them
-            version, internal, gauss = json.loads(state["py_rng"])
+        rng = state["ranks"][self.rank] if self.world > 1 else state
+        torch.set_rng_state(rng["cpu_rng"])
+        if self.device.type == "cuda" and rng["cuda_rng"].numel():
+            torch.cuda.set_rng_state(rng["cuda_rng"], self.device)
+        if "py_rng" in rng:  # checkpoints written before these were saved lack them
+            version, internal, gauss = json.loads(rng["py_rng"])
             random.setstate((version, tuple(internal), gauss))
-        if "np_rng" in state:
-            name, keys, pos, has_gauss, cached = json.loads(state["np_rng"])
+        if "np_rng" in rng:
+            name, keys, pos, has_gauss, cached = json.loads(rng["np_rng"])
             np.random.set_state((name, np.array(keys, dtype=np.uint32), pos, has_gauss, cached))
         return True
 
@@ -507,7 +541,7 @@ class Trainer:
         with self._autocast():
             return self.evaluate_fn(self.model)
 
-    def _forward_backward(self, batch, scale: float) -> tuple[float, int]:
+    def _forward_backward(self, batch, scale: float) -> tuple[torch.Tensor, int]:
         # on the host still: no device sync. A collate of its own may leave the mask out (the model
         # takes None: every token real)
         mask = batch.get("attention_mask")
@@ -516,12 +550,28 @@ class Trainer:
         with self._autocast():
             loss = self._train_forward(**batch).loss
         (self.scaler.scale(loss * scale) if self.scaler else loss * scale).backward()
-        # One sync a step, after the backward is queued; a bad loss stops the run before the
-        # optimizer step can spread it into the weights.
-        value = loss.item()
+        return loss.detach(), tokens
+
+    def _check_loss(self, value: float) -> float:
+        # A bad loss stops the run before the optimizer step can spread it into the weights.
         if not math.isfinite(value):
             raise FloatingPointError(f"loss became {value} at step {self.step}: lower --lr or use fp32")
-        return value, tokens
+        return value
+
+    def _sum_over_processes(self, group_size: int, losses: dict, tokens: int) -> tuple[dict, int]:
+        """Under torchrun: every process's losses and token count for this step, then the gradients
+        summed (fastbert/distributed.py). A bad loss on any process stops all of them here, before the
+        gradients move."""
+        params = list(self.model.parameters())
+        record = torch.zeros(1 + 2 * group_size + len(params), dtype=torch.float64, device=self.device)
+        record[0] = tokens
+        for i, loss in losses.items():
+            record[1 + i], record[1 + group_size + i] = loss, 1.0
+        record[1 + 2 * group_size:] = torch.tensor([p.grad is not None for p in params], dtype=torch.float64)
+        values = distributed.sum_step_record(record).tolist()
+        losses = {i: self._check_loss(values[1 + i]) for i in range(group_size) if values[1 + group_size + i]}
+        distributed.sum_gradients(params, [used > 0 for used in values[1 + 2 * group_size:]])
+        return losses, int(values[0])
 
     def _optimizer_step(self):
         # A group without one labelled item ran no backward: no update, but the step and the schedule
@@ -566,7 +616,9 @@ class Trainer:
         if self.step == 0 and self.epoch == 0 and self.batch_in_epoch == 0:
             # Dropout draws from torch; a collate may draw from Python's or numpy's generator (as
             # transformers' set_seed covers). A resumed run restores the saved states instead.
-            torch.manual_seed(self.cfg.seed)
+            # Under torchrun dropout differs between processes; every process collates the whole
+            # group, so Python's and numpy's generators stay the same on all.
+            torch.manual_seed(self.cfg.seed + 1_000_003 * self.rank)
             random.seed(self.cfg.seed)
             np.random.seed(self.cfg.seed % 2**32)
         # tok/s: real tokens (the attention mask's ones, no padding) over training time, which
@@ -581,7 +633,8 @@ class Trainer:
             finally:
                 not_training += time.perf_counter() - begun
 
-        bar = tqdm(total=self.total_steps, initial=self.step, disable=not self.cfg.progress, unit="step", dynamic_ncols=True)
+        bar = tqdm(total=self.total_steps, initial=self.step, disable=not self.cfg.progress or self.rank != 0,
+                   unit="step", dynamic_ncols=True)
         # An epoch left open by a checkpoint at the last step (save_every) is still closed: its record and evaluation.
         while self.epoch < self.epochs and (self.step < self.total_steps or self.batch_in_epoch > 0):
             batches = epoch_batches(len(self.features), self.cfg.batch_size, self.cfg.seed, self.epoch, self.lengths)
@@ -589,18 +642,26 @@ class Trainer:
                 self._running = []
             running = self._running
             while self.batch_in_epoch < len(batches) and self.step < self.total_steps:
+                group_end = self.batch_in_epoch + self.cfg.grad_accum * self.world
                 group = [self.collate([self.features[i] for i in indices])
-                         for indices in batches[self.batch_in_epoch:self.batch_in_epoch + self.cfg.grad_accum]]
+                         for indices in batches[self.batch_in_epoch:group_end]]
                 # The group's gradient is that of one batch holding all of it: each batch's mean loss
                 # weighs its share of the group's loss terms, not 1/len(group) (a short last batch,
                 # tagging batches with unequal labelled-token counts). A batch with no labelled term
-                # adds nothing (its mean would be 0/0).
+                # adds nothing (its mean would be 0/0). Under torchrun this process trains on every
+                # world-th batch of the group.
                 items = [loss_items(batch) for batch in group]
-                for batch, n in zip(group, items):
-                    if n:
-                        loss, tokens = self._forward_backward(batch, n / sum(items))
-                        running.append(loss)
-                        tokens_seen += tokens
+                losses, tokens = {}, 0
+                for i in range(self.rank, len(group), self.world):
+                    if items[i]:
+                        losses[i], batch_tokens = self._forward_backward(group[i], items[i] / sum(items))
+                        tokens += batch_tokens
+                        if self.world == 1:  # one host sync a batch, after its backward is queued
+                            losses[i] = self._check_loss(losses[i].item())
+                if self.world > 1:
+                    losses, tokens = self._sum_over_processes(len(group), losses, tokens)
+                running.extend(losses[i] for i in sorted(losses))
+                tokens_seen += tokens
                 self._optimizer_step()
                 self.batch_in_epoch += len(group)
                 elapsed = time.perf_counter() - started - not_training
@@ -616,10 +677,13 @@ class Trainer:
             record = {"epoch": self.epoch + 1, "step": self.step,
                       "train_loss": sum(running) / max(1, len(running))}
             if self.evaluate_fn is not None:
-                record.update(aside(self._evaluate))
+                # under torchrun rank 0 evaluates, and every process keeps its scores
+                scores = aside(self._evaluate) if self.rank == 0 else None
+                record.update(distributed.from_first(scores) if self.world > 1 else scores)
                 self.model.train()
             self.history.append(record)
-            bar.write(to_json(record))  # null, not NaN, for an undefined metric: the line stays JSON
+            if self.rank == 0:
+                bar.write(to_json(record))  # null, not NaN, for an undefined metric: the line stays JSON
             self.epoch, self.batch_in_epoch = self.epoch + 1, 0
             if self.cfg.save_every is None:
                 aside(self.save_checkpoint)

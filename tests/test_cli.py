@@ -470,15 +470,16 @@ def test_finetune_settings_reach_the_trainer_and_metrics_json(tmp_path, capsys, 
     assert re.fullmatch("[0-9a-f]{16}", run.pop("token_ids"))          # the data's digest
     assert run == {"examples": 2, "batch_size": 1, "grad_accum": 2, "seed": 7,
                    "bucket_by_length": False, "total_steps": 1, "lr": 3e-4, "warmup_ratio": 0.5,
-                   "weight_decay": 0.2, "max_grad_norm": 1.0, "precision": "float32"}
+                   "weight_decay": 0.2, "max_grad_norm": 1.0, "precision": "float32", "world_size": 1}
     torch.manual_seed(7)
     expected = real_build(tasks.TaskSpec.preset("sst2", max_seq_len=16), "default").classifier.weight
     assert len(drawn) == 1 and torch.equal(drawn[0], expected)          # the head --seed 7 draws
 
     summary = json.loads((out / "metrics.json").read_text())
     assert {k: summary[k] for k in ("task", "kind", "model", "device", "backend", "unpad", "gradient_checkpointing",
-                                    "compile", "train_features", "saved_to", "steps", "final_metrics")} == {
+                                    "compile", "train_features", "saved_to", "steps", "final_metrics", "processes")} == {
         "task": "sst2", "kind": "single", "model": "default", "device": "cpu", "backend": "auto", "unpad": False,
+        "processes": 1,
         "gradient_checkpointing": False, "compile": None, "train_features": 2, "saved_to": str(out / "model"),
         "steps": 1, "final_metrics": summary["epochs"][-1]}
     assert summary["epochs"][-1]["train_loss"] > 0 and summary["total_wall_time_s"] >= summary["wall_time_s"] > 0

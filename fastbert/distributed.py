@@ -1,0 +1,143 @@
+"""Data-parallel fine-tuning over processes started by torchrun (one per GPU, or a few on a CPU).
+
+Every process holds the whole model and the same batch order; an optimizer step takes
+grad_accum x world_size batches and process r trains on batches r, r + world_size, ... of them.
+After the group one all-reduce sums the gradients, each batch already weighed by its share of the
+whole group's loss terms (train.loss_items), so N processes with batch b update exactly as one
+process with batch b and grad_accum N.
+
+Why not DistributedDataParallel: it all-reduces inside each backward, so every process must run
+the same number of backwards. The last step of an epoch (5 batches over 2 processes) or a batch
+without a labelled token leaves a process with fewer, and DDP would wait for it forever; so would
+the others when one process stops on a NaN loss. Here each step first sums a small record (the
+step's losses, its token count, which parameters have gradients), so every process sees a bad loss
+and stops together, and only then the gradients. The price: the gradient all-reduce waits for the
+whole backward instead of overlapping it (BERT-base: 440 MB of fp32 gradients a step).
+"""
+from __future__ import annotations
+
+import os
+from typing import Sequence
+
+import torch
+
+# Gradients are summed in flat buckets of at most this many bytes: few collectives, bounded extra memory.
+BUCKET_BYTES = 64 * 2**20
+
+
+def _dist():
+    return torch.distributed
+
+
+def rank_and_world() -> tuple[int, int]:
+    """(this process's rank, the number of processes) of the default process group; (0, 1) without one."""
+    if _dist().is_available() and _dist().is_initialized():
+        return _dist().get_rank(), _dist().get_world_size()
+    return 0, 1
+
+
+def launched_by_torchrun() -> bool:
+    """torchrun (and torch.distributed.run) sets WORLD_SIZE for each process it starts."""
+    return int(os.environ.get("WORLD_SIZE", "1") or 1) > 1
+
+
+def init_from_env(device_name: str | None) -> torch.device:
+    """Join the process group torchrun describes in the environment and return this process's device:
+    cuda:LOCAL_RANK on a machine with GPUs (NCCL), the CPU otherwise or with --device cpu (gloo)."""
+    if not _dist().is_available():
+        raise RuntimeError("WORLD_SIZE > 1 asks for several processes, but this torch build has no torch.distributed")
+    missing = [k for k in ("RANK", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT") if k not in os.environ]
+    if missing:
+        raise ValueError(f"WORLD_SIZE={os.environ['WORLD_SIZE']} but {', '.join(missing)} not set: start the "
+                         "processes with torchrun (e.g. torchrun --nproc-per-node 2 -m fastbert finetune ...)")
+    local_rank = int(os.environ["LOCAL_RANK"])
+    if device_name is None:
+        device_name = "cuda" if torch.cuda.is_available() else "cpu"
+    device = torch.device(device_name)
+    if device.type == "cuda":
+        if device.index is not None:
+            raise ValueError(f"--device {device_name}: under torchrun each process takes cuda:LOCAL_RANK; give "
+                             "--device cuda (or leave it out), and choose GPUs with CUDA_VISIBLE_DEVICES")
+        if not torch.cuda.is_available():
+            raise ValueError("--device cuda: this torch build or machine has no usable CUDA device; use --device cpu")
+        if local_rank >= torch.cuda.device_count():
+            raise ValueError(f"LOCAL_RANK {local_rank}: this machine has {torch.cuda.device_count()} CUDA device(s); "
+                             "start at most that many processes per machine")
+        device = torch.device("cuda", local_rank)
+        torch.cuda.set_device(device)
+    elif device.type != "cpu":
+        raise ValueError(f"--device must be cpu or cuda, got {device_name!r}")
+    if not _dist().is_initialized():
+        _dist().init_process_group("nccl" if device.type == "cuda" else "gloo")
+    return device
+
+
+def check_device(device: torch.device) -> None:
+    """NCCL moves only CUDA tensors: a CPU model in an NCCL group would fail at its first all-reduce."""
+    backend = _dist().get_backend()
+    if backend == "nccl" and device.type != "cuda":
+        raise ValueError(f"the process group uses NCCL, which needs the model on a GPU; the model is on {device} "
+                         "(use a gloo group for CPU training)")
+
+
+def broadcast_model(model: torch.nn.Module) -> None:
+    """Start every process from rank 0's weights (a head initialised from another seed would drift apart)."""
+    with torch.no_grad():
+        for tensor in list(model.parameters()) + list(model.buffers()):
+            _dist().broadcast(tensor.data, src=0)
+
+
+def sum_step_record(record: torch.Tensor) -> torch.Tensor:
+    """All-reduce (sum) the step's small float64 record; returns it on the host."""
+    _dist().all_reduce(record)
+    return record.cpu()
+
+
+def sum_gradients(params: Sequence[torch.nn.Parameter], used: Sequence[bool]) -> None:
+    """Sum the gradients of the parameters some process has one for (`used`, the same list on every
+    process); a process that ran no backward for one takes zeros there. A parameter no process used
+    keeps grad None, as in one process: AdamW then leaves it alone, where a zero gradient would
+    still decay it."""
+    grads = []
+    for param, wanted in zip(params, used):
+        if not wanted:
+            param.grad = None
+            continue
+        if param.grad is None:
+            param.grad = torch.zeros_like(param)
+        grads.append(param.grad)
+    by_dtype: dict[torch.dtype, list[torch.Tensor]] = {}
+    for grad in grads:
+        by_dtype.setdefault(grad.dtype, []).append(grad)
+    for same in by_dtype.values():
+        buckets, size = [[]], 0
+        for grad in same:
+            nbytes = grad.numel() * grad.element_size()
+            if buckets[-1] and size + nbytes > BUCKET_BYTES:
+                buckets, size = buckets + [[]], 0
+            buckets[-1].append(grad)
+            size += nbytes
+        for bucket in buckets:
+            flat = torch.cat([g.reshape(-1) for g in bucket])
+            _dist().all_reduce(flat)
+            for g, piece in zip(bucket, flat.split([g.numel() for g in bucket])):
+                g.copy_(piece.view_as(g))
+
+
+def gather_to_first(obj) -> list | None:
+    """Every process's `obj`, in rank order, on rank 0 (None elsewhere)."""
+    rank, world = rank_and_world()
+    out = [None] * world if rank == 0 else None
+    _dist().gather_object(obj, out, dst=0)
+    return out
+
+
+def from_first(obj):
+    """Rank 0's `obj` on every process."""
+    holder = [obj]
+    _dist().broadcast_object_list(holder, src=0)
+    return holder[0]
+
+
+def barrier() -> None:
+    _dist().barrier()

@@ -1,0 +1,243 @@
+"""Data-parallel fine-tuning (fastbert/distributed.py): processes over gloo on the CPU, as torchrun
+starts them on GPUs. Two processes with batch b must update as one process with batch b and
+grad_accum 2, resume exactly, and stop together on a bad loss."""
+import json
+import multiprocessing
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+import fastbert
+import fastbert.cli
+from fastbert import data, heads, train
+
+CONFIG = dict(vocab_size=64, hidden_size=32, num_hidden_layers=2, num_attention_heads=4,
+              intermediate_size=64, max_position_embeddings=32)
+NO_DROPOUT = dict(hidden_dropout_prob=0.0, attention_probs_dropout_prob=0.0)
+TIMEOUT_S = 180
+
+
+def _sentence_features(n):
+    generator = torch.Generator().manual_seed(0)
+    out = []
+    for _ in range(n):
+        ids = torch.randint(1, 64, (int(torch.randint(3, 20, (1,), generator=generator)),), generator=generator)
+        out.append({"input_ids": ids.tolist(), "labels": int(ids.sum() % 2)})
+    return out
+
+
+def _token_features(n):
+    """Labels on some tokens only, a different count in each; example 5 has none, so a process
+    whose batch is that example alone runs no backward at all."""
+    generator = torch.Generator().manual_seed(1)
+    out = []
+    for i in range(n):
+        length = int(torch.randint(4, 20, (1,), generator=generator))
+        ids = torch.randint(1, 64, (length,), generator=generator).tolist()
+        labelled = 0 if i == 5 else 1 + (i * 7) % (length - 1)
+        out.append({"input_ids": ids, "labels": [-100] + [x % 3 for x in ids[1:1 + labelled]]
+                    + [-100] * (length - 1 - labelled)})
+    return out
+
+
+def _trainer(case: dict, out: Path) -> train.Trainer:
+    torch.manual_seed(0)
+    config = fastbert.BertConfig(**CONFIG, **(NO_DROPOUT if case.get("no_dropout") else {}))
+    if case["task"] == "tokens":
+        model, features = heads.BertForTokenClassification(config, num_labels=3), _token_features(case["examples"])
+        model.spare = torch.nn.Linear(4, 4)  # a module the loss never reaches (a second head kept for later)
+    else:
+        model, features = heads.BertForSequenceClassification(config, num_labels=2), _sentence_features(case["examples"])
+    cfg = train.TrainConfig(out=out, epochs=2, lr=1e-3, progress=False, **case["train"])
+    return train.Trainer(model, features, data.collate, cfg,
+                         lengths=[len(f["input_ids"]) for f in features] if cfg.bucket_by_length else None)
+
+
+def _recording_grads(trainer: train.Trainer) -> list:
+    """Each optimizer step's gradients, recorded in place of the update (the weights stay put)."""
+    grads = []
+
+    def record():
+        grads.append({n: p.grad.clone() for n, p in trainer.model.named_parameters() if p.grad is not None})
+        trainer.optimizer.zero_grad(set_to_none=True)
+        trainer.step += 1
+
+    trainer._optimizer_step = record
+    return grads
+
+
+def _run(case: dict, out: Path, report: Path) -> dict:
+    """Train as the case says; what the caller compares goes to `report` (one file per rank)."""
+    trainer = _trainer(case, out)
+    grads = _recording_grads(trainer) if case.get("record_grads") else []
+    if case.get("nan_on_rank") == trainer.rank:
+        forward, calls = trainer.model.forward, []
+
+        def nan_second_loss(*args, **kwargs):
+            result = forward(*args, **kwargs)
+            calls.append(1)
+            if len(calls) == 2:
+                result.loss = result.loss * float("nan")
+            return result
+
+        trainer.model.forward = nan_second_loss
+    if case.get("resume"):
+        assert trainer.resume()
+    summary = trainer.train(stop_after_step=case.get("stop_after_step"))
+    torch.save({"weights": trainer.model.state_dict(), "history": json.dumps(trainer.history), "grads": grads,
+                "summary": json.dumps(summary), "world": trainer.world}, report)
+
+
+def _worker(rank: int, world: int, store: str, case: dict, out: str, reports: str):
+    torch.set_num_threads(1)
+    torch.distributed.init_process_group("gloo", init_method=f"file://{store}", rank=rank, world_size=world)
+    report = Path(reports) / f"rank{rank}.pt"
+    try:
+        _run(case, Path(out), report)
+    except BaseException as err:  # noqa: BLE001 - the parent reads what each rank raised
+        report.with_suffix(".err").write_text(f"{type(err).__name__}: {err}")
+    finally:
+        torch.distributed.destroy_process_group()
+
+
+def _processes(tmp_path: Path, case: dict, out: Path, world: int = 2, tag: str = "run") -> list:
+    """Run `case` in `world` gloo processes; each rank's report, or the error it raised (as text)."""
+    reports = tmp_path / f"reports-{tag}"
+    reports.mkdir()
+    context = multiprocessing.get_context("spawn")
+    procs = [context.Process(target=_worker, args=(rank, world, str(tmp_path / f"store-{tag}"), case, str(out),
+                                                     str(reports))) for rank in range(world)]
+    for proc in procs:
+        proc.start()
+    for proc in procs:
+        proc.join(TIMEOUT_S)
+    hung = [rank for rank, proc in enumerate(procs) if proc.is_alive()]
+    for proc in procs:
+        proc.kill()
+    assert not hung, f"ranks {hung} still running after {TIMEOUT_S} s: a collective some rank never joined"
+    results = []
+    for rank in range(world):
+        error = reports / f"rank{rank}.err"
+        results.append(error.read_text() if error.exists()
+                       else torch.load(reports / f"rank{rank}.pt", weights_only=True))
+    return results
+
+
+def _assert_same_weights(a: dict, b: dict, what: str):
+    assert a.keys() == b.keys()
+    for name in a:
+        assert torch.equal(a[name], b[name]), f"{what}: {name} differs by {(a[name] - b[name]).abs().max()}"
+
+
+@pytest.mark.parametrize("task, examples, batch_size", [
+    ("sentences", 40, 8),   # 5 batches an epoch: the last step has one batch, and rank 1 none
+    ("tokens", 9, 1),       # batches of one sentence: example 5 leaves its process without a backward
+], ids=["sentences_short_last_step", "tokens_unlabelled_batch"])
+def test_two_processes_step_as_one_process_with_grad_accum_two(tmp_path, task, examples, batch_size):
+    """The loss terms of the whole step weigh each batch, so the summed gradient is the large batch's.
+    Each step's gradient is recorded with the update skipped, so every step is compared at the same
+    weights (after updates, AdamW would blow float32 rounding in gradients that are zero in exact
+    arithmetic, a key bias's, up to the size of a step). A parameter no process has a gradient for (a
+    module the loss never reaches) must stay without one: AdamW would still decay a zero gradient's."""
+    case = {"task": task, "examples": examples, "no_dropout": True, "record_grads": True,
+            "train": {"batch_size": batch_size, "save_every": 10**9}}
+    one = _trainer({**case, "train": {**case["train"], "grad_accum": 2}}, tmp_path / "one")
+    one_grads = _recording_grads(one)
+    one.train()
+    steps = 2 * -(-examples // batch_size // 2)
+    assert len(one_grads) == steps
+    for rank, result in enumerate(_processes(tmp_path, case, tmp_path / "two")):
+        assert not isinstance(result, str), f"rank {rank} raised {result}"
+        assert result["world"] == 2 and json.loads(result["summary"])["steps"] == steps
+        assert json.loads(result["history"]) == one.history
+        assert len(result["grads"]) == steps
+        for step, (a, b) in enumerate(zip(result["grads"], one_grads)):
+            assert a.keys() == b.keys(), (step, a.keys() ^ b.keys())
+            for name in a:  # the same sums, some in another order (an embedding row two batches share)
+                torch.testing.assert_close(a[name], b[name], rtol=1e-4, atol=1e-6,
+                                           msg=lambda m, name=name, step=step: f"rank {rank}, step {step}, {name}: {m}")
+    assert task == "sentences" or "spare.weight" not in one_grads[0]
+
+
+def test_an_interrupted_run_over_two_processes_resumes_exactly(tmp_path):
+    """Dropout on, so each rank's generator must come back as that rank left it."""
+    case = {"task": "sentences", "examples": 40, "train": {"batch_size": 4, "save_every": 2, "bucket_by_length": True}}
+    whole = _processes(tmp_path, case, tmp_path / "whole", tag="whole")
+    stopped = _processes(tmp_path, {**case, "stop_after_step": 3}, tmp_path / "resumed", tag="stopped")
+    assert all(json.loads(r["summary"]) == {"stopped_at_step": 3} for r in stopped)
+    resumed = _processes(tmp_path, {**case, "resume": True}, tmp_path / "resumed", tag="resumed")
+    for rank in range(2):
+        assert not isinstance(resumed[rank], str), f"rank {rank} raised {resumed[rank]}"
+        _assert_same_weights(whole[rank]["weights"], resumed[rank]["weights"], f"rank {rank}, resumed")
+        assert resumed[rank]["history"] == whole[rank]["history"]
+    _assert_same_weights(whole[0]["weights"], whole[1]["weights"], "rank 1 against rank 0")
+    # one checkpoint folder, written by rank 0, with both ranks' generators
+    state = torch.load(tmp_path / "resumed" / "checkpoint-10" / "trainer_state.pt", weights_only=True)
+    assert len(state["ranks"]) == 2 and not torch.equal(state["ranks"][0]["cpu_rng"], state["ranks"][1]["cpu_rng"])
+
+
+def test_a_bad_loss_on_one_process_stops_every_process(tmp_path):
+    """Rank 1's second loss is NaN: both raise at that step, where a lone raise would leave rank 0
+    waiting in an all-reduce for good."""
+    case = {"task": "sentences", "examples": 40, "nan_on_rank": 1, "train": {"batch_size": 4}}
+    ranks = _processes(tmp_path, case, tmp_path / "run")
+    assert ranks == ["FloatingPointError: loss became nan at step 1: lower --lr or use fp32"] * 2
+
+
+def test_resume_under_another_number_of_processes_is_refused(tmp_path):
+    case = {"task": "sentences", "examples": 40, "train": {"batch_size": 4, "save_every": 2}}
+    _trainer(case, tmp_path / "run").train(stop_after_step=2)
+    ranks = _processes(tmp_path, {**case, "resume": True}, tmp_path / "run")
+    assert all(isinstance(r, str) and r.startswith("ValueError: cannot resume from") and "world_size=1 there, 2 now" in r
+               for r in ranks), ranks
+
+
+def test_finetune_under_torchrun_on_the_cpu(tmp_path):
+    """The CLI as a user starts it on several GPUs, here two gloo processes: one report, one model."""
+    sample = data.sample_path("sst2_sample.tsv")
+    out = tmp_path / "run"
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    result = subprocess.run(
+        [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2", "-m", "fastbert",
+         "finetune", "--task", "sst2", "--train", str(sample), "--dev", str(sample), "--out", str(out),
+         "--max-steps", "2", "--batch-size", "4", "--max-train-examples", "16", "--max-dev-examples", "8",
+         "--max-seq-len", "32", "--no-progress", "--device", "cpu"],
+        capture_output=True, text=True, timeout=TIMEOUT_S, env=env)
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert result.stdout.count("final:") == 1 and "2 processes, 4 examples a batch each" in result.stdout
+    summary = json.loads((out / "metrics.json").read_text())
+    assert summary["processes"] == 2 and summary["steps"] == 2 and "accuracy" in summary["final_metrics"]
+    assert (out / "model" / "model.safetensors").exists() and (out / "checkpoint-2" / "trainer_state.pt").exists()
+
+
+def test_commands_other_than_finetune_refuse_several_processes(monkeypatch, capsys):
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    assert fastbert.cli.main(["encode", "a sentence"]) == 2
+    assert "only finetune runs over several processes (WORLD_SIZE > 1); run encode as one process" \
+        in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("env, device, match", [
+    ({"RANK": None}, "cpu", "WORLD_SIZE=2 but RANK not set: start the processes with torchrun"),
+    ({}, "cuda:1", "under torchrun each process takes cuda:LOCAL_RANK"),
+    ({}, "mps", "--device must be cpu or cuda"),
+])
+def test_a_torchrun_environment_that_cannot_work_is_named(monkeypatch, tmp_path, env, device, match):
+    """Before any process group is joined (which would wait for peers that never come)."""
+    from fastbert import distributed
+
+    base = {"WORLD_SIZE": "2", "RANK": "0", "LOCAL_RANK": "0", "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": "1"}
+    for key, value in {**base, **env}.items():
+        if value is None:
+            monkeypatch.delenv(key, raising=False)
+        else:
+            monkeypatch.setenv(key, value)
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 2)
+    with pytest.raises(ValueError, match=match):
+        distributed.init_from_env(device)
+    assert not torch.distributed.is_initialized()
