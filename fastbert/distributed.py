@@ -80,6 +80,22 @@ def check_device(device: torch.device) -> None:
                          "(use a gloo group for CPU training)")
 
 
+def check_same_run(identity: dict, device: torch.device) -> None:
+    """Every process must train the same data with the same settings (the batch order, the loss
+    weights and the step count follow from them): a process handed its own shard of the data, or
+    another seed, would still sum gradients, of other batches, without a word. Raised on every
+    process, so none is left waiting in a collective."""
+    first = from_first(identity)
+    differs = [f"{k}={first[k]!r} on rank 0, {identity.get(k)!r} here" for k in first if identity.get(k) != first[k]]
+    flag = torch.tensor([float(bool(differs))], device=device)
+    _dist().all_reduce(flag)
+    if flag.item():
+        rank, world = rank_and_world()
+        raise ValueError(f"the {world} processes do not train the same run ({int(flag.item())} differ from rank 0"
+                         + (f"; rank {rank}: {'; '.join(differs)}" if differs else "")
+                         + "): give every process the same data and settings; each takes its share of every step")
+
+
 def broadcast_model(model: torch.nn.Module) -> None:
     """Start every process from rank 0's weights (a head initialised from another seed would drift apart)."""
     with torch.no_grad():

@@ -279,6 +279,8 @@ class Trainer:
         self.step, self.epoch, self.batch_in_epoch = 0, 0, 0
         self.history: list[dict] = []
         self._token_ids_digest: str | None = None  # _run_identity's, computed at the first checkpoint
+        if self.world > 1:
+            distributed.check_same_run(self._run_identity(), self.device)
         self._running: list[float] = []  # this epoch's batch losses so far (checkpointed: a resumed epoch's mean is whole)
         # The training forward (and so its backward) through torch.compile; the model itself stays
         # eager for evaluation and checkpoints (the compiled module shares its parameters). The

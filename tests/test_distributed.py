@@ -52,7 +52,8 @@ def _trainer(case: dict, out: Path) -> train.Trainer:
         model.spare = torch.nn.Linear(4, 4)  # a module the loss never reaches (a second head kept for later)
     else:
         model, features = heads.BertForSequenceClassification(config, num_labels=2), _sentence_features(case["examples"])
-    cfg = train.TrainConfig(out=out, epochs=2, lr=1e-3, progress=False, **case["train"])
+    settings = {**case["train"], **({"seed": torch.distributed.get_rank()} if case.get("seed_is_rank") else {})}
+    cfg = train.TrainConfig(out=out, epochs=2, lr=1e-3, progress=False, **settings)
     return train.Trainer(model, features, data.collate, cfg,
                          lengths=[len(f["input_ids"]) for f in features] if cfg.bucket_by_length else None)
 
@@ -186,6 +187,14 @@ def test_a_bad_loss_on_one_process_stops_every_process(tmp_path):
     case = {"task": "sentences", "examples": 40, "nan_on_rank": 1, "train": {"batch_size": 4}}
     ranks = _processes(tmp_path, case, tmp_path / "run")
     assert ranks == ["FloatingPointError: loss became nan at step 1: lower --lr or use fp32"] * 2
+
+
+def test_processes_given_other_settings_are_refused_on_every_one(tmp_path):
+    """Each process would sum the gradients of its own batch order without a word."""
+    case = {"task": "sentences", "examples": 40, "seed_is_rank": True, "train": {"batch_size": 4}}
+    ranks = _processes(tmp_path, case, tmp_path / "run")
+    assert all(r.startswith("ValueError: the 2 processes do not train the same run (1 differ from rank 0") for r in ranks)
+    assert "rank 1: seed=0 on rank 0, 1 here" in ranks[1], ranks
 
 
 def test_resume_under_another_number_of_processes_is_refused(tmp_path):
