@@ -89,6 +89,18 @@ def _no_examples(flag, path):
     return ValueError(f"{flag} {str(path)!r} holds no examples (an empty file, or a header only?)")
 
 
+def _keep_best_metric(asked: str, spec) -> str:
+    """--keep-best's metric: the task's main one, or one it reports."""
+    from fastbert import tasks
+
+    names = tasks.metric_names(spec)
+    if asked == "main":
+        return names[0]
+    if asked not in names:
+        raise ValueError(f"--keep-best {asked}: task {spec.name} is scored by {', '.join(names)}")
+    return asked
+
+
 def _check_dev(path, spec, dev):
     """What scoring needs of dev data, checked before any training or prediction."""
     if not dev.features:
@@ -209,6 +221,8 @@ def _finetune(args, device) -> int:
                                           if kind == "tagging" else "SQuAD v1.1 JSON"))
     if args.no_header:
         _check_headerless_columns(args)
+    if args.keep_best and not args.dev:
+        raise ValueError("--keep-best needs --dev: each epoch's dev score picks the best")
     _check_file("--train", args.train)
     if args.dev:
         _check_file("--dev", args.dev)
@@ -228,11 +242,12 @@ def _finetune(args, device) -> int:
     if spec.max_seq_len > limit:
         raise ValueError(f"--max-seq-len {spec.max_seq_len} is more than the model's {limit} positions "
                          f"(max_position_embeddings of {folder})")
+    keep_best = _keep_best_metric(args.keep_best, spec) if args.keep_best and spec.kind not in ("single", "pair") else None
     cfg = train.TrainConfig(out=Path(args.out), epochs=args.epochs, max_steps=args.max_steps, batch_size=args.batch_size,
                             lr=args.lr, weight_decay=args.weight_decay, warmup_ratio=args.warmup_ratio,
                             grad_accum=args.grad_accum, seed=args.seed, precision=args.precision,
                             bucket_by_length=not args.no_bucket, save_every=args.save_every,
-                            progress=not args.no_progress, compile=args.compile)
+                            progress=not args.no_progress, compile=args.compile, keep_best=keep_best)
     train._autocast_dtype(cfg.precision, device)  # fp16 without a GPU: say so before reading anything
     torch.manual_seed(args.seed)
     tokenizer = fastbert.Tokenizer.from_pretrained(args.model)
@@ -243,6 +258,8 @@ def _finetune(args, device) -> int:
     dev_data = tasks.read(spec, args.dev, tokenizer, args.max_dev_examples) if args.dev else None
     if dev_data is not None:
         _check_dev(args.dev, spec, dev_data)
+    if args.keep_best and cfg.keep_best is None:  # a classification's metrics follow its labels, now read
+        cfg.keep_best = _keep_best_metric(args.keep_best, spec)
     model = tasks.build_model(spec, args.model, args.backend).to(device)
     model.bert.unpad = args.unpad
     model.bert.gradient_checkpointing = args.gradient_checkpointing
@@ -267,19 +284,30 @@ def _finetune(args, device) -> int:
         summary = trainer.train()
         if rank != 0:
             return 0
+        best = trainer.best_checkpoint()
+        if best is not None and not best.is_dir():  # a resumed run that did not keep it before
+            say(f"--keep-best: the best epoch's checkpoint {best} is gone; the last epoch's weights are saved")
+            summary.pop("best")
+            best = None
+        if best is not None:
+            # the weights of the best epoch, from the checkpoint the run kept of it
+            model.load_state_dict(type(model).from_pretrained(best).state_dict())
+        elif cfg.keep_best:
+            say(f"--keep-best {cfg.keep_best}: no epoch had a defined score; the last epoch's weights are saved")
         model.save_pretrained(final)
         tokenizer.save(final)
     summary.update(task=spec.name, kind=spec.kind, model=str(args.model), device=str(device),
                    backend=args.backend or "auto", unpad=args.unpad, processes=world,
                    gradient_checkpointing=args.gradient_checkpointing, compile=args.compile, train_features=len(train_data.features),
                    total_wall_time_s=time.perf_counter() - started, saved_to=str(final),
-                   final_metrics=summary["epochs"][-1] if summary["epochs"] else {})
+                   final_metrics=summary.get("best") or (summary["epochs"][-1] if summary["epochs"] else {}))
     metrics_file = Path(args.metrics_json or Path(args.out) / "metrics.json")
     from fastbert.checkpoint import atomic_write_text
 
     metrics_file.parent.mkdir(parents=True, exist_ok=True)  # as --out is
     atomic_write_text(metrics_file, metrics_json(summary, indent=2) + "\n")
-    print(f"final: {_describe_scores(summary['final_metrics'])}\nmodel saved to {final}; metrics in {metrics_file}")
+    kept = f" (epoch {best_record['epoch']}, the best by {cfg.keep_best})" if (best_record := summary.get("best")) else ""
+    print(f"final: {_describe_scores(summary['final_metrics'])}\nmodel{kept} saved to {final}; metrics in {metrics_file}")
     return 0
 
 
@@ -668,7 +696,11 @@ def build_parser():
     ft.add_argument("--seed", type=int, default=42, help="seed of the batch order, dropout and new head weights")
     ft.add_argument("--save-every", type=int, default=None, metavar="N",
                     help="optimizer steps between checkpoints (default: each epoch); each replaces the "
-                         "previous one: only the newest is kept, for --resume")
+                         "previous one: only the newest is kept, for --resume (and the best epoch's with --keep-best)")
+    ft.add_argument("--keep-best", nargs="?", const="main", default=None, metavar="METRIC",
+                    help="keep the checkpoint of the epoch with the best dev METRIC (default: the task's main "
+                         "one: accuracy, matthews for cola, f1 for mrpc and squad, pearson, token_accuracy) and "
+                         "save that epoch's weights as OUT/model instead of the last's; needs --dev")
     ft.add_argument("--resume", action="store_true",
                     help="continue from the latest checkpoint in --out (same data and settings)")
     ft.add_argument("--no-bucket", action="store_true", help="do not batch examples of similar length together")

@@ -168,6 +168,20 @@ def predict_logits(model, features: Sequence[dict], batch_size: int = 64) -> lis
     return out
 
 
+def metric_names(spec: TaskSpec) -> tuple[str, ...]:
+    """What evaluate() reports for the task, its main metric first (GLUE's: Matthews for CoLA, F1
+    for MRPC, Pearson for STS-B; F1 for SQuAD)."""
+    if spec.kind == "regression":
+        return ("pearson", "spearman")
+    if spec.kind == "tagging":
+        return ("token_accuracy",)
+    if spec.kind == "qa":
+        return ("f1", "exact_match")
+    names = ("accuracy", "f1", "matthews") if len(spec.labels or []) == 2 else ("accuracy",)
+    main = {"cola": "matthews", "mrpc": "f1"}.get(spec.name, "accuracy")
+    return (main,) + tuple(n for n in names if n != main)
+
+
 def evaluate(model, spec: TaskSpec, dev: TaskData, batch_size: int = 64) -> dict[str, float]:
     """The task's metrics on dev (fractions; SQuAD in percent). Undefined values (a correlation of
     constant predictions or gold scores) are NaN: metrics.to_json writes them as null."""

@@ -56,6 +56,7 @@ class TrainConfig:
     save_every: int | None = None        # optimizer steps between checkpoints (None: each epoch)
     progress: bool = True
     compile: str | None = None           # torch.compile backend for the training forward ("inductor"); None: eager
+    keep_best: str | None = None         # a dev metric (higher is better): its best epoch's checkpoint is kept
 
     def __post_init__(self):
         self.out = Path(self.out)
@@ -90,6 +91,8 @@ class TrainConfig:
             # numpy's range, as transformers' set_seed; the batch-order generator's seed (seed * 1000003 +
             # epoch) left torch's 64 bits above about 1.8e13, after the data was read
             raise ValueError(f"seed must be an int in [0, 2**32), got {self.seed!r}")
+        if self.keep_best is not None and (not isinstance(self.keep_best, str) or not self.keep_best):
+            raise TypeError(f"keep_best must be a metric name or None, got {self.keep_best!r}")
         if self.compile is not None and self.compile not in torch.compiler.list_backends(exclude_tags=()):
             raise ValueError(f"compile must be a torch.compile backend {torch.compiler.list_backends()} or None, "
                              f"got {self.compile!r}")
@@ -249,6 +252,8 @@ class Trainer:
                  save_model: Callable | None = None):
         if len(features) == 0:
             raise ValueError("no training examples")
+        if config.keep_best and evaluate is None:
+            raise ValueError(f"keep_best={config.keep_best!r} needs an evaluate function (dev data) to score each epoch")
         self.model, self.features, self.collate, self.cfg = model, features, collate, config
         self.save_model = save_model or (lambda model, folder: model.save_pretrained(folder))
         if config.bucket_by_length and lengths is None:
@@ -279,6 +284,7 @@ class Trainer:
         self.step, self.epoch, self.batch_in_epoch = 0, 0, 0
         self.history: list[dict] = []
         self._token_ids_digest: str | None = None  # _run_identity's, computed at the first checkpoint
+        self._kept_best: Path | None = None  # the best epoch's checkpoint a save has kept (keep_best)
         if self.world > 1:
             distributed.check_same_run(self._run_identity(), self.device)
         self._running: list[float] = []  # this epoch's batch losses so far (checkpointed: a resumed epoch's mean is whole)
@@ -346,18 +352,35 @@ class Trainer:
         _fsync_dir(self.cfg.out)
         atomic_write_text(self.cfg.out / "latest", folder.name + "\n")
         _fsync_dir(self.cfg.out)
-        if previous is not None and previous != folder:
+        # Deleted only once `latest` names a checkpoint whose history says which epoch is the best, so
+        # a crash never leaves a resumed run naming a best checkpoint that is gone.
+        best = self.best_checkpoint()
+        for old in {previous, self._kept_best} - {None, folder, best}:
             # Renamed first (atomic), so that a delete cut short leaves a staging folder, which the
             # loop below clears at the next save, not half a checkpoint kept for good.
-            trash = self.cfg.out / f".staging-{previous.name}-old"
+            trash = self.cfg.out / f".staging-{old.name}-old"
             shutil.rmtree(trash, ignore_errors=True)
             with contextlib.suppress(FileNotFoundError):
-                os.replace(previous, trash)
+                os.replace(old, trash)
+        self._kept_best = best
         for stale in self.cfg.out.glob(".staging-checkpoint-*"):  # left by a run killed mid-write
             shutil.rmtree(stale, ignore_errors=True)
         if self.world > 1:
             distributed.barrier()
         return folder
+
+    def best_record(self) -> dict | None:
+        """The epoch record with the highest keep_best metric (the earliest of equal ones); None
+        without keep_best or before an epoch with a defined score."""
+        metric = self.cfg.keep_best
+        scored = [r for r in self.history if metric and isinstance(r.get(metric), (int, float))
+                  and math.isfinite(r[metric])]
+        return max(scored, key=lambda r: r[metric]) if scored else None
+
+    def best_checkpoint(self) -> Path | None:
+        """The checkpoint of the best epoch (keep_best), which saves keep until a better epoch comes."""
+        record = self.best_record()
+        return None if record is None else self.cfg.out / f"checkpoint-{record['step']}"
 
     def _rng_states(self) -> dict:
         return {
@@ -517,6 +540,7 @@ class Trainer:
         self.model.load_state_dict(loaded.state_dict())
         self.step, self.epoch, self.batch_in_epoch = state["step"], state["epoch"], state["batch_in_epoch"]
         self.history = json.loads(state["history"])
+        self._kept_best = self.best_checkpoint()
         self._running = json.loads(state.get("running", "[]"))
         if self.scaler and state["scaler"]:
             self.scaler.load_state_dict(state["scaler"])
@@ -683,14 +707,21 @@ class Trainer:
                 scores = aside(self._evaluate) if self.rank == 0 else None
                 record.update(distributed.from_first(scores) if self.world > 1 else scores)
                 self.model.train()
+                if self.cfg.keep_best and self.cfg.keep_best not in record:
+                    raise ValueError(f"keep_best {self.cfg.keep_best!r} is not one of the evaluation's metrics "
+                                     f"{sorted(set(record) - {'epoch', 'step', 'train_loss'})}")
             self.history.append(record)
             if self.rank == 0:
                 bar.write(to_json(record))  # null, not NaN, for an undefined metric: the line stays JSON
             self.epoch, self.batch_in_epoch = self.epoch + 1, 0
-            if self.cfg.save_every is None:
+            # keep_best: a better epoch is saved whatever save_every says, and that save keeps it
+            if self.cfg.save_every is None or (self.cfg.keep_best and self.best_record() is record):
                 aside(self.save_checkpoint)
         bar.close()
         elapsed = time.perf_counter() - started
         training = elapsed - not_training
-        return {"steps": self.step, "epochs": self.history, "wall_time_s": elapsed, "train_time_s": training,
-                "tokens_per_s": tokens_seen / training if training > 0 else 0.0}
+        summary = {"steps": self.step, "epochs": self.history, "wall_time_s": elapsed, "train_time_s": training,
+                   "tokens_per_s": tokens_seen / training if training > 0 else 0.0}
+        if self.cfg.keep_best:
+            summary["best"] = self.best_record()
+        return summary

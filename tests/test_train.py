@@ -877,3 +877,61 @@ def test_a_folder_that_cannot_be_locked_still_trains(tmp_path, monkeypatch):
     monkeypatch.setattr(fcntl, "flock", no_locks)
     with pytest.warns(UserWarning, match="cannot lock .*No locks available"):
         assert _trainer(tmp_path).train(stop_after_step=1) == {"stopped_at_step": 1}
+
+
+def _scored_trainer(out, scores, **overrides):
+    """A Trainer whose evaluation gives epoch e the score scores[e] and remembers the weights it scored."""
+    scored_weights, holder = {}, []
+
+    def evaluate(model):
+        scored_weights[holder[0].epoch] = {k: v.clone() for k, v in model.state_dict().items()}
+        return {"accuracy": scores[holder[0].epoch], "f1": 0.0}
+
+    torch.manual_seed(0)
+    model = heads.BertForSequenceClassification(fastbert.BertConfig(**CONFIG), num_labels=2)
+    cfg = train.TrainConfig(out=out, **{**dict(epochs=len(scores), batch_size=8, lr=1e-3, progress=False,
+                                               keep_best="accuracy"), **overrides})
+    features = _features()
+    holder.append(train.Trainer(model, features, _collate, cfg, evaluate, lengths=[len(f["input_ids"]) for f in features]))
+    holder[0].scored_weights = scored_weights
+    return holder[0]
+
+
+def _checkpoints(out):
+    return sorted(int(p.name.split("-")[1]) for p in out.glob("checkpoint-*"))
+
+
+@pytest.mark.parametrize("save_every", [None, 2], ids=["each_epoch", "every_2_steps"])
+def test_keep_best_keeps_the_best_epochs_checkpoint(tmp_path, save_every):
+    """The best epoch's checkpoint outlives later saves (every 2 steps: it is saved at its epoch's end
+    even off that rhythm); a NaN score (a correlation of constant predictions) is never the best."""
+    trainer = _scored_trainer(tmp_path / "run", [0.5, float("nan"), 0.9, 0.7, 0.9], save_every=save_every)
+    summary = trainer.train()   # 5 batches an epoch: steps 5, 10, 15, 20, 25 end the epochs
+    assert summary["best"]["epoch"] == 3 and summary["best"]["step"] == 15      # the earlier of the two 0.9
+    assert trainer.best_checkpoint() == tmp_path / "run" / "checkpoint-15"
+    assert _checkpoints(tmp_path / "run") == [15, 25 if save_every is None else 24]
+    kept = heads.BertForSequenceClassification.from_pretrained(tmp_path / "run" / "checkpoint-15").state_dict()
+    for name, weight in trainer.scored_weights[2].items():
+        assert torch.equal(kept[name], weight), name
+
+
+def test_keep_best_survives_an_interruption(tmp_path):
+    """Resumed after the best epoch, the run keeps that checkpoint (its history says which it is) and
+    deletes the one it no longer needs."""
+    scores = [0.5, 0.9, 0.7, 0.6]
+    whole = _scored_trainer(tmp_path / "whole", scores)
+    whole.train()
+    first = _scored_trainer(tmp_path / "resumed", scores)
+    first.train(stop_after_step=12)
+    assert _checkpoints(tmp_path / "resumed") == [10]
+    again = _scored_trainer(tmp_path / "resumed", scores)
+    assert again.resume() and again.best_checkpoint() == tmp_path / "resumed" / "checkpoint-10"
+    assert again.train()["best"]["step"] == 10
+    assert _checkpoints(tmp_path / "resumed") == _checkpoints(tmp_path / "whole") == [10, 20]
+
+
+def test_keep_best_needs_a_metric_the_evaluation_gives(tmp_path):
+    with pytest.raises(ValueError, match="keep_best 'pearson' is not one of the evaluation's metrics \\['accuracy', 'f1'\\]"):
+        _scored_trainer(tmp_path / "run", [0.5], keep_best="pearson").train()
+    with pytest.raises(ValueError, match="keep_best='accuracy' needs an evaluate function"):
+        _trainer(tmp_path / "other", keep_best="accuracy")
