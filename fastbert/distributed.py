@@ -16,6 +16,7 @@ whole backward instead of overlapping it (BERT-base: 440 MB of fp32 gradients a 
 """
 from __future__ import annotations
 
+import datetime
 import os
 from typing import Sequence
 
@@ -23,6 +24,8 @@ import torch
 
 # Gradients are summed in flat buckets of at most this many bytes: few collectives, bounded extra memory.
 BUCKET_BYTES = 64 * 2**20
+# How long a process waits in a collective before the job fails (transformers' ddp_timeout default).
+COLLECTIVE_TIMEOUT = datetime.timedelta(minutes=30)
 
 
 def _dist():
@@ -68,7 +71,9 @@ def init_from_env(device_name: str | None) -> torch.device:
     elif device.type != "cpu":
         raise ValueError(f"--device must be cpu or cuda, got {device_name!r}")
     if not _dist().is_initialized():
-        _dist().init_process_group("nccl" if device.type == "cuda" else "gloo")
+        # The others wait in a collective while rank 0 alone evaluates (a SQuAD dev set) or writes a
+        # checkpoint (BERT-large with AdamW's moments: 4 GB): NCCL's 10 minutes may not be enough.
+        _dist().init_process_group("nccl" if device.type == "cuda" else "gloo", timeout=COLLECTIVE_TIMEOUT)
     return device
 
 

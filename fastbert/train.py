@@ -270,7 +270,8 @@ class Trainer:
         self.rank, self.world = distributed.rank_and_world()
         if self.world > 1:
             distributed.check_device(self.device)
-            distributed.broadcast_model(model)
+            with on_device(self.device):  # NCCL's object collectives run on the current device
+                distributed.broadcast_model(model)
         self.batches_per_epoch = math.ceil(len(features) / config.batch_size)
         steps_per_epoch = math.ceil(self.batches_per_epoch / (config.grad_accum * self.world))
         self.total_steps = config.max_steps or steps_per_epoch * config.epochs
@@ -286,7 +287,8 @@ class Trainer:
         self._token_ids_digest: str | None = None  # _run_identity's, computed at the first checkpoint
         self._kept_best: Path | None = None  # the best epoch's checkpoint a save has kept (keep_best)
         if self.world > 1:
-            distributed.check_same_run(self._run_identity(), self.device)
+            with on_device(self.device):
+                distributed.check_same_run(self._run_identity(), self.device)
         self._running: list[float] = []  # this epoch's batch losses so far (checkpointed: a resumed epoch's mean is whole)
         # The training forward (and so its backward) through torch.compile; the model itself stays
         # eager for evaluation and checkpoints (the compiled module shares its parameters). The
@@ -503,7 +505,8 @@ class Trainer:
         if self.rank == 0:
             self._finish_interrupted_save()
         if self.world > 1:  # the others read `latest` once rank 0 has settled it
-            distributed.barrier()
+            with on_device(self.device):  # NCCL's barrier runs on the current device
+                distributed.barrier()
         folder = self._latest()
         if folder is None or folder.name.startswith("."):
             pointer = self.cfg.out / "latest"
