@@ -54,6 +54,7 @@ def _trainer(case: dict, out: Path) -> train.Trainer:
         model, features = heads.BertForSequenceClassification(config, num_labels=2), _sentence_features(case["examples"])
     settings = {**case["train"], **({"seed": torch.distributed.get_rank()} if case.get("seed_is_rank") else {})}
     cfg = train.TrainConfig(out=out, epochs=2, lr=1e-3, progress=False, **settings)
+    model.to(case.get("device", "cpu"))
     return train.Trainer(model, features, data.collate, cfg,
                          lengths=[len(f["input_ids"]) for f in features] if cfg.bucket_by_length else None)
 
@@ -63,7 +64,7 @@ def _recording_grads(trainer: train.Trainer) -> list:
     grads = []
 
     def record():
-        grads.append({n: p.grad.clone() for n, p in trainer.model.named_parameters() if p.grad is not None})
+        grads.append({n: p.grad.cpu() for n, p in trainer.model.named_parameters() if p.grad is not None})
         trainer.optimizer.zero_grad(set_to_none=True)
         trainer.step += 1
 
@@ -89,12 +90,14 @@ def _run(case: dict, out: Path, report: Path) -> dict:
     if case.get("resume"):
         assert trainer.resume()
     summary = trainer.train(stop_after_step=case.get("stop_after_step"))
-    torch.save({"weights": trainer.model.state_dict(), "history": json.dumps(trainer.history), "grads": grads,
+    torch.save({"weights": {k: v.cpu() for k, v in trainer.model.state_dict().items()}, "history": json.dumps(trainer.history), "grads": grads,
                 "summary": json.dumps(summary), "world": trainer.world}, report)
 
 
 def _worker(rank: int, world: int, store: str, case: dict, out: str, reports: str):
     torch.set_num_threads(1)
+    if case.get("device") == "cuda":
+        torch.cuda.set_device(0)
     torch.distributed.init_process_group("gloo", init_method=f"file://{store}", rank=rank, world_size=world)
     report = Path(reports) / f"rank{rank}.pt"
     try:
@@ -134,17 +137,20 @@ def _assert_same_weights(a: dict, b: dict, what: str):
         assert torch.equal(a[name], b[name]), f"{what}: {name} differs by {(a[name] - b[name]).abs().max()}"
 
 
-@pytest.mark.parametrize("task, examples, batch_size", [
-    ("sentences", 40, 8),   # 5 batches an epoch: the last step has one batch, and rank 1 none
-    ("tokens", 9, 1),       # batches of one sentence: example 5 leaves its process without a backward
-], ids=["sentences_short_last_step", "tokens_unlabelled_batch"])
-def test_two_processes_step_as_one_process_with_grad_accum_two(tmp_path, task, examples, batch_size):
+@pytest.mark.parametrize("task, examples, batch_size, device", [
+    pytest.param("sentences", 40, 8, "cpu", id="sentences_short_last_step"),  # 5 batches an epoch: the last step has one, rank 1 none
+    pytest.param("tokens", 9, 1, "cpu", id="tokens_unlabelled_batch"),  # one sentence a batch: example 5 leaves its process no backward
+    # Two processes on one GPU through gloo (a lent machine has one GPU; NCCL takes one a process): the
+    # step record and the gradients are CUDA tensors, and the kernels train.
+    pytest.param("tokens", 9, 1, "cuda", id="gpu_tokens_unlabelled_batch", marks=pytest.mark.gpu),
+])
+def test_two_processes_step_as_one_process_with_grad_accum_two(tmp_path, task, examples, batch_size, device):
     """The loss terms of the whole step weigh each batch, so the summed gradient is the large batch's.
     Each step's gradient is recorded with the update skipped, so every step is compared at the same
     weights (after updates, AdamW would blow float32 rounding in gradients that are zero in exact
     arithmetic, a key bias's, up to the size of a step). A parameter no process has a gradient for (a
     module the loss never reaches) must stay without one: AdamW would still decay a zero gradient's."""
-    case = {"task": task, "examples": examples, "no_dropout": True, "record_grads": True,
+    case = {"task": task, "examples": examples, "no_dropout": True, "record_grads": True, "device": device,
             "train": {"batch_size": batch_size, "save_every": 10**9}}
     one = _trainer({**case, "train": {**case["train"], "grad_accum": 2}}, tmp_path / "one")
     one_grads = _recording_grads(one)
