@@ -340,15 +340,42 @@ def cmd_evaluate(args) -> int:
 
     _check_counts(args, positive=("eval_batch_size",), optional_positive=("max_dev_examples",))
     _check_file("--dev", args.dev)
+    if args.predictions:
+        from fastbert.checkpoint import check_writable
+
+        check_writable("--predictions", args.predictions, folder=False)
     model, spec, tokenizer = _load_finetuned(args)
     dev = tasks.read(spec, args.dev, tokenizer, args.max_dev_examples)
     _check_dev(args.dev, spec, dev)
     with _inference_autocast(args, model):
-        scores = tasks.evaluate(model, spec, dev, args.eval_batch_size)
+        scores, predictions = tasks.evaluate_and_predict(model, spec, dev, args.eval_batch_size)
+    if args.predictions:
+        _write_predictions(Path(args.predictions), spec, dev, predictions)
     print(metrics_json(scores, indent=2))          # stdout stays JSON (null where undefined)
     if (note := _undefined_note(scores)):
         print(f"fastbert evaluate: note: {note}", file=sys.stderr)
     return 0
+
+
+def _write_predictions(path: Path, spec, dev, predictions) -> None:
+    """--predictions: SQuAD's official prediction file (question id -> answer text) for qa; GLUE's
+    submission layout (index<TAB>prediction, a row's 0-based index in the file) for sentence tasks;
+    for tagging one word<TAB>gold<TAB>predicted line per word, a blank line after each sentence."""
+    import json
+
+    from fastbert.checkpoint import atomic_write_text
+
+    if spec.kind == "qa":
+        text = json.dumps(predictions, ensure_ascii=False, indent=1) + "\n"
+    elif spec.kind == "tagging":
+        # "_" (CoNLL's empty field) for a word that tokenizes to nothing, which has no piece to tag
+        text = "".join("".join(f"{w}\t{g}\t{p or '_'}\n" for w, g, p in zip(s.words, s.tags, tags)) + "\n"
+                       for s, tags in zip(dev.examples, predictions))
+    else:
+        text = "index\tprediction\n" + "".join(
+            f"{i}\t{p:.6g}\n" if spec.kind == "regression" else f"{i}\t{p}\n" for i, p in enumerate(predictions))
+    path.parent.mkdir(parents=True, exist_ok=True)
+    atomic_write_text(path, text)
 
 
 def _tag_words(model, spec, tokenizer, word_lists, batch_size):
@@ -356,15 +383,9 @@ def _tag_words(model, spec, tokenizer, word_lists, batch_size):
     (truncation would drop the words past the first piece)."""
     from fastbert import data, tasks
 
-    tags = [[None] * len(words) for words in word_lists]
     features = data.encode_words_in_pieces(tokenizer, word_lists, spec.max_seq_len)
-    for feat, logits in zip(features, tasks.predict_logits(model, features, batch_size)):
-        last = -1
-        for pos, w in enumerate(feat["word_ids"]):
-            if w is not None and w > last:                                # a word's first piece
-                tags[feat["sentence"]][feat["first_word"] + w] = spec.labels[int(logits[pos].argmax())]
-                last = w
-    return tags
+    return tasks.tags_from_logits(spec, [len(words) for words in word_lists], features,
+                                  tasks.predict_logits(model, features, batch_size))
 
 
 def predict_texts(model, spec, tokenizer, texts, pairs=None, question=None, context=None, batch_size=64,
@@ -711,6 +732,10 @@ def build_parser():
     ev = sub.add_parser("evaluate", help="score a fine-tuned model on a dev file")
     ev.add_argument("--model", required=True, metavar="DIR", help="a model saved by finetune (OUT/model)")
     ev.add_argument("--dev", required=True, metavar="FILE", help="labelled data in the model's task format")
+    ev.add_argument("--predictions", metavar="FILE",
+                    help="also write what the model predicted: SQuAD's prediction JSON (id -> answer) for qa, "
+                         "GLUE's index<TAB>prediction TSV for sentence tasks, word<TAB>gold<TAB>predicted lines "
+                         "(a blank line between sentences) for tagging")
     _common(ev)
     ev.set_defaults(run=cmd_evaluate)
 

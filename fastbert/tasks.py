@@ -185,6 +185,17 @@ def metric_names(spec: TaskSpec) -> tuple[str, ...]:
 def evaluate(model, spec: TaskSpec, dev: TaskData, batch_size: int = 64) -> dict[str, float]:
     """The task's metrics on dev (fractions; SQuAD in percent). Undefined values (a correlation of
     constant predictions or gold scores) are NaN: metrics.to_json writes them as null."""
+    return _evaluate(model, spec, dev, batch_size, with_predictions=False)[0]
+
+
+def evaluate_and_predict(model, spec: TaskSpec, dev: TaskData, batch_size: int = 64) -> tuple[dict[str, float], object]:
+    """evaluate()'s metrics and the predictions they score, example by example in file order: a label
+    name (classification) or score (regression) per row, a tag per word of each sentence read by
+    tasks.read (tagging), the answer text per question id (qa)."""
+    return _evaluate(model, spec, dev, batch_size, with_predictions=True)
+
+
+def _evaluate(model, spec: TaskSpec, dev: TaskData, batch_size: int, with_predictions: bool):
     if not dev.features:
         raise ValueError(f"no dev features to evaluate for task {spec.name!r}: the dev data is empty")
     logits = predict_logits(model, dev.features, batch_size)
@@ -193,19 +204,34 @@ def evaluate(model, spec: TaskSpec, dev: TaskData, batch_size: int = 64) -> dict
         labels = [f["labels"] for f in dev.features]
         if spec.kind == "regression":
             p = preds.squeeze(-1).numpy()
-            return {"pearson": metrics.pearson(p, labels), "spearman": metrics.spearman(p, labels)}
+            return ({"pearson": metrics.pearson(p, labels), "spearman": metrics.spearman(p, labels)},
+                    [float(x) for x in p])
         p = preds.argmax(-1).numpy()
         scores = {"accuracy": metrics.accuracy(p, labels)}
         if len(spec.labels or []) == 2:
             scores["f1"] = metrics.f1_score(p, labels)
             scores["matthews"] = metrics.matthews_corrcoef(p, labels)
-        return scores
+        return scores, [spec.labels[int(i)] for i in p]
     if spec.kind == "tagging":
         preds = torch.cat([l.argmax(-1) for l in logits]).numpy()
         labels = [x for f in dev.features for x in f["labels"]]
-        return {"token_accuracy": metrics.token_accuracy(preds, labels)}
+        return {"token_accuracy": metrics.token_accuracy(preds, labels)}, \
+            tags_from_logits(spec, [len(s.words) for s in dev.examples], dev.features, logits) if with_predictions else None
     answers = answers_from_logits(model, spec, dev.examples, dev.features, logits)
-    return metrics.squad_scores(answers, {e.id: e.answers for e in dev.examples})
+    return metrics.squad_scores(answers, {e.id: e.answers for e in dev.examples}), answers
+
+
+def tags_from_logits(spec: TaskSpec, sentence_lengths: Sequence[int], features, logits) -> list[list[str]]:
+    """Tagging: each word's tag, from the logits of its first piece (a long sentence's pieces are
+    consecutive features, data.encode_words_in_pieces)."""
+    tags = [[None] * n for n in sentence_lengths]
+    for feat, feature_logits in zip(features, logits):
+        last = -1
+        for pos, w in enumerate(feat["word_ids"]):
+            if w is not None and w > last:                                # a word's first piece
+                tags[feat["sentence"]][feat["first_word"] + w] = spec.labels[int(feature_logits[pos].argmax())]
+                last = w
+    return tags
 
 
 def answers_from_logits(model, spec: TaskSpec, examples, features, logits) -> dict[str, str]:

@@ -650,3 +650,73 @@ def test_keep_best_mistakes_are_named_before_training(tmp_path, capsys, sst2_sli
     assert fastbert.cli.main(args) == 2
     assert re.search(match, capsys.readouterr().err)
     assert not (tmp_path / "run" / "latest").exists()
+
+
+def _tiny_dev(tmp_path, kind):
+    """A few labelled examples of each kind, written here (the shared datasets may be absent)."""
+    if kind == "sst2":
+        return fastbert.data.sample_path("sst2_sample_dev.tsv"), ["--max-dev-examples", "24"]
+    path = tmp_path / f"dev-{kind}"
+    if kind == "stsb":
+        head = "index\tgenre\tfilename\tyear\told_index\tsource1\tsource2\tsentence1\tsentence2\tscore\n"
+        rows = [("A plane is taking off.", "An air plane is taking off.", "5.000"),
+                ("A man is playing a flute.", "A man is eating.", "0.800"),
+                ("A dog runs.", "A dog is running.", "4.200"), ("Rain falls.", "The sun is out.", "0.500")]
+        path.write_text(head + "".join(f"{i}\tg\tf\ty\to\tn\tn\t{a}\t{b}\t{s}\n" for i, (a, b, s) in enumerate(rows)))
+    elif kind == "pos":
+        sentences = [[("From", "ADP"), ("the", "DET"), ("AP", "PROPN"), ("comes", "VERB"), ("this", "DET"),
+                      ("story", "NOUN"), (":", "PUNCT")], [("Dogs", "NOUN"), ("bark", "VERB"), (".", "PUNCT")]]
+        path.write_text("".join("".join(f"{i}\t{w}\t{w.lower()}\t{t}\t_\t_\t0\troot\t_\t_\n"
+                                        for i, (w, t) in enumerate(s, 1)) + "\n" for s in sentences))
+    else:
+        context = "The Broncos won Super Bowl 50 in Santa Clara, beating the Panthers 24 to 10."
+        qas = [{"id": "q1", "question": "Who won Super Bowl 50?", "answers": [{"text": "The Broncos", "answer_start": 0}]},
+               {"id": "q2", "question": "Where was it played?", "answers": [{"text": "Santa Clara", "answer_start": 33}]},
+               {"id": "q3", "question": "Who lost?", "answers": [{"text": "the Panthers", "answer_start": 54}]}]
+        path.write_text(json.dumps({"version": "1.1", "data": [{"title": "SB", "paragraphs": [
+            {"context": context, "qas": qas}]}]}))
+    return path, []
+
+
+@pytest.mark.parametrize("kind", ["sst2", "stsb", "pos", "squad"])
+def test_evaluate_writes_the_predictions_it_scored(tmp_path, capsys, untrained_models, kind):
+    """evaluate --predictions: the file holds what was scored, so scoring it again, by the format's own
+    rules (SQuAD's prediction JSON, GLUE's index<TAB>prediction, word<TAB>gold<TAB>predicted), gives
+    the metrics evaluate printed."""
+    from fastbert import metrics
+
+    dev, extra = _tiny_dev(tmp_path, kind)
+    out = tmp_path / "preds" / "dev.out"
+    assert fastbert.cli.main(["evaluate", "--model", str(untrained_models[kind]), "--dev", str(dev),
+                              "--predictions", str(out), "--device", "cpu", *extra]) == 0
+    printed = json.loads(capsys.readouterr().out)
+    text = out.read_text()
+    if kind == "squad":
+        gold = {q["id"]: [a["text"] for a in q["answers"]]
+                for q in json.loads(dev.read_text())["data"][0]["paragraphs"][0]["qas"]}
+        predicted = json.loads(text)
+        assert predicted.keys() == gold.keys() and all(isinstance(a, str) for a in predicted.values())
+        assert metrics.squad_scores(predicted, gold) == printed
+    elif kind == "pos":
+        lines = [line.split("\t") for line in text.split("\n") if line]
+        assert text.endswith("\n\n") and text.count("\n\n") == 2 and len(lines) == 10
+        assert [w for w, _, _ in lines][:3] == ["From", "the", "AP"]
+        assert sum(g == p for _, g, p in lines) / len(lines) == pytest.approx(printed["token_accuracy"], abs=1e-12)
+    else:
+        header, *rows = text.splitlines()
+        assert header == "index\tprediction" and [int(r.split("\t")[0]) for r in rows] == list(range(len(rows)))
+        values = [r.split("\t")[1] for r in rows]
+        if kind == "sst2":
+            gold = [line.split("\t")[1] for line in dev.read_text().splitlines()[1:25]]
+            assert len(values) == 24 and set(values) <= {"0", "1"}
+            assert sum(v == g for v, g in zip(values, gold)) / 24 == pytest.approx(printed["accuracy"], abs=1e-12)
+        else:
+            gold = [float(line.split("\t")[-1]) for line in dev.read_text().splitlines()[1:]]
+            assert metrics.pearson([float(v) for v in values], gold) == pytest.approx(printed["pearson"], abs=1e-4)
+
+
+def test_evaluate_refuses_a_predictions_path_it_cannot_write_before_scoring(tmp_path, capsys, untrained_models):
+    assert fastbert.cli.main(["evaluate", "--model", str(untrained_models["sst2"]), "--dev",
+                              str(fastbert.data.sample_path("sst2_sample_dev.tsv")), "--predictions", str(tmp_path),
+                              "--device", "cpu"]) == 2
+    assert "--predictions '" in capsys.readouterr().err
