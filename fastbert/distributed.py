@@ -41,7 +41,10 @@ def rank_and_world() -> tuple[int, int]:
 
 def launched_by_torchrun() -> bool:
     """torchrun (and torch.distributed.run) sets WORLD_SIZE for each process it starts."""
-    return int(os.environ.get("WORLD_SIZE", "1") or 1) > 1
+    value = os.environ.get("WORLD_SIZE", "").strip() or "1"
+    if not value.isdigit():
+        raise ValueError(f"WORLD_SIZE must be a number of processes, got {value!r}")
+    return int(value) > 1
 
 
 def init_from_env(device_name: str | None) -> torch.device:
@@ -56,7 +59,10 @@ def init_from_env(device_name: str | None) -> torch.device:
     local_rank = int(os.environ["LOCAL_RANK"])
     if device_name is None:
         device_name = "cuda" if torch.cuda.is_available() else "cpu"
-    device = torch.device(device_name)
+    try:
+        device = torch.device(device_name)
+    except RuntimeError:
+        raise ValueError(f"--device must be cpu or cuda, got {device_name!r}") from None
     if device.type == "cuda":
         if device.index is not None:
             raise ValueError(f"--device {device_name}: under torchrun each process takes cuda:LOCAL_RANK; give "

@@ -229,6 +229,12 @@ def test_finetune_under_torchrun_on_the_cpu(tmp_path):
     assert (out / "model" / "model.safetensors").exists() and (out / "checkpoint-2" / "trainer_state.pt").exists()
 
 
+def test_a_malformed_world_size_is_named(monkeypatch, capsys):
+    monkeypatch.setenv("WORLD_SIZE", "two")
+    assert fastbert.cli.main(["encode", "a sentence"]) == 2
+    assert "WORLD_SIZE must be a number of processes, got 'two'" in capsys.readouterr().err
+
+
 def test_commands_other_than_finetune_refuse_several_processes(monkeypatch, capsys):
     monkeypatch.setenv("WORLD_SIZE", "2")
     assert fastbert.cli.main(["encode", "a sentence"]) == 2
@@ -240,6 +246,7 @@ def test_commands_other_than_finetune_refuse_several_processes(monkeypatch, caps
     ({"RANK": None}, "cpu", "WORLD_SIZE=2 but RANK not set: start the processes with torchrun"),
     ({}, "cuda:1", "under torchrun each process takes cuda:LOCAL_RANK"),
     ({}, "mps", "--device must be cpu or cuda"),
+    ({}, "nonsense", "--device must be cpu or cuda, got 'nonsense'"),
 ])
 def test_a_torchrun_environment_that_cannot_work_is_named(monkeypatch, tmp_path, env, device, match):
     """Before any process group is joined (which would wait for peers that never come)."""
