@@ -193,7 +193,7 @@ def _finetune(args, device) -> int:
         raise ValueError("--unpad and --compile do not go together: the packed encoder's shapes change with "
                          "every batch, so a compiled model runs padded; pick one")
     _check_counts(args, positive=("epochs", "batch_size", "grad_accum", "eval_batch_size"),
-                  optional_positive=("max_steps", "save_every", "max_train_examples", "max_dev_examples",
+                  optional_positive=("max_steps", "save_every", "eval_every", "max_train_examples", "max_dev_examples",
                                      "max_answer_len", "max_question_len"),
                   optional_non_negative=("doc_stride",))
     if args.max_seq_len is not None and args.max_seq_len < 8:
@@ -223,6 +223,8 @@ def _finetune(args, device) -> int:
         _check_headerless_columns(args)
     if args.keep_best and not args.dev:
         raise ValueError("--keep-best needs --dev: each epoch's dev score picks the best")
+    if args.eval_every and not args.dev:
+        raise ValueError("--eval-every needs --dev, the data it evaluates on")
     _check_file("--train", args.train)
     if args.dev:
         _check_file("--dev", args.dev)
@@ -247,7 +249,8 @@ def _finetune(args, device) -> int:
                             lr=args.lr, weight_decay=args.weight_decay, warmup_ratio=args.warmup_ratio,
                             grad_accum=args.grad_accum, seed=args.seed, precision=args.precision,
                             bucket_by_length=not args.no_bucket, save_every=args.save_every,
-                            progress=not args.no_progress, compile=args.compile, keep_best=keep_best)
+                            progress=not args.no_progress, compile=args.compile, keep_best=keep_best,
+                            eval_every=args.eval_every)
     train._autocast_dtype(cfg.precision, device)  # fp16 without a GPU: say so before reading anything
     torch.manual_seed(args.seed)
     tokenizer = fastbert.Tokenizer.from_pretrained(args.model)
@@ -306,7 +309,8 @@ def _finetune(args, device) -> int:
 
     metrics_file.parent.mkdir(parents=True, exist_ok=True)  # as --out is
     atomic_write_text(metrics_file, metrics_json(summary, indent=2) + "\n")
-    kept = f" (epoch {best_record['epoch']}, the best by {cfg.keep_best})" if (best_record := summary.get("best")) else ""
+    kept = f" (step {best_record['step']}, epoch {best_record['epoch']}, the best by {cfg.keep_best})" \
+        if (best_record := summary.get("best")) else ""
     print(f"final: {_describe_scores(summary['final_metrics'])}\nmodel{kept} saved to {final}; metrics in {metrics_file}")
     return 0
 
@@ -718,10 +722,13 @@ def build_parser():
     ft.add_argument("--save-every", type=int, default=None, metavar="N",
                     help="optimizer steps between checkpoints (default: each epoch); each replaces the "
                          "previous one: only the newest is kept, for --resume (and the best epoch's with --keep-best)")
+    ft.add_argument("--eval-every", type=int, default=None, metavar="N",
+                    help="also evaluate on --dev every N optimizer steps inside an epoch (default: at each "
+                         "epoch's end only); --keep-best then picks among these evaluations too")
     ft.add_argument("--keep-best", nargs="?", const="main", default=None, metavar="METRIC",
-                    help="keep the checkpoint of the epoch with the best dev METRIC (default: the task's main "
+                    help="keep the checkpoint of the evaluation with the best dev METRIC (default: the task's main "
                          "one: accuracy, matthews for cola, f1 for mrpc and squad, pearson, token_accuracy) and "
-                         "save that epoch's weights as OUT/model instead of the last's; needs --dev")
+                         "save its weights as OUT/model instead of the last; needs --dev")
     ft.add_argument("--resume", action="store_true",
                     help="continue from the latest checkpoint in --out (same data and settings)")
     ft.add_argument("--no-bucket", action="store_true", help="do not batch examples of similar length together")

@@ -56,13 +56,14 @@ class TrainConfig:
     save_every: int | None = None        # optimizer steps between checkpoints (None: each epoch)
     progress: bool = True
     compile: str | None = None           # torch.compile backend for the training forward ("inductor"); None: eager
-    keep_best: str | None = None         # a dev metric (higher is better): its best epoch's checkpoint is kept
+    keep_best: str | None = None         # a dev metric (higher is better): its best evaluation's checkpoint is kept
+    eval_every: int | None = None        # optimizer steps between evaluations inside an epoch (None: at its end only)
 
     def __post_init__(self):
         self.out = Path(self.out)
-        for name in ("epochs", "batch_size", "grad_accum", "max_steps", "save_every"):
+        for name in ("epochs", "batch_size", "grad_accum", "max_steps", "save_every", "eval_every"):
             value = getattr(self, name)
-            if value is None and name in ("max_steps", "save_every"):
+            if value is None and name in ("max_steps", "save_every", "eval_every"):
                 continue
             # 2.5 failed later as a slice index, naming nothing; True passed as 1
             if isinstance(value, bool) or not isinstance(value, int):
@@ -252,8 +253,9 @@ class Trainer:
                  save_model: Callable | None = None):
         if len(features) == 0:
             raise ValueError("no training examples")
-        if config.keep_best and evaluate is None:
-            raise ValueError(f"keep_best={config.keep_best!r} needs an evaluate function (dev data) to score each epoch")
+        for name in ("keep_best", "eval_every"):
+            if getattr(config, name) and evaluate is None:
+                raise ValueError(f"{name}={getattr(config, name)!r} needs an evaluate function (dev data)")
         self.model, self.features, self.collate, self.cfg = model, features, collate, config
         self.save_model = save_model or (lambda model, folder: model.save_pretrained(folder))
         if config.bucket_by_length and lengths is None:
@@ -372,15 +374,15 @@ class Trainer:
         return folder
 
     def best_record(self) -> dict | None:
-        """The epoch record with the highest keep_best metric (the earliest of equal ones); None
-        without keep_best or before an epoch with a defined score."""
+        """The history's record (an epoch's end, or an evaluation inside one) with the highest
+        keep_best metric, the earliest of equal ones; None without keep_best or a defined score yet."""
         metric = self.cfg.keep_best
         scored = [r for r in self.history if metric and isinstance(r.get(metric), (int, float))
                   and math.isfinite(r[metric])]
         return max(scored, key=lambda r: r[metric]) if scored else None
 
     def best_checkpoint(self) -> Path | None:
-        """The checkpoint of the best epoch (keep_best), which saves keep until a better epoch comes."""
+        """The checkpoint of the best evaluation (keep_best), which saves keep until a better one comes."""
         record = self.best_record()
         return None if record is None else self.cfg.out / f"checkpoint-{record['step']}"
 
@@ -602,6 +604,24 @@ class Trainer:
         distributed.sum_gradients(params, [used > 0 for used in values[1 + 2 * group_size:]])
         return losses, int(values[0])
 
+    def _record(self, epoch, running: list, aside, bar) -> dict:
+        """Append to the history the record of an epoch's end (epoch = epochs done) or of an evaluation
+        inside one (eval_every; epoch = the fraction done, as transformers logs it): the mean training
+        loss of the epoch so far and the dev scores."""
+        record = {"epoch": epoch, "step": self.step, "train_loss": sum(running) / max(1, len(running))}
+        if self.evaluate_fn is not None:
+            # under torchrun rank 0 evaluates, and every process keeps its scores
+            scores = aside(self._evaluate) if self.rank == 0 else None
+            record.update(distributed.from_first(scores) if self.world > 1 else scores)
+            self.model.train()
+            if self.cfg.keep_best and self.cfg.keep_best not in record:
+                raise ValueError(f"keep_best {self.cfg.keep_best!r} is not one of the evaluation's metrics "
+                                 f"{sorted(set(record) - {'epoch', 'step', 'train_loss'})}")
+        self.history.append(record)
+        if self.rank == 0:
+            bar.write(to_json(record))  # null, not NaN, for an undefined metric: the line stays JSON
+        return record
+
     def _optimizer_step(self):
         # A group without one labelled item ran no backward: no update, but the step and the schedule
         # still advance (the scaler would refuse a step that recorded no gradients).
@@ -698,26 +718,21 @@ class Trainer:
                 if running:
                     bar.set_postfix(loss=f"{sum(running[-20:]) / len(running[-20:]):.4f}",
                                     tok_s=f"{tokens_seen / elapsed:,.0f}")
-                if self.cfg.save_every and self.step % self.cfg.save_every == 0:
+                # eval_every: evaluated inside the epoch (its last step has the epoch's evaluation), before
+                # a checkpoint of the same step, which then holds the record: a resume does not redo it.
+                improved = False
+                if (self.cfg.eval_every and self.step % self.cfg.eval_every == 0
+                        and self.batch_in_epoch < len(batches) and self.step < self.total_steps):
+                    record = self._record(round(self.epoch + self.batch_in_epoch / len(batches), 4), running, aside, bar)
+                    improved = self.cfg.keep_best and self.best_record() is record
+                if (self.cfg.save_every and self.step % self.cfg.save_every == 0) or improved:
                     aside(self.save_checkpoint)
                 if stop_after_step is not None and self.step >= stop_after_step:
                     bar.close()
                     return {"stopped_at_step": self.step}
-            record = {"epoch": self.epoch + 1, "step": self.step,
-                      "train_loss": sum(running) / max(1, len(running))}
-            if self.evaluate_fn is not None:
-                # under torchrun rank 0 evaluates, and every process keeps its scores
-                scores = aside(self._evaluate) if self.rank == 0 else None
-                record.update(distributed.from_first(scores) if self.world > 1 else scores)
-                self.model.train()
-                if self.cfg.keep_best and self.cfg.keep_best not in record:
-                    raise ValueError(f"keep_best {self.cfg.keep_best!r} is not one of the evaluation's metrics "
-                                     f"{sorted(set(record) - {'epoch', 'step', 'train_loss'})}")
-            self.history.append(record)
-            if self.rank == 0:
-                bar.write(to_json(record))  # null, not NaN, for an undefined metric: the line stays JSON
+            record = self._record(self.epoch + 1, running, aside, bar)
             self.epoch, self.batch_in_epoch = self.epoch + 1, 0
-            # keep_best: a better epoch is saved whatever save_every says, and that save keeps it
+            # keep_best: a better evaluation is saved whatever save_every says, and that save keeps it
             if self.cfg.save_every is None or (self.cfg.keep_best and self.best_record() is record):
                 aside(self.save_checkpoint)
         bar.close()

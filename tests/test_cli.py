@@ -618,8 +618,8 @@ def test_encode_lower_cases_as_sentence_transformers_says(tmp_path, capsys):
 
 
 def test_finetune_keep_best_saves_the_best_epochs_weights(tmp_path, capsys):
-    """--keep-best: OUT/model holds the weights of the epoch with the best dev score (the checkpoint the
-    run kept of it), and metrics.json says which; the last epoch's checkpoint stays for --resume."""
+    """--keep-best: OUT/model holds the weights of the evaluation with the best dev score (the checkpoint
+    the run kept of it), and metrics.json says which; the last checkpoint stays for --resume."""
     from fastbert import data as fb_data
     from fastbert.checkpoint import read_state_dict
 
@@ -628,12 +628,14 @@ def test_finetune_keep_best_saves_the_best_epochs_weights(tmp_path, capsys):
     assert fastbert.cli.main(["finetune", "--task", "sst2", "--train", str(sample), "--dev", str(sample), "--out",
                               str(out), "--epochs", "3", "--batch-size", "4", "--max-train-examples", "8",
                               "--max-dev-examples", "16", "--lr", "1e-3", "--max-seq-len", "24", "--keep-best", "f1",
-                              "--no-progress", "--device", "cpu"]) == 0
+                              "--eval-every", "1", "--no-progress", "--device", "cpu"]) == 0
     summary = json.loads((out / "metrics.json").read_text())
     best = summary["best"]
-    # here (2026-11-29, this CPU) f1 0.70, 0.00, 0.40: the first epoch's weights, not the last's
+    # 2 steps an epoch, evaluated after each (--eval-every 1 inside the epoch, then its end)
+    assert [(e["epoch"], e["step"]) for e in summary["epochs"]] == [(0.5, 1), (1, 2), (1.5, 3), (2, 4), (2.5, 5), (3, 6)]
+    # here (2026-11-29, this CPU) f1 0.00, 0.70, 0.00, 0.00, 0.00, 0.40: step 2's weights, not the last's
     assert best == summary["final_metrics"] and best["f1"] == max(e["f1"] for e in summary["epochs"])
-    assert f"model (epoch {best['epoch']}, the best by f1) saved to" in capsys.readouterr().out
+    assert f"model (step {best['step']}, epoch {best['epoch']}, the best by f1) saved to" in capsys.readouterr().out
     kept = sorted(p.name for p in out.glob("checkpoint-*"))
     assert kept == sorted({f"checkpoint-{best['step']}", "checkpoint-6"})
     saved, at_best = read_state_dict(out / "model"), read_state_dict(out / f"checkpoint-{best['step']}")
@@ -643,8 +645,10 @@ def test_finetune_keep_best_saves_the_best_epochs_weights(tmp_path, capsys):
 @pytest.mark.parametrize("extra, match", [
     (["--keep-best"], "--keep-best needs --dev"),
     (["--keep-best", "pearson", "--dev", "{train}"], "--keep-best pearson: task sst2 is scored by accuracy, f1, matthews"),
+    (["--eval-every", "2"], "--eval-every needs --dev"),
+    (["--eval-every", "0", "--dev", "{train}"], "--eval-every must be >= 1, got 0"),
 ])
-def test_keep_best_mistakes_are_named_before_training(tmp_path, capsys, sst2_slice, extra, match):
+def test_keep_best_and_eval_every_mistakes_are_named_before_training(tmp_path, capsys, sst2_slice, extra, match):
     args = ["finetune", "--task", "sst2", "--train", str(sst2_slice), "--out", str(tmp_path / "run"), "--device", "cpu",
             "--no-progress"] + [a.format(train=sst2_slice) for a in extra]
     assert fastbert.cli.main(args) == 2

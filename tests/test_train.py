@@ -935,3 +935,53 @@ def test_keep_best_needs_a_metric_the_evaluation_gives(tmp_path):
         _scored_trainer(tmp_path / "run", [0.5], keep_best="pearson").train()
     with pytest.raises(ValueError, match="keep_best='accuracy' needs an evaluate function"):
         _trainer(tmp_path / "other", keep_best="accuracy")
+
+
+def _step_scored_trainer(out, score_of_step, **overrides):
+    """A Trainer whose evaluation at step s scores score_of_step(s)."""
+    holder = []
+    torch.manual_seed(0)
+    model = heads.BertForSequenceClassification(fastbert.BertConfig(**CONFIG), num_labels=2)
+    cfg = train.TrainConfig(out=out, **{**dict(epochs=2, batch_size=8, lr=1e-3, progress=False, eval_every=2), **overrides})
+    features = _features()
+    holder.append(train.Trainer(model, features, _collate, cfg, lambda m: {"accuracy": score_of_step(holder[0].step)},
+                                lengths=[len(f["input_ids"]) for f in features]))
+    return holder[0]
+
+
+def test_eval_every_evaluates_inside_epochs_without_changing_the_training(tmp_path):
+    """Every 2 steps of 5-step epochs, plus each epoch's end (its last step is not evaluated twice);
+    "epoch" is the fraction done, as transformers logs it. The weights are bitwise those of a run that
+    never evaluated: evaluation draws nothing from the generators dropout uses."""
+    evaluated = _step_scored_trainer(tmp_path / "evaluated", lambda step: step / 100)
+    evaluated.train()
+    assert [(r["epoch"], r["step"], r["accuracy"]) for r in evaluated.history] == [
+        (0.4, 2, 0.02), (0.8, 4, 0.04), (1, 5, 0.05), (1.2, 6, 0.06), (1.6, 8, 0.08), (2, 10, 0.1)]
+    plain = _trainer(tmp_path / "plain", save_every=None)
+    plain.train()
+    _assert_same_weights(plain.model, evaluated.model)
+
+
+def _assert_same_weights(a, b):
+    for (name, x), y in zip(a.state_dict().items(), b.state_dict().values()):
+        assert torch.equal(x, y), name
+
+
+def test_eval_every_resumes_exactly_and_keeps_the_best_evaluation_inside_an_epoch(tmp_path):
+    """The best score comes at step 4, inside the first epoch: its checkpoint is written then (save_every
+    is 3) and kept. A run interrupted after step 7 resumes from checkpoint-6 with the same history and
+    ends with the same weights and checkpoints as one that never stopped."""
+    score = {2: 0.5, 4: 0.9, 5: 0.6, 6: 0.7, 8: 0.8, 10: 0.85}.get
+    settings = dict(save_every=3, keep_best="accuracy")
+    whole = _step_scored_trainer(tmp_path / "whole", score, **settings)
+    summary = whole.train()
+    assert summary["best"]["step"] == 4 and whole.best_checkpoint() == tmp_path / "whole" / "checkpoint-4"
+    assert _checkpoints(tmp_path / "whole") == [4, 9]
+    first = _step_scored_trainer(tmp_path / "resumed", score, **settings)
+    first.train(stop_after_step=7)
+    again = _step_scored_trainer(tmp_path / "resumed", score, **settings)
+    assert again.resume() and again.step == 6
+    assert again.train()["best"] == summary["best"]
+    assert again.history == whole.history
+    _assert_same_weights(whole.model, again.model)
+    assert _checkpoints(tmp_path / "resumed") == [4, 9]
