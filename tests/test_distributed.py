@@ -14,6 +14,7 @@ import torch
 import fastbert
 import fastbert.cli
 from fastbert import data, heads, train
+from test_train import recording_grads
 
 CONFIG = dict(vocab_size=64, hidden_size=32, num_hidden_layers=2, num_attention_heads=4,
               intermediate_size=64, max_position_embeddings=32)
@@ -59,23 +60,10 @@ def _trainer(case: dict, out: Path) -> train.Trainer:
                          lengths=[len(f["input_ids"]) for f in features] if cfg.bucket_by_length else None)
 
 
-def _recording_grads(trainer: train.Trainer) -> list:
-    """Each optimizer step's gradients, recorded in place of the update (the weights stay put)."""
-    grads = []
-
-    def record():
-        grads.append({n: p.grad.cpu() for n, p in trainer.model.named_parameters() if p.grad is not None})
-        trainer.optimizer.zero_grad(set_to_none=True)
-        trainer.step += 1
-
-    trainer._optimizer_step = record
-    return grads
-
-
 def _run(case: dict, out: Path, report: Path) -> dict:
     """Train as the case says; what the caller compares goes to `report` (one file per rank)."""
     trainer = _trainer(case, out)
-    grads = _recording_grads(trainer) if case.get("record_grads") else []
+    grads = recording_grads(trainer) if case.get("record_grads") else []
     if case.get("nan_on_rank") == trainer.rank:
         forward, calls = trainer.model.forward, []
 
@@ -153,7 +141,7 @@ def test_two_processes_step_as_one_process_with_grad_accum_two(tmp_path, task, e
     case = {"task": task, "examples": examples, "no_dropout": True, "record_grads": True, "device": device,
             "train": {"batch_size": batch_size, "save_every": 10**9}}
     one = _trainer({**case, "train": {**case["train"], "grad_accum": 2}}, tmp_path / "one")
-    one_grads = _recording_grads(one)
+    one_grads = recording_grads(one)
     one.train()
     steps = 2 * -(-examples // batch_size // 2)
     assert len(one_grads) == steps

@@ -448,17 +448,24 @@ def test_compiled_training_forward_matches_eager(tmp_path):
 NO_DROPOUT = dict(hidden_dropout_prob=0.0, attention_probs_dropout_prob=0.0)
 
 
-def _grads_per_step(trainer):
-    """The gradient each optimizer step would apply, with the update itself skipped: every group is
-    differentiated at the same weights, so runs with other batch splits can be compared exactly."""
+def recording_grads(trainer) -> list:
+    """Each optimizer step's gradients, recorded in place of the update (the weights stay put), so
+    runs with other batch splits (or processes: test_distributed.py) can be compared step by step."""
     grads = []
 
     def record():
-        grads.append({n: p.grad.clone() for n, p in trainer.model.named_parameters() if p.grad is not None})
+        grads.append({n: p.grad.cpu() for n, p in trainer.model.named_parameters() if p.grad is not None})
         trainer.optimizer.zero_grad(set_to_none=True)
         trainer.step += 1
 
     trainer._optimizer_step = record
+    return grads
+
+
+def _grads_per_step(trainer):
+    """The gradient each optimizer step would apply, with the update itself skipped: every group is
+    differentiated at the same weights, so runs with other batch splits can be compared exactly."""
+    grads = recording_grads(trainer)
     trainer.train()
     return grads
 
