@@ -193,7 +193,7 @@ def _finetune(args, device) -> int:
         raise ValueError("--unpad and --compile do not go together: the packed encoder's shapes change with "
                          "every batch, so a compiled model runs padded; pick one")
     _check_counts(args, positive=("epochs", "batch_size", "grad_accum", "eval_batch_size"),
-                  optional_positive=("max_steps", "save_every", "eval_every", "max_train_examples", "max_dev_examples",
+                  optional_positive=("max_steps", "save_every", "eval_every", "early_stop", "max_train_examples", "max_dev_examples",
                                      "max_answer_len", "max_question_len"),
                   optional_non_negative=("doc_stride",))
     if args.max_seq_len is not None and args.max_seq_len < 8:
@@ -225,6 +225,8 @@ def _finetune(args, device) -> int:
         raise ValueError("--keep-best needs --dev: each epoch's dev score picks the best")
     if args.eval_every and not args.dev:
         raise ValueError("--eval-every needs --dev, the data it evaluates on")
+    if args.early_stop and not args.keep_best:
+        raise ValueError("--early-stop needs --keep-best: the metric it watches, and the weights the run ends with")
     _check_file("--train", args.train)
     if args.dev:
         _check_file("--dev", args.dev)
@@ -244,13 +246,12 @@ def _finetune(args, device) -> int:
     if spec.max_seq_len > limit:
         raise ValueError(f"--max-seq-len {spec.max_seq_len} is more than the model's {limit} positions "
                          f"(max_position_embeddings of {folder})")
-    keep_best = _keep_best_metric(args.keep_best, spec) if args.keep_best and spec.kind not in ("single", "pair") else None
     cfg = train.TrainConfig(out=Path(args.out), epochs=args.epochs, max_steps=args.max_steps, batch_size=args.batch_size,
                             lr=args.lr, weight_decay=args.weight_decay, warmup_ratio=args.warmup_ratio,
                             grad_accum=args.grad_accum, seed=args.seed, precision=args.precision,
                             bucket_by_length=not args.no_bucket, save_every=args.save_every,
-                            progress=not args.no_progress, compile=args.compile, keep_best=keep_best,
-                            eval_every=args.eval_every)
+                            progress=not args.no_progress, compile=args.compile, keep_best=args.keep_best,
+                            eval_every=args.eval_every, early_stop=args.early_stop)
     train._autocast_dtype(cfg.precision, device)  # fp16 without a GPU: say so before reading anything
     torch.manual_seed(args.seed)
     tokenizer = fastbert.Tokenizer.from_pretrained(args.model)
@@ -261,7 +262,7 @@ def _finetune(args, device) -> int:
     dev_data = tasks.read(spec, args.dev, tokenizer, args.max_dev_examples) if args.dev else None
     if dev_data is not None:
         _check_dev(args.dev, spec, dev_data)
-    if args.keep_best and cfg.keep_best is None:  # a classification's metrics follow its labels, now read
+    if args.keep_best:  # named once the data is read: a classification's metrics follow its labels
         cfg.keep_best = _keep_best_metric(args.keep_best, spec)
     model = tasks.build_model(spec, args.model, args.backend).to(device)
     model.bert.unpad = args.unpad
@@ -309,6 +310,9 @@ def _finetune(args, device) -> int:
 
     metrics_file.parent.mkdir(parents=True, exist_ok=True)  # as --out is
     atomic_write_text(metrics_file, metrics_json(summary, indent=2) + "\n")
+    if (stopped := summary.get("stopped_early_at_step")) is not None:
+        print(f"stopped early at step {stopped} of {trainer.total_steps}: {cfg.early_stop} evaluations in a row "
+              f"without a better {cfg.keep_best}")
     kept = f" (step {best_record['step']}, epoch {best_record['epoch']}, the best by {cfg.keep_best})" \
         if (best_record := summary.get("best")) else ""
     print(f"final: {_describe_scores(summary['final_metrics'])}\nmodel{kept} saved to {final}; metrics in {metrics_file}")
@@ -729,6 +733,8 @@ def build_parser():
                     help="keep the checkpoint of the evaluation with the best dev METRIC (default: the task's main "
                          "one: accuracy, matthews for cola, f1 for mrpc and squad, pearson, token_accuracy) and "
                          "save its weights as OUT/model instead of the last; needs --dev")
+    ft.add_argument("--early-stop", type=int, default=None, metavar="N",
+                    help="with --keep-best: end the run after N evaluations in a row without a better score")
     ft.add_argument("--resume", action="store_true",
                     help="continue from the latest checkpoint in --out (same data and settings)")
     ft.add_argument("--no-bucket", action="store_true", help="do not batch examples of similar length together")

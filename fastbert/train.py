@@ -58,12 +58,13 @@ class TrainConfig:
     compile: str | None = None           # torch.compile backend for the training forward ("inductor"); None: eager
     keep_best: str | None = None         # a dev metric (higher is better): its best evaluation's checkpoint is kept
     eval_every: int | None = None        # optimizer steps between evaluations inside an epoch (None: at its end only)
+    early_stop: int | None = None        # stop after this many evaluations in a row without a better keep_best score
 
     def __post_init__(self):
         self.out = Path(self.out)
-        for name in ("epochs", "batch_size", "grad_accum", "max_steps", "save_every", "eval_every"):
+        for name in ("epochs", "batch_size", "grad_accum", "max_steps", "save_every", "eval_every", "early_stop"):
             value = getattr(self, name)
-            if value is None and name in ("max_steps", "save_every", "eval_every"):
+            if value is None and name in ("max_steps", "save_every", "eval_every", "early_stop"):
                 continue
             # 2.5 failed later as a slice index, naming nothing; True passed as 1
             if isinstance(value, bool) or not isinstance(value, int):
@@ -94,6 +95,9 @@ class TrainConfig:
             raise ValueError(f"seed must be an int in [0, 2**32), got {self.seed!r}")
         if self.keep_best is not None and (not isinstance(self.keep_best, str) or not self.keep_best):
             raise TypeError(f"keep_best must be a metric name or None, got {self.keep_best!r}")
+        if self.early_stop is not None and self.keep_best is None:
+            raise ValueError("early_stop needs keep_best: the metric whose best it waits for, and the checkpoint "
+                             "the run ends with")
         if self.compile is not None and self.compile not in torch.compiler.list_backends(exclude_tags=()):
             raise ValueError(f"compile must be a torch.compile backend {torch.compiler.list_backends()} or None, "
                              f"got {self.compile!r}")
@@ -380,6 +384,15 @@ class Trainer:
         scored = [r for r in self.history if metric and isinstance(r.get(metric), (int, float))
                   and math.isfinite(r[metric])]
         return max(scored, key=lambda r: r[metric]) if scored else None
+
+    def stopped_early(self) -> bool:
+        """early_stop: that many evaluations in a row since the best one brought no better score. Read
+        from the history, so a resumed run stops where the uninterrupted one did."""
+        best = self.best_record()
+        if not self.cfg.early_stop or best is None:
+            return False
+        since = next(len(self.history) - 1 - i for i, record in enumerate(self.history) if record is best)
+        return since >= self.cfg.early_stop
 
     def best_checkpoint(self) -> Path | None:
         """The checkpoint of the best evaluation (keep_best), which saves keep until a better one comes."""
@@ -685,12 +698,13 @@ class Trainer:
         bar = tqdm(total=self.total_steps, initial=self.step, disable=not self.cfg.progress or self.rank != 0,
                    unit="step", dynamic_ncols=True)
         # An epoch left open by a checkpoint at the last step (save_every) is still closed: its record and evaluation.
-        while self.epoch < self.epochs and (self.step < self.total_steps or self.batch_in_epoch > 0):
+        while self.epoch < self.epochs and (self.step < self.total_steps or self.batch_in_epoch > 0) \
+                and not self.stopped_early():
             batches = epoch_batches(len(self.features), self.cfg.batch_size, self.cfg.seed, self.epoch, self.lengths)
             if self.batch_in_epoch == 0:
                 self._running = []
             running = self._running
-            while self.batch_in_epoch < len(batches) and self.step < self.total_steps:
+            while self.batch_in_epoch < len(batches) and self.step < self.total_steps and not self.stopped_early():
                 group_end = self.batch_in_epoch + self.cfg.grad_accum * self.world
                 group = [self.collate([self.features[i] for i in indices])
                          for indices in batches[self.batch_in_epoch:group_end]]
@@ -730,6 +744,8 @@ class Trainer:
                 if stop_after_step is not None and self.step >= stop_after_step:
                     bar.close()
                     return {"stopped_at_step": self.step}
+            if self.stopped_early():  # by an evaluation inside the epoch, which needs no second one
+                break
             record = self._record(self.epoch + 1, running, aside, bar)
             self.epoch, self.batch_in_epoch = self.epoch + 1, 0
             # keep_best: a better evaluation is saved whatever save_every says, and that save keeps it
@@ -742,4 +758,6 @@ class Trainer:
                    "tokens_per_s": tokens_seen / training if training > 0 else 0.0}
         if self.cfg.keep_best:
             summary["best"] = self.best_record()
+        if self.stopped_early():
+            summary["stopped_early_at_step"] = self.step
         return summary

@@ -628,7 +628,7 @@ def test_finetune_keep_best_saves_the_best_epochs_weights(tmp_path, capsys):
     assert fastbert.cli.main(["finetune", "--task", "sst2", "--train", str(sample), "--dev", str(sample), "--out",
                               str(out), "--epochs", "3", "--batch-size", "4", "--max-train-examples", "8",
                               "--max-dev-examples", "16", "--lr", "1e-3", "--max-seq-len", "24", "--keep-best", "f1",
-                              "--eval-every", "1", "--no-progress", "--device", "cpu"]) == 0
+                              "--eval-every", "1", "--early-stop", "5", "--no-progress", "--device", "cpu"]) == 0
     summary = json.loads((out / "metrics.json").read_text())
     best = summary["best"]
     # 2 steps an epoch, evaluated after each (--eval-every 1 inside the epoch, then its end)
@@ -647,6 +647,8 @@ def test_finetune_keep_best_saves_the_best_epochs_weights(tmp_path, capsys):
     (["--keep-best", "pearson", "--dev", "{train}"], "--keep-best pearson: task sst2 is scored by accuracy, f1, matthews"),
     (["--eval-every", "2"], "--eval-every needs --dev"),
     (["--eval-every", "0", "--dev", "{train}"], "--eval-every must be >= 1, got 0"),
+    (["--early-stop", "2", "--dev", "{train}"], "--early-stop needs --keep-best"),
+    (["--early-stop", "0", "--keep-best", "--dev", "{train}"], "--early-stop must be >= 1, got 0"),
 ])
 def test_keep_best_and_eval_every_mistakes_are_named_before_training(tmp_path, capsys, sst2_slice, extra, match):
     args = ["finetune", "--task", "sst2", "--train", str(sst2_slice), "--out", str(tmp_path / "run"), "--device", "cpu",

@@ -992,3 +992,32 @@ def test_eval_every_resumes_exactly_and_keeps_the_best_evaluation_inside_an_epoc
     assert again.history == whole.history
     _assert_same_weights(whole.model, again.model)
     assert _checkpoints(tmp_path / "resumed") == [4, 9]
+
+
+@pytest.mark.parametrize("eval_every", [None, 2], ids=["epochs", "inside_epochs"])
+def test_early_stop_ends_the_run_after_that_many_evaluations_without_a_better_score(tmp_path, eval_every):
+    """Patience 2: the best score at step 4 (inside_epochs) or 10 (epochs), then two evaluations without a
+    better one (an equal one is not better) end the run there, the rest of the schedule unrun. A run
+    interrupted before that and resumed stops at the same step with the same history."""
+    if eval_every:
+        score = {2: 0.5, 4: 0.9, 5: 0.9, 6: 0.7}.get
+        stop, best = 6, 4
+    else:
+        score = {5: 0.5, 10: 0.9, 15: 0.9, 20: 0.8}.get
+        stop, best = 20, 10
+    settings = dict(epochs=6, eval_every=eval_every, keep_best="accuracy", early_stop=2, save_every=3)
+    whole = _step_scored_trainer(tmp_path / "whole", score, **settings)
+    summary = whole.train()
+    assert summary["stopped_early_at_step"] == stop == whole.step and summary["best"]["step"] == best
+    assert whole.history[-1]["step"] == stop and whole.best_checkpoint().is_dir()
+    first = _step_scored_trainer(tmp_path / "resumed", score, **settings)
+    first.train(stop_after_step=stop - 1)
+    again = _step_scored_trainer(tmp_path / "resumed", score, **settings)
+    assert again.resume() and again.train()["stopped_early_at_step"] == stop
+    assert again.history == whole.history
+    _assert_same_weights(whole.model, again.model)
+
+
+def test_early_stop_needs_keep_best(tmp_path):
+    with pytest.raises(ValueError, match="early_stop needs keep_best"):
+        train.TrainConfig(out=tmp_path, early_stop=2)
