@@ -339,6 +339,8 @@ class Trainer:
             "history": json.dumps(self.history),
             "running": json.dumps(self._running), "run": json.dumps(self._run_identity()),
             "scaler": self.scaler.state_dict() if self.scaler else {}, **rng,
+            # the best checkpoint this save keeps (keep_best): a resume without keep_best still deletes it later
+            "kept_best": best.name if (best := self.best_checkpoint()) is not None else "",
         }
         if self.world > 1:
             state["ranks"] = ranks
@@ -558,7 +560,8 @@ class Trainer:
         self.model.load_state_dict(loaded.state_dict())
         self.step, self.epoch, self.batch_in_epoch = state["step"], state["epoch"], state["batch_in_epoch"]
         self.history = json.loads(state["history"])
-        self._kept_best = self.best_checkpoint()
+        kept = state.get("kept_best", "")
+        self._kept_best = self.cfg.out / kept if re.fullmatch(r"checkpoint-\d+", kept) else self.best_checkpoint()
         self._running = json.loads(state.get("running", "[]"))
         if self.scaler and state["scaler"]:
             self.scaler.load_state_dict(state["scaler"])
@@ -746,7 +749,10 @@ class Trainer:
                     return {"stopped_at_step": self.step}
             if self.stopped_early():  # by an evaluation inside the epoch, which needs no second one
                 break
-            record = self._record(self.epoch + 1, running, aside, bar)
+            # max_steps may end the run inside an epoch: the fraction done, as inside-epoch evaluations say
+            done = self.epoch + 1 if self.batch_in_epoch >= len(batches) else \
+                round(self.epoch + self.batch_in_epoch / len(batches), 4)
+            record = self._record(done, running, aside, bar)
             self.epoch, self.batch_in_epoch = self.epoch + 1, 0
             # keep_best: a better evaluation is saved whatever save_every says, and that save keeps it
             if self.cfg.save_every is None or (self.cfg.keep_best and self.best_record() is record):
@@ -758,6 +764,6 @@ class Trainer:
                    "tokens_per_s": tokens_seen / training if training > 0 else 0.0}
         if self.cfg.keep_best:
             summary["best"] = self.best_record()
-        if self.stopped_early():
+        if self.stopped_early() and self.step < self.total_steps:  # not a run that ended on schedule anyway
             summary["stopped_early_at_step"] = self.step
         return summary

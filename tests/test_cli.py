@@ -726,3 +726,26 @@ def test_evaluate_refuses_a_predictions_path_it_cannot_write_before_scoring(tmp_
                               str(fastbert.data.sample_path("sst2_sample_dev.tsv")), "--predictions", str(tmp_path),
                               "--device", "cpu"]) == 2
     assert "--predictions '" in capsys.readouterr().err
+
+
+def test_tagging_predictions_of_a_sentence_tagged_in_pieces_match_the_score(tmp_path, capsys):
+    """A 40-word sentence at --max-seq-len 16 is tagged in consecutive pieces; with --max-dev-examples 2
+    of 3 sentences, the file's word/gold/predicted lines re-score to the printed token accuracy."""
+    from fastbert import tasks
+
+    folder = tmp_path / "pos" / "model"
+    torch.manual_seed(3)
+    tasks.build_model(tasks.TaskSpec.preset("pos", max_seq_len=16), "default").save_pretrained(folder)
+    fastbert.Tokenizer.from_pretrained("default").save(folder)
+    words = [("unbelievably", "ADV"), ("the", "DET"), ("dog", "NOUN"), ("runs", "VERB"), (",", "PUNCT")] * 8
+    sentences = [words, [("Dogs", "NOUN"), ("bark", "VERB")], [("Cats", "NOUN")]]
+    dev = tmp_path / "dev.conllu"
+    dev.write_text("".join("".join(f"{i}\t{w}\t{w.lower()}\t{t}\t_\t_\t0\troot\t_\t_\n"
+                                   for i, (w, t) in enumerate(s, 1)) + "\n" for s in sentences))
+    out = tmp_path / "preds.tsv"
+    assert fastbert.cli.main(["evaluate", "--model", str(folder), "--dev", str(dev), "--predictions", str(out),
+                              "--device", "cpu", "--max-dev-examples", "2"]) == 0
+    printed = json.loads(capsys.readouterr().out)
+    lines = [line.split("\t") for line in out.read_text().split("\n") if line]
+    assert len(lines) == 42 and all(p != "_" for _, _, p in lines)
+    assert sum(g == p for _, g, p in lines) / len(lines) == pytest.approx(printed["token_accuracy"], abs=1e-12)

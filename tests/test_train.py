@@ -1021,3 +1021,31 @@ def test_early_stop_ends_the_run_after_that_many_evaluations_without_a_better_sc
 def test_early_stop_needs_keep_best(tmp_path):
     with pytest.raises(ValueError, match="early_stop needs keep_best"):
         train.TrainConfig(out=tmp_path, early_stop=2)
+
+
+def test_a_run_that_ends_on_schedule_is_not_reported_as_stopped_early(tmp_path):
+    """early_stop=1, scores 0.9 then 0.5: the last evaluation ends the schedule anyway; the CLI printed
+    'stopped early at step 10 of 10' (found by a review helper)."""
+    trainer = _scored_trainer(tmp_path / "run", [0.9, 0.5], early_stop=1)
+    summary = trainer.train()
+    assert trainer.step == trainer.total_steps == 10 and "stopped_early_at_step" not in summary
+
+
+def test_max_steps_inside_an_epoch_records_the_fraction_done(tmp_path):
+    """max_steps=8 of 5-step epochs: the last record is at 1.6 epochs, as the evaluations inside epochs
+    say, not 2."""
+    trainer = _step_scored_trainer(tmp_path / "run", lambda s: s / 100, max_steps=8, keep_best="accuracy")
+    trainer.train()
+    assert [(r["step"], r["epoch"]) for r in trainer.history] == [(2, 0.4), (4, 0.8), (5, 1), (6, 1.2), (8, 1.6)]
+
+
+def test_a_best_checkpoint_goes_once_a_run_resumed_without_keep_best_saves_again(tmp_path):
+    """keep_best kept checkpoint-10 beside checkpoint-15; resumed without keep_best, the saves deleted
+    only `latest`'s predecessor, so checkpoint-10 stayed for good: the state now names what it kept."""
+    out = tmp_path / "run"
+    _scored_trainer(out, [0.5, 0.9, 0.1, 0.1, 0.1]).train(stop_after_step=16)
+    assert _checkpoints(out) == [10, 15]
+    again = _scored_trainer(out, [0.5, 0.9, 0.1, 0.1, 0.1], keep_best=None)
+    assert again.resume()
+    again.train()
+    assert _checkpoints(out) == [25]
