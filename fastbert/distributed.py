@@ -91,7 +91,8 @@ def check_device(device: torch.device) -> None:
                          "(use a gloo group for CPU training)")
 
 
-def check_same_run(identity: dict, device: torch.device) -> None:
+def check_same_run(identity: dict, device: torch.device,
+                   advice: str = "give every process the same data and settings; each takes its share of every step") -> None:
     """Every process must train the same data with the same settings (the batch order, the loss
     weights and the step count follow from them): a process handed its own shard of the data, or
     another seed, would still sum gradients, of other batches, without a word. Raised on every
@@ -104,7 +105,7 @@ def check_same_run(identity: dict, device: torch.device) -> None:
         rank, world = rank_and_world()
         raise ValueError(f"the {world} processes do not train the same run ({int(flag.item())} differ from rank 0"
                          + (f"; rank {rank}: {'; '.join(differs)}" if differs else "")
-                         + "): give every process the same data and settings; each takes its share of every step")
+                         + f"): {advice}")
 
 
 def broadcast_model(model: torch.nn.Module) -> None:

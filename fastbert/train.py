@@ -293,8 +293,11 @@ class Trainer:
         self._token_ids_digest: str | None = None  # _run_identity's, computed at the first checkpoint
         self._kept_best: Path | None = None  # the best epoch's checkpoint a save has kept (keep_best)
         if self.world > 1:
+            # With what decides when the processes meet (saves, evaluations): one that differs would hang.
+            meetings = {"save_every": config.save_every, "eval_every": config.eval_every, "keep_best": config.keep_best,
+                        "early_stop": config.early_stop, "evaluates": evaluate is not None}
             with on_device(self.device):
-                distributed.check_same_run(self._run_identity(), self.device)
+                distributed.check_same_run({**self._run_identity(), **meetings}, self.device)
         self._running: list[float] = []  # this epoch's batch losses so far (checkpointed: a resumed epoch's mean is whole)
         # The training forward (and so its backward) through torch.compile; the model itself stays
         # eager for evaluation and checkpoints (the compiled module shares its parameters). The
@@ -517,13 +520,19 @@ class Trainer:
             raise
 
     def _resume(self) -> bool:
+        if self.world > 1:
+            if self.rank == 0:
+                self._finish_interrupted_save()
+            with on_device(self.device):  # NCCL's collectives run on the current device
+                # The others read `latest` once rank 0 has settled it, and all must resume from the same
+                # checkpoint (an out/ folder each machine keeps for itself would not be).
+                distributed.barrier()
+                distributed.check_same_run({"resume_from": self._pointer()}, self.device,
+                                           advice="--out must be one folder every process sees (rank 0 writes it)")
         if self._pointer() is None:
             return False
-        if self.rank == 0:
+        if self.world == 1:
             self._finish_interrupted_save()
-        if self.world > 1:  # the others read `latest` once rank 0 has settled it
-            with on_device(self.device):  # NCCL's barrier runs on the current device
-                distributed.barrier()
         folder = self._latest()
         if folder is None or folder.name.startswith("."):
             pointer = self.cfg.out / "latest"
@@ -678,6 +687,11 @@ class Trainer:
         # Gradients left by an interrupted group (Ctrl-C mid-accumulation, then resume on the same model)
         # would join the first step.
         self.optimizer.zero_grad(set_to_none=True)
+        if self.scaler:
+            # GradScaler sets up its scale at its first scale() (after a resume too); under torchrun a
+            # process whose first step runs no backward would otherwise unscale the summed gradients
+            # without one, and fail.
+            self.scaler.scale(torch.zeros((), device=self.device))
         if self.step == 0 and self.epoch == 0 and self.batch_in_epoch == 0:
             # Dropout draws from torch; a collate may draw from Python's or numpy's generator (as
             # transformers' set_seed covers). A resumed run restores the saved states instead.

@@ -4,6 +4,7 @@ grad_accum 2, resume exactly, and stop together on a bad loss."""
 import json
 import multiprocessing
 import os
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -50,14 +51,22 @@ def _trainer(case: dict, out: Path) -> train.Trainer:
     config = fastbert.BertConfig(**CONFIG, **(NO_DROPOUT if case.get("no_dropout") else {}))
     if case["task"] == "tokens":
         model, features = heads.BertForTokenClassification(config, num_labels=3), _token_features(case["examples"])
+        if case.get("unlabelled_first_on_rank_1"):  # example 5 moved to rank 1's batch of the first step
+            j = train.epoch_batches(len(features), case["train"]["batch_size"], 42, 0)[1][0]
+            features[5], features[j] = features[j], features[5]
         model.spare = torch.nn.Linear(4, 4)  # a module the loss never reaches (a second head kept for later)
     else:
         model, features = heads.BertForSequenceClassification(config, num_labels=2), _sentence_features(case["examples"])
-    settings = {**case["train"], **({"seed": torch.distributed.get_rank()} if case.get("seed_is_rank") else {})}
+    rank = torch.distributed.get_rank() if torch.distributed.is_initialized() else 0
+    settings = {**case["train"], **({"seed": rank} if case.get("seed_is_rank") else {}),
+                **case.get("rank_train", {}).get(rank, {})}
     cfg = train.TrainConfig(out=out, epochs=2, lr=1e-3, progress=False, **settings)
     model.to(case.get("device", "cpu"))
-    return train.Trainer(model, features, data.collate, cfg,
-                         lengths=[len(f["input_ids"]) for f in features] if cfg.bucket_by_length else None)
+    trainer = train.Trainer(model, features, data.collate, cfg,
+                            lengths=[len(f["input_ids"]) for f in features] if cfg.bucket_by_length else None)
+    if case.get("grad_scaler"):  # fp16's loss scaling, on the CPU (fp16 itself needs a GPU)
+        trainer.scaler = torch.amp.GradScaler("cpu")
+    return trainer
 
 
 def _run(case: dict, out: Path, report: Path) -> dict:
@@ -89,7 +98,7 @@ def _worker(rank: int, world: int, store: str, case: dict, out: str, reports: st
     torch.distributed.init_process_group("gloo", init_method=f"file://{store}", rank=rank, world_size=world)
     report = Path(reports) / f"rank{rank}.pt"
     try:
-        _run(case, Path(out), report)
+        _run(case, Path(out) / (f"rank{rank}" if case.get("out_per_rank") else ""), report)
     except BaseException as err:  # noqa: BLE001 - the parent reads what each rank raised
         report.with_suffix(".err").write_text(f"{type(err).__name__}: {err}")
     finally:
@@ -189,6 +198,46 @@ def test_processes_given_other_settings_are_refused_on_every_one(tmp_path):
     ranks = _processes(tmp_path, case, tmp_path / "run")
     assert all(r.startswith("ValueError: the 2 processes do not train the same run (1 differ from rank 0") for r in ranks)
     assert "rank 1: seed=0 on rank 0, 1 here" in ranks[1], ranks
+
+
+@pytest.mark.parametrize("resume", [False, True], ids=["first_step", "resumed_onto_a_short_last_step"])
+def test_a_process_without_a_backward_under_the_gradient_scaler(tmp_path, resume):
+    """fp16's GradScaler sets its scale up at its first scale(): a process whose first step (of the run,
+    or after a resume) ran no backward unscaled the summed gradients without one and failed, and the
+    other was left waiting. Found by a review helper."""
+    if resume:   # 40 sentences in batches of 8: steps of 2, 2 and 1 batches; resumed at step 2
+        case = {"task": "sentences", "examples": 40, "grad_scaler": True, "train": {"batch_size": 8, "save_every": 2}}
+        whole = _processes(tmp_path, case, tmp_path / "whole", tag="whole")
+        _processes(tmp_path, {**case, "stop_after_step": 2}, tmp_path / "resumed", tag="stopped")
+        ranks = _processes(tmp_path, {**case, "resume": True}, tmp_path / "resumed", tag="resumed")
+    else:
+        case = {"task": "tokens", "examples": 9, "unlabelled_first_on_rank_1": True, "grad_scaler": True,
+                "train": {"batch_size": 1, "save_every": 10**9}}
+        ranks = whole = _processes(tmp_path, case, tmp_path / "run")
+    assert not any(isinstance(r, str) for r in ranks), ranks
+    for rank in range(2):
+        _assert_same_weights(whole[rank]["weights"], ranks[rank]["weights"], f"rank {rank}")
+    _assert_same_weights(ranks[0]["weights"], ranks[1]["weights"], "rank 1 against rank 0")
+
+
+@pytest.mark.parametrize("case, match", [
+    ({"rank_train": {1: {"save_every": 3}}}, "rank 1: save_every=None on rank 0, 3 here"),
+    ({"out_per_rank": True, "resume_rank_0_only": True},
+     r"rank 1: resume_from='checkpoint-2' on rank 0, None here\): --out must be one folder every process sees"),
+], ids=["save_every_on_one_process", "out_per_machine"])
+def test_what_decides_when_processes_meet_must_agree(tmp_path, case, match):
+    """A setting that decides whether a process joins a save or an evaluation, or a resume only some
+    processes find a checkpoint for, hung every process (found by a review helper): now each raises."""
+    case = {"task": "sentences", "examples": 40, "train": {"batch_size": 4}, **case}
+    if case.pop("resume_rank_0_only", False):
+        first = {**case, "train": {"batch_size": 4, "save_every": 2}, "stop_after_step": 2}
+        _processes(tmp_path, first, tmp_path / "run", tag="first")
+        case = {**first, "resume": True}
+        del case["stop_after_step"]
+    ranks = _processes(tmp_path, case, tmp_path / "run")
+    assert all(isinstance(r, str) and r.startswith("ValueError: the 2 processes do not train the same run")
+               for r in ranks), ranks
+    assert re.search(match, ranks[1]), ranks[1]
 
 
 def test_resume_under_another_number_of_processes_is_refused(tmp_path):
