@@ -619,15 +619,18 @@ class Trainer:
         summed (fastbert/distributed.py). A bad loss on any process stops all of them here, before the
         gradients move."""
         params = list(self.model.parameters())
-        record = torch.zeros(1 + 2 * group_size + len(params), dtype=torch.float64, device=self.device)
-        record[0] = tokens
-        for i, loss in losses.items():
-            record[1 + i], record[1 + group_size + i] = loss, 1.0
-        record[1 + 2 * group_size:] = torch.tensor([p.grad is not None for p in params], dtype=torch.float64)
-        values = distributed.sum_step_record(record).tolist()
-        losses = {i: self._check_loss(values[1 + i]) for i in range(group_size) if values[1 + group_size + i]}
-        distributed.sum_gradients(params, [used > 0 for used in values[1 + 2 * group_size:]])
-        return losses, int(values[0])
+        # Built in two pieces (the device's losses, one copy of what the host knows), not element by
+        # element: a GPU would run a copy kernel per element.
+        zero = torch.zeros((), device=self.device)
+        device_part = torch.stack([losses[i].float() if i in losses else zero for i in range(group_size)])
+        host_part = torch.tensor([tokens] + [float(i in losses) for i in range(group_size)]
+                               + [float(p.grad is not None) for p in params], dtype=torch.float64)
+        values = distributed.sum_step_record(torch.cat([device_part.double(), host_part.to(self.device)])).tolist()
+        losses = {i: self._check_loss(values[i]) for i in range(group_size) if values[group_size + 1 + i]}
+        tokens = int(values[group_size])
+        used = [flag > 0 for flag in values[2 * group_size + 1:]]
+        distributed.sum_gradients(params, used)
+        return losses, tokens
 
     def _record(self, epoch, running: list, aside, bar) -> dict:
         """Append to the history the record of an epoch's end (epoch = epochs done) or of an evaluation
