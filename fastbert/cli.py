@@ -222,7 +222,7 @@ def _finetune(args, device) -> int:
     if args.no_header:
         _check_headerless_columns(args)
     if args.keep_best and not args.dev:
-        raise ValueError("--keep-best needs --dev: each epoch's dev score picks the best")
+        raise ValueError("--keep-best needs --dev: the dev scores pick the best")
     if args.eval_every and not args.dev:
         raise ValueError("--eval-every needs --dev, the data it evaluates on")
     if args.early_stop and not args.keep_best:
@@ -290,14 +290,14 @@ def _finetune(args, device) -> int:
             return 0
         best = trainer.best_checkpoint()
         if best is not None and not best.is_dir():  # a resumed run that did not keep it before
-            say(f"--keep-best: the best epoch's checkpoint {best} is gone; the last epoch's weights are saved")
+            say(f"--keep-best: the best evaluation's checkpoint {best} is gone; the last weights are saved")
             summary.pop("best")
             best = None
         if best is not None:
-            # the weights of the best epoch, from the checkpoint the run kept of it
+            # the weights of the best evaluation, from the checkpoint the run kept of it
             model.load_state_dict(type(model).from_pretrained(best).state_dict())
         elif cfg.keep_best:
-            say(f"--keep-best {cfg.keep_best}: no epoch had a defined score; the last epoch's weights are saved")
+            say(f"--keep-best {cfg.keep_best}: no evaluation had a defined score; the last weights are saved")
         model.save_pretrained(final)
         tokenizer.save(final)
     summary.update(task=spec.name, kind=spec.kind, model=str(args.model), device=str(device),
@@ -725,7 +725,7 @@ def build_parser():
     ft.add_argument("--seed", type=int, default=42, help="seed of the batch order, dropout and new head weights")
     ft.add_argument("--save-every", type=int, default=None, metavar="N",
                     help="optimizer steps between checkpoints (default: each epoch); each replaces the "
-                         "previous one: only the newest is kept, for --resume (and the best epoch's with --keep-best)")
+                         "previous one: only the newest is kept, for --resume (and the best evaluation's with --keep-best)")
     ft.add_argument("--eval-every", type=int, default=None, metavar="N",
                     help="also evaluate on --dev every N optimizer steps inside an epoch (default: at each "
                          "epoch's end only); --keep-best then picks among these evaluations too")

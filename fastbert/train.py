@@ -291,7 +291,7 @@ class Trainer:
         self.step, self.epoch, self.batch_in_epoch = 0, 0, 0
         self.history: list[dict] = []
         self._token_ids_digest: str | None = None  # _run_identity's, computed at the first checkpoint
-        self._kept_best: Path | None = None  # the best epoch's checkpoint a save has kept (keep_best)
+        self._kept_best: Path | None = None  # the best evaluation's checkpoint a save has kept (keep_best)
         if self.world > 1:
             # With what decides when the processes meet (saves, evaluations): one that differs would hang.
             meetings = {"save_every": config.save_every, "eval_every": config.eval_every, "keep_best": config.keep_best,
