@@ -15,7 +15,7 @@ import torch
 import fastbert
 import fastbert.cli
 from fastbert import data, heads, train
-from test_train import recording_grads
+from test_train import _token_features, recording_grads
 
 CONFIG = dict(vocab_size=64, hidden_size=32, num_hidden_layers=2, num_attention_heads=4,
               intermediate_size=64, max_position_embeddings=32)
@@ -29,20 +29,6 @@ def _sentence_features(n):
     for _ in range(n):
         ids = torch.randint(1, 64, (int(torch.randint(3, 20, (1,), generator=generator)),), generator=generator)
         out.append({"input_ids": ids.tolist(), "labels": int(ids.sum() % 2)})
-    return out
-
-
-def _token_features(n):
-    """Labels on some tokens only, a different count in each; example 5 has none, so a process
-    whose batch is that example alone runs no backward at all."""
-    generator = torch.Generator().manual_seed(1)
-    out = []
-    for i in range(n):
-        length = int(torch.randint(4, 20, (1,), generator=generator))
-        ids = torch.randint(1, 64, (length,), generator=generator).tolist()
-        labelled = 0 if i == 5 else 1 + (i * 7) % (length - 1)
-        out.append({"input_ids": ids, "labels": [-100] + [x % 3 for x in ids[1:1 + labelled]]
-                    + [-100] * (length - 1 - labelled)})
     return out
 
 
