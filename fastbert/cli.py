@@ -271,14 +271,17 @@ def _finetune(args, device) -> int:
     say(f"task {spec.name} ({spec.kind}): {len(train_data.features)} training features"
         + (f", {len(dev_data.features)} dev features" if dev_data else "")
         + (f"; {world} processes, {args.batch_size} examples a batch each" if world > 1 else ""))
-    evaluate = (lambda m: tasks.evaluate(m, spec, dev_data, args.eval_batch_size)) if dev_data else None
+    def evaluate(model):  # under torchrun every process predicts its share of the dev set
+        return tasks.evaluate(model, spec, dev_data, args.eval_batch_size, shard=True)
+
+    evaluate.collective = True
     def save_model(model, folder):  # checkpoints with the tokenizer: each is a --model folder too
         model.save_pretrained(folder)
         tokenizer.save(folder)
 
     final = Path(args.out) / "model"
     # The block holds --out through the final model's save, which a second run could interleave with.
-    with train.Trainer(model, train_data.features, data.collate, cfg, evaluate, train_data.lengths,
+    with train.Trainer(model, train_data.features, data.collate, cfg, evaluate if dev_data else None, train_data.lengths,
                        save_model) as trainer:
         if args.resume:
             if trainer.resume():

@@ -160,6 +160,13 @@ def gather_to_first(obj) -> list | None:
     return out
 
 
+def gather_to_all(obj) -> list:
+    """Every process's `obj`, in rank order, on every process."""
+    out = [None] * rank_and_world()[1]
+    _dist().all_gather_object(out, obj)
+    return out
+
+
 def from_first(obj):
     """Rank 0's `obj` on every process."""
     holder = [obj]

@@ -149,12 +149,19 @@ def load_finetuned(model_dir, backend=None):
 
 
 @torch.no_grad()
-def predict_logits(model, features: Sequence[dict], batch_size: int = 64) -> list[torch.Tensor]:
-    """Logits of each feature (unpadded for per-token tasks), in order."""
+def predict_logits(model, features: Sequence[dict], batch_size: int = 64, shard: bool = False) -> list[torch.Tensor]:
+    """Logits of each feature (unpadded for per-token tasks), in order.
+
+    shard: under torchrun, called by every process, each predicts every world-th feature (of similar
+    lengths: the order is by length) and all get every logit (a gather)."""
+    from . import distributed
+
     model.eval()
     device = next(model.parameters()).device
     out = []
     order = sorted(range(len(features)), key=lambda i: len(features[i]["input_ids"]))  # little padding
+    rank, world = distributed.rank_and_world() if shard else (0, 1)
+    order = order[rank::world]
     results = [None] * len(features)
     for start in range(0, len(order), batch_size):
         idx = order[start:start + batch_size]
@@ -164,6 +171,10 @@ def predict_logits(model, features: Sequence[dict], batch_size: int = 64) -> lis
         for row, i in enumerate(idx):
             n = len(features[i]["input_ids"])
             results[i] = logits[row, :n] if logits.dim() == 3 else logits[row]
+    if world > 1:
+        for theirs in distributed.gather_to_all({i: results[i] for i in order}):
+            for i, logits in theirs.items():
+                results[i] = logits
     out.extend(results)
     return out
 
@@ -182,10 +193,11 @@ def metric_names(spec: TaskSpec) -> tuple[str, ...]:
     return (main,) + tuple(n for n in names if n != main)
 
 
-def evaluate(model, spec: TaskSpec, dev: TaskData, batch_size: int = 64) -> dict[str, float]:
+def evaluate(model, spec: TaskSpec, dev: TaskData, batch_size: int = 64, shard: bool = False) -> dict[str, float]:
     """The task's metrics on dev (fractions; SQuAD in percent). Undefined values (a correlation of
-    constant predictions or gold scores) are NaN: metrics.to_json writes them as null."""
-    return _evaluate(model, spec, dev, batch_size, with_predictions=False)[0]
+    constant predictions or gold scores) are NaN: metrics.to_json writes them as null. shard: under
+    torchrun, called by every process, which share the predictions (predict_logits)."""
+    return _evaluate(model, spec, dev, batch_size, with_predictions=False, shard=shard)[0]
 
 
 def evaluate_and_predict(model, spec: TaskSpec, dev: TaskData, batch_size: int = 64) -> tuple[dict[str, float], object]:
@@ -195,10 +207,10 @@ def evaluate_and_predict(model, spec: TaskSpec, dev: TaskData, batch_size: int =
     return _evaluate(model, spec, dev, batch_size, with_predictions=True)
 
 
-def _evaluate(model, spec: TaskSpec, dev: TaskData, batch_size: int, with_predictions: bool):
+def _evaluate(model, spec: TaskSpec, dev: TaskData, batch_size: int, with_predictions: bool, shard: bool = False):
     if not dev.features:
         raise ValueError(f"no dev features to evaluate for task {spec.name!r}: the dev data is empty")
-    logits = predict_logits(model, dev.features, batch_size)
+    logits = predict_logits(model, dev.features, batch_size, shard=shard)
     if spec.kind in ("single", "pair", "regression"):
         preds = torch.stack(logits)
         labels = [f["labels"] for f in dev.features]

@@ -248,7 +248,9 @@ class Trainer:
     """Trains `model` on `features` (a list of examples) batched by `collate`.
 
     evaluate(model) -> dict of metrics, called after each epoch under the training autocast
-    (precision bf16/fp16 evaluates in it too, as transformers' Trainer does). `save_model(model, folder)`
+    (precision bf16/fp16 evaluates in it too, as transformers' Trainer does). Under torchrun rank 0
+    calls it alone, unless it has `collective = True` (every process calls it, and it shares the work:
+    tasks.evaluate(..., shard=True)); every process keeps rank 0's scores. `save_model(model, folder)`
     writes the model in HF layout (default: model.save_pretrained).
     """
 
@@ -295,7 +297,8 @@ class Trainer:
         if self.world > 1:
             # With what decides when the processes meet (saves, evaluations): one that differs would hang.
             meetings = {"save_every": config.save_every, "eval_every": config.eval_every, "keep_best": config.keep_best,
-                        "early_stop": config.early_stop, "evaluates": evaluate is not None}
+                        "early_stop": config.early_stop, "evaluates": evaluate is not None,
+                        "evaluates_together": getattr(evaluate, "collective", False)}
             with on_device(self.device):
                 distributed.check_same_run({**self._run_identity(), **meetings}, self.device)
         self._running: list[float] = []  # this epoch's batch losses so far (checkpointed: a resumed epoch's mean is whole)
@@ -638,8 +641,10 @@ class Trainer:
         loss of the epoch so far and the dev scores."""
         record = {"epoch": epoch, "step": self.step, "train_loss": sum(running) / max(1, len(running))}
         if self.evaluate_fn is not None:
-            # under torchrun rank 0 evaluates, and every process keeps its scores
-            scores = aside(self._evaluate) if self.rank == 0 else None
+            # under torchrun rank 0 evaluates (with every process, if evaluate is collective), and every
+            # process keeps its scores
+            collective = getattr(self.evaluate_fn, "collective", False)
+            scores = aside(self._evaluate) if self.rank == 0 or collective else None
             record.update(distributed.from_first(scores) if self.world > 1 else scores)
             self.model.train()
             if self.cfg.keep_best and self.cfg.keep_best not in record:

@@ -14,7 +14,7 @@ import torch
 
 import fastbert
 import fastbert.cli
-from fastbert import data, heads, train
+from fastbert import data, heads, tasks, train
 from test_train import _token_features, recording_grads
 
 CONFIG = dict(vocab_size=64, hidden_size=32, num_hidden_layers=2, num_attention_heads=4,
@@ -48,7 +48,15 @@ def _trainer(case: dict, out: Path) -> train.Trainer:
                 **case.get("rank_train", {}).get(rank, {})}
     cfg = train.TrainConfig(out=out, epochs=2, lr=1e-3, progress=False, **settings)
     model.to(case.get("device", "cpu"))
-    trainer = train.Trainer(model, features, data.collate, cfg,
+    evaluate = None
+    if case.get("collective_eval"):   # every process predicts its share of the dev set (tasks.evaluate(shard=True))
+        def evaluate(model):
+            evaluate.calls += 1
+            logits = tasks.predict_logits(model, features, 3, shard=True)
+            return {"accuracy": sum(int(l.argmax()) == f["labels"] for l, f in zip(logits, features)) / len(features)}
+
+        evaluate.calls, evaluate.collective = 0, True
+    trainer = train.Trainer(model, features, data.collate, cfg, evaluate,
                             lengths=[len(f["input_ids"]) for f in features] if cfg.bucket_by_length else None)
     if case.get("grad_scaler"):  # fp16's loss scaling, on the CPU (fp16 itself needs a GPU)
         trainer.scaler = torch.amp.GradScaler("cpu")
@@ -59,6 +67,8 @@ def _run(case: dict, out: Path, report: Path) -> dict:
     """Train as the case says; what the caller compares goes to `report` (one file per rank)."""
     trainer = _trainer(case, out)
     grads = recording_grads(trainer) if case.get("record_grads") else []
+    if case.get("predict_sharded"):  # before training: the weights every process starts from
+        grads = [tasks.predict_logits(trainer.model, trainer.features, 3, shard=True)]
     if case.get("nan_on_rank") == trainer.rank:
         forward, calls = trainer.model.forward, []
 
@@ -73,7 +83,8 @@ def _run(case: dict, out: Path, report: Path) -> dict:
     if case.get("resume"):
         assert trainer.resume()
     summary = trainer.train(stop_after_step=case.get("stop_after_step"))
-    torch.save({"weights": {k: v.cpu() for k, v in trainer.model.state_dict().items()}, "history": json.dumps(trainer.history), "grads": grads,
+    torch.save({"evaluations": getattr(trainer.evaluate_fn, "calls", 0),
+                "weights": {k: v.cpu() for k, v in trainer.model.state_dict().items()}, "history": json.dumps(trainer.history), "grads": grads,
                 "summary": json.dumps(summary), "world": trainer.world}, report)
 
 
@@ -151,6 +162,25 @@ def test_two_processes_step_as_one_process_with_grad_accum_two(tmp_path, task, e
                 torch.testing.assert_close(a[name], b[name], rtol=1e-4, atol=1e-6,
                                            msg=lambda m, name=name, step=step: f"rank {rank}, step {step}, {name}: {m}")
     assert task == "sentences" or "spare.weight" not in one_grads[0]
+
+
+def test_processes_share_an_evaluation_that_says_it_is_collective(tmp_path):
+    """tasks.predict_logits(shard=True): each process predicts every other feature (by length) and all
+    get every logit, those one process computes; a collective evaluate runs on every process (rank 0's
+    scores are kept), where another runs on rank 0 alone."""
+    case = {"task": "sentences", "examples": 21, "no_dropout": True, "predict_sharded": True,
+            "collective_eval": True, "train": {"batch_size": 4}}
+    alone = _trainer({**case, "collective_eval": False}, tmp_path / "alone")
+    unsharded = tasks.predict_logits(alone.model, alone.features, 3)
+    ranks = _processes(tmp_path, case, tmp_path / "run")
+    for rank, result in enumerate(ranks):
+        assert not isinstance(result, str), f"rank {rank} raised {result}"
+        sharded = result["grads"][0]
+        assert len(sharded) == len(unsharded) == 21
+        for i, (a, b) in enumerate(zip(sharded, unsharded)):  # other batch compositions: float32 rounding
+            torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6, msg=lambda m, i=i: f"rank {rank}, feature {i}: {m}")
+        assert result["evaluations"] == 2 and [r["epoch"] for r in json.loads(result["history"])] == [1, 2]
+    assert ranks[0]["history"] == ranks[1]["history"]
 
 
 def test_an_interrupted_run_over_two_processes_resumes_exactly(tmp_path):
