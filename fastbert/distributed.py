@@ -77,8 +77,8 @@ def init_from_env(device_name: str | None) -> torch.device:
     elif device.type != "cpu":
         raise ValueError(f"--device must be cpu or cuda, got {device_name!r}")
     if not _dist().is_initialized():
-        # The others wait in a collective while rank 0 alone evaluates (a SQuAD dev set) or writes a
-        # checkpoint (BERT-large with AdamW's moments: 4 GB): NCCL's 10 minutes may not be enough.
+        # The others wait in a collective while rank 0 alone writes a checkpoint (BERT-large with AdamW's
+        # moments: 4 GB) or evaluates with a library user's evaluate: NCCL's 10 minutes may not be enough.
         _dist().init_process_group("nccl" if device.type == "cuda" else "gloo", timeout=COLLECTIVE_TIMEOUT)
     return device
 
