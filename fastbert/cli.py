@@ -204,6 +204,8 @@ def _finetune(args, device) -> int:
         raise ValueError(f"--weight-decay must be >= 0, got {args.weight_decay}")
     if not 0 <= args.warmup_ratio <= 1:
         raise ValueError(f"--warmup-ratio must be in [0, 1], got {args.warmup_ratio}")
+    if not 0 < args.max_grad_norm < math.inf:
+        raise ValueError(f"--max-grad-norm must be finite and > 0, got {args.max_grad_norm}")
     if not 0 <= args.seed < 2**32:
         raise ValueError(f"--seed must be in [0, 2**32), got {args.seed}")
     kind = args.task_type or tasks.PRESETS.get(args.task)
@@ -248,6 +250,7 @@ def _finetune(args, device) -> int:
                          f"(max_position_embeddings of {folder})")
     cfg = train.TrainConfig(out=Path(args.out), epochs=args.epochs, max_steps=args.max_steps, batch_size=args.batch_size,
                             lr=args.lr, weight_decay=args.weight_decay, warmup_ratio=args.warmup_ratio,
+                            max_grad_norm=args.max_grad_norm,
                             grad_accum=args.grad_accum, seed=args.seed, precision=args.precision,
                             bucket_by_length=not args.no_bucket, save_every=args.save_every,
                             progress=not args.no_progress, compile=args.compile, keep_best=args.keep_best,
@@ -715,6 +718,8 @@ def build_parser():
                     help="AdamW weight decay, not on biases and LayerNorm (default 0.01)")
     ft.add_argument("--warmup-ratio", type=float, default=0.1,
                     help="fraction of the steps with a linear warm-up, in [0, 1] (default 0.1)")
+    ft.add_argument("--max-grad-norm", type=float, default=1.0, metavar="X",
+                    help="clip the gradients' global L2 norm to X before each update (default 1.0)")
     ft.add_argument("--max-seq-len", type=int, default=None, metavar="N",
                     help="tokens per example, longer ones truncated (default 128, qa 384; at most the model's positions)")
     ft.add_argument("--doc-stride", type=int, default=None, metavar="N",
