@@ -195,7 +195,7 @@ def _finetune(args, device) -> int:
     _check_counts(args, positive=("epochs", "batch_size", "grad_accum", "eval_batch_size"),
                   optional_positive=("max_steps", "save_every", "eval_every", "early_stop", "max_train_examples", "max_dev_examples",
                                      "max_answer_len", "max_question_len"),
-                  optional_non_negative=("doc_stride",))
+                  optional_non_negative=("doc_stride", "warmup_steps"))
     if args.max_seq_len is not None and args.max_seq_len < 8:
         raise ValueError(f"--max-seq-len must be >= 8 (room for the special tokens and some text), got {args.max_seq_len}")
     if not args.lr > 0:
@@ -250,7 +250,7 @@ def _finetune(args, device) -> int:
                          f"(max_position_embeddings of {folder})")
     cfg = train.TrainConfig(out=Path(args.out), epochs=args.epochs, max_steps=args.max_steps, batch_size=args.batch_size,
                             lr=args.lr, weight_decay=args.weight_decay, warmup_ratio=args.warmup_ratio,
-                            max_grad_norm=args.max_grad_norm,
+                            max_grad_norm=args.max_grad_norm, warmup_steps=args.warmup_steps,
                             grad_accum=args.grad_accum, seed=args.seed, precision=args.precision,
                             bucket_by_length=not args.no_bucket, save_every=args.save_every,
                             progress=not args.no_progress, compile=args.compile, keep_best=args.keep_best,
@@ -718,6 +718,8 @@ def build_parser():
                     help="AdamW weight decay, not on biases and LayerNorm (default 0.01)")
     ft.add_argument("--warmup-ratio", type=float, default=0.1,
                     help="fraction of the steps with a linear warm-up, in [0, 1] (default 0.1)")
+    ft.add_argument("--warmup-steps", type=int, default=None, metavar="N",
+                    help="optimizer steps of linear warm-up (overrides --warmup-ratio)")
     ft.add_argument("--max-grad-norm", type=float, default=1.0, metavar="X",
                     help="clip the gradients' global L2 norm to X before each update (default 1.0)")
     ft.add_argument("--max-seq-len", type=int, default=None, metavar="N",

@@ -48,6 +48,7 @@ class TrainConfig:
     lr: float = 5e-5
     weight_decay: float = 0.01
     warmup_ratio: float = 0.1
+    warmup_steps: int | None = None      # optimizer steps of warm-up; overrides warmup_ratio when set
     max_grad_norm: float = 1.0
     grad_accum: int = 1
     seed: int = 42
@@ -62,15 +63,17 @@ class TrainConfig:
 
     def __post_init__(self):
         self.out = Path(self.out)
-        for name in ("epochs", "batch_size", "grad_accum", "max_steps", "save_every", "eval_every", "early_stop"):
+        for name in ("epochs", "batch_size", "grad_accum", "max_steps", "save_every", "eval_every", "early_stop",
+                     "warmup_steps"):
             value = getattr(self, name)
-            if value is None and name in ("max_steps", "save_every", "eval_every", "early_stop"):
+            if value is None and name in ("max_steps", "save_every", "eval_every", "early_stop", "warmup_steps"):
                 continue
             # 2.5 failed later as a slice index, naming nothing; True passed as 1
             if isinstance(value, bool) or not isinstance(value, int):
                 raise TypeError(f"{name} must be an int, got {value!r}")
-            if value < 1:
-                raise ValueError(f"{name} must be >= 1" + (" (or None: each epoch)" if name == "save_every" else "")
+            low = 0 if name == "warmup_steps" else 1  # 0: no warm-up
+            if value < low:
+                raise ValueError(f"{name} must be >= {low}" + (" (or None: each epoch)" if name == "save_every" else "")
                                  + f", got {value}")
         for name in ("lr", "weight_decay", "warmup_ratio", "max_grad_norm"):
             value = getattr(self, name)
@@ -132,8 +135,8 @@ def linear_warmup_decay(optimizer, warmup_steps: int, total_steps: int):
 
     Unlike transformers' get_linear_schedule_with_warmup (factor step / warmup_steps), the
     warm-up factor is (step + 1) / (warmup_steps + 1): the first update is not spent at lr 0.
-    The Trainer takes warmup_steps = int(warmup_ratio * total_steps) (transformers rounds up):
-    one step less of warm-up at most. Both sides of scripts/compare_quality.py use this schedule."""
+    The Trainer takes warmup_steps = int(warmup_ratio * total_steps), or TrainConfig.warmup_steps;
+    transformers rounds the ratio up: one step less of warm-up at most. Both sides of scripts/compare_quality.py use this schedule."""
     def factor(step):
         if step < warmup_steps:
             return (step + 1) / (warmup_steps + 1)
@@ -287,7 +290,8 @@ class Trainer:
         # On a GPU the fused AdamW: one kernel for every parameter's update instead of a few per tensor.
         self.optimizer = torch.optim.AdamW(parameter_groups(model, config.weight_decay), lr=config.lr,
                                            fused=self.device.type == "cuda" or None)
-        self.scheduler = linear_warmup_decay(self.optimizer, int(config.warmup_ratio * self.total_steps), self.total_steps)
+        warmup = config.warmup_steps if config.warmup_steps is not None else int(config.warmup_ratio * self.total_steps)
+        self.scheduler = linear_warmup_decay(self.optimizer, warmup, self.total_steps)
         self.autocast = _autocast_dtype(config.precision, self.device)
         self.scaler = torch.amp.GradScaler("cuda") if self.autocast == torch.float16 else None
         self.step, self.epoch, self.batch_in_epoch = 0, 0, 0
@@ -477,6 +481,7 @@ class Trainer:
                 "batch_size": self.cfg.batch_size, "grad_accum": self.cfg.grad_accum, "seed": self.cfg.seed,
                 "bucket_by_length": self.cfg.bucket_by_length,
                 "total_steps": self.total_steps, "lr": self.cfg.lr, "warmup_ratio": self.cfg.warmup_ratio,
+                "warmup_steps": self.cfg.warmup_steps,
                 "weight_decay": self.cfg.weight_decay, "max_grad_norm": self.cfg.max_grad_norm,
                 "precision": str(self.autocast or torch.float32).removeprefix("torch."),
                 # each process keeps its own generators: a checkpoint holds as many as wrote it

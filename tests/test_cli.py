@@ -203,6 +203,7 @@ def sst2_slice(tmp_path):
     (["--eval-batch-size", "0"], "--eval-batch-size must be >= 1, got 0"),         # failed after training before
     (["--warmup-ratio", "2"], r"--warmup-ratio must be in \[0, 1\], got 2.0"),      # silently accepted before
     (["--max-grad-norm", "0"], "--max-grad-norm must be finite and > 0, got 0.0"),
+    (["--warmup-steps", "-1"], "--warmup-steps must be >= 0, got -1"),
     (["--seed", str(2**45)], r"--seed must be in \[0, 2\*\*32\), got 35184372088832"),  # overflowed after reading
     (["--max-seq-len", "1000"], "--max-seq-len 1000 is more than the model's 512 positions"),  # saved, broke predict
     (["--device", "nonsense"], "--device must be cpu or cuda"),
@@ -472,7 +473,8 @@ def test_finetune_settings_reach_the_trainer_and_metrics_json(tmp_path, capsys, 
     assert re.fullmatch("[0-9a-f]{16}", run.pop("token_ids"))          # the data's digest
     assert run == {"examples": 2, "batch_size": 1, "grad_accum": 2, "seed": 7,
                    "bucket_by_length": False, "total_steps": 1, "lr": 3e-4, "warmup_ratio": 0.5,
-                   "weight_decay": 0.2, "max_grad_norm": 0.5, "precision": "float32", "world_size": 1}
+                   "weight_decay": 0.2, "max_grad_norm": 0.5, "precision": "float32", "world_size": 1,
+                   "warmup_steps": None}
     torch.manual_seed(7)
     expected = real_build(tasks.TaskSpec.preset("sst2", max_seq_len=16), "default").classifier.weight
     assert len(drawn) == 1 and torch.equal(drawn[0], expected)          # the head --seed 7 draws

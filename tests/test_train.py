@@ -1049,3 +1049,22 @@ def test_a_best_checkpoint_goes_once_a_run_resumed_without_keep_best_saves_again
     assert again.resume()
     again.train()
     assert _checkpoints(out) == [25]
+
+
+def test_warmup_steps_overrides_the_ratio(tmp_path):
+    """warmup_steps=3 of 10 steps (the ratio's 0.1 would give 1): the lr climbs for 3 steps, then falls
+    to 0; 0 is no warm-up; a resume with another count is refused (it bends the curve)."""
+    trainer = _trainer(tmp_path / "run", warmup_steps=3)
+    lrs = []
+    for _ in range(trainer.total_steps):
+        lrs.append(trainer.scheduler.get_last_lr()[0])
+        trainer.optimizer.step()
+        trainer.scheduler.step()
+    assert lrs[:4] == pytest.approx([1e-3 / 4, 2e-3 / 4, 3e-3 / 4, 1e-3]) and lrs[4] < 1e-3 and lrs[-1] > 0
+    none = _trainer(tmp_path / "none", warmup_steps=0)
+    assert none.scheduler.get_last_lr()[0] == pytest.approx(1e-3)
+    with pytest.raises(ValueError, match="warmup_steps must be >= 0, got -1"):
+        train.TrainConfig(out=tmp_path, warmup_steps=-1)
+    _trainer(tmp_path / "resumed").train(stop_after_step=3)
+    with pytest.raises(ValueError, match="warmup_steps=None there, 3 now"):
+        _trainer(tmp_path / "resumed", warmup_steps=3).resume()
