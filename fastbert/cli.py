@@ -250,7 +250,7 @@ def _finetune(args, device) -> int:
                          f"(max_position_embeddings of {folder})")
     cfg = train.TrainConfig(out=Path(args.out), epochs=args.epochs, max_steps=args.max_steps, batch_size=args.batch_size,
                             lr=args.lr, weight_decay=args.weight_decay, warmup_ratio=args.warmup_ratio,
-                            max_grad_norm=args.max_grad_norm, warmup_steps=args.warmup_steps,
+                            max_grad_norm=args.max_grad_norm, warmup_steps=args.warmup_steps, schedule=args.lr_schedule,
                             grad_accum=args.grad_accum, seed=args.seed, precision=args.precision,
                             bucket_by_length=not args.no_bucket, save_every=args.save_every,
                             progress=not args.no_progress, compile=args.compile, keep_best=args.keep_best,
@@ -720,6 +720,8 @@ def build_parser():
                     help="fraction of the steps with a linear warm-up, in [0, 1] (default 0.1)")
     ft.add_argument("--warmup-steps", type=int, default=None, metavar="N",
                     help="optimizer steps of linear warm-up (overrides --warmup-ratio)")
+    ft.add_argument("--lr-schedule", choices=("linear", "cosine", "constant"), default="linear",
+                    help="after the warm-up: linear or cosine decay to 0 at the last step, or constant (default linear)")
     ft.add_argument("--max-grad-norm", type=float, default=1.0, metavar="X",
                     help="clip the gradients' global L2 norm to X before each update (default 1.0)")
     ft.add_argument("--max-seq-len", type=int, default=None, metavar="N",

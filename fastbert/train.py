@@ -49,6 +49,7 @@ class TrainConfig:
     weight_decay: float = 0.01
     warmup_ratio: float = 0.1
     warmup_steps: int | None = None      # optimizer steps of warm-up; overrides warmup_ratio when set
+    schedule: str = "linear"             # after the warm-up: linear | cosine decay to 0, or constant
     max_grad_norm: float = 1.0
     grad_accum: int = 1
     seed: int = 42
@@ -88,6 +89,8 @@ class TrainConfig:
             raise ValueError(f"max_grad_norm must be > 0, got {self.max_grad_norm}")
         if self.out.exists() and not self.out.is_dir():
             raise ValueError(f"out {str(self.out)!r} is a file; checkpoints need a folder")
+        if self.schedule not in SCHEDULES:
+            raise ValueError(f"schedule must be one of {SCHEDULES}, got {self.schedule!r}")
         if self.precision not in ("auto", "fp32", "bf16", "fp16"):
             raise ValueError(f"precision must be auto, fp32, bf16 or fp16, got {self.precision!r}")
         if not 0 < self.lr < math.inf:
@@ -130,8 +133,12 @@ def parameter_groups(model: torch.nn.Module, weight_decay: float):
     return [{"params": decay, "weight_decay": weight_decay}, {"params": exempt, "weight_decay": 0.0}]
 
 
-def linear_warmup_decay(optimizer, warmup_steps: int, total_steps: int):
-    """Linear warm-up to the peak lr, then linear decay to 0 at total_steps.
+SCHEDULES = ("linear", "cosine", "constant")
+
+
+def linear_warmup_decay(optimizer, warmup_steps: int, total_steps: int, schedule: str = "linear"):
+    """Linear warm-up to the peak lr, then linear (or cosine) decay to 0 at total_steps, or the peak
+    lr kept (constant).
 
     Unlike transformers' get_linear_schedule_with_warmup (factor step / warmup_steps), the
     warm-up factor is (step + 1) / (warmup_steps + 1): the first update is not spent at lr 0.
@@ -140,7 +147,10 @@ def linear_warmup_decay(optimizer, warmup_steps: int, total_steps: int):
     def factor(step):
         if step < warmup_steps:
             return (step + 1) / (warmup_steps + 1)
-        return max(0.0, (total_steps - step) / max(1, total_steps - warmup_steps))
+        left = max(0.0, (total_steps - step) / max(1, total_steps - warmup_steps))  # 1 -> 0 after the warm-up
+        if schedule == "cosine":  # transformers' get_cosine_schedule_with_warmup, half a period
+            return 0.5 * (1.0 - math.cos(math.pi * left))
+        return 1.0 if schedule == "constant" else left
     return torch.optim.lr_scheduler.LambdaLR(optimizer, factor)
 
 
@@ -291,7 +301,7 @@ class Trainer:
         self.optimizer = torch.optim.AdamW(parameter_groups(model, config.weight_decay), lr=config.lr,
                                            fused=self.device.type == "cuda" or None)
         warmup = config.warmup_steps if config.warmup_steps is not None else int(config.warmup_ratio * self.total_steps)
-        self.scheduler = linear_warmup_decay(self.optimizer, warmup, self.total_steps)
+        self.scheduler = linear_warmup_decay(self.optimizer, warmup, self.total_steps, config.schedule)
         self.autocast = _autocast_dtype(config.precision, self.device)
         self.scaler = torch.amp.GradScaler("cuda") if self.autocast == torch.float16 else None
         self.step, self.epoch, self.batch_in_epoch = 0, 0, 0
@@ -481,7 +491,7 @@ class Trainer:
                 "batch_size": self.cfg.batch_size, "grad_accum": self.cfg.grad_accum, "seed": self.cfg.seed,
                 "bucket_by_length": self.cfg.bucket_by_length,
                 "total_steps": self.total_steps, "lr": self.cfg.lr, "warmup_ratio": self.cfg.warmup_ratio,
-                "warmup_steps": self.cfg.warmup_steps,
+                "warmup_steps": self.cfg.warmup_steps, "schedule": self.cfg.schedule,
                 "weight_decay": self.cfg.weight_decay, "max_grad_norm": self.cfg.max_grad_norm,
                 "precision": str(self.autocast or torch.float32).removeprefix("torch."),
                 # each process keeps its own generators: a checkpoint holds as many as wrote it

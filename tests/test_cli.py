@@ -474,7 +474,7 @@ def test_finetune_settings_reach_the_trainer_and_metrics_json(tmp_path, capsys, 
     assert run == {"examples": 2, "batch_size": 1, "grad_accum": 2, "seed": 7,
                    "bucket_by_length": False, "total_steps": 1, "lr": 3e-4, "warmup_ratio": 0.5,
                    "weight_decay": 0.2, "max_grad_norm": 0.5, "precision": "float32", "world_size": 1,
-                   "warmup_steps": None}
+                   "warmup_steps": None, "schedule": "linear"}
     torch.manual_seed(7)
     expected = real_build(tasks.TaskSpec.preset("sst2", max_seq_len=16), "default").classifier.weight
     assert len(drawn) == 1 and torch.equal(drawn[0], expected)          # the head --seed 7 draws
