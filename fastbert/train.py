@@ -569,7 +569,9 @@ class Trainer:
             raise ValueError(f"cannot resume: {path} is not a fastbert trainer state (it lacks "
                              f"{lacking if isinstance(state, dict) else needed}; holds {got})")
         if "run" in state:
-            saved, now = {"world_size": 1, **json.loads(state["run"])}, self._run_identity()
+            # what a checkpoint written before a setting existed meant by leaving it out
+            before = {"world_size": 1, "warmup_steps": None, "schedule": "linear"}
+            saved, now = {**before, **json.loads(state["run"])}, self._run_identity()
             changed = [f"{k}={saved[k]!r} there, {now[k]!r} now" for k in now if k in saved and saved[k] != now[k]]
             if changed:
                 raise ValueError(f"cannot resume from {folder}: it was written by a run with other data or settings "

@@ -1091,3 +1091,21 @@ def test_cosine_and_constant_schedules_after_the_warm_up():
     assert factors(lambda opt: train.linear_warmup_decay(opt, 2, 10, "constant"))[2:] == [1.0] * 8
     with pytest.raises(ValueError, match="schedule must be one of"):
         train.TrainConfig(out="x", schedule="step")
+
+
+@pytest.mark.parametrize("override", [{"schedule": "cosine"}, {"warmup_steps": 5}, {"schedule": "constant"}])
+def test_a_checkpoint_from_before_the_schedule_settings_resumes_only_under_its_schedule(tmp_path, override):
+    """A checkpoint written before warmup_steps and schedule existed ran linear with the ratio's warm-up:
+    it resumes under that, and another schedule is refused (it resumed silently; found by a review helper)."""
+    import json
+
+    _trainer(tmp_path / "run").train(stop_after_step=3)
+    path = tmp_path / "run" / "checkpoint-3" / "trainer_state.pt"
+    state = torch.load(path, weights_only=True)
+    run = json.loads(state["run"])
+    del run["warmup_steps"], run["schedule"]
+    state["run"] = json.dumps(run)
+    torch.save(state, path)
+    assert _trainer(tmp_path / "run").resume()
+    with pytest.raises(ValueError, match="cannot resume from"):
+        _trainer(tmp_path / "run", **override).resume()
