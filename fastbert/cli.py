@@ -198,10 +198,10 @@ def _finetune(args, device) -> int:
                   optional_non_negative=("doc_stride", "warmup_steps"))
     if args.max_seq_len is not None and args.max_seq_len < 8:
         raise ValueError(f"--max-seq-len must be >= 8 (room for the special tokens and some text), got {args.max_seq_len}")
-    if not args.lr > 0:
-        raise ValueError(f"--lr must be > 0, got {args.lr}")
-    if not args.weight_decay >= 0:
-        raise ValueError(f"--weight-decay must be >= 0, got {args.weight_decay}")
+    if not 0 < args.lr < math.inf:
+        raise ValueError(f"--lr must be finite and > 0, got {args.lr}")
+    if not 0 <= args.weight_decay < math.inf:
+        raise ValueError(f"--weight-decay must be finite and >= 0, got {args.weight_decay}")
     if not 0 <= args.warmup_ratio <= 1:
         raise ValueError(f"--warmup-ratio must be in [0, 1], got {args.warmup_ratio}")
     if not 0 < args.max_grad_norm < math.inf:

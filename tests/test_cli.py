@@ -204,6 +204,8 @@ def sst2_slice(tmp_path):
     (["--warmup-ratio", "2"], r"--warmup-ratio must be in \[0, 1\], got 2.0"),      # silently accepted before
     (["--max-grad-norm", "0"], "--max-grad-norm must be finite and > 0, got 0.0"),
     (["--warmup-steps", "-1"], "--warmup-steps must be >= 0, got -1"),
+    (["--lr", "inf"], "--lr must be finite and > 0, got inf"),                      # named `lr` (TrainConfig's) before
+    (["--weight-decay", "inf"], "--weight-decay must be finite and >= 0, got inf"),
     (["--seed", str(2**45)], r"--seed must be in \[0, 2\*\*32\), got 35184372088832"),  # overflowed after reading
     (["--max-seq-len", "1000"], "--max-seq-len 1000 is more than the model's 512 positions"),  # saved, broke predict
     (["--device", "nonsense"], "--device must be cpu or cuda"),
