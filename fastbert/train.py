@@ -143,7 +143,8 @@ def linear_warmup_decay(optimizer, warmup_steps: int, total_steps: int, schedule
     Unlike transformers' get_linear_schedule_with_warmup (factor step / warmup_steps), the
     warm-up factor is (step + 1) / (warmup_steps + 1): the first update is not spent at lr 0.
     The Trainer takes warmup_steps = int(warmup_ratio * total_steps), or TrainConfig.warmup_steps;
-    transformers rounds the ratio up: one step less of warm-up at most. Both sides of scripts/compare_quality.py use this schedule."""
+    transformers rounds the ratio up: one step less of warm-up at most. Both sides of
+    scripts/compare_quality.py use this schedule."""
     def factor(step):
         if step < warmup_steps:
             return (step + 1) / (warmup_steps + 1)
@@ -382,7 +383,7 @@ class Trainer:
         _fsync_dir(self.cfg.out)
         atomic_write_text(self.cfg.out / "latest", folder.name + "\n")
         _fsync_dir(self.cfg.out)
-        # Deleted only once `latest` names a checkpoint whose history says which epoch is the best, so
+        # Deleted only once `latest` names a checkpoint whose history says which evaluation is the best, so
         # a crash never leaves a resumed run naming a best checkpoint that is gone.
         best = self.best_checkpoint()
         for old in {previous, self._kept_best} - {None, folder, best}:
@@ -538,9 +539,9 @@ class Trainer:
             raise
 
     def _resume(self) -> bool:
+        if self.rank == 0:
+            self._finish_interrupted_save()
         if self.world > 1:
-            if self.rank == 0:
-                self._finish_interrupted_save()
             with on_device(self.device):  # NCCL's collectives run on the current device
                 # The others read `latest` once rank 0 has settled it, and all must resume from the same
                 # checkpoint (an out/ folder each machine keeps for itself would not be).
@@ -549,8 +550,6 @@ class Trainer:
                                            advice="--out must be one folder every process sees (rank 0 writes it)")
         if self._pointer() is None:
             return False
-        if self.world == 1:
-            self._finish_interrupted_save()
         folder = self._latest()
         if folder is None or folder.name.startswith("."):
             pointer = self.cfg.out / "latest"
