@@ -204,6 +204,10 @@ def _finetune(args, device) -> int:
         raise ValueError(f"--weight-decay must be finite and >= 0, got {args.weight_decay}")
     if not 0 <= args.warmup_ratio <= 1:
         raise ValueError(f"--warmup-ratio must be in [0, 1], got {args.warmup_ratio}")
+    if not all(0 <= b < 1 for b in args.adam_betas):
+        raise ValueError(f"--adam-betas must be two numbers in [0, 1), got {' '.join(map(str, args.adam_betas))}")
+    if not 0 < args.adam_eps < math.inf:
+        raise ValueError(f"--adam-eps must be finite and > 0, got {args.adam_eps}")
     if not 0 < args.max_grad_norm < math.inf:
         raise ValueError(f"--max-grad-norm must be finite and > 0, got {args.max_grad_norm}")
     if not 0 <= args.seed < 2**32:
@@ -251,6 +255,7 @@ def _finetune(args, device) -> int:
     cfg = train.TrainConfig(out=Path(args.out), epochs=args.epochs, max_steps=args.max_steps, batch_size=args.batch_size,
                             lr=args.lr, weight_decay=args.weight_decay, warmup_ratio=args.warmup_ratio,
                             max_grad_norm=args.max_grad_norm, warmup_steps=args.warmup_steps, schedule=args.lr_schedule,
+                            adam_betas=tuple(args.adam_betas), adam_eps=args.adam_eps,
                             grad_accum=args.grad_accum, seed=args.seed, precision=args.precision,
                             bucket_by_length=not args.no_bucket, save_every=args.save_every,
                             progress=not args.no_progress, compile=args.compile, keep_best=args.keep_best,
@@ -716,6 +721,10 @@ def build_parser():
     ft.add_argument("--lr", type=float, default=5e-5, help="peak learning rate of AdamW (default 5e-5)")
     ft.add_argument("--weight-decay", type=float, default=0.01,
                     help="AdamW weight decay, not on biases and LayerNorm (default 0.01)")
+    ft.add_argument("--adam-betas", type=float, nargs=2, default=(0.9, 0.999), metavar=("B1", "B2"),
+                    help="AdamW's betas (default 0.9 0.999; RoBERTa's recipe: 0.9 0.98)")
+    ft.add_argument("--adam-eps", type=float, default=1e-8, metavar="EPS",
+                    help="AdamW's epsilon (default 1e-8; BERT's own recipe: 1e-6)")
     ft.add_argument("--warmup-ratio", type=float, default=0.1,
                     help="fraction of the steps with a linear warm-up, in [0, 1] (default 0.1)")
     ft.add_argument("--warmup-steps", type=int, default=None, metavar="N",

@@ -47,6 +47,8 @@ class TrainConfig:
     batch_size: int = 32
     lr: float = 5e-5
     weight_decay: float = 0.01
+    adam_betas: tuple[float, float] = (0.9, 0.999)   # torch's and transformers' defaults; RoBERTa's recipe: (0.9, 0.98)
+    adam_eps: float = 1e-8                           # BERT's own recipe used 1e-6
     warmup_ratio: float = 0.1
     warmup_steps: int | None = None      # optimizer steps of warm-up; overrides warmup_ratio when set
     schedule: str = "linear"             # after the warm-up: linear | cosine decay to 0, or constant
@@ -89,6 +91,13 @@ class TrainConfig:
             raise ValueError(f"max_grad_norm must be > 0, got {self.max_grad_norm}")
         if self.out.exists() and not self.out.is_dir():
             raise ValueError(f"out {str(self.out)!r} is a file; checkpoints need a folder")
+        betas = tuple(self.adam_betas) if isinstance(self.adam_betas, (tuple, list)) else ()
+        if len(betas) != 2 or not all(isinstance(b, (int, float)) and not isinstance(b, bool) and 0.0 <= b < 1.0
+                                      for b in betas):
+            raise ValueError(f"adam_betas must be two numbers in [0, 1), got {self.adam_betas!r}")
+        self.adam_betas = (float(betas[0]), float(betas[1]))
+        if isinstance(self.adam_eps, bool) or not isinstance(self.adam_eps, (int, float)) or not 0.0 < self.adam_eps < math.inf:
+            raise ValueError(f"adam_eps must be finite and > 0, got {self.adam_eps!r}")
         if self.schedule not in SCHEDULES:
             raise ValueError(f"schedule must be one of {SCHEDULES}, got {self.schedule!r}")
         if self.precision not in ("auto", "fp32", "bf16", "fp16"):
@@ -300,6 +309,7 @@ class Trainer:
         self.epochs = math.ceil(self.total_steps / steps_per_epoch)
         # On a GPU the fused AdamW: one kernel for every parameter's update instead of a few per tensor.
         self.optimizer = torch.optim.AdamW(parameter_groups(model, config.weight_decay), lr=config.lr,
+                                           betas=config.adam_betas, eps=config.adam_eps,
                                            fused=self.device.type == "cuda" or None)
         warmup = config.warmup_steps if config.warmup_steps is not None else int(config.warmup_ratio * self.total_steps)
         self.scheduler = linear_warmup_decay(self.optimizer, warmup, self.total_steps, config.schedule)
@@ -493,6 +503,7 @@ class Trainer:
                 "bucket_by_length": self.cfg.bucket_by_length,
                 "total_steps": self.total_steps, "lr": self.cfg.lr, "warmup_ratio": self.cfg.warmup_ratio,
                 "warmup_steps": self.cfg.warmup_steps, "schedule": self.cfg.schedule,
+                "adam_betas": list(self.cfg.adam_betas), "adam_eps": self.cfg.adam_eps,
                 "weight_decay": self.cfg.weight_decay, "max_grad_norm": self.cfg.max_grad_norm,
                 "precision": str(self.autocast or torch.float32).removeprefix("torch."),
                 # each process keeps its own generators: a checkpoint holds as many as wrote it
@@ -569,7 +580,8 @@ class Trainer:
                              f"{lacking if isinstance(state, dict) else needed}; holds {got})")
         if "run" in state:
             # what a checkpoint written before a setting existed meant by leaving it out
-            before = {"world_size": 1, "warmup_steps": None, "schedule": "linear"}
+            before = {"world_size": 1, "warmup_steps": None, "schedule": "linear", "adam_betas": [0.9, 0.999],
+                      "adam_eps": 1e-8}
             saved, now = {**before, **json.loads(state["run"])}, self._run_identity()
             changed = [f"{k}={saved[k]!r} there, {now[k]!r} now" for k in now if k in saved and saved[k] != now[k]]
             if changed:

@@ -206,6 +206,7 @@ def sst2_slice(tmp_path):
     (["--warmup-steps", "-1"], "--warmup-steps must be >= 0, got -1"),
     (["--lr", "inf"], "--lr must be finite and > 0, got inf"),                      # named `lr` (TrainConfig's) before
     (["--weight-decay", "inf"], "--weight-decay must be finite and >= 0, got inf"),
+    (["--adam-eps", "0"], "--adam-eps must be finite and > 0, got 0.0"),
     (["--seed", str(2**45)], r"--seed must be in \[0, 2\*\*32\), got 35184372088832"),  # overflowed after reading
     (["--max-seq-len", "1000"], "--max-seq-len 1000 is more than the model's 512 positions"),  # saved, broke predict
     (["--device", "nonsense"], "--device must be cpu or cuda"),
@@ -468,7 +469,7 @@ def test_finetune_settings_reach_the_trainer_and_metrics_json(tmp_path, capsys, 
     assert fastbert.cli.main(["finetune", "--task", "sst2", "--train", str(sst2_slice), "--out", str(out),
                               "--max-steps", "1", "--batch-size", "1", "--grad-accum", "2", "--lr", "3e-4",
                               "--weight-decay", "0.2", "--warmup-ratio", "0.5", "--seed", "7", "--no-bucket",
-                              "--max-grad-norm", "0.5",
+                              "--max-grad-norm", "0.5", "--adam-betas", "0.9", "0.98", "--adam-eps", "1e-6",
                               "--max-seq-len", "16", "--no-progress", "--device", "cpu"]) == 0
     state = torch.load(out / (out / "latest").read_text().strip() / "trainer_state.pt", weights_only=True)
     run = json.loads(state["run"])
@@ -476,7 +477,7 @@ def test_finetune_settings_reach_the_trainer_and_metrics_json(tmp_path, capsys, 
     assert run == {"examples": 2, "batch_size": 1, "grad_accum": 2, "seed": 7,
                    "bucket_by_length": False, "total_steps": 1, "lr": 3e-4, "warmup_ratio": 0.5,
                    "weight_decay": 0.2, "max_grad_norm": 0.5, "precision": "float32", "world_size": 1,
-                   "warmup_steps": None, "schedule": "linear"}
+                   "warmup_steps": None, "schedule": "linear", "adam_betas": [0.9, 0.98], "adam_eps": 1e-6}
     torch.manual_seed(7)
     expected = real_build(tasks.TaskSpec.preset("sst2", max_seq_len=16), "default").classifier.weight
     assert len(drawn) == 1 and torch.equal(drawn[0], expected)          # the head --seed 7 draws
@@ -655,8 +656,9 @@ def test_finetune_keep_best_saves_the_best_epochs_weights(tmp_path, capsys):
     (["--eval-every", "0", "--dev", "{train}"], "--eval-every must be >= 1, got 0"),
     (["--early-stop", "2", "--dev", "{train}"], "--early-stop needs --keep-best"),
     (["--early-stop", "0", "--keep-best", "--dev", "{train}"], "--early-stop must be >= 1, got 0"),
+    (["--adam-betas", "0.9", "1"], r"--adam-betas must be two numbers in \[0, 1\), got 0.9 1.0"),
 ])
-def test_keep_best_and_eval_every_mistakes_are_named_before_training(tmp_path, capsys, sst2_slice, extra, match):
+def test_evaluation_and_optimizer_flag_mistakes_are_named_before_training(tmp_path, capsys, sst2_slice, extra, match):
     args = ["finetune", "--task", "sst2", "--train", str(sst2_slice), "--out", str(tmp_path / "run"), "--device", "cpu",
             "--no-progress"] + [a.format(train=sst2_slice) for a in extra]
     assert fastbert.cli.main(args) == 2

@@ -1109,3 +1109,17 @@ def test_a_checkpoint_from_before_the_schedule_settings_resumes_only_under_its_s
     assert _trainer(tmp_path / "run").resume()
     with pytest.raises(ValueError, match="cannot resume from"):
         _trainer(tmp_path / "run", **override).resume()
+
+
+def test_adam_betas_and_eps_reach_the_optimizer_and_a_resume_must_match(tmp_path):
+    trainer = _trainer(tmp_path / "run", adam_betas=(0.9, 0.98), adam_eps=1e-6)
+    assert all(g["betas"] == (0.9, 0.98) and g["eps"] == 1e-6 for g in trainer.optimizer.param_groups)
+    trainer.train(stop_after_step=3)
+    with pytest.raises(ValueError, match=r"adam_betas=\[0.9, 0.98\] there, \[0.9, 0.999\] now"):
+        _trainer(tmp_path / "run").resume()
+    assert _trainer(tmp_path / "run", adam_betas=[0.9, 0.98], adam_eps=1e-6).resume()
+    for bad in ((0.9,), (0.9, 1.0), (0.9, -0.1), "0.9 0.98"):
+        with pytest.raises(ValueError, match="adam_betas must be two numbers in \\[0, 1\\)"):
+            train.TrainConfig(out=tmp_path, adam_betas=bad)
+    with pytest.raises(ValueError, match="adam_eps must be finite and > 0"):
+        train.TrainConfig(out=tmp_path, adam_eps=0.0)
