@@ -663,10 +663,10 @@ class Trainer:
         distributed.sum_gradients(params, used)
         return losses, tokens
 
-    def _record(self, epoch, running: list, aside, bar) -> dict:
+    def _record(self, epoch, running: list, aside, bar) -> bool:
         """Append to the history the record of an epoch's end (epoch = epochs done) or of an evaluation
         inside one (eval_every; epoch = the fraction done, as transformers logs it): the mean training
-        loss of the epoch so far and the dev scores."""
+        loss of the epoch so far and the dev scores. Returns whether it is the best so far (keep_best)."""
         record = {"epoch": epoch, "step": self.step, "train_loss": sum(running) / max(1, len(running))}
         if self.evaluate_fn is not None:
             # under torchrun rank 0 evaluates (with every process, if evaluate is collective), and every
@@ -681,7 +681,7 @@ class Trainer:
         self.history.append(record)
         if self.rank == 0:
             bar.write(to_json(record))  # null, not NaN, for an undefined metric: the line stays JSON
-        return record
+        return bool(self.cfg.keep_best) and self.best_record() is record
 
     def _optimizer_step(self):
         # A group without one labelled item ran no backward: no update, but the step and the schedule
@@ -757,6 +757,12 @@ class Trainer:
             if self.batch_in_epoch == 0:
                 self._running = []
             running = self._running
+
+            def epochs_done():  # max_steps or eval_every may stop inside an epoch: the fraction done
+                if self.batch_in_epoch >= len(batches):
+                    return self.epoch + 1
+                return round(self.epoch + self.batch_in_epoch / len(batches), 4)
+
             while self.batch_in_epoch < len(batches) and self.step < self.total_steps and not self.stopped_early():
                 group_end = self.batch_in_epoch + self.cfg.grad_accum * self.world
                 group = [self.collate([self.features[i] for i in indices])
@@ -790,8 +796,7 @@ class Trainer:
                 improved = False
                 if (self.cfg.eval_every and self.step % self.cfg.eval_every == 0
                         and self.batch_in_epoch < len(batches) and self.step < self.total_steps):
-                    record = self._record(round(self.epoch + self.batch_in_epoch / len(batches), 4), running, aside, bar)
-                    improved = self.cfg.keep_best and self.best_record() is record
+                    improved = self._record(epochs_done(), running, aside, bar)
                 if (self.cfg.save_every and self.step % self.cfg.save_every == 0) or improved:
                     aside(self.save_checkpoint)
                 if stop_after_step is not None and self.step >= stop_after_step:
@@ -799,13 +804,10 @@ class Trainer:
                     return {"stopped_at_step": self.step}
             if self.stopped_early():  # by an evaluation inside the epoch, which needs no second one
                 break
-            # max_steps may end the run inside an epoch: the fraction done, as inside-epoch evaluations say
-            done = self.epoch + 1 if self.batch_in_epoch >= len(batches) else \
-                round(self.epoch + self.batch_in_epoch / len(batches), 4)
-            record = self._record(done, running, aside, bar)
+            improved = self._record(epochs_done(), running, aside, bar)
             self.epoch, self.batch_in_epoch = self.epoch + 1, 0
             # keep_best: a better evaluation is saved whatever save_every says, and that save keeps it
-            if self.cfg.save_every is None or (self.cfg.keep_best and self.best_record() is record):
+            if self.cfg.save_every is None or improved:
                 aside(self.save_checkpoint)
         bar.close()
         elapsed = time.perf_counter() - started
