@@ -77,6 +77,7 @@ setup(
     extras_require={
         "triton": ["triton>=3.6"],
         "test": ["pytest", "pytest-benchmark", "pytest-timeout", "hypothesis", "transformers>=5.4", "scipy", "scikit-learn",
+                 "seqeval",  # the named-entity scores' reference (tests/test_metrics_fuzz.py)
                  "matplotlib",
                  "pybind11",  # the CPU emulation tests of csrc/ build against it
                  "accelerate",  # transformers.Trainer, the quality comparison's hf_trainer runs (tests/test_compare_quality.py)

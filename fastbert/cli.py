@@ -752,7 +752,8 @@ def build_parser():
                          "epoch's end only); --keep-best then picks among these evaluations too")
     ft.add_argument("--keep-best", nargs="?", const="main", default=None, metavar="METRIC",
                     help="keep the checkpoint of the evaluation with the best dev METRIC (default: the task's main "
-                         "one: accuracy, matthews for cola, f1 for mrpc and squad, pearson, token_accuracy) and "
+                         "one: accuracy, matthews for cola, f1 for mrpc and squad, pearson, token_accuracy, entity_f1 "
+                         "for IOB-tagged named entities) and "
                          "save its weights as OUT/model instead of the last; needs --dev")
     ft.add_argument("--early-stop", type=int, default=None, metavar="N",
                     help="with --keep-best: end the run after N evaluations in a row without a better score")

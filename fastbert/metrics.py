@@ -2,7 +2,8 @@
 
 Classification and regression (GLUE): accuracy, f1_score (binary or macro),
 matthews_corrcoef, pearson, spearman, and glue_metrics(task, ...) picking a
-task's official ones. Tagging: token_accuracy, ignoring label -100. SQuAD v1.1:
+task's official ones. Tagging: token_accuracy, ignoring label -100, and for named entities
+(IOB-style tags) entity_scores, conlleval's chunk precision/recall/F1. SQuAD v1.1:
 normalize_answer, squad_exact_match, squad_f1 and squad_scores, following the
 official evaluate-v1.1.py (percent, max over the gold answers).
 
@@ -171,6 +172,81 @@ def token_accuracy(preds, labels, ignore_index: int = IGNORE_INDEX) -> float:
     if not keep.any():
         raise ValueError(f"every label is ignore_index={ignore_index}: nothing to score")
     return float((preds[keep] == labels[keep]).mean())
+
+
+# --- Named entities: chunks of IOB-style tags, scored as conlleval does --------------------------
+
+_CHUNK_PREFIXES = ("B", "I", "E", "S")
+
+
+def is_chunk_scheme(tag_names: Sequence[str]) -> bool:
+    """Whether tags name chunks (entities): every tag is O or PREFIX-TYPE with PREFIX one of
+    B I E S (IOB1, IOB2/BIO, IOE, IOBES/BILOU's letters), and some tag begins or is inside one.
+    POS tag sets (NOUN, NN, ...) are not; a tagset of O only has no chunk to score."""
+    names = set(tag_names)
+    chunk_tags = [t for t in names if t != "O"]
+    return bool(chunk_tags) and all(len(t) > 2 and t[1] == "-" and t[0] in _CHUNK_PREFIXES for t in chunk_tags)
+
+
+def _chunk_tag(tag: str) -> tuple[str, str]:
+    if tag == "O" or len(tag) < 3 or tag[1] != "-" or tag[0] not in _CHUNK_PREFIXES:
+        return "O", ""  # not a chunk tag: outside any entity (conlleval reads the prefix only)
+    return tag[0], tag[2:]
+
+
+def chunks(tags: Sequence[str]) -> set[tuple[str, int, int]]:
+    """The (type, first, last) word spans one sentence's tags name, under conlleval's rules with
+    seqeval's additions for E- and S-: a chunk begins at B- or S-, at I-/E- after O, E- or S-, or
+    after a chunk of another type (IOB1's I-PER after O); it ends before B-, S-, O or another type,
+    and after E- or S-. Ill-formed sequences (B-PER E-LOC) read as seqeval's default mode reads them."""
+    spans, begin, prev, prev_type = set(), 0, "O", ""
+    for i, tag in enumerate(list(tags) + ["O"]):
+        prefix, kind = _chunk_tag(tag)
+        ends = prev in ("E", "S") or (prev in ("B", "I") and prefix in ("B", "S", "O")) or \
+            (prev != "O" and kind != prev_type)
+        if ends:
+            spans.add((prev_type, begin, i - 1))
+        starts = prefix in ("B", "S") or (prev in ("E", "S", "O") and prefix in ("I", "E")) or \
+            (prefix != "O" and kind != prev_type)
+        if starts:
+            begin = i
+        prev, prev_type = prefix, kind
+    return spans
+
+
+def entity_scores(pred_tags: Sequence[Sequence[str]], gold_tags: Sequence[Sequence[str]],
+                  by_type: bool = False) -> dict[str, float]:
+    """Named-entity precision, recall and F1 (fractions) over the sentences' chunks, micro-averaged
+    as conlleval and seqeval (its default mode) do: a predicted entity counts when its type and its
+    first and last word all equal a gold one's. pred_tags/gold_tags: one list of tag strings per
+    sentence, of equal lengths. Nothing predicted gives precision 0.0, nothing gold recall 0.0, as
+    seqeval's zero_division=0. by_type adds f1_<TYPE> (and precision_/recall_) per gold or
+    predicted type."""
+    if len(pred_tags) != len(gold_tags):
+        raise ValueError(f"pred_tags and gold_tags must hold the same number of sentences, got "
+                         f"{len(pred_tags)} and {len(gold_tags)}")
+    if not gold_tags:
+        raise ValueError("no sentences to score")
+    found, gold, right = collections.Counter(), collections.Counter(), collections.Counter()
+    for i, (p, g) in enumerate(zip(pred_tags, gold_tags)):
+        if len(p) != len(g):
+            raise ValueError(f"sentence {i}: {len(p)} predicted tags for {len(g)} gold tags")
+        p_chunks, g_chunks = chunks(p), chunks(g)
+        found.update(c[0] for c in p_chunks)
+        gold.update(c[0] for c in g_chunks)
+        right.update(c[0] for c in p_chunks & g_chunks)
+
+    def prf(n_right, n_found, n_gold, suffix=""):
+        precision = n_right / n_found if n_found else 0.0
+        recall = n_right / n_gold if n_gold else 0.0
+        f1 = 2 * precision * recall / (precision + recall) if precision + recall else 0.0
+        return {f"precision{suffix}": precision, f"recall{suffix}": recall, f"f1{suffix}": f1}
+
+    scores = prf(sum(right.values()), sum(found.values()), sum(gold.values()))
+    if by_type:
+        for kind in sorted(set(found) | set(gold)):
+            scores.update(prf(right[kind], found[kind], gold[kind], f"_{kind}"))
+    return scores
 
 
 GLUE_METRICS = {

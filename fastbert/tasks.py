@@ -4,7 +4,8 @@ on the encoder and how to score it.
     kind         head                                   metric
     single/pair  BertForSequenceClassification          accuracy / F1 / Matthews
     regression   BertForSequenceClassification(1)       Pearson, Spearman
-    tagging      BertForTokenClassification             token accuracy (first sub-words)
+    tagging      BertForTokenClassification             token accuracy (first sub-words); with IOB-style
+                                                        tags, entity F1/precision/recall (conlleval)
     qa           BertForQuestionAnswering               SQuAD exact match and F1
 """
 from __future__ import annotations
@@ -191,6 +192,8 @@ def metric_names(spec: TaskSpec) -> tuple[str, ...]:
     if spec.kind == "regression":
         return ("pearson", "spearman")
     if spec.kind == "tagging":
+        if metrics.is_chunk_scheme(spec.labels or ()):  # named entities: conlleval's scores first
+            return ("entity_f1", "entity_precision", "entity_recall", "token_accuracy")
         return ("token_accuracy",)
     if spec.kind == "qa":
         return ("f1", "exact_match")
@@ -233,8 +236,23 @@ def _evaluate(model, spec: TaskSpec, dev: TaskData, batch_size: int, with_predic
     if spec.kind == "tagging":
         preds = torch.cat([l.argmax(-1) for l in logits]).numpy()
         labels = [x for f in dev.features for x in f["labels"]]
-        return {"token_accuracy": metrics.token_accuracy(preds, labels)}, \
-            tags_from_logits(spec, [len(s.words) for s in dev.examples], dev.features, logits) if with_predictions else None
+        scores = {"token_accuracy": metrics.token_accuracy(preds, labels)}
+        entities = metrics.is_chunk_scheme(spec.labels or ())
+        if not (entities or with_predictions):
+            return scores, None
+        if not dev.examples:
+            raise ValueError("dev.examples must hold the tagged sentences (as tasks.read gives them): "
+                             + ("entity scores are counted over whole words" if entities else "predictions are per word"))
+        tags = tags_from_logits(spec, [len(s.words) for s in dev.examples], dev.features, logits)
+        if entities:
+            # Scored on words as conlleval does, gold from the file: a word that tokenizes to nothing
+            # has no piece to tag and counts as predicted O.
+            found = metrics.entity_scores([[t or "O" for t in s] for s in tags], [s.tags for s in dev.examples],
+                                          by_type=True)
+            scores = {"entity_f1": found["f1"], "entity_precision": found["precision"],
+                      "entity_recall": found["recall"], **scores,
+                      **{f"entity_{k}": v for k, v in found.items() if k.startswith("f1_")}}
+        return scores, tags if with_predictions else None
     answers = answers_from_logits(model, spec, dev.examples, dev.features, logits)
     return metrics.squad_scores(answers, {e.id: e.answers for e in dev.examples}), answers
 

@@ -220,3 +220,47 @@ def test_pearson_of_exactly_linear_values_stays_within_minus_one_one():
         r = pearson(x, y)
         assert -1.0 <= r <= 1.0 and r == pytest.approx(1.0)
         assert pearson([-v for v in x], y) >= -1.0
+
+
+def test_entity_chunks_by_hand():
+    """conlleval's reading of each scheme: IOB1 (CoNLL-2003's own files) starts a chunk at I- after O
+    and uses B- only between two chunks of one type; BIO at B-; IOBES ends one at E- and S-."""
+    assert metrics.chunks(["I-PER", "I-PER", "O", "I-LOC", "B-LOC", "I-LOC"]) == \
+        {("PER", 0, 1), ("LOC", 3, 3), ("LOC", 4, 5)}                                      # IOB1
+    assert metrics.chunks(["B-PER", "I-PER", "B-PER", "O", "B-ORG", "I-LOC"]) == \
+        {("PER", 0, 1), ("PER", 2, 2), ("ORG", 4, 4), ("LOC", 5, 5)}                      # a type change ends one
+    assert metrics.chunks(["S-PER", "B-LOC", "I-LOC", "E-LOC", "E-LOC", "O"]) == \
+        {("PER", 0, 0), ("LOC", 1, 3), ("LOC", 4, 4)}                                      # IOBES
+    assert metrics.chunks(["B-MISC"]) == {("MISC", 0, 0)} and metrics.chunks(["O", "O"]) == set()
+
+
+def test_entity_scores_by_hand():
+    """A chunk counts only with its type and both ends right: of 3 gold entities, 2 predicted
+    exactly; a third prediction has the right type but one word too many, a fourth the wrong type."""
+    gold = [["B-PER", "I-PER", "O", "B-LOC"], ["O", "B-ORG", "I-ORG", "O"]]
+    pred = [["B-PER", "I-PER", "O", "B-ORG"], ["O", "B-ORG", "I-ORG", "I-ORG"]]
+    assert metrics.entity_scores(pred, gold) == {"precision": 1 / 3, "recall": 1 / 3, "f1": pytest.approx(1 / 3)}
+    by_type = metrics.entity_scores(pred, gold, by_type=True)
+    assert by_type["f1_PER"] == 1.0 and by_type["f1_LOC"] == 0.0 and by_type["precision_ORG"] == 0.0
+    assert metrics.entity_scores(gold, gold)["f1"] == 1.0
+    nothing = [["O"] * 4, ["O"] * 4]
+    assert metrics.entity_scores(nothing, gold) == {"precision": 0.0, "recall": 0.0, "f1": 0.0}
+    assert metrics.entity_scores(gold, nothing) == {"precision": 0.0, "recall": 0.0, "f1": 0.0}
+
+
+def test_entity_scores_refuse_mismatched_sentences():
+    with pytest.raises(ValueError, match="same number of sentences, got 1 and 2"):
+        metrics.entity_scores([["O"]], [["O"], ["O"]])
+    with pytest.raises(ValueError, match="sentence 1: 2 predicted tags for 3 gold tags"):
+        metrics.entity_scores([["O"], ["O", "O"]], [["O"], ["O", "O", "B-PER"]])
+    with pytest.raises(ValueError, match="no sentences to score"):
+        metrics.entity_scores([], [])
+
+
+@pytest.mark.parametrize("tags, chunked", [
+    (["O", "B-PER", "I-PER"], True), (["I-LOC", "O", "B-LOC"], True), (["S-X", "E-X", "O"], True),
+    (["B-NP", "I-NP", "B-VP"], True),                              # CoNLL-2000 chunks: no O needed
+    (["O"], False), (["NOUN", "VERB", "X"], False),                 # UPOS
+    (["NN", "IN", "-LRB-", "PRP$"], False), (["O", "B-PER", "NOUN"], False), (["O", "B-"], False)])
+def test_is_chunk_scheme(tags, chunked):
+    assert metrics.is_chunk_scheme(tags) is chunked

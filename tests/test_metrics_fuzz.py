@@ -267,3 +267,45 @@ def test_squad_empty_prediction_and_empty_normalised_gold():
     assert metrics.squad_f1("", ["the"]) == _official_f1("", "the") == 0
     assert metrics.squad_f1("The  cat—dog", ["cat—dog", "a cat"]) == pytest.approx(
         max(_official_f1("The  cat—dog", "cat—dog"), _official_f1("The  cat—dog", "a cat")))
+
+
+# --- named entities against seqeval (default mode, conlleval's rules) ---------------------------
+
+_SCHEMES = {"iob1": ("O", "I-PER", "I-LOC", "B-PER", "B-LOC", "I-MISC"),
+            "iob2": ("O", "B-PER", "I-PER", "B-LOC", "I-LOC", "B-ORG", "I-ORG"),
+            "iobes": ("O", "B-PER", "I-PER", "E-PER", "S-PER", "B-LOC", "I-LOC", "E-LOC", "S-LOC")}
+
+
+@st.composite
+def tagged_sentences(draw):
+    """(pred, gold): 1 to 6 sentences of 1 to 9 tags of one scheme, ill-formed sequences included
+    (I- after O, E- without B-, types changing inside a chunk), the predictions often a noisy copy."""
+    tags = _SCHEMES[draw(st.sampled_from(sorted(_SCHEMES)))]
+    gold = draw(st.lists(st.lists(st.sampled_from(tags), min_size=1, max_size=9), min_size=1, max_size=6))
+    if draw(st.booleans()):
+        pred = [[draw(st.sampled_from(tags)) if draw(st.booleans()) else t for t in s] for s in gold]
+    else:
+        pred = [draw(st.lists(st.sampled_from(tags), min_size=len(s), max_size=len(s))) for s in gold]
+    return pred, gold
+
+
+@settings(max_examples=300, deadline=None, derandomize=True)
+@given(case=tagged_sentences())
+def test_entity_scores_match_seqeval(case):
+    """Every value bitwise seqeval's: micro precision, recall, F1 and the per-type report; the chunks
+    of every sentence its get_entities."""
+    from seqeval.metrics import classification_report, f1_score, precision_score, recall_score
+    from seqeval.metrics.sequence_labeling import get_entities
+
+    pred, gold = case
+    scores = metrics.entity_scores(pred, gold, by_type=True)
+    assert (scores["precision"], scores["recall"], scores["f1"]) == (
+        _quiet(precision_score, gold, pred), _quiet(recall_score, gold, pred), _quiet(f1_score, gold, pred))
+    report = _quiet(classification_report, gold, pred, output_dict=True)
+    types = {k for k in report if not k.endswith(" avg")}
+    assert {k[3:] for k in scores if k.startswith("f1_")} == types
+    for kind in types:
+        assert (scores[f"precision_{kind}"], scores[f"recall_{kind}"], scores[f"f1_{kind}"]) == (
+            report[kind]["precision"], report[kind]["recall"], report[kind]["f1-score"])
+    for sentence in pred + gold:
+        assert metrics.chunks(sentence) == set(get_entities(sentence))

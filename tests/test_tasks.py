@@ -246,3 +246,37 @@ def test_a_saved_task_spec_this_version_does_not_know_is_named(tmp_path):
         (tmp_path / "config.json").write_text(json.dumps({**config, "fastbert_task": task}))
         with pytest.raises(ValueError, match=message):
             tasks.load_finetuned(tmp_path)
+
+
+def test_evaluate_ner_scores_words_and_counts_an_untokenizable_word_as_o(tok):
+    """IOB tags: entity scores over the file's words (gold from the sentences, predictions from each
+    word's first piece, a long sentence tagged in pieces); a zero-width space has no piece, so its
+    gold B-PER is a missed entity, never a crash or a skipped word."""
+    from seqeval.metrics import f1_score, precision_score, recall_score
+
+    from fastbert.data.tagging import TaggedSentence
+
+    torch.manual_seed(0)
+    labels = ["O", "B-PER", "I-PER", "B-LOC", "I-LOC"]
+    spec = tasks.TaskSpec(name="x", kind="tagging", labels=labels, max_seq_len=12)
+    model = heads.BertForTokenClassification(fastbert.BertConfig(**dict(TINY, vocab_size=tok.vocab_size)),
+                                             num_labels=len(labels))
+    rng = np.random.default_rng(0)
+    words = "the mayor of new york met anna lee in paris on monday".split()
+    sentences = [TaggedSentence(list(words), [labels[i] for i in rng.integers(0, 5, len(words))], 1),
+                 TaggedSentence(["hello", "\u200b", "world"], ["O", "B-PER", "O"], 14)]
+    dev = tasks.TaskData(fastbert.data.encode_tagging(sentences, tok, labels, spec.max_seq_len), sentences)
+    assert len(dev.features) > len(sentences)                          # the first sentence is in pieces
+    scores, predicted = tasks.evaluate_and_predict(model, spec, dev, batch_size=2)
+    assert predicted[1][1] is None and all(t is not None for s in predicted for t in s if s is not predicted[1])
+    pred = [[t or "O" for t in s] for s in predicted]
+    gold = [s.tags for s in sentences]
+    assert tasks.metric_names(spec) == ("entity_f1", "entity_precision", "entity_recall", "token_accuracy")
+    assert (scores["entity_f1"], scores["entity_precision"], scores["entity_recall"]) == (
+        f1_score(gold, pred), precision_score(gold, pred), recall_score(gold, pred))
+    assert tasks.evaluate(model, spec, dev, batch_size=3) == scores
+    assert scores["entity_recall"] < 1 and "entity_f1_PER" in scores
+    with pytest.raises(ValueError, match="dev.examples must hold the tagged sentences"):
+        tasks.evaluate(model, spec, tasks.TaskData(dev.features))
+    upos = tasks.TaskSpec(name="pos", kind="tagging", labels=["NOUN", "VERB"])
+    assert tasks.metric_names(upos) == ("token_accuracy",)
