@@ -1,6 +1,6 @@
 """The `fastbert` command.
 
-    fastbert finetune --task {sst2,cola,mrpc,rte,stsb,pos,squad} --train FILE --dev FILE --out DIR [...]
+    fastbert finetune --task {sst2,cola,mrpc,rte,stsb,pos,ner,squad} --train FILE --dev FILE --out DIR [...]
     fastbert evaluate --model DIR --dev FILE
     fastbert predict  --model DIR (TEXT [TEXT_B] | --question Q --context C | --file FILE)
     fastbert encode   [--model default|PATH] [TEXT ...]   (no TEXT: four example sentences)
@@ -683,7 +683,8 @@ def build_parser():
                                     "process takes --batch-size examples a batch; their gradients are summed).")
     ft.add_argument("--task", choices=sorted(__import__("fastbert.tasks", fromlist=["PRESETS"]).PRESETS),
                     help="a preset: reader, head and metric (GLUE TSV for sst2/cola/mrpc/rte/stsb, CoNLL-U "
-                         "UPOS for pos, SQuAD v1.1 JSON for squad)")
+                         "UPOS for pos, CoNLL-2003 named entities (PER, ORG, LOC, MISC; IOB1 or IOB2) scored by "
+                         "entity F1 for ner, SQuAD v1.1 JSON for squad)")
     ft.add_argument("--task-type", choices=["single", "pair", "regression", "tagging", "qa"],
                     help="any other data: a TSV, with a header unless --no-header (single, pair, regression: "
                          "give --text-cols and --label-col; labels are found in the training file), a CoNLL-U "

@@ -22,7 +22,7 @@ from .data.tagging import read_tagged
 
 PRESETS = {
     "sst2": "single", "cola": "single", "mrpc": "pair", "rte": "pair", "stsb": "regression",
-    "pos": "tagging", "squad": "qa",
+    "pos": "tagging", "ner": "tagging", "squad": "qa",
 }
 KINDS = ("single", "pair", "regression", "tagging", "qa")
 
@@ -56,7 +56,7 @@ class TaskSpec:
     def preset(cls, name: str, **overrides) -> "TaskSpec":
         if name not in PRESETS:
             raise ValueError(f"--task must be one of {sorted(PRESETS)}, got {name!r} (or use --task-type)")
-        labels = {"pos": list(data.UPOS_TAGS)}.get(name)
+        labels = {"pos": list(data.UPOS_TAGS), "ner": list(data.CONLL2003_NER_TAGS)}.get(name)
         if name in data.TASKS and data.TASKS[name].labels is not None:
             labels = list(data.TASKS[name].labels)
         spec = cls(name=name, kind=PRESETS[name], labels=labels)

@@ -781,15 +781,17 @@ def _ner_file(path, n, seed):
     return path
 
 
-def test_finetune_ner_scores_entities_and_keeps_the_best_by_entity_f1(tmp_path, capsys):
-    """Named entities (IOB tags): finetune reports conlleval's entity F1/precision/recall (the main
-    metric, so --keep-best's default) beside token accuracy; evaluate --predictions writes word, gold
-    and predicted tags that seqeval scores to the printed entity F1."""
+@pytest.mark.parametrize("task", [["--task", "ner"], ["--task-type", "tagging"]])
+def test_finetune_ner_scores_entities_and_keeps_the_best_by_entity_f1(tmp_path, capsys, task):
+    """Named entities (IOB tags; the ner preset's nine CoNLL-2003 tags, or the four the file holds):
+    finetune reports conlleval's entity F1/precision/recall (the main metric, so --keep-best's default)
+    beside token accuracy; evaluate --predictions writes word, gold and predicted tags that seqeval
+    scores to the printed entity F1."""
     from seqeval.metrics import f1_score
 
     train, dev = _ner_file(tmp_path / "train.txt", 96, 0), _ner_file(tmp_path / "dev.txt", 24, 1)
     out = tmp_path / "run"
-    assert fastbert.cli.main(["finetune", "--task-type", "tagging", "--train", str(train), "--dev", str(dev),
+    assert fastbert.cli.main(["finetune", *task, "--train", str(train), "--dev", str(dev),
                               "--out", str(out), "--epochs", "1", "--batch-size", "16", "--lr", "3e-4",
                               "--max-seq-len", "32", "--keep-best", "--no-progress", "--device", "cpu"]) == 0
     summary = json.loads((out / "metrics.json").read_text())
@@ -797,9 +799,10 @@ def test_finetune_ner_scores_entities_and_keeps_the_best_by_entity_f1(tmp_path, 
     assert set(final) >= {"entity_f1", "entity_precision", "entity_recall", "token_accuracy", "entity_f1_PER",
                           "entity_f1_LOC", "entity_f1_ORG"}
     assert "the best by entity_f1" in capsys.readouterr().out
-    # template sentences, learnt in 6 steps (here, 2026-11-29: entity F1 0.928, token accuracy 0.985); not
-    # perfect, so the predictions below are re-scored with mistakes in them
-    assert 0.8 < final["entity_f1"] < 1.0
+    # template sentences, half learnt in 6 steps (here, 2026-11-29: entity F1 0.586 with the preset's nine
+    # tags, 0.928 with the file's four; untrained heads: 0.02-0.12); not perfect, so the predictions
+    # below are re-scored with mistakes in them
+    assert 0.5 < final["entity_f1"] < 1.0
     preds = tmp_path / "dev.pred"
     assert fastbert.cli.main(["evaluate", "--model", str(out / "model"), "--dev", str(dev), "--predictions",
                               str(preds), "--device", "cpu"]) == 0

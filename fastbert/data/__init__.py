@@ -41,10 +41,10 @@ def sample_path(name: str = "sst2_sample.tsv") -> Path:
 from .collate import LengthBucketSampler, collate, make_loader  # noqa: E402
 from .glue import TASKS, GlueData, GlueTask, encode_glue, read_glue  # noqa: E402
 from .squad import SquadExample, build_squad_features, predict_answers, read_squad  # noqa: E402
-from .tagging import (UPOS_TAGS, TaggedSentence, encode_tagging, encode_words, encode_words_in_pieces,  # noqa: E402
-                      first_subword_labels, read_conll2003, read_conllu, tag_names)
+from .tagging import (CONLL2003_NER_TAGS, UPOS_TAGS, TaggedSentence, encode_tagging, encode_words,  # noqa: E402
+                      encode_words_in_pieces, first_subword_labels, read_conll2003, read_conllu, tag_names)
 
 __all__ = ["DataFormatError", "sample_path", "collate", "LengthBucketSampler", "make_loader", "TASKS", "GlueData",
            "GlueTask", "read_glue", "encode_glue", "SquadExample", "read_squad", "build_squad_features",
-           "predict_answers", "UPOS_TAGS", "TaggedSentence", "read_conllu", "read_conll2003", "tag_names",
+           "predict_answers", "UPOS_TAGS", "CONLL2003_NER_TAGS", "TaggedSentence", "read_conllu", "read_conll2003", "tag_names",
            "encode_words", "encode_words_in_pieces", "encode_tagging", "first_subword_labels"]

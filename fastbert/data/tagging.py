@@ -25,6 +25,10 @@ IGNORE_INDEX = -100
 UPOS_TAGS = ("ADJ", "ADP", "ADV", "AUX", "CCONJ", "DET", "INTJ", "NOUN", "NUM", "PART", "PRON", "PROPN",
              "PUNCT", "SCONJ", "SYM", "VERB", "X")
 
+# CoNLL-2003's named-entity tags, in the order of the Hugging Face `conll2003` dataset's ids (the
+# original files use IOB1: I- throughout, B- only between two entities of one type).
+CONLL2003_NER_TAGS = ("O", "B-PER", "I-PER", "B-ORG", "I-ORG", "B-LOC", "I-LOC", "B-MISC", "I-MISC")
+
 _CONLLU_TAG_COLUMN = {"upos": 3, "xpos": 4}  # 0-based: ID FORM LEMMA UPOS XPOS FEATS HEAD DEPREL DEPS MISC
 
 
