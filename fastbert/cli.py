@@ -208,6 +208,8 @@ def _finetune(args, device) -> int:
         raise ValueError(f"--adam-betas must be two numbers in [0, 1), got {' '.join(map(str, args.adam_betas))}")
     if not 0 < args.adam_eps < math.inf:
         raise ValueError(f"--adam-eps must be finite and > 0, got {args.adam_eps}")
+    if not 0 < args.layer_lr_decay <= 1:
+        raise ValueError(f"--layer-lr-decay must be in (0, 1], got {args.layer_lr_decay}")
     if not 0 < args.max_grad_norm < math.inf:
         raise ValueError(f"--max-grad-norm must be finite and > 0, got {args.max_grad_norm}")
     if not 0 <= args.seed < 2**32:
@@ -256,6 +258,7 @@ def _finetune(args, device) -> int:
                             lr=args.lr, weight_decay=args.weight_decay, warmup_ratio=args.warmup_ratio,
                             max_grad_norm=args.max_grad_norm, warmup_steps=args.warmup_steps, schedule=args.lr_schedule,
                             adam_betas=tuple(args.adam_betas), adam_eps=args.adam_eps,
+                            layer_lr_decay=args.layer_lr_decay,
                             grad_accum=args.grad_accum, seed=args.seed, precision=args.precision,
                             bucket_by_length=not args.no_bucket, save_every=args.save_every,
                             progress=not args.no_progress, compile=args.compile, keep_best=args.keep_best,
@@ -726,6 +729,10 @@ def build_parser():
                     help="AdamW's betas (default 0.9 0.999; RoBERTa's recipe: 0.9 0.98)")
     ft.add_argument("--adam-eps", type=float, default=1e-8, metavar="EPS",
                     help="AdamW's epsilon (default 1e-8; BERT's own recipe: 1e-6)")
+    ft.add_argument("--layer-lr-decay", type=float, default=1.0, metavar="D",
+                    help="layer-wise learning-rate decay in (0, 1]: the head trains at --lr, the top encoder layer "
+                         "at lr * D, each layer below at one more factor D, the embeddings at lr * D**(layers + 1) "
+                         "(default 1: one lr for all; ELECTRA's recipe: 0.8 for base models)")
     ft.add_argument("--warmup-ratio", type=float, default=0.1,
                     help="fraction of the steps with a linear warm-up, in [0, 1] (default 0.1)")
     ft.add_argument("--warmup-steps", type=int, default=None, metavar="N",

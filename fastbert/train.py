@@ -53,6 +53,7 @@ class TrainConfig:
     warmup_steps: int | None = None      # optimizer steps of warm-up; overrides warmup_ratio when set
     schedule: str = "linear"             # after the warm-up: linear | cosine decay to 0, or constant
     max_grad_norm: float = 1.0
+    layer_lr_decay: float = 1.0          # < 1: encoder layer i of L trains at lr * decay**(L - i) (parameter_groups)
     grad_accum: int = 1
     seed: int = 42
     precision: str = "auto"              # auto | fp32 | bf16 | fp16
@@ -78,7 +79,7 @@ class TrainConfig:
             if value < low:
                 raise ValueError(f"{name} must be >= {low}" + (" (or None: each epoch)" if name == "save_every" else "")
                                  + f", got {value}")
-        for name in ("lr", "weight_decay", "warmup_ratio", "max_grad_norm"):
+        for name in ("lr", "weight_decay", "warmup_ratio", "max_grad_norm", "layer_lr_decay"):
             value = getattr(self, name)
             if isinstance(value, bool) or not isinstance(value, (int, float)):
                 raise TypeError(f"{name} must be a number, got {value!r}")
@@ -87,6 +88,8 @@ class TrainConfig:
         # inf passed the range checks and trained to NaN weights, saved without a word
         if not 0.0 <= self.weight_decay < math.inf:
             raise ValueError(f"weight_decay must be finite and >= 0, got {self.weight_decay}")
+        if not 0.0 < self.layer_lr_decay <= 1.0:
+            raise ValueError(f"layer_lr_decay must be in (0, 1], got {self.layer_lr_decay}")
         if not self.max_grad_norm > 0.0:
             raise ValueError(f"max_grad_norm must be > 0, got {self.max_grad_norm}")
         if self.out.exists() and not self.out.is_dir():
@@ -126,20 +129,53 @@ _NORM_TYPES = (torch.nn.LayerNorm, torch.nn.GroupNorm, torch.nn.modules.batchnor
     ((torch.nn.RMSNorm,) if hasattr(torch.nn, "RMSNorm") else ())
 
 
-def parameter_groups(model: torch.nn.Module, weight_decay: float):
+# An encoder layer's parameters: ours (bert.layers.3.), transformers' (bert.encoder.layer.3.,
+# distilbert.transformer.layer.3.)
+_LAYER_INDEX = re.compile(r"(?:^|\.)layers?\.(\d+)\.")
+
+
+def layer_depths(model: torch.nn.Module) -> dict[str, int]:
+    """Each trainable parameter's depth for layer-wise learning-rate decay, as ELECTRA counts it:
+    0 for the embeddings, i + 1 for encoder layer i, L + 1 for the rest (pooler, task head)."""
+    names = [name for name, param in model.named_parameters() if param.requires_grad]
+    indices = {name: int(m.group(1)) for name in names if (m := _LAYER_INDEX.search(name))}
+    if not indices:
+        raise ValueError("layer_lr_decay needs a model whose parameter names number its layers (layers.N. or "
+                         f"layer.N.); found none in {names[:3]}")
+    top = max(indices.values()) + 1
+    return {name: indices[name] + 1 if name in indices else 0 if "embeddings." in name else top + 1
+            for name in names}
+
+
+def parameter_groups(model: torch.nn.Module, weight_decay: float, lr: float | None = None,
+                     layer_lr_decay: float = 1.0):
     """Weight decay on matrices only: biases and LayerNorm parameters are exempt, as in BERT.
 
     Norms are found by module type as well as by name (as transformers' Trainer does): a norm
-    need not be called one (GPT-2's ln_1, ln_f), and a class like T5LayerNorm is no nn.LayerNorm."""
+    need not be called one (GPT-2's ln_1, ln_f), and a class like T5LayerNorm is no nn.LayerNorm.
+
+    layer_lr_decay < 1 (layer-wise learning-rate decay, ELECTRA's recipe): the head and pooler train
+    at lr, the top layer at lr * decay, each layer below at one more factor of decay and the
+    embeddings at lr * decay**(L + 1); one decay and one exempt group per depth."""
     norms = {id(p) for module in model.modules()
              if isinstance(module, _NORM_TYPES) or type(module).__name__.endswith("Norm")
              for p in module.parameters(recurse=False)}
-    decay, exempt = [], []
+    depths = layer_depths(model) if layer_lr_decay != 1.0 else {}
+    top = max(depths.values(), default=0)
+    groups: dict[tuple[int, bool], list] = {}
     for name, param in model.named_parameters():
         if not param.requires_grad:
             continue
-        (exempt if name.endswith("bias") or "norm" in name.lower() or id(param) in norms else decay).append(param)
-    return [{"params": decay, "weight_decay": weight_decay}, {"params": exempt, "weight_decay": 0.0}]
+        exempt = name.endswith("bias") or "norm" in name.lower() or id(param) in norms
+        groups.setdefault((depths.get(name, 0), exempt), []).append(param)
+    if not depths:
+        return [{"params": groups.get((0, False), []), "weight_decay": weight_decay},
+                {"params": groups.get((0, True), []), "weight_decay": 0.0}]
+    if lr is None:
+        raise ValueError("layer_lr_decay needs lr, the head's learning rate")
+    return [{"params": params, "weight_decay": 0.0 if exempt else weight_decay,
+             "lr": lr * layer_lr_decay ** (top - depth)}
+            for (depth, exempt), params in sorted(groups.items())]
 
 
 SCHEDULES = ("linear", "cosine", "constant")
@@ -308,7 +344,8 @@ class Trainer:
         self.total_steps = config.max_steps or steps_per_epoch * config.epochs
         self.epochs = math.ceil(self.total_steps / steps_per_epoch)
         # On a GPU the fused AdamW: one kernel for every parameter's update instead of a few per tensor.
-        self.optimizer = torch.optim.AdamW(parameter_groups(model, config.weight_decay), lr=config.lr,
+        self.optimizer = torch.optim.AdamW(parameter_groups(model, config.weight_decay, config.lr,
+                                                            config.layer_lr_decay), lr=config.lr,
                                            betas=config.adam_betas, eps=config.adam_eps,
                                            fused=self.device.type == "cuda" or None)
         warmup = config.warmup_steps if config.warmup_steps is not None else int(config.warmup_ratio * self.total_steps)
@@ -504,6 +541,7 @@ class Trainer:
                 "total_steps": self.total_steps, "lr": self.cfg.lr, "warmup_ratio": self.cfg.warmup_ratio,
                 "warmup_steps": self.cfg.warmup_steps, "schedule": self.cfg.schedule,
                 "adam_betas": list(self.cfg.adam_betas), "adam_eps": self.cfg.adam_eps,
+                "layer_lr_decay": self.cfg.layer_lr_decay,
                 "weight_decay": self.cfg.weight_decay, "max_grad_norm": self.cfg.max_grad_norm,
                 "precision": str(self.autocast or torch.float32).removeprefix("torch."),
                 # each process keeps its own generators: a checkpoint holds as many as wrote it
@@ -581,7 +619,7 @@ class Trainer:
         if "run" in state:
             # what a checkpoint written before a setting existed meant by leaving it out
             before = {"world_size": 1, "warmup_steps": None, "schedule": "linear", "adam_betas": [0.9, 0.999],
-                      "adam_eps": 1e-8}
+                      "adam_eps": 1e-8, "layer_lr_decay": 1.0}
             saved, now = {**before, **json.loads(state["run"])}, self._run_identity()
             changed = [f"{k}={saved[k]!r} there, {now[k]!r} now" for k in now if k in saved and saved[k] != now[k]]
             if changed:

@@ -207,6 +207,7 @@ def sst2_slice(tmp_path):
     (["--lr", "inf"], "--lr must be finite and > 0, got inf"),                      # named `lr` (TrainConfig's) before
     (["--weight-decay", "inf"], "--weight-decay must be finite and >= 0, got inf"),
     (["--adam-eps", "0"], "--adam-eps must be finite and > 0, got 0.0"),
+    (["--layer-lr-decay", "1.2"], r"--layer-lr-decay must be in \(0, 1\], got 1.2"),
     (["--seed", str(2**45)], r"--seed must be in \[0, 2\*\*32\), got 35184372088832"),  # overflowed after reading
     (["--max-seq-len", "1000"], "--max-seq-len 1000 is more than the model's 512 positions"),  # saved, broke predict
     (["--device", "nonsense"], "--device must be cpu or cuda"),
@@ -470,14 +471,15 @@ def test_finetune_settings_reach_the_trainer_and_metrics_json(tmp_path, capsys, 
                               "--max-steps", "1", "--batch-size", "1", "--grad-accum", "2", "--lr", "3e-4",
                               "--weight-decay", "0.2", "--warmup-ratio", "0.5", "--seed", "7", "--no-bucket",
                               "--max-grad-norm", "0.5", "--adam-betas", "0.9", "0.98", "--adam-eps", "1e-6",
-                              "--max-seq-len", "16", "--no-progress", "--device", "cpu"]) == 0
+                              "--layer-lr-decay", "0.9", "--max-seq-len", "16", "--no-progress", "--device", "cpu"]) == 0
     state = torch.load(out / (out / "latest").read_text().strip() / "trainer_state.pt", weights_only=True)
     run = json.loads(state["run"])
     assert re.fullmatch("[0-9a-f]{16}", run.pop("token_ids"))          # the data's digest
     assert run == {"examples": 2, "batch_size": 1, "grad_accum": 2, "seed": 7,
                    "bucket_by_length": False, "total_steps": 1, "lr": 3e-4, "warmup_ratio": 0.5,
                    "weight_decay": 0.2, "max_grad_norm": 0.5, "precision": "float32", "world_size": 1,
-                   "warmup_steps": None, "schedule": "linear", "adam_betas": [0.9, 0.98], "adam_eps": 1e-6}
+                   "warmup_steps": None, "schedule": "linear", "adam_betas": [0.9, 0.98], "adam_eps": 1e-6,
+                   "layer_lr_decay": 0.9}
     torch.manual_seed(7)
     expected = real_build(tasks.TaskSpec.preset("sst2", max_seq_len=16), "default").classifier.weight
     assert len(drawn) == 1 and torch.equal(drawn[0], expected)          # the head --seed 7 draws

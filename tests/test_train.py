@@ -1123,3 +1123,52 @@ def test_adam_betas_and_eps_reach_the_optimizer_and_a_resume_must_match(tmp_path
             train.TrainConfig(out=tmp_path, adam_betas=bad)
     with pytest.raises(ValueError, match="adam_eps must be finite and > 0"):
         train.TrainConfig(out=tmp_path, adam_eps=0.0)
+
+
+def test_layer_lr_decay_groups_follow_electras_depths():
+    """decay 0.8 over 2 layers: head and pooler at lr, layer 1 at 0.8 lr, layer 0 at 0.64 lr, the
+    embeddings at 0.512 lr; weight decay still only on matrices; every parameter in one group. The
+    names of transformers' BERT give the same depths."""
+    transformers = pytest.importorskip("transformers")
+    model = heads.BertForSequenceClassification(fastbert.BertConfig(**CONFIG), num_labels=2)
+    groups = train.parameter_groups(model, 0.01, lr=1e-3, layer_lr_decay=0.8)
+    names = {id(p): n for n, p in model.named_parameters()}
+    lr_of = {names[id(p)]: g["lr"] for g in groups for p in g["params"]}
+    assert sorted(lr_of) == sorted(names.values()) and sum(len(g["params"]) for g in groups) == len(names)
+    expected = {"bert.embeddings.word.weight": 0.512e-3, "bert.embeddings.norm.bias": 0.512e-3,
+                "bert.layers.0.attention.query.weight": 0.64e-3, "bert.layers.1.ffn_norm.weight": 0.8e-3,
+                "bert.pooler.weight": 1e-3, "classifier.bias": 1e-3}
+    assert {k: lr_of[k] for k in expected} == pytest.approx(expected, rel=1e-12)
+    for g in groups:
+        exempt = [names[id(p)].endswith("bias") or "norm" in names[id(p)] for p in g["params"]]
+        assert set(exempt) == {g["weight_decay"] == 0.0}
+    assert train.parameter_groups(model, 0.01, lr=1e-3) == train.parameter_groups(model, 0.01)   # 1.0: two groups
+    hf = transformers.BertForSequenceClassification(transformers.BertConfig(
+        vocab_size=64, hidden_size=16, num_hidden_layers=3, num_attention_heads=2, intermediate_size=32))
+    depths = train.layer_depths(hf)
+    assert depths["bert.embeddings.word_embeddings.weight"] == 0 and depths["bert.encoder.layer.2.output.dense.bias"] == 3
+    assert depths["bert.pooler.dense.weight"] == depths["classifier.weight"] == 4
+    with pytest.raises(ValueError, match="needs a model whose parameter names number its layers"):
+        train.parameter_groups(torch.nn.Linear(2, 2), 0.01, lr=1e-3, layer_lr_decay=0.8)
+
+
+def test_layer_lr_decay_scales_each_groups_schedule_and_a_resume_must_match(tmp_path):
+    """Every group follows the one warm-up/decay curve at its own peak; a checkpoint from another
+    decay (or from before the setting, meaning 1.0) is refused."""
+    trainer = _trainer(tmp_path / "run", layer_lr_decay=0.5)
+    lrs = []
+    trainer.optimizer.register_step_pre_hook(lambda opt, args, kwargs: lrs.append([g["lr"] for g in opt.param_groups]))
+    trainer.train(stop_after_step=4)
+    peaks = [g["initial_lr"] for g in trainer.optimizer.param_groups]
+    assert sorted(set(peaks)) == pytest.approx([1e-3 * 0.5 ** k for k in (3, 2, 1, 0)])
+    for step in lrs:
+        assert [lr / peak for lr, peak in zip(step, peaks)] == pytest.approx([step[0] / peaks[0]] * len(peaks))
+    assert len({round(s[0] / peaks[0], 12) for s in lrs}) == len(lrs) == 4           # the schedule moved
+    with pytest.raises(ValueError, match="layer_lr_decay=0.5 there, 1.0 now"):
+        _trainer(tmp_path / "run").resume()
+    assert _trainer(tmp_path / "run", layer_lr_decay=0.5).resume()
+    for bad in (0.0, 1.5, math.inf, math.nan):
+        with pytest.raises(ValueError, match="layer_lr_decay must be in \\(0, 1\\]"):
+            train.TrainConfig(out=tmp_path, layer_lr_decay=bad)
+    with pytest.raises(TypeError, match="layer_lr_decay must be a number"):
+        train.TrainConfig(out=tmp_path, layer_lr_decay="0.8")
