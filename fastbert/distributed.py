@@ -2,9 +2,12 @@
 
 Every process holds the whole model and the same batch order; an optimizer step takes
 grad_accum x world_size batches and process r trains on batches r, r + world_size, ... of them.
-After the group one all-reduce sums the gradients, each batch already weighed by its share of the
-whole group's loss terms (train.loss_items), so N processes with batch b update exactly as one
-process with batch b and grad_accum N.
+Each process collates only its own batches, so it knows only their loss terms (train.loss_items):
+it weighs each batch's loss by its terms over a guess of the group's count that every process makes
+alike (examples in the group x terms per example in the first features), the step's record sums the
+true count, and the summed gradients are scaled by guess / count. So each batch weighs its share of
+the whole group's terms, and N processes with batch b update as one process with batch b and
+grad_accum N (to rounding).
 
 Why not DistributedDataParallel: it all-reduces inside each backward, so every process must run
 the same number of backwards. The last step of an epoch (5 batches over 2 processes) or a batch
@@ -121,11 +124,11 @@ def sum_step_record(record: torch.Tensor) -> torch.Tensor:
     return record.cpu()
 
 
-def sum_gradients(params: Sequence[torch.nn.Parameter], used: Sequence[bool]) -> None:
+def sum_gradients(params: Sequence[torch.nn.Parameter], used: Sequence[bool], scale: float = 1.0) -> None:
     """Sum the gradients of the parameters some process has one for (`used`, the same list on every
-    process); a process that ran no backward for one takes zeros there. A parameter no process used
-    keeps grad None, as in one process: AdamW then leaves it alone, where a zero gradient would
-    still decay it."""
+    process), times `scale`; a process that ran no backward for one takes zeros there. A parameter
+    no process used keeps grad None, as in one process: AdamW then leaves it alone, where a zero
+    gradient would still decay it."""
     grads = []
     for param, wanted in zip(params, used):
         if not wanted:
@@ -148,6 +151,8 @@ def sum_gradients(params: Sequence[torch.nn.Parameter], used: Sequence[bool]) ->
         for bucket in buckets:
             flat = torch.cat([g.reshape(-1) for g in bucket])
             _dist().all_reduce(flat)
+            if scale != 1.0:
+                flat.mul_(scale)
             for g, piece in zip(bucket, flat.split([g.numel() for g in bucket])):
                 g.copy_(piece.view_as(g))
 

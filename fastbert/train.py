@@ -339,6 +339,7 @@ class Trainer:
             distributed.check_device(self.device)
             with on_device(self.device):  # NCCL's object collectives run on the current device
                 distributed.broadcast_model(model)
+                self._items_per_example = distributed.from_first(self._measure_items_per_example())
         self.batches_per_epoch = math.ceil(len(features) / config.batch_size)
         steps_per_epoch = math.ceil(self.batches_per_epoch / (config.grad_accum * self.world))
         self.total_steps = config.max_steps or steps_per_epoch * config.epochs
@@ -683,22 +684,32 @@ class Trainer:
             raise FloatingPointError(f"loss became {value} at step {self.step}: lower --lr or use fp32")
         return value
 
-    def _sum_over_processes(self, group_size: int, losses: dict, tokens: int) -> tuple[dict, int]:
-        """Under torchrun: every process's losses and token count for this step, then the gradients
-        summed (fastbert/distributed.py). A bad loss on any process stops all of them here, before the
+    def _measure_items_per_example(self) -> float:
+        """Loss terms per example in the first features (labelled tokens for tagging, about 1 otherwise):
+        under torchrun the scale a batch's loss is weighed by before the group's true count is known."""
+        first = self.features[:64]
+        return max(loss_items(self.collate(list(first))), 1) / len(first)
+
+    def _sum_over_processes(self, group_size: int, losses: dict, tokens: int, items: int,
+                            items_guess: float) -> tuple[dict, int]:
+        """Under torchrun: every process's losses, token and loss-term counts for this step, then the
+        gradients summed (fastbert/distributed.py). Each process weighed its batches by their loss terms
+        over items_guess, the same on every process, as it had only its own batches' counts: the summed
+        gradients are scaled by items_guess / the group's count, so each batch weighs its share of the
+        group's terms, as in one process. A bad loss on any process stops all of them here, before the
         gradients move."""
         params = list(self.model.parameters())
         # Built in two pieces (the device's losses, one copy of what the host knows), not element by
         # element: a GPU would run a copy kernel per element.
         zero = torch.zeros((), device=self.device)
         device_part = torch.stack([losses[i].float() if i in losses else zero for i in range(group_size)])
-        host_part = torch.tensor([tokens] + [float(i in losses) for i in range(group_size)]
+        host_part = torch.tensor([tokens, items] + [float(i in losses) for i in range(group_size)]
                                + [float(p.grad is not None) for p in params], dtype=torch.float64)
         values = distributed.sum_step_record(torch.cat([device_part.double(), host_part.to(self.device)])).tolist()
-        losses = {i: self._check_loss(values[i]) for i in range(group_size) if values[group_size + 1 + i]}
-        tokens = int(values[group_size])
-        used = [flag > 0 for flag in values[2 * group_size + 1:]]
-        distributed.sum_gradients(params, used)
+        losses = {i: self._check_loss(values[i]) for i in range(group_size) if values[group_size + 2 + i]}
+        tokens, items = int(values[group_size]), values[group_size + 1]
+        used = [flag > 0 for flag in values[2 * group_size + 2:]]
+        distributed.sum_gradients(params, used, scale=items_guess / items if items else 1.0)
         return losses, tokens
 
     def _record(self, epoch, running: list, aside, bar) -> bool:
@@ -769,8 +780,8 @@ class Trainer:
         if self.step == 0 and self.epoch == 0 and self.batch_in_epoch == 0:
             # Dropout draws from torch; a collate may draw from Python's or numpy's generator (as
             # transformers' set_seed covers). A resumed run restores the saved states instead.
-            # Under torchrun dropout differs between processes; every process collates the whole
-            # group, so Python's and numpy's generators stay the same on all.
+            # Under torchrun dropout differs between processes (and a collate's draws: each collates
+            # its own batches); a checkpoint keeps every process's generators.
             torch.manual_seed(self.cfg.seed + 1_000_003 * self.rank)
             random.seed(self.cfg.seed)
             np.random.seed(self.cfg.seed % 2**32)
@@ -803,23 +814,29 @@ class Trainer:
 
             while self.batch_in_epoch < len(batches) and self.step < self.total_steps and not self.stopped_early():
                 group_end = self.batch_in_epoch + self.cfg.grad_accum * self.world
-                group = [self.collate([self.features[i] for i in indices])
-                         for indices in batches[self.batch_in_epoch:group_end]]
+                group = batches[self.batch_in_epoch:group_end]
+                # Under torchrun this process trains on every world-th batch of the group, and collates
+                # only those.
+                own = {i: self.collate([self.features[j] for j in group[i]])
+                       for i in range(self.rank, len(group), self.world)}
                 # The group's gradient is that of one batch holding all of it: each batch's mean loss
                 # weighs its share of the group's loss terms, not 1/len(group) (a short last batch,
                 # tagging batches with unequal labelled-token counts). A batch with no labelled term
-                # adds nothing (its mean would be 0/0). Under torchrun this process trains on every
-                # world-th batch of the group.
-                items = [loss_items(batch) for batch in group]
+                # adds nothing (its mean would be 0/0). Under torchrun the group's count is known only
+                # after the step: a common guess stands in, corrected when the gradients are summed.
+                items = {i: loss_items(batch) for i, batch in own.items()}
+                group_items = sum(items.values()) if self.world == 1 else \
+                    self._items_per_example * sum(len(indices) for indices in group)
                 losses, tokens = {}, 0
-                for i in range(self.rank, len(group), self.world):
+                for i, batch in own.items():
                     if items[i]:
-                        losses[i], batch_tokens = self._forward_backward(group[i], items[i] / sum(items))
+                        losses[i], batch_tokens = self._forward_backward(batch, items[i] / group_items)
                         tokens += batch_tokens
                         if self.world == 1:  # one host sync a batch, after its backward is queued
                             losses[i] = self._check_loss(losses[i].item())
                 if self.world > 1:
-                    losses, tokens = self._sum_over_processes(len(group), losses, tokens)
+                    losses, tokens = self._sum_over_processes(len(group), losses, tokens, sum(items.values()),
+                                                              group_items)
                 running.extend(losses[i] for i in sorted(losses))
                 tokens_seen += tokens
                 self._optimizer_step()

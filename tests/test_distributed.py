@@ -67,6 +67,8 @@ def _run(case: dict, out: Path, report: Path) -> dict:
     """Train as the case says; what the caller compares goes to `report` (one file per rank)."""
     trainer = _trainer(case, out)
     grads = recording_grads(trainer) if case.get("record_grads") else []
+    collated, collate = [], trainer.collate
+    trainer.collate = lambda features: collated.append(len(features)) or collate(features)
     if case.get("predict_sharded"):  # before training: the weights every process starts from
         grads = [tasks.predict_logits(trainer.model, trainer.features, 3, shard=True),
                  tasks.predict_logits(trainer.model, trainer.features[:1], 3, shard=True)]  # rank 1 has none
@@ -86,7 +88,7 @@ def _run(case: dict, out: Path, report: Path) -> dict:
     summary = trainer.train(stop_after_step=case.get("stop_after_step"))
     torch.save({"evaluations": getattr(trainer.evaluate_fn, "calls", 0),
                 "weights": {k: v.cpu() for k, v in trainer.model.state_dict().items()}, "history": json.dumps(trainer.history), "grads": grads,
-                "summary": json.dumps(summary), "world": trainer.world}, report)
+                "summary": json.dumps(summary), "world": trainer.world, "collated": sum(collated)}, report)
 
 
 def _worker(rank: int, world: int, store: str, case: dict, out: str, reports: str):
@@ -152,7 +154,11 @@ def test_two_processes_step_as_one_process_with_grad_accum_two(tmp_path, task, e
     one.train()
     steps = 2 * -(-examples // batch_size // 2)
     assert len(one_grads) == steps
-    for rank, result in enumerate(_processes(tmp_path, case, tmp_path / "two")):
+    ranks = _processes(tmp_path, case, tmp_path / "two")
+    # each process collates only its own batches (every process collated the whole step before): 2 epochs
+    collated = [r["collated"] for r in ranks if not isinstance(r, str)]
+    assert sum(collated) == 2 * examples and max(collated) <= examples + batch_size, collated
+    for rank, result in enumerate(ranks):
         assert not isinstance(result, str), f"rank {rank} raised {result}"
         assert result["world"] == 2 and json.loads(result["summary"])["steps"] == steps
         assert json.loads(result["history"]) == one.history
