@@ -390,8 +390,13 @@ def _write_predictions(path: Path, spec, dev, predictions) -> None:
     if spec.kind == "qa":
         text = json.dumps(predictions, ensure_ascii=False, indent=1) + "\n"
     elif spec.kind == "tagging":
-        # "_" (CoNLL's empty field) for a word that tokenizes to nothing, which has no piece to tag
-        text = "".join("".join(f"{w}\t{g}\t{p or '_'}\n" for w, g, p in zip(s.words, s.tags, tags)) + "\n"
+        # A word that tokenizes to nothing has no piece to tag: "_" (CoNLL's empty field), not scored by
+        # token accuracy; O for named entities, as their scores count it (conlleval would read "_" as
+        # an entity of type "")
+        from fastbert import metrics
+
+        untagged = "O" if metrics.is_chunk_scheme(spec.labels or ()) else "_"
+        text = "".join("".join(f"{w}\t{g}\t{p or untagged}\n" for w, g, p in zip(s.words, s.tags, tags)) + "\n"
                        for s, tags in zip(dev.examples, predictions))
     else:
         text = "index\tprediction\n" + "".join(

@@ -188,20 +188,29 @@ def is_chunk_scheme(tag_names: Sequence[str]) -> bool:
     return bool(chunk_tags) and all(len(t) > 2 and t[1] == "-" and t[0] in _CHUNK_PREFIXES for t in chunk_tags)
 
 
-def _chunk_tag(tag: str) -> tuple[str, str]:
-    if tag == "O" or len(tag) < 3 or tag[1] != "-" or tag[0] not in _CHUNK_PREFIXES:
-        return "O", ""  # not a chunk tag: outside any entity (conlleval reads the prefix only)
+def chunk_types(tag_names: Sequence[str]) -> list[str]:
+    """The entity types of a chunk tagset, sorted: PER for B-PER and I-PER."""
+    return sorted({t[2:] for t in tag_names if t != "O"})
+
+
+def _chunk_tag(tag: str, where) -> tuple[str, str]:
+    if tag == "O":
+        return "O", ""
+    if len(tag) < 3 or tag[1] != "-" or tag[0] not in _CHUNK_PREFIXES:
+        # seqeval reads any first letter as a prefix ("B", "NOUN", "_"), with a warning only
+        raise ValueError(f"{where}: tag {tag!r} is no chunk tag (O, or B-, I-, E-, S- and a type)")
     return tag[0], tag[2:]
 
 
-def chunks(tags: Sequence[str]) -> set[tuple[str, int, int]]:
+def chunks(tags: Sequence[str], where: str = "tags") -> set[tuple[str, int, int]]:
     """The (type, first, last) word spans one sentence's tags name, under conlleval's rules with
     seqeval's additions for E- and S-: a chunk begins at B- or S-, at I-/E- after O, E- or S-, or
     after a chunk of another type (IOB1's I-PER after O); it ends before B-, S-, O or another type,
-    and after E- or S-. Ill-formed sequences (B-PER E-LOC) read as seqeval's default mode reads them."""
+    and after E- or S-. Ill-formed sequences (B-PER E-LOC) read as seqeval's default mode reads them;
+    a tag that is not O or PREFIX-TYPE is a ValueError naming `where`."""
     spans, begin, prev, prev_type = set(), 0, "O", ""
     for i, tag in enumerate(list(tags) + ["O"]):
-        prefix, kind = _chunk_tag(tag)
+        prefix, kind = _chunk_tag(tag, where)
         ends = prev in ("E", "S") or (prev in ("B", "I") and prefix in ("B", "S", "O")) or \
             (prev != "O" and kind != prev_type)
         if ends:
@@ -231,7 +240,7 @@ def entity_scores(pred_tags: Sequence[Sequence[str]], gold_tags: Sequence[Sequen
     for i, (p, g) in enumerate(zip(pred_tags, gold_tags)):
         if len(p) != len(g):
             raise ValueError(f"sentence {i}: {len(p)} predicted tags for {len(g)} gold tags")
-        p_chunks, g_chunks = chunks(p), chunks(g)
+        p_chunks, g_chunks = chunks(p, f"pred_tags sentence {i}"), chunks(g, f"gold_tags sentence {i}")
         found.update(c[0] for c in p_chunks)
         gold.update(c[0] for c in g_chunks)
         right.update(c[0] for c in p_chunks & g_chunks)

@@ -192,8 +192,9 @@ def metric_names(spec: TaskSpec) -> tuple[str, ...]:
     if spec.kind == "regression":
         return ("pearson", "spearman")
     if spec.kind == "tagging":
-        if metrics.is_chunk_scheme(spec.labels or ()):  # named entities: conlleval's scores first
-            return ("entity_f1", "entity_precision", "entity_recall", "token_accuracy")
+        if metrics.is_chunk_scheme(spec.labels or ()):  # named entities: conlleval's scores first, then per type
+            return ("entity_f1", "entity_precision", "entity_recall", "token_accuracy") + \
+                tuple(f"entity_f1_{kind}" for kind in metrics.chunk_types(spec.labels))
         return ("token_accuracy",)
     if spec.kind == "qa":
         return ("f1", "exact_match")
@@ -249,9 +250,12 @@ def _evaluate(model, spec: TaskSpec, dev: TaskData, batch_size: int, with_predic
             # has no piece to tag and counts as predicted O.
             found = metrics.entity_scores([[t or "O" for t in s] for s in tags], [s.tags for s in dev.examples],
                                           by_type=True)
+            # every type of the tagset, each evaluation alike (--keep-best entity_f1_PER); one neither in
+            # the gold tags nor predicted has no score: NaN (null in JSON), never the best
             scores = {"entity_f1": found["f1"], "entity_precision": found["precision"],
                       "entity_recall": found["recall"], **scores,
-                      **{f"entity_{k}": v for k, v in found.items() if k.startswith("f1_")}}
+                      **{f"entity_f1_{kind}": found.get(f"f1_{kind}", math.nan)
+                         for kind in metrics.chunk_types(spec.labels)}}
         return scores, tags if with_predictions else None
     answers = answers_from_logits(model, spec, dev.examples, dev.features, logits)
     return metrics.squad_scores(answers, {e.id: e.answers for e in dev.examples}), answers

@@ -628,6 +628,14 @@ class Trainer:
                                  f"({'; '.join(changed)}); resume with the same ones, or train into a fresh folder "
                                  "(from these weights: the checkpoint folder is a model folder, `fastbert "
                                  "finetune --model` takes it)")
+        if self.cfg.keep_best:
+            # Evaluations without the metric would silently not be candidates: a run keeping the best by
+            # another metric, or one from before the task reported it (tagging's entity_f1, stop 30).
+            evaluations = [r for r in json.loads(state["history"]) if set(r) - {"epoch", "step", "train_loss"}]
+            if any(self.cfg.keep_best not in r for r in evaluations):
+                held = sorted(set(evaluations[0]) - {"epoch", "step", "train_loss"})
+                raise ValueError(f"cannot resume from {folder} keeping the best by {self.cfg.keep_best!r}: its "
+                                 f"evaluations hold {', '.join(held)}; keep the best by one of those")
         if self.world > 1 and len(state.get("ranks", ())) != self.world:
             raise ValueError(f"cannot resume: {path} holds the generators of {len(state.get('ranks', ())) or 1} "
                              f"process(es), this run has {self.world}")

@@ -255,12 +255,17 @@ def test_entity_scores_refuse_mismatched_sentences():
         metrics.entity_scores([["O"], ["O", "O"]], [["O"], ["O", "O", "B-PER"]])
     with pytest.raises(ValueError, match="no sentences to score"):
         metrics.entity_scores([], [])
+    # seqeval reads any first letter as a prefix (B alone: a chunk of type "_"; NOUN: N of type OUN)
+    for tag in ("B", "b-PER", "_", "NOUN", "X-PER"):
+        with pytest.raises(ValueError, match=f"pred_tags sentence 0: tag '{tag}' is no chunk tag"):
+            metrics.entity_scores([["O", tag]], [["O", "B-LOC"]])
 
 
 @pytest.mark.parametrize("tags, chunked", [
     (["O", "B-PER", "I-PER"], True), (["I-LOC", "O", "B-LOC"], True), (["S-X", "E-X", "O"], True),
     (["B-NP", "I-NP", "B-VP"], True),                              # CoNLL-2000 chunks: no O needed
     (["O"], False), (["NOUN", "VERB", "X"], False),                 # UPOS
-    (["NN", "IN", "-LRB-", "PRP$"], False), (["O", "B-PER", "NOUN"], False), (["O", "B-"], False)])
+    (["NN", "IN", "-LRB-", "PRP$"], False), (["O", "B-PER", "NOUN"], False), (["O", "B-"], False),
+    (["N-SG", "V-PST"], False), (["O", "b-PER", "i-PER"], False), (["O", "B-ORG-X", "I-ORG-X"], True)])
 def test_is_chunk_scheme(tags, chunked):
     assert metrics.is_chunk_scheme(tags) is chunked

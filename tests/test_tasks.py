@@ -257,13 +257,13 @@ def test_evaluate_ner_scores_words_and_counts_an_untokenizable_word_as_o(tok):
     from fastbert.data.tagging import TaggedSentence
 
     torch.manual_seed(0)
-    labels = ["O", "B-PER", "I-PER", "B-LOC", "I-LOC"]
+    labels = ["O", "B-PER", "I-PER", "B-LOC", "I-LOC", "B-ORG"]
     spec = tasks.TaskSpec(name="x", kind="tagging", labels=labels, max_seq_len=12)
     model = heads.BertForTokenClassification(fastbert.BertConfig(**dict(TINY, vocab_size=tok.vocab_size)),
                                              num_labels=len(labels))
     rng = np.random.default_rng(0)
     words = "the mayor of new york met anna lee in paris on monday".split()
-    sentences = [TaggedSentence(list(words), [labels[i] for i in rng.integers(0, 5, len(words))], 1),
+    sentences = [TaggedSentence(list(words), [labels[i] for i in rng.integers(0, 5, len(words))], 1),   # no ORG
                  TaggedSentence(["hello", "\u200b", "world"], ["O", "B-PER", "O"], 14)]
     dev = tasks.TaskData(fastbert.data.encode_tagging(sentences, tok, labels, spec.max_seq_len), sentences)
     assert len(dev.features) > len(sentences)                          # the first sentence is in pieces
@@ -271,11 +271,18 @@ def test_evaluate_ner_scores_words_and_counts_an_untokenizable_word_as_o(tok):
     assert predicted[1][1] is None and all(t is not None for s in predicted for t in s if s is not predicted[1])
     pred = [[t or "O" for t in s] for s in predicted]
     gold = [s.tags for s in sentences]
-    assert tasks.metric_names(spec) == ("entity_f1", "entity_precision", "entity_recall", "token_accuracy")
+    assert tasks.metric_names(spec) == ("entity_f1", "entity_precision", "entity_recall", "token_accuracy",
+                                        "entity_f1_LOC", "entity_f1_ORG", "entity_f1_PER")
     assert (scores["entity_f1"], scores["entity_precision"], scores["entity_recall"]) == (
         f1_score(gold, pred), precision_score(gold, pred), recall_score(gold, pred))
     assert tasks.evaluate(model, spec, dev, batch_size=3) == scores
-    assert scores["entity_recall"] < 1 and "entity_f1_PER" in scores
+    assert scores["entity_recall"] < 1 and set(scores) == set(tasks.metric_names(spec))
+    with torch.no_grad():                                           # every word O: a type nobody tagged has no score
+        model.classifier.weight.zero_()
+        model.classifier.bias.copy_(torch.tensor([1.0, 0, 0, 0, 0, 0]))
+    nothing = tasks.evaluate(model, spec, dev)
+    assert nothing["entity_f1"] == nothing["entity_f1_PER"] == nothing["entity_f1_LOC"] == 0.0
+    assert math.isnan(nothing["entity_f1_ORG"]) and json.loads(metrics.to_json(nothing))["entity_f1_ORG"] is None
     with pytest.raises(ValueError, match="dev.examples must hold the tagged sentences"):
         tasks.evaluate(model, spec, tasks.TaskData(dev.features))
     upos = tasks.TaskSpec(name="pos", kind="tagging", labels=["NOUN", "VERB"])

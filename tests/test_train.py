@@ -937,6 +937,18 @@ def test_keep_best_survives_an_interruption(tmp_path):
     assert _checkpoints(tmp_path / "resumed") == _checkpoints(tmp_path / "whole") == [10, 20]
 
 
+def test_a_resume_keeping_the_best_by_a_metric_its_evaluations_lack_is_refused(tmp_path):
+    """A checkpoint whose evaluations lack the keep_best metric (a tagging run from before entity_f1
+    became its default; found by a review helper): its evaluations were silently no candidates, and
+    the first new one deleted the kept best. A metric they hold resumes."""
+    first = _scored_trainer(tmp_path / "run", [0.5, 0.9, 0.7, 0.6])
+    first.train(stop_after_step=12)
+    with pytest.raises(ValueError, match=r"keeping the best by 'entity_f1': its evaluations hold accuracy, f1; "):
+        _scored_trainer(tmp_path / "run", [0.5, 0.9, 0.7, 0.6], keep_best="entity_f1").resume()
+    assert _checkpoints(tmp_path / "run") == [10]                             # nothing deleted or loaded
+    assert _scored_trainer(tmp_path / "run", [0.5, 0.9, 0.7, 0.6], keep_best="f1").resume()
+
+
 def test_keep_best_needs_a_metric_the_evaluation_gives(tmp_path):
     with pytest.raises(ValueError, match="keep_best 'pearson' is not one of the evaluation's metrics \\['accuracy', 'f1'\\]"):
         _scored_trainer(tmp_path / "run", [0.5], keep_best="pearson").train()
