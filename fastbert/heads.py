@@ -7,7 +7,8 @@
                                    cross-entropies; spans predicted by fastbert.ops.span_score
 
 Each forward returns a TaskOutput dataclass (.loss, .logits; QA logits are (B, S, 2), start
-then end), not a transformers ModelOutput: no indexing or to_tuple(). A key padding mask row
+then end, and .start_logits/.end_logits views), read as a transformers ModelOutput is: out[0],
+out["logits"], to_tuple() (fastbert.model.ModelOutput; iterating yields values). A key padding mask row
 with no real token gives that row zero attention context, never NaN (transformers' sdpa path
 agrees; its eager path attends evenly instead).
 
@@ -39,16 +40,38 @@ import torch.nn.functional as F
 
 from . import checkpoint
 from .config import BertConfig
-from .model import BertModel
+from .model import BertModel, ModelOutput
 from .ops._backend import host_sync_allowed
 
 IGNORE_INDEX = -100
 
 
 @dataclasses.dataclass
-class TaskOutput:
+class TaskOutput(ModelOutput):
     loss: torch.Tensor | None
     logits: torch.Tensor                     # (B, num_labels) | (B, S, num_labels) | (B, S, 2)
+
+
+@dataclasses.dataclass
+class QuestionAnsweringOutput(TaskOutput):
+    """logits (B, S, 2) and, as transformers' QuestionAnsweringModelOutput, start_logits and end_logits
+    (B, S): views of them. By position: loss (when given), start_logits, end_logits."""
+
+    @property
+    def start_logits(self) -> torch.Tensor:
+        return self.logits[..., 0]
+
+    @property
+    def end_logits(self) -> torch.Tensor:
+        return self.logits[..., 1]
+
+    def to_tuple(self) -> tuple:
+        return tuple(v for v in (self.loss, self.start_logits, self.end_logits) if v is not None)
+
+    def __getitem__(self, key):
+        if key in ("start_logits", "end_logits"):
+            return getattr(self, key)
+        return super().__getitem__(key)
 
 
 class _TaskModel(nn.Module):
@@ -222,7 +245,7 @@ class BertForQuestionAnswering(_TaskModel):
         super().__init__(config, 2, backend)
 
     def forward(self, input_ids, attention_mask=None, token_type_ids=None,
-                start_positions=None, end_positions=None) -> TaskOutput:
+                start_positions=None, end_positions=None) -> QuestionAnsweringOutput:
         if start_positions is not None and end_positions is not None:
             start_positions = _check_positions(start_positions, _ids_shape(input_ids)[0], "start_positions")
             end_positions = _check_positions(end_positions, _ids_shape(input_ids)[0], "end_positions")
@@ -235,7 +258,7 @@ class BertForQuestionAnswering(_TaskModel):
             ignored = start_logits.shape[1]
             loss = (F.cross_entropy(start_logits, start_positions.clamp(0, ignored), ignore_index=ignored)
                     + F.cross_entropy(end_logits, end_positions.clamp(0, ignored), ignore_index=ignored)) / 2
-        return TaskOutput(loss, logits)
+        return QuestionAnsweringOutput(loss, logits)
 
 
 def _check_num_labels(num_labels) -> None:

@@ -118,8 +118,26 @@ class BertLayer(nn.Module):
         return hidden, hidden_in
 
 
+class ModelOutput:
+    """What code written for transformers' outputs reads: fields by name (out.logits, out["logits"])
+    or by position over the fields that are not None (out[0], out[:2], to_tuple(), and so
+    `loss, logits = out`), as a ModelOutput or return_dict=False's tuple gives them. Iterating
+    yields the values (a ModelOutput, an OrderedDict, yields the names)."""
+
+    def to_tuple(self) -> tuple:
+        return tuple(v for v in (getattr(self, f.name) for f in dataclasses.fields(self)) if v is not None)
+
+    def __getitem__(self, key):
+        if isinstance(key, str):
+            value = getattr(self, key, None) if key in {f.name for f in dataclasses.fields(self)} else None
+            if value is None:
+                raise KeyError(f"{type(self).__name__} has no {key!r}" + (" (it is None)" if hasattr(self, key) else ""))
+            return value
+        return self.to_tuple()[key]
+
+
 @dataclasses.dataclass
-class BertOutput:
+class BertOutput(ModelOutput):
     last_hidden_state: torch.Tensor                                  # (B, S, hidden)
     pooler_output: torch.Tensor | None                               # (B, hidden); None without a pooler
 

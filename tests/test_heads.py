@@ -64,6 +64,47 @@ def test_head_matches_transformers_both_ways(tmp_path, make_ours, hf_class, hf_k
         assert torch.allclose(again(**batch).logits, a.logits, atol=1e-6)
 
 
+@pytest.mark.parametrize("make_ours, hf_class, hf_kwargs, make_targets", CASES)
+def test_outputs_read_as_transformers_outputs_are_read(tmp_path, make_ours, hf_class, hf_kwargs, make_targets):
+    """Code written for transformers' outputs: by position over the fields that are set (out[0] is the
+    loss with targets, the logits without; QA: start_logits then end_logits), by name, to_tuple() and
+    tuple unpacking; a name that is None or missing is a KeyError, as in a ModelOutput."""
+    torch.manual_seed(0)
+    ours = make_ours(fastbert.BertConfig(**CONFIG)).eval()
+    ours.save_pretrained(tmp_path)
+    theirs = hf_class.from_pretrained(str(tmp_path), attn_implementation="eager", **hf_kwargs).eval()
+    batch, targets = _batch(), make_targets()
+    real = batch["attention_mask"].bool()[..., None]
+    for given in (targets, {}):
+        with torch.no_grad():
+            a, b = ours(**batch, **given), theirs(**batch, **given)
+        assert len(a.to_tuple()) == len(b.to_tuple()) and len(a[:]) == len(b[:])
+        for x, y in zip(a.to_tuple(), b.to_tuple()):
+            if x.dim() > 1 and x.shape[1] == real.shape[1]:  # per-token logits: at real tokens (padding differs)
+                keep = real.view(*real.shape[:2], *[1] * (x.dim() - 2))
+                x, y = x * keep, y * keep
+            torch.testing.assert_close(x, y, atol=1e-5, rtol=0)
+        first, *rest = a
+        assert torch.equal(first, a[0]) and len(rest) == len(a.to_tuple()) - 1
+        for name in ("logits", "start_logits", "end_logits", "loss"):
+            if getattr(b, name, None) is not None:
+                assert torch.equal(a[name], getattr(a, name))
+            elif not (name == "logits" and isinstance(a, heads.QuestionAnsweringOutput)):   # ours has (B, S, 2) too
+                with pytest.raises(KeyError):
+                    a[name]
+    if isinstance(a, heads.QuestionAnsweringOutput):
+        assert torch.equal(torch.stack([a.start_logits, a.end_logits], -1), a.logits)
+
+
+def test_encoder_output_reads_by_position_and_name():
+    model = fastbert.BertModel(fastbert.BertConfig(**CONFIG)).eval()
+    with torch.no_grad():
+        out = model(**_batch())
+    hidden, pooled = out
+    assert hidden is out[0] is out["last_hidden_state"] and pooled is out[1] is out.pooler_output
+    assert out[-1] is pooled and len(out.to_tuple()) == 2
+
+
 def test_new_head_is_initialised_like_bert():
     torch.manual_seed(0)
     model = heads.BertForSequenceClassification.from_pretrained("default", num_labels=4)
