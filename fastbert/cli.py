@@ -193,8 +193,8 @@ def _finetune(args, device) -> int:
         raise ValueError("--unpad and --compile do not go together: the packed encoder's shapes change with "
                          "every batch, so a compiled model runs padded; pick one")
     _check_counts(args, positive=("epochs", "batch_size", "grad_accum", "eval_batch_size"),
-                  optional_positive=("max_steps", "save_every", "eval_every", "early_stop", "max_train_examples", "max_dev_examples",
-                                     "max_answer_len", "max_question_len"),
+                  optional_positive=("max_steps", "save_every", "eval_every", "early_stop", "log_every", "max_train_examples",
+                                     "max_dev_examples", "max_answer_len", "max_question_len"),
                   optional_non_negative=("doc_stride", "warmup_steps"))
     if args.max_seq_len is not None and args.max_seq_len < 8:
         raise ValueError(f"--max-seq-len must be >= 8 (room for the special tokens and some text), got {args.max_seq_len}")
@@ -262,7 +262,7 @@ def _finetune(args, device) -> int:
                             grad_accum=args.grad_accum, seed=args.seed, precision=args.precision,
                             bucket_by_length=not args.no_bucket, save_every=args.save_every,
                             progress=not args.no_progress, compile=args.compile, keep_best=args.keep_best,
-                            eval_every=args.eval_every, early_stop=args.early_stop)
+                            eval_every=args.eval_every, early_stop=args.early_stop, log_every=args.log_every)
     train._autocast_dtype(cfg.precision, device)  # fp16 without a GPU: say so before reading anything
     torch.manual_seed(args.seed)
     tokenizer = fastbert.Tokenizer.from_pretrained(args.model)
@@ -770,6 +770,9 @@ def build_parser():
                          "save its weights as OUT/model instead of the last; needs --dev")
     ft.add_argument("--early-stop", type=int, default=None, metavar="N",
                     help="with --keep-best: end the run after N evaluations in a row without a better score")
+    ft.add_argument("--log-every", type=int, default=50, metavar="N",
+                    help="every N optimizer steps a line of OUT/train_log.jsonl: mean loss since the last line, "
+                         "learning rate, gradient norm before clipping, tokens/s (default 50)")
     ft.add_argument("--resume", action="store_true",
                     help="continue from the latest checkpoint in --out (same data and settings)")
     ft.add_argument("--no-bucket", action="store_true", help="do not batch examples of similar length together")

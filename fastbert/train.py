@@ -64,13 +64,15 @@ class TrainConfig:
     keep_best: str | None = None         # a dev metric (higher is better): its best evaluation's checkpoint is kept
     eval_every: int | None = None        # optimizer steps between evaluations inside an epoch (None: at its end only)
     early_stop: int | None = None        # stop after this many evaluations in a row without a better keep_best score
+    log_every: int | None = None         # optimizer steps between lines of out/train_log.jsonl (None: no log)
 
     def __post_init__(self):
         self.out = Path(self.out)
         for name in ("epochs", "batch_size", "grad_accum", "max_steps", "save_every", "eval_every", "early_stop",
-                     "warmup_steps"):
+                     "warmup_steps", "log_every"):
             value = getattr(self, name)
-            if value is None and name in ("max_steps", "save_every", "eval_every", "early_stop", "warmup_steps"):
+            if value is None and name in ("max_steps", "save_every", "eval_every", "early_stop", "warmup_steps",
+                                          "log_every"):
                 continue
             # 2.5 failed later as a slice index, naming nothing; True passed as 1
             if isinstance(value, bool) or not isinstance(value, int):
@@ -356,6 +358,8 @@ class Trainer:
         self.step, self.epoch, self.batch_in_epoch = 0, 0, 0
         self.history: list[dict] = []
         self._token_ids_digest: str | None = None  # _run_identity's, computed at the first checkpoint
+        # log_every: losses since the last log line, (training time, tokens) at it, the last step's norm
+        self._log_losses, self._log_mark, self._grad_norm = [], None, None
         self._kept_best: Path | None = None  # the best evaluation's checkpoint a save has kept (keep_best)
         if self.world > 1:
             # With what decides when the processes meet (saves, evaluations): one that differs would hang.
@@ -740,14 +744,52 @@ class Trainer:
             bar.write(to_json(record))  # null, not NaN, for an undefined metric: the line stays JSON
         return bool(self.cfg.keep_best) and self.best_record() is record
 
+    LOG_NAME = "train_log.jsonl"
+
+    def _start_log(self) -> None:
+        """log_every: the log keeps the lines of the steps this run has already trained (a resumed run's
+        checkpoint step and before; none for a fresh run), so an interrupted run's lines past its last
+        checkpoint, or an earlier run's in the same folder, do not stay beside the new ones."""
+        path = self.cfg.out / self.LOG_NAME
+        kept = []
+        if self.step and path.is_file():
+            for line in path.read_text(encoding="utf-8").splitlines():
+                try:
+                    entry = json.loads(line)
+                except json.JSONDecodeError:  # a line cut short by the interruption
+                    continue
+                if isinstance(entry, dict) and isinstance(entry.get("step"), int) and entry["step"] <= self.step:
+                    kept.append(line + "\n")
+        if kept or path.exists():
+            atomic_write_text(path, "".join(kept))
+        self._log_losses, self._log_mark = [], None
+
+    def _log_step(self, epoch, training_s: float, tokens_seen: int) -> None:
+        """One line of out/train_log.jsonl: the mean loss of the steps since the last line, the learning
+        rate (the head's, the highest with layer_lr_decay), the gradient norm before clipping, tok/s
+        over the training time since the last line, and the Unix time."""
+        mark, self._log_mark = self._log_mark, (training_s, tokens_seen)
+        since_s, since_tokens = (training_s - mark[0], tokens_seen - mark[1]) if mark else (training_s, tokens_seen)
+        line = {"step": self.step, "epoch": epoch,
+                "loss": sum(self._log_losses) / len(self._log_losses) if self._log_losses else None,
+                "lr": max(group["lr"] for group in self.optimizer.param_groups),
+                "grad_norm": float(self._grad_norm) if self._grad_norm is not None else None,
+                "tokens_per_s": since_tokens / since_s if since_s > 0 else None, "time": round(time.time(), 3)}
+        self._log_losses = []
+        if self.rank == 0:
+            with open(self.cfg.out / self.LOG_NAME, "a", encoding="utf-8") as f:
+                f.write(to_json(line) + "\n")
+
     def _optimizer_step(self):
         # A group without one labelled item ran no backward: no update, but the step and the schedule
         # still advance (the scaler would refuse a step that recorded no gradients).
         updated = True
+        self._grad_norm = None
         if any(p.grad is not None for p in self.model.parameters()):
             if self.scaler:
                 self.scaler.unscale_(self.optimizer)
-            torch.nn.utils.clip_grad_norm_(self.model.parameters(), self.cfg.max_grad_norm)
+            # the norm before clipping (inf where fp16 overflowed), read only when a log line wants it
+            self._grad_norm = torch.nn.utils.clip_grad_norm_(self.model.parameters(), self.cfg.max_grad_norm)
             if self.scaler:
                 scale = self.scaler.get_scale()
                 self.scaler.step(self.optimizer)
@@ -807,6 +849,8 @@ class Trainer:
 
         bar = tqdm(total=self.total_steps, initial=self.step, disable=not self.cfg.progress or self.rank != 0,
                    unit="step", dynamic_ncols=True)
+        if self.cfg.log_every and self.rank == 0:
+            self._start_log()
         # An epoch left open by a checkpoint at the last step (save_every) is still closed: its record and evaluation.
         while self.epoch < self.epochs and (self.step < self.total_steps or self.batch_in_epoch > 0) \
                 and not self.stopped_early():
@@ -851,6 +895,10 @@ class Trainer:
                 self.batch_in_epoch += len(group)
                 elapsed = time.perf_counter() - started - not_training
                 bar.update(1)
+                if self.cfg.log_every:
+                    self._log_losses.extend(losses[i] for i in sorted(losses))
+                    if self.step % self.cfg.log_every == 0:
+                        self._log_step(epochs_done(), elapsed, tokens_seen)
                 if running:
                     bar.set_postfix(loss=f"{sum(running[-20:]) / len(running[-20:]):.4f}",
                                     tok_s=f"{tokens_seen / elapsed:,.0f}")

@@ -207,6 +207,7 @@ def sst2_slice(tmp_path):
     (["--lr", "inf"], "--lr must be finite and > 0, got inf"),                      # named `lr` (TrainConfig's) before
     (["--weight-decay", "inf"], "--weight-decay must be finite and >= 0, got inf"),
     (["--adam-eps", "0"], "--adam-eps must be finite and > 0, got 0.0"),
+    (["--log-every", "0"], "--log-every must be >= 1, got 0"),
     (["--layer-lr-decay", "1.2"], r"--layer-lr-decay must be in \(0, 1\], got 1.2"),
     (["--seed", str(2**45)], r"--seed must be in \[0, 2\*\*32\), got 35184372088832"),  # overflowed after reading
     (["--max-seq-len", "1000"], "--max-seq-len 1000 is more than the model's 512 positions"),  # saved, broke predict
@@ -471,7 +472,10 @@ def test_finetune_settings_reach_the_trainer_and_metrics_json(tmp_path, capsys, 
                               "--max-steps", "1", "--batch-size", "1", "--grad-accum", "2", "--lr", "3e-4",
                               "--weight-decay", "0.2", "--warmup-ratio", "0.5", "--seed", "7", "--no-bucket",
                               "--max-grad-norm", "0.5", "--adam-betas", "0.9", "0.98", "--adam-eps", "1e-6",
-                              "--layer-lr-decay", "0.9", "--max-seq-len", "16", "--no-progress", "--device", "cpu"]) == 0
+                              "--layer-lr-decay", "0.9", "--log-every", "1", "--max-seq-len", "16", "--no-progress",
+                              "--device", "cpu"]) == 0
+    logged = [json.loads(line) for line in (out / "train_log.jsonl").read_text().splitlines()]
+    assert [(line["step"], line["epoch"]) for line in logged] == [(1, 1)] and logged[0]["loss"] > 0
     state = torch.load(out / (out / "latest").read_text().strip() / "trainer_state.pt", weights_only=True)
     run = json.loads(state["run"])
     assert re.fullmatch("[0-9a-f]{16}", run.pop("token_ids"))          # the data's digest

@@ -1184,3 +1184,43 @@ def test_layer_lr_decay_scales_each_groups_schedule_and_a_resume_must_match(tmp_
             train.TrainConfig(out=tmp_path, layer_lr_decay=bad)
     with pytest.raises(TypeError, match="layer_lr_decay must be a number"):
         train.TrainConfig(out=tmp_path, layer_lr_decay="0.8")
+
+
+def _log(out):
+    import json
+
+    return [json.loads(line) for line in (out / train.Trainer.LOG_NAME).read_text().splitlines()]
+
+
+def test_log_every_writes_the_mean_loss_lr_and_grad_norm_and_a_resume_rewrites_the_lines_past_its_step(tmp_path):
+    """log_every=2 over 10 steps: a line at steps 2, 4, ..., 10, each with the mean loss of its two steps
+    (the epochs' mean losses, 5 steps each, say the same sum), the learning rate the schedule gives the
+    next step, a finite gradient norm. Interrupted at step 6 with lines past it (one cut short), the
+    resumed run keeps steps 2-6 and writes 8 and 10 as the uninterrupted run did."""
+    import json
+
+    whole = _trainer(tmp_path / "whole", log_every=2)
+    whole.train()
+    lines = _log(tmp_path / "whole")
+    assert [line["step"] for line in lines] == [2, 4, 6, 8, 10] and lines[-1]["epoch"] == 2
+    assert sum(line["loss"] for line in lines) * 2 == pytest.approx(5 * sum(r["train_loss"] for r in whole.history), rel=1e-9)
+    sched = train.linear_warmup_decay(torch.optim.SGD([torch.zeros(1)], lr=1e-3), int(0.1 * 10), 10)
+    factors = [sched.lr_lambdas[0](step) for step in range(11)]
+    assert [line["lr"] for line in lines] == pytest.approx([1e-3 * factors[s] for s in (2, 4, 6, 8, 10)], rel=1e-12)
+    assert all(0 < line["grad_norm"] < math.inf and line["tokens_per_s"] > 0 for line in lines)
+
+    _trainer(tmp_path / "resumed", log_every=2).train(stop_after_step=6)
+    log = tmp_path / "resumed" / train.Trainer.LOG_NAME
+    log.write_text(log.read_text() + json.dumps({"step": 8, "loss": 99.0}) + "\n" + '{"step": 9, "lo')
+    again = _trainer(tmp_path / "resumed", log_every=2)
+    assert again.resume()
+    again.train()
+    resumed = _log(tmp_path / "resumed")
+    assert [line["step"] for line in resumed] == [2, 4, 6, 8, 10]
+    for a, b in zip(resumed, lines):
+        assert {k: a[k] for k in ("step", "epoch", "loss", "lr", "grad_norm")} == \
+            {k: b[k] for k in ("step", "epoch", "loss", "lr", "grad_norm")}
+    _trainer(tmp_path / "resumed", log_every=5).train()                     # a fresh run there: its lines only
+    assert [line["step"] for line in _log(tmp_path / "resumed")] == [5, 10]
+    with pytest.raises(ValueError, match="log_every must be >= 1, got 0"):
+        train.TrainConfig(out=tmp_path, log_every=0)
