@@ -737,7 +737,7 @@ def build_parser():
     ft.add_argument("--layer-lr-decay", type=float, default=1.0, metavar="D",
                     help="layer-wise learning-rate decay in (0, 1]: the head trains at --lr, the top encoder layer "
                          "at lr * D, each layer below at one more factor D, the embeddings at lr * D**(layers + 1) "
-                         "(default 1: one lr for all; ELECTRA's recipe: 0.8 for base models)")
+                         "(default 1: one lr for all; 0.8-0.95 are usual)")
     ft.add_argument("--warmup-ratio", type=float, default=0.1,
                     help="fraction of the steps with a linear warm-up, in [0, 1] (default 0.1)")
     ft.add_argument("--warmup-steps", type=int, default=None, metavar="N",

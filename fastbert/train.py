@@ -136,17 +136,21 @@ _NORM_TYPES = (torch.nn.LayerNorm, torch.nn.GroupNorm, torch.nn.modules.batchnor
 _LAYER_INDEX = re.compile(r"(?:^|\.)layers?\.(\d+)\.")
 
 
+_EMBEDDINGS = re.compile(r"(?:^|\.)embeddings(?:_project)?\.")   # ELECTRA-small's projection belongs there too
+
+
 def layer_depths(model: torch.nn.Module) -> dict[str, int]:
-    """Each trainable parameter's depth for layer-wise learning-rate decay, as ELECTRA counts it:
-    0 for the embeddings, i + 1 for encoder layer i, L + 1 for the rest (pooler, task head)."""
-    names = [name for name, param in model.named_parameters() if param.requires_grad]
-    indices = {name: int(m.group(1)) for name in names if (m := _LAYER_INDEX.search(name))}
+    """Each trainable parameter's depth for layer-wise learning-rate decay: 0 for the embeddings,
+    i + 1 for encoder layer i, L + 1 for the rest (pooler, task head). L counts every layer, frozen
+    ones too, so freezing the top layers does not move the others."""
+    every = [name for name, _ in model.named_parameters()]
+    indices = {name: int(m.group(1)) for name in every if (m := _LAYER_INDEX.search(name))}
     if not indices:
         raise ValueError("layer_lr_decay needs a model whose parameter names number its layers (layers.N. or "
-                         f"layer.N.); found none in {names[:3]}")
+                         f"layer.N.); found none in {every[:3]}")
     top = max(indices.values()) + 1
-    return {name: indices[name] + 1 if name in indices else 0 if "embeddings." in name else top + 1
-            for name in names}
+    return {name: indices[name] + 1 if name in indices else 0 if _EMBEDDINGS.search(name) else top + 1
+            for name, param in model.named_parameters() if param.requires_grad}
 
 
 def parameter_groups(model: torch.nn.Module, weight_decay: float, lr: float | None = None,
@@ -156,9 +160,11 @@ def parameter_groups(model: torch.nn.Module, weight_decay: float, lr: float | No
     Norms are found by module type as well as by name (as transformers' Trainer does): a norm
     need not be called one (GPT-2's ln_1, ln_f), and a class like T5LayerNorm is no nn.LayerNorm.
 
-    layer_lr_decay < 1 (layer-wise learning-rate decay, ELECTRA's recipe): the head and pooler train
-    at lr, the top layer at lr * decay, each layer below at one more factor of decay and the
-    embeddings at lr * decay**(L + 1); one decay and one exempt group per depth."""
+    layer_lr_decay < 1 (layer-wise learning-rate decay): the head and pooler train at lr, the top
+    layer at lr * decay, each layer below at one more factor of decay and the embeddings at
+    lr * decay**(L + 1); one decay and one exempt group per depth. (ELECTRA's code, which fine-tunes
+    with decay 0.8 for base models, counts one factor more below the head: its top layer trains at
+    lr * decay**2; the same curve as ours at a peak lr one factor of decay lower.)"""
     norms = {id(p) for module in model.modules()
              if isinstance(module, _NORM_TYPES) or type(module).__name__.endswith("Norm")
              for p in module.parameters(recurse=False)}
@@ -697,10 +703,22 @@ class Trainer:
         return value
 
     def _measure_items_per_example(self) -> float:
-        """Loss terms per example in the first features (labelled tokens for tagging, about 1 otherwise):
-        under torchrun the scale a batch's loss is weighed by before the group's true count is known."""
-        first = self.features[:64]
-        return max(loss_items(self.collate(list(first))), 1) / len(first)
+        """Loss terms per example (labelled tokens for tagging, about 1 otherwise) in up to 256
+        features spread over the data: under torchrun the scale a batch's loss is weighed by before
+        the group's true count is known. A collate that draws from the generators draws from seeded
+        ones, which are then put back as they were: the guess, and so the run, follows from the seed."""
+        sample = self.features[::max(1, len(self.features) // 256)][:256]
+        python_state, numpy_state = random.getstate(), np.random.get_state()
+        try:
+            with torch.random.fork_rng(devices=[]):
+                torch.random.default_generator.manual_seed(self.cfg.seed)
+                random.seed(seed)
+                np.random.seed(self.cfg.seed % 2**32)
+                items = loss_items(self.collate(list(sample)))
+        finally:
+            random.setstate(python_state)
+            np.random.set_state(numpy_state)
+        return items / len(sample) if items else 1.0
 
     def _sum_over_processes(self, group_size: int, losses: dict, tokens: int, items: int,
                             items_guess: float) -> tuple[dict, int]:
@@ -830,11 +848,13 @@ class Trainer:
         if self.step == 0 and self.epoch == 0 and self.batch_in_epoch == 0:
             # Dropout draws from torch; a collate may draw from Python's or numpy's generator (as
             # transformers' set_seed covers). A resumed run restores the saved states instead.
-            # Under torchrun dropout differs between processes (and a collate's draws: each collates
-            # its own batches); a checkpoint keeps every process's generators.
-            torch.manual_seed(self.cfg.seed + 1_000_003 * self.rank)
-            random.seed(self.cfg.seed)
-            np.random.seed(self.cfg.seed % 2**32)
+            # Under torchrun dropout differs between processes, and so do a collate's draws (each
+            # collates its own batches: alike generators would give batches r and r+1 the same
+            # draws); a checkpoint keeps every process's generators.
+            seed = self.cfg.seed + 1_000_003 * self.rank
+            torch.manual_seed(seed)
+            random.seed(seed)
+            np.random.seed(seed % 2**32)
         # tok/s: real tokens (the attention mask's ones, no padding) over training time, which
         # excludes evaluation and checkpoint writes.
         started, tokens_seen, not_training = time.perf_counter(), 0, 0.0

@@ -4,6 +4,7 @@ grad_accum 2, resume exactly, and stop together on a bad loss."""
 import json
 import multiprocessing
 import os
+import random
 import re
 import subprocess
 import sys
@@ -67,8 +68,15 @@ def _run(case: dict, out: Path, report: Path) -> dict:
     """Train as the case says; what the caller compares goes to `report` (one file per rank)."""
     trainer = _trainer(case, out)
     grads = recording_grads(trainer) if case.get("record_grads") else []
-    collated, collate = [], trainer.collate
-    trainer.collate = lambda features: collated.append(len(features)) or collate(features)
+    collated, collate, draws = [], trainer.collate, []
+
+    def counting_collate(features):
+        collated.append(len(features))
+        if case.get("drawing_collate"):   # an augmenting collate draws from Python's generator
+            draws.append(random.random())
+        return collate(features)
+
+    trainer.collate = counting_collate
     if case.get("predict_sharded"):  # before training: the weights every process starts from
         grads = [tasks.predict_logits(trainer.model, trainer.features, 3, shard=True),
                  tasks.predict_logits(trainer.model, trainer.features[:1], 3, shard=True)]  # rank 1 has none
@@ -88,7 +96,7 @@ def _run(case: dict, out: Path, report: Path) -> dict:
     summary = trainer.train(stop_after_step=case.get("stop_after_step"))
     torch.save({"evaluations": getattr(trainer.evaluate_fn, "calls", 0),
                 "weights": {k: v.cpu() for k, v in trainer.model.state_dict().items()}, "history": json.dumps(trainer.history), "grads": grads,
-                "summary": json.dumps(summary), "world": trainer.world, "collated": sum(collated)}, report)
+                "summary": json.dumps(summary), "world": trainer.world, "collated": sum(collated), "draws": draws}, report)
 
 
 def _worker(rank: int, world: int, store: str, case: dict, out: str, reports: str):
@@ -169,6 +177,16 @@ def test_two_processes_step_as_one_process_with_grad_accum_two(tmp_path, task, e
                 torch.testing.assert_close(a[name], b[name], rtol=1e-4, atol=1e-6,
                                            msg=lambda m, name=name, step=step: f"rank {rank}, step {step}, {name}: {m}")
     assert task == "sentences" or "spare.weight" not in one_grads[0]
+
+
+def test_a_collate_that_draws_gets_other_draws_on_each_process(tmp_path):
+    """Each process collates only its own batches: from generators seeded alike, batches 0 and 1 of a
+    step got the same augmentation (found by a review helper). Python's and numpy's generators are
+    seeded per rank, as torch's is for dropout."""
+    case = {"task": "sentences", "examples": 16, "drawing_collate": True, "train": {"batch_size": 4}}
+    ranks = _processes(tmp_path, case, tmp_path / "run")
+    assert not any(isinstance(r, str) for r in ranks), ranks
+    assert len(ranks[0]["draws"]) == len(ranks[1]["draws"]) == 4 and not set(ranks[0]["draws"]) & set(ranks[1]["draws"])
 
 
 def test_processes_share_an_evaluation_that_says_it_is_collective(tmp_path):

@@ -1137,10 +1137,11 @@ def test_adam_betas_and_eps_reach_the_optimizer_and_a_resume_must_match(tmp_path
         train.TrainConfig(out=tmp_path, adam_eps=0.0)
 
 
-def test_layer_lr_decay_groups_follow_electras_depths():
+def test_layer_lr_decay_groups_follow_the_layers_depths():
     """decay 0.8 over 2 layers: head and pooler at lr, layer 1 at 0.8 lr, layer 0 at 0.64 lr, the
     embeddings at 0.512 lr; weight decay still only on matrices; every parameter in one group. The
-    names of transformers' BERT give the same depths."""
+    names of transformers' BERT give the same depths; ELECTRA-small's embedding projection is an
+    embedding (it trained at the head's lr); a frozen top layer moves no other layer's depth."""
     transformers = pytest.importorskip("transformers")
     model = heads.BertForSequenceClassification(fastbert.BertConfig(**CONFIG), num_labels=2)
     groups = train.parameter_groups(model, 0.01, lr=1e-3, layer_lr_decay=0.8)
@@ -1162,6 +1163,16 @@ def test_layer_lr_decay_groups_follow_electras_depths():
     assert depths["bert.pooler.dense.weight"] == depths["classifier.weight"] == 4
     with pytest.raises(ValueError, match="needs a model whose parameter names number its layers"):
         train.parameter_groups(torch.nn.Linear(2, 2), 0.01, lr=1e-3, layer_lr_decay=0.8)
+    electra = transformers.ElectraForSequenceClassification(transformers.ElectraConfig(
+        vocab_size=64, embedding_size=8, hidden_size=16, num_hidden_layers=2, num_attention_heads=2, intermediate_size=32))
+    depths = train.layer_depths(electra)
+    assert depths["electra.embeddings_project.weight"] == depths["electra.embeddings.word_embeddings.weight"] == 0
+    assert depths["classifier.out_proj.weight"] == 3
+    for p in hf.bert.encoder.layer[2].parameters():
+        p.requires_grad_(False)
+    frozen = train.layer_depths(hf)
+    assert "bert.encoder.layer.2.output.dense.bias" not in frozen and frozen["classifier.weight"] == 4
+    assert frozen["bert.encoder.layer.1.output.dense.bias"] == 2
 
 
 def test_layer_lr_decay_scales_each_groups_schedule_and_a_resume_must_match(tmp_path):
@@ -1184,6 +1195,31 @@ def test_layer_lr_decay_scales_each_groups_schedule_and_a_resume_must_match(tmp_
             train.TrainConfig(out=tmp_path, layer_lr_decay=bad)
     with pytest.raises(TypeError, match="layer_lr_decay must be a number"):
         train.TrainConfig(out=tmp_path, layer_lr_decay="0.8")
+
+
+def test_the_guess_of_loss_terms_under_torchrun_follows_the_seed_not_the_callers_generators(tmp_path):
+    """A collate that draws (label masking) measured the guess from whatever state the generators
+    were in: a resumed process guessed otherwise, and its run was not bitwise the first one's (found
+    by a review helper). Measured under the seed now, and the caller's generators are put back."""
+    import random
+
+    import numpy as np
+
+    def masking_collate(features):
+        batch = _collate(features)
+        batch["labels"] = torch.where(torch.tensor([random.random() < np.random.rand() for _ in features]),
+                                      batch["labels"], -100)
+        return batch
+
+    guesses = []
+    for outside in (1, 2):
+        random.seed(outside), np.random.seed(outside), torch.manual_seed(outside)
+        trainer = _trainer(tmp_path / f"run{outside}")
+        trainer.collate = masking_collate
+        guesses.append(trainer._measure_items_per_example())
+        assert (random.random(), np.random.rand()) == (random.Random(outside).random(),
+                                                       np.random.RandomState(outside).rand())
+    assert guesses[0] == guesses[1] and 0 < guesses[0] < 1
 
 
 def _log(out):
