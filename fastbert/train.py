@@ -712,7 +712,7 @@ class Trainer:
         try:
             with torch.random.fork_rng(devices=[]):
                 torch.random.default_generator.manual_seed(self.cfg.seed)
-                random.seed(seed)
+                random.seed(self.cfg.seed)
                 np.random.seed(self.cfg.seed % 2**32)
                 items = loss_items(self.collate(list(sample)))
         finally:
