@@ -9,7 +9,8 @@ Every fusable step runs through fastbert.ops, whose backend ("torch",
 "triton", "cuda") is chosen per call from the device, or by
 fastbert.ops.use_backend(...).
 
-A transformers BERT runs on the same kernels after `fastbert.patch_transformers(model)`.
+A transformers BERT runs on the same kernels after `fastbert.patch_transformers(model)`; a model
+fine-tuned by `fastbert finetune` answers raw inputs through `fastbert.Predictor.from_pretrained(path)`.
 """
 from . import ops
 from .config import BertConfig
@@ -19,4 +20,14 @@ from .transformers_integration import patch_transformers
 from .tokenizer import Tokenizer
 
 __version__ = "0.1.0"
-__all__ = ["BertConfig", "BertModel", "BertOutput", "Tokenizer", "default_model_path", "ops", "patch_transformers"]
+__all__ = ["BertConfig", "BertModel", "BertOutput", "Predictor", "Tokenizer", "default_model_path", "ops",
+           "patch_transformers"]
+
+
+def __getattr__(name):
+    # imported when first used: it brings the task, data and metric modules, which inference of the
+    # bare encoder does not need
+    if name == "Predictor":
+        from .predictor import Predictor
+        return Predictor
+    raise AttributeError(f"module 'fastbert' has no attribute {name!r}")

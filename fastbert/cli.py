@@ -415,36 +415,25 @@ def _tag_words(model, spec, tokenizer, word_lists, batch_size):
                                   tasks.predict_logits(model, features, batch_size))
 
 
-def predict_texts(model, spec, tokenizer, texts, pairs=None, question=None, context=None, batch_size=64,
-                  questions=None, contexts=None):
-    """Human-readable predictions for raw inputs (used by `predict` and the demo).
+def predict_texts(model, spec, tokenizer, texts, pairs=None, batch_size=64, questions=None, contexts=None,
+                  precision="auto"):
+    """Human-readable predictions for raw inputs (used by `predict` and the demo), from
+    fastbert.Predictor's: the label and its probability, a score, word/TAG pairs, an answer.
 
-    qa: question + context (one answer), or lists questions + contexts (one answer each)."""
-    from fastbert import data, tasks
+    qa: lists questions + contexts (one answer each)."""
+    from fastbert.predictor import Predictor
 
+    predictor = Predictor(model, spec, tokenizer, batch_size=batch_size, precision=precision)
     if spec.kind == "qa":
-        questions, contexts = (questions, contexts) if questions is not None else ([question], [context])
-        examples = [data.SquadExample(id=str(i), title="", question=q, context=c, answers=[], answer_starts=[])
-                    for i, (q, c) in enumerate(zip(questions, contexts))]
-        features = data.build_squad_features(examples, tokenizer, spec.max_seq_len, spec.doc_stride,
-                                             max_question_tokens=spec.max_question_len)
-        logits = tasks.predict_logits(model, features, batch_size)
-        answers = tasks.answers_from_logits(model, spec, examples, features, logits)
-        return [answers[e.id] for e in examples]
+        return [a["answer"] for a in predictor(question=list(questions), context=list(contexts))]
     if spec.kind == "tagging":
-        word_lists = [t.split() for t in texts]
-        return [" ".join(f"{w}/{t if t is not None else '?'}" for w, t in zip(words, tags))
-                for words, tags in zip(word_lists, _tag_words(model, spec, tokenizer, word_lists, batch_size))]
-    enc = tokenizer(texts, pairs, max_length=spec.max_seq_len, padding=False, return_tensors=False)
-    features = [{"input_ids": i, "token_type_ids": t} for i, t in zip(enc["input_ids"], enc["token_type_ids"])]
-    logits = tasks.predict_logits(model, features, batch_size)
+        # a sentence longer than max_seq_len is tagged in consecutive pieces, every word kept
+        return [" ".join(f"{w}/{t if t is not None else '?'}" for w, t in zip(r["words"], r["tags"]))
+                for r in predictor(words=[t.split() for t in texts])]
+    found = predictor(list(texts), list(pairs) if pairs is not None else None)
     if spec.kind == "regression":
-        return [f"{l.item():.3f}" for l in logits]
-    out = []
-    for l in logits:
-        p = torch.softmax(l, -1)
-        out.append(f"{spec.labels[int(p.argmax())]} ({p.max().item():.3f})")
-    return out
+        return [f"{r['score']:.3f}" for r in found]
+    return [f"{r['label']} ({r['score']:.3f})" for r in found]
 
 
 def _read_inputs(path, fields: int, what: str) -> list[list[str]]:
@@ -468,17 +457,6 @@ def _read_inputs(path, fields: int, what: str) -> list[list[str]]:
     if not rows:
         raise ValueError(f"--file {str(path)!r} holds no inputs (no non-blank line)")
     return rows
-
-
-def _takes_pair(spec) -> bool:
-    """Whether a sentence task's model reads text pairs: its text columns (given, or its preset's)."""
-    from fastbert import data
-
-    if spec.text_cols:
-        return len(spec.text_cols) == 2
-    if spec.name in data.TASKS:
-        return len(data.TASKS[spec.name].text_cols) == 2
-    return spec.kind == "pair"
 
 
 def cmd_predict(args) -> int:
@@ -509,13 +487,16 @@ def _predict(args, model, spec, tokenizer) -> int:
         else:
             raise ValueError(f"{described}: it needs --question and --context (both non-empty), or --file")
         answers = predict_texts(model, spec, tokenizer, None, questions=[r[0] for r in rows],
-                                contexts=[r[1] for r in rows], batch_size=args.eval_batch_size)
+                                contexts=[r[1] for r in rows], batch_size=args.eval_batch_size,
+                                precision=args.precision)
         for (question, _), answer in zip(rows, answers):
             print(answer if not args.file else f"{answer}\t{question}")
         return 0
     if args.question or args.context:
         raise ValueError(f"{described}: --question/--context are for a question-answering model; give TEXT")
-    pair = _takes_pair(spec)
+    from fastbert.predictor import takes_pair
+
+    pair = takes_pair(spec)
     if args.file:
         what = "a text-pair model takes text<TAB>text_b" if pair else "a tagging model takes one sentence" \
             if spec.kind == "tagging" else "a single-text model takes one text"
@@ -529,7 +510,8 @@ def _predict(args, model, spec, tokenizer) -> int:
         raise ValueError("give TEXT [TEXT_B] or --file FILE (one input per line, a pair separated by a tab)")
     texts = [r[0] for r in rows]
     pairs = [r[1] for r in rows] if pair else None
-    for row, pred in zip(rows, predict_texts(model, spec, tokenizer, texts, pairs, batch_size=args.eval_batch_size)):
+    for row, pred in zip(rows, predict_texts(model, spec, tokenizer, texts, pairs, batch_size=args.eval_batch_size,
+                                             precision=args.precision)):
         print("\t".join([pred, *row]))
     return 0
 

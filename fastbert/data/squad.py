@@ -210,7 +210,8 @@ SPAN_ROWS = 1024  # features per span_score call in predict_answers
 
 
 def predict_answers(examples: Sequence[SquadExample], features: Sequence[dict], start_logits, end_logits,
-                    n_best: int = 20, max_answer_tokens: int = 30, return_n_best: bool = False, device=None):
+                    n_best: int = 20, max_answer_tokens: int = 30, return_n_best: bool = False, device=None,
+                    return_spans: bool = False):
     """Best answer text per example id from per-feature start/end logits.
 
     start_logits, end_logits: (num_features, seqlen) tensors (rows may be longer than
@@ -219,8 +220,9 @@ def predict_answers(examples: Sequence[SquadExample], features: Sequence[dict], 
     s <= e < s + max_answer_tokens, score start_logits[s] + end_logits[e]; the
     windows of one passage are merged by score (a span found in several windows counts
     once, at its best score). With return_n_best, each id maps to its n_best (text, score)
-    candidates, best first. device: where the span score runs
-    (default: the logits' device; tasks.evaluate passes the model's, so a GPU uses the kernel).
+    candidates, best first; with return_spans, its n_best {"answer", "start", "end", "score"}
+    (the answer's character span in the context, end exclusive), best first. device: where the span
+    score runs (default: the logits' device; tasks.evaluate passes the model's, so a GPU uses the kernel).
     """
     from ..ops import span_score
     from ..ops.span import MAX_TOPK
@@ -264,6 +266,10 @@ def predict_answers(examples: Sequence[SquadExample], features: Sequence[dict], 
     result = {}
     for i, ex in enumerate(examples):
         ranked = sorted(candidates.get(i, {}).items(), key=lambda c: -c[1])[:n_best]
+        if return_spans:
+            result[ex.id] = [{"answer": ex.context[a:b], "start": a, "end": b, "score": score}
+                             for (a, b), score in ranked]
+            continue
         ranked = [(ex.context[a:b], score) for (a, b), score in ranked]
         result[ex.id] = ranked if return_n_best else (ranked[0][0] if ranked else "")
     return result
