@@ -1,7 +1,7 @@
 """A fine-tuned model as a function of raw inputs: what a service built on our wheels calls.
 
     predict = fastbert.Predictor.from_pretrained("out/model")     # a `fastbert finetune` model folder
-    predict("a gripping film")             # {"label": "1", "score": 0.97, "scores": {"0": 0.03, "1": 0.97}}
+    predict("a gripping film")             # {"label": "1", "score": 0.948, "scores": {"0": 0.052, "1": 0.948}}
     predict(["a", "b"])                    # a list in, a list out
     predict("A man sings.", "Someone sings.")       # a pair model: text and text_pair (lists too)
     predict("John lives in Paris")         # tagging: words, tags and, for IOB tags, the entities
