@@ -27,8 +27,14 @@ class Predictor:
                  precision: str = "auto", n_best: int = 1):
         from .train import _autocast_dtype
 
+        from .ops.span import MAX_TOPK
+
         if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
             raise ValueError(f"batch_size must be an int >= 1, got {batch_size!r}")
+        if precision not in ("auto", "fp32", "bf16", "fp16"):
+            raise ValueError(f"precision must be auto, fp32, bf16 or fp16, got {precision!r}")
+        if isinstance(n_best, bool) or not isinstance(n_best, int) or not 1 <= n_best <= MAX_TOPK:
+            raise ValueError(f"n_best must be an int in 1..{MAX_TOPK}, got {n_best!r}")
         self.model, self.spec, self.tokenizer, self.batch_size = model.eval(), spec, tokenizer, batch_size
         self.device = next(model.parameters()).device
         self.autocast = _autocast_dtype(precision, self.device)
@@ -59,7 +65,12 @@ class Predictor:
     def __call__(self, texts=None, text_pairs=None, *, question=None, context=None, words=None):
         """texts: a str (one result) or a list of them (a list of results). text_pairs: the second
         text of a pair model, alike. Tagging: texts are split at whitespace, or give words (a list of
-        words, or a list of such lists). QA: question and context, each a str or a list."""
+        words, or a list of such lists). QA: question and context, each a str or a list. Scores that
+        are not finite (no answer in an empty context; a diverged model's NaN) come out as None,
+        so json.dumps writes strict JSON."""
+        return metrics.json_safe(self._predict(texts, text_pairs, question, context, words))
+
+    def _predict(self, texts, text_pairs, question, context, words):
         kind = self.spec.kind
         if kind == "qa":
             if texts is not None or text_pairs is not None or words is not None:
@@ -73,6 +84,9 @@ class Predictor:
             if (texts is None) == (words is None):
                 raise ValueError("a tagging model takes texts or words=..., one of them")
             if words is not None:
+                if isinstance(words, str):
+                    raise TypeError("words must be a list of words (str), or a list of such lists; give a text "
+                                    "as texts=..., split at whitespace")
                 single = bool(words) and all(isinstance(w, str) for w in words)
                 word_lists = [list(words)] if single else [list(w) for w in _strings_lists(words, "words")]
             else:
@@ -90,7 +104,9 @@ class Predictor:
                              + ("text pairs: give text_pairs too" if pair else "one text per input, not text_pairs"))
         pairs = _strings(text_pairs, "text_pairs") if pair else None
         if pairs is not None and (isinstance(text_pairs, str) != single or len(pairs) != len(texts)):
-            raise ValueError(f"texts and text_pairs must match: {len(texts)} and {len(pairs)}")
+            raise ValueError("texts and text_pairs must match: " + (
+                f"{len(texts)} and {len(pairs)}" if isinstance(text_pairs, str) == single else
+                "a str and a list" if single else "a list and a str"))
         found = self._sentences(texts, pairs)
         return found[0] if single else found
 
@@ -149,7 +165,7 @@ class Predictor:
         out = []
         for ex in examples:
             spans = ranked[ex.id]
-            best = spans[0] if spans else {"answer": "", "start": -1, "end": -1, "score": float("-inf")}
+            best = spans[0] if spans else {"answer": "", "start": -1, "end": -1, "score": None}  # nothing to answer from
             out.append({**best, **({"n_best": spans} if self.n_best > 1 else {})})
         return out[0] if single else out
 

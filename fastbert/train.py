@@ -365,7 +365,7 @@ class Trainer:
         self.history: list[dict] = []
         self._token_ids_digest: str | None = None  # _run_identity's, computed at the first checkpoint
         # log_every: losses since the last log line, (training time, tokens) at it, the last step's norm
-        self._log_losses, self._log_mark, self._grad_norm = [], None, None
+        self._log_losses, self._log_mark, self._grad_norm, self._log_failed = [], None, None, False
         self._kept_best: Path | None = None  # the best evaluation's checkpoint a save has kept (keep_best)
         if self.world > 1:
             # With what decides when the processes meet (saves, evaluations): one that differs would hang.
@@ -417,6 +417,8 @@ class Trainer:
             "step": self.step, "epoch": self.epoch, "batch_in_epoch": self.batch_in_epoch,
             "history": json.dumps(self.history),
             "running": json.dumps(self._running), "run": json.dumps(self._run_identity()),
+            # log_every: the losses of the steps since the last log line, which the next line averages
+            "log_losses": json.dumps(self._log_losses),
             "scaler": self.scaler.state_dict() if self.scaler else {}, **rng,
             # the best checkpoint this save keeps (keep_best): a resume without keep_best still deletes it later
             "kept_best": best.name if (best := self.best_checkpoint()) is not None else "",
@@ -660,6 +662,7 @@ class Trainer:
         kept = state.get("kept_best", "")
         self._kept_best = self.cfg.out / kept if re.fullmatch(r"checkpoint-\d+", kept) else self.best_checkpoint()
         self._running = json.loads(state.get("running", "[]"))
+        self._log_losses = json.loads(state.get("log_losses", "[]"))
         if self.scaler and state["scaler"]:
             self.scaler.load_state_dict(state["scaler"])
         rng = state["ranks"][self.rank] if self.world > 1 else state
@@ -765,22 +768,27 @@ class Trainer:
     LOG_NAME = "train_log.jsonl"
 
     def _start_log(self) -> None:
-        """log_every: the log keeps the lines of the steps this run has already trained (a resumed run's
-        checkpoint step and before; none for a fresh run), so an interrupted run's lines past its last
-        checkpoint, or an earlier run's in the same folder, do not stay beside the new ones."""
+        """A fresh run starts without a log (an earlier run's in the same folder would read as its own,
+        with or without log_every); a resumed run keeps the lines of the steps it has trained (its
+        checkpoint's step and before: an interrupted run's lines past it are written again)."""
         path = self.cfg.out / self.LOG_NAME
-        kept = []
-        if self.step and path.is_file():
-            for line in path.read_text(encoding="utf-8").splitlines():
-                try:
-                    entry = json.loads(line)
-                except json.JSONDecodeError:  # a line cut short by the interruption
-                    continue
-                if isinstance(entry, dict) and isinstance(entry.get("step"), int) and entry["step"] <= self.step:
-                    kept.append(line + "\n")
-        if kept or path.exists():
-            atomic_write_text(path, "".join(kept))
-        self._log_losses, self._log_mark = [], None
+        self._log_mark = None
+        try:
+            if self.step == 0:
+                path.unlink(missing_ok=True)
+            elif self.cfg.log_every and path.is_file():
+                kept = []
+                for line in path.read_text(encoding="utf-8", errors="replace").splitlines():
+                    try:
+                        entry = json.loads(line)
+                    except json.JSONDecodeError:  # a line cut short by the interruption
+                        continue
+                    if isinstance(entry, dict) and isinstance(entry.get("step"), int) and entry["step"] <= self.step:
+                        kept.append(line + "\n")
+                atomic_write_text(path, "".join(kept))
+        except OSError as err:
+            self._log_failed = True
+            warnings.warn(f"cannot rewrite {path} ({err}); training goes on without the log", RuntimeWarning, stacklevel=2)
 
     def _log_step(self, epoch, training_s: float, tokens_seen: int) -> None:
         """One line of out/train_log.jsonl: the mean loss of the steps since the last line, the learning
@@ -794,9 +802,14 @@ class Trainer:
                 "grad_norm": float(self._grad_norm) if self._grad_norm is not None else None,
                 "tokens_per_s": since_tokens / since_s if since_s > 0 else None, "time": round(time.time(), 3)}
         self._log_losses = []
-        if self.rank == 0:
-            with open(self.cfg.out / self.LOG_NAME, "a", encoding="utf-8") as f:
-                f.write(to_json(line) + "\n")
+        if self.rank == 0 and not self._log_failed:
+            try:
+                with open(self.cfg.out / self.LOG_NAME, "a", encoding="utf-8") as f:
+                    f.write(to_json(line) + "\n")
+            except OSError as err:  # a log is no reason to stop training (and, under torchrun, hang the others)
+                self._log_failed = True
+                warnings.warn(f"log_every: cannot write {self.cfg.out / self.LOG_NAME} ({err}); training goes on "
+                              "without the log", RuntimeWarning, stacklevel=2)
 
     def _optimizer_step(self):
         # A group without one labelled item ran no backward: no update, but the step and the schedule
@@ -869,7 +882,7 @@ class Trainer:
 
         bar = tqdm(total=self.total_steps, initial=self.step, disable=not self.cfg.progress or self.rank != 0,
                    unit="step", dynamic_ncols=True)
-        if self.cfg.log_every and self.rank == 0:
+        if self.rank == 0:
             self._start_log()
         # An epoch left open by a checkpoint at the last step (save_every) is still closed: its record and evaluation.
         while self.epoch < self.epochs and (self.step < self.total_steps or self.batch_in_epoch > 0) \

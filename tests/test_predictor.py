@@ -61,6 +61,8 @@ def test_a_pair_model_scores_the_packed_pair(saved):
         predict(a)
     with pytest.raises(ValueError, match="texts and text_pairs must match: 2 and 1"):
         predict(a, b[:1])
+    with pytest.raises(ValueError, match="texts and text_pairs must match: a str and a list"):
+        predict(a[0], b[:1])
 
 
 def test_tagging_gives_each_words_tag_and_the_entities_they_make(saved):
@@ -81,6 +83,8 @@ def test_tagging_gives_each_words_tag_and_the_entities_they_make(saved):
     assert predict(words=words) == found and predict(words=[words, ["Paris"]])[0] == found
     with pytest.raises(ValueError, match="takes texts or words=..., one of them"):
         predict(text, words=words)
+    with pytest.raises(TypeError, match="words must be a list of words"):   # tagged letter by letter before
+        predict(words="John Smith")
 
 
 def test_question_answering_gives_the_answer_its_span_and_score(saved):
@@ -107,6 +111,9 @@ def test_question_answering_gives_the_answer_its_span_and_score(saved):
     assert (found["answer"], found["score"]) == (answer, pytest.approx(score, abs=1e-6))
     two = predict(question=["Who won?", "When?"], context=["The Broncos won.", "On February 7, 2016."])
     assert len(two) == 2 and all(r["answer"] for r in two)
+    nothing = predict(question="Who won?", context="")                  # no passage token: no answer
+    assert nothing == {"answer": "", "start": -1, "end": -1, "score": None, "n_best": []}
+    json.dumps(nothing, allow_nan=False)                                  # strict JSON (it held -inf)
     with pytest.raises(ValueError, match="takes question=... and context=..., not texts"):
         predict("Who won?")
     with pytest.raises(ValueError, match="question and context must match: 2 and 1"):
@@ -123,6 +130,12 @@ def test_mistakes_are_named(saved, tmp_path):
         predict(question="Who?", context="Me.")
     with pytest.raises(ValueError, match="batch_size must be an int >= 1, got 0"):
         fastbert.Predictor.from_pretrained(saved["sst2"], device="cpu", batch_size=0)
+    # checked when built, not at a service's first request (fp64 ran as fp16 before; n_best 0 as 1)
+    with pytest.raises(ValueError, match="precision must be auto, fp32, bf16 or fp16, got 'fp64'"):
+        fastbert.Predictor.from_pretrained(saved["sst2"], device="cpu", precision="fp64")
+    for bad in (0, 33, True):
+        with pytest.raises(ValueError, match="n_best must be an int in 1..32"):
+            fastbert.Predictor.from_pretrained(saved["squad"], device="cpu", n_best=bad)
     (tmp_path / "config.json").write_text((saved["sst2"] / "config.json").read_text())
     with pytest.raises(ValueError, match="holds no tokenizer"):
         fastbert.Predictor.from_pretrained(tmp_path)

@@ -1258,5 +1258,29 @@ def test_log_every_writes_the_mean_loss_lr_and_grad_norm_and_a_resume_rewrites_t
             {k: b[k] for k in ("step", "epoch", "loss", "lr", "grad_norm")}
     _trainer(tmp_path / "resumed", log_every=5).train()                     # a fresh run there: its lines only
     assert [line["step"] for line in _log(tmp_path / "resumed")] == [5, 10]
+    _trainer(tmp_path / "resumed").train()                                   # and without a log: none
+    assert not (tmp_path / "resumed" / train.Trainer.LOG_NAME).exists()
     with pytest.raises(ValueError, match="log_every must be >= 1, got 0"):
         train.TrainConfig(out=tmp_path, log_every=0)
+
+
+def test_a_log_line_after_a_resume_between_lines_averages_every_step_since_the_last_line(tmp_path):
+    """Checkpoints every 3 steps, lines every 4: resumed at step 6, the line at step 8 averaged steps 7-8
+    only (found by a review helper); the checkpoint keeps the losses since the last line."""
+    whole = _trainer(tmp_path / "whole", log_every=4)
+    whole.train()
+    _trainer(tmp_path / "resumed", log_every=4).train(stop_after_step=6)
+    again = _trainer(tmp_path / "resumed", log_every=4)
+    assert again.resume()
+    again.train()
+    assert [(line["step"], line["loss"]) for line in _log(tmp_path / "resumed")] == \
+        [(line["step"], line["loss"]) for line in _log(tmp_path / "whole")] != []
+
+
+def test_a_log_that_cannot_be_written_warns_and_training_goes_on(tmp_path):
+    trainer = _trainer(tmp_path / "run", log_every=2, save_every=None)
+    (tmp_path / "run").mkdir()
+    (tmp_path / "run" / train.Trainer.LOG_NAME).mkdir()          # a folder where the log goes: open() fails
+    with pytest.warns(RuntimeWarning, match="training goes on without the log"):
+        summary = trainer.train()
+    assert summary["steps"] == 10
