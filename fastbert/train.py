@@ -849,6 +849,8 @@ class Trainer:
     def _train(self, stop_after_step: int | None) -> dict:
         from tqdm.auto import tqdm
 
+        if stop_after_step is not None and self.step >= stop_after_step:  # already there: not one step more
+            return {"stopped_at_step": self.step}
         self.model.train()
         # Gradients left by an interrupted group (Ctrl-C mid-accumulation, then resume on the same model)
         # would join the first step.

@@ -1277,6 +1277,13 @@ def test_a_log_line_after_a_resume_between_lines_averages_every_step_since_the_l
         [(line["step"], line["loss"]) for line in _log(tmp_path / "whole")] != []
 
 
+def test_stop_after_a_step_already_passed_trains_nothing(tmp_path):
+    """Resumed at step 6, stop_after_step=3 trained step 7 (found by a fuzzing helper)."""
+    _trainer(tmp_path / "run").train(stop_after_step=6)
+    again = _trainer(tmp_path / "run")
+    assert again.resume() and again.train(stop_after_step=3) == {"stopped_at_step": 6} and again.step == 6
+
+
 def test_a_log_that_cannot_be_written_warns_and_training_goes_on(tmp_path):
     trainer = _trainer(tmp_path / "run", log_every=2, save_every=None)
     (tmp_path / "run").mkdir()
