@@ -421,19 +421,30 @@ def predict_texts(model, spec, tokenizer, texts, pairs=None, batch_size=64, ques
     fastbert.Predictor's: the label and its probability, a score, word/TAG pairs, an answer.
 
     qa: lists questions + contexts (one answer each)."""
+    return [_readable(spec, r) for r in _predictions(model, spec, tokenizer, texts, pairs, batch_size, questions,
+                                                      contexts, precision)]
+
+
+def _predictions(model, spec, tokenizer, texts, pairs, batch_size, questions, contexts, precision) -> list[dict]:
     from fastbert.predictor import Predictor
 
     predictor = Predictor(model, spec, tokenizer, batch_size=batch_size, precision=precision)
     if spec.kind == "qa":
-        return [a["answer"] for a in predictor(question=list(questions), context=list(contexts))]
+        return predictor(question=list(questions), context=list(contexts))
     if spec.kind == "tagging":
         # a sentence longer than max_seq_len is tagged in consecutive pieces, every word kept
-        return [" ".join(f"{w}/{t if t is not None else '?'}" for w, t in zip(r["words"], r["tags"]))
-                for r in predictor(words=[t.split() for t in texts])]
-    found = predictor(list(texts), list(pairs) if pairs is not None else None)
+        return predictor(words=[t.split() for t in texts])
+    return predictor(list(texts), list(pairs) if pairs is not None else None)
+
+
+def _readable(spec, result: dict) -> str:
+    if spec.kind == "qa":
+        return result["answer"]
+    if spec.kind == "tagging":
+        return " ".join(f"{w}/{t if t is not None else '?'}" for w, t in zip(result["words"], result["tags"]))
     if spec.kind == "regression":
-        return [f"{r['score']:.3f}" for r in found]
-    return [f"{r['label']} ({r['score']:.3f})" for r in found]
+        return f"{result['score']:.3f}"
+    return f"{result['label']} ({result['score']:.3f})"
 
 
 def _read_inputs(path, fields: int, what: str) -> list[list[str]]:
@@ -486,11 +497,13 @@ def _predict(args, model, spec, tokenizer) -> int:
             rows = [[args.question, args.context]]
         else:
             raise ValueError(f"{described}: it needs --question and --context (both non-empty), or --file")
-        answers = predict_texts(model, spec, tokenizer, None, questions=[r[0] for r in rows],
-                                contexts=[r[1] for r in rows], batch_size=args.eval_batch_size,
-                                precision=args.precision)
+        answers = _predictions(model, spec, tokenizer, None, None, args.eval_batch_size, [r[0] for r in rows],
+                               [r[1] for r in rows], args.precision)
         for (question, _), answer in zip(rows, answers):
-            print(answer if not args.file else f"{answer}\t{question}")
+            if args.json:
+                print(metrics_json({"question": question, **answer}, ensure_ascii=False))
+            else:
+                print(answer["answer"] if not args.file else f"{answer['answer']}\t{question}")
         return 0
     if args.question or args.context:
         raise ValueError(f"{described}: --question/--context are for a question-answering model; give TEXT")
@@ -510,9 +523,13 @@ def _predict(args, model, spec, tokenizer) -> int:
         raise ValueError("give TEXT [TEXT_B] or --file FILE (one input per line, a pair separated by a tab)")
     texts = [r[0] for r in rows]
     pairs = [r[1] for r in rows] if pair else None
-    for row, pred in zip(rows, predict_texts(model, spec, tokenizer, texts, pairs, batch_size=args.eval_batch_size,
-                                             precision=args.precision)):
-        print("\t".join([pred, *row]))
+    found = _predictions(model, spec, tokenizer, texts, pairs, args.eval_batch_size, None, None, args.precision)
+    for row, result in zip(rows, found):
+        if args.json:
+            given = {"text": row[0], **({"text_pair": row[1]} if pair else {})}
+            print(metrics_json({**given, **result}, ensure_ascii=False))
+        else:
+            print("\t".join([_readable(spec, result), *row]))
     return 0
 
 
@@ -783,6 +800,10 @@ def build_parser():
     pr.add_argument("--question", help="question-answering models: the question")
     pr.add_argument("--context", help="question-answering models: the passage to find the answer in")
     pr.add_argument("--file", metavar="FILE", help="one input per line; a pair separated by a tab ('-': stdin)")
+    pr.add_argument("--json", action="store_true",
+                    help="one JSON object per input instead of text: the input and fastbert.Predictor's result "
+                         "(label, score and every label's probability; score; words, tags and entities; answer, "
+                         "its character start/end in the context and score)")
     _common(pr, dev=False)
     pr.set_defaults(run=cmd_predict)
 

@@ -823,3 +823,26 @@ def test_finetune_ner_scores_entities_and_keeps_the_best_by_entity_f1(tmp_path, 
     sentences = [[line.split("\t") for line in block.split("\n")] for block in preds.read_text().strip().split("\n\n")]
     gold, predicted = [[g for _, g, _ in s] for s in sentences], [[p for _, _, p in s] for s in sentences]
     assert f1_score(gold, predicted) == printed["entity_f1"]
+
+
+def test_predict_json_prints_the_predictors_result_per_input(tmp_path, capsys, untrained_models):
+    """--json: one object per input, the input beside fastbert.Predictor's result, strict JSON; the
+    text output is the same predictions, formatted."""
+    m = untrained_models
+    code, out, _ = _predict(capsys, m["sst2"], "--json", "a great movie", "a dull one")
+    rows = [json.loads(line) for line in out]
+    predictor = fastbert.Predictor.from_pretrained(m["sst2"], device="cpu")
+    texts = ["a great movie", "a dull one"]
+    assert code == 0 and rows == [{"text": t, **r} for t, r in zip(texts, predictor(texts))]   # batched alike
+    _, text, _ = _predict(capsys, m["sst2"], "a great movie", "a dull one")
+    assert [line.split("\t")[0] for line in text] == [f"{r['label']} ({r['score']:.3f})" for r in rows]
+    code, out, _ = _predict(capsys, m["stsb"], "--json", "A man plays.", "Someone plays.")
+    assert code == 0 and set(json.loads(out[0])) == {"text", "text_pair", "score"}
+    code, out, _ = _predict(capsys, m["pos"], "--json", "The dog barks")
+    assert code == 0 and json.loads(out[0])["words"] == ["The", "dog", "barks"] and "entities" not in json.loads(out[0])
+    questions = tmp_path / "qa.txt"
+    questions.write_text("Who won?\tThe Broncos won the game.\nWhere?\t\n")
+    code, out, _ = _predict(capsys, m["squad"], "--json", "--file", questions)
+    won, nothing = (json.loads(line) for line in out)
+    assert code == 0 and won["question"] == "Who won?" and "The Broncos won the game."[won["start"]:won["end"]] == won["answer"]
+    assert nothing == {"question": "Where?", "answer": "", "start": -1, "end": -1, "score": None}
