@@ -256,7 +256,7 @@ def test_entity_scores_refuse_mismatched_sentences():
     with pytest.raises(ValueError, match="no sentences to score"):
         metrics.entity_scores([], [])
     # seqeval reads any first letter as a prefix (B alone: a chunk of type "_"; NOUN: N of type OUN)
-    for tag in ("B", "b-PER", "_", "NOUN", "X-PER"):
+    for tag in ("B", "B-", "b-PER", "_", "NOUN", "X-PER"):
         with pytest.raises(ValueError, match=f"pred_tags sentence 0: tag '{tag}' is no chunk tag"):
             metrics.entity_scores([["O", tag]], [["O", "B-LOC"]])
 

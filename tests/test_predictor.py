@@ -147,3 +147,18 @@ def test_bf16_autocast_on_the_cpu_gives_the_same_labels(saved):
     bf16 = fastbert.Predictor.from_pretrained(saved["sst2"], device="cpu", precision="bf16")(texts)
     for a, b in zip(fp32, bf16):
         assert a["scores"] == pytest.approx(b["scores"], abs=2e-2) and isinstance(b["score"], float)
+
+
+def test_a_single_text_model_of_named_columns_takes_one_text():
+    """--text-cols with one column: a single-text model (a pair test of len >= 1 refused its texts)."""
+    spec = tasks.TaskSpec(name="custom", kind="single", labels=["a", "b"], text_cols=["sentence"], max_seq_len=16)
+    predict = fastbert.Predictor(tasks.build_model(spec, "default"), spec, fastbert.Tokenizer.from_pretrained("default"))
+    assert predict("a film")["label"] in ("a", "b")
+    with pytest.raises(ValueError, match="one text per input, not text_pairs"):
+        predict("a film", "another")
+
+
+def test_tagging_words_must_hold_words(saved):
+    predict = fastbert.Predictor.from_pretrained(saved["ner"], device="cpu")
+    with pytest.raises(TypeError, match="words must be a list of words"):
+        predict(words=[])

@@ -287,3 +287,10 @@ def test_evaluate_ner_scores_words_and_counts_an_untokenizable_word_as_o(tok):
         tasks.evaluate(model, spec, tasks.TaskData(dev.features))
     upos = tasks.TaskSpec(name="pos", kind="tagging", labels=["NOUN", "VERB"])
     assert tasks.metric_names(upos) == ("token_accuracy",)
+
+
+def test_the_ner_preset_has_the_conll2003_dataset_ids():
+    """The label order of Hugging Face's `conll2003` dataset, so data stored as its integer ids maps."""
+    assert tasks.TaskSpec.preset("ner").labels == ["O", "B-PER", "I-PER", "B-ORG", "I-ORG", "B-LOC", "I-LOC",
+                                                   "B-MISC", "I-MISC"]
+    assert tasks.metric_names(tasks.TaskSpec.preset("ner"))[0] == "entity_f1"

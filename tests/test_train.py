@@ -1278,10 +1278,39 @@ def test_a_log_line_after_a_resume_between_lines_averages_every_step_since_the_l
 
 
 def test_stop_after_a_step_already_passed_trains_nothing(tmp_path):
-    """Resumed at step 6, stop_after_step=3 trained step 7 (found by a fuzzing helper)."""
+    """Resumed at step 6, stop_after_step=3 (or 6) trained step 7 (found by a fuzzing helper)."""
     _trainer(tmp_path / "run").train(stop_after_step=6)
-    again = _trainer(tmp_path / "run")
-    assert again.resume() and again.train(stop_after_step=3) == {"stopped_at_step": 6} and again.step == 6
+    for stop in (3, 6):
+        again = _trainer(tmp_path / "run")
+        assert again.resume() and again.train(stop_after_step=stop) == {"stopped_at_step": 6} and again.step == 6
+
+
+def test_the_log_gives_the_heads_lr_tok_s_since_the_last_line_and_no_norm_without_a_gradient(tmp_path):
+    """With layer decay the lr logged is the head's (the highest); tok/s is over the interval since the
+    last line, not the run; a step that ran no backward has no gradient norm (not the last step's)."""
+    import json
+
+    _trainer(tmp_path / "run", log_every=1, layer_lr_decay=0.5, max_steps=2).train()
+    sched = train.linear_warmup_decay(torch.optim.SGD([torch.zeros(1)], lr=1e-3), 0, 2)
+    assert _log(tmp_path / "run")[0]["lr"] == pytest.approx(1e-3 * sched.lr_lambdas[0](1), rel=1e-12)
+    trainer = _trainer(tmp_path / "other", log_every=1)
+    (tmp_path / "other").mkdir()
+    trainer._log_step(0, 10.0, 1000)
+    trainer._log_step(0, 12.0, 1400)
+    lines = (tmp_path / "other" / train.Trainer.LOG_NAME).read_text().splitlines()
+    assert [json.loads(line)["tokens_per_s"] for line in lines] == [100.0, 200.0]
+    trainer._grad_norm = torch.tensor(3.0)
+    trainer._optimizer_step()                        # no parameter has a gradient: no update, no norm
+    assert trainer._grad_norm is None
+
+
+def test_keep_best_resumes_from_a_checkpoint_of_a_run_that_never_evaluated(tmp_path):
+    """Training records alone (no dev scores yet) are no evaluations lacking the metric."""
+    _trainer(tmp_path / "run").train(stop_after_step=6)
+    again = _scored_trainer(tmp_path / "run", [0.5, 0.9], save_every=3)
+    assert again.resume()
+    again.train()
+    assert again.best_record()["accuracy"] == 0.9
 
 
 def test_a_log_that_cannot_be_written_warns_and_training_goes_on(tmp_path):
