@@ -831,7 +831,10 @@ class Trainer:
             else:
                 self.optimizer.step()
         if updated:
-            self.scheduler.step()
+            with warnings.catch_warnings():
+                # a first step without a labelled item advances the schedule on purpose, with no update
+                warnings.filterwarnings("ignore", message=r"Detected call of `lr_scheduler.step\(\)` before")
+                self.scheduler.step()
         self.optimizer.zero_grad(set_to_none=True)
         self.step += 1
 
