@@ -193,6 +193,14 @@ def chunk_types(tag_names: Sequence[str]) -> list[str]:
     return sorted({t[2:] for t in tag_names if t != "O"})
 
 
+def complete_chunk_tags(tag_names: Sequence[str]) -> list[str]:
+    """A chunk tagset with every prefix it uses for every type it has, sorted: CoNLL-2003's IOB1
+    files use B- only between two entities of one type, so a training file may hold I-LOC but no
+    B-LOC where the dev file has one."""
+    prefixes = {t[0] for t in tag_names if t != "O"}
+    return sorted({t for t in tag_names if t == "O"} | {f"{p}-{kind}" for p in prefixes for kind in chunk_types(tag_names)})
+
+
 def _chunk_tag(tag: str, where) -> tuple[str, str]:
     if tag == "O":
         return "O", ""

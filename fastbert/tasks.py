@@ -97,6 +97,8 @@ def read(spec: TaskSpec, path, tokenizer, max_examples: int | None = None, label
         sentences = read_tagged(path, max_sentences=max_examples)
         if spec.labels is None:
             spec.labels = data.tag_names(sentences)
+            if metrics.is_chunk_scheme(spec.labels):  # B-LOC for a dev file whose training file had I-LOC only
+                spec.labels = metrics.complete_chunk_tags(spec.labels)
         return TaskData(data.encode_tagging(sentences, tokenizer, spec.labels, spec.max_seq_len), sentences)
     examples = data.read_squad(path, max_examples=max_examples)
     return TaskData(data.build_squad_features(examples, tokenizer, spec.max_seq_len, spec.doc_stride,

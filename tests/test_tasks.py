@@ -294,3 +294,22 @@ def test_the_ner_preset_has_the_conll2003_dataset_ids():
     assert tasks.TaskSpec.preset("ner").labels == ["O", "B-PER", "I-PER", "B-ORG", "I-ORG", "B-LOC", "I-LOC",
                                                    "B-MISC", "I-MISC"]
     assert tasks.metric_names(tasks.TaskSpec.preset("ner"))[0] == "entity_f1"
+
+
+def test_a_tagging_task_of_iob1_entities_takes_each_prefix_for_each_type(tmp_path, tok):
+    """An IOB1 training file (CoNLL-2003's) uses B- only between two entities of one type: here never
+    for LOC. Its dev file's B-LOC was "not in labels" (a user's --max-train-examples cut hits it)."""
+    train = tmp_path / "train.txt"
+    train.write_text("John NNP B-NP I-PER\nlives VBZ B-VP O\nin IN B-PP O\nParis NNP B-NP I-LOC\n\n"
+                     "Anna NNP B-NP I-PER\nMaria NNP B-NP B-PER\n\n")
+    dev = tmp_path / "dev.txt"
+    dev.write_text("Berlin NNP B-NP I-LOC\nBonn NNP B-NP B-LOC\n\n")
+    spec = tasks.TaskSpec(name="tagging", kind="tagging")
+    tasks.read(spec, train, tok)
+    assert spec.labels == ["B-LOC", "B-PER", "I-LOC", "I-PER", "O"]
+    assert len(tasks.read(spec, dev, tok).features) == 1
+    pos = tasks.TaskSpec(name="tagging", kind="tagging")
+    upos = tmp_path / "upos.txt"
+    upos.write_text("The DT B-NP DET\ndog NN I-NP NOUN\n\n")
+    tasks.read(pos, upos, tok)
+    assert pos.labels == ["DET", "NOUN"]                         # no chunk scheme: the file's tags only
