@@ -2,7 +2,7 @@
 
     fastbert finetune --task {sst2,cola,mrpc,rte,stsb,pos,ner,squad} --train FILE --dev FILE --out DIR [...]
     fastbert evaluate --model DIR --dev FILE
-    fastbert predict  --model DIR (TEXT [TEXT_B] | --question Q --context C | --file FILE)
+    fastbert predict  --model DIR (TEXT [TEXT_B] | --question Q --context C | --file FILE) [--json]
     fastbert encode   [--model default|PATH] [TEXT ...]   (no TEXT: four example sentences)
     fastbert bench    [--suite kernels|e2e|all] [--quick] [--out DIR]
     fastbert demo     fine-tune the embedded MiniLM on the shipped SST-2 sample, evaluate, predict
@@ -403,16 +403,6 @@ def _write_predictions(path: Path, spec, dev, predictions) -> None:
             f"{i}\t{p:.6g}\n" if spec.kind == "regression" else f"{i}\t{p}\n" for i, p in enumerate(predictions))
     path.parent.mkdir(parents=True, exist_ok=True)
     atomic_write_text(path, text)
-
-
-def _tag_words(model, spec, tokenizer, word_lists, batch_size):
-    """Each word's tag; a sentence longer than max_seq_len is tagged in consecutive pieces
-    (truncation would drop the words past the first piece)."""
-    from fastbert import data, tasks
-
-    features = data.encode_words_in_pieces(tokenizer, word_lists, spec.max_seq_len)
-    return tasks.tags_from_logits(spec, [len(words) for words in word_lists], features,
-                                  tasks.predict_logits(model, features, batch_size))
 
 
 def predict_texts(model, spec, tokenizer, texts, pairs=None, batch_size=64, questions=None, contexts=None,
