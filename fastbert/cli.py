@@ -686,7 +686,8 @@ def build_parser():
                     help="any other data: a TSV, with a header unless --no-header (single, pair, regression: "
                          "give --text-cols and --label-col; labels are found in the training file), a CoNLL-U "
                          "or CoNLL-2003-style file (tagging: UPOS, or the last column; the format is told from "
-                         "the content), or SQuAD v1.1 JSON (qa)")
+                         "the content; IOB-style tags such as B-PER are scored by entity F1 too), or SQuAD v1.1 "
+                         "JSON (qa)")
     ft.add_argument("--text-cols", nargs="+", default=None, metavar="COL",
                     help="the text column(s), by header name or 0-based index: one, or two for a pair")
     ft.add_argument("--label-col", default=None, metavar="COL", help="the label column, by header name or 0-based index")
