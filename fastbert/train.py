@@ -364,8 +364,9 @@ class Trainer:
         self.step, self.epoch, self.batch_in_epoch = 0, 0, 0
         self.history: list[dict] = []
         self._token_ids_digest: str | None = None  # _run_identity's, computed at the first checkpoint
-        # log_every: losses since the last log line, (training time, tokens) at it, the last step's norm
-        self._log_losses, self._log_mark, self._grad_norm, self._log_failed = [], None, None, False
+        # log_every: (sum, count) of the losses since the last log line, (training time, tokens) at it,
+        # the last step's norm
+        self._log_losses, self._log_mark, self._grad_norm, self._log_failed = (0.0, 0), None, None, False
         self._kept_best: Path | None = None  # the best evaluation's checkpoint a save has kept (keep_best)
         if self.world > 1:
             # With what decides when the processes meet (saves, evaluations): one that differs would hang.
@@ -417,7 +418,7 @@ class Trainer:
             "step": self.step, "epoch": self.epoch, "batch_in_epoch": self.batch_in_epoch,
             "history": json.dumps(self.history),
             "running": json.dumps(self._running), "run": json.dumps(self._run_identity()),
-            # log_every: the losses of the steps since the last log line, which the next line averages
+            # log_every: (sum, count) of the losses since the last log line, which the next line averages
             "log_losses": json.dumps(self._log_losses),
             "scaler": self.scaler.state_dict() if self.scaler else {}, **rng,
             # the best checkpoint this save keeps (keep_best): a resume without keep_best still deletes it later
@@ -662,7 +663,7 @@ class Trainer:
         kept = state.get("kept_best", "")
         self._kept_best = self.cfg.out / kept if re.fullmatch(r"checkpoint-\d+", kept) else self.best_checkpoint()
         self._running = json.loads(state.get("running", "[]"))
-        self._log_losses = json.loads(state.get("log_losses", "[]"))
+        self._log_losses = tuple(json.loads(state.get("log_losses", "[0.0, 0]")))
         if self.scaler and state["scaler"]:
             self.scaler.load_state_dict(state["scaler"])
         rng = state["ranks"][self.rank] if self.world > 1 else state
@@ -797,11 +798,11 @@ class Trainer:
         mark, self._log_mark = self._log_mark, (training_s, tokens_seen)
         since_s, since_tokens = (training_s - mark[0], tokens_seen - mark[1]) if mark else (training_s, tokens_seen)
         line = {"step": self.step, "epoch": epoch,
-                "loss": sum(self._log_losses) / len(self._log_losses) if self._log_losses else None,
+                "loss": self._log_losses[0] / self._log_losses[1] if self._log_losses[1] else None,
                 "lr": max(group["lr"] for group in self.optimizer.param_groups),
                 "grad_norm": float(self._grad_norm) if self._grad_norm is not None else None,
                 "tokens_per_s": since_tokens / since_s if since_s > 0 else None, "time": round(time.time(), 3)}
-        self._log_losses = []
+        self._log_losses = (0.0, 0)
         if self.rank == 0 and not self._log_failed:
             try:
                 with open(self.cfg.out / self.LOG_NAME, "a", encoding="utf-8") as f:
@@ -934,7 +935,10 @@ class Trainer:
                 elapsed = time.perf_counter() - started - not_training
                 bar.update(1)
                 if self.cfg.log_every:
-                    self._log_losses.extend(losses[i] for i in sorted(losses))
+                    total, count = self._log_losses
+                    for i in sorted(losses):   # summed in this order: the mean of sum() over a list, bitwise
+                        total, count = total + losses[i], count + 1
+                    self._log_losses = (total, count)
                     if self.step % self.cfg.log_every == 0:
                         self._log_step(epochs_done(), elapsed, tokens_seen)
                 if running:
