@@ -162,3 +162,25 @@ def test_tagging_words_must_hold_words(saved):
     predict = fastbert.Predictor.from_pretrained(saved["ner"], device="cpu")
     with pytest.raises(TypeError, match="words must be a list of words"):
         predict(words=[])
+
+
+@pytest.mark.gpu
+def test_on_a_gpu_the_predictor_gives_the_cpus_results(saved):
+    """The kernels (float32 here: Triton's attention, the span score's kernel for QA) against the CPU's
+    torch backend, on each kind of model."""
+    inputs = {"sst2": (["a gripping , beautifully acted film", "a tedious mess"],), "stsb": (["A man sings."], ["He sings."]),
+              "ner": ("John Smith met Anna Lee in New York on Monday with Peter",)}
+    for name, args in inputs.items():
+        cpu = fastbert.Predictor.from_pretrained(saved[name], device="cpu")(*args)
+        gpu = fastbert.Predictor.from_pretrained(saved[name], device="cuda", precision="fp32")(*args)
+        if name == "ner":
+            assert gpu["tags"] == cpu["tags"] and gpu["entities"] == cpu["entities"]
+        else:
+            for a, b in zip(gpu, cpu):
+                assert a == pytest.approx(b, abs=1e-4) if name == "stsb" else \
+                    (a["label"] == b["label"] and a["scores"] == pytest.approx(b["scores"], abs=1e-4))
+    context = "The game was played on February 7, 2016, at Levi's Stadium in Santa Clara, California. " * 3
+    cpu = fastbert.Predictor.from_pretrained(saved["squad"], device="cpu")(question="Where?", context=context)
+    gpu = fastbert.Predictor.from_pretrained(saved["squad"], device="cuda", precision="fp32")(question="Where?",
+                                                                                               context=context)
+    assert (gpu["start"], gpu["end"]) == (cpu["start"], cpu["end"]) and gpu["score"] == pytest.approx(cpu["score"], abs=1e-3)
