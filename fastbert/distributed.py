@@ -4,7 +4,7 @@ Every process holds the whole model and the same batch order; an optimizer step 
 grad_accum x world_size batches and process r trains on batches r, r + world_size, ... of them.
 Each process collates only its own batches, so it knows only their loss terms (train.loss_items):
 it weighs each batch's loss by its terms over a guess of the group's count that every process makes
-alike (examples in the group x terms per example in the first features), the step's record sums the
+alike (examples in the group x terms per example in a sample of the data, rank 0's), the step's record sums the
 true count, and the summed gradients are scaled by guess / count. So each batch weighs its share of
 the whole group's terms, and N processes with batch b update as one process with batch b and
 grad_accum N (to rounding).
