@@ -655,6 +655,14 @@ class Trainer:
         # Everything is checked before anything is loaded: a refused resume leaves the model as it was
         # (a caller who catches the error and trains afresh would have started from these weights).
         loaded = type(self.model).from_pretrained(folder)
+        ours, theirs = self.model.state_dict(), loaded.state_dict()
+        differ = [f"{k} {tuple(theirs[k].shape)} there, {tuple(ours[k].shape)} here" for k in ours
+                  if k in theirs and theirs[k].shape != ours[k].shape]
+        if differ or ours.keys() != theirs.keys():
+            raise ValueError(f"cannot resume from {folder}: its model is not this run's model ("
+                             + "; ".join(differ or [f"tensors {sorted(ours.keys() ^ theirs.keys())[:4]}"])
+                             + "): another --model, or another label set (a head of another size); resume with "
+                             "the same ones, or train into a fresh folder")
         self.optimizer.load_state_dict(state["optimizer"])
         self.scheduler.load_state_dict(state["scheduler"])
         self.model.load_state_dict(loaded.state_dict())

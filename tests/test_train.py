@@ -1320,3 +1320,20 @@ def test_a_log_that_cannot_be_written_warns_and_training_goes_on(tmp_path):
     with pytest.warns(RuntimeWarning, match="training goes on without the log"):
         summary = trainer.train()
     assert summary["steps"] == 10
+
+
+def test_a_resume_into_a_model_of_other_shapes_is_refused_before_anything_loads(tmp_path):
+    """A head of another size (another label set): load_state_dict's RuntimeError came after the
+    optimizer state was loaded, its moments of the old shapes."""
+    _trainer(tmp_path / "run").train(stop_after_step=3)
+    torch.manual_seed(0)
+    model = heads.BertForSequenceClassification(fastbert.BertConfig(**CONFIG), num_labels=3)
+    features = _features()
+    trainer = train.Trainer(model, features, _collate, train.TrainConfig(out=tmp_path / "run", epochs=2, batch_size=8,
+                                                                        lr=1e-3, save_every=3, progress=False))
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    with pytest.raises(ValueError, match=r"its model is not this run's model \(classifier.weight \(2, 32\) there, "
+                                         r"\(3, 32\) here"):
+        trainer.resume()
+    assert trainer.step == 0 and not trainer.optimizer.state
+    assert all(torch.equal(before[k], v) for k, v in model.state_dict().items())
