@@ -194,10 +194,15 @@ def chunk_types(tag_names: Sequence[str]) -> list[str]:
 
 
 def complete_chunk_tags(tag_names: Sequence[str]) -> list[str]:
-    """A chunk tagset with every prefix it uses for every type it has, sorted: CoNLL-2003's IOB1
+    """A chunk tagset with every prefix of its scheme for every type it has, sorted: CoNLL-2003's IOB1
     files use B- only between two entities of one type, so a training file may hold I-LOC but no
-    B-LOC where the dev file has one."""
+    B-LOC (or no B- at all) where the dev file has one. I- brings B- (IOB1, BIO); E- or S- bring all
+    four (IOBES)."""
     prefixes = {t[0] for t in tag_names if t != "O"}
+    if "I" in prefixes:
+        prefixes.add("B")
+    if prefixes & {"E", "S"}:
+        prefixes |= set(_CHUNK_PREFIXES)
     return sorted({t for t in tag_names if t == "O"} | {f"{p}-{kind}" for p in prefixes for kind in chunk_types(tag_names)})
 
 

@@ -419,7 +419,7 @@ class Trainer:
             "history": json.dumps(self.history),
             "running": json.dumps(self._running), "run": json.dumps(self._run_identity()),
             # log_every: (sum, count) of the losses since the last log line, which the next line averages
-            "log_losses": json.dumps(self._log_losses),
+            "log_losses": json.dumps({"sum": self._log_losses[0], "count": self._log_losses[1]}),
             "scaler": self.scaler.state_dict() if self.scaler else {}, **rng,
             # the best checkpoint this save keeps (keep_best): a resume without keep_best still deletes it later
             "kept_best": best.name if (best := self.best_checkpoint()) is not None else "",
@@ -671,7 +671,8 @@ class Trainer:
         kept = state.get("kept_best", "")
         self._kept_best = self.cfg.out / kept if re.fullmatch(r"checkpoint-\d+", kept) else self.best_checkpoint()
         self._running = json.loads(state.get("running", "[]"))
-        self._log_losses = tuple(json.loads(state.get("log_losses", "[0.0, 0]")))
+        logged = json.loads(state.get("log_losses", "[]"))   # a list of the losses in checkpoints of early stop 30
+        self._log_losses = (logged["sum"], logged["count"]) if isinstance(logged, dict) else (sum(logged, 0.0), len(logged))
         if self.scaler and state["scaler"]:
             self.scaler.load_state_dict(state["scaler"])
         rng = state["ranks"][self.rank] if self.world > 1 else state

@@ -790,7 +790,7 @@ def _ner_file(path, n, seed):
 @pytest.mark.parametrize("task, keep_best", [(["--task", "ner"], "entity_f1"),
                                              (["--task-type", "tagging"], "entity_f1_LOC")])
 def test_finetune_ner_scores_entities_and_keeps_the_best_by_entity_f1(tmp_path, capsys, task, keep_best):
-    """Named entities (IOB tags; the ner preset's nine CoNLL-2003 tags, or the four the file holds):
+    """Named entities (IOB tags; the ner preset's nine CoNLL-2003 tags, or the file's I- tags and their B-):
     finetune reports conlleval's entity F1/precision/recall (the main metric, so --keep-best's default)
     and F1 per type beside token accuracy; evaluate --predictions writes word, gold and predicted tags
     that seqeval scores to the printed entity F1, a word that tokenizes to nothing (a zero-width
@@ -811,9 +811,9 @@ def test_finetune_ner_scores_entities_and_keeps_the_best_by_entity_f1(tmp_path, 
         "entity_f1", "entity_precision", "entity_recall", "token_accuracy", "entity_f1_PER", "entity_f1_LOC",
         "entity_f1_ORG", *(["entity_f1_MISC"] if task[1] == "ner" else [])}
     assert f"the best by {keep_best})" in capsys.readouterr().out
-    # template sentences, half learnt in 6 steps (here, 2026-11-29: entity F1 0.586 with the preset's nine
-    # tags, 0.928 with the file's four; untrained heads: 0.02-0.12); not perfect, so the predictions
-    # below are re-scored with mistakes in them
+    # template sentences, half learnt in 6 steps (here, 2026-11-29, with the untaggable dev sentence: entity
+    # F1 0.584 with the preset's nine tags, 0.806 with the file's seven (its I- tags and their B-);
+    # untrained heads: 0.02-0.12); not perfect, so the predictions below are re-scored with mistakes in them
     assert 0.5 < final["entity_f1"] < 1.0
     preds = tmp_path / "dev.pred"
     assert fastbert.cli.main(["evaluate", "--model", str(out / "model"), "--dev", str(dev), "--predictions",

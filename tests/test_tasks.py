@@ -308,6 +308,13 @@ def test_a_tagging_task_of_iob1_entities_takes_each_prefix_for_each_type(tmp_pat
     tasks.read(spec, train, tok)
     assert spec.labels == ["B-LOC", "B-PER", "I-LOC", "I-PER", "O"]
     assert len(tasks.read(spec, dev, tok).features) == 1
+    only_i = tmp_path / "only_i.txt"                              # no B- at all, as most IOB1 slices
+    only_i.write_text("John NNP B-NP I-PER\nParis NNP B-NP I-LOC\n\n")
+    spec = tasks.TaskSpec(name="tagging", kind="tagging")
+    tasks.read(spec, only_i, tok)
+    assert spec.labels == ["B-LOC", "B-PER", "I-LOC", "I-PER"]
+    assert metrics.complete_chunk_tags(["O", "S-PER", "B-LOC", "E-LOC"]) == [
+        "B-LOC", "B-PER", "E-LOC", "E-PER", "I-LOC", "I-PER", "O", "S-LOC", "S-PER"]
     pos = tasks.TaskSpec(name="tagging", kind="tagging")
     upos = tmp_path / "upos.txt"
     upos.write_text("The DT B-NP DET\ndog NN I-NP NOUN\n\n")

@@ -1337,3 +1337,21 @@ def test_a_resume_into_a_model_of_other_shapes_is_refused_before_anything_loads(
         trainer.resume()
     assert trainer.step == 0 and not trainer.optimizer.state
     assert all(torch.equal(before[k], v) for k, v in model.state_dict().items())
+
+
+@pytest.mark.parametrize("held", [[], [0.71, 0.69, 0.7]])
+def test_a_checkpoint_holding_the_log_losses_as_a_list_resumes(tmp_path, held):
+    """Checkpoints of early stop 30 held the list of losses since the last log line (found by a review
+    helper: [] and three losses crashed at the next step, two were read as a sum and a count)."""
+    import json
+
+    _trainer(tmp_path / "run", log_every=4).train(stop_after_step=6)
+    path = tmp_path / "run" / "checkpoint-6" / "trainer_state.pt"
+    state = torch.load(path, weights_only=True)
+    state["log_losses"] = json.dumps(held)
+    torch.save(state, path)
+    again = _trainer(tmp_path / "run", log_every=4)
+    assert again.resume() and again._log_losses == (sum(held, 0.0), len(held))
+    again.train()
+    line = [entry for entry in _log(tmp_path / "run") if entry["step"] == 8][0]
+    assert line["loss"] > 0
