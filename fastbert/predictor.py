@@ -154,14 +154,8 @@ class Predictor:
                     for i, (q, c) in enumerate(zip(questions, contexts))]
         features = data.build_squad_features(examples, self.tokenizer, self.spec.max_seq_len, self.spec.doc_stride,
                                              max_question_tokens=self.spec.max_question_len)
-        logits = self._logits(features)
-        width = max(l.shape[0] for l in logits)
-        start, end = torch.zeros(len(logits), width), torch.zeros(len(logits), width)
-        for i, l in enumerate(logits):
-            start[i, :l.shape[0]], end[i, :l.shape[0]] = l[:, 0].float(), l[:, 1].float()
-        ranked = data.predict_answers(examples, features, start, end, n_best=max(self.n_best, 1),
-                                      max_answer_tokens=self.spec.max_answer_len, return_spans=True,
-                                      device=self.device)
+        ranked = tasks.answers_from_logits(self.model, self.spec, examples, features, self._logits(features),
+                                           n_best=self.n_best, return_spans=True)
         out = []
         for ex in examples:
             spans = ranked[ex.id]

@@ -276,13 +276,14 @@ def tags_from_logits(spec: TaskSpec, sentence_lengths: Sequence[int], features, 
     return tags
 
 
-def answers_from_logits(model, spec: TaskSpec, examples, features, logits) -> dict[str, str]:
+def answers_from_logits(model, spec: TaskSpec, examples, features, logits, **options) -> dict:
     """QA: the best answer text per example id from predict_logits' per-feature (seqlen_i, 2)
-    logits; the span score runs on the model's device (the kernel on a GPU)."""
+    logits; the span score runs on the model's device (the kernel on a GPU). options go to
+    data.predict_answers (n_best, return_spans: the Predictor's spans and scores)."""
     width = max(l.shape[0] for l in logits)
     start = torch.zeros(len(logits), width)
     end = torch.zeros(len(logits), width)
     for i, l in enumerate(logits):                                   # l: (seqlen_i, 2)
         start[i, :l.shape[0]], end[i, :l.shape[0]] = l[:, 0], l[:, 1]
     return data.predict_answers(examples, features, start, end, max_answer_tokens=spec.max_answer_len,
-                                device=next(model.parameters()).device)
+                                device=next(model.parameters()).device, **options)

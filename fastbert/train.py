@@ -937,7 +937,8 @@ class Trainer:
                 if self.world > 1:
                     losses, tokens = self._sum_over_processes(len(group), losses, tokens, sum(items.values()),
                                                               group_items)
-                running.extend(losses[i] for i in sorted(losses))
+                step_losses = [losses[i] for i in sorted(losses)]
+                running.extend(step_losses)
                 tokens_seen += tokens
                 self._optimizer_step()
                 self.batch_in_epoch += len(group)
@@ -945,9 +946,9 @@ class Trainer:
                 bar.update(1)
                 if self.cfg.log_every:
                     total, count = self._log_losses
-                    for i in sorted(losses):   # summed in this order: the mean of sum() over a list, bitwise
-                        total, count = total + losses[i], count + 1
-                    self._log_losses = (total, count)
+                    for loss in step_losses:   # summed in this order: the mean of sum() over a list, bitwise
+                        total += loss
+                    self._log_losses = (total, count + len(step_losses))
                     if self.step % self.cfg.log_every == 0:
                         self._log_step(epochs_done(), elapsed, tokens_seen)
                 if running:
