@@ -1,6 +1,6 @@
 """The `fastbert` command.
 
-    fastbert finetune --task {sst2,cola,mrpc,rte,stsb,pos,ner,squad} --train FILE --dev FILE --out DIR [...]
+    fastbert finetune --task {sst2,cola,mrpc,rte,stsb,pos,ner,squad,squad_v2} --train FILE --dev FILE --out DIR [...]
     fastbert evaluate --model DIR --dev FILE
     fastbert predict  --model DIR (TEXT [TEXT_B] | --question Q --context C | --file FILE) [--json]
     fastbert encode   [--model default|PATH] [TEXT ...]   (no TEXT: four example sentences)
@@ -96,8 +96,9 @@ def _keep_best_metric(asked: str, spec) -> str:
     names = tasks.metric_names(spec)
     if asked == "main":
         return names[0]
-    if asked not in names:
-        raise ValueError(f"--keep-best {asked}: task {spec.name} is scored by {', '.join(names)}")
+    scores = [n for n in names if not n.endswith("_threshold")]  # a threshold is no score to maximise
+    if asked not in scores:
+        raise ValueError(f"--keep-best {asked}: task {spec.name} is scored by {', '.join(scores)}")
     return asked
 
 
@@ -107,12 +108,6 @@ def _check_dev(path, spec, dev):
         raise _no_examples("--dev", path)
     if spec.kind == "regression" and len(dev.features) < 2:
         raise ValueError(f"--dev {str(path)!r}: a correlation needs at least 2 examples, got {len(dev.features)}")
-    if spec.kind == "qa":
-        unanswered = [e.id for e in dev.examples if not e.answers]
-        if unanswered:
-            more = f" (and {len(unanswered) - 1} more)" if len(unanswered) > 1 else ""
-            raise ValueError(f"--dev {str(path)!r}: question id {unanswered[0]}{more} has no gold answer; "
-                             "SQuAD v1.1 scoring needs at least one per question")
 
 
 def _check_headerless_columns(args):
@@ -243,8 +238,11 @@ def _finetune(args, device) -> int:
     check_writable("--out", args.out, folder=True)
     if args.metrics_json:
         check_writable("--metrics-json", args.metrics_json, folder=False)
+    if args.null_score_diff_threshold is not None and (kind != "qa" or args.task == "squad"):
+        raise ValueError(f"--null-score-diff-threshold is for question answering where a question may have no "
+                         f"answer (--task squad_v2, or --task-type qa on such data), not --task {args.task or kind}")
     overrides = dict(max_seq_len=args.max_seq_len, doc_stride=args.doc_stride, max_answer_len=args.max_answer_len,
-                     max_question_len=args.max_question_len,
+                     max_question_len=args.max_question_len, null_score_diff_threshold=args.null_score_diff_threshold,
                      text_cols=args.text_cols, label_col=args.label_col, header=False if args.no_header else None)
     spec = tasks.TaskSpec.preset(args.task, **overrides) if args.task else \
         tasks.TaskSpec(name=args.task_type, kind=args.task_type,
@@ -270,6 +268,10 @@ def _finetune(args, device) -> int:
     train_data = tasks.read(spec, args.train, tokenizer, args.max_train_examples)
     if not train_data.features:
         raise _no_examples("--train", args.train)
+    if args.null_score_diff_threshold is not None and not spec.no_answer:
+        raise ValueError(f"--null-score-diff-threshold: every question of --train {str(args.train)!r} has an "
+                         "answer, so the model is trained to always answer (SQuAD v1.1) and has no null score to "
+                         "weigh")
     dev_data = tasks.read(spec, args.dev, tokenizer, args.max_dev_examples) if args.dev else None
     if dev_data is not None:
         _check_dev(args.dev, spec, dev_data)
@@ -344,6 +346,11 @@ def _load_finetuned(args):
         raise ValueError(f"--model {str(folder)!r} is a training checkpoint, which keeps no tokenizer: use the "
                          f"finished run's model folder, or copy its tokenizer.json here")
     model, spec = tasks.load_finetuned(folder, args.backend)
+    if args.null_score_diff_threshold is not None:
+        if not (spec.kind == "qa" and spec.no_answer):
+            raise ValueError(f"--null-score-diff-threshold: {args.model} is a {spec.kind} model ({spec.name}) that "
+                             "always answers; the threshold is for SQuAD v2.0 models (--task squad_v2)")
+        spec.null_score_diff_threshold = args.null_score_diff_threshold
     return model.to(device), spec, fastbert.Tokenizer.from_pretrained(folder)
 
 
@@ -665,6 +672,19 @@ def _common(p, dev=True, inference=True):
                        help="read only the first N dev examples (questions, sentences)")
 
 
+def _null_threshold_flag(p, where: str) -> None:
+    p.add_argument("--null-score-diff-threshold", type=_finite_float, default=None, metavar="X",
+                   help="SQuAD v2.0 models: answer nothing when the null score ([CLS]) beats the best span's by "
+                        f"more than X ({where}default 0.0; evaluate reports best_f1_threshold, the best X on its data)")
+
+
+def _finite_float(text: str) -> float:
+    value = float(text)
+    if not math.isfinite(value):
+        raise argparse.ArgumentTypeError(f"must be a finite number, got {text}")
+    return value
+
+
 def build_parser():
     parser = argparse.ArgumentParser(prog="fastbert", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     from fastbert import __version__
@@ -681,13 +701,14 @@ def build_parser():
     ft.add_argument("--task", choices=sorted(__import__("fastbert.tasks", fromlist=["PRESETS"]).PRESETS),
                     help="a preset: reader, head and metric (GLUE TSV for sst2/cola/mrpc/rte/stsb, CoNLL-U "
                          "UPOS for pos, CoNLL-2003 named entities (PER, ORG, LOC, MISC; IOB1 or IOB2) scored by "
-                         "entity F1 for ner, SQuAD v1.1 JSON for squad)")
+                         "entity F1 for ner, SQuAD v1.1 JSON for squad, SQuAD v2.0 JSON (questions may have no "
+                         "answer) for squad_v2)")
     ft.add_argument("--task-type", choices=["single", "pair", "regression", "tagging", "qa"],
                     help="any other data: a TSV, with a header unless --no-header (single, pair, regression: "
                          "give --text-cols and --label-col; labels are found in the training file), a CoNLL-U "
                          "or CoNLL-2003-style file (tagging: UPOS, or the last column; the format is told from "
-                         "the content; IOB-style tags such as B-PER are scored by entity F1 too), or SQuAD v1.1 "
-                         "JSON (qa)")
+                         "the content; IOB-style tags such as B-PER are scored by entity F1 too), or SQuAD "
+                         "JSON (qa: v2.0's rules if a training question has no answer)")
     ft.add_argument("--text-cols", nargs="+", default=None, metavar="COL",
                     help="the text column(s), by header name or 0-based index: one, or two for a pair")
     ft.add_argument("--label-col", default=None, metavar="COL", help="the label column, by header name or 0-based index")
@@ -744,6 +765,7 @@ def build_parser():
                     help="qa: longest answer in tokens (default 30)")
     ft.add_argument("--max-question-len", type=int, default=None, metavar="N",
                     help="qa: question tokens kept; longer questions are cut, with a warning (default 64)")
+    _null_threshold_flag(ft, "saved with the model; ")
     ft.add_argument("--precision", default="auto", choices=["auto", "fp32", "bf16", "fp16"],
                     help="auto: bf16 autocast on a GPU (fp16 before sm_80), fp32 on the CPU; fp16 needs a GPU")
     ft.add_argument("--seed", type=int, default=42, help="seed of the batch order, dropout and new head weights")
@@ -755,7 +777,7 @@ def build_parser():
                          "epoch's end only); --keep-best then picks among these evaluations too")
     ft.add_argument("--keep-best", nargs="?", const="main", default=None, metavar="METRIC",
                     help="keep the checkpoint of the evaluation with the best dev METRIC (default: the task's main "
-                         "one: accuracy, matthews for cola, f1 for mrpc and squad, pearson, token_accuracy, entity_f1 "
+                         "one: accuracy, matthews for cola, f1 for mrpc, squad and squad_v2, pearson, token_accuracy, entity_f1 "
                          "for IOB-tagged named entities) and "
                          "save its weights as OUT/model instead of the last; needs --dev")
     ft.add_argument("--early-stop", type=int, default=None, metavar="N",
@@ -777,6 +799,7 @@ def build_parser():
                     help="also write what the model predicted: SQuAD's prediction JSON (id -> answer) for qa, "
                          "GLUE's index<TAB>prediction TSV for sentence tasks, word<TAB>gold<TAB>predicted lines "
                          "(a blank line between sentences) for tagging")
+    _null_threshold_flag(ev, "instead of the one saved with the model; ")
     _common(ev)
     ev.set_defaults(run=cmd_evaluate)
 
@@ -795,6 +818,7 @@ def build_parser():
                     help="one JSON object per input instead of text: the input and fastbert.Predictor's result "
                          "(label, score and every label's probability; score; words, tags and entities; answer, "
                          "its character start/end in the context and score)")
+    _null_threshold_flag(pr, "instead of the one saved with the model; ")
     _common(pr, dev=False)
     pr.set_defaults(run=cmd_predict)
 

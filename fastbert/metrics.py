@@ -5,7 +5,9 @@ matthews_corrcoef, pearson, spearman, and glue_metrics(task, ...) picking a
 task's official ones. Tagging: token_accuracy, ignoring label -100, and for named entities
 (IOB-style tags) entity_scores, conlleval's chunk precision/recall/F1. SQuAD v1.1:
 normalize_answer, squad_exact_match, squad_f1 and squad_scores, following the
-official evaluate-v1.1.py (percent, max over the gold answers).
+official evaluate-v1.1.py (percent, max over the gold answers). SQuAD v2.0 (questions
+may have no answer): squad_v2_scores, the official evaluate-v2.0.py's scores, split by
+answerable or not, and its best no-answer threshold.
 
 Predictions may be class ids or logits (one more trailing dimension, argmax
 taken); inputs may be lists, numpy arrays or torch tensors. Values match
@@ -344,6 +346,95 @@ def squad_scores(predictions: Mapping[str, str], references: Mapping[str, Sequen
             em += squad_exact_match(predictions[qid], golds)
             f1 += squad_f1(predictions[qid], golds)
     return {"exact_match": 100.0 * em / len(references), "f1": 100.0 * f1 / len(references)}
+
+
+# --- SQuAD v2.0: the official evaluate-v2.0.py logic ------------------------------------------
+
+def _v2_exact(prediction: str, truth: str) -> float:
+    return float(normalize_answer(prediction) == normalize_answer(truth))
+
+
+def _v2_f1(prediction: str, truth: str) -> float:
+    # v2.0's F1 differs from v1.1's where either side is empty: no answer against no answer is 1
+    pred_tokens, truth_tokens = normalize_answer(prediction).split(), normalize_answer(truth).split()
+    if not pred_tokens or not truth_tokens:
+        return float(pred_tokens == truth_tokens)
+    return _token_f1(prediction, truth)
+
+
+def _best_threshold(answers: Mapping[str, str], raw: Mapping[str, float], odds: Mapping[str, float],
+                    has_answer: Mapping[str, bool]) -> tuple[float, float]:
+    """The official find_best_thresh: start from every question answered with no answer, then answer
+    them one by one in increasing no-answer odds, keeping the total at its best; the threshold is the
+    odds of the last question answered at that best (ties in odds split as the official sort leaves them)."""
+    total = best = float(sum(not has for has in has_answer.values()))
+    threshold = 0.0
+    for qid in sorted(odds, key=lambda k: odds[k]):
+        if has_answer[qid]:
+            total += raw[qid]
+        elif answers[qid]:
+            total -= 1
+        if total > best:
+            best, threshold = total, odds[qid]
+    return 100.0 * best / len(raw), threshold
+
+
+def squad_v2_scores(predictions: Mapping[str, str], references: Mapping[str, Sequence[str]],
+                    no_answer_odds: Mapping[str, float] | None = None,
+                    no_answer_threshold: float = 1.0) -> dict[str, float]:
+    """SQuAD v2.0's official scores, in percent, of every question of references (id -> gold answer
+    texts; an empty list: the question has no answer, and only the empty prediction is right).
+
+    predictions: id -> answer text, "" for no answer. no_answer_odds: id -> how strongly the model
+    says no answer (fastbert: the null score minus the best span's score); a question whose odds
+    are above no_answer_threshold counts as answered with "". With odds, best_f1/best_exact_match
+    are the scores at the best threshold and best_*_threshold is that threshold (pass the model's
+    best span for every question, never "", and these are exactly the scores `--null-score-diff-
+    threshold <best_f1_threshold>` would give). has_answer_* and no_answer_* split the scores by
+    the gold side; NaN where the references hold no such question.
+    """
+    if not references:
+        raise ValueError("references is empty")
+    missing = [qid for qid in references if qid not in predictions]
+    if missing:  # the official script drops them from the total: a silent change of denominator
+        raise ValueError(f"no prediction for {len(missing)} of {len(references)} questions (e.g. id {missing[0]!r}); "
+                         'SQuAD v2.0 scores every question: predict "" for no answer')
+    if no_answer_odds is not None:
+        absent = [qid for qid in references if qid not in no_answer_odds]
+        if absent:
+            raise ValueError(f"no_answer_odds has no value for {len(absent)} questions (e.g. id {absent[0]!r})")
+        bad = [qid for qid in references if math.isnan(no_answer_odds[qid])]  # inf is fine: no span at all
+        if bad:
+            raise ValueError(f"no_answer_odds[{bad[0]!r}] is NaN (a diverged model's logits?): the odds must be numbers")
+    exact, f1, has_answer = {}, {}, {}
+    for qid, golds in references.items():
+        golds = [golds] if isinstance(golds, str) else list(golds)
+        if not isinstance(predictions[qid], str):
+            raise TypeError(f"predictions[{qid!r}] must be an answer text (str), got {type(predictions[qid]).__name__}")
+        has_answer[qid] = bool(golds)
+        # as the official script: a gold answer that normalises to nothing is no answer
+        golds = [g for g in golds if normalize_answer(g)] or [""]
+        exact[qid] = max(_v2_exact(predictions[qid], g) for g in golds)
+        f1[qid] = max(_v2_f1(predictions[qid], g) for g in golds)
+    odds = no_answer_odds if no_answer_odds is not None else dict.fromkeys(references, 0.0)
+    said_none = {qid: odds[qid] > no_answer_threshold for qid in references}
+    exact_at = {qid: float(not has_answer[qid]) if said_none[qid] else s for qid, s in exact.items()}
+    f1_at = {qid: float(not has_answer[qid]) if said_none[qid] else s for qid, s in f1.items()}
+
+    def mean(values, which) -> float:
+        chosen = [values[qid] for qid in references if which(qid)]
+        return 100.0 * sum(chosen) / len(chosen) if chosen else math.nan
+
+    scores = {"exact_match": mean(exact_at, lambda q: True), "f1": mean(f1_at, lambda q: True),
+              "has_answer_exact_match": mean(exact_at, has_answer.get), "has_answer_f1": mean(f1_at, has_answer.get),
+              "no_answer_exact_match": mean(exact_at, lambda q: not has_answer[q]),
+              "no_answer_f1": mean(f1_at, lambda q: not has_answer[q])}
+    if no_answer_odds is not None:
+        odds = {qid: float(no_answer_odds[qid]) for qid in references}
+        scores["best_exact_match"], scores["best_exact_match_threshold"] = \
+            _best_threshold(predictions, exact, odds, has_answer)
+        scores["best_f1"], scores["best_f1_threshold"] = _best_threshold(predictions, f1, odds, has_answer)
+    return scores
 
 
 def json_safe(value):

@@ -6,6 +6,7 @@
     predict("A man sings.", "Someone sings.")       # a pair model: text and text_pair (lists too)
     predict("John lives in Paris")         # tagging: words, tags and, for IOB tags, the entities
     predict(question="Who?", context="...")         # qa: the answer, its character span and score
+                                                    # (SQuAD v2.0 models: "" for no answer, null_score_diff)
 
 Each result is plain Python (str, float, int, list, dict), ready for JSON. The model runs as
 `fastbert evaluate` and `predict` run it: under torch.no_grad, in the autocast `finetune`
@@ -13,6 +14,7 @@ trained under (bf16 on a GPU, float32 on the CPU; `precision`), batched by lengt
 """
 from __future__ import annotations
 
+import dataclasses
 from pathlib import Path
 from typing import Sequence
 
@@ -24,7 +26,7 @@ from .tokenizer import Tokenizer
 
 class Predictor:
     def __init__(self, model, spec: tasks.TaskSpec, tokenizer: Tokenizer, batch_size: int = 64,
-                 precision: str = "auto", n_best: int = 1):
+                 precision: str = "auto", n_best: int = 1, null_score_diff_threshold: float | None = None):
         from .train import _autocast_dtype
 
         from .ops.span import MAX_TOPK
@@ -39,6 +41,14 @@ class Predictor:
         self.device = next(model.parameters()).device
         self.autocast = _autocast_dtype(precision, self.device)
         self.n_best = n_best
+        if null_score_diff_threshold is not None:
+            if spec.kind != "qa" or not spec.no_answer:
+                raise ValueError(f"null_score_diff_threshold is for a question-answering model that may answer no "
+                                 f"answer (SQuAD v2.0, --task squad_v2); this one is {spec.kind} ({spec.name})")
+            if isinstance(null_score_diff_threshold, bool) or not isinstance(null_score_diff_threshold, (int, float)) \
+                    or null_score_diff_threshold != null_score_diff_threshold:
+                raise ValueError(f"null_score_diff_threshold must be a number, got {null_score_diff_threshold!r}")
+            self.spec = dataclasses.replace(spec, null_score_diff_threshold=float(null_score_diff_threshold))
 
     @classmethod
     def from_pretrained(cls, path, device: str | torch.device | None = None, backend: str | None = None,
@@ -155,12 +165,16 @@ class Predictor:
         features = data.build_squad_features(examples, self.tokenizer, self.spec.max_seq_len, self.spec.doc_stride,
                                              max_question_tokens=self.spec.max_question_len)
         ranked = tasks.answers_from_logits(self.model, self.spec, examples, features, self._logits(features),
-                                           n_best=self.n_best, return_spans=True)
+                                           n_best=self.n_best, return_spans=True,
+                                           **({"return_null_odds": True} if self.spec.no_answer else {}))
+        ranked, odds = ranked if self.spec.no_answer else (ranked, None)
         out = []
         for ex in examples:
             spans = ranked[ex.id]
             best = spans[0] if spans else {"answer": "", "start": -1, "end": -1, "score": None}  # nothing to answer from
-            out.append({**best, **({"n_best": spans} if self.n_best > 1 else {})})
+            # v2.0: "" (span -1, -1) for no answer; the odds let a caller pick its own threshold
+            out.append({**best, **({"null_score_diff": odds[ex.id]} if odds is not None else {}),
+                        **({"n_best": spans} if self.n_best > 1 else {})})
         return out[0] if single else out
 
 

@@ -6,7 +6,8 @@ on the encoder and how to score it.
     regression   BertForSequenceClassification(1)       Pearson, Spearman
     tagging      BertForTokenClassification             token accuracy (first sub-words); with IOB-style
                                                         tags, entity F1/precision/recall (conlleval)
-    qa           BertForQuestionAnswering               SQuAD exact match and F1
+    qa           BertForQuestionAnswering               SQuAD exact match and F1 (v2.0: also split by
+                                                        answerable or not, and the best no-answer threshold)
 """
 from __future__ import annotations
 
@@ -22,7 +23,7 @@ from .data.tagging import read_tagged
 
 PRESETS = {
     "sst2": "single", "cola": "single", "mrpc": "pair", "rte": "pair", "stsb": "regression",
-    "pos": "tagging", "ner": "tagging", "squad": "qa",
+    "pos": "tagging", "ner": "tagging", "squad": "qa", "squad_v2": "qa",
 }
 KINDS = ("single", "pair", "regression", "tagging", "qa")
 
@@ -43,6 +44,13 @@ class TaskSpec:
     # files have none), a header for other data. False: columns are given by 0-based index.
     # (Specs saved before this field existed load as None, which is how they were read.)
     header: bool | None = None
+    # qa: whether a question may have no answer (SQuAD v2.0). None until the training file says (a
+    # question without an answer in it: True); the squad preset says False, squad_v2 True; specs saved
+    # before the field load as False, the only kind there was.
+    no_answer: bool | None = None
+    # qa with no_answer: answer "" when the null score ([CLS]) beats the best span's by more than this
+    # (BERT's and transformers' null_score_diff_threshold; evaluate reports the best one on its data)
+    null_score_diff_threshold: float = 0.0
 
     def __post_init__(self):
         if self.kind not in KINDS:
@@ -59,7 +67,8 @@ class TaskSpec:
         labels = {"pos": list(data.UPOS_TAGS), "ner": list(data.CONLL2003_NER_TAGS)}.get(name)
         if name in data.TASKS and data.TASKS[name].labels is not None:
             labels = list(data.TASKS[name].labels)
-        spec = cls(name=name, kind=PRESETS[name], labels=labels)
+        spec = cls(name=name, kind=PRESETS[name], labels=labels,
+                   no_answer={"squad": False, "squad_v2": True}.get(name))
         return dataclasses.replace(spec, **{k: v for k, v in overrides.items() if v is not None})
 
 
@@ -101,6 +110,14 @@ def read(spec: TaskSpec, path, tokenizer, max_examples: int | None = None, label
                 spec.labels = metrics.complete_chunk_tags(spec.labels)
         return TaskData(data.encode_tagging(sentences, tokenizer, spec.labels, spec.max_seq_len), sentences)
     examples = data.read_squad(path, max_examples=max_examples)
+    unanswerable = sum(not e.answers for e in examples)
+    if spec.no_answer is None:
+        spec.no_answer = unanswerable > 0
+    elif unanswerable and not spec.no_answer:
+        # trained to always answer, and scored by v1.1's rules, which have no right answer for these
+        raise data.DataFormatError(f"{path}: {unanswerable} of {len(examples)} questions have no answer (SQuAD "
+                                   f"v2.0), and task {spec.name!r} answers every question: use --task squad_v2 "
+                                   "(or --task-type qa, which reads it from the training file)")
     return TaskData(data.build_squad_features(examples, tokenizer, spec.max_seq_len, spec.doc_stride,
                                               max_question_tokens=spec.max_question_len), examples)
 
@@ -149,6 +166,8 @@ def load_finetuned(model_dir, backend=None):
         spec = TaskSpec(**saved)
     except TypeError as err:  # a required field missing
         raise ValueError(f"{folder / 'config.json'}: fastbert_task is incomplete: {err}") from None
+    if spec.kind == "qa" and spec.no_answer is None:  # saved before SQuAD v2.0: trained to answer every question
+        spec.no_answer = False
     return build_model(spec, folder, backend, fine_tuned=True), spec
 
 
@@ -199,6 +218,10 @@ def metric_names(spec: TaskSpec) -> tuple[str, ...]:
                 tuple(f"entity_f1_{kind}" for kind in metrics.chunk_types(spec.labels))
         return ("token_accuracy",)
     if spec.kind == "qa":
+        if spec.no_answer:  # the official v2.0 script's scores, in its order
+            return ("f1", "exact_match", "has_answer_f1", "has_answer_exact_match", "no_answer_f1",
+                    "no_answer_exact_match", "best_f1", "best_f1_threshold", "best_exact_match",
+                    "best_exact_match_threshold")
         return ("f1", "exact_match")
     names = ("accuracy", "f1", "matthews") if len(spec.labels or []) == 2 else ("accuracy",)
     main = {"cola": "matthews", "mrpc": "f1"}.get(spec.name, "accuracy")
@@ -259,8 +282,17 @@ def _evaluate(model, spec: TaskSpec, dev: TaskData, batch_size: int, with_predic
                       **{f"entity_f1_{kind}": found.get(f"f1_{kind}", math.nan)
                          for kind in metrics.chunk_types(spec.labels)}}
         return scores, tags if with_predictions else None
-    answers = answers_from_logits(model, spec, dev.examples, dev.features, logits)
-    return metrics.squad_scores(answers, {e.id: e.answers for e in dev.examples}), answers
+    gold = {e.id: e.answers for e in dev.examples}
+    if not spec.no_answer:
+        answers = answers_from_logits(model, spec, dev.examples, dev.features, logits)
+        return metrics.squad_scores(answers, gold), answers
+    # every question's best span and its no-answer odds: the threshold is applied by the scoring,
+    # which also searches the best one over these spans
+    spans, odds = answers_from_logits(model, spec, dev.examples, dev.features, logits,
+                                      null_score_diff_threshold=math.inf, return_null_odds=True)
+    threshold = spec.null_score_diff_threshold
+    answers = {qid: "" if odds[qid] > threshold else text for qid, text in spans.items()}
+    return metrics.squad_v2_scores(spans, gold, odds, threshold), answers
 
 
 def tags_from_logits(spec: TaskSpec, sentence_lengths: Sequence[int], features, logits) -> list[list[str]]:
@@ -279,11 +311,14 @@ def tags_from_logits(spec: TaskSpec, sentence_lengths: Sequence[int], features, 
 def answers_from_logits(model, spec: TaskSpec, examples, features, logits, **options) -> dict:
     """QA: the best answer text per example id from predict_logits' per-feature (seqlen_i, 2)
     logits; the span score runs on the model's device (the kernel on a GPU). options go to
-    data.predict_answers (n_best, return_spans: the Predictor's spans and scores)."""
+    data.predict_answers (n_best, return_spans: the Predictor's spans and scores); a SQuAD v2.0
+    task (spec.no_answer) answers "" by its null_score_diff_threshold unless options set another."""
     width = max(l.shape[0] for l in logits)
     start = torch.zeros(len(logits), width)
     end = torch.zeros(len(logits), width)
     for i, l in enumerate(logits):                                   # l: (seqlen_i, 2)
         start[i, :l.shape[0]], end[i, :l.shape[0]] = l[:, 0], l[:, 1]
+    if spec.no_answer:
+        options.setdefault("null_score_diff_threshold", spec.null_score_diff_threshold)
     return data.predict_answers(examples, features, start, end, max_answer_tokens=spec.max_answer_len,
                                 device=next(model.parameters()).device, **options)

@@ -846,3 +846,85 @@ def test_predict_json_prints_the_predictors_result_per_input(tmp_path, capsys, u
     won, nothing = (json.loads(line) for line in out)
     assert code == 0 and won["question"] == "Who won?" and "The Broncos won the game."[won["start"]:won["end"]] == won["answer"]
     assert nothing == {"question": "Where?", "answer": "", "start": -1, "end": -1, "score": None}
+
+
+# --- SQuAD v2.0 ----------------------------------------------------------------------------------
+
+def _squad_v2_file(path, paragraphs=6):
+    """SQuAD v2.0's layout from the real v1.1 data: each paragraph keeps two of its questions and
+    takes, as unanswerable, the next paragraph's first two whose answers are nowhere in its text."""
+    if not DATA.exists():
+        pytest.skip(f"needs the shared datasets at {DATA}")
+    article = json.loads((DATA / "squad/train-from-dev-v1.1.json").read_text())["data"][0]
+    chosen = article["paragraphs"][:paragraphs + 1]
+    out = []
+    for here, after in zip(chosen, chosen[1:]):
+        qas = [dict(q, is_impossible=False) for q in here["qas"][:2]]
+        qas += [{"id": q["id"] + "-none", "question": q["question"], "answers": [], "is_impossible": True,
+                 "plausible_answers": q["answers"]}
+                for q in after["qas"][:2] if all(a["text"] not in here["context"] for a in q["answers"])]
+        out.append({"context": here["context"], "qas": qas})
+    path.write_text(json.dumps({"version": "v2.0", "data": [{"title": article["title"], "paragraphs": out}]}))
+    gold = {q["id"]: [a["text"] for a in q["answers"]] for p in out for q in p["qas"]}
+    assert 0 < sum(not g for g in gold.values()) < len(gold)
+    return path, gold
+
+
+def test_squad_v2_finetune_evaluate_predict(tmp_path, capsys):
+    """--task squad_v2 end to end: the threshold is saved with the model and overridden by evaluate and
+    predict; evaluate prints the official v2.0 scores, and its predictions file scores to them."""
+    from fastbert import metrics
+
+    v2, gold = _squad_v2_file(tmp_path / "v2.json")
+    out = tmp_path / "run"
+    common = ["--max-seq-len", "96", "--doc-stride", "24", "--no-progress", "--device", "cpu"]
+    args = ["finetune", "--task", "squad_v2", "--train", str(v2), "--dev", str(v2), "--out", str(out),
+            "--max-steps", "2", "--batch-size", "4", "--keep-best", "--null-score-diff-threshold", "0.5", *common]
+    assert fastbert.cli.main(args) == 0
+    summary = json.loads((out / "metrics.json").read_text())
+    assert {"best_f1", "best_f1_threshold", "no_answer_f1", "has_answer_exact_match"} <= set(summary["final_metrics"])
+    saved = json.loads((out / "model" / "config.json").read_text())["fastbert_task"]
+    assert (saved["name"], saved["no_answer"], saved["null_score_diff_threshold"]) == ("squad_v2", True, 0.5)
+    capsys.readouterr()
+    answered = {}
+    for threshold in ("-1e9", "1e9"):
+        predictions = tmp_path / f"predictions{threshold}.json"
+        assert fastbert.cli.main(["evaluate", "--model", str(out / "model"), "--dev", str(v2), "--device", "cpu",
+                                  "--predictions", str(predictions), f"--null-score-diff-threshold={threshold}"]) == 0
+        printed = json.loads(capsys.readouterr().out)
+        answered[threshold] = json.loads(predictions.read_text())
+        plain = metrics.squad_v2_scores(answered[threshold], gold)
+        assert {k: printed[k] for k in plain} == pytest.approx(plain, nan_ok=True)
+    assert set(answered["-1e9"].values()) == {""} and "" not in answered["1e9"].values()
+    assert printed["best_f1"] >= printed["f1"]
+    context = "Super Bowl 50 was played at Levi's Stadium in Santa Clara."
+    code = fastbert.cli.main(["predict", "--model", str(out / "model"), "--device", "cpu", "--json",
+                              "--question", "Where was it played?", "--context", context,
+                              "--null-score-diff-threshold=-1e9"])
+    result = json.loads(capsys.readouterr().out)
+    assert code == 0 and result["answer"] == "" and (result["start"], result["end"]) == (-1, -1)
+    assert isinstance(result["null_score_diff"], float)
+
+
+def test_squad_v2_flags_are_refused_where_they_mean_nothing(tmp_path, capsys, untrained_models):
+    v2, _ = _squad_v2_file(tmp_path / "v2.json", paragraphs=2)
+    base = ["--out", str(tmp_path / "run"), "--max-steps", "1", "--no-progress", "--device", "cpu"]
+    cases = [
+        (["finetune", "--task", "squad", "--train", str(v2), "--max-seq-len", "96", "--doc-stride", "24", *base],
+         r"have no answer \(SQuAD v2\.0\), and task 'squad' answers every question: use --task squad_v2"),
+        (["finetune", "--task", "squad_v2", "--train", str(v2), "--dev", str(v2), "--keep-best", "best_f1_threshold",
+          "--max-seq-len", "96", "--doc-stride", "24", *base], r"--keep-best best_f1_threshold: task squad_v2 is scored by f1"),
+        (["finetune", "--task", "sst2", "--train", str(v2), "--null-score-diff-threshold", "1", *base],
+         "--null-score-diff-threshold is for question answering where a question may have no answer"),
+        (["finetune", "--task-type", "qa", "--train", str(DATA / "squad/train-from-dev-v1.1.json"),
+          "--max-train-examples", "4", "--null-score-diff-threshold", "1", "--max-seq-len", "96", "--doc-stride", "24",
+          *base], "every question of --train .* has an answer"),
+        (["evaluate", "--model", str(untrained_models["squad"]), "--dev", str(v2), "--device", "cpu",
+          "--null-score-diff-threshold", "1"], "the threshold is for SQuAD v2.0 models"),
+        (["predict", "--model", str(untrained_models["sst2"]), "--device", "cpu", "--null-score-diff-threshold", "1",
+          "fine"], "the threshold is for SQuAD v2.0 models"),
+    ]
+    for args, message in cases:
+        assert fastbert.cli.main(args) == 2, args
+        err = capsys.readouterr().err
+        assert re.search(message, err) and "Traceback" not in err, err

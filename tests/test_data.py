@@ -919,6 +919,107 @@ def test_predict_answers_n_best_matches_exhaustive_run_qa(squad_windows):
     assert repeated > 0  # the overlap case is in the data
 
 
+# --- SQuAD v2.0: questions without an answer ---------------------------------------------------
+
+def test_read_squad_v2_layout(tmp_path, tok):
+    """The official v2.0 layout: an unanswerable question has is_impossible true, answers [] and its near
+    misses in plausible_answers (ignored); every window of it points at [CLS], as run_qa's do."""
+    context = "The cat sat on the mat. " * 12
+    qas = [{"id": "a", "question": "Who sat?", "answers": [{"text": "cat", "answer_start": 4}], "is_impossible": False},
+           {"id": "n", "question": "Who flew?", "answers": [], "is_impossible": True,
+            "plausible_answers": [{"text": "cat", "answer_start": 4}]}]
+    path = write(tmp_path, "v2.json", json.dumps({"version": "v2.0", "data": [
+        {"title": "T", "paragraphs": [{"context": context, "qas": qas}]}]}))
+    answerable, unanswerable = read_squad(path)
+    assert (answerable.answers, answerable.answer_starts) == (["cat"], [4])
+    assert (unanswerable.answers, unanswerable.answer_starts) == ([], [])
+    feats = build_squad_features([unanswerable, answerable], tok, max_length=32, stride=8, max_question_tokens=4)
+    mine = [f for f in feats if f["example_index"] == 0]
+    assert len(mine) > 2 and all((f["start_positions"], f["end_positions"]) == (0, 0) for f in mine)
+    assert any(f["start_positions"] > 0 for f in feats if f["example_index"] == 1)
+    qas[1]["answers"] = [{"text": "cat", "answer_start": 4}]   # an impossible question with an answer
+    path = write(tmp_path, "both.json", json.dumps({"data": [{"title": "T", "paragraphs": [
+        {"context": context, "qas": qas}]}]}))
+    with pytest.raises(DataFormatError, match=r"both\.json: question id n: is_impossible is true but it has 1 "
+                                              r"answers; SQuAD v2\.0 gives such a question 'answers': \[\]"):
+        read_squad(path)
+    qas[1].update(answers=[], is_impossible="yes")
+    path = write(tmp_path, "flag.json", json.dumps({"data": [{"title": "T", "paragraphs": [
+        {"context": context, "qas": qas}]}]}))
+    with pytest.raises(DataFormatError, match=r"flag\.json: question id n: missing or bad field 'is_impossible' "
+                                              r"must be true or false, got 'yes'"):
+        read_squad(path)
+
+
+def _logits_row(width, values):
+    row = torch.full((width,), -20.0)
+    for position, value in values.items():
+        row[position] = value
+    return row
+
+
+def test_null_answer_by_the_threshold_over_every_window(tok):
+    """SQuAD v2.0: the null score is the lowest [CLS] start + end over the question's windows (BERT's
+    run_squad, transformers' run_qa); the answer is "" when null - best span > the threshold."""
+    ex = SquadExample("q", "t", "Which?", "red blue green " * 12, [], [])
+    feats = build_squad_features([ex], tok, max_length=24, stride=4, max_question_tokens=4)
+    assert len(feats) >= 3
+    width = max(len(f["input_ids"]) for f in feats)
+    first = next(t for t, inside in enumerate(feats[1]["context_mask"]) if inside)
+    start = torch.stack([_logits_row(width, {0: 3.0 + f, first: 2.0 if f == 1 else -5.0}) for f in range(len(feats))])
+    end = torch.stack([_logits_row(width, {0: 1.0, first: 1.5 if f == 1 else -5.0}) for f in range(len(feats))])
+    span_text = ex.context[slice(feats[1]["offsets"][first][0], feats[1]["offsets"][first][1])]
+    # null = min over windows (3 + 0) + 1 = 4; best span = 2 + 1.5 = 3.5; odds 0.5
+    answers, odds = predict_answers([ex], feats, start, end, null_score_diff_threshold=0.0, return_null_odds=True)
+    assert answers == {"q": ""} and odds == {"q": pytest.approx(0.5)}
+    assert predict_answers([ex], feats, start, end, null_score_diff_threshold=0.5) == {"q": span_text}
+    assert predict_answers([ex], feats, start, end, null_score_diff_threshold=0.49) == {"q": ""}
+    assert predict_answers([ex], feats, start, end) == {"q": span_text}       # v1.1: always a span
+    # the n-best lists hold the null candidate, the threshold's choice first, then by score
+    spans = predict_answers([ex], feats, start, end, n_best=3, return_spans=True, null_score_diff_threshold=1.0)["q"]
+    assert spans[0]["answer"] == span_text and spans[1] == {"answer": "", "start": -1, "end": -1, "score": 4.0}
+    assert len(spans) == 4 and spans[2]["score"] >= spans[3]["score"]
+    n_best = predict_answers([ex], feats, start, end, n_best=2, return_n_best=True, null_score_diff_threshold=-9.0)["q"]
+    assert n_best[0] == ("", 4.0) and [t for t, _ in n_best[1:]] == [span_text, n_best[2][0]] and len(n_best) == 3
+    for bad in (float("nan"), "0", True):
+        with pytest.raises(ValueError, match="null_score_diff_threshold must be a number"):
+            predict_answers([ex], feats, start, end, null_score_diff_threshold=bad)
+    with pytest.raises(ValueError, match="return_null_odds needs null_score_diff_threshold"):
+        predict_answers([ex], feats, start, end, return_null_odds=True)
+
+
+def _run_qa_v2(examples, features, start_logits, end_logits, threshold, n_best_size=20):
+    """transformers' utils_qa.py `postprocess_qa_predictions` with version_2_with_negative, restated over
+    _run_qa_postprocess's exhaustive candidates: min_null_prediction is the lowest start_logits[0] +
+    end_logits[0] over the example's features; score_diff = null_score - the best non-null prediction's
+    start_logit - end_logit; the answer is "" where score_diff > null_score_diff_threshold."""
+    candidates = _run_qa_postprocess(examples, features, start_logits, end_logits, n_best_size,
+                                     every_start_and_end=True)
+    answers, diffs = {}, {}
+    for i, ex in enumerate(examples):
+        null = min(start_logits[f][0] + end_logits[f][0] for f, feat in enumerate(features)
+                   if feat["example_index"] == i)
+        (_, text, score), *_ = candidates[ex.id]
+        diffs[ex.id] = float(null - score)
+        answers[ex.id] = "" if diffs[ex.id] > threshold else text
+    return answers, diffs
+
+
+@pytest.mark.parametrize("threshold", [0.0, 1.5, -2.0])
+def test_null_answers_match_run_qa_version_2_with_negative(squad_windows, threshold):
+    examples, feats, start, end = squad_windows
+    start, end = start.clone(), end.clone()
+    g = torch.Generator().manual_seed(1)
+    start[:, 0] += torch.empty(len(feats)).uniform_(3, 11, generator=g)   # about half the questions answered ""
+    theirs, their_diffs = _run_qa_v2(examples, feats, start.numpy(), end.numpy(), threshold)
+    ours, odds = predict_answers(examples, feats, start, end, null_score_diff_threshold=threshold,
+                                 return_null_odds=True)
+    assert odds == {k: pytest.approx(v, rel=1e-6, abs=1e-6) for k, v in their_diffs.items()}
+    close = {k for k, v in odds.items() if abs(v - threshold) < 1e-5}
+    assert {k: v for k, v in ours.items() if k not in close} == {k: v for k, v in theirs.items() if k not in close}
+    assert 0.1 < sum(a == "" for a in ours.values()) / len(ours) < 0.9  # both answers happen
+
+
 # --- collation and bucketing ------------------------------------------------------------------
 
 def test_collate_classification_regression_tagging_qa():

@@ -12,7 +12,8 @@ import torch
 
 from fastbert import metrics
 from fastbert.metrics import (accuracy, f1_score, glue_metrics, matthews_corrcoef, normalize_answer, pearson,
-                              spearman, squad_exact_match, squad_f1, squad_scores, token_accuracy)
+                              spearman, squad_exact_match, squad_f1, squad_scores, squad_v2_scores,
+                              token_accuracy)
 
 
 def _cases(seed=0):
@@ -157,6 +158,42 @@ def test_squad_em_f1_by_hand_and_vs_official():
         for g in STRINGS[:8]:
             assert squad_f1(p, g) == pytest.approx(_official_f1(p, g))
             assert squad_exact_match(p, [g]) == float(_official_normalize(p) == _official_normalize(g))
+
+
+def test_squad_v2_scores_by_hand():
+    """Two answerable questions and two without an answer; the odds put q_none_1 below the threshold."""
+    refs = {"a": ["Denver Broncos"], "b": ["cat", "black cat"], "n1": [], "n2": []}
+    preds = {"a": "the Denver Broncos", "b": "a dog", "n1": "", "n2": "Panthers"}
+    plain = squad_v2_scores(preds, refs)
+    assert plain == {"exact_match": 50.0, "f1": 50.0, "has_answer_exact_match": 50.0, "has_answer_f1": 50.0,
+                     "no_answer_exact_match": 50.0, "no_answer_f1": 50.0}
+    # odds above 1.0 (the default threshold) make the answer "": n2 right, b and a wrong if theirs are high
+    odds = {"a": -3.0, "b": 2.0, "n1": 0.5, "n2": 4.0}
+    scored = squad_v2_scores(preds, refs, odds)
+    assert (scored["exact_match"], scored["no_answer_exact_match"], scored["has_answer_f1"]) == (75.0, 100.0, 50.0)
+    # the sweep over thresholds, answering in increasing odds a (+1), n1 (0), b (+0), n2 (-1): best 3 of 4
+    # right from a's threshold on, where the official script stops at its first best (-3.0)
+    assert (scored["best_exact_match"], scored["best_exact_match_threshold"]) == (75.0, -3.0)
+    assert (scored["best_f1"], scored["best_f1_threshold"]) == (75.0, -3.0)
+    # a gold answer that normalises to nothing is no answer; a prediction of "the" is no answer too
+    assert squad_v2_scores({"x": "the"}, {"x": ["a", "An"]})["exact_match"] == 100.0
+    assert squad_v2_scores({"x": ""}, {"x": ["cat"]})["f1"] == 0.0
+    assert squad_v2_scores({"x": "cat"}, {"x": ["cat"]}, {"x": math.inf}, 5.0)["f1"] == 0.0    # no span: inf odds
+    assert math.isnan(squad_v2_scores({"x": "cat"}, {"x": ["cat"]})["no_answer_f1"])   # no such question
+
+
+def test_squad_v2_scores_refuse_what_the_official_script_drops():
+    with pytest.raises(ValueError, match=r"no prediction for 1 of 2 questions \(e\.g\. id 'n'\); SQuAD v2\.0 "
+                                         r"scores every question: predict \"\" for no answer"):
+        squad_v2_scores({"a": "x"}, {"a": ["x"], "n": []})
+    with pytest.raises(ValueError, match=r"no_answer_odds has no value for 1 questions \(e\.g\. id 'n'\)"):
+        squad_v2_scores({"a": "x", "n": ""}, {"a": ["x"], "n": []}, {"a": 1.0})
+    with pytest.raises(ValueError, match=r"no_answer_odds\['a'\] is NaN"):
+        squad_v2_scores({"a": "x"}, {"a": ["x"]}, {"a": math.nan})
+    with pytest.raises(TypeError, match=r"predictions\['a'\] must be an answer text \(str\), got NoneType"):
+        squad_v2_scores({"a": None}, {"a": ["x"]})
+    with pytest.raises(ValueError, match="references is empty"):
+        squad_v2_scores({}, {})
 
 
 def test_squad_scores_percent_and_missing():

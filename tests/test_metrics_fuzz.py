@@ -269,6 +269,55 @@ def test_squad_empty_prediction_and_empty_normalised_gold():
         max(_official_f1("The  cat—dog", "cat—dog"), _official_f1("The  cat—dog", "a cat")))
 
 
+# --- SQuAD v2.0 against transformers' copy of the official script --------------------------------
+
+_V2_NAMES = {"exact": "exact_match", "f1": "f1", "HasAns_exact": "has_answer_exact_match",
+             "HasAns_f1": "has_answer_f1", "NoAns_exact": "no_answer_exact_match", "NoAns_f1": "no_answer_f1",
+             "best_exact": "best_exact_match", "best_exact_thresh": "best_exact_match_threshold",
+             "best_f1": "best_f1", "best_f1_thresh": "best_f1_threshold"}
+
+
+@st.composite
+def v2_questions(draw):
+    """(golds, prediction, odds) per question: often no gold answer (v2's unanswerable), often the
+    empty prediction, odds drawn from a few values so that ties happen, and a threshold among them."""
+    n = draw(st.integers(1, 8))
+    odds_values = draw(st.lists(st.floats(-20, 20, allow_nan=False, width=32), min_size=1, max_size=4))
+    rows = []
+    for _ in range(n):
+        golds = draw(st.lists(answer_text, max_size=3) | st.just([]))
+        prediction = draw(st.just("") | st.sampled_from(golds or [""]) | answer_text)
+        rows.append((golds, prediction, draw(st.sampled_from(odds_values))))
+    return rows, draw(st.sampled_from(odds_values) | st.floats(-30, 30, allow_nan=False))
+
+
+@settings(max_examples=300, deadline=None, derandomize=True)
+@given(case=v2_questions())
+def test_squad_v2_scores_are_the_official_evaluate(case):
+    from types import SimpleNamespace
+
+    import squad_v2_reference as reference
+
+    rows, threshold = case
+    references = {f"q{i}": golds for i, (golds, _, _) in enumerate(rows)}
+    predictions = {f"q{i}": p for i, (_, p, _) in enumerate(rows)}
+    odds = {f"q{i}": o for i, (_, _, o) in enumerate(rows)}
+    examples = [SimpleNamespace(qas_id=qid, answers=[{"text": g} for g in golds]) for qid, golds in references.items()]
+    theirs = reference.squad_evaluate(examples, predictions, odds, threshold)
+    ours = metrics.squad_v2_scores(predictions, references, odds, threshold)
+    expected = {_V2_NAMES[k]: v for k, v in theirs.items() if k in _V2_NAMES}
+    for split in ("has_answer", "no_answer"):  # the reference leaves out a split with no question
+        for metric in ("exact_match", "f1"):
+            expected.setdefault(f"{split}_{metric}", math.nan)
+    assert ours == {k: pytest.approx(v, abs=1e-9, nan_ok=True) for k, v in expected.items()}
+    # without odds: the scores of the predictions as they are, no threshold search
+    plain = metrics.squad_v2_scores(predictions, references)
+    theirs = reference.squad_evaluate(examples, predictions)
+    assert plain == {k: pytest.approx(ours_v, abs=1e-9, nan_ok=True) for k, ours_v in
+                     {**{f"{s}_{m}": math.nan for s in ("has_answer", "no_answer") for m in ("exact_match", "f1")},
+                      **{_V2_NAMES[k]: v for k, v in theirs.items() if k in _V2_NAMES and "best" not in k}}.items()}
+
+
 # --- named entities against seqeval (default mode, conlleval's rules) ---------------------------
 
 _SCHEMES = {"iob1": ("O", "I-PER", "I-LOC", "B-PER", "B-LOC", "I-MISC"),

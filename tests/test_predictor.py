@@ -19,7 +19,8 @@ def saved(tmp_path_factory):
     folders = {}
     specs = {"sst2": tasks.TaskSpec.preset("sst2", max_seq_len=32), "stsb": tasks.TaskSpec.preset("stsb", max_seq_len=32),
              "ner": tasks.TaskSpec(name="tagging", kind="tagging", labels=NER_TAGS, max_seq_len=8),
-             "squad": tasks.TaskSpec.preset("squad", max_seq_len=48, doc_stride=16, max_question_len=16)}
+             "squad": tasks.TaskSpec.preset("squad", max_seq_len=48, doc_stride=16, max_question_len=16),
+             "squad_v2": tasks.TaskSpec.preset("squad_v2", max_seq_len=48, doc_stride=16, max_question_len=16)}
     for name, spec in specs.items():
         torch.manual_seed(len(name))
         model = tasks.build_model(spec, "default")
@@ -118,6 +119,39 @@ def test_question_answering_gives_the_answer_its_span_and_score(saved):
         predict("Who won?")
     with pytest.raises(ValueError, match="question and context must match: 2 and 1"):
         predict(question=["a?", "b?"], context=["c"])
+
+
+def test_a_squad_v2_model_may_answer_nothing(saved):
+    """v2.0: the answer is "" (span -1, -1) when the null score beats the best span's by more than the
+    threshold; null_score_diff is that margin, the same as the evaluation's post-processing gives."""
+    context = "The game was played on February 7, 2016, at Levi's Stadium in Santa Clara, California. " * 2
+    question = "Where was the game played?"
+    found = fastbert.Predictor.from_pretrained(saved["squad_v2"], device="cpu", n_best=3)(question=question,
+                                                                                            context=context)
+    model, spec = tasks.load_finetuned(saved["squad_v2"])
+    example = data.SquadExample(id="q", title="", question=question, context=context, answers=[], answer_starts=[])
+    features = data.build_squad_features([example], fastbert.Tokenizer.from_pretrained(saved["squad_v2"]),
+                                         spec.max_seq_len, spec.doc_stride, max_question_tokens=spec.max_question_len)
+    spans, odds = tasks.answers_from_logits(model, spec, [example], features, tasks.predict_logits(model, features),
+                                            null_score_diff_threshold=spec.null_score_diff_threshold,
+                                            return_null_odds=True)
+    assert found["null_score_diff"] == pytest.approx(odds["q"], abs=1e-5)
+    assert found["answer"] == spans["q"] == ("" if odds["q"] > 0 else found["answer"])
+    assert len(found["n_best"]) == 4 and sum(c["answer"] == "" for c in found["n_best"]) == 1  # 3 spans + the null
+    for threshold, nothing in ((-1e9, True), (1e9, False)):
+        predict = fastbert.Predictor.from_pretrained(saved["squad_v2"], device="cpu",
+                                                     null_score_diff_threshold=threshold)
+        result = predict(question=question, context=context)
+        assert (result["answer"] == "") == nothing and ((result["start"], result["end"]) == (-1, -1)) == nothing
+        assert result["null_score_diff"] == pytest.approx(odds["q"], abs=1e-5)
+    empty = fastbert.Predictor.from_pretrained(saved["squad_v2"], device="cpu")(question="Who?", context="")
+    assert (empty["answer"], empty["start"], empty["null_score_diff"]) == ("", -1, None)   # no span: inf, as null
+    json.dumps(empty, allow_nan=False)
+    with pytest.raises(ValueError, match=r"null_score_diff_threshold is for a question-answering model that may "
+                                         r"answer no answer \(SQuAD v2\.0, --task squad_v2\); this one is qa \(squad\)"):
+        fastbert.Predictor.from_pretrained(saved["squad"], device="cpu", null_score_diff_threshold=1.0)
+    with pytest.raises(ValueError, match="null_score_diff_threshold must be a number, got nan"):
+        fastbert.Predictor.from_pretrained(saved["squad_v2"], device="cpu", null_score_diff_threshold=float("nan"))
 
 
 def test_mistakes_are_named(saved, tmp_path):

@@ -320,3 +320,78 @@ def test_a_tagging_task_of_iob1_entities_takes_each_prefix_for_each_type(tmp_pat
     upos.write_text("The DT B-NP DET\ndog NN I-NP NOUN\n\n")
     tasks.read(pos, upos, tok)
     assert pos.labels == ["DET", "NOUN"]                         # no chunk scheme: the file's tags only
+
+
+# --- SQuAD v2.0: questions without an answer ------------------------------------------------------
+
+def _squad_json(path, qas, context="The cat sat on the mat."):
+    path.write_text(json.dumps({"version": "v2.0", "data": [{"title": "T", "paragraphs": [
+        {"context": context, "qas": qas}]}]}))
+    return path
+
+
+ANSWERED = {"id": "a", "question": "Who sat?", "answers": [{"text": "cat", "answer_start": 4}]}
+UNANSWERED = {"id": "n", "question": "Who flew?", "answers": [], "is_impossible": True}
+
+
+def test_squad_v2_is_a_preset_and_read_from_a_custom_qa_training_file(tmp_path, tok):
+    v1, v2 = tasks.TaskSpec.preset("squad"), tasks.TaskSpec.preset("squad_v2")
+    assert (v1.kind, v1.no_answer, v2.kind, v2.no_answer) == ("qa", False, "qa", True)
+    assert tasks.metric_names(v1) == ("f1", "exact_match")
+    assert tasks.metric_names(v2)[:2] == ("f1", "exact_match") and "best_f1_threshold" in tasks.metric_names(v2)
+    both = _squad_json(tmp_path / "v2.json", [ANSWERED, UNANSWERED])
+    only = _squad_json(tmp_path / "v1.json", [ANSWERED])
+    with pytest.raises(fastbert.data.DataFormatError, match=r"v2\.json: 1 of 2 questions have no answer \(SQuAD "
+                                                           r"v2\.0\), and task 'squad' answers every question: use "
+                                                           r"--task squad_v2"):
+        tasks.read(tasks.TaskSpec.preset("squad", max_seq_len=32, max_question_len=8), both, tok)
+    assert len(tasks.read(tasks.TaskSpec.preset("squad_v2", max_seq_len=32, max_question_len=8, doc_stride=8), both, tok).features) == 2
+    custom = tasks.TaskSpec(name="qa", kind="qa", max_seq_len=32, max_question_len=8, doc_stride=8)
+    tasks.read(custom, only, tok)
+    assert custom.no_answer is False      # the training file decides, once: a dev file cannot change it
+    with pytest.raises(fastbert.data.DataFormatError, match="1 of 2 questions have no answer"):
+        tasks.read(custom, both, tok)
+    custom = tasks.TaskSpec(name="qa", kind="qa", max_seq_len=32, max_question_len=8, doc_stride=8)
+    tasks.read(custom, both, tok)
+    assert custom.no_answer is True
+    tasks.read(custom, only, tok)          # a v2.0 model may be scored on questions that all have answers
+
+
+def test_a_qa_spec_saved_before_squad_v2_always_answers(tmp_path):
+    spec = tasks.TaskSpec.preset("squad", max_seq_len=64)
+    tasks.build_model(spec, "default").save_pretrained(tmp_path)
+    config = json.loads((tmp_path / "config.json").read_text())
+    old = {k: v for k, v in config["fastbert_task"].items() if k not in ("no_answer", "null_score_diff_threshold")}
+    (tmp_path / "config.json").write_text(json.dumps({**config, "fastbert_task": {**old, "name": "qa"}}))
+    loaded = tasks.load_finetuned(tmp_path)[1]
+    assert (loaded.no_answer, loaded.null_score_diff_threshold) == (False, 0.0)
+
+
+def test_evaluate_squad_v2_scores_spans_and_odds_officially(tok):
+    """A v2.0 task is scored by the official v2.0 rules over every question's best span and its
+    no-answer odds, at the spec's threshold; the answers it returns are those the threshold makes."""
+    from fastbert.data import SquadExample, build_squad_features
+
+    context = "The Denver Broncos beat the Carolina Panthers in Super Bowl 50 at Levi's Stadium in Santa Clara."
+    examples = [SquadExample("q1", "t", "Who won?", context, ["Denver Broncos"], [4]),
+                SquadExample("q2", "t", "Who sang?", context, [], []),
+                SquadExample("q3", "t", "Where was it?", context, ["Levi's Stadium"], [66])]
+    feats = build_squad_features(examples, tok, max_length=32, stride=8, max_question_tokens=8)
+    torch.manual_seed(0)
+    model = heads.BertForQuestionAnswering(fastbert.BertConfig(**dict(TINY, vocab_size=tok.vocab_size)))
+    logits = _logits(model, feats)
+    for threshold in (-1e9, 0.0, 1e9):
+        spec = tasks.TaskSpec(name="qa", kind="qa", max_seq_len=32, doc_stride=8, max_question_len=8, no_answer=True,
+                              null_score_diff_threshold=threshold)
+        scores, answers = tasks.evaluate_and_predict(model, spec, tasks.TaskData(feats, examples))
+        spans, odds = tasks.answers_from_logits(model, spec, examples, feats, logits,
+                                                null_score_diff_threshold=math.inf, return_null_odds=True)
+        assert all(spans.values()) and answers == {q: "" if odds[q] > threshold else a for q, a in spans.items()}
+        gold = {e.id: e.answers for e in examples}
+        assert scores == metrics.squad_v2_scores(spans, gold, odds, threshold)
+        # the threshold is applied as if the answers were scored as they are
+        assert {k: scores[k] for k in ("exact_match", "f1")} == pytest.approx(
+            {k: v for k, v in metrics.squad_v2_scores(answers, gold).items() if k in ("exact_match", "f1")})
+        assert answers == tasks.answers_from_logits(model, spec, examples, feats, logits)
+    assert "" not in answers.values()                                                   # 1e9: always a span
+    assert set(scores) == set(tasks.metric_names(spec))

@@ -1,4 +1,4 @@
-"""SQuAD v1.1: the JSON reader, windowed features for training, and answer extraction.
+"""SQuAD v1.1 and v2.0: the JSON reader, windowed features for training, and answer extraction.
 
     examples = read_squad("train-from-dev-v1.1.json")
     feats = build_squad_features(examples, tokenizer, max_length=384, stride=128)
@@ -11,12 +11,13 @@ A passage longer than the room left is cut into overlapping windows (only the
 passage is truncated); `stride` is the number of passage tokens consecutive
 windows share (the `tokenizers` meaning, as in transformers' run_qa). Training
 uses the first answer: its character span maps to the first and last token
-covering it; a window that does not hold the whole answer points both
-positions at 0, the [CLS] token.
+covering it; a window that does not hold the whole answer, and every window of a
+question without one (v2.0), points both positions at 0, the [CLS] token.
 """
 from __future__ import annotations
 
 import json
+import math
 import os
 import unicodedata
 import warnings
@@ -40,11 +41,13 @@ class SquadExample:
 
 
 def read_squad(path: str | os.PathLike, max_examples: int | None = None) -> list[SquadExample]:
-    """Read the official SQuAD v1.1 JSON layout (data -> paragraphs -> qas -> answers).
+    """Read the official SQuAD v1.1 or v2.0 JSON layout (data -> paragraphs -> qas -> answers).
 
+    A question with no answer (v2.0: `"is_impossible": true`, `"answers": []`) comes back with
+    empty answers; whether its task admits one is tasks.read's call (`--task squad_v2`).
     Raises DataFormatError naming the file and question id when a field is missing,
-    an answer's text is empty or not at its answer_start in the context, or two
-    questions share an id (answers are returned and scored by id).
+    an answer's text is empty or not at its answer_start in the context, an is_impossible
+    question has answers, or two questions share an id (answers are returned and scored by id).
     """
     path = Path(path)
     if max_examples is not None and max_examples < 1:
@@ -54,11 +57,11 @@ def read_squad(path: str | os.PathLike, max_examples: int | None = None) -> list
             root = json.load(f)
     except json.JSONDecodeError as err:
         raise DataFormatError(f"{path}:{err.lineno}: not valid JSON ({err.msg}, column {err.colno}); "
-                              "expected the SQuAD v1.1 layout (one JSON object, not JSON lines)") from None
+                              "expected the SQuAD layout (one JSON object, not JSON lines)") from None
     except UnicodeDecodeError as err:
         raise not_text_error(path, err) from None
     if not isinstance(root, dict) or not isinstance(root.get("data"), list):
-        raise DataFormatError(f"{path}: expected a JSON object with a 'data' list (SQuAD v1.1 layout)")
+        raise DataFormatError(f"{path}: expected a JSON object with a 'data' list (the SQuAD v1.1/v2.0 layout)")
     out: list[SquadExample] = []
     seen: dict = {}  # question id -> where it was first read
     for number, article in enumerate(root["data"]):
@@ -80,8 +83,15 @@ def read_squad(path: str | os.PathLike, max_examples: int | None = None) -> list
                     question = qa["question"]
                     if not isinstance(question, str) or not all(isinstance(t, str) for t in texts):
                         raise TypeError("question and answer texts must be strings")
+                    impossible = qa.get("is_impossible", False)
+                    if not isinstance(impossible, bool):
+                        raise TypeError(f"'is_impossible' must be true or false, got {impossible!r}")
                 except (KeyError, TypeError, ValueError) as e:
                     raise DataFormatError(f"{path}: question id {qid}: missing or bad field {e}") from None
+                if impossible and texts:
+                    # v2.0 keeps an unanswerable question's near misses in plausible_answers, never in answers
+                    raise DataFormatError(f"{path}: question id {qid}: is_impossible is true but it has "
+                                          f"{len(texts)} answers; SQuAD v2.0 gives such a question 'answers': []")
                 where = f"article {title!r}, paragraph {p}"
                 # predict_answers returns {id: text} and squad_scores reads gold answers by id: a missing
                 # id (read as '?') or a repeated one merged two questions into one answer, silently
@@ -97,7 +107,7 @@ def read_squad(path: str | os.PathLike, max_examples: int | None = None) -> list
                         # an empty text matches the context at any start, even past its end, and
                         # maps to no token (build_squad_features would label an unrelated one)
                         raise DataFormatError(f"{path}: question id {qid}: an answer text is empty; a SQuAD "
-                                              "v1.1 answer is a span of its context")
+                                              "answer is a span of its context (no answer: 'answers': [], v2.0)")
                     if start < 0 or context[start:start + len(text)] != text:
                         raise DataFormatError(f"{path}: question id {qid}: answer {text!r} is not at "
                                               f"answer_start={start} of its context")
@@ -211,7 +221,8 @@ SPAN_ROWS = 1024  # features per span_score call in predict_answers
 
 def predict_answers(examples: Sequence[SquadExample], features: Sequence[dict], start_logits, end_logits,
                     n_best: int = 20, max_answer_tokens: int = 30, return_n_best: bool = False, device=None,
-                    return_spans: bool = False):
+                    return_spans: bool = False, null_score_diff_threshold: float | None = None,
+                    return_null_odds: bool = False):
     """Best answer text per example id from per-feature start/end logits.
 
     start_logits, end_logits: (num_features, seqlen) tensors (rows may be longer than
@@ -223,6 +234,15 @@ def predict_answers(examples: Sequence[SquadExample], features: Sequence[dict], 
     candidates, best first; with return_spans, its n_best {"answer", "start", "end", "score"}
     (the answer's character span in the context, end exclusive), best first. device: where the span
     score runs (default: the logits' device; tasks.evaluate passes the model's, so a GPU uses the kernel).
+
+    SQuAD v2.0 (questions may have no answer in the passage): give null_score_diff_threshold, a
+    number. An example's null score is the lowest start_logits[0] + end_logits[0] (the [CLS] token,
+    where training points a window without the answer) over its windows, as in BERT's run_squad and
+    transformers' run_qa; its answer is "" when the null score minus the best span's score is above the
+    threshold (0.0: whichever scores higher; an example with no span at all answers ""). Its n-best
+    lists then also hold the null candidate ("", span (-1, -1), the null score): the answer the
+    threshold chose first, then the others by score. return_null_odds: also return {id: null score -
+    best span score} (inf without a span), what metrics.squad_v2_scores searches a threshold over.
     """
     from ..ops import span_score
     from ..ops.span import MAX_TOPK
@@ -230,6 +250,13 @@ def predict_answers(examples: Sequence[SquadExample], features: Sequence[dict], 
     if isinstance(n_best, bool) or not isinstance(n_best, int) or not 1 <= n_best <= MAX_TOPK:
         # each window's candidates come from one span_score call, which keeps at most MAX_TOPK
         raise ValueError(f"n_best must be an int in 1..{MAX_TOPK}, got {n_best!r}")
+    with_null = null_score_diff_threshold is not None
+    if with_null and (isinstance(null_score_diff_threshold, bool) or not isinstance(null_score_diff_threshold, (int, float))
+                      or math.isnan(null_score_diff_threshold)):
+        raise ValueError(f"null_score_diff_threshold must be a number (or None: every question has an answer), got "
+                         f"{null_score_diff_threshold!r}")
+    if return_null_odds and not with_null:
+        raise ValueError("return_null_odds needs null_score_diff_threshold: the null score is SQuAD v2.0's")
     first_of: dict = {}
     for i, ex in enumerate(examples):  # the result is keyed by id: two examples with one id would merge
         if first_of.setdefault(ex.id, i) != i:
@@ -255,7 +282,14 @@ def predict_answers(examples: Sequence[SquadExample], features: Sequence[dict], 
     # per example: best score of each passage span (char_start, char_end). Overlapping windows find
     # the same span; it is one candidate, kept at its best score, not n-best entries repeated.
     candidates: dict[int, dict[tuple[int, int], float]] = {}
+    null_scores: dict[int, float] = {}
+    if with_null:
+        # no features still passes here: the rows were checked above, and an example without one has no null
+        window_null = (start_logits[:, 0] + end_logits[:, 0]).cpu().tolist() if len(features) else []
     for f, feat in enumerate(features):
+        if with_null:
+            i = feat["example_index"]
+            null_scores[i] = min(null_scores.get(i, math.inf), window_null[f])
         spans = candidates.setdefault(feat["example_index"], {})
         for s, e, score in zip(starts[f].tolist(), ends[f].tolist(), scores[f].tolist()):
             if s < 0:  # fewer allowed spans than topk
@@ -263,13 +297,20 @@ def predict_answers(examples: Sequence[SquadExample], features: Sequence[dict], 
             span = (feat["offsets"][s][0], feat["offsets"][e][1])
             if span not in spans or score > spans[span]:
                 spans[span] = score
-    result = {}
+    result, odds = {}, {}
     for i, ex in enumerate(examples):
         ranked = sorted(candidates.get(i, {}).items(), key=lambda c: -c[1])[:n_best]
+        if with_null:
+            null = null_scores.get(i, math.inf)
+            odds[ex.id] = null - ranked[0][1] if ranked else math.inf
+            # the threshold's choice first: BERT's rule, not the plain ranking, picks the answer
+            null_first = odds[ex.id] > null_score_diff_threshold
+            ranked = [((-1, -1), null)] + ranked if null_first else \
+                ranked[:1] + sorted(ranked[1:] + [((-1, -1), null)], key=lambda c: -c[1])
         if return_spans:
-            result[ex.id] = [{"answer": ex.context[a:b], "start": a, "end": b, "score": score}
+            result[ex.id] = [{"answer": ex.context[a:b] if a >= 0 else "", "start": a, "end": b, "score": score}
                              for (a, b), score in ranked]
             continue
-        ranked = [(ex.context[a:b], score) for (a, b), score in ranked]
+        ranked = [(ex.context[a:b] if a >= 0 else "", score) for (a, b), score in ranked]
         result[ex.id] = ranked if return_n_best else (ranked[0][0] if ranked else "")
-    return result
+    return (result, odds) if return_null_odds else result
