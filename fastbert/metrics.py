@@ -366,9 +366,11 @@ def _best_threshold(answers: Mapping[str, str], raw: Mapping[str, float], odds: 
                     has_answer: Mapping[str, bool]) -> tuple[float, float]:
     """The official find_best_thresh: start from every question answered with no answer, then answer
     them one by one in increasing no-answer odds, keeping the total at its best; the threshold is the
-    odds of the last question answered at that best (ties in odds split as the official sort leaves them)."""
+    odds of the last question answered at that best (ties in odds split as the official sort leaves them).
+    Where answering nothing is best, the official 0.0 would answer every question of odds <= 0, so
+    the threshold is just below the lowest odds instead."""
     total = best = float(sum(not has for has in has_answer.values()))
-    threshold = 0.0
+    threshold = math.nextafter(min(odds.values()), -math.inf)
     for qid in sorted(odds, key=lambda k: odds[k]):
         if has_answer[qid]:
             total += raw[qid]
@@ -389,8 +391,8 @@ def squad_v2_scores(predictions: Mapping[str, str], references: Mapping[str, Seq
     says no answer (fastbert: the null score minus the best span's score); a question whose odds
     are above no_answer_threshold counts as answered with "". With odds, best_f1/best_exact_match
     are the scores at the best threshold and best_*_threshold is that threshold (pass the model's
-    best span for every question, never "", and these are exactly the scores `--null-score-diff-
-    threshold <best_f1_threshold>` would give). has_answer_* and no_answer_* split the scores by
+    best span for every question, never "", and these are the scores `--null-score-diff-threshold
+    <best_f1_threshold>` gives, unless questions of equal odds fall on both sides of the best). has_answer_* and no_answer_* split the scores by
     the gold side; NaN where the references hold no such question.
     """
     if not references:

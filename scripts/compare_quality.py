@@ -40,6 +40,32 @@ BUDGETS = {
     "squad": dict(file="squad/train-from-dev-v1.1.json", n_train=None, n_dev=None, lr=8e-5, batch_size=32,
                   max_seq_len=256, epochs=1, doc_stride=128),
 }
+# SQuAD v2.0 has no data here: the same articles and split, each paragraph also asked two questions of
+# the article's next paragraph whose answers are nowhere in it (add_unanswerable)
+BUDGETS["squad_v2"] = dict(BUDGETS["squad"], unanswerable_per_paragraph=2)
+
+
+def add_unanswerable(examples, per_paragraph):
+    """The examples, and after each paragraph's own questions up to per_paragraph questions of the next
+    paragraph of its article (the last takes the first's) whose gold answers all are absent from its
+    context, as questions without an answer (id + "-none"). Easier than SQuAD 2.0's, whose unanswerable
+    questions were written against the paragraph itself to look answerable."""
+    paragraphs: dict[tuple[str, str], list] = {}
+    for ex in examples:
+        paragraphs.setdefault((ex.title, ex.context), []).append(ex)
+    by_article: dict[str, list] = {}
+    for (title, _), questions in paragraphs.items():
+        by_article.setdefault(title, []).append(questions)
+    out = []
+    for article in by_article.values():
+        for here, after in zip(article, article[1:] + article[:1]):
+            out += here
+            if after is here:
+                continue
+            asked = [q for q in after if all(a not in here[0].context for a in q.answers)][:per_paragraph]
+            out += [dataclasses.replace(q, id=f"{q.id}-none", context=here[0].context, answers=[], answer_starts=[])
+                    for q in asked]
+    return out
 
 
 class HFAdapter(torch.nn.Module):
@@ -63,7 +89,7 @@ class HFAdapter(torch.nn.Module):
 
 def split_data(task, spec, tokenizer, budget):
     path = DATA / budget["file"]
-    if task == "squad":
+    if task in ("squad", "squad_v2"):
         examples = data.read_squad(path)
         titles = sorted({e.title for e in examples})
         held_out = set(titles[::6])  # every sixth article is the dev split: split by article
@@ -71,6 +97,9 @@ def split_data(task, spec, tokenizer, budget):
         kept = set(kept[:max(1, round(len(kept) * budget.get("article_fraction", 1.0)))])
         train_ex = [e for e in examples if e.title in kept]
         dev_ex = [e for e in examples if e.title in held_out]
+        if budget.get("unanswerable_per_paragraph"):
+            train_ex = add_unanswerable(train_ex, budget["unanswerable_per_paragraph"])
+            dev_ex = add_unanswerable(dev_ex, budget["unanswerable_per_paragraph"])
         build = lambda ex: tasks.TaskData(data.build_squad_features(ex, tokenizer, spec.max_seq_len, spec.doc_stride), ex)
         return build(train_ex), build(dev_ex)
     if task == "pos":
@@ -202,7 +231,7 @@ def main(argv=None):
         budget = dict(BUDGETS[task])
         if budget.get("n_train") and args.scale != 1.0:
             budget["n_train"] = max(64, int(budget["n_train"] * args.scale))
-        if task == "squad" and args.scale != 1.0:  # SQuAD scales by training articles
+        if task in ("squad", "squad_v2") and args.scale != 1.0:  # SQuAD scales by training articles
             budget["article_fraction"] = args.scale
         scale = {k: budget[k] for k in ("n_train", "article_fraction") if budget.get(k)}
         for seed in args.seeds:
@@ -250,7 +279,10 @@ GLUE files split after a fixed shuffle (seed 0). SQuAD: the 24 articles of
 out: 4 articles, 634 questions, 1,015 windows), the other 20 articles train (5,576 windows at max
 length 256, doc stride 128), one epoch (175 steps of 32), lr 8e-5; EM/F1 with the official
 normalisation, answers predicted through fastbert.ops.span_score (max answer length 30) on both
-sides. A reduced SQuAD row (a fraction of the training articles) is an earlier, smaller run, kept
+sides. squad_v2: the same articles and split, each paragraph also asked, as questions without an
+answer, up to two questions of its article's next paragraph whose answers are not in it
+(add_unanswerable; easier than SQuAD 2.0's adversarial ones); SQuAD v2.0's official scores at null
+score threshold 0, and at the best threshold on the dev split itself (best_f1, an upper bound). A reduced SQuAD row (a fraction of the training articles) is an earlier, smaller run, kept
 for the record. Difference = fastbert - transformers; sd = standard deviation over seeds. The
 issue's bar: means over three seeds within 1.0 accuracy point, 0.01 Pearson, 1.0 F1, or within
 transformers' seed-to-seed spread where that is larger.

@@ -109,3 +109,24 @@ def test_hf_trainer_trains_transformers_model_through_its_own_loop(cq, tmp_path)
     assert len(losses) == 2 and metrics["train_loss"] == losses[1]    # the last epoch's, as fastbert's Trainer
     assert isinstance(seen[0], cq.HFAdapter) and seen[0].model is model
     assert not torch.equal(model.classifier.weight.detach(), before)
+
+
+def test_squad_v2_budget_asks_each_paragraph_its_neighbours_questions(cq):
+    """squad_v2's data: every question kept; after each paragraph's own, up to two of the next
+    paragraph's (the last takes the first's), whose answers are not in it, without an answer."""
+    from fastbert.data import SquadExample
+
+    def ex(qid, title, context, answer):
+        return SquadExample(qid, title, f"{qid}?", context, [answer], [context.index(answer)])
+
+    examples = [ex("a1", "A", "red fox", "fox"), ex("a2", "A", "red fox", "red"),
+                ex("b1", "A", "blue jay", "jay"), ex("b2", "A", "blue jay", "blue"), ex("b3", "A", "blue jay", "jay"),
+                ex("c1", "A", "red jay", "red jay"), ex("s1", "S", "lone", "lone")]
+    out = cq.add_unanswerable(examples, per_paragraph=2)
+    assert [e.id for e in out if e.answers] == [e.id for e in examples]
+    moved = {(e.id, e.context) for e in out if not e.answers}
+    # red fox asks b1, b2 (jay, blue: absent); blue jay asks c1 (red jay: absent); red jay asks nothing
+    # (fox absent but a2's red is there; a1's fox: absent -> asked); one-paragraph article S asks nothing
+    assert moved == {("b1-none", "red fox"), ("b2-none", "red fox"), ("c1-none", "blue jay"), ("a1-none", "red jay")}
+    assert len({e.id for e in out}) == len(out)
+    assert cq.BUDGETS["squad_v2"]["file"] == cq.BUDGETS["squad"]["file"]

@@ -175,6 +175,13 @@ def test_squad_v2_scores_by_hand():
     # right from a's threshold on, where the official script stops at its first best (-3.0)
     assert (scored["best_exact_match"], scored["best_exact_match_threshold"]) == (75.0, -3.0)
     assert (scored["best_f1"], scored["best_f1_threshold"]) == (75.0, -3.0)
+    assert squad_v2_scores(preds, refs, odds, -3.0)["exact_match"] == 75.0          # the threshold gives it
+    # answering nothing is best: the threshold lies just below every odds (the official script says 0.0,
+    # which would answer n1 here, at odds -1)
+    nothing = squad_v2_scores({"a": "x", "n1": "y"}, {"a": ["z"], "n1": []}, {"a": 2.0, "n1": -1.0})
+    assert nothing["best_f1"] == 50.0 and -1.0 - 1e-12 < nothing["best_f1_threshold"] < -1.0
+    assert squad_v2_scores({"a": "x", "n1": "y"}, {"a": ["z"], "n1": []}, {"a": 2.0, "n1": -1.0},
+                           nothing["best_f1_threshold"])["f1"] == 50.0
     # a gold answer that normalises to nothing is no answer; a prediction of "the" is no answer too
     assert squad_v2_scores({"x": "the"}, {"x": ["a", "An"]})["exact_match"] == 100.0
     assert squad_v2_scores({"x": ""}, {"x": ["cat"]})["f1"] == 0.0

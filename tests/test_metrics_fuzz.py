@@ -306,10 +306,20 @@ def test_squad_v2_scores_are_the_official_evaluate(case):
     theirs = reference.squad_evaluate(examples, predictions, odds, threshold)
     ours = metrics.squad_v2_scores(predictions, references, odds, threshold)
     expected = {_V2_NAMES[k]: v for k, v in theirs.items() if k in _V2_NAMES}
+    all_none = 100.0 * sum(not golds for golds in references.values()) / len(rows)
+    for metric in ("exact_match", "f1"):
+        if theirs[f"best_{metric.split('_')[0]}"] == all_none:
+            # answering nothing is best: the official 0.0 would answer every question of odds <= 0
+            expected[f"best_{metric}_threshold"] = math.nextafter(min(odds.values()), -math.inf)
     for split in ("has_answer", "no_answer"):  # the reference leaves out a split with no question
         for metric in ("exact_match", "f1"):
             expected.setdefault(f"{split}_{metric}", math.nan)
     assert ours == {k: pytest.approx(v, abs=1e-9, nan_ok=True) for k, v in expected.items()}
+    if len(set(odds.values())) == len(odds):
+        # without ties, the best threshold gives the best scores when applied (what evaluate reports it for)
+        for metric in ("exact_match", "f1"):
+            applied = metrics.squad_v2_scores(predictions, references, odds, ours[f"best_{metric}_threshold"])
+            assert applied[metric] == pytest.approx(ours[f"best_{metric}"], abs=1e-9)
     # without odds: the scores of the predictions as they are, no threshold search
     plain = metrics.squad_v2_scores(predictions, references)
     theirs = reference.squad_evaluate(examples, predictions)
