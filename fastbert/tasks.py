@@ -215,7 +215,8 @@ def metric_names(spec: TaskSpec) -> tuple[str, ...]:
     if spec.kind == "tagging":
         if metrics.is_chunk_scheme(spec.labels or ()):  # named entities: conlleval's scores first, then per type
             return ("entity_f1", "entity_precision", "entity_recall", "token_accuracy") + \
-                tuple(f"entity_f1_{kind}" for kind in metrics.chunk_types(spec.labels))
+                tuple(f"entity_{score}_{kind}" for score in ("f1", "precision", "recall")
+                      for kind in metrics.chunk_types(spec.labels))
         return ("token_accuracy",)
     if spec.kind == "qa":
         if spec.no_answer:  # the official v2.0 script's scores, in its order
@@ -279,8 +280,8 @@ def _evaluate(model, spec: TaskSpec, dev: TaskData, batch_size: int, with_predic
             # the gold tags nor predicted has no score: NaN (null in JSON), never the best
             scores = {"entity_f1": found["f1"], "entity_precision": found["precision"],
                       "entity_recall": found["recall"], **scores,
-                      **{f"entity_f1_{kind}": found.get(f"f1_{kind}", math.nan)
-                         for kind in metrics.chunk_types(spec.labels)}}
+                      **{f"entity_{score}_{kind}": found.get(f"{score}_{kind}", math.nan)
+                         for score in ("f1", "precision", "recall") for kind in metrics.chunk_types(spec.labels)}}
         return scores, tags if with_predictions else None
     gold = {e.id: e.answers for e in dev.examples}
     if not spec.no_answer:

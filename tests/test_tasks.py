@@ -272,11 +272,20 @@ def test_evaluate_ner_scores_words_and_counts_an_untokenizable_word_as_o(tok):
     pred = [[t or "O" for t in s] for s in predicted]
     gold = [s.tags for s in sentences]
     assert tasks.metric_names(spec) == ("entity_f1", "entity_precision", "entity_recall", "token_accuracy",
-                                        "entity_f1_LOC", "entity_f1_ORG", "entity_f1_PER")
+                                        "entity_f1_LOC", "entity_f1_ORG", "entity_f1_PER", "entity_precision_LOC",
+                                        "entity_precision_ORG", "entity_precision_PER", "entity_recall_LOC",
+                                        "entity_recall_ORG", "entity_recall_PER")
     assert (scores["entity_f1"], scores["entity_precision"], scores["entity_recall"]) == (
         f1_score(gold, pred), precision_score(gold, pred), recall_score(gold, pred))
     assert tasks.evaluate(model, spec, dev, batch_size=3) == scores
     assert scores["entity_recall"] < 1 and set(scores) == set(tasks.metric_names(spec))
+    from seqeval.metrics import classification_report   # per type: seqeval's report (ORG: neither side has one)
+
+    report = classification_report(gold, pred, output_dict=True, zero_division=0)
+    for kind in ("LOC", "PER"):
+        assert [scores[f"entity_{k}_{kind}"] for k in ("precision", "recall", "f1")] == \
+            [report[kind][k] for k in ("precision", "recall", "f1-score")], kind
+    assert "ORG" not in report and all(math.isnan(scores[f"entity_{k}_ORG"]) for k in ("precision", "recall", "f1"))
     with torch.no_grad():                                           # every word O: a type nobody tagged has no score
         model.classifier.weight.zero_()
         model.classifier.bias.copy_(torch.tensor([1.0, 0, 0, 0, 0, 0]))
