@@ -133,28 +133,53 @@ def _check_headerless_columns(args):
 # -- metrics as JSON: null where a metric is undefined ---------------------------------
 
 
-UNDEFINED = "undefined (constant input)"
+# Why a metric can be undefined, and what to do about it: the line for people says which.
+_WHY_UNDEFINED = {
+    "constant input": "a correlation needs predictions and gold scores that vary",
+    "no such entity": "no entity of that type in the gold tags or the predictions",
+    "no such question": "the dev data holds no question of that kind (with an answer, or without)",
+    "NaN logits": "the model's outputs are not numbers (a diverged run: lower --lr, or use fp32)",
+}
+
+
+def _why_undefined(name: str, scores: dict) -> str:
+    if name in ("pearson", "spearman"):
+        return "constant input"
+    if name.startswith(("entity_f1_", "entity_precision_", "entity_recall_")):
+        return "no such entity"
+    if name.startswith(("has_answer_", "no_answer_")) and not _is_nan(scores.get("f1")):
+        return "no such question"
+    return "NaN logits"
+
+
+def _is_nan(value) -> bool:
+    return isinstance(value, float) and math.isnan(value)
 
 
 def _undefined(scores: dict) -> list[str]:
-    return [k for k, v in scores.items() if isinstance(v, float) and math.isnan(v)]
+    return [k for k, v in scores.items() if _is_nan(v)]
 
 
 def _describe_scores(scores: dict) -> str:
-    """One line for people: `pearson undefined (constant input)` where JSON says null."""
-    def text(v):
+    """One line for people: `pearson undefined (constant input)` where JSON says null; a threshold
+    in full (`--null-score-diff-threshold` takes it back), a score to 4 places."""
+    def text(k, v):
         if isinstance(v, float):
-            return UNDEFINED if math.isnan(v) else f"{v:.4f}"
+            if math.isnan(v):
+                return f"undefined ({_why_undefined(k, scores)})"
+            return repr(v) if k.endswith("_threshold") else f"{v:.4f}"
         return str(v)
-    return ", ".join(f"{k} {text(v)}" for k, v in scores.items()) or "(none)"
+    return ", ".join(f"{k} {text(k, v)}" for k, v in scores.items()) or "(none)"
 
 
 def _undefined_note(scores: dict) -> str | None:
-    names = _undefined(scores)
-    if not names:
+    by_reason: dict[str, list[str]] = {}
+    for name in _undefined(scores):
+        by_reason.setdefault(_why_undefined(name, scores), []).append(name)
+    if not by_reason:
         return None
-    return (f"{', '.join(names)} {UNDEFINED}: a correlation needs predictions and gold scores that vary; "
-            "null in the JSON")
+    return "; ".join(f"{', '.join(names)} undefined ({why}): {_WHY_UNDEFINED[why]}"
+                     for why, names in by_reason.items()) + "; null in the JSON"
 
 
 # -- finetune / evaluate / predict ----------------------------------------------------
@@ -221,7 +246,7 @@ def _finetune(args, device) -> int:
     if kind in ("tagging", "qa") and (args.text_cols or args.label_col is not None or args.no_header):
         raise ValueError(f"--text-cols/--label-col/--no-header are for TSV data (single, pair, regression); a {kind} "
                          "task reads " + ("UPOS from CoNLL-U, the last column from CoNLL-2003-style files"
-                                          if kind == "tagging" else "SQuAD v1.1 JSON"))
+                                          if kind == "tagging" else "SQuAD v1.1/v2.0 JSON"))
     if args.no_header:
         _check_headerless_columns(args)
     if args.keep_best and not args.dev:
@@ -240,7 +265,8 @@ def _finetune(args, device) -> int:
         check_writable("--metrics-json", args.metrics_json, folder=False)
     if args.null_score_diff_threshold is not None and (kind != "qa" or args.task == "squad"):
         raise ValueError(f"--null-score-diff-threshold is for question answering where a question may have no "
-                         f"answer (--task squad_v2, or --task-type qa on such data), not --task {args.task or kind}")
+                         f"answer (--task squad_v2, or --task-type qa on such data), not "
+                         + (f"--task {args.task}" if args.task else f"--task-type {kind}"))
     overrides = dict(max_seq_len=args.max_seq_len, doc_stride=args.doc_stride, max_answer_len=args.max_answer_len,
                      max_question_len=args.max_question_len, null_score_diff_threshold=args.null_score_diff_threshold,
                      text_cols=args.text_cols, label_col=args.label_col, header=False if args.no_header else None)
@@ -817,7 +843,8 @@ def build_parser():
     pr.add_argument("--json", action="store_true",
                     help="one JSON object per input instead of text: the input and fastbert.Predictor's result "
                          "(label, score and every label's probability; score; words, tags and entities; answer, "
-                         "its character start/end in the context and score)")
+                         "its character start/end in the context and score; SQuAD v2.0 models: an empty answer (start/end "
+                         "-1) for no answer, and null_score_diff, the null score's margin over the best span)")
     _null_threshold_flag(pr, "instead of the one saved with the model; ")
     _common(pr, dev=False)
     pr.set_defaults(run=cmd_predict)

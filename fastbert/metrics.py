@@ -368,13 +368,15 @@ def _best_threshold(answers: Mapping[str, str], raw: Mapping[str, float], odds: 
     them one by one in increasing no-answer odds, keeping the total at its best; the threshold is the
     odds of the last question answered at that best (ties in odds split as the official sort leaves them).
     Where answering nothing is best, the official 0.0 would answer every question of odds <= 0, so
-    the threshold is just below the lowest odds instead."""
+    the threshold is just below the lowest odds instead. An answer that normalises to nothing ("."),
+    which the scores count as no answer, counts as no answer here too (the official sweep takes it for
+    an answer, so its best could differ from the scores its threshold gives)."""
     total = best = float(sum(not has for has in has_answer.values()))
     threshold = math.nextafter(min(odds.values()), -math.inf)
     for qid in sorted(odds, key=lambda k: odds[k]):
         if has_answer[qid]:
             total += raw[qid]
-        elif answers[qid]:
+        elif normalize_answer(answers[qid]):
             total -= 1
         if total > best:
             best, threshold = total, odds[qid]
@@ -383,13 +385,14 @@ def _best_threshold(answers: Mapping[str, str], raw: Mapping[str, float], odds: 
 
 def squad_v2_scores(predictions: Mapping[str, str], references: Mapping[str, Sequence[str]],
                     no_answer_odds: Mapping[str, float] | None = None,
-                    no_answer_threshold: float = 1.0) -> dict[str, float]:
+                    no_answer_threshold: float = 0.0) -> dict[str, float]:
     """SQuAD v2.0's official scores, in percent, of every question of references (id -> gold answer
     texts; an empty list: the question has no answer, and only the empty prediction is right).
 
     predictions: id -> answer text, "" for no answer. no_answer_odds: id -> how strongly the model
     says no answer (fastbert: the null score minus the best span's score); a question whose odds
-    are above no_answer_threshold counts as answered with "". With odds, best_f1/best_exact_match
+    are above no_answer_threshold counts as answered with "" (default 0.0, for odds that are score
+    differences; the official script's 1.0 is for probabilities). With odds, best_f1/best_exact_match
     are the scores at the best threshold and best_*_threshold is that threshold (pass the model's
     best span for every question, never "", and these are the scores `--null-score-diff-threshold
     <best_f1_threshold>` gives, unless questions of equal odds fall on both sides of the best). has_answer_* and no_answer_* split the scores by
@@ -405,9 +408,11 @@ def squad_v2_scores(predictions: Mapping[str, str], references: Mapping[str, Seq
         absent = [qid for qid in references if qid not in no_answer_odds]
         if absent:
             raise ValueError(f"no_answer_odds has no value for {len(absent)} questions (e.g. id {absent[0]!r})")
-        bad = [qid for qid in references if math.isnan(no_answer_odds[qid])]  # inf is fine: no span at all
+        # +inf is fine (no span at all: always no answer); NaN and -inf have no threshold to sort them by
+        bad = [qid for qid in references if math.isnan(no_answer_odds[qid]) or no_answer_odds[qid] == -math.inf]
         if bad:
-            raise ValueError(f"no_answer_odds[{bad[0]!r}] is NaN (a diverged model's logits?): the odds must be numbers")
+            raise ValueError(f"no_answer_odds[{bad[0]!r}] is {no_answer_odds[bad[0]]} (a diverged model's logits?): "
+                             "the odds must be numbers or +inf")
     exact, f1, has_answer = {}, {}, {}
     for qid, golds in references.items():
         golds = [golds] if isinstance(golds, str) else list(golds)

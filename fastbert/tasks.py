@@ -116,8 +116,9 @@ def read(spec: TaskSpec, path, tokenizer, max_examples: int | None = None, label
     elif unanswerable and not spec.no_answer:
         # trained to always answer, and scored by v1.1's rules, which have no right answer for these
         raise data.DataFormatError(f"{path}: {unanswerable} of {len(examples)} questions have no answer (SQuAD "
-                                   f"v2.0), and task {spec.name!r} answers every question: use --task squad_v2 "
-                                   "(or --task-type qa, which reads it from the training file)")
+                                   f"v2.0), and task {spec.name!r} answers every question (SQuAD v1.1, or a "
+                                   "--task-type qa whose training questions all have answers): fine-tune with "
+                                   "--task squad_v2 for such questions")
     return TaskData(data.build_squad_features(examples, tokenizer, spec.max_seq_len, spec.doc_stride,
                                               max_question_tokens=spec.max_question_len), examples)
 
@@ -132,7 +133,12 @@ def build_model(spec: TaskSpec, model_path, backend=None, fine_tuned=False):
         raise ValueError(f"{model_path} holds no {model.head_name} weights for its task ({spec.kind}, "
                          f"{model.head.out_features} outputs): an encoder saved without its head is no fine-tuned "
                          "model (save the task model, as `fastbert finetune` does)")
-    model.config.extra["fastbert_task"] = dataclasses.asdict(spec)
+    saved = dataclasses.asdict(spec)
+    if not spec.no_answer:
+        # SQuAD v1.1 and every other task save what they did before v2.0's fields, so an older fastbert,
+        # which refuses fields it does not know, still loads them (a v2.0 model it could not use anyway)
+        del saved["no_answer"], saved["null_score_diff_threshold"]
+    model.config.extra["fastbert_task"] = saved
     return model
 
 
@@ -293,6 +299,9 @@ def _evaluate(model, spec: TaskSpec, dev: TaskData, batch_size: int, with_predic
                                       null_score_diff_threshold=math.inf, return_null_odds=True)
     threshold = spec.null_score_diff_threshold
     answers = {qid: "" if odds[qid] > threshold else text for qid, text in spans.items()}
+    if any(math.isnan(v) or v == -math.inf for v in odds.values()):
+        # a diverged model: no score (NaN, null in JSON), as a correlation of NaN predictions, not a crash
+        return dict.fromkeys(metric_names(spec), math.nan), answers
     return metrics.squad_v2_scores(spans, gold, odds, threshold), answers
 
 

@@ -309,7 +309,9 @@ def summary_markdown(results, theirs="transformers") -> str:
         if not seeds:
             continue
         for key in by_impl["fastbert"][0]["metrics"]:
-            if key in ("epoch", "step", "train_loss"):
+            # a threshold is a setting, not a score to compare; an undefined (null) metric has no mean
+            if key in ("epoch", "step", "train_loss") or key.endswith("_threshold") or \
+                    any(r["metrics"].get(key) is None for rows in by_impl.values() for r in rows):
                 continue
             stats = {}
             for impl, rows in by_impl.items():
@@ -326,7 +328,8 @@ def summary_markdown(results, theirs="transformers") -> str:
 def runs_markdown(results) -> str:
     lines = ["| task | impl | seed | metrics | wall s | tokens/s |", "|---|---|---|---|---|---|"]
     for r in results:
-        metrics = ", ".join(f"{k} {v:.4f}" for k, v in r["metrics"].items() if k not in ("epoch", "step"))
+        metrics = ", ".join(f"{k} {v:.4f}" if v is not None else f"{k} undefined"
+                            for k, v in r["metrics"].items() if k not in ("epoch", "step"))
         lines.append(f"| {label(r)} | {r['impl']} | {r['seed']} | {metrics} | {r['wall_time_s']:.0f} | "
                      f"{r['tokens_per_s']:.0f} |")
     return "\n".join(lines)

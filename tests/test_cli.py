@@ -897,7 +897,23 @@ def test_squad_v2_finetune_evaluate_predict(tmp_path, capsys):
         plain = metrics.squad_v2_scores(answered[threshold], gold)
         assert {k: printed[k] for k in plain} == pytest.approx(plain, nan_ok=True)
     assert set(answered["-1e9"].values()) == {""} and "" not in answered["1e9"].values()
-    assert printed["best_f1"] >= printed["f1"]
+    # the best threshold evaluate reports, given back, scores what it said (the reason to report it)
+    best = printed["best_f1_threshold"]
+    assert fastbert.cli.main(["evaluate", "--model", str(out / "model"), "--dev", str(v2), "--device", "cpu",
+                              f"--null-score-diff-threshold={best!r}"]) == 0
+    assert json.loads(capsys.readouterr().out)["f1"] == pytest.approx(printed["best_f1"], abs=1e-9)
+    # on data whose every question has an answer the no-answer split is undefined, and the note says why
+    answerable = tmp_path / "answerable.json"
+    whole = json.loads(v2.read_text())
+    for paragraph in whole["data"][0]["paragraphs"]:
+        paragraph["qas"] = [q for q in paragraph["qas"] if q["answers"]]
+    answerable.write_text(json.dumps(whole))
+    assert fastbert.cli.main(["evaluate", "--model", str(out / "model"), "--dev", str(answerable),
+                              "--device", "cpu"]) == 0
+    captured = capsys.readouterr()
+    assert json.loads(captured.out)["no_answer_f1"] is None and json.loads(captured.out)["f1"] is not None
+    assert "no_answer_exact_match, no_answer_f1 undefined (no such question): the dev data holds no question" \
+        in captured.err
     context = "Super Bowl 50 was played at Levi's Stadium in Santa Clara."
     code = fastbert.cli.main(["predict", "--model", str(out / "model"), "--device", "cpu", "--json",
                               "--question", "Where was it played?", "--context", context,
@@ -912,11 +928,13 @@ def test_squad_v2_flags_are_refused_where_they_mean_nothing(tmp_path, capsys, un
     base = ["--out", str(tmp_path / "run"), "--max-steps", "1", "--no-progress", "--device", "cpu"]
     cases = [
         (["finetune", "--task", "squad", "--train", str(v2), "--max-seq-len", "96", "--doc-stride", "24", *base],
-         r"have no answer \(SQuAD v2\.0\), and task 'squad' answers every question: use --task squad_v2"),
+         r"have no answer \(SQuAD v2\.0\), and task 'squad' answers every question .*fine-tune with --task squad_v2"),
         (["finetune", "--task", "squad_v2", "--train", str(v2), "--dev", str(v2), "--keep-best", "best_f1_threshold",
           "--max-seq-len", "96", "--doc-stride", "24", *base], r"--keep-best best_f1_threshold: task squad_v2 is scored by f1"),
         (["finetune", "--task", "sst2", "--train", str(v2), "--null-score-diff-threshold", "1", *base],
-         "--null-score-diff-threshold is for question answering where a question may have no answer"),
+         "--null-score-diff-threshold is for question answering where a question may have no answer .*not --task sst2"),
+        (["finetune", "--task-type", "single", "--text-cols", "0", "--label-col", "1", "--train", str(v2),
+          "--null-score-diff-threshold", "1", *base], "not --task-type single"),
         (["finetune", "--task-type", "qa", "--train", str(DATA / "squad/train-from-dev-v1.1.json"),
           "--max-train-examples", "4", "--null-score-diff-threshold", "1", "--max-seq-len", "96", "--doc-stride", "24",
           *base], "every question of --train .* has an answer"),

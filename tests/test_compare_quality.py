@@ -130,3 +130,16 @@ def test_squad_v2_budget_asks_each_paragraph_its_neighbours_questions(cq):
     assert moved == {("b1-none", "red fox"), ("b2-none", "red fox"), ("c1-none", "blue jay"), ("a1-none", "red jay")}
     assert len({e.id for e in out}) == len(out)
     assert cq.BUDGETS["squad_v2"]["file"] == cq.BUDGETS["squad"]["file"]
+
+
+def test_summary_leaves_out_thresholds_and_undefined_metrics(cq):
+    rows = []
+    for seed in (1, 2):
+        for impl, f1 in (("fastbert", 50.0 + seed), ("transformers", 49.0 + seed)):
+            record = _record("squad_v2", impl, seed, f1)
+            record["metrics"].update(best_f1_threshold=-1.5 * seed, no_answer_f1=None)
+            rows.append(record)
+    table = cq.summary_markdown(rows)
+    assert "| squad_v2 | f1 | 51.5000 (0.7071) | 50.5000 (0.7071) | +1.0000 |" in table
+    assert "threshold" not in table and "no_answer_f1" not in table
+    assert "no_answer_f1 undefined" in cq.runs_markdown(rows)

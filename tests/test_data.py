@@ -3,6 +3,7 @@ malformed files, tagging labels against transformers' word_ids(), SQuAD answer
 mapping, collation and bucketing."""
 import dataclasses
 import json
+import math
 import random
 import re
 import warnings
@@ -981,6 +982,12 @@ def test_null_answer_by_the_threshold_over_every_window(tok):
     assert len(spans) == 4 and spans[2]["score"] >= spans[3]["score"]
     n_best = predict_answers([ex], feats, start, end, n_best=2, return_n_best=True, null_score_diff_threshold=-9.0)["q"]
     assert n_best[0] == ("", 4.0) and [t for t, _ in n_best[1:]] == [span_text, n_best[2][0]] and len(n_best) == 3
+    for f in (0, len(feats) - 1):   # a NaN null score in any window is NaN odds, whatever the order
+        nan_start = start.clone()
+        nan_start[f, 0] = float("nan")
+        answers, odds = predict_answers([ex], feats, nan_start, end, null_score_diff_threshold=0.0,
+                                        return_null_odds=True)
+        assert math.isnan(odds["q"]), f
     for bad in (float("nan"), "0", True):
         with pytest.raises(ValueError, match="null_score_diff_threshold must be a number"):
             predict_answers([ex], feats, start, end, null_score_diff_threshold=bad)

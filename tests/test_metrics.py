@@ -195,8 +195,10 @@ def test_squad_v2_scores_refuse_what_the_official_script_drops():
         squad_v2_scores({"a": "x"}, {"a": ["x"], "n": []})
     with pytest.raises(ValueError, match=r"no_answer_odds has no value for 1 questions \(e\.g\. id 'n'\)"):
         squad_v2_scores({"a": "x", "n": ""}, {"a": ["x"], "n": []}, {"a": 1.0})
-    with pytest.raises(ValueError, match=r"no_answer_odds\['a'\] is NaN"):
-        squad_v2_scores({"a": "x"}, {"a": ["x"]}, {"a": math.nan})
+    for bad in (math.nan, -math.inf):
+        with pytest.raises(ValueError, match=rf"no_answer_odds\['a'\] is {bad} \(a diverged model's logits\?\): "
+                                             r"the odds must be numbers or \+inf"):
+            squad_v2_scores({"a": "x"}, {"a": ["x"]}, {"a": bad})
     with pytest.raises(TypeError, match=r"predictions\['a'\] must be an answer text \(str\), got NoneType"):
         squad_v2_scores({"a": None}, {"a": ["x"]})
     with pytest.raises(ValueError, match="references is empty"):

@@ -351,8 +351,8 @@ def test_squad_v2_is_a_preset_and_read_from_a_custom_qa_training_file(tmp_path, 
     both = _squad_json(tmp_path / "v2.json", [ANSWERED, UNANSWERED])
     only = _squad_json(tmp_path / "v1.json", [ANSWERED])
     with pytest.raises(fastbert.data.DataFormatError, match=r"v2\.json: 1 of 2 questions have no answer \(SQuAD "
-                                                           r"v2\.0\), and task 'squad' answers every question: use "
-                                                           r"--task squad_v2"):
+                                                           r"v2\.0\), and task 'squad' answers every question "
+                                                           r"\(SQuAD v1\.1, .*fine-tune with --task squad_v2"):
         tasks.read(tasks.TaskSpec.preset("squad", max_seq_len=32, max_question_len=8), both, tok)
     assert len(tasks.read(tasks.TaskSpec.preset("squad_v2", max_seq_len=32, max_question_len=8, doc_stride=8), both, tok).features) == 2
     custom = tasks.TaskSpec(name="qa", kind="qa", max_seq_len=32, max_question_len=8, doc_stride=8)
@@ -367,6 +367,13 @@ def test_squad_v2_is_a_preset_and_read_from_a_custom_qa_training_file(tmp_path, 
 
 
 def test_a_qa_spec_saved_before_squad_v2_always_answers(tmp_path):
+    """v2.0's fields are saved by v2.0 models only: an older fastbert, which refuses fields it does not
+    know, still loads every other model; and a spec without them loads as SQuAD v1.1."""
+    for name in ("squad_v2", "sst2"):
+        tasks.build_model(tasks.TaskSpec.preset(name, max_seq_len=64), "default").save_pretrained(tmp_path / name)
+        saved = json.loads((tmp_path / name / "config.json").read_text())["fastbert_task"]
+        assert ("no_answer" in saved, "null_score_diff_threshold" in saved) == ((name == "squad_v2"),) * 2
+    assert tasks.load_finetuned(tmp_path / "squad_v2")[1].no_answer is True
     spec = tasks.TaskSpec.preset("squad", max_seq_len=64)
     tasks.build_model(spec, "default").save_pretrained(tmp_path)
     config = json.loads((tmp_path / "config.json").read_text())
@@ -403,4 +410,8 @@ def test_evaluate_squad_v2_scores_spans_and_odds_officially(tok):
             {k: v for k, v in metrics.squad_v2_scores(answers, gold).items() if k in ("exact_match", "f1")})
         assert answers == tasks.answers_from_logits(model, spec, examples, feats, logits)
     assert "" not in answers.values()                                                   # 1e9: always a span
+    with torch.no_grad():                     # a diverged model: every score undefined (null), not a crash
+        model.qa_outputs.bias.fill_(float("nan"))
+    diverged = tasks.evaluate(model, spec, tasks.TaskData(feats, examples))
+    assert set(diverged) == set(tasks.metric_names(spec)) and all(math.isnan(v) for v in diverged.values())
     assert set(scores) == set(tasks.metric_names(spec))

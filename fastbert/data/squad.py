@@ -5,6 +5,8 @@
     # model -> start_logits, end_logits: (num_features, seqlen)
     answers = predict_answers(examples, feats, start_logits, end_logits)   # {id: text}
     squad_scores(answers, {e.id: e.answers for e in examples})              # fastbert.metrics
+    # SQuAD v2.0 (questions may have no answer): "" where the [CLS] null score wins by the threshold
+    answers = predict_answers(examples, feats, start_logits, end_logits, null_score_diff_threshold=0.0)
 
 Each question is packed with its passage as `[CLS] question [SEP] passage [SEP]`.
 A passage longer than the room left is cut into overlapping windows (only the
@@ -288,8 +290,10 @@ def predict_answers(examples: Sequence[SquadExample], features: Sequence[dict], 
         window_null = (start_logits[:, 0] + end_logits[:, 0]).cpu().tolist() if len(features) else []
     for f, feat in enumerate(features):
         if with_null:
-            i = feat["example_index"]
-            null_scores[i] = min(null_scores.get(i, math.inf), window_null[f])
+            i, here = feat["example_index"], window_null[f]
+            lowest = null_scores.get(i, math.inf)
+            # NaN wins (min() would keep or drop it by order): a NaN null score is no odds to report
+            null_scores[i] = here if here < lowest or math.isnan(here) else lowest
         spans = candidates.setdefault(feat["example_index"], {})
         for s, e, score in zip(starts[f].tolist(), ends[f].tolist(), scores[f].tolist()):
             if s < 0:  # fewer allowed spans than topk
