@@ -1,4 +1,6 @@
 """fastbert.tasks: TaskSpec fields reach the readers (no model needed)."""
+import dataclasses
+
 import pytest
 
 import fastbert
@@ -410,6 +412,11 @@ def test_evaluate_squad_v2_scores_spans_and_odds_officially(tok):
             {k: v for k, v in metrics.squad_v2_scores(answers, gold).items() if k in ("exact_match", "f1")})
         assert answers == tasks.answers_from_logits(model, spec, examples, feats, logits)
     assert "" not in answers.values()                                                   # 1e9: always a span
+    # odds equal to the threshold answer the span: "" only above it (run_qa's score_diff > threshold)
+    at_q1 = dataclasses.replace(spec, null_score_diff_threshold=odds["q1"])
+    assert tasks.evaluate_and_predict(model, at_q1, tasks.TaskData(feats, examples))[1]["q1"] == spans["q1"]
+    below = dataclasses.replace(spec, null_score_diff_threshold=math.nextafter(odds["q1"], -math.inf))
+    assert tasks.evaluate_and_predict(model, below, tasks.TaskData(feats, examples))[1]["q1"] == ""
     with torch.no_grad():                     # a diverged model: every score undefined (null), not a crash
         model.qa_outputs.bias.fill_(float("nan"))
     diverged = tasks.evaluate(model, spec, tasks.TaskData(feats, examples))
