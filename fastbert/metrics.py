@@ -341,7 +341,7 @@ def squad_scores(predictions: Mapping[str, str], references: Mapping[str, Sequen
     for qid, golds in references.items():
         if not isinstance(golds, str) and len(golds) == 0:
             raise ValueError(f"question id {qid} has no gold answer: SQuAD v1.1 scoring needs at least one "
-                             "(unanswerable questions are SQuAD v2)")
+                             "(a question without an answer is SQuAD v2.0's: squad_v2_scores)")
         if qid in predictions:
             em += squad_exact_match(predictions[qid], golds)
             f1 += squad_f1(predictions[qid], golds)
