@@ -374,8 +374,9 @@ def _load_finetuned(args):
     model, spec = tasks.load_finetuned(folder, args.backend)
     if args.null_score_diff_threshold is not None:
         if not (spec.kind == "qa" and spec.no_answer):
-            raise ValueError(f"--null-score-diff-threshold: {args.model} is a {spec.kind} model ({spec.name}) that "
-                             "always answers; the threshold is for SQuAD v2.0 models (--task squad_v2)")
+            what = "a question-answering model that always answers" if spec.kind == "qa" else f"a {spec.kind} model"
+            raise ValueError(f"--null-score-diff-threshold: {args.model} is {what} ({spec.name}); the threshold is "
+                             "for SQuAD v2.0 models (--task squad_v2)")
         spec.null_score_diff_threshold = args.null_score_diff_threshold
     return model.to(device), spec, fastbert.Tokenizer.from_pretrained(folder)
 
