@@ -350,10 +350,6 @@ def squad_scores(predictions: Mapping[str, str], references: Mapping[str, Sequen
 
 # --- SQuAD v2.0: the official evaluate-v2.0.py logic ------------------------------------------
 
-def _v2_exact(prediction: str, truth: str) -> float:
-    return float(normalize_answer(prediction) == normalize_answer(truth))
-
-
 def _v2_f1(prediction: str, truth: str) -> float:
     # v2.0's F1 differs from v1.1's where either side is empty: no answer against no answer is 1
     pred_tokens, truth_tokens = normalize_answer(prediction).split(), normalize_answer(truth).split()
@@ -421,9 +417,10 @@ def squad_v2_scores(predictions: Mapping[str, str], references: Mapping[str, Seq
         has_answer[qid] = bool(golds)
         # as the official script: a gold answer that normalises to nothing is no answer
         golds = [g for g in golds if normalize_answer(g)] or [""]
-        exact[qid] = max(_v2_exact(predictions[qid], g) for g in golds)
+        exact[qid] = max(_exact(predictions[qid], g) for g in golds)
         f1[qid] = max(_v2_f1(predictions[qid], g) for g in golds)
-    odds = no_answer_odds if no_answer_odds is not None else dict.fromkeys(references, 0.0)
+    odds = {qid: float(no_answer_odds[qid]) for qid in references} if no_answer_odds is not None else \
+        dict.fromkeys(references, 0.0)
     said_none = {qid: odds[qid] > no_answer_threshold for qid in references}
     exact_at = {qid: float(not has_answer[qid]) if said_none[qid] else s for qid, s in exact.items()}
     f1_at = {qid: float(not has_answer[qid]) if said_none[qid] else s for qid, s in f1.items()}
@@ -437,7 +434,6 @@ def squad_v2_scores(predictions: Mapping[str, str], references: Mapping[str, Seq
               "no_answer_exact_match": mean(exact_at, lambda q: not has_answer[q]),
               "no_answer_f1": mean(f1_at, lambda q: not has_answer[q])}
     if no_answer_odds is not None:
-        odds = {qid: float(no_answer_odds[qid]) for qid in references}
         scores["best_exact_match"], scores["best_exact_match_threshold"] = \
             _best_threshold(predictions, exact, odds, has_answer)
         scores["best_f1"], scores["best_f1_threshold"] = _best_threshold(predictions, f1, odds, has_answer)

@@ -89,7 +89,7 @@ class HFAdapter(torch.nn.Module):
 
 def split_data(task, spec, tokenizer, budget):
     path = DATA / budget["file"]
-    if task in ("squad", "squad_v2"):
+    if spec.kind == "qa":
         examples = data.read_squad(path)
         titles = sorted({e.title for e in examples})
         held_out = set(titles[::6])  # every sixth article is the dev split: split by article
@@ -231,7 +231,7 @@ def main(argv=None):
         budget = dict(BUDGETS[task])
         if budget.get("n_train") and args.scale != 1.0:
             budget["n_train"] = max(64, int(budget["n_train"] * args.scale))
-        if task in ("squad", "squad_v2") and args.scale != 1.0:  # SQuAD scales by training articles
+        if tasks.PRESETS[task] == "qa" and args.scale != 1.0:  # SQuAD scales by training articles
             budget["article_fraction"] = args.scale
         scale = {k: budget[k] for k in ("n_train", "article_fraction") if budget.get(k)}
         for seed in args.seeds:
