@@ -396,21 +396,46 @@ def cmd_evaluate(args) -> int:
 
     _check_counts(args, positive=("eval_batch_size",), optional_positive=("max_dev_examples",))
     _check_file("--dev", args.dev)
-    if args.predictions:
-        from fastbert.checkpoint import check_writable
+    from fastbert.checkpoint import check_writable
 
-        check_writable("--predictions", args.predictions, folder=False)
+    for flag in ("predictions", "null_odds"):
+        if getattr(args, flag):
+            check_writable(f"--{flag.replace('_', '-')}", getattr(args, flag), folder=False)
     model, spec, tokenizer = _load_finetuned(args)
+    if args.null_odds and not spec.no_answer:
+        raise ValueError(f"--null-odds is for SQuAD v2.0 models (questions may have no answer), not task "
+                         f"{spec.name!r}")
     dev = tasks.read(spec, args.dev, tokenizer, args.max_dev_examples)
     _check_dev(args.dev, spec, dev)
     with _inference_autocast(args, model):
-        scores, predictions = tasks.evaluate_and_predict(model, spec, dev, args.eval_batch_size)
+        scores, predictions, *odds = tasks.evaluate_and_predict(model, spec, dev, args.eval_batch_size,
+                                                                return_null_odds=bool(args.null_odds))
     if args.predictions:
         _write_predictions(Path(args.predictions), spec, dev, predictions)
     print(metrics_json(scores, indent=2))          # stdout stays JSON (null where undefined)
     if (note := _undefined_note(scores)):
         print(f"fastbert evaluate: note: {note}", file=sys.stderr)
+    if args.null_odds:
+        _write_null_odds(Path(args.null_odds), odds[0])
     return 0
+
+
+def _write_null_odds(path: Path, odds: dict[str, float]) -> None:
+    """--null-odds: {question id: null score - best span score}, the official evaluate-v2.0.py's
+    --na-prob-file (it reads any number as odds: a question is unanswered above --na-prob-thresh)."""
+    import json
+
+    from fastbert.checkpoint import atomic_write_text
+
+    bad = [qid for qid, value in odds.items() if math.isnan(value) or value == -math.inf]
+    if bad:
+        # after the metrics (all null): the file would need NaN, which JSON has not
+        raise ValueError(f"--null-odds: no odds for {len(bad)} question(s), e.g. {bad[0]!r}: the model's logits hold "
+                         "NaN or -inf (a diverged model, or an overflow under --precision fp16)")
+    # a question without a span in any window (odds inf) is the least answerable: the largest number
+    text = json.dumps({qid: min(value, sys.float_info.max) for qid, value in odds.items()}, indent=1) + "\n"
+    path.parent.mkdir(parents=True, exist_ok=True)
+    atomic_write_text(path, text)
 
 
 def _write_predictions(path: Path, spec, dev, predictions) -> None:
@@ -827,6 +852,12 @@ def build_parser():
                          "GLUE's index<TAB>prediction TSV for sentence tasks, word<TAB>gold<TAB>predicted lines "
                          "(a blank line between sentences) for tagging")
     _null_threshold_flag(ev, "instead of the one saved with the model; ")
+    ev.add_argument("--null-odds", metavar="FILE",
+                    help="SQuAD v2.0 models: also write each question's null score minus its best span's, the "
+                         "official evaluate-v2.0.py's --na-prob-file. Given it and this run's --predictions, with "
+                         "--na-prob-thresh the threshold the run used, the official script prints this run's "
+                         "scores; best_f1 too if that threshold was 1e30 (the predictions then hold every "
+                         "question's best span: the official search cannot answer a question they leave empty)")
     _common(ev)
     ev.set_defaults(run=cmd_evaluate)
 

@@ -242,14 +242,19 @@ def evaluate(model, spec: TaskSpec, dev: TaskData, batch_size: int = 64, shard: 
     return _evaluate(model, spec, dev, batch_size, with_predictions=False, shard=shard)[0]
 
 
-def evaluate_and_predict(model, spec: TaskSpec, dev: TaskData, batch_size: int = 64) -> tuple[dict[str, float], object]:
+def evaluate_and_predict(model, spec: TaskSpec, dev: TaskData, batch_size: int = 64, return_null_odds: bool = False):
     """evaluate()'s metrics and the predictions they score, example by example in file order: a label
     name (classification) or score (regression) per row, a tag per word of each sentence read by
-    tasks.read (tagging), the answer text per question id (qa)."""
-    return _evaluate(model, spec, dev, batch_size, with_predictions=True)
+    tasks.read (tagging), the answer text per question id (qa). return_null_odds (SQuAD v2.0 specs):
+    (metrics, answers, odds), odds = each question's null score minus its best span's, what the
+    official evaluate-v2.0.py takes as --na-prob-file."""
+    if return_null_odds and not (spec.kind == "qa" and spec.no_answer):
+        raise ValueError(f"return_null_odds is for SQuAD v2.0 tasks (no_answer=True), not task {spec.name!r}")
+    return _evaluate(model, spec, dev, batch_size, with_predictions=True, with_null_odds=return_null_odds)
 
 
-def _evaluate(model, spec: TaskSpec, dev: TaskData, batch_size: int, with_predictions: bool, shard: bool = False):
+def _evaluate(model, spec: TaskSpec, dev: TaskData, batch_size: int, with_predictions: bool, shard: bool = False,
+              with_null_odds: bool = False):
     if not dev.features:
         raise ValueError(f"no dev features to evaluate for task {spec.name!r}: the dev data is empty")
     logits = predict_logits(model, dev.features, batch_size, shard=shard)
@@ -301,8 +306,10 @@ def _evaluate(model, spec: TaskSpec, dev: TaskData, batch_size: int, with_predic
     answers = {qid: "" if odds[qid] > threshold else text for qid, text in spans.items()}
     if any(math.isnan(v) or v == -math.inf for v in odds.values()):
         # a diverged model: no score (NaN, null in JSON), as a correlation of NaN predictions, not a crash
-        return dict.fromkeys(metric_names(spec), math.nan), answers
-    return metrics.squad_v2_scores(spans, gold, odds, threshold), answers
+        scores = dict.fromkeys(metric_names(spec), math.nan)
+    else:
+        scores = metrics.squad_v2_scores(spans, gold, odds, threshold)
+    return (scores, answers, odds) if with_null_odds else (scores, answers)
 
 
 def tags_from_logits(spec: TaskSpec, sentence_lengths: Sequence[int], features, logits) -> list[list[str]]:

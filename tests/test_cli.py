@@ -80,6 +80,7 @@ def test_bad_model_path_is_a_clear_error(capsys, tmp_path):
 # -- finetune / evaluate / predict on real data, tiny budgets ---------------------------------
 
 import json  # noqa: E402
+import math  # noqa: E402
 import re  # noqa: E402
 from pathlib import Path  # noqa: E402
 
@@ -873,7 +874,12 @@ def _squad_v2_file(path, paragraphs=6):
 
 def test_squad_v2_finetune_evaluate_predict(tmp_path, capsys):
     """--task squad_v2 end to end: the threshold is saved with the model and overridden by evaluate and
-    predict; evaluate prints the official v2.0 scores, and its predictions file scores to them."""
+    predict; evaluate prints the official v2.0 scores, and its predictions and null-odds files score to
+    them through the official script."""
+    from types import SimpleNamespace
+
+    import squad_v2_reference
+
     from fastbert import metrics
 
     v2, gold = _squad_v2_file(tmp_path / "v2.json")
@@ -888,15 +894,31 @@ def test_squad_v2_finetune_evaluate_predict(tmp_path, capsys):
     assert (saved["name"], saved["no_answer"], saved["null_score_diff_threshold"]) == ("squad_v2", True, 0.5)
     capsys.readouterr()
     answered = {}
-    for threshold in ("-1e9", "1e9"):
-        predictions = tmp_path / f"predictions{threshold}.json"
+    examples = [SimpleNamespace(qas_id=qid, answers=[{"text": a} for a in golds]) for qid, golds in gold.items()]
+    for threshold in ("1e9", "-1e9", "between"):
+        if threshold == "between":  # some questions answered, some not: the median odds
+            threshold = repr(sorted(odds.values())[len(odds) // 2])
+        predictions, odds_file = tmp_path / f"predictions{threshold}.json", tmp_path / f"odds{threshold}.json"
         assert fastbert.cli.main(["evaluate", "--model", str(out / "model"), "--dev", str(v2), "--device", "cpu",
-                                  "--predictions", str(predictions), f"--null-score-diff-threshold={threshold}"]) == 0
+                                  "--predictions", str(predictions), f"--null-score-diff-threshold={threshold}",
+                                  "--null-odds", str(odds_file)]) == 0
         printed = json.loads(capsys.readouterr().out)
         answered[threshold] = json.loads(predictions.read_text())
         plain = metrics.squad_v2_scores(answered[threshold], gold)
         assert {k: printed[k] for k in plain} == pytest.approx(plain, nan_ok=True)
+        # the official evaluate-v2.0 over the two files, --na-prob-thresh the run's threshold: the printed scores
+        odds = json.loads(odds_file.read_text())
+        assert set(odds) == set(gold) and all(math.isfinite(v) for v in odds.values())
+        official = squad_v2_reference.squad_evaluate(examples, answered[threshold], odds, float(threshold))
+        names = {"exact": "exact_match", "f1": "f1", "HasAns_exact": "has_answer_exact_match",
+                 "HasAns_f1": "has_answer_f1", "NoAns_exact": "no_answer_exact_match", "NoAns_f1": "no_answer_f1"}
+        assert {ours: official[theirs] for theirs, ours in names.items()} == \
+            pytest.approx({ours: printed[ours] for ours in names.values()}, abs=1e-9)
+        # best_f1 searches over every best span: the official search does too when the predictions hold them
+        same_best = official["best_f1"] == pytest.approx(printed["best_f1"], abs=1e-9)
+        assert same_best if threshold == "1e9" else official["best_f1"] <= printed["best_f1"] + 1e-9
     assert set(answered["-1e9"].values()) == {""} and "" not in answered["1e9"].values()
+    assert "" in answered[threshold].values() and set(answered[threshold].values()) != {""}
     # the best threshold evaluate reports, given back, scores what it said (the reason to report it)
     best = printed["best_f1_threshold"]
     assert fastbert.cli.main(["evaluate", "--model", str(out / "model"), "--dev", str(v2), "--device", "cpu",
@@ -923,6 +945,21 @@ def test_squad_v2_finetune_evaluate_predict(tmp_path, capsys):
     assert isinstance(result["null_score_diff"], float)
 
 
+def test_null_odds_file_is_json_numbers_or_refused(tmp_path):
+    """A question without a span in any window (odds inf) gets the largest float, still JSON and still
+    above every other; NaN odds (a model whose logits hold NaN; a checkpoint of NaN weights does not
+    load) refuse the file, naming the question, and write nothing."""
+    import sys
+
+    path = tmp_path / "odds.json"
+    fastbert.cli._write_null_odds(path, {"a": -2.5, "b": math.inf, "c": 0.0})
+    assert json.loads(path.read_text()) == {"a": -2.5, "b": sys.float_info.max, "c": 0.0}
+    for bad in (math.nan, -math.inf):
+        with pytest.raises(ValueError, match=r"--null-odds: no odds for 1 question\(s\), e.g. 'q': .*diverged"):
+            fastbert.cli._write_null_odds(tmp_path / "bad.json", {"p": 1.0, "q": bad})
+        assert not (tmp_path / "bad.json").exists()
+
+
 def test_squad_v2_flags_are_refused_where_they_mean_nothing(tmp_path, capsys, untrained_models):
     v2, _ = _squad_v2_file(tmp_path / "v2.json", paragraphs=2)
     base = ["--out", str(tmp_path / "run"), "--max-steps", "1", "--no-progress", "--device", "cpu"]
@@ -942,6 +979,8 @@ def test_squad_v2_flags_are_refused_where_they_mean_nothing(tmp_path, capsys, un
           "--null-score-diff-threshold", "1"], "the threshold is for SQuAD v2.0 models"),
         (["predict", "--model", str(untrained_models["sst2"]), "--device", "cpu", "--null-score-diff-threshold", "1",
           "fine"], "the threshold is for SQuAD v2.0 models"),
+        (["evaluate", "--model", str(untrained_models["squad"]), "--dev", str(v2), "--device", "cpu",
+          "--null-odds", str(tmp_path / "odds.json")], "--null-odds is for SQuAD v2.0 models .*not task 'squad'"),
     ]
     for args, message in cases:
         assert fastbert.cli.main(args) == 2, args

@@ -411,6 +411,8 @@ def test_evaluate_squad_v2_scores_spans_and_odds_officially(tok):
         assert {k: scores[k] for k in ("exact_match", "f1")} == pytest.approx(
             {k: v for k, v in metrics.squad_v2_scores(answers, gold).items() if k in ("exact_match", "f1")})
         assert answers == tasks.answers_from_logits(model, spec, examples, feats, logits)
+        assert tasks.evaluate_and_predict(model, spec, tasks.TaskData(feats, examples), return_null_odds=True) == \
+            (scores, answers, odds)
     assert "" not in answers.values()                                                   # 1e9: always a span
     # odds equal to the threshold answer the span: "" only above it (run_qa's score_diff > threshold)
     at_q1 = dataclasses.replace(spec, null_score_diff_threshold=odds["q1"])
@@ -421,4 +423,8 @@ def test_evaluate_squad_v2_scores_spans_and_odds_officially(tok):
         model.qa_outputs.bias.fill_(float("nan"))
     diverged = tasks.evaluate(model, spec, tasks.TaskData(feats, examples))
     assert set(diverged) == set(tasks.metric_names(spec)) and all(math.isnan(v) for v in diverged.values())
+    odds = tasks.evaluate_and_predict(model, spec, tasks.TaskData(feats, examples), return_null_odds=True)[2]
+    assert set(odds) == {"q1", "q2", "q3"} and all(math.isnan(v) for v in odds.values())
+    with pytest.raises(ValueError, match="return_null_odds is for SQuAD v2.0 tasks .*not task 'squad'"):
+        tasks.evaluate_and_predict(model, tasks.TaskSpec.preset("squad"), tasks.TaskData(feats, examples), return_null_odds=True)
     assert set(scores) == set(tasks.metric_names(spec))
