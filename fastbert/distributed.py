@@ -14,8 +14,14 @@ the same number of backwards. The last step of an epoch (5 batches over 2 proces
 without a labelled token leaves a process with fewer, and DDP would wait for it forever; so would
 the others when one process stops on a NaN loss. Here each step first sums a small record (the
 step's losses, its token count, which parameters have gradients), so every process sees a bad loss
-and stops together, and only then the gradients. The price: the gradient all-reduce waits for the
-whole backward instead of overlapping it (BERT-base: 440 MB of fp32 gradients a step).
+and stops together, and then keeps or drops the gradients summed while its last backward ran.
+
+The gradient sums overlap the backward as DDP's do (GradientSum): during each process's last backward
+of a step, a bucket of gradients is all-reduced as soon as its parameters have theirs, in one bucket
+order on every process, so the collectives pair up whatever each process computed. A process without
+a backward that step sends zeros. Buckets wait only for the parameters that had a gradient in the
+process's previous step (a tagging model never uses the pooler): one that gets a gradient after its
+bucket left sends the whole step back to the plain sum after the backward, on every process.
 """
 from __future__ import annotations
 
@@ -155,6 +161,113 @@ def sum_gradients(params: Sequence[torch.nn.Parameter], used: Sequence[bool], sc
                 flat.mul_(scale)
             for g, piece in zip(bucket, flat.split([g.numel() for g in bucket])):
                 g.copy_(piece.view_as(g))
+
+
+class GradientSum:
+    """Sums `params`' gradients over the processes, bucket by bucket while the last backward of a step
+    runs (arm, then the backward, then finish and apply): fastbert/distributed.py's docstring. The
+    summed buckets are held aside until apply, so the gradients stay this process's own until every
+    process has said whether the overlap held (a late gradient: the plain sum_gradients instead)."""
+
+    def __init__(self, params: Sequence[torch.nn.Parameter], bucket_bytes: int | None = None):
+        self.params = list(params)
+        bucket_bytes = BUCKET_BYTES if bucket_bytes is None else bucket_bytes
+        trained = [i for i, p in enumerate(self.params) if p.requires_grad]
+        # Backward reaches the parameters about in reverse order of registration (the head's first,
+        # the embeddings' last): buckets in that order fill, and leave, while the backward runs.
+        self.buckets: list[list[int]] = []
+        open_bucket: dict[torch.dtype, tuple[list[int], list[int]]] = {}   # dtype -> (bucket, [bytes])
+        for i in reversed(trained):
+            param = self.params[i]
+            nbytes = param.numel() * param.element_size()
+            bucket, size = open_bucket.get(param.dtype, (None, [0]))
+            if bucket is None or (bucket and size[0] + nbytes > bucket_bytes):
+                bucket, size = [], [0]
+                open_bucket[param.dtype] = (bucket, size)
+                self.buckets.append(bucket)
+            bucket.append(i)
+            size[0] += nbytes
+        self.bucket_of = {i: b for b, bucket in enumerate(self.buckets) for i in bucket}
+        self.expected = set(trained)   # parameters a bucket waits for: those with a gradient last time
+        self.armed = False
+        self._handles = [self.params[i].register_post_accumulate_grad_hook(self._hook(i)) for i in trained]
+
+    def _hook(self, index: int):
+        def ready(_param):
+            if self.armed:
+                self._ready(index)
+        return ready
+
+    def arm(self) -> None:
+        """The next backward is this process's last of the step: send buckets as they fill."""
+        self.waiting = [sum(i in self.expected for i in bucket) for bucket in self.buckets]
+        self.fired: set[int] = set()
+        self.next_bucket, self.sent, self.late = 0, [], False
+        self.armed = True
+        self._send_ready()
+
+    def _ready(self, index: int) -> None:
+        self.fired.add(index)
+        bucket = self.bucket_of[index]
+        if bucket < self.next_bucket:
+            self.late = True           # its bucket left without it: apply() falls back
+        elif index in self.expected:
+            self.waiting[bucket] -= 1
+            self._send_ready()
+
+    def _send_ready(self) -> None:
+        # in bucket order on every process, however their backwards ran: the collectives pair up
+        while self.next_bucket < len(self.buckets) and self.waiting[self.next_bucket] == 0:
+            self._send(self.next_bucket)
+
+    def _send(self, b: int) -> None:
+        with torch.no_grad():
+            flat = torch.cat([(self.params[i].grad if self.params[i].grad is not None
+                               else torch.zeros_like(self.params[i])).reshape(-1) for i in self.buckets[b]])
+        self.sent.append((flat, _dist().all_reduce(flat, async_op=True)))
+        self.next_bucket += 1
+
+    def finish(self) -> bool:
+        """After the last backward (or instead of it, on a process that ran none): send what is left,
+        wait for every sum; returns whether a gradient came after its bucket left."""
+        if not self.armed:
+            self.arm()
+        self.armed = False
+        while self.next_bucket < len(self.buckets):
+            self._send(self.next_bucket)
+        for _, work in self.sent:
+            work.wait()
+        if self.fired:
+            self.expected = self.fired
+        return self.late
+
+    def apply(self, used: Sequence[bool], scale: float, any_late: bool) -> None:
+        """Give each parameter its summed gradient times `scale`; `used` (one flag per parameter of
+        `params`, the same on every process) says which some process has one for: the others keep
+        None. any_late (some process's finish() said so): the plain sum over the backward's gradients."""
+        sent, self.sent = self.sent, []
+        if any_late:
+            sum_gradients(self.params, used, scale)
+            return
+        for param, wanted in zip(self.params, used):
+            if not wanted:
+                param.grad = None
+        with torch.no_grad():
+            for (flat, _), bucket in zip(sent, self.buckets):
+                if scale != 1.0:
+                    flat.mul_(scale)
+                for i, piece in zip(bucket, flat.split([self.params[i].numel() for i in bucket])):
+                    param = self.params[i]
+                    if not used[i]:
+                        continue
+                    if param.grad is None:
+                        param.grad = piece.view_as(param).clone()
+                    else:
+                        param.grad.copy_(piece.view_as(param))
+
+    def remove(self) -> None:
+        for handle in self._handles:
+            handle.remove()
 
 
 def gather_to_first(obj) -> list | None:

@@ -348,6 +348,8 @@ class Trainer:
             with on_device(self.device):  # NCCL's object collectives run on the current device
                 distributed.broadcast_model(model)
                 self._items_per_example = distributed.from_first(self._measure_items_per_example())
+            # summed bucket by bucket during each step's last backward (fastbert/distributed.py)
+            self._gradient_sum = distributed.GradientSum(list(model.parameters()))
         self.batches_per_epoch = math.ceil(len(features) / config.batch_size)
         steps_per_epoch = math.ceil(self.batches_per_epoch / (config.grad_accum * self.world))
         self.total_steps = config.max_steps or steps_per_epoch * config.epochs
@@ -736,23 +738,25 @@ class Trainer:
     def _sum_over_processes(self, group_size: int, losses: dict, tokens: int, items: int,
                             items_guess: float) -> tuple[dict, int]:
         """Under torchrun: every process's losses, token and loss-term counts for this step, then the
-        gradients summed (fastbert/distributed.py). Each process weighed its batches by their loss terms
-        over items_guess, the same on every process, as it had only its own batches' counts: the summed
-        gradients are scaled by items_guess / the group's count, so each batch weighs its share of the
-        group's terms, as in one process. A bad loss on any process stops all of them here, before the
-        gradients move."""
-        params = list(self.model.parameters())
+        gradients summed (fastbert/distributed.py; sent while the last backward ran). Each process
+        weighed its batches by their loss terms over items_guess, the same on every process, as it had
+        only its own batches' counts: the summed gradients are scaled by items_guess / the group's
+        count, so each batch weighs its share of the group's terms, as in one process. A bad loss on any
+        process stops all of them here, before the gradients reach the parameters."""
+        params = self._gradient_sum.params
+        late = self._gradient_sum.finish()
         # Built in two pieces (the device's losses, one copy of what the host knows), not element by
         # element: a GPU would run a copy kernel per element.
         zero = torch.zeros((), device=self.device)
         device_part = torch.stack([losses[i].float() if i in losses else zero for i in range(group_size)])
-        host_part = torch.tensor([tokens, items] + [float(i in losses) for i in range(group_size)]
-                               + [float(p.grad is not None) for p in params], dtype=torch.float64)
+        host_part = torch.tensor([tokens, items, float(late)] + [float(i in losses) for i in range(group_size)]
+                                 + [float(p.grad is not None) for p in params], dtype=torch.float64)
         values = distributed.sum_step_record(torch.cat([device_part.double(), host_part.to(self.device)])).tolist()
-        losses = {i: self._check_loss(values[i]) for i in range(group_size) if values[group_size + 2 + i]}
-        tokens, items = int(values[group_size]), values[group_size + 1]
-        used = [flag > 0 for flag in values[2 * group_size + 2:]]
-        distributed.sum_gradients(params, used, scale=items_guess / items if items else 1.0)
+        tokens, items, any_late = int(values[group_size]), values[group_size + 1], values[group_size + 2] > 0
+        flags = values[group_size + 3:]
+        losses = {i: self._check_loss(values[i]) for i in range(group_size) if flags[i]}
+        used = [flag > 0 for flag in flags[group_size:]]
+        self._gradient_sum.apply(used, scale=items_guess / items if items else 1.0, any_late=any_late)
         return losses, tokens
 
     def _record(self, epoch, running: list, aside, bar) -> bool:
@@ -928,8 +932,11 @@ class Trainer:
                 group_items = sum(items.values()) if self.world == 1 else \
                     self._items_per_example * sum(len(indices) for indices in group)
                 losses, tokens = {}, 0
+                last = max((i for i in own if items[i]), default=None)
                 for i, batch in own.items():
                     if items[i]:
+                        if self.world > 1 and i == last:
+                            self._gradient_sum.arm()
                         losses[i], batch_tokens = self._forward_backward(batch, items[i] / group_items)
                         tokens += batch_tokens
                         if self.world == 1:  # one host sync a batch, after its backward is queued

@@ -34,6 +34,10 @@ def _sentence_features(n):
 
 
 def _trainer(case: dict, out: Path) -> train.Trainer:
+    from fastbert import distributed
+
+    if "bucket_bytes" in case:  # small buckets: several leave during each backward, not one at its end
+        distributed.BUCKET_BYTES = case["bucket_bytes"]
     torch.manual_seed(0)
     config = fastbert.BertConfig(**CONFIG, **(NO_DROPOUT if case.get("no_dropout") else {}))
     if case["task"] == "tokens":
@@ -96,7 +100,8 @@ def _run(case: dict, out: Path, report: Path) -> dict:
     summary = trainer.train(stop_after_step=case.get("stop_after_step"))
     torch.save({"evaluations": getattr(trainer.evaluate_fn, "calls", 0),
                 "weights": {k: v.cpu() for k, v in trainer.model.state_dict().items()}, "history": json.dumps(trainer.history), "grads": grads,
-                "summary": json.dumps(summary), "world": trainer.world, "collated": sum(collated), "draws": draws}, report)
+                "summary": json.dumps(summary), "world": trainer.world, "collated": sum(collated), "draws": draws,
+                "buckets": len(trainer._gradient_sum.buckets) if trainer.world > 1 else 0}, report)
 
 
 def _worker(rank: int, world: int, store: str, case: dict, out: str, reports: str):
@@ -145,6 +150,8 @@ def _assert_same_weights(a: dict, b: dict, what: str):
 @pytest.mark.parametrize("task, examples, batch_size, device", [
     pytest.param("sentences", 40, 8, "cpu", id="sentences_short_last_step"),  # 5 batches an epoch: the last step has one, rank 1 none
     pytest.param("tokens", 9, 1, "cpu", id="tokens_unlabelled_batch"),  # one sentence a batch: example 5 leaves its process no backward
+    # buckets of at most 2 KB: most parameters leave alone, during the backward
+    pytest.param("tokens", 9, 1, "cpu_small_buckets", id="tokens_small_buckets"),
     # Two processes on one GPU through gloo (a lent machine has one GPU; NCCL takes one a process): the
     # step record and the gradients are CUDA tensors, and the kernels train.
     pytest.param("tokens", 9, 1, "cuda", id="gpu_tokens_unlabelled_batch", marks=pytest.mark.gpu),
@@ -157,6 +164,8 @@ def test_two_processes_step_as_one_process_with_grad_accum_two(tmp_path, task, e
     module the loss never reaches) must stay without one: AdamW would still decay a zero gradient's."""
     case = {"task": task, "examples": examples, "no_dropout": True, "record_grads": True, "device": device,
             "train": {"batch_size": batch_size, "save_every": 10**9}}
+    if device == "cpu_small_buckets":
+        case.update(device="cpu", bucket_bytes=2048)
     one = _trainer({**case, "train": {**case["train"], "grad_accum": 2}}, tmp_path / "one")
     one_grads = recording_grads(one)
     one.train()
@@ -169,6 +178,7 @@ def test_two_processes_step_as_one_process_with_grad_accum_two(tmp_path, task, e
     for rank, result in enumerate(ranks):
         assert not isinstance(result, str), f"rank {rank} raised {result}"
         assert result["world"] == 2 and json.loads(result["summary"])["steps"] == steps
+        assert (result["buckets"] > 20) == ("bucket_bytes" in case), result["buckets"]
         assert json.loads(result["history"]) == one.history
         assert len(result["grads"]) == steps
         for step, (a, b) in enumerate(zip(result["grads"], one_grads)):
@@ -228,6 +238,80 @@ def test_a_shared_prediction_sends_its_rows_not_their_batches(monkeypatch):
     assert len(mine) == 8
     data_bytes = sum(x.numel() for x in mine) * 4
     assert len(pickle.dumps(sent[0])) < data_bytes + 2048, (len(pickle.dumps(sent[0])), data_bytes)
+
+
+@pytest.fixture
+def one_process_group(tmp_path):
+    """A gloo group of this process alone: its all-reduce sums one term, so a GradientSum's result is
+    the gradient itself, and when each bucket leaves can be watched in-process."""
+    torch.distributed.init_process_group("gloo", init_method=f"file://{tmp_path / 'store'}", rank=0, world_size=1)
+    try:
+        yield
+    finally:
+        torch.distributed.destroy_process_group()
+
+
+def _linear_stack(n, width=8):
+    torch.manual_seed(0)
+    return torch.nn.Sequential(*[torch.nn.Linear(width, width) for _ in range(n)])
+
+
+def test_gradient_buckets_leave_while_the_backward_runs(one_process_group, monkeypatch):
+    """Each layer's bucket is all-reduced once the backward has given its gradients, before the layers
+    below have theirs (the overlap), and the sums come back scaled, onto the parameters' gradients."""
+    from fastbert import distributed
+
+    model, twin = _linear_stack(4), _linear_stack(4)
+    events = []
+    for i, param in enumerate(model.parameters()):
+        param.register_post_accumulate_grad_hook(lambda _p, i=i: events.append(("grad", i)))
+    summing = distributed.GradientSum(list(model.parameters()), bucket_bytes=(8 * 8 + 8) * 4)  # a layer a bucket
+    assert [sorted(b) for b in summing.buckets] == [[6, 7], [4, 5], [2, 3], [0, 1]]
+    real = torch.distributed.all_reduce
+    monkeypatch.setattr(torch.distributed, "all_reduce",
+                        lambda t, *a, **k: events.append(("sent", t.numel())) or real(t, *a, **k))
+    x = torch.randn(5, 8)
+    summing.arm()
+    model(x).square().sum().backward()
+    assert [e for e in events if e[0] == "sent"] == [("sent", 72)] * 4
+    sent_at = [n for n, e in enumerate(events) if e[0] == "sent"]
+    assert sent_at[0] < events.index(("grad", 0)) and sent_at[2] < events.index(("grad", 0))
+    assert summing.finish() is False
+    summing.apply([True] * 8, scale=0.5, any_late=False)
+    twin(x).square().sum().backward()
+    for mine, reference in zip(model.parameters(), twin.parameters()):
+        torch.testing.assert_close(mine.grad, 0.5 * reference.grad, rtol=0, atol=0)
+    summing.remove()
+
+
+def test_a_gradient_after_its_bucket_left_falls_back_to_the_plain_sum(one_process_group):
+    """A bucket waits for the parameters that had gradients in the previous step: here the other
+    branch's. Its bucket leaves with zeros, the gradient comes after: finish says so and apply sums the
+    backward's gradients instead. A parameter no process used keeps no gradient."""
+    from fastbert import distributed
+
+    model, twin = _linear_stack(2), _linear_stack(2)
+    summing = distributed.GradientSum(list(model.parameters()), bucket_bytes=(8 * 8 + 8) * 4)
+    x = torch.randn(3, 8)
+    for step, branch in enumerate([0, 1, 1]):
+        summing.arm()
+        model[branch](x).sum().backward()
+        late = summing.finish()
+        assert late is (step == 1), step           # step 1: branch 1 was not expected; step 2 it is
+        used = [p.grad is not None for p in model.parameters()]
+        summing.apply(used, scale=2.0, any_late=late)
+        twin[branch](x).sum().backward()
+        for mine, reference in zip(model.parameters(), twin.parameters()):
+            if reference.grad is None:
+                assert mine.grad is None
+            else:
+                torch.testing.assert_close(mine.grad, 2.0 * reference.grad, rtol=0, atol=0)
+        model.zero_grad(set_to_none=True)
+        twin.zero_grad(set_to_none=True)
+    # a process without a backward this step: every bucket leaves at finish, with zeros
+    assert summing.finish() is False
+    summing.apply([False] * 4, scale=1.0, any_late=False)
+    assert all(p.grad is None for p in model.parameters())
 
 
 def test_an_interrupted_run_over_two_processes_resumes_exactly(tmp_path):
