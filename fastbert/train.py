@@ -354,11 +354,13 @@ class Trainer:
         steps_per_epoch = math.ceil(self.batches_per_epoch / (config.grad_accum * self.world))
         self.total_steps = config.max_steps or steps_per_epoch * config.epochs
         self.epochs = math.ceil(self.total_steps / steps_per_epoch)
-        # On a GPU the fused AdamW: one kernel for every parameter's update instead of a few per tensor.
+        # The fused AdamW: on a GPU one kernel for every parameter's update instead of a few per tensor;
+        # on the CPU one vectorised pass per tensor (MiniLM on 2 cores: 8.5 ms a step, the default
+        # for-loop 58 ms, about 5% of a step of 32 x 64 tokens).
         self.optimizer = torch.optim.AdamW(parameter_groups(model, config.weight_decay, config.lr,
                                                             config.layer_lr_decay), lr=config.lr,
                                            betas=config.adam_betas, eps=config.adam_eps,
-                                           fused=self.device.type == "cuda" or None)
+                                           fused=self.device.type in ("cuda", "cpu") or None)
         warmup = config.warmup_steps if config.warmup_steps is not None else int(config.warmup_ratio * self.total_steps)
         self.scheduler = linear_warmup_decay(self.optimizer, warmup, self.total_steps, config.schedule)
         self.autocast = _autocast_dtype(config.precision, self.device)

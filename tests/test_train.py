@@ -793,7 +793,8 @@ def test_updates_match_a_plain_pytorch_adamw_loop(tmp_path):
     assert exempt >= {"bert.embeddings.norm.weight", "bert.layers.1.ffn_norm.weight", "classifier.bias"}
     params = dict(reference.named_parameters())
     optimizer = torch.optim.AdamW([{"params": [p for n, p in params.items() if n not in exempt], "weight_decay": weight_decay},
-                                   {"params": [p for n, p in params.items() if n in exempt], "weight_decay": 0.0}], lr=lr)
+                                   {"params": [p for n, p in params.items() if n in exempt], "weight_decay": 0.0}], lr=lr,
+                                  fused=True)   # the Trainer's AdamW on the CPU (its for-loop rounds otherwise)
     reference.train()
     for batch, factor in zip(batches, factors):
         for group in optimizer.param_groups:
