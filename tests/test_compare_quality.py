@@ -143,3 +143,31 @@ def test_summary_leaves_out_thresholds_and_undefined_metrics(cq):
     assert "| squad_v2 | f1 | 51.5000 (0.7071) | 50.5000 (0.7071) | +1.0000 |" in table
     assert "threshold" not in table and "no_answer_f1" not in table
     assert "no_answer_f1 undefined" in cq.runs_markdown(rows)
+
+
+def test_bf16_runs_get_their_own_table_against_transformers(cq, tmp_path, monkeypatch):
+    """fastbert_bf16 is compared with transformers (fp32) in a table of its own, never averaged into
+    fastbert's; and it trains fastbert's model under bf16 autocast."""
+    rows = [_record("stsb", "fastbert", 1, 0.80), _record("stsb", "transformers", 1, 0.70),
+            _record("stsb", "fastbert_bf16", 1, 0.75, wall=40.0)]
+    report = cq.report_markdown(rows, "quality.json")
+    first, bf16 = report.split("fastbert under bf16 autocast")
+    assert "| stsb | f1 | 0.8000 (nan) | 0.7000 (nan) | +0.1000 | 1 | 100 / 100 |" in first
+    assert "| task | metric | fastbert bf16 mean (sd) | transformers mean (sd) |" in bf16
+    assert "| stsb | f1 | 0.7500 (nan) | 0.7000 (nan) | +0.0500 | 1 | 40 / 100 |" in bf16
+    seen = {}
+
+    class Stop(Exception):
+        pass
+
+    def trainer(model, features, collate, cfg, *args):
+        seen.update(precision=cfg.precision, model=type(model).__module__)
+        raise Stop
+
+    monkeypatch.setattr(cq.train, "Trainer", trainer)
+    monkeypatch.setattr(cq, "split_data", lambda *a: (cq.tasks.TaskData([]), cq.tasks.TaskData([])))
+    budget = dict(cq.BUDGETS["stsb"])
+    for impl, precision in (("fastbert_bf16", "bf16"), ("fastbert", "fp32")):
+        with pytest.raises(Stop):
+            cq.run("stsb", impl, 1, tmp_path, budget, cq.torch.device("cpu"))
+        assert seen == {"precision": precision, "model": "fastbert.heads"}
