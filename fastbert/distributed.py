@@ -265,6 +265,10 @@ class GradientSum:
                     else:
                         param.grad.copy_(piece.view_as(param))
 
+    def disarm(self) -> None:
+        """Forget a step left midway (an exception in its backward): its sums are not the next step's."""
+        self.armed, self.sent = False, []
+
     def remove(self) -> None:
         for handle in self._handles:
             handle.remove()

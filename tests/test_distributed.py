@@ -281,6 +281,12 @@ def test_gradient_buckets_leave_while_the_backward_runs(one_process_group, monke
     twin(x).square().sum().backward()
     for mine, reference in zip(model.parameters(), twin.parameters()):
         torch.testing.assert_close(mine.grad, 0.5 * reference.grad, rtol=0, atol=0)
+    # a step left midway (the Trainer disarms at the start of train()): the next backward sends nothing
+    summing.arm()
+    summing.disarm()
+    sent = len([e for e in events if e[0] == "sent"])
+    model(x).sum().backward()
+    assert len([e for e in events if e[0] == "sent"]) == sent
     summing.remove()
 
 
