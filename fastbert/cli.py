@@ -342,8 +342,10 @@ def _finetune(args, device) -> int:
             say(f"--keep-best {cfg.keep_best}: no evaluation had a defined score; the last weights are saved")
         model.save_pretrained(final)
         tokenizer.save(final)
+    autocast_dtype = train._autocast_dtype(cfg.precision, device)
     summary.update(task=spec.name, kind=spec.kind, model=str(args.model), device=str(device),
                    backend=args.backend or "auto", unpad=args.unpad, processes=world,
+                   precision={None: "fp32", torch.bfloat16: "bf16", torch.float16: "fp16"}[autocast_dtype],
                    gradient_checkpointing=args.gradient_checkpointing, compile=args.compile, train_features=len(train_data.features),
                    total_wall_time_s=time.perf_counter() - started, saved_to=str(final),
                    final_metrics=summary.get("best") or (summary["epochs"][-1] if summary["epochs"] else {}))
@@ -596,7 +598,7 @@ def cmd_demo(args) -> int:
     out = Path(args.out)
     finetune = ["finetune", "--task", "sst2", "--train", str(data.sample_path("sst2_sample.tsv")),
                 "--dev", str(data.sample_path("sst2_sample_dev.tsv")), "--epochs", "1", "--batch-size", "32",
-                "--lr", "8e-5", "--max-seq-len", "128", "--out", str(out)]
+                "--lr", "8e-5", "--max-seq-len", "128", "--out", str(out), "--precision", args.precision]
     if args.max_train_examples is not None:  # 0 went unsaid and trained on all 4,000; finetune refuses it
         finetune += ["--max-train-examples", str(args.max_train_examples)]
     code = main(finetune)
@@ -607,7 +609,7 @@ def cmd_demo(args) -> int:
     model, spec = tasks.load_finetuned(out / "model")
     tokenizer = fastbert.Tokenizer.from_pretrained(out / "model")
     print("\npredictions of the fine-tuned model (label 1 = positive):")
-    for text, pred in zip(DEMO_REVIEWS, predict_texts(model, spec, tokenizer, DEMO_REVIEWS)):
+    for text, pred in zip(DEMO_REVIEWS, predict_texts(model, spec, tokenizer, DEMO_REVIEWS, precision=args.precision)):
         print(f"  {pred:<12}  {text}")
     return 0
 
@@ -902,6 +904,9 @@ def build_parser():
     de.add_argument("--out", default="runs/demo", metavar="DIR", help="output folder (default runs/demo)")
     de.add_argument("--max-train-examples", type=int, default=None, metavar="N",
                     help="train on the first N of the sample's 4,000 sentences (default: all)")
+    de.add_argument("--precision", default="auto", choices=["auto", "fp32", "bf16"],
+                    help="as finetune's (auto: fp32 on the CPU); bf16 on a CPU with bf16 instructions "
+                         "(AVX512-BF16, AMX) runs the demo about 1.7x as fast")
     de.set_defaults(run=cmd_demo)
 
     sub.add_parser("bench", help="kernel benchmarks against eager PyTorch, torch.compile and SDPA "

@@ -176,12 +176,16 @@ def test_finetune_needs_a_task(tmp_path, capsys):
     assert "give --task" in capsys.readouterr().err
 
 
-def test_demo_runs_end_to_end(tmp_path, capsys):
+@pytest.mark.parametrize("precision", [None, "bf16"])
+def test_demo_runs_end_to_end(tmp_path, capsys, precision):
     """The README's main job (`fastbert demo`), on 32 training examples: fine-tunes the embedded
-    MiniLM, evaluates on the shipped dev sample, saves, reloads and predicts the demo reviews."""
-    assert fastbert.cli.main(["demo", "--out", str(tmp_path / "demo"), "--max-train-examples", "32"]) == 0
+    MiniLM, evaluates on the shipped dev sample, saves, reloads and predicts the demo reviews; under
+    the precision asked for (fp32 on the CPU unless bf16 is), which metrics.json records."""
+    extra = ["--precision", precision] if precision else []
+    assert fastbert.cli.main(["demo", "--out", str(tmp_path / "demo"), "--max-train-examples", "32", *extra]) == 0
     summary = json.loads((tmp_path / "demo" / "metrics.json").read_text())
     assert summary["steps"] == 1 and 0.0 <= summary["final_metrics"]["accuracy"] <= 1.0
+    assert summary["precision"] == (precision or "fp32")
     printed = capsys.readouterr().out
     assert "predictions of the fine-tuned model" in printed
     assert sum(line.strip()[:1] in "01" for line in printed.split("predictions")[-1].splitlines()[1:]) == 4
