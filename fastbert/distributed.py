@@ -31,7 +31,9 @@ from typing import Sequence
 
 import torch
 
-# Gradients are summed in flat buckets of at most this many bytes: few collectives, bounded extra memory.
+# Gradients are summed in flat buckets of at most this many bytes: few collectives, and a bucket leaves
+# while the backward still runs. The sums are held until the step's record is in: one more copy of the
+# gradients at the end of a backward (BERT-base fp32: 440 MB), as DDP's default buckets.
 BUCKET_BYTES = 64 * 2**20
 # How long a process waits in a collective before the job fails (transformers' ddp_timeout default).
 COLLECTIVE_TIMEOUT = datetime.timedelta(minutes=30)
@@ -188,9 +190,23 @@ class GradientSum:
             bucket.append(i)
             size[0] += nbytes
         self.bucket_of = {i: b for b, bucket in enumerate(self.buckets) for i in bucket}
+        self.trained = trained
         self.expected = set(trained)   # parameters a bucket waits for: those with a gradient last time
-        self.armed = False
-        self._handles = [self.params[i].register_post_accumulate_grad_hook(self._hook(i)) for i in trained]
+        self.armed, self.sent, self._handles = False, [], []
+        self.sent_early = self.fallbacks = 0   # buckets sent during a backward; steps summed the plain way
+
+    def attach(self) -> None:
+        """Hook the parameters (Trainer.train: for its length only, so a Trainer left behind, maybe
+        armed by an interrupted backward, sends nothing during another's). The buckets were laid out,
+        alike on every process, from which parameters were trained when this was built."""
+        now = [i for i, p in enumerate(self.params) if p.requires_grad]
+        if now != self.trained:
+            raise ValueError("the parameters' requires_grad changed after the Trainer was built (it sums "
+                             "the gradients of those trained then): build the Trainer after freezing or "
+                             "unfreezing parameters")
+        self.remove()
+        self.disarm()
+        self._handles = [self.params[i].register_post_accumulate_grad_hook(self._hook(i)) for i in self.trained]
 
     def _hook(self, index: int):
         def ready(_param):
@@ -226,6 +242,7 @@ class GradientSum:
                                else torch.zeros_like(self.params[i])).reshape(-1) for i in self.buckets[b]])
         self.sent.append((flat, _dist().all_reduce(flat, async_op=True)))
         self.next_bucket += 1
+        self.sent_early += self.armed
 
     def finish(self) -> bool:
         """After the last backward (or instead of it, on a process that ran none): send what is left,
@@ -247,6 +264,7 @@ class GradientSum:
         None. any_late (some process's finish() said so): the plain sum over the backward's gradients."""
         sent, self.sent = self.sent, []
         if any_late:
+            self.fallbacks += 1
             sum_gradients(self.params, used, scale)
             return
         for param, wanted in zip(self.params, used):
@@ -272,6 +290,7 @@ class GradientSum:
     def remove(self) -> None:
         for handle in self._handles:
             handle.remove()
+        self._handles = []
 
 
 def gather_to_first(obj) -> list | None:

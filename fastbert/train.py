@@ -376,7 +376,9 @@ class Trainer:
             # With what decides when the processes meet (saves, evaluations): one that differs would hang.
             meetings = {"save_every": config.save_every, "eval_every": config.eval_every, "keep_best": config.keep_best,
                         "early_stop": config.early_stop, "evaluates": evaluate is not None,
-                        "evaluates_together": getattr(evaluate, "collective", False)}
+                        "evaluates_together": getattr(evaluate, "collective", False),
+                        # the gradient buckets are laid out from these, alike on every process or the sums mix
+                        "frozen_parameters": [n for n, p in model.named_parameters() if not p.requires_grad]}
             with on_device(self.device):
                 distributed.check_same_run({**self._run_identity(), **meetings}, self.device)
         self._running: list[float] = []  # this epoch's batch losses so far (checkpointed: a resumed epoch's mean is whole)
@@ -756,7 +758,11 @@ class Trainer:
         values = distributed.sum_step_record(torch.cat([device_part.double(), host_part.to(self.device)])).tolist()
         tokens, items, any_late = int(values[group_size]), values[group_size + 1], values[group_size + 2] > 0
         flags = values[group_size + 3:]
-        losses = {i: self._check_loss(values[i]) for i in range(group_size) if flags[i]}
+        try:
+            losses = {i: self._check_loss(values[i]) for i in range(group_size) if flags[i]}
+        except FloatingPointError:
+            self._gradient_sum.disarm()   # the run stops: let the summed copies go
+            raise
         used = [flag > 0 for flag in flags[group_size:]]
         self._gradient_sum.apply(used, scale=items_guess / items if items else 1.0, any_late=any_late)
         return losses, tokens
@@ -860,9 +866,13 @@ class Trainer:
         # torch.compile backend but inductor) run on the current device, whatever their tensors' device.
         self._hold_out()
         try:
+            if self.world > 1:
+                self._gradient_sum.attach()
             with on_device(self.device):
                 return self._train(stop_after_step)
         finally:
+            if self.world > 1:
+                self._gradient_sum.remove()
             self._release_out()
 
     def _train(self, stop_after_step: int | None) -> dict:
@@ -874,8 +884,6 @@ class Trainer:
         # Gradients left by an interrupted group (Ctrl-C mid-accumulation, then resume on the same model)
         # would join the first step.
         self.optimizer.zero_grad(set_to_none=True)
-        if self.world > 1:
-            self._gradient_sum.disarm()  # an interrupted step's buckets, sent or not, are not this step's
         if self.scaler:
             # GradScaler sets up its scale at its first scale() (after a resume too); under torchrun a
             # process whose first step runs no backward would otherwise unscale the summed gradients

@@ -34,10 +34,6 @@ def _sentence_features(n):
 
 
 def _trainer(case: dict, out: Path) -> train.Trainer:
-    from fastbert import distributed
-
-    if "bucket_bytes" in case:  # small buckets: several leave during each backward, not one at its end
-        distributed.BUCKET_BYTES = case["bucket_bytes"]
     torch.manual_seed(0)
     config = fastbert.BertConfig(**CONFIG, **(NO_DROPOUT if case.get("no_dropout") else {}))
     if case["task"] == "tokens":
@@ -49,6 +45,8 @@ def _trainer(case: dict, out: Path) -> train.Trainer:
     else:
         model, features = heads.BertForSequenceClassification(config, num_labels=2), _sentence_features(case["examples"])
     rank = torch.distributed.get_rank() if torch.distributed.is_initialized() else 0
+    if case.get("freeze_on_rank") == rank:  # the gradient buckets follow the trained parameters
+        model.bert.embeddings.word.weight.requires_grad_(False)
     settings = {**case["train"], **({"seed": rank} if case.get("seed_is_rank") else {}),
                 **case.get("rank_train", {}).get(rank, {})}
     cfg = train.TrainConfig(out=out, epochs=2, lr=1e-3, progress=False, **settings)
@@ -101,11 +99,17 @@ def _run(case: dict, out: Path, report: Path) -> dict:
     torch.save({"evaluations": getattr(trainer.evaluate_fn, "calls", 0),
                 "weights": {k: v.cpu() for k, v in trainer.model.state_dict().items()}, "history": json.dumps(trainer.history), "grads": grads,
                 "summary": json.dumps(summary), "world": trainer.world, "collated": sum(collated), "draws": draws,
-                "buckets": len(trainer._gradient_sum.buckets) if trainer.world > 1 else 0}, report)
+                **({"buckets": len(trainer._gradient_sum.buckets), "sent_early": trainer._gradient_sum.sent_early,
+                    "fallbacks": trainer._gradient_sum.fallbacks, "hooks_left": len(trainer._gradient_sum._handles)}
+                   if trainer.world > 1 else {})}, report)
 
 
 def _worker(rank: int, world: int, store: str, case: dict, out: str, reports: str):
+    from fastbert import distributed
+
     torch.set_num_threads(1)
+    if "bucket_bytes" in case:  # small buckets: several leave during each backward, not one at its end
+        distributed.BUCKET_BYTES = case["bucket_bytes"]
     if case.get("device") == "cuda":
         torch.cuda.set_device(0)
     torch.distributed.init_process_group("gloo", init_method=f"file://{store}", rank=rank, world_size=world)
@@ -178,7 +182,10 @@ def test_two_processes_step_as_one_process_with_grad_accum_two(tmp_path, task, e
     for rank, result in enumerate(ranks):
         assert not isinstance(result, str), f"rank {rank} raised {result}"
         assert result["world"] == 2 and json.loads(result["summary"])["steps"] == steps
+        # small buckets leave during the backward, never late; train() leaves no hook behind
         assert (result["buckets"] > 20) == ("bucket_bytes" in case), result["buckets"]
+        assert (result["sent_early"] > steps) == ("bucket_bytes" in case) and result["fallbacks"] == 0, result
+        assert result["hooks_left"] == 0
         assert json.loads(result["history"]) == one.history
         assert len(result["grads"]) == steps
         for step, (a, b) in enumerate(zip(result["grads"], one_grads)):
@@ -266,6 +273,7 @@ def test_gradient_buckets_leave_while_the_backward_runs(one_process_group, monke
     for i, param in enumerate(model.parameters()):
         param.register_post_accumulate_grad_hook(lambda _p, i=i: events.append(("grad", i)))
     summing = distributed.GradientSum(list(model.parameters()), bucket_bytes=(8 * 8 + 8) * 4)  # a layer a bucket
+    summing.attach()
     assert [sorted(b) for b in summing.buckets] == [[6, 7], [4, 5], [2, 3], [0, 1]]
     real = torch.distributed.all_reduce
     monkeypatch.setattr(torch.distributed, "all_reduce",
@@ -298,6 +306,7 @@ def test_a_gradient_after_its_bucket_left_falls_back_to_the_plain_sum(one_proces
 
     model, twin = _linear_stack(2), _linear_stack(2)
     summing = distributed.GradientSum(list(model.parameters()), bucket_bytes=(8 * 8 + 8) * 4)
+    summing.attach()
     x = torch.randn(3, 8)
     for step, branch in enumerate([0, 1, 1]):
         summing.arm()
@@ -318,6 +327,11 @@ def test_a_gradient_after_its_bucket_left_falls_back_to_the_plain_sum(one_proces
     assert summing.finish() is False
     summing.apply([False] * 4, scale=1.0, any_late=False)
     assert all(p.grad is None for p in model.parameters())
+    assert summing.fallbacks == 1
+    # the buckets are laid out from the parameters trained when it was built
+    model[0].bias.requires_grad_(False)
+    with pytest.raises(ValueError, match="requires_grad changed after the Trainer was built"):
+        summing.attach()
 
 
 def test_an_interrupted_run_over_two_processes_resumes_exactly(tmp_path):
@@ -377,7 +391,8 @@ def test_a_process_without_a_backward_under_the_gradient_scaler(tmp_path, resume
     ({"rank_train": {1: {"save_every": 3}}}, "rank 1: save_every=None on rank 0, 3 here"),
     ({"out_per_rank": True, "resume_rank_0_only": True},
      r"rank 1: resume_from='checkpoint-2' on rank 0, None here\): --out must be one folder every process sees"),
-], ids=["save_every_on_one_process", "out_per_machine"])
+    ({"freeze_on_rank": 1}, r"rank 1: frozen_parameters=\[\] on rank 0, \['bert.embeddings.word.weight'\] here"),
+], ids=["save_every_on_one_process", "out_per_machine", "frozen_on_one_process"])
 def test_what_decides_when_processes_meet_must_agree(tmp_path, case, match):
     """A setting that decides whether a process joins a save or an evaluation, or a resume only some
     processes find a checkpoint for, hung every process (found by a review helper): now each raises."""
