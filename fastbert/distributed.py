@@ -177,18 +177,18 @@ class GradientSum:
         trained = [i for i, p in enumerate(self.params) if p.requires_grad]
         # Backward reaches the parameters about in reverse order of registration (the head's first,
         # the embeddings' last): buckets in that order fill, and leave, while the backward runs.
+        # A bucket holds one dtype (one flat tensor) and consecutive parameters: a bucket kept open for
+        # its dtype across the model would wait for the backward's end.
         self.buckets: list[list[int]] = []
-        open_bucket: dict[torch.dtype, tuple[list[int], list[int]]] = {}   # dtype -> (bucket, [bytes])
+        size, dtype = 0, None
         for i in reversed(trained):
             param = self.params[i]
             nbytes = param.numel() * param.element_size()
-            bucket, size = open_bucket.get(param.dtype, (None, [0]))
-            if bucket is None or (bucket and size[0] + nbytes > bucket_bytes):
-                bucket, size = [], [0]
-                open_bucket[param.dtype] = (bucket, size)
-                self.buckets.append(bucket)
-            bucket.append(i)
-            size[0] += nbytes
+            if not self.buckets or param.dtype != dtype or size + nbytes > bucket_bytes:
+                self.buckets.append([])
+                size, dtype = 0, param.dtype
+            self.buckets[-1].append(i)
+            size += nbytes
         self.bucket_of = {i: b for b, bucket in enumerate(self.buckets) for i in bucket}
         self.trained = trained
         self.expected = set(trained)   # parameters a bucket waits for: those with a gradient last time

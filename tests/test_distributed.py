@@ -328,6 +328,11 @@ def test_a_gradient_after_its_bucket_left_falls_back_to_the_plain_sum(one_proces
     summing.apply([False] * 4, scale=1.0, any_late=False)
     assert all(p.grad is None for p in model.parameters())
     assert summing.fallbacks == 1
+    # parameters of two dtypes, interleaved: buckets of consecutive parameters of one dtype (a bucket
+    # kept open for its dtype across the model left only at the backward's end)
+    mixed = [torch.nn.Parameter(torch.zeros(4, dtype=torch.float32 if i % 2 else torch.float64)) for i in range(5)]
+    assert distributed.GradientSum(mixed).buckets == [[4], [3], [2], [1], [0]]
+    assert distributed.GradientSum(mixed[1::2] + mixed[::2]).buckets == [[4, 3, 2], [1, 0]]
     # the buckets are laid out from the parameters trained when it was built
     model[0].bias.requires_grad_(False)
     with pytest.raises(ValueError, match="requires_grad changed after the Trainer was built"):
