@@ -342,10 +342,9 @@ def _finetune(args, device) -> int:
             say(f"--keep-best {cfg.keep_best}: no evaluation had a defined score; the last weights are saved")
         model.save_pretrained(final)
         tokenizer.save(final)
-    autocast_dtype = train._autocast_dtype(cfg.precision, device)
     summary.update(task=spec.name, kind=spec.kind, model=str(args.model), device=str(device),
                    backend=args.backend or "auto", unpad=args.unpad, processes=world,
-                   precision={None: "fp32", torch.bfloat16: "bf16", torch.float16: "fp16"}[autocast_dtype],
+                   precision={None: "fp32", torch.bfloat16: "bf16", torch.float16: "fp16"}[trainer.autocast],
                    gradient_checkpointing=args.gradient_checkpointing, compile=args.compile, train_features=len(train_data.features),
                    total_wall_time_s=time.perf_counter() - started, saved_to=str(final),
                    final_metrics=summary.get("best") or (summary["epochs"][-1] if summary["epochs"] else {}))
